@@ -1,0 +1,30 @@
+# The two entry points of the README. Each installs missing Debian packages, configures and builds.
+BUILD ?= build
+JOBS ?= $(shell nproc)
+DEMO_DIR ?= $(BUILD)/demo-model
+MODEL ?= $(DEMO_DIR)
+
+.PHONY: all build deps demo test clean format
+
+all: build
+
+deps:
+	@tools/install-deps.sh
+
+$(BUILD)/build.ninja: | deps
+	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release
+
+build: deps $(BUILD)/build.ninja
+	cmake --build $(BUILD) -j $(JOBS)
+
+demo: build
+	@tools/demo.sh $(BUILD) $(DEMO_DIR) "$(MODEL)"
+
+test: build
+	cd $(BUILD) && ctest --output-on-failure -j $(JOBS) -LE gpu
+
+clean:
+	rm -rf $(BUILD)
+
+format:
+	git ls-files '*.h' '*.cc' '*.cu' '*.cuh' | xargs clang-format -i

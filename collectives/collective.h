@@ -1,0 +1,28 @@
+// Collectives inside one tensor-parallel group, behind one interface: in-process threads (here),
+// Gloo over TCP for cpu workers and NCCL for cuda workers (the cluster issue).
+#pragma once
+
+#include "common/status.h"
+#include "common/tensor.h"
+
+namespace gemma2 {
+
+class Collective {
+ public:
+  virtual ~Collective() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  // t = sum over ranks of t, elementwise, in rank order (deterministic). Every rank calls it with
+  // tensors of the same shape; fails rather than hangs when a peer is gone.
+  virtual Status AllReduceSum(Tensor& t) = 0;
+};
+
+// The group of one: AllReduceSum is the identity.
+class SoloCollective final : public Collective {
+ public:
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  Status AllReduceSum(Tensor&) override { return OkStatus(); }
+};
+
+}  // namespace gemma2

@@ -1,0 +1,36 @@
+// Element types of checkpoint tensors and their conversions to fp32.
+#pragma once
+
+#include <bit>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string_view>
+
+namespace gemma2 {
+
+enum class DType : uint8_t { kF32, kF16, kBF16, kF64, kI64, kI32, kI16, kI8, kU8, kBool };
+
+// Safetensors names ("BF16", "F32", ...). nullopt for a name safetensors does not define.
+std::optional<DType> DTypeFromSafetensorsName(std::string_view name);
+std::string_view DTypeName(DType t);
+int64_t DTypeSize(DType t);
+// True for the types model weights may have (bf16, fp16, fp32).
+inline bool IsWeightDType(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
+
+inline float Bf16ToF32(uint16_t b) { return std::bit_cast<float>(static_cast<uint32_t>(b) << 16); }
+
+// Round-to-nearest-even, NaN kept quiet; what torch's .to(bfloat16) does.
+inline uint16_t F32ToBf16(float f) {
+  uint32_t u = std::bit_cast<uint32_t>(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+float F16ToF32(uint16_t h);
+
+// Converts n little-endian elements of `src_type` at `src` to fp32. Weight types only.
+void ConvertToF32(DType src_type, const void* src, float* dst, int64_t n);
+
+}  // namespace gemma2

@@ -1,0 +1,237 @@
+#include "cpu/cpu_backend.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace gemma2 {
+namespace {
+
+// Per layer: k and v as [position][kv_heads * head_dim], appended step by step.
+class CpuSequenceKv final : public SequenceKv {
+ public:
+  CpuSequenceKv(int64_t layers, int64_t width) : width_(width), k_(layers), v_(layers) {}
+  int64_t length() const override { return static_cast<int64_t>(k_[0].size()) / width_; }
+  int64_t length(int64_t layer) const { return static_cast<int64_t>(k_[layer].size()) / width_; }
+  void Append(int64_t layer, const float* k, const float* v) {
+    k_[layer].insert(k_[layer].end(), k, k + width_);
+    v_[layer].insert(v_[layer].end(), v, v + width_);
+  }
+  const float* k(int64_t layer, int64_t pos) const { return k_[layer].data() + pos * width_; }
+  const float* v(int64_t layer, int64_t pos) const { return v_[layer].data() + pos * width_; }
+
+ private:
+  int64_t width_;
+  std::vector<std::vector<float>> k_, v_;
+};
+
+float RmsScale(const float* x, int64_t n, float eps) {
+  double ss = 0;  // fp64 sum: the fp32 reference is within its rounding of this
+  for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+  return static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(n) + eps));
+}
+
+void NormRow(const float* x, const float* w, int64_t n, float eps, float* out) {
+  const float s = RmsScale(x, n, eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * s * (1.0f + w[i]);
+}
+
+// inv_freq[i] = 1 / theta^(2i / d), in fp32 as transformers computes it.
+std::vector<float> InvFreq(int64_t head_dim, double theta) {
+  std::vector<float> f(static_cast<size_t>(head_dim / 2));
+  for (int64_t i = 0; i < head_dim / 2; ++i) {
+    const float e = static_cast<float>(2 * i) / static_cast<float>(head_dim);
+    f[static_cast<size_t>(i)] = 1.0f / std::pow(static_cast<float>(theta), e);
+  }
+  return f;
+}
+
+void Rotate(float* x, int64_t head_dim, const float* cos_t, const float* sin_t) {
+  const int64_t half = head_dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * cos_t[i] - b * sin_t[i];
+    x[i + half] = b * cos_t[i] + a * sin_t[i];
+  }
+}
+
+}  // namespace
+
+void SetCpuMathThreads(int threads) { openblas_set_num_threads(std::max(1, threads)); }
+
+Tensor CpuBackend::Upload(const void* host, DType dtype, int64_t rows, int64_t cols) {
+  Tensor t = Alloc(rows, cols);
+  ConvertToF32(dtype, host, t.as<float>(), rows * cols);
+  return t;
+}
+
+Tensor CpuBackend::Alloc(int64_t rows, int64_t cols) {
+  Tensor t;
+  const size_t n = static_cast<size_t>(std::max<int64_t>(1, rows * cols));
+  t.storage = std::shared_ptr<void>(new float[n], [](void* p) { delete[] static_cast<float*>(p); });
+  t.data = t.storage.get();
+  t.rows = rows;
+  t.cols = cols;
+  t.dtype = DType::kF32;
+  return t;
+}
+
+void CpuBackend::ToHost(const Tensor& t, float* host) {
+  std::memcpy(host, t.data, static_cast<size_t>(t.numel()) * sizeof(float));
+}
+
+std::unique_ptr<SequenceKv> CpuBackend::NewSequenceKv(int64_t layers, int64_t kv_heads,
+                                                      int64_t head_dim) {
+  return std::make_unique<CpuSequenceKv>(layers, kv_heads * head_dim);
+}
+
+void CpuBackend::Embed(std::span<const int32_t> ids, const Tensor& table, int64_t vocab_begin,
+                       float scale, Tensor& out) {
+  const int64_t h = table.cols;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    float* dst = out.as<float>() + static_cast<int64_t>(i) * h;
+    const int64_t row = ids[i] - vocab_begin;
+    if (row < 0 || row >= table.rows) {
+      std::fill(dst, dst + h, 0.0f);
+      continue;
+    }
+    const float* src = table.as<float>() + row * h;
+    for (int64_t j = 0; j < h; ++j) dst[j] = src[j] * scale;
+  }
+}
+
+void CpuBackend::RmsNorm(const Tensor& x, const Tensor& w, float eps, Tensor& out) {
+  for (int64_t r = 0; r < x.rows; ++r) {
+    NormRow(x.as<float>() + r * x.cols, w.as<float>(), x.cols, eps, out.as<float>() + r * x.cols);
+  }
+}
+
+void CpuBackend::AddRmsNorm(Tensor& residual, const Tensor& delta, const Tensor& post_w,
+                            const Tensor* next_w, float eps, Tensor& normed) {
+  const int64_t n = residual.cols;
+  std::vector<float> tmp(static_cast<size_t>(n));
+  for (int64_t r = 0; r < residual.rows; ++r) {
+    float* res = residual.as<float>() + r * n;
+    NormRow(delta.as<float>() + r * n, post_w.as<float>(), n, eps, tmp.data());
+    for (int64_t i = 0; i < n; ++i) res[i] += tmp[static_cast<size_t>(i)];
+    if (next_w) NormRow(res, next_w->as<float>(), n, eps, normed.as<float>() + r * n);
+  }
+}
+
+void CpuBackend::Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& out) {
+  const int64_t t = x.rows, k = x.cols, n = w.rows;
+  if (t == 0) return;
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(t), static_cast<int>(n),
+              static_cast<int>(k), 1.0f, x.as<float>(), static_cast<int>(k), w.as<float>(),
+              static_cast<int>(k), 0.0f, out.as<float>(), static_cast<int>(n));
+  if (bias) {
+    for (int64_t r = 0; r < t; ++r) {
+      for (int64_t j = 0; j < n; ++j) out.as<float>()[r * n + j] += bias->as<float>()[j];
+    }
+  }
+}
+
+void CpuBackend::RopeAndCacheWrite(Tensor& qkv, std::span<const SeqSlice> seqs, int64_t layer,
+                                   const AttentionParams& p) {
+  const int64_t hd = p.head_dim, q_width = p.q_heads * hd, kv_width = p.kv_heads * hd;
+  const std::vector<float> inv_freq = InvFreq(hd, p.rope_theta);
+  std::vector<float> cos_t(static_cast<size_t>(hd / 2)), sin_t(static_cast<size_t>(hd / 2));
+  for (const SeqSlice& s : seqs) {
+    auto* kv = static_cast<CpuSequenceKv*>(s.kv);
+    for (int64_t t = 0; t < s.num_tokens; ++t) {
+      const float pos = static_cast<float>(s.start_pos + t);
+      for (size_t i = 0; i < inv_freq.size(); ++i) {
+        const float angle = pos * inv_freq[i];  // fp32 product, as the reference
+        cos_t[i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+        sin_t[i] = static_cast<float>(std::sin(static_cast<double>(angle)));
+      }
+      float* row = qkv.as<float>() + (s.row_begin + t) * qkv.cols;
+      for (int64_t h = 0; h < p.q_heads + p.kv_heads; ++h) {
+        Rotate(row + h * hd, hd, cos_t.data(), sin_t.data());  // q heads then k heads
+      }
+      kv->Append(layer, row + q_width, row + q_width + kv_width);
+    }
+  }
+}
+
+void CpuBackend::Attention(const Tensor& qkv, std::span<const SeqSlice> seqs, int64_t layer,
+                           const AttentionParams& p, Tensor& out) {
+  const int64_t hd = p.head_dim, group = p.q_heads / p.kv_heads;
+  std::vector<float> scores;
+  for (const SeqSlice& s : seqs) {
+    const auto* kv = static_cast<const CpuSequenceKv*>(s.kv);
+    for (int64_t t = 0; t < s.num_tokens; ++t) {
+      const int64_t pos = s.start_pos + t;
+      const int64_t first = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0;
+      const float* q_row = qkv.as<float>() + (s.row_begin + t) * qkv.cols;
+      float* o_row = out.as<float>() + (s.row_begin + t) * out.cols;
+      scores.resize(static_cast<size_t>(pos - first + 1));
+      for (int64_t h = 0; h < p.q_heads; ++h) {
+        const float* q = q_row + h * hd;
+        const int64_t g = h / group;
+        float max_s = -INFINITY;
+        for (int64_t k = first; k <= pos; ++k) {
+          const float* key = kv->k(layer, k) + g * hd;
+          float dot = 0;
+          for (int64_t d = 0; d < hd; ++d) dot += q[d] * key[d];
+          float sc = dot * p.scale;
+          if (p.softcap > 0) sc = std::tanh(sc / p.softcap) * p.softcap;
+          scores[static_cast<size_t>(k - first)] = sc;
+          max_s = std::max(max_s, sc);
+        }
+        double denom = 0;
+        for (float& sc : scores) {
+          sc = std::exp(sc - max_s);
+          denom += sc;
+        }
+        float* o = o_row + h * hd;
+        std::fill(o, o + hd, 0.0f);
+        for (int64_t k = first; k <= pos; ++k) {
+          const float w = static_cast<float>(scores[static_cast<size_t>(k - first)] / denom);
+          const float* val = kv->v(layer, k) + g * hd;
+          for (int64_t d = 0; d < hd; ++d) o[d] += w * val[d];
+        }
+      }
+    }
+  }
+}
+
+void CpuBackend::GeluTanhMul(const Tensor& gate_up, Tensor& out) {
+  const int64_t n = out.cols;
+  constexpr float kSqrt2OverPi = 0.7978845608028654f;
+  for (int64_t r = 0; r < out.rows; ++r) {
+    const float* g = gate_up.as<float>() + r * gate_up.cols;
+    const float* u = g + n;
+    float* o = out.as<float>() + r * n;
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = g[i];
+      const float gelu = 0.5f * x * (1.0f + std::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
+      o[i] = gelu * u[i];
+    }
+  }
+}
+
+void CpuBackend::Softcap(Tensor& x, float cap) {
+  float* p = x.as<float>();
+  for (int64_t i = 0; i < x.numel(); ++i) p[i] = std::tanh(p[i] / cap) * cap;
+}
+
+void CpuBackend::GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) {
+  for (size_t i = 0; i < rows.size(); ++i) {
+    std::memcpy(out.as<float>() + static_cast<int64_t>(i) * x.cols, x.as<float>() + rows[i] * x.cols,
+                static_cast<size_t>(x.cols) * sizeof(float));
+  }
+}
+
+void CpuBackend::ScatterColumns(const Tensor& src, int64_t col_offset, Tensor& dst) {
+  std::fill(dst.as<float>(), dst.as<float>() + dst.numel(), 0.0f);
+  for (int64_t r = 0; r < src.rows; ++r) {
+    std::memcpy(dst.as<float>() + r * dst.cols + col_offset, src.as<float>() + r * src.cols,
+                static_cast<size_t>(src.cols) * sizeof(float));
+  }
+}
+
+}  // namespace gemma2

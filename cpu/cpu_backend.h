@@ -1,0 +1,40 @@
+// The reference backend: every op in fp32 on the host, matrix products through OpenBLAS.
+// Each op here is the specification its CUDA twin in kernels/ is tested against.
+#pragma once
+
+#include "model/backend.h"
+
+namespace gemma2 {
+
+class CpuBackend final : public Backend {
+ public:
+  std::string_view name() const override { return "cpu"; }
+  DType weight_dtype() const override { return DType::kF32; }
+  DType activation_dtype() const override { return DType::kF32; }
+
+  Tensor Upload(const void* host, DType dtype, int64_t rows, int64_t cols) override;
+  Tensor Alloc(int64_t rows, int64_t cols) override;
+  void ToHost(const Tensor& t, float* host) override;
+  std::unique_ptr<SequenceKv> NewSequenceKv(int64_t layers, int64_t kv_heads,
+                                            int64_t head_dim) override;
+
+  void Embed(std::span<const int32_t> ids, const Tensor& table, int64_t vocab_begin, float scale,
+             Tensor& out) override;
+  void RmsNorm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override;
+  void AddRmsNorm(Tensor& residual, const Tensor& delta, const Tensor& post_w, const Tensor* next_w,
+                  float eps, Tensor& normed) override;
+  void Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& out) override;
+  void RopeAndCacheWrite(Tensor& qkv, std::span<const SeqSlice> seqs, int64_t layer,
+                         const AttentionParams& p) override;
+  void Attention(const Tensor& qkv, std::span<const SeqSlice> seqs, int64_t layer,
+                 const AttentionParams& p, Tensor& out) override;
+  void GeluTanhMul(const Tensor& gate_up, Tensor& out) override;
+  void Softcap(Tensor& x, float cap) override;
+  void GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) override;
+  void ScatterColumns(const Tensor& src, int64_t col_offset, Tensor& dst) override;
+};
+
+// Sets OpenBLAS's thread count (the in-process tp run gives each rank thread its share).
+void SetCpuMathThreads(int threads);
+
+}  // namespace gemma2

@@ -1,0 +1,88 @@
+// The fused ops a backend implements. The forward pass (model/forward.cc) is written once against
+// this interface; the cpu backend (fp32) is the specification of every other backend's ops.
+// Contract for all ops: tensors are row-major, activations are [tokens, features]; shapes are
+// checked by the caller (the forward pass); ops run on the backend's own stream, in order.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string_view>
+
+#include "common/tensor.h"
+
+namespace gemma2 {
+
+// One sequence's KV cache on one rank (all layers, this rank's kv heads). Backend-specific.
+class SequenceKv {
+ public:
+  virtual ~SequenceKv() = default;
+  virtual int64_t length() const = 0;  // tokens cached so far
+};
+
+// One sequence's part of a step: rows [row_begin, row_begin + num_tokens) of the activations are
+// its new tokens at positions start_pos, start_pos + 1, ...; `kv` already holds positions
+// [0, start_pos).
+struct SeqSlice {
+  SequenceKv* kv = nullptr;
+  int64_t start_pos = 0;
+  int64_t num_tokens = 0;
+  int64_t row_begin = 0;
+};
+
+struct AttentionParams {
+  int64_t q_heads = 0;    // this rank's query heads
+  int64_t kv_heads = 0;   // this rank's kv heads; q head h reads kv head h / (q_heads / kv_heads)
+  int64_t head_dim = 0;
+  float scale = 0;        // query_pre_attn_scalar ^ -0.5
+  float softcap = 0;      // 0: none; else scores = tanh(scores / softcap) * softcap
+  int64_t window = 0;     // 0: full causal; else key k visible from query q iff q - window < k <= q
+  double rope_theta = 10000;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string_view name() const = 0;
+  // The dtype the loader should hand this backend's weights in.
+  virtual DType weight_dtype() const = 0;
+  // The dtype activations live in between ops (fp32 on cpu, bf16 on cuda).
+  virtual DType activation_dtype() const = 0;
+
+  // --- memory ---
+  virtual Tensor Upload(const void* host, DType dtype, int64_t rows, int64_t cols) = 0;
+  virtual Tensor Alloc(int64_t rows, int64_t cols) = 0;  // activation dtype, contents undefined
+  virtual void ToHost(const Tensor& t, float* host) = 0;
+  virtual std::unique_ptr<SequenceKv> NewSequenceKv(int64_t layers, int64_t kv_heads,
+                                                    int64_t head_dim) = 0;
+
+  // --- ops ---
+  // out[i] = table[ids[i] - vocab_begin] * scale for ids inside this rank's rows, else 0.
+  // `scale` is sqrt(hidden) already rounded to the activation dtype.
+  virtual void Embed(std::span<const int32_t> ids, const Tensor& table, int64_t vocab_begin,
+                     float scale, Tensor& out) = 0;
+  // out = x / sqrt(mean(x^2) + eps) * (1 + w), in fp32.
+  virtual void RmsNorm(const Tensor& x, const Tensor& w, float eps, Tensor& out) = 0;
+  // residual += RmsNorm(delta, post_w); then, if next_w: normed = RmsNorm(residual, next_w).
+  virtual void AddRmsNorm(Tensor& residual, const Tensor& delta, const Tensor& post_w,
+                          const Tensor* next_w, float eps, Tensor& normed) = 0;
+  // out = x · wᵀ (+ bias); w is [out_features, in_features] as Hugging Face stores it.
+  virtual void Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& out) = 0;
+  // qkv rows are [q (q_heads*hd) | k (kv_heads*hd) | v (kv_heads*hd)]. Rotates q and k in place
+  // (rotate-half RoPE at each token's position) and appends k, v to each sequence's cache.
+  virtual void RopeAndCacheWrite(Tensor& qkv, std::span<const SeqSlice> seqs, int64_t layer,
+                                 const AttentionParams& p) = 0;
+  // Causal attention of each new token over its sequence's cache; out is [tokens, q_heads*hd].
+  virtual void Attention(const Tensor& qkv, std::span<const SeqSlice> seqs, int64_t layer,
+                         const AttentionParams& p, Tensor& out) = 0;
+  // gate_up rows are [gate (n) | up (n)]; out = gelu_tanh(gate) * up, [tokens, n].
+  virtual void GeluTanhMul(const Tensor& gate_up, Tensor& out) = 0;
+  // x = tanh(x / cap) * cap.
+  virtual void Softcap(Tensor& x, float cap) = 0;
+  // out[i] = x[rows[i]].
+  virtual void GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) = 0;
+  // dst = 0, then dst[:, col_offset : col_offset + src.cols] = src.
+  virtual void ScatterColumns(const Tensor& src, int64_t col_offset, Tensor& dst) = 0;
+};
+
+}  // namespace gemma2

@@ -1,0 +1,170 @@
+#include "model/checkpoint.h"
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+namespace gemma2 {
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+Result<std::map<std::string, std::string>> ReadWeightMap(const fs::path& index_path) {
+  std::ifstream in(index_path, std::ios::binary);
+  if (!in) return NotFound(index_path.string() + ": cannot open");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  json j = json::parse(ss.str(), nullptr, false);
+  if (j.is_discarded() || !j.is_object()) {
+    return DataLoss(index_path.string() + ": not a JSON object");
+  }
+  auto wm = j.find("weight_map");
+  if (wm == j.end() || !wm->is_object()) {
+    return DataLoss(index_path.string() + ": missing 'weight_map'");
+  }
+  std::map<std::string, std::string> out;
+  for (const auto& [name, file] : wm->items()) {
+    if (!file.is_string()) return DataLoss(index_path.string() + ": weight_map values must be file names");
+    const std::string f = file.get<std::string>();
+    // Shards live beside the index: no directories, no way out of the checkpoint.
+    if (f.empty() || f.find('/') != std::string::npos || f == "." || f == "..") {
+      return DataLoss(index_path.string() + ": weight_map names an invalid shard file '" + f + "'");
+    }
+    out[name] = f;
+  }
+  return out;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Checkpoint>> Checkpoint::Open(const fs::path& dir) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return NotFound(dir.string() + ": not a checkpoint directory");
+  std::unique_ptr<Checkpoint> ck(new Checkpoint());
+  ck->dir_ = dir;
+  ASSIGN_OR_RETURN(ck->config_, LoadModelConfig(dir / "config.json"));
+  const fs::path single = dir / "model.safetensors";
+  const fs::path index = dir / "model.safetensors.index.json";
+  if (fs::exists(single, ec)) {
+    RETURN_IF_ERROR(ck->OpenFiles({"model.safetensors"}, nullptr));
+  } else if (fs::exists(index, ec)) {
+    ASSIGN_OR_RETURN(auto weight_map, ReadWeightMap(index));
+    std::set<std::string> unique;
+    for (const auto& [name, f] : weight_map) unique.insert(f);
+    RETURN_IF_ERROR(ck->OpenFiles({unique.begin(), unique.end()}, &weight_map));
+  } else {
+    return NotFound(dir.string() +
+                    ": has neither model.safetensors nor model.safetensors.index.json");
+  }
+  return ck;
+}
+
+Status Checkpoint::OpenFiles(const std::vector<std::string>& files,
+                             const std::map<std::string, std::string>* weight_map) {
+  for (const auto& f : files) {
+    ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(dir_ / f));
+    for (const auto& [name, info] : file->header().tensors) {
+      if (weight_map) {
+        auto it = weight_map->find(name);
+        if (it == weight_map->end() || it->second != f) continue;  // index is authoritative
+      }
+      if (tensors_.count(name)) {
+        return DataLoss(file->path() + ": tensor '" + name + "' appears in more than one file");
+      }
+      tensors_[name] = Entry{file.get(), &info};
+    }
+    files_.push_back(std::move(file));
+  }
+  if (weight_map) {
+    for (const auto& [name, f] : *weight_map) {
+      if (!tensors_.count(name)) {
+        return DataLoss((dir_ / f).string() + ": tensor '" + name +
+                        "' is listed in the index but missing from the file");
+      }
+    }
+  }
+  return OkStatus();
+}
+
+fs::path Checkpoint::tokenizer_path() const {
+  std::error_code ec;
+  const fs::path p = dir_ / "tokenizer.model";
+  return fs::is_regular_file(p, ec) ? p : fs::path();
+}
+
+const Checkpoint::Entry* Checkpoint::Lookup(const std::string& name) const {
+  for (const std::string& prefix : {std::string("model."), std::string()}) {
+    auto it = tensors_.find(prefix + name);
+    if (it != tensors_.end()) return &it->second;
+  }
+  return nullptr;
+}
+
+static std::string ShapeString(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+Status Checkpoint::CheckShape(const std::string& name, const std::vector<int64_t>& expected) const {
+  const Entry* e = Lookup(name);
+  if (!e) return NotFound(dir_.string() + ": tensor '" + name + "' is missing from the checkpoint");
+  if (e->info->shape != expected) {
+    return InvalidArgument(e->file->path() + ": tensor '" + e->info->name + "' has shape " +
+                           ShapeString(e->info->shape) + ", expected " + ShapeString(expected) +
+                           " from config.json");
+  }
+  if (!IsWeightDType(e->info->dtype)) {
+    return Unimplemented(e->file->path() + ": tensor '" + e->info->name + "' has dtype " +
+                         std::string(DTypeName(e->info->dtype)) + "; weights must be BF16, F16 or F32");
+  }
+  return OkStatus();
+}
+
+Status Checkpoint::ReadRegion(const std::string& name, const Region& r, DType out,
+                              void* dst) const {
+  const Entry* e = Lookup(name);
+  if (!e) return NotFound(dir_.string() + ": tensor '" + name + "' is missing from the checkpoint");
+  const TensorInfo& t = *e->info;
+  if (!IsWeightDType(t.dtype)) {
+    return Unimplemented(e->file->path() + ": tensor '" + t.name + "' has non-float dtype " +
+                         std::string(DTypeName(t.dtype)));
+  }
+  const int64_t rows = t.shape.size() == 2 ? t.shape[0] : 1;
+  const int64_t cols = t.shape.size() == 2 ? t.shape[1] : (t.shape.size() == 1 ? t.shape[0] : -1);
+  if (cols < 0 || r.row_begin < 0 || r.row_end > rows || r.row_begin > r.row_end ||
+      r.col_begin < 0 || r.col_end > cols || r.col_begin > r.col_end) {
+    return InvalidArgument(e->file->path() + ": tensor '" + t.name + "' of shape " +
+                           ShapeString(t.shape) + " has no region rows [" +
+                           std::to_string(r.row_begin) + ", " + std::to_string(r.row_end) +
+                           ") cols [" + std::to_string(r.col_begin) + ", " +
+                           std::to_string(r.col_end) + ")");
+  }
+  const int64_t esize = DTypeSize(t.dtype);
+  const uint8_t* base = e->file->TensorData(t);
+  const int64_t n = r.cols();
+  std::vector<float> tmp;
+  for (int64_t row = r.row_begin; row < r.row_end; ++row) {
+    const uint8_t* src = base + (row * cols + r.col_begin) * esize;
+    const int64_t dst_row = row - r.row_begin;
+    if (out == DType::kF32) {
+      ConvertToF32(t.dtype, src, static_cast<float*>(dst) + dst_row * n, n);
+    } else if (out == DType::kBF16) {
+      auto* d = static_cast<uint16_t*>(dst) + dst_row * n;
+      if (t.dtype == DType::kBF16) {
+        std::memcpy(d, src, static_cast<size_t>(n) * 2);
+      } else {
+        tmp.resize(static_cast<size_t>(n));
+        ConvertToF32(t.dtype, src, tmp.data(), n);
+        for (int64_t i = 0; i < n; ++i) d[i] = F32ToBf16(tmp[static_cast<size_t>(i)]);
+      }
+    } else {
+      return Internal("ReadRegion: unsupported output dtype");
+    }
+  }
+  return OkStatus();
+}
+
+}  // namespace gemma2

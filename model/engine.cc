@@ -1,0 +1,127 @@
+#include "model/engine.h"
+
+#include <thread>
+
+#include "collectives/local_collective.h"
+#include "cpu/cpu_backend.h"
+
+namespace gemma2 {
+
+struct Engine::Rank {
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<RankModel> model;
+  std::unique_ptr<Collective> comm;
+  std::map<int64_t, std::unique_ptr<SequenceKv>> kvs;
+};
+
+Engine::~Engine() = default;
+
+Result<std::unique_ptr<Backend>> MakeBackend(const std::string& name) {
+  if (name == "cpu") return std::unique_ptr<Backend>(std::make_unique<CpuBackend>());
+  if (name == "cuda") {
+    return Unimplemented("backend 'cuda' is not part of this build yet (CPU backend only)");
+  }
+  return InvalidArgument("unknown backend '" + name + "' (use cpu)");
+}
+
+Result<std::unique_ptr<Engine>> Engine::Create(const Checkpoint& ck, const EngineOptions& opts) {
+  std::unique_ptr<Engine> e(new Engine());
+  e->config_ = ck.config();
+  // Check every rank's plan before loading anything.
+  std::vector<ShardPlan> plans;
+  for (int r = 0; r < opts.tp; ++r) {
+    ASSIGN_OR_RETURN(auto p, ShardPlan::Make(e->config_, opts.tp, r));
+    plans.push_back(p);
+  }
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  SetCpuMathThreads(opts.tp > 1 ? 1 : (opts.threads > 0 ? opts.threads : cores));
+  auto group = std::make_shared<LocalGroup>(opts.tp);
+  for (int r = 0; r < opts.tp; ++r) {
+    auto rank = std::make_unique<Rank>();
+    ASSIGN_OR_RETURN(rank->backend, MakeBackend(opts.backend));
+    ASSIGN_OR_RETURN(rank->model, RankModel::Load(ck, plans[static_cast<size_t>(r)], *rank->backend));
+    if (opts.tp == 1) {
+      rank->comm = std::make_unique<SoloCollective>();
+    } else {
+      rank->comm = std::make_unique<LocalCollective>(group, r);
+    }
+    e->ranks_.push_back(std::move(rank));
+  }
+  return e;
+}
+
+int64_t Engine::NewSequence() {
+  const int64_t id = next_id_++;
+  for (auto& r : ranks_) r->kvs[id] = r->model->NewSequenceKv();
+  lengths_[id] = 0;
+  return id;
+}
+
+void Engine::ReleaseSequence(int64_t id) {
+  for (auto& r : ranks_) r->kvs.erase(id);
+  lengths_.erase(id);
+}
+
+int64_t Engine::SequenceLength(int64_t id) const {
+  auto it = lengths_.find(id);
+  return it == lengths_.end() ? -1 : it->second;
+}
+
+Status Engine::Validate(const StepPlan& plan) const {
+  for (const StepSequence& s : plan.sequences) {
+    const std::string who = "sequence " + std::to_string(s.sequence_id);
+    auto it = lengths_.find(s.sequence_id);
+    if (it == lengths_.end()) return InvalidArgument(who + " does not exist");
+    if (s.start_pos != it->second) {
+      return InvalidArgument(who + ": start_pos " + std::to_string(s.start_pos) +
+                             " but the cache holds " + std::to_string(it->second) + " tokens");
+    }
+    if (s.tokens.empty()) return InvalidArgument(who + ": no tokens in this step");
+    const int64_t end = s.start_pos + static_cast<int64_t>(s.tokens.size());
+    if (end > config_.max_position_embeddings) {
+      return InvalidArgument(who + ": " + std::to_string(end) +
+                             " tokens exceed max_position_embeddings " +
+                             std::to_string(config_.max_position_embeddings));
+    }
+    for (int32_t tok : s.tokens) {
+      if (tok < 0 || tok >= config_.vocab_size) {
+        return InvalidArgument(who + ": token id " + std::to_string(tok) +
+                               " is outside the vocabulary [0, " +
+                               std::to_string(config_.vocab_size) + ")");
+      }
+    }
+    for (int64_t r : s.output_rows) {
+      if (r < 0 || r >= static_cast<int64_t>(s.tokens.size())) {
+        return InvalidArgument(who + ": output row " + std::to_string(r) + " out of range");
+      }
+    }
+  }
+  return OkStatus();
+}
+
+Result<StepOutput> Engine::Step(const StepPlan& plan) {
+  RETURN_IF_ERROR(Validate(plan));
+  const size_t n = ranks_.size();
+  std::vector<StepOutput> outs(n);
+  std::vector<Status> statuses(n);
+  auto run_rank = [&](size_t r) {
+    Rank& rank = *ranks_[r];
+    std::vector<SequenceKv*> kvs;
+    for (const auto& s : plan.sequences) kvs.push_back(rank.kvs.at(s.sequence_id).get());
+    statuses[r] = rank.model->Forward(plan, kvs, *rank.comm, &outs[r]);
+  };
+  if (n == 1) {
+    run_rank(0);
+  } else {
+    std::vector<std::thread> threads;
+    for (size_t r = 0; r < n; ++r) threads.emplace_back(run_rank, r);
+    for (auto& th : threads) th.join();
+  }
+  for (size_t r = 0; r < n; ++r) {
+    if (!statuses[r].ok()) return statuses[r].WithContext("rank " + std::to_string(r));
+  }
+  for (const auto& s : plan.sequences) lengths_[s.sequence_id] += static_cast<int64_t>(s.tokens.size());
+  return std::move(outs[0]);
+}
+
+}  // namespace gemma2

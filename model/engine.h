@@ -1,0 +1,53 @@
+// An in-process engine: `tp` ranks of RankModel, each on its own thread with its own backend and
+// KV caches, summing through a LocalGroup. The cluster issue runs the same ranks as processes.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/checkpoint.h"
+#include "model/rank_model.h"
+#include "model/step.h"
+
+namespace gemma2 {
+
+struct EngineOptions {
+  std::string backend = "cpu";
+  int tp = 1;
+  int threads = 0;  // math threads in all; 0: all cores
+};
+
+// Creates a backend by name; a clear error for a name this build lacks.
+Result<std::unique_ptr<Backend>> MakeBackend(const std::string& name);
+
+class Engine {
+ public:
+  static Result<std::unique_ptr<Engine>> Create(const Checkpoint& ck, const EngineOptions& opts);
+  ~Engine();
+
+  const ModelConfig& config() const { return config_; }
+  int tp() const { return static_cast<int>(ranks_.size()); }
+
+  // A new empty sequence (a KV cache on every rank); free it with ReleaseSequence.
+  int64_t NewSequence();
+  void ReleaseSequence(int64_t id);
+  int64_t SequenceLength(int64_t id) const;
+
+  // Validates the plan (known sequences, start_pos == cached length, token ids inside the
+  // vocabulary, positions below max_position_embeddings, output rows in range), then runs it.
+  Result<StepOutput> Step(const StepPlan& plan);
+
+ private:
+  struct Rank;
+  Engine() = default;
+  Status Validate(const StepPlan& plan) const;
+
+  ModelConfig config_;
+  std::vector<std::unique_ptr<Rank>> ranks_;
+  std::map<int64_t, int64_t> lengths_;  // sequence id -> cached tokens
+  int64_t next_id_ = 1;
+};
+
+}  // namespace gemma2

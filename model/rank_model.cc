@@ -1,0 +1,207 @@
+#include "model/rank_model.h"
+
+#include <cmath>
+
+namespace gemma2 {
+
+std::unique_ptr<SequenceKv> RankModel::NewSequenceKv() {
+  return backend_.NewSequenceKv(config_.num_layers, plan_.kv_heads(), config_.head_dim);
+}
+
+Result<std::unique_ptr<RankModel>> RankModel::Load(const Checkpoint& ck, const ShardPlan& plan,
+                                                   Backend& backend) {
+  std::unique_ptr<RankModel> m(new RankModel(ck.config(), plan, backend));
+  RETURN_IF_ERROR(m->LoadWeights(ck));
+  return m;
+}
+
+// Reads `region` of `name` (checked against `full_shape`) in the backend's weight dtype.
+Result<Tensor> RankModel::Read(const Checkpoint& ck, const std::string& name,
+                               const std::vector<int64_t>& full_shape, const Region& region) {
+  RETURN_IF_ERROR(ck.CheckShape(name, full_shape));
+  const DType dt = backend_.weight_dtype();
+  std::vector<uint8_t> host(static_cast<size_t>(region.rows() * region.cols() * DTypeSize(dt)));
+  RETURN_IF_ERROR(ck.ReadRegion(name, region, dt, host.data()));
+  return backend_.Upload(host.data(), dt, region.rows(), region.cols());
+}
+
+// Stacks row regions of several tensors into one weight (q|k|v, gate|up).
+static Result<std::vector<uint8_t>> StackRows(
+    const Checkpoint& ck, DType dt,
+    const std::vector<std::tuple<std::string, std::vector<int64_t>, Region>>& parts,
+    int64_t* rows_out) {
+  int64_t rows = 0, cols = -1;
+  for (const auto& [name, shape, region] : parts) {
+    RETURN_IF_ERROR(ck.CheckShape(name, shape));
+    rows += region.rows();
+    cols = region.cols();
+  }
+  std::vector<uint8_t> host(static_cast<size_t>(rows * cols * DTypeSize(dt)));
+  int64_t offset = 0;
+  for (const auto& [name, shape, region] : parts) {
+    RETURN_IF_ERROR(ck.ReadRegion(name, region, dt, host.data() + offset));
+    offset += region.rows() * cols * DTypeSize(dt);
+  }
+  *rows_out = rows;
+  return host;
+}
+
+Status RankModel::LoadWeights(const Checkpoint& ck) {
+  const ModelConfig& c = config_;
+  const ShardPlan& p = plan_;
+  const int64_t h = c.hidden_size, hd = c.head_dim;
+  const DType dt = backend_.weight_dtype();
+  auto rows = [](int64_t r0, int64_t r1, int64_t cols) { return Region{r0, r1, 0, cols}; };
+  auto cols = [](int64_t rows_n, int64_t c0, int64_t c1) { return Region{0, rows_n, c0, c1}; };
+
+  ASSIGN_OR_RETURN(embed_, Read(ck, "embed_tokens.weight", {c.vocab_size, h},
+                                rows(p.vocab_begin, p.vocab_end, h)));
+  ASSIGN_OR_RETURN(final_norm_, Read(ck, "norm.weight", {h}, cols(1, 0, h)));
+  if (c.architecture == Architecture::kCausalLM) {
+    if (c.tie_word_embeddings || !ck.Has("lm_head.weight")) {
+      lm_head_ = embed_;
+    } else {
+      ASSIGN_OR_RETURN(lm_head_, Read(ck, "lm_head.weight", {c.vocab_size, h},
+                                      rows(p.vocab_begin, p.vocab_end, h)));
+    }
+  } else {
+    ASSIGN_OR_RETURN(score_, Read(ck, "score.weight", {c.num_labels, h}, rows(0, c.num_labels, h)));
+    if (c.architecture == Architecture::kTokenClassification) {
+      ASSIGN_OR_RETURN(score_bias_, Read(ck, "score.bias", {c.num_labels}, cols(1, 0, c.num_labels)));
+    }
+  }
+
+  for (int64_t l = p.layer_begin; l < p.layer_end; ++l) {
+    const std::string pre = "layers." + std::to_string(l) + ".";
+    LayerWeights w;
+    ASSIGN_OR_RETURN(w.input_norm, Read(ck, pre + "input_layernorm.weight", {h}, cols(1, 0, h)));
+    ASSIGN_OR_RETURN(w.post_attention_norm,
+                     Read(ck, pre + "post_attention_layernorm.weight", {h}, cols(1, 0, h)));
+    ASSIGN_OR_RETURN(w.pre_feedforward_norm,
+                     Read(ck, pre + "pre_feedforward_layernorm.weight", {h}, cols(1, 0, h)));
+    ASSIGN_OR_RETURN(w.post_feedforward_norm,
+                     Read(ck, pre + "post_feedforward_layernorm.weight", {h}, cols(1, 0, h)));
+    int64_t n = 0;
+    ASSIGN_OR_RETURN(
+        auto qkv, StackRows(ck, dt,
+                            {{pre + "self_attn.q_proj.weight", {c.q_size(), h},
+                              rows(p.q_head_begin * hd, p.q_head_end * hd, h)},
+                             {pre + "self_attn.k_proj.weight", {c.kv_size(), h},
+                              rows(p.kv_head_begin * hd, p.kv_head_end * hd, h)},
+                             {pre + "self_attn.v_proj.weight", {c.kv_size(), h},
+                              rows(p.kv_head_begin * hd, p.kv_head_end * hd, h)}},
+                            &n));
+    w.qkv = backend_.Upload(qkv.data(), dt, n, h);
+    ASSIGN_OR_RETURN(w.o, Read(ck, pre + "self_attn.o_proj.weight", {h, c.q_size()},
+                               cols(h, p.q_head_begin * hd, p.q_head_end * hd)));
+    ASSIGN_OR_RETURN(
+        auto gate_up,
+        StackRows(ck, dt,
+                  {{pre + "mlp.gate_proj.weight", {c.intermediate_size, h}, rows(p.inter_begin, p.inter_end, h)},
+                   {pre + "mlp.up_proj.weight", {c.intermediate_size, h}, rows(p.inter_begin, p.inter_end, h)}},
+                  &n));
+    w.gate_up = backend_.Upload(gate_up.data(), dt, n, h);
+    ASSIGN_OR_RETURN(w.down, Read(ck, pre + "mlp.down_proj.weight", {h, c.intermediate_size},
+                                  cols(h, p.inter_begin, p.inter_end)));
+    layers_.push_back(std::move(w));
+  }
+  return OkStatus();
+}
+
+AttentionParams RankModel::AttentionFor(int64_t layer) const {
+  AttentionParams a;
+  a.q_heads = plan_.q_heads();
+  a.kv_heads = plan_.kv_heads();
+  a.head_dim = config_.head_dim;
+  a.scale = static_cast<float>(1.0 / std::sqrt(config_.query_pre_attn_scalar));
+  a.softcap = static_cast<float>(config_.attn_logit_softcap);
+  a.window = config_.layer_is_sliding[static_cast<size_t>(layer)] ? config_.sliding_window : 0;
+  a.rope_theta = config_.rope_theta;
+  return a;
+}
+
+Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs, Collective& comm,
+                          StepOutput* out) {
+  const ModelConfig& c = config_;
+  Backend& b = backend_;
+  const int64_t t = step.total_tokens(), h = c.hidden_size;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+
+  std::vector<int32_t> ids;
+  std::vector<SeqSlice> seqs;
+  std::vector<int64_t> out_rows;
+  for (size_t i = 0; i < step.sequences.size(); ++i) {
+    const StepSequence& s = step.sequences[i];
+    const int64_t row0 = static_cast<int64_t>(ids.size());
+    seqs.push_back({kvs[i], s.start_pos, static_cast<int64_t>(s.tokens.size()), row0});
+    ids.insert(ids.end(), s.tokens.begin(), s.tokens.end());
+    for (int64_t r : s.output_rows) out_rows.push_back(row0 + r);
+  }
+
+  // Embedding × sqrt(hidden), the normalizer rounded to the activation dtype as the reference
+  // does (bf16: 68.0 for 27B, not 67.88). Vocab-parallel: each rank fills its rows, then a sum.
+  float normalizer = static_cast<float>(std::sqrt(static_cast<double>(h)));
+  if (b.activation_dtype() == DType::kBF16) normalizer = Bf16ToF32(F32ToBf16(normalizer));
+  Tensor x = b.Alloc(t, h);
+  b.Embed(ids, embed_, plan_.vocab_begin, normalizer, x);
+  RETURN_IF_ERROR(comm.AllReduceSum(x));
+
+  Tensor normed = b.Alloc(t, h);
+  b.RmsNorm(x, layers_.front().input_norm, eps, normed);
+  for (size_t li = 0; li < layers_.size(); ++li) {
+    const LayerWeights& w = layers_[li];
+    const int64_t layer = plan_.layer_begin + static_cast<int64_t>(li);
+    const AttentionParams ap = AttentionFor(layer);
+
+    // Attention block: this rank's heads, then a sum of the o_proj partial products.
+    Tensor qkv = b.Alloc(t, w.qkv.rows);
+    b.Linear(normed, w.qkv, nullptr, qkv);
+    b.RopeAndCacheWrite(qkv, seqs, layer, ap);
+    Tensor attn = b.Alloc(t, ap.q_heads * ap.head_dim);
+    b.Attention(qkv, seqs, layer, ap, attn);
+    Tensor o = b.Alloc(t, h);
+    b.Linear(attn, w.o, nullptr, o);
+    RETURN_IF_ERROR(comm.AllReduceSum(o));
+    // Post-attention norm applies to the block output before the residual add.
+    b.AddRmsNorm(x, o, w.post_attention_norm, &w.pre_feedforward_norm, eps, normed);
+
+    // MLP block: down(gelu_tanh(gate(x)) * up(x)) over this rank's columns, then a sum.
+    Tensor gate_up = b.Alloc(t, w.gate_up.rows);
+    b.Linear(normed, w.gate_up, nullptr, gate_up);
+    Tensor act = b.Alloc(t, w.gate_up.rows / 2);
+    b.GeluTanhMul(gate_up, act);
+    Tensor down = b.Alloc(t, h);
+    b.Linear(act, w.down, nullptr, down);
+    RETURN_IF_ERROR(comm.AllReduceSum(down));
+    const Tensor& next_norm = li + 1 < layers_.size() ? layers_[li + 1].input_norm : final_norm_;
+    b.AddRmsNorm(x, down, w.post_feedforward_norm, &next_norm, eps, normed);
+  }
+
+  // `normed` now holds the final-normed hidden states. Project only the rows asked for.
+  const int64_t r = static_cast<int64_t>(out_rows.size());
+  out->rows = r;
+  out->width = c.output_size();
+  out->values.assign(static_cast<size_t>(r * out->width), 0.0f);
+  if (r == 0) return OkStatus();
+  Tensor sel = b.Alloc(r, h);
+  b.GatherRows(normed, out_rows, sel);
+  if (c.architecture == Architecture::kCausalLM) {
+    // Vocab-parallel LM head: this rank's columns of the logits, final softcap, then a sum that
+    // assembles the full rows (other ranks contribute zeros there).
+    Tensor local = b.Alloc(r, lm_head_.rows);
+    b.Linear(sel, lm_head_, nullptr, local);
+    if (c.final_logit_softcap > 0) b.Softcap(local, static_cast<float>(c.final_logit_softcap));
+    Tensor full = b.Alloc(r, c.vocab_size);
+    b.ScatterColumns(local, plan_.vocab_begin, full);
+    RETURN_IF_ERROR(comm.AllReduceSum(full));
+    b.ToHost(full, out->values.data());
+  } else {
+    // Classifier heads get no softcap; the score matrix is small and replicated.
+    Tensor scores = b.Alloc(r, c.num_labels);
+    b.Linear(sel, score_, score_bias_.empty() ? nullptr : &score_bias_, scores);
+    b.ToHost(scores, out->values.data());
+  }
+  return OkStatus();
+}
+
+}  // namespace gemma2

@@ -1,0 +1,59 @@
+// One tensor-parallel rank of Gemma 2: its weight shard and the forward pass, written once for all
+// backends and all tp degrees. Ops come from a Backend, sums across ranks from a Collective.
+#pragma once
+
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "collectives/collective.h"
+#include "model/backend.h"
+#include "model/checkpoint.h"
+#include "model/sharding.h"
+#include "model/step.h"
+
+namespace gemma2 {
+
+struct LayerWeights {
+  Tensor input_norm, post_attention_norm, pre_feedforward_norm, post_feedforward_norm;
+  Tensor qkv;      // [ (q_heads + 2 kv_heads) * head_dim, hidden ]: this rank's rows of q, k, v
+  Tensor o;        // [ hidden, q_heads * head_dim ]: this rank's input columns of o_proj
+  Tensor gate_up;  // [ 2 * inter, hidden ]: this rank's rows of gate_proj then up_proj
+  Tensor down;     // [ hidden, inter ]: this rank's input columns of down_proj
+};
+
+class RankModel {
+ public:
+  // Reads only this rank's slices of the checkpoint into `backend` memory.
+  static Result<std::unique_ptr<RankModel>> Load(const Checkpoint& ck, const ShardPlan& plan,
+                                                 Backend& backend);
+
+  const ModelConfig& config() const { return config_; }
+  const ShardPlan& plan() const { return plan_; }
+  Backend& backend() { return backend_; }
+  std::unique_ptr<SequenceKv> NewSequenceKv();
+
+  // Runs `step` with kvs[i] the cache of step.sequences[i]. Every rank of the group calls it with
+  // the same plan; every rank gets the same output.
+  Status Forward(const StepPlan& step, std::span<SequenceKv* const> kvs, Collective& comm,
+                 StepOutput* out);
+
+ private:
+  RankModel(const ModelConfig& c, const ShardPlan& p, Backend& b) : config_(c), plan_(p), backend_(b) {}
+  Status LoadWeights(const Checkpoint& ck);
+  Result<Tensor> Read(const Checkpoint& ck, const std::string& name,
+                      const std::vector<int64_t>& full_shape, const Region& region);
+  AttentionParams AttentionFor(int64_t layer) const;
+
+  const ModelConfig config_;
+  const ShardPlan plan_;
+  Backend& backend_;
+  // Constant after Load.
+  Tensor embed_;       // [vocab shard, hidden]
+  Tensor lm_head_;     // [vocab shard, hidden]; the embedding when tied
+  Tensor final_norm_;
+  Tensor score_, score_bias_;  // classifiers: [num_labels, hidden] (+ [1, num_labels])
+  std::vector<LayerWeights> layers_;
+};
+
+}  // namespace gemma2

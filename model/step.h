@@ -1,0 +1,39 @@
+// One forward step as every rank sees it: the same small plan on all ranks.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace gemma2 {
+
+struct StepSequence {
+  int64_t sequence_id = 0;          // engine-level id; each rank maps it to its KV cache
+  int64_t start_pos = 0;            // position of tokens[0]; the cache holds [0, start_pos)
+  std::vector<int32_t> tokens;      // new tokens this step
+  std::vector<int64_t> output_rows; // indices into `tokens` whose outputs the caller wants
+};
+
+struct StepPlan {
+  std::vector<StepSequence> sequences;
+  int64_t total_tokens() const {
+    int64_t n = 0;
+    for (const auto& s : sequences) n += static_cast<int64_t>(s.tokens.size());
+    return n;
+  }
+  int64_t total_outputs() const {
+    int64_t n = 0;
+    for (const auto& s : sequences) n += static_cast<int64_t>(s.output_rows.size());
+    return n;
+  }
+};
+
+// Output rows of a step in plan order: [total_outputs, width] row-major, fp32. For a causal LM the
+// rows are softcapped logits over the whole vocabulary; for classifiers, raw scores per label.
+struct StepOutput {
+  int64_t rows = 0;
+  int64_t width = 0;
+  std::vector<float> values;
+  const float* row(int64_t i) const { return values.data() + i * width; }
+};
+
+}  // namespace gemma2

@@ -1,0 +1,61 @@
+// Gemma's sentencepiece tokenizer, its chat template and streaming detokenization.
+#pragma once
+
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+
+namespace sentencepiece {
+class SentencePieceProcessor;
+}
+
+namespace gemma2 {
+
+struct ChatMessage {
+  std::string role;  // "system", "user", "assistant" (or "model")
+  std::string content;
+};
+
+class Tokenizer {
+ public:
+  static Result<std::unique_ptr<Tokenizer>> Load(const std::filesystem::path& model_file);
+  ~Tokenizer();
+
+  int64_t vocab_size() const;
+  int32_t bos_id() const { return bos_; }
+  // Text to ids with <bos> first, as Gemma expects.
+  Result<std::vector<int32_t>> Encode(const std::string& text, bool add_bos = true) const;
+  // Ids to text; control tokens (<bos>, <eos>, <pad>, turn markers) are left out.
+  Result<std::string> Decode(const std::vector<int32_t>& ids) const;
+  // Gemma's chat template: <bos><start_of_turn>user\n{text}<end_of_turn>\n ... then
+  // <start_of_turn>model\n. A system message is merged into the first user turn; roles must
+  // alternate user / model starting with user.
+  Result<std::vector<int32_t>> EncodeChat(const std::vector<ChatMessage>& messages) const;
+
+ private:
+  Tokenizer() = default;
+  std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
+  int32_t bos_ = 2, start_of_turn_ = -1, end_of_turn_ = -1;
+};
+
+// Turns a growing list of generated ids into text pieces for streaming. A piece never ends inside
+// a UTF-8 character: bytes of an unfinished character are held back until it completes.
+class IncrementalDetokenizer {
+ public:
+  explicit IncrementalDetokenizer(const Tokenizer& tok) : tok_(tok) {}
+  // Appends `id`; returns the newly completed text (possibly empty).
+  Result<std::string> Push(int32_t id);
+  // Whatever is still held back (an unfinished character at the very end), as decoded.
+  Result<std::string> Flush();
+
+ private:
+  const Tokenizer& tok_;
+  std::vector<int32_t> ids_;
+  size_t prefix_ = 0;  // ids before `prefix_` are settled; decoding restarts there
+  size_t emitted_bytes_ = 0;  // bytes of decode(ids_[prefix_:]) already returned
+};
+
+}  // namespace gemma2

@@ -1,0 +1,191 @@
+// gemma2-run: the offline runner. Loads a checkpoint, runs one prompt (or a file of prompts) and
+// prints one JSON object per prompt. Every bad input ends in one line on stderr and exit 1.
+#include <CLI/CLI.hpp>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <optional>
+
+#include "model/generate.h"
+#include "model/tokenizer.h"
+
+namespace gemma2 {
+namespace {
+
+using nlohmann::json;
+
+struct Args {
+  std::string model, backend = "cpu", prompt_ids, prompts_file;
+  std::optional<std::string> prompt;
+  int tp = 1, threads = 0;
+  int64_t max_new_tokens = 16;
+  bool greedy = false, logits = false, chat = false, ignore_eos = false;
+  std::optional<float> temperature, top_p;
+  std::optional<int64_t> top_k;
+  std::optional<uint64_t> seed;
+};
+
+Result<std::vector<int32_t>> ParseIds(const std::string& text) {
+  std::vector<int32_t> ids;
+  size_t pos = 0;
+  while (pos <= text.size()) {
+    const size_t comma = text.find(',', pos);
+    const std::string item = text.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    size_t used = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(item, &used);
+    } catch (...) {
+      used = 0;
+    }
+    if (used == 0 || used != item.size()) {
+      return InvalidArgument("--prompt-ids: '" + item + "' is not an integer token id");
+    }
+    if (v < INT32_MIN || v > INT32_MAX) return InvalidArgument("--prompt-ids: " + item + " is out of range");
+    ids.push_back(static_cast<int32_t>(v));
+    if (comma == std::string::npos) break;
+    pos = comma + 1;
+  }
+  return ids;
+}
+
+Result<SamplingParams> MakeSampling(const Args& a) {
+  SamplingParams s;
+  const bool any = a.temperature || a.top_k || a.top_p || a.seed;
+  if (a.greedy && any) return InvalidArgument("--greedy cannot be combined with sampling flags");
+  s.greedy = !any;
+  if (a.temperature) s.temperature = *a.temperature;
+  if (a.top_k) s.top_k = *a.top_k;
+  if (a.top_p) s.top_p = *a.top_p;
+  if (a.seed) s.seed = *a.seed;
+  RETURN_IF_ERROR(s.Validate());
+  return s;
+}
+
+// The prompts to run, as token ids.
+Result<std::vector<std::vector<int32_t>>> Prompts(const Args& a, const Tokenizer* tok) {
+  std::vector<std::string> texts;
+  std::vector<std::vector<int32_t>> out;
+  const int given = (a.prompt ? 1 : 0) + (!a.prompt_ids.empty() ? 1 : 0) + (!a.prompts_file.empty() ? 1 : 0);
+  if (given != 1) return InvalidArgument("give exactly one of --prompt, --prompt-ids, --prompts-file");
+  if (!a.prompt_ids.empty()) {
+    ASSIGN_OR_RETURN(auto ids, ParseIds(a.prompt_ids));
+    out.push_back(std::move(ids));
+    return out;
+  }
+  if (a.prompt) {
+    texts.push_back(*a.prompt);
+  } else {
+    std::ifstream in(a.prompts_file);
+    if (!in) return NotFound(a.prompts_file + ": cannot open");
+    for (std::string line; std::getline(in, line);) {
+      if (!line.empty()) texts.push_back(line);
+    }
+    if (texts.empty()) return InvalidArgument(a.prompts_file + ": no prompts");
+  }
+  if (!tok) {
+    return InvalidArgument("the checkpoint has no tokenizer.model: give token ids with --prompt-ids");
+  }
+  for (const auto& t : texts) {
+    if (t.empty()) return InvalidArgument("empty prompt");
+    if (a.chat) {
+      ASSIGN_OR_RETURN(auto ids, tok->EncodeChat({{"user", t}}));
+      out.push_back(std::move(ids));
+    } else {
+      ASSIGN_OR_RETURN(auto ids, tok->Encode(t));
+      out.push_back(std::move(ids));
+    }
+  }
+  return out;
+}
+
+Status Run(const Args& a) {
+  ASSIGN_OR_RETURN(auto ck, Checkpoint::Open(a.model));
+  std::unique_ptr<Tokenizer> tok;
+  if (auto p = ck->tokenizer_path(); !p.empty()) {
+    ASSIGN_OR_RETURN(tok, Tokenizer::Load(p));
+  }
+  ASSIGN_OR_RETURN(auto prompts, Prompts(a, tok.get()));
+  for (const auto& p : prompts) {
+    if (p.empty()) return InvalidArgument("empty prompt");
+  }
+  ASSIGN_OR_RETURN(auto engine, Engine::Create(*ck, {a.backend, a.tp, a.threads}));
+  const ModelConfig& c = engine->config();
+
+  if (c.is_classifier()) {
+    for (const auto& p : prompts) {
+      ASSIGN_OR_RETURN(auto res, Classify(*engine, p));
+      json j;
+      j["prompt_ids"] = p;
+      j["logits"] = res.logits;
+      j["labels"] = res.labels;
+      std::cout << j.dump() << "\n";
+    }
+    return OkStatus();
+  }
+  ASSIGN_OR_RETURN(auto sampling, MakeSampling(a));
+  std::vector<GenerationRequest> reqs;
+  for (const auto& p : prompts) {
+    GenerationRequest r;
+    r.prompt = p;
+    r.max_new_tokens = a.max_new_tokens;
+    r.sampling = sampling;
+    r.ignore_eos = a.ignore_eos;
+    r.return_logits = a.logits;
+    reqs.push_back(std::move(r));
+  }
+  ASSIGN_OR_RETURN(auto results, Generate(*engine, reqs));
+  for (size_t i = 0; i < results.size(); ++i) {
+    json j;
+    j["prompt_ids"] = reqs[i].prompt;
+    j["generated_ids"] = results[i].generated;
+    if (tok) {
+      ASSIGN_OR_RETURN(auto text, tok->Decode(results[i].generated));
+      j["text"] = text;
+    } else {
+      j["text"] = nullptr;
+    }
+    j["finish_reason"] = results[i].finish_reason;
+    if (a.logits) j["logits"] = results[i].logits;
+    std::cout << j.dump() << "\n";
+  }
+  return OkStatus();
+}
+
+}  // namespace
+}  // namespace gemma2
+
+int main(int argc, char** argv) {
+  gemma2::Args a;
+  CLI::App app{"gemma2-run: run Gemma 2 prompts through one engine and print JSON"};
+  app.add_option("--model", a.model, "Hugging Face checkpoint directory")->required();
+  app.add_option("--backend", a.backend, "cpu (cuda: later)");
+  app.add_option("--tp", a.tp, "tensor-parallel ranks (in-process)")->check(CLI::Range(1, 1024));
+  app.add_option("--threads", a.threads, "math threads (0: all cores)")->check(CLI::NonNegativeNumber);
+  app.add_option("--prompt", a.prompt, "prompt text (needs tokenizer.model)");
+  app.add_option("--prompt-ids", a.prompt_ids, "comma-separated token ids, e.g. 2,5,9");
+  app.add_option("--prompts-file", a.prompts_file, "one prompt per line; one JSON line each");
+  app.add_flag("--chat", a.chat, "wrap text prompts in Gemma's chat template");
+  app.add_option("--max-new-tokens", a.max_new_tokens, "tokens to generate")->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
+  app.add_flag("--greedy", a.greedy, "argmax decoding (the default without sampling flags)");
+  app.add_option("--temperature", a.temperature, "sampling temperature > 0");
+  app.add_option("--top-k", a.top_k, "keep the k most likely tokens (0: off)");
+  app.add_option("--top-p", a.top_p, "nucleus sampling mass in (0, 1]");
+  app.add_option("--seed", a.seed, "sampling seed");
+  app.add_flag("--logits", a.logits, "print the logits rows");
+  app.add_flag("--ignore-eos", a.ignore_eos, "do not stop at end-of-sequence tokens");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "gemma2-run: error: " << e.what() << "\n";
+    return 2;
+  }
+  const gemma2::Status st = gemma2::Run(a);
+  if (!st.ok()) {
+    std::cerr << "gemma2-run: error: " << st.message() << "\n";
+    return 1;
+  }
+  return 0;
+}

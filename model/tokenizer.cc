@@ -106,9 +106,10 @@ Result<std::vector<int32_t>> Tokenizer::EncodeChat(const std::vector<ChatMessage
     if (role != expected) {
       return InvalidArgument("conversation roles must alternate user/assistant/user/...");
     }
-    turns.push_back({role, m.content});
+    turns.push_back({role, Trim(m.content)});
   }
   if (turns.empty()) return InvalidArgument("chat needs a user message");
+  // As Gemma's template: the system text and a blank line open the first user turn.
   if (!system.empty()) turns[0].content = system + "\n\n" + turns[0].content;
   std::vector<int32_t> ids = {bos_};
   auto append = [&](const std::string& text) -> Status {
@@ -118,7 +119,7 @@ Result<std::vector<int32_t>> Tokenizer::EncodeChat(const std::vector<ChatMessage
   };
   for (const auto& t : turns) {
     ids.push_back(start_of_turn_);
-    RETURN_IF_ERROR(append(t.role + "\n" + Trim(t.content)));
+    RETURN_IF_ERROR(append(t.role + "\n" + t.content));
     ids.push_back(end_of_turn_);
     RETURN_IF_ERROR(append("\n"));
   }

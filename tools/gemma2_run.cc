@@ -15,7 +15,7 @@ namespace {
 using nlohmann::json;
 
 struct Args {
-  std::string model, backend = "cpu", prompt_ids, prompts_file;
+  std::string model, backend = "cpu", prompt_ids, prompts_file, format = "json";
   std::optional<std::string> prompt;
   int tp = 1, threads = 0;
   int64_t max_new_tokens = 16;
@@ -135,6 +135,19 @@ Status Run(const Args& a) {
     reqs.push_back(std::move(r));
   }
   ASSIGN_OR_RETURN(auto results, Generate(*engine, reqs));
+  if (a.format == "text") {
+    for (size_t i = 0; i < results.size(); ++i) {
+      std::string prompt_text = "(token ids)", completion = "(token ids)";
+      if (tok) {
+        ASSIGN_OR_RETURN(prompt_text, tok->Decode(reqs[i].prompt));
+        ASSIGN_OR_RETURN(completion, tok->Decode(results[i].generated));
+      }
+      std::cout << "[" << i << "] " << prompt_text << "\n    -> " << completion << "\n    ("
+                << reqs[i].prompt.size() << " prompt tokens, " << results[i].generated.size()
+                << " generated, finish: " << results[i].finish_reason << ")\n";
+    }
+    return OkStatus();
+  }
   for (size_t i = 0; i < results.size(); ++i) {
     json j;
     j["prompt_ids"] = reqs[i].prompt;
@@ -173,6 +186,8 @@ int main(int argc, char** argv) {
   app.add_option("--top-p", a.top_p, "nucleus sampling mass in (0, 1]");
   app.add_option("--seed", a.seed, "sampling seed");
   app.add_flag("--logits", a.logits, "print the logits rows");
+  app.add_option("--format", a.format, "json (one object per prompt) or text (for people)")
+      ->check(CLI::IsMember({"json", "text"}));
   app.add_flag("--ignore-eos", a.ignore_eos, "do not stop at end-of-sequence tokens");
   try {
     app.parse(argc, argv);

@@ -19,7 +19,7 @@ struct Args {
   int64_t vocab = 512, hidden = 64, layers = 4, heads = 4, kv_heads = 2, head_dim = 16;
   int64_t intermediate = 128, window = 32, labels = 3, max_positions = 8192;
   int shards = 1;
-  float weight_std = 0.02f;
+  float weight_std = 0.02f, embed_std = 1.0f;
 };
 
 // Trains a byte-fallback BPE tokenizer with Gemma's special ids; returns its vocabulary size.
@@ -72,6 +72,7 @@ Status Run(const Args& a) {
   o.seed = a.seed;
   o.shards = a.shards;
   o.weight_std = a.weight_std;
+  o.embed_std = a.embed_std;
   if (a.dtype == "f32") o.dtype = DType::kF32;
   else if (a.dtype == "f16") o.dtype = DType::kF16;
   else if (a.dtype != "bf16") return InvalidArgument("--dtype must be bf16, f16 or f32");
@@ -108,6 +109,7 @@ int main(int argc, char** argv) {
   app.add_option("--labels", a.labels, "classifier labels");
   app.add_option("--shards", a.shards, "safetensors shards");
   app.add_option("--weight-std", a.weight_std, "stddev of projection weights");
+  app.add_option("--embed-std", a.embed_std, "stddev of the embedding");
   CLI11_PARSE(app, argc, argv);
   const gemma2::Status st = gemma2::Run(a);
   if (!st.ok()) {

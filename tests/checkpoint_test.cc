@@ -1,0 +1,140 @@
+#include "model/checkpoint.h"
+
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "model/random_checkpoint.h"
+#include "model/sharding.h"
+#include "tests/test_files.h"
+
+namespace gemma2 {
+namespace {
+
+ModelConfig Tiny(Architecture arch = Architecture::kCausalLM) {
+  ModelConfig c;
+  c.architecture = arch;
+  c.vocab_size = 40;
+  c.hidden_size = 8;
+  c.intermediate_size = 12;
+  c.num_layers = 2;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = 4;
+  c.query_pre_attn_scalar = 4;
+  c.sliding_window = 3;
+  c.layer_is_sliding = {true, false};
+  if (arch != Architecture::kCausalLM) {
+    c.num_labels = 3;
+    c.id2label = {"a", "b", "c"};
+  }
+  return c;
+}
+
+TEST(CheckpointTest, SlicesEqualTheFullTensorInEveryDType) {
+  for (DType dt : {DType::kBF16, DType::kF16, DType::kF32}) {
+    testing::TempDir dir;
+    RandomCheckpointOptions o;
+    o.dtype = dt;
+    o.seed = 3;
+    ASSERT_TRUE(WriteRandomCheckpoint(Tiny(), dir.path(), o).ok());
+    auto ck = Checkpoint::Open(dir.path());
+    ASSERT_TRUE(ck.ok()) << ck.status().ToString();
+    const std::string name = "layers.1.mlp.down_proj.weight";  // [8, 12]
+    std::vector<float> full(8 * 12), rows(3 * 12), cols(8 * 5);
+    ASSERT_TRUE((*ck)->ReadRegion(name, {0, 8, 0, 12}, DType::kF32, full.data()).ok());
+    ASSERT_TRUE((*ck)->ReadRegion(name, {2, 5, 0, 12}, DType::kF32, rows.data()).ok());
+    ASSERT_TRUE((*ck)->ReadRegion(name, {0, 8, 4, 9}, DType::kF32, cols.data()).ok());
+    for (int r = 0; r < 3; ++r) {
+      for (int c = 0; c < 12; ++c) EXPECT_EQ(rows[r * 12 + c], full[(r + 2) * 12 + c]);
+    }
+    for (int r = 0; r < 8; ++r) {
+      for (int c = 0; c < 5; ++c) EXPECT_EQ(cols[r * 5 + c], full[r * 12 + c + 4]);
+    }
+    std::vector<uint16_t> bf(8 * 12);
+    ASSERT_TRUE((*ck)->ReadRegion(name, {0, 8, 0, 12}, DType::kBF16, bf.data()).ok());
+    if (dt == DType::kBF16) {
+      for (int i = 0; i < 96; ++i) EXPECT_EQ(Bf16ToF32(bf[i]), full[i]);
+    }
+    EXPECT_FALSE((*ck)->ReadRegion(name, {0, 9, 0, 12}, DType::kF32, full.data()).ok());
+  }
+}
+
+TEST(CheckpointTest, ShardedCheckpointsAndClassifierHeads) {
+  testing::TempDir dir;
+  RandomCheckpointOptions o;
+  o.shards = 3;
+  ASSERT_TRUE(WriteRandomCheckpoint(Tiny(Architecture::kTokenClassification), dir.path(), o).ok());
+  EXPECT_TRUE(std::filesystem::exists(dir.path() / "model.safetensors.index.json"));
+  auto ck = Checkpoint::Open(dir.path());
+  ASSERT_TRUE(ck.ok()) << ck.status().ToString();
+  EXPECT_TRUE((*ck)->Has("score.weight"));
+  EXPECT_TRUE((*ck)->Has("score.bias"));
+  EXPECT_TRUE((*ck)->Has("layers.0.self_attn.q_proj.weight"));
+  EXPECT_TRUE((*ck)->CheckShape("score.bias", {3}).ok());
+}
+
+TEST(CheckpointTest, ErrorsNameTheFileAndTensor) {
+  testing::TempDir dir;
+  ASSERT_TRUE(WriteRandomCheckpoint(Tiny(), dir.path(), {}).ok());
+  auto ck = Checkpoint::Open(dir.path());
+  ASSERT_TRUE(ck.ok());
+  auto shape = (*ck)->CheckShape("layers.0.self_attn.q_proj.weight", {17, 8});
+  EXPECT_NE(shape.message().find("has shape [16, 8], expected [17, 8]"), std::string::npos) << shape.message();
+  EXPECT_NE(shape.message().find("model.safetensors"), std::string::npos);
+  auto missing = (*ck)->CheckShape("layers.9.mlp.up_proj.weight", {12, 8});
+  EXPECT_NE(missing.message().find("'layers.9.mlp.up_proj.weight' is missing"), std::string::npos);
+
+  // A truncated weights file.
+  const auto file = dir.path() / "model.safetensors";
+  std::filesystem::resize_file(file, std::filesystem::file_size(file) - 10);
+  auto trunc = Checkpoint::Open(dir.path());
+  ASSERT_FALSE(trunc.ok());
+  EXPECT_NE(trunc.status().message().find("model.safetensors"), std::string::npos);
+  EXPECT_NE(trunc.status().message().find("lies outside"), std::string::npos) << trunc.status().message();
+}
+
+TEST(CheckpointTest, RejectsBadIndexAndMissingFiles) {
+  testing::TempDir dir;
+  RandomCheckpointOptions o;
+  o.shards = 2;
+  ASSERT_TRUE(WriteRandomCheckpoint(Tiny(), dir.path(), o).ok());
+  const auto index = dir.path() / "model.safetensors.index.json";
+  testing::WriteFile(index, R"({"weight_map": {"model.norm.weight": "../../etc/passwd"}})");
+  auto bad = Checkpoint::Open(dir.path());
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("invalid shard file"), std::string::npos);
+  testing::WriteFile(index, R"({"weight_map": {"model.norm.weight": "model-00009-of-00009.safetensors"}})");
+  EXPECT_EQ(Checkpoint::Open(dir.path()).status().code(), StatusCode::kNotFound);
+  testing::WriteFile(index, "[");
+  EXPECT_FALSE(Checkpoint::Open(dir.path()).ok());
+  EXPECT_FALSE(Checkpoint::Open(dir.path() / "absent").ok());
+}
+
+TEST(ShardingTest, SplitsReplicatesOrRefuses) {
+  ModelConfig c = Tiny();  // 4 q heads, 2 kv heads, intermediate 12
+  auto p = ShardPlan::Make(c, 2, 1);
+  ASSERT_TRUE(p.ok());
+  EXPECT_EQ(p->q_head_begin, 2);
+  EXPECT_EQ(p->kv_head_begin, 1);
+  EXPECT_EQ(p->kv_heads(), 1);
+  EXPECT_EQ(p->inter_begin, 6);
+  EXPECT_EQ(p->vocab_begin, 20);
+  auto r = ShardPlan::Make(c, 4, 3);  // kv replicated: rank 3 has q head 3 -> kv head 1
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->q_head_begin, 3);
+  EXPECT_EQ(r->kv_head_begin, 1);
+  EXPECT_EQ(r->kv_heads(), 1);
+  auto bad = ShardPlan::Make(c, 3, 0);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("tp=3"), std::string::npos);
+  c.intermediate_size = 10;
+  EXPECT_FALSE(ShardPlan::Make(c, 4, 0).ok());
+  // 27B: 32 q / 16 kv heads split up to tp 16; tp 32 replicates kv heads.
+  auto big = PresetConfig("27b");
+  for (int tp : {1, 2, 4, 8, 16, 32}) EXPECT_TRUE(ShardPlan::Make(*big, tp, tp - 1).ok()) << tp;
+  EXPECT_FALSE(ShardPlan::Make(*big, 64, 0).ok());
+}
+
+}  // namespace
+}  // namespace gemma2

@@ -1,0 +1,149 @@
+// gemma2-run and gemma2-make-checkpoint as a user runs them: JSON out, one-line errors.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+
+#include "tests/reference_util.h"
+#include "tests/test_files.h"
+
+namespace gemma2 {
+namespace {
+
+struct ProcessResult {
+  int code;
+  std::string out, err;
+};
+
+ProcessResult Exec(const std::string& args) {
+  static int n = 0;
+  const std::string err_file = ::testing::TempDir() + "/cli_err_" + std::to_string(++n);
+  const std::string cmd = std::string(GEMMA2_BINARY_DIR) + "/bin/" + args + " 2>" + err_file;
+  ProcessResult r{};
+  FILE* p = popen(cmd.c_str(), "r");
+  std::array<char, 4096> buf{};
+  size_t got;
+  while ((got = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), got);
+  const int status = pclose(p);
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  std::ifstream in(err_file);
+  r.err.assign(std::istreambuf_iterator<char>(in), {});
+  std::remove(err_file.c_str());
+  return r;
+}
+
+class CliTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new testing::TempDir();
+    const std::string corpus = std::string(GEMMA2_SOURCE_DIR) + "/tools/demo_corpus.txt";
+    const ProcessResult a = Exec("gemma2-make-checkpoint --out " + (dir_->path() / "lm").string() +
+                       " --corpus " + corpus + " --seed 3");
+    ASSERT_EQ(a.code, 0) << a.err;
+    const ProcessResult b = Exec("gemma2-make-checkpoint --out " + (dir_->path() / "ids").string() +
+                       " --vocab 50 --seed 4 --shards 2");
+    ASSERT_EQ(b.code, 0) << b.err;
+    const ProcessResult c = Exec("gemma2-make-checkpoint --out " + (dir_->path() / "cls").string() +
+                       " --vocab 50 --arch tokcls --labels 3");
+    ASSERT_EQ(c.code, 0) << c.err;
+  }
+  static void TearDownTestSuite() { delete dir_; }
+  static std::string Model(const char* name) { return " --model " + (dir_->path() / name).string(); }
+  static testing::TempDir* dir_;
+};
+testing::TempDir* CliTest::dir_ = nullptr;
+
+TEST_F(CliTest, TextPromptBatchAndLogitsContract) {
+  const ProcessResult r = Exec("gemma2-run" + Model("lm") + " --prompt 'Hello world' --max-new-tokens 5 --logits");
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  const size_t prompt = j["prompt_ids"].size();
+  EXPECT_EQ(j["prompt_ids"][0], 2);  // <bos>
+  EXPECT_EQ(j["generated_ids"].size(), 5u);
+  EXPECT_EQ(j["logits"].size(), prompt + 5 - 1);
+  EXPECT_TRUE(j["text"].is_string());
+  const ProcessResult tp2 = Exec("gemma2-run" + Model("lm") + " --prompt 'Hello world' --max-new-tokens 5 --tp 2");
+  ASSERT_EQ(tp2.code, 0) << tp2.err;
+  EXPECT_EQ(nlohmann::json::parse(tp2.out)["generated_ids"], j["generated_ids"]);
+
+  const ProcessResult batch = Exec("gemma2-run" + Model("lm") + " --prompts-file " + GEMMA2_SOURCE_DIR +
+                         "/tools/demo_prompts.txt --max-new-tokens 3");
+  ASSERT_EQ(batch.code, 0) << batch.err;
+  EXPECT_EQ(std::count(batch.out.begin(), batch.out.end(), '\n'), 4);
+  const ProcessResult chat = Exec("gemma2-run" + Model("lm") + " --chat --prompt Hi --max-new-tokens 2");
+  ASSERT_EQ(chat.code, 0) << chat.err;
+  EXPECT_EQ(nlohmann::json::parse(chat.out)["prompt_ids"][1], 4);  // the demo's <start_of_turn>
+  const ProcessResult sampled = Exec("gemma2-run" + Model("lm") + " --prompt Hi --temperature 0.8 --top-k 20 --top-p 0.9 --seed 5");
+  const ProcessResult again = Exec("gemma2-run" + Model("lm") + " --prompt Hi --temperature 0.8 --top-k 20 --top-p 0.9 --seed 5");
+  ASSERT_EQ(sampled.code, 0) << sampled.err;
+  EXPECT_EQ(sampled.out, again.out);
+}
+
+TEST_F(CliTest, TokenIdsWithoutTokenizerAndClassifier) {
+  const ProcessResult r = Exec("gemma2-run" + Model("ids") + " --prompt-ids 2,5,9 --max-new-tokens 2");
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_TRUE(j["text"].is_null());
+  const ProcessResult c = Exec("gemma2-run" + Model("cls") + " --prompt-ids 2,5,9,11");
+  ASSERT_EQ(c.code, 0) << c.err;
+  auto k = nlohmann::json::parse(c.out);
+  EXPECT_EQ(k["logits"].size(), 4u);
+  EXPECT_EQ(k["logits"][0].size(), 3u);
+  EXPECT_EQ(k["labels"].size(), 4u);
+}
+
+// The runner's JSON carries the same numbers as the engine: one committed reference end to end.
+TEST_F(CliTest, LogitsJsonMatchesTransformers) {
+  const auto dir = std::filesystem::path(GEMMA2_SOURCE_DIR) / "tests/data/references/gqa4_window_published";
+  const auto ref = testing::LoadReference(dir);
+  std::string ids;
+  for (int32_t id : ref.prompt_ids) {
+    if (!ids.empty()) ids += ',';
+    ids += std::to_string(id);
+  }
+  const ProcessResult r = Exec("gemma2-run --model " + dir.string() + " --tp 2 --ignore-eos --logits --prompt-ids " +
+                               ids + " --max-new-tokens " + std::to_string(ref.generated_ids.size()));
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["generated_ids"].get<std::vector<int32_t>>(), ref.generated_ids);
+  ASSERT_EQ(static_cast<int64_t>(j["logits"].size()), ref.rows);
+  for (int64_t row = 0; row < ref.rows; ++row) {
+    const auto v = j["logits"][row].get<std::vector<float>>();
+    ASSERT_EQ(static_cast<int64_t>(v.size()), ref.width);
+    EXPECT_LE(testing::RelativeL2(v.data(), ref.logits.data() + row * ref.width, ref.width), 1e-4) << row;
+  }
+}
+
+TEST_F(CliTest, BadInputEndsInOneLine) {
+  const std::string bad_file = (dir_->path() / "corrupt").string();
+  std::filesystem::create_directories(bad_file);
+  std::filesystem::copy_file(dir_->path() / "ids" / "config.json", bad_file + "/config.json");
+  testing::WriteFile(bad_file + "/model.safetensors", "\x08\0\0\0\0\0\0\0{\"a\":1}x");
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {Model("ids") + " --prompt-ids 2,50", "token id 50 is outside the vocabulary [0, 50)"},
+      {Model("ids") + " --prompt-ids 2,-3", "token id -3"},
+      {Model("ids") + " --prompt-ids 2,x", "'x' is not an integer"},
+      {Model("ids") + " --prompt-ids 2 --tp 3", "cannot shard"},
+      {Model("ids") + " --prompt hello", "no tokenizer.model"},
+      {Model("lm") + " --prompt ''", "empty prompt"},
+      {Model("ids") + " --prompt-ids 2 --bogus", "--bogus"},
+      {Model("ids") + " --prompt-ids 2 --greedy --temperature 1", "cannot be combined"},
+      {Model("ids") + " --prompt-ids 2 --temperature -1", "temperature"},
+      {Model("ids") + " --prompt-ids 2 --backend cuda", "cuda"},
+      {" --model /nonexistent --prompt-ids 2", "/nonexistent"},
+      {" --model " + bad_file + " --prompt-ids 2", "corrupt/model.safetensors"},
+      {Model("ids"), "exactly one of"},
+  };
+  for (const auto& [args, expect] : cases) {
+    const ProcessResult r = Exec("gemma2-run" + args);
+    EXPECT_NE(r.code, 0) << args;
+    EXPECT_NE(r.err.find(expect), std::string::npos) << args << " -> " << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << args << " -> " << r.err;
+    EXPECT_TRUE(r.out.empty()) << args;
+  }
+}
+
+}  // namespace
+}  // namespace gemma2

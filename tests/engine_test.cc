@@ -1,0 +1,203 @@
+// The engine's invariants: tp N equals tp 1, batching equals one-at-a-time, decoding with the KV
+// cache equals recomputing from scratch, and bad step plans are refused.
+#include <gtest/gtest.h>
+
+#include "model/generate.h"
+#include "model/random_checkpoint.h"
+#include "tests/reference_util.h"
+#include "tests/test_files.h"
+
+#include <fstream>
+
+namespace gemma2 {
+namespace {
+
+using testing::RelativeL2;
+
+// 8 q heads / 2 kv heads: tp 2 splits kv heads, tp 4 and 8 replicate them.
+ModelConfig SmallGqa(Architecture arch = Architecture::kCausalLM) {
+  ModelConfig c;
+  c.architecture = arch;
+  c.vocab_size = 97;  // odd: the vocab-parallel split is uneven
+  c.hidden_size = 32;
+  c.intermediate_size = 64;
+  c.num_layers = 3;
+  c.num_heads = 8;
+  c.num_kv_heads = 2;
+  c.head_dim = 8;
+  c.query_pre_attn_scalar = 11;
+  c.sliding_window = 5;
+  c.max_position_embeddings = 64;
+  c.layer_is_sliding = {true, false, true};
+  if (arch != Architecture::kCausalLM) {
+    c.num_labels = 4;
+    c.id2label = {"w", "x", "y", "z"};
+  }
+  return c;
+}
+
+class EngineTest : public ::testing::Test {
+ protected:
+  void Make(const ModelConfig& c) {
+    RandomCheckpointOptions o;
+    o.seed = 11;
+    o.weight_std = 0.3f;
+    ASSERT_TRUE(WriteRandomCheckpoint(c, dir_.path(), o).ok());
+    auto ck = Checkpoint::Open(dir_.path());
+    ASSERT_TRUE(ck.ok()) << ck.status().ToString();
+    ck_ = std::move(ck).value();
+  }
+  std::unique_ptr<Engine> NewEngine(int tp) {
+    auto e = Engine::Create(*ck_, {"cpu", tp, 1});
+    EXPECT_TRUE(e.ok()) << e.status().ToString();
+    return e.ok() ? std::move(e).value() : nullptr;
+  }
+  testing::TempDir dir_;
+  std::unique_ptr<Checkpoint> ck_;
+};
+
+GenerationRequest Req(std::vector<int32_t> prompt, int64_t n) {
+  GenerationRequest r;
+  r.prompt = std::move(prompt);
+  r.max_new_tokens = n;
+  r.ignore_eos = true;
+  r.return_logits = true;
+  return r;
+}
+
+void ExpectSameRows(const std::vector<std::vector<float>>& a, const std::vector<std::vector<float>>& b,
+                    double tol) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t r = 0; r < a.size(); ++r) {
+    ASSERT_EQ(a[r].size(), b[r].size());
+    EXPECT_LE(RelativeL2(a[r].data(), b[r].data(), static_cast<int64_t>(a[r].size())), tol) << "row " << r;
+  }
+}
+
+TEST_F(EngineTest, TensorParallelEqualsSingleRank) {
+  Make(SmallGqa());
+  const std::vector<GenerationRequest> reqs = {Req({2, 5, 9, 14, 3, 77, 96, 40, 41, 42, 43}, 9),
+                                               Req({2, 60}, 5)};
+  auto base = Generate(*NewEngine(1), reqs);
+  ASSERT_TRUE(base.ok()) << base.status().ToString();
+  for (int tp : {2, 4, 8}) {
+    SCOPED_TRACE("tp=" + std::to_string(tp));
+    auto res = Generate(*NewEngine(tp), reqs);
+    ASSERT_TRUE(res.ok()) << res.status().ToString();
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      EXPECT_EQ((*res)[i].generated, (*base)[i].generated);
+      ExpectSameRows((*res)[i].logits, (*base)[i].logits, 1e-5);
+    }
+  }
+}
+
+TEST_F(EngineTest, BatchEqualsOneAtATimeAndCacheEqualsRecompute) {
+  Make(SmallGqa());
+  auto engine = NewEngine(1);
+  const std::vector<GenerationRequest> reqs = {Req({2, 8, 8, 8, 30, 31}, 7), Req({2, 1, 50}, 3),
+                                               Req({2, 90, 91, 92, 93, 94, 95, 12, 13}, 1)};
+  auto batch = Generate(*engine, reqs);
+  ASSERT_TRUE(batch.ok()) << batch.status().ToString();
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    auto alone = Generate(*engine, {reqs[i]});
+    ASSERT_TRUE(alone.ok());
+    EXPECT_EQ((*alone)[0].generated, (*batch)[i].generated);
+    ExpectSameRows((*alone)[0].logits, (*batch)[i].logits, 1e-6);
+    // One prefill over prompt + generated[:-1] gives the rows decoding produced step by step.
+    GenerationRequest full = reqs[i];
+    const auto& gen = (*batch)[i].generated;
+    full.prompt.insert(full.prompt.end(), gen.begin(), gen.end() - 1);
+    full.max_new_tokens = 1;
+    auto re = Generate(*engine, {full});
+    ASSERT_TRUE(re.ok());
+    ExpectSameRows((*re)[0].logits, (*batch)[i].logits, 1e-5);
+  }
+}
+
+TEST_F(EngineTest, StopsAtEndOfSequenceUnlessIgnored) {
+  Make(SmallGqa());
+  auto probe = Generate(*NewEngine(1), {Req({2, 5, 6}, 4)});
+  ASSERT_TRUE(probe.ok());
+  EXPECT_EQ((*probe)[0].finish_reason, "length");
+  ASSERT_EQ((*probe)[0].generated.size(), 4u);
+  EXPECT_EQ((*probe)[0].logits.size(), 3u + 4u - 1u);
+  // Declare the last greedy token an end-of-sequence token: generation must stop where it first
+  // appears.
+  const auto& gen = (*probe)[0].generated;
+  const int32_t eos = gen.back();
+  const auto first = std::find(gen.begin(), gen.end(), eos);
+  ModelConfig c = ck_->config();
+  c.eos_token_ids = {eos};
+  std::ofstream(dir_.path() / "config.json") << ModelConfigToJson(c);
+  auto ck = Checkpoint::Open(dir_.path());
+  ASSERT_TRUE(ck.ok());
+  auto engine = Engine::Create(**ck, {"cpu", 1, 1});
+  auto ignored = Generate(**engine, {Req({2, 5, 6}, 4)});
+  ASSERT_TRUE(ignored.ok());
+  auto req = Req({2, 5, 6}, 4);
+  req.ignore_eos = false;
+  auto r = Generate(**engine, {req});
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ((*r)[0].finish_reason, "stop");
+  EXPECT_EQ((*r)[0].generated, (std::vector<int32_t>(gen.begin(), first + 1)));
+  EXPECT_EQ((*ignored)[0].generated, (*probe)[0].generated);  // Req() ignores eos
+}
+
+TEST_F(EngineTest, ClassifiersAgreeAcrossTp) {
+  for (auto arch : {Architecture::kSequenceClassification, Architecture::kTokenClassification}) {
+    testing::TempDir sub;
+    RandomCheckpointOptions o;
+    o.seed = 5;
+    ASSERT_TRUE(WriteRandomCheckpoint(SmallGqa(arch), sub.path(), o).ok());
+    auto ck = Checkpoint::Open(sub.path());
+    ASSERT_TRUE(ck.ok());
+    const std::vector<int32_t> input = {2, 7, 8, 9, 10, 0, 0};  // trailing pad
+    auto e1 = Engine::Create(**ck, {"cpu", 1, 1});
+    auto base = Classify(**e1, input);
+    ASSERT_TRUE(base.ok()) << base.status().ToString();
+    EXPECT_EQ(base->logits.size(), arch == Architecture::kSequenceClassification ? 1u : input.size());
+    for (int tp : {2, 4}) {
+      auto e = Engine::Create(**ck, {"cpu", tp, 1});
+      auto res = Classify(**e, input);
+      ASSERT_TRUE(res.ok());
+      ExpectSameRows(res->logits, base->logits, 1e-5);
+      EXPECT_EQ(res->labels, base->labels);
+    }
+    if (arch == Architecture::kSequenceClassification) {
+      // The pooled row is the last non-pad token: the same as classifying without the pads.
+      auto trimmed = Classify(**e1, {2, 7, 8, 9, 10});
+      ExpectSameRows(trimmed->logits, base->logits, 1e-6);
+    }
+    auto gen = Generate(**e1, {Req({2, 3}, 1)});
+    EXPECT_FALSE(gen.ok());
+  }
+}
+
+TEST_F(EngineTest, RefusesBadPlans) {
+  Make(SmallGqa());
+  auto engine = NewEngine(2);
+  const int64_t id = engine->NewSequence();
+  auto step = [&](int64_t seq, int64_t start, std::vector<int32_t> toks) {
+    StepPlan p;
+    p.sequences.push_back({seq, start, std::move(toks), {0}});
+    return engine->Step(p).status();
+  };
+  EXPECT_NE(step(id, 0, {2, 97}).message().find("outside the vocabulary [0, 97)"), std::string::npos);
+  EXPECT_FALSE(step(id, 0, {-1}).ok());
+  EXPECT_NE(step(id, 3, {2}).message().find("cache holds 0"), std::string::npos);
+  EXPECT_NE(step(999, 0, {2}).message().find("does not exist"), std::string::npos);
+  EXPECT_FALSE(step(id, 0, {}).ok());
+  EXPECT_NE(step(id, 0, std::vector<int32_t>(65, 3)).message().find("max_position_embeddings 64"),
+            std::string::npos);
+  EXPECT_TRUE(step(id, 0, {2, 3}).ok());  // the engine is still usable
+  EXPECT_EQ(engine->SequenceLength(id), 2);
+  auto too_long = Generate(*engine, {Req({2, 3}, 100)});
+  ASSERT_FALSE(too_long.ok());
+  EXPECT_NE(too_long.status().message().find("exceeds the context of 64"), std::string::npos);
+  EXPECT_FALSE(Generate(*engine, {Req({}, 1)}).ok());
+  EXPECT_FALSE(Engine::Create(*ck_, {"cpu", 3, 1}).ok());
+  EXPECT_FALSE(Engine::Create(*ck_, {"tpu", 1, 1}).ok());
+}
+
+}  // namespace
+}  // namespace gemma2

@@ -4,7 +4,7 @@ JOBS ?= $(shell nproc)
 DEMO_DIR ?= $(BUILD)/demo-model
 MODEL ?= $(DEMO_DIR)
 
-.PHONY: all build deps demo test clean format
+.PHONY: all build deps demo test clean format lint
 
 all: build
 
@@ -21,10 +21,13 @@ demo: build
 	@tools/demo.sh $(BUILD) $(DEMO_DIR) "$(MODEL)"
 
 test: build
-	cd $(BUILD) && ctest --output-on-failure -j $(JOBS) -LE gpu
+	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
 clean:
 	rm -rf $(BUILD)
 
 format:
 	git ls-files '*.h' '*.cc' '*.cu' '*.cuh' | xargs clang-format -i
+
+lint: build
+	git ls-files '*.cc' | xargs clang-tidy -p $(BUILD) --quiet

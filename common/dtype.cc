@@ -57,6 +57,31 @@ float F16ToF32(uint16_t h) {
   return sign ? -v : v;
 }
 
+uint16_t F32ToF16(float f) {
+  const uint32_t x = std::bit_cast<uint32_t>(f);
+  const auto sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  uint32_t mant = x & 0x7fffffu;
+  const int exp = static_cast<int>((x >> 23) & 0xffu);
+  if (exp == 0xff) return static_cast<uint16_t>(sign | 0x7c00u | (mant ? 0x200u : 0u));
+  const int e = exp - 127 + 15;
+  if (e >= 31) return static_cast<uint16_t>(sign | 0x7c00u);
+  uint32_t half, rem, mid;
+  if (e <= 0) {  // subnormal in fp16: units of 2^-24
+    if (e < -10) return sign;
+    mant |= 0x800000u;
+    const int shift = 14 - e;
+    half = mant >> shift;
+    rem = mant & ((1u << shift) - 1);
+    mid = 1u << (shift - 1);
+  } else {
+    half = (static_cast<uint32_t>(e) << 10) | (mant >> 13);
+    rem = mant & 0x1fffu;
+    mid = 0x1000u;
+  }
+  if (rem > mid || (rem == mid && (half & 1u))) ++half;  // a carry may round up to infinity
+  return static_cast<uint16_t>(sign | half);
+}
+
 void ConvertToF32(DType src_type, const void* src, float* dst, int64_t n) {
   const auto* bytes = static_cast<const unsigned char*>(src);
   switch (src_type) {

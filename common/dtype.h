@@ -29,6 +29,8 @@ inline uint16_t F32ToBf16(float f) {
 }
 
 float F16ToF32(uint16_t h);
+// Round-to-nearest-even; overflow goes to infinity, tiny values to (signed) zero or subnormals.
+uint16_t F32ToF16(float f);
 
 // Converts n little-endian elements of `src_type` at `src` to fp32. Weight types only.
 void ConvertToF32(DType src_type, const void* src, float* dst, int64_t n);

@@ -42,7 +42,7 @@ TensorToWrite MakeTensor(const std::string& name, std::vector<int64_t> shape, fl
       const uint16_t b = F32ToBf16(v);
       std::memcpy(t.bytes.data() + 2 * i, &b, 2);
     } else {  // F16, round to nearest
-      const uint16_t h = std::bit_cast<uint16_t>(static_cast<_Float16>(v));
+      const uint16_t h = F32ToF16(v);
       std::memcpy(t.bytes.data() + 2 * i, &h, 2);
     }
   }

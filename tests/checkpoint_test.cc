@@ -41,7 +41,7 @@ TEST(CheckpointTest, SlicesEqualTheFullTensorInEveryDType) {
     auto ck = Checkpoint::Open(dir.path());
     ASSERT_TRUE(ck.ok()) << ck.status().ToString();
     const std::string name = "layers.1.mlp.down_proj.weight";  // [8, 12]
-    std::vector<float> full(8 * 12), rows(3 * 12), cols(8 * 5);
+    std::vector<float> full(size_t{8} * 12), rows(size_t{3} * 12), cols(size_t{8} * 5);
     ASSERT_TRUE((*ck)->ReadRegion(name, {0, 8, 0, 12}, DType::kF32, full.data()).ok());
     ASSERT_TRUE((*ck)->ReadRegion(name, {2, 5, 0, 12}, DType::kF32, rows.data()).ok());
     ASSERT_TRUE((*ck)->ReadRegion(name, {0, 8, 4, 9}, DType::kF32, cols.data()).ok());
@@ -51,7 +51,7 @@ TEST(CheckpointTest, SlicesEqualTheFullTensorInEveryDType) {
     for (int r = 0; r < 8; ++r) {
       for (int c = 0; c < 5; ++c) EXPECT_EQ(cols[r * 5 + c], full[r * 12 + c + 4]);
     }
-    std::vector<uint16_t> bf(8 * 12);
+    std::vector<uint16_t> bf(size_t{8} * 12);
     ASSERT_TRUE((*ck)->ReadRegion(name, {0, 8, 0, 12}, DType::kBF16, bf.data()).ok());
     if (dt == DType::kBF16) {
       for (int i = 0; i < 96; ++i) EXPECT_EQ(Bf16ToF32(bf[i]), full[i]);

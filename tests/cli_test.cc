@@ -120,7 +120,8 @@ TEST_F(CliTest, BadInputEndsInOneLine) {
   const std::string bad_file = (dir_->path() / "corrupt").string();
   std::filesystem::create_directories(bad_file);
   std::filesystem::copy_file(dir_->path() / "ids" / "config.json", bad_file + "/config.json");
-  testing::WriteFile(bad_file + "/model.safetensors", "\x08\0\0\0\0\0\0\0{\"a\":1}x");
+  const char kBadHeader[] = "\x07\0\0\0\0\0\0\0{\"a\":1}x";  // valid length, invalid entry
+  testing::WriteFile(bad_file + "/model.safetensors", std::string(kBadHeader, sizeof(kBadHeader) - 1));
   const std::vector<std::pair<std::string, std::string>> cases = {
       {Model("ids") + " --prompt-ids 2,50", "token id 50 is outside the vocabulary [0, 50)"},
       {Model("ids") + " --prompt-ids 2,-3", "token id -3"},
@@ -133,7 +134,7 @@ TEST_F(CliTest, BadInputEndsInOneLine) {
       {Model("ids") + " --prompt-ids 2 --temperature -1", "temperature"},
       {Model("ids") + " --prompt-ids 2 --backend cuda", "cuda"},
       {" --model /nonexistent --prompt-ids 2", "/nonexistent"},
-      {" --model " + bad_file + " --prompt-ids 2", "corrupt/model.safetensors"},
+      {" --model " + bad_file + " --prompt-ids 2", "corrupt/model.safetensors: tensor 'a': entry is not an object"},
       {Model("ids"), "exactly one of"},
   };
   for (const auto& [args, expect] : cases) {

@@ -81,7 +81,7 @@ TEST(SafetensorsTest, OpenNamesTheFile) {
   auto missing = SafetensorsFile::Open(dir.path() / "nope.safetensors");
   EXPECT_FALSE(missing.ok());
   EXPECT_NE(missing.status().message().find("nope.safetensors"), std::string::npos);
-  testing::WriteFile(dir.path() / "short.safetensors", "\x10\x00");
+  testing::WriteFile(dir.path() / "short.safetensors", std::string("\x10\x00", 2));
   auto trunc = SafetensorsFile::Open(dir.path() / "short.safetensors");
   EXPECT_FALSE(trunc.ok());
   EXPECT_NE(trunc.status().message().find("truncated"), std::string::npos);
@@ -99,6 +99,16 @@ TEST(DTypeTest, ConversionsMatchIeee) {
   EXPECT_EQ(F16ToF32(0x0001), std::ldexp(1.0f, -24));  // smallest subnormal
   EXPECT_TRUE(std::isinf(F16ToF32(0x7c00)));
   EXPECT_EQ(F16ToF32(0x7bff), 65504.0f);
+  // Every fp16 value survives fp16 -> fp32 -> fp16; halfway cases round to even.
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    if ((h & 0x7c00) == 0x7c00 && (h & 0x3ff)) continue;  // NaN payloads
+    EXPECT_EQ(F32ToF16(F16ToF32(static_cast<uint16_t>(h))), h) << h;
+  }
+  EXPECT_EQ(F32ToF16(1.0f + std::ldexp(1.0f, -11)), 0x3c00);  // tie -> even
+  EXPECT_EQ(F32ToF16(1.0f + 3 * std::ldexp(1.0f, -11)), 0x3c02);
+  EXPECT_EQ(F32ToF16(1e6f), 0x7c00);
+  EXPECT_EQ(F32ToF16(std::ldexp(1.0f, -26)), 0);
+  EXPECT_EQ(F32ToF16(std::ldexp(3.0f, -26)), 0x0001);
 }
 
 }  // namespace

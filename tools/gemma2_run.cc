@@ -197,7 +197,12 @@ int main(int argc, char** argv) {
     std::cerr << "gemma2-run: error: " << e.what() << "\n";
     return 2;
   }
-  const gemma2::Status st = gemma2::Run(a);
+  gemma2::Status st;
+  try {
+    st = gemma2::Run(a);
+  } catch (const std::exception& e) {  // e.g. out of memory: still one line, still non-zero
+    st = gemma2::Internal(e.what());
+  }
   if (!st.ok()) {
     std::cerr << "gemma2-run: error: " << st.message() << "\n";
     return 1;

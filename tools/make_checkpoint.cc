@@ -110,8 +110,20 @@ int main(int argc, char** argv) {
   app.add_option("--shards", a.shards, "safetensors shards");
   app.add_option("--weight-std", a.weight_std, "stddev of projection weights");
   app.add_option("--embed-std", a.embed_std, "stddev of the embedding");
-  CLI11_PARSE(app, argc, argv);
-  const gemma2::Status st = gemma2::Run(a);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "gemma2-make-checkpoint: error: " << e.what() << "\n";
+    return 2;
+  }
+  gemma2::Status st;
+  try {
+    st = gemma2::Run(a);
+  } catch (const std::exception& e) {  // e.g. out of memory: still one line, still non-zero
+    st = gemma2::Internal(e.what());
+  }
   if (!st.ok()) {
     std::cerr << "gemma2-make-checkpoint: error: " << st.message() << "\n";
     return 1;

@@ -25,7 +25,8 @@ class LocalGroup {
 
 class LocalCollective final : public Collective {
  public:
-  LocalCollective(std::shared_ptr<LocalGroup> group, int rank) : group_(std::move(group)), rank_(rank) {}
+  LocalCollective(std::shared_ptr<LocalGroup> group, int rank)
+      : group_(std::move(group)), rank_(rank) {}
   int rank() const override { return rank_; }
   int size() const override { return group_->size(); }
   Status AllReduceSum(Tensor& t) override;

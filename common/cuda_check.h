@@ -24,7 +24,8 @@ inline std::string Where(const char* expr, const char* file, int line) {
 inline Status Check(cudaError_t e, const char* expr, const char* file, int line) {
   if (e == cudaSuccess) return OkStatus();
   return Status(StatusCode::kInternal, std::string("CUDA error ") + cudaGetErrorName(e) + " (" +
-                                           cudaGetErrorString(e) + ") in " + Where(expr, file, line));
+                                           cudaGetErrorString(e) + ") in " +
+                                           Where(expr, file, line));
 }
 
 }  // namespace gemma2::cuda_detail
@@ -32,12 +33,12 @@ inline Status Check(cudaError_t e, const char* expr, const char* file, int line)
 // Defines a checker for another library's status type: GEMMA2_DEFINE_CHECK(cublasStatus_t,
 // CUBLAS_STATUS_SUCCESS, cublasGetStatusString, "cuBLAS") next to that library's header.
 #define GEMMA2_DEFINE_CHECK(StatusType, kSuccess, ToString, LibName)                             \
-  namespace gemma2::cuda_detail {                                                               \
-  inline Status Check(StatusType e, const char* expr, const char* file, int line) {             \
-    if (e == kSuccess) return OkStatus();                                                       \
+  namespace gemma2::cuda_detail {                                                                \
+  inline Status Check(StatusType e, const char* expr, const char* file, int line) {              \
+    if (e == kSuccess) return OkStatus();                                                        \
     return Status(StatusCode::kInternal, std::string(LibName " error ") + ToString(e) + " in " + \
-                                             Where(expr, file, line));                          \
-  }                                                                                             \
+                                             Where(expr, file, line));                           \
+  }                                                                                              \
   }
 
 // RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(...)); works for any type with a Check overload.

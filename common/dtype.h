@@ -16,7 +16,9 @@ std::optional<DType> DTypeFromSafetensorsName(std::string_view name);
 std::string_view DTypeName(DType t);
 int64_t DTypeSize(DType t);
 // True for the types model weights may have (bf16, fp16, fp32).
-inline bool IsWeightDType(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
+inline bool IsWeightDType(DType t) {
+  return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16;
+}
 
 inline float Bf16ToF32(uint16_t b) { return std::bit_cast<float>(static_cast<uint32_t>(b) << 16); }
 

@@ -18,7 +18,9 @@ struct Tensor {
   bool empty() const { return data == nullptr; }
   int64_t numel() const { return rows * cols; }
   template <typename T>
-  T* as() const { return static_cast<T*>(data); }
+  T* as() const {
+    return static_cast<T*>(data);
+  }
 };
 
 }  // namespace gemma2

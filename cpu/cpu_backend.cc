@@ -221,8 +221,8 @@ void CpuBackend::Softcap(Tensor& x, float cap) {
 
 void CpuBackend::GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) {
   for (size_t i = 0; i < rows.size(); ++i) {
-    std::memcpy(out.as<float>() + static_cast<int64_t>(i) * x.cols, x.as<float>() + rows[i] * x.cols,
-                static_cast<size_t>(x.cols) * sizeof(float));
+    std::memcpy(out.as<float>() + static_cast<int64_t>(i) * x.cols,
+                x.as<float>() + rows[i] * x.cols, static_cast<size_t>(x.cols) * sizeof(float));
   }
 }
 

@@ -31,12 +31,12 @@ struct SeqSlice {
 };
 
 struct AttentionParams {
-  int64_t q_heads = 0;    // this rank's query heads
-  int64_t kv_heads = 0;   // this rank's kv heads; q head h reads kv head h / (q_heads / kv_heads)
+  int64_t q_heads = 0;   // this rank's query heads
+  int64_t kv_heads = 0;  // this rank's kv heads; q head h reads kv head h / (q_heads / kv_heads)
   int64_t head_dim = 0;
-  float scale = 0;        // query_pre_attn_scalar ^ -0.5
-  float softcap = 0;      // 0: none; else scores = tanh(scores / softcap) * softcap
-  int64_t window = 0;     // 0: full causal; else key k visible from query q iff q - window < k <= q
+  float scale = 0;     // query_pre_attn_scalar ^ -0.5
+  float softcap = 0;   // 0: none; else scores = tanh(scores / softcap) * softcap
+  int64_t window = 0;  // 0: full causal; else key k visible from query q iff q - window < k <= q
   double rope_theta = 10000;
 };
 

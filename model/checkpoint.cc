@@ -26,7 +26,8 @@ Result<std::map<std::string, std::string>> ReadWeightMap(const fs::path& index_p
   }
   std::map<std::string, std::string> out;
   for (const auto& [name, file] : wm->items()) {
-    if (!file.is_string()) return DataLoss(index_path.string() + ": weight_map values must be file names");
+    if (!file.is_string())
+      return DataLoss(index_path.string() + ": weight_map values must be file names");
     const std::string f = file.get<std::string>();
     // Shards live beside the index: no directories, no way out of the checkpoint.
     if (f.empty() || f.find('/') != std::string::npos || f == "." || f == "..") {
@@ -118,7 +119,8 @@ Status Checkpoint::CheckShape(const std::string& name, const std::vector<int64_t
   }
   if (!IsWeightDType(e->info->dtype)) {
     return Unimplemented(e->file->path() + ": tensor '" + e->info->name + "' has dtype " +
-                         std::string(DTypeName(e->info->dtype)) + "; weights must be BF16, F16 or F32");
+                         std::string(DTypeName(e->info->dtype)) +
+                         "; weights must be BF16, F16 or F32");
   }
   return OkStatus();
 }
@@ -136,11 +138,10 @@ Status Checkpoint::ReadRegion(const std::string& name, const Region& r, DType ou
   const int64_t cols = t.shape.size() == 2 ? t.shape[1] : (t.shape.size() == 1 ? t.shape[0] : -1);
   if (cols < 0 || r.row_begin < 0 || r.row_end > rows || r.row_begin > r.row_end ||
       r.col_begin < 0 || r.col_end > cols || r.col_begin > r.col_end) {
-    return InvalidArgument(e->file->path() + ": tensor '" + t.name + "' of shape " +
-                           ShapeString(t.shape) + " has no region rows [" +
-                           std::to_string(r.row_begin) + ", " + std::to_string(r.row_end) +
-                           ") cols [" + std::to_string(r.col_begin) + ", " +
-                           std::to_string(r.col_end) + ")");
+    return InvalidArgument(
+        e->file->path() + ": tensor '" + t.name + "' of shape " + ShapeString(t.shape) +
+        " has no region rows [" + std::to_string(r.row_begin) + ", " + std::to_string(r.row_end) +
+        ") cols [" + std::to_string(r.col_begin) + ", " + std::to_string(r.col_end) + ")");
   }
   const int64_t esize = DTypeSize(t.dtype);
   const uint8_t* base = e->file->TensorData(t);

@@ -40,7 +40,8 @@ Status GetDouble(const json& j, const std::string& source, const char* key, bool
 Status ParseArchitecture(const json& j, const std::string& source, Architecture* out) {
   auto it = j.find("architectures");
   if (it == j.end() || !it->is_array() || it->empty() || !(*it)[0].is_string()) {
-    return FieldError(source, "architectures", "is missing (expected e.g. [\"Gemma2ForCausalLM\"])");
+    return FieldError(source, "architectures",
+                      "is missing (expected e.g. [\"Gemma2ForCausalLM\"])");
   }
   const std::string name = (*it)[0].get<std::string>();
   if (name == "Gemma2ForCausalLM") {
@@ -58,7 +59,8 @@ Status ParseArchitecture(const json& j, const std::string& source, Architecture*
 }
 
 Status ParseActivation(const json& j, const std::string& source) {
-  // Published checkpoints carry both hidden_act and hidden_activation; transformers uses the latter.
+  // Published checkpoints carry both hidden_act and hidden_activation; transformers uses the
+  // latter.
   for (const char* key : {"hidden_activation", "hidden_act"}) {
     auto it = j.find(key);
     if (it == j.end() || it->is_null()) continue;
@@ -152,9 +154,12 @@ Status ParseLabels(const json& j, const std::string& source, ModelConfig* c) {
 
 std::string_view ArchitectureName(Architecture a) {
   switch (a) {
-    case Architecture::kCausalLM: return "Gemma2ForCausalLM";
-    case Architecture::kSequenceClassification: return "Gemma2ForSequenceClassification";
-    case Architecture::kTokenClassification: return "Gemma2ForTokenClassification";
+    case Architecture::kCausalLM:
+      return "Gemma2ForCausalLM";
+    case Architecture::kSequenceClassification:
+      return "Gemma2ForSequenceClassification";
+    case Architecture::kTokenClassification:
+      return "Gemma2ForTokenClassification";
   }
   return "?";
 }
@@ -204,10 +209,9 @@ Result<ModelConfig> ParseModelConfig(std::string_view json_text, const std::stri
   json j = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return InvalidArgument(source + ": not valid JSON");
   if (!j.is_object()) return InvalidArgument(source + ": expected a JSON object");
-  if (auto mt = j.find("model_type"); mt != j.end() && mt->is_string() &&
-                                      mt->get<std::string>() != "gemma2") {
-    return Unimplemented(source + ": model_type '" + mt->get<std::string>() +
-                         "' is not gemma2");
+  if (auto mt = j.find("model_type");
+      mt != j.end() && mt->is_string() && mt->get<std::string>() != "gemma2") {
+    return Unimplemented(source + ": model_type '" + mt->get<std::string>() + "' is not gemma2");
   }
   ModelConfig c;
   RETURN_IF_ERROR(ParseArchitecture(j, source, &c.architecture));
@@ -304,24 +308,24 @@ Result<ModelConfig> PresetConfig(std::string_view name) {
     c.num_heads = 8;
     c.num_kv_heads = 4;
     c.head_dim = 256;
-    c.intermediate_size = 9216;          // 4 * 2304
-    c.query_pre_attn_scalar = 256;       // = head_dim
+    c.intermediate_size = 9216;     // 4 * 2304
+    c.query_pre_attn_scalar = 256;  // = head_dim
   } else if (name == "9b") {
     c.hidden_size = 3584;
     c.num_layers = 42;
     c.num_heads = 16;
     c.num_kv_heads = 8;
     c.head_dim = 256;
-    c.intermediate_size = 14336;         // 4 * 3584
-    c.query_pre_attn_scalar = 256;       // = head_dim
+    c.intermediate_size = 14336;    // 4 * 3584
+    c.query_pre_attn_scalar = 256;  // = head_dim
   } else if (name == "27b") {
     c.hidden_size = 4608;
     c.num_layers = 46;
     c.num_heads = 32;
     c.num_kv_heads = 16;
     c.head_dim = 128;
-    c.intermediate_size = 36864;         // 8 * 4608
-    c.query_pre_attn_scalar = 144;       // = 4608 / 32, not head_dim
+    c.intermediate_size = 36864;    // 8 * 4608
+    c.query_pre_attn_scalar = 144;  // = 4608 / 32, not head_dim
   } else {
     return InvalidArgument("unknown preset '" + std::string(name) + "' (use 2b, 9b or 27b)");
   }
@@ -355,7 +359,8 @@ std::string ModelConfigToJson(const ModelConfig& c) {
   j["tie_word_embeddings"] = c.tie_word_embeddings;
   j["bos_token_id"] = c.bos_token_id;
   j["pad_token_id"] = c.pad_token_id;
-  j["eos_token_id"] = c.eos_token_ids.size() == 1 ? json(c.eos_token_ids[0]) : json(c.eos_token_ids);
+  j["eos_token_id"] =
+      c.eos_token_ids.size() == 1 ? json(c.eos_token_ids[0]) : json(c.eos_token_ids);
   j["dtype"] = c.torch_dtype.empty() ? "bfloat16" : c.torch_dtype;
   if (c.is_classifier()) {
     j["num_labels"] = c.num_labels;

@@ -26,10 +26,10 @@ struct ModelConfig {
   int64_t max_position_embeddings = 8192;
   double rms_norm_eps = 1e-6;
   double rope_theta = 10000.0;
-  double query_pre_attn_scalar = 0;  // scores are scaled by query_pre_attn_scalar^-0.5
-  int64_t sliding_window = 0;        // 0: no sliding window anywhere
-  double attn_logit_softcap = 0;     // 0: none
-  double final_logit_softcap = 0;    // 0: none
+  double query_pre_attn_scalar = 0;    // scores are scaled by query_pre_attn_scalar^-0.5
+  int64_t sliding_window = 0;          // 0: no sliding window anywhere
+  double attn_logit_softcap = 0;       // 0: none
+  double final_logit_softcap = 0;      // 0: none
   std::vector<bool> layer_is_sliding;  // one per layer, from layer_types or the default pattern
   bool tie_word_embeddings = true;
   int64_t bos_token_id = 2;

@@ -39,7 +39,8 @@ Result<std::unique_ptr<Engine>> Engine::Create(const Checkpoint& ck, const Engin
   for (int r = 0; r < opts.tp; ++r) {
     auto rank = std::make_unique<Rank>();
     ASSIGN_OR_RETURN(rank->backend, MakeBackend(opts.backend));
-    ASSIGN_OR_RETURN(rank->model, RankModel::Load(ck, plans[static_cast<size_t>(r)], *rank->backend));
+    ASSIGN_OR_RETURN(rank->model,
+                     RankModel::Load(ck, plans[static_cast<size_t>(r)], *rank->backend));
     if (opts.tp == 1) {
       rank->comm = std::make_unique<SoloCollective>();
     } else {
@@ -120,7 +121,8 @@ Result<StepOutput> Engine::Step(const StepPlan& plan) {
   for (size_t r = 0; r < n; ++r) {
     if (!statuses[r].ok()) return statuses[r].WithContext("rank " + std::to_string(r));
   }
-  for (const auto& s : plan.sequences) lengths_[s.sequence_id] += static_cast<int64_t>(s.tokens.size());
+  for (const auto& s : plan.sequences)
+    lengths_[s.sequence_id] += static_cast<int64_t>(s.tokens.size());
   return std::move(outs[0]);
 }
 

@@ -99,11 +99,11 @@ Result<std::vector<GenerationResult>> Generate(Engine& engine,
       }
       const int64_t last = row + rows - 1;
       row += rows;
-      const int32_t tok = SampleToken({out.row(last), static_cast<size_t>(out.width)}, req.sampling,
-                                      rngs[i]);
+      const int32_t tok =
+          SampleToken({out.row(last), static_cast<size_t>(out.width)}, req.sampling, rngs[i]);
       res.generated.push_back(tok);
-      const bool eos = std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), tok) !=
-                       c.eos_token_ids.end();
+      const bool eos =
+          std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), tok) != c.eos_token_ids.end();
       if (eos && !req.ignore_eos) {
         res.finish_reason = "stop";
         active[i] = false;

@@ -60,20 +60,28 @@ Status WriteRandomCheckpoint(const ModelConfig& c, const std::filesystem::path& 
   Rng rng(o.seed);
   const int64_t h = c.hidden_size;
   std::vector<TensorToWrite> all;
-  all.push_back(MakeTensor("model.embed_tokens.weight", {c.vocab_size, h}, o.embed_std, o.dtype, rng));
+  all.push_back(
+      MakeTensor("model.embed_tokens.weight", {c.vocab_size, h}, o.embed_std, o.dtype, rng));
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
     for (const char* norm : {"input_layernorm", "post_attention_layernorm",
                              "pre_feedforward_layernorm", "post_feedforward_layernorm"}) {
       all.push_back(MakeTensor(p + norm + ".weight", {h}, o.norm_std, o.dtype, rng));
     }
-    all.push_back(MakeTensor(p + "self_attn.q_proj.weight", {c.q_size(), h}, o.weight_std, o.dtype, rng));
-    all.push_back(MakeTensor(p + "self_attn.k_proj.weight", {c.kv_size(), h}, o.weight_std, o.dtype, rng));
-    all.push_back(MakeTensor(p + "self_attn.v_proj.weight", {c.kv_size(), h}, o.weight_std, o.dtype, rng));
-    all.push_back(MakeTensor(p + "self_attn.o_proj.weight", {h, c.q_size()}, o.weight_std, o.dtype, rng));
-    all.push_back(MakeTensor(p + "mlp.gate_proj.weight", {c.intermediate_size, h}, o.weight_std, o.dtype, rng));
-    all.push_back(MakeTensor(p + "mlp.up_proj.weight", {c.intermediate_size, h}, o.weight_std, o.dtype, rng));
-    all.push_back(MakeTensor(p + "mlp.down_proj.weight", {h, c.intermediate_size}, o.weight_std, o.dtype, rng));
+    all.push_back(
+        MakeTensor(p + "self_attn.q_proj.weight", {c.q_size(), h}, o.weight_std, o.dtype, rng));
+    all.push_back(
+        MakeTensor(p + "self_attn.k_proj.weight", {c.kv_size(), h}, o.weight_std, o.dtype, rng));
+    all.push_back(
+        MakeTensor(p + "self_attn.v_proj.weight", {c.kv_size(), h}, o.weight_std, o.dtype, rng));
+    all.push_back(
+        MakeTensor(p + "self_attn.o_proj.weight", {h, c.q_size()}, o.weight_std, o.dtype, rng));
+    all.push_back(MakeTensor(p + "mlp.gate_proj.weight", {c.intermediate_size, h}, o.weight_std,
+                             o.dtype, rng));
+    all.push_back(
+        MakeTensor(p + "mlp.up_proj.weight", {c.intermediate_size, h}, o.weight_std, o.dtype, rng));
+    all.push_back(MakeTensor(p + "mlp.down_proj.weight", {h, c.intermediate_size}, o.weight_std,
+                             o.dtype, rng));
   }
   all.push_back(MakeTensor("model.norm.weight", {h}, o.norm_std, o.dtype, rng));
   if (c.is_classifier()) {
@@ -92,12 +100,14 @@ Status WriteRandomCheckpoint(const ModelConfig& c, const std::filesystem::path& 
   nlohmann::json index;
   index["metadata"] = nlohmann::json::object();
   index["weight_map"] = nlohmann::json::object();
-  const size_t per = (all.size() + static_cast<size_t>(o.shards) - 1) / static_cast<size_t>(o.shards);
+  const size_t per =
+      (all.size() + static_cast<size_t>(o.shards) - 1) / static_cast<size_t>(o.shards);
   for (int s = 0; s < o.shards; ++s) {
     char name[64];
     std::snprintf(name, sizeof(name), "model-%05d-of-%05d.safetensors", s + 1, o.shards);
     std::vector<TensorToWrite> part;
-    for (size_t i = static_cast<size_t>(s) * per; i < std::min(all.size(), (static_cast<size_t>(s) + 1) * per); ++i) {
+    for (size_t i = static_cast<size_t>(s) * per;
+         i < std::min(all.size(), (static_cast<size_t>(s) + 1) * per); ++i) {
       index["weight_map"][all[i].name] = name;
       part.push_back(std::move(all[i]));
     }

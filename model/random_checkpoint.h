@@ -13,10 +13,10 @@ namespace gemma2 {
 struct RandomCheckpointOptions {
   uint64_t seed = 0;
   DType dtype = DType::kBF16;
-  int shards = 1;          // > 1: model-0000i-of-0000n.safetensors + index
+  int shards = 1;  // > 1: model-0000i-of-0000n.safetensors + index
   float weight_std = 0.02f;
   float embed_std = 1.0f;
-  float norm_std = 0.1f;   // norm weights w; the scale applied is (1 + w)
+  float norm_std = 0.1f;  // norm weights w; the scale applied is (1 + w)
 };
 
 Status WriteRandomCheckpoint(const ModelConfig& config, const std::filesystem::path& dir,

@@ -67,7 +67,8 @@ Status RankModel::LoadWeights(const Checkpoint& ck) {
   } else {
     ASSIGN_OR_RETURN(score_, Read(ck, "score.weight", {c.num_labels, h}, rows(0, c.num_labels, h)));
     if (c.architecture == Architecture::kTokenClassification) {
-      ASSIGN_OR_RETURN(score_bias_, Read(ck, "score.bias", {c.num_labels}, cols(1, 0, c.num_labels)));
+      ASSIGN_OR_RETURN(score_bias_,
+                       Read(ck, "score.bias", {c.num_labels}, cols(1, 0, c.num_labels)));
     }
   }
 
@@ -82,24 +83,28 @@ Status RankModel::LoadWeights(const Checkpoint& ck) {
     ASSIGN_OR_RETURN(w.post_feedforward_norm,
                      Read(ck, pre + "post_feedforward_layernorm.weight", {h}, cols(1, 0, h)));
     int64_t n = 0;
-    ASSIGN_OR_RETURN(
-        auto qkv, StackRows(ck, dt,
-                            {{pre + "self_attn.q_proj.weight", {c.q_size(), h},
-                              rows(p.q_head_begin * hd, p.q_head_end * hd, h)},
-                             {pre + "self_attn.k_proj.weight", {c.kv_size(), h},
-                              rows(p.kv_head_begin * hd, p.kv_head_end * hd, h)},
-                             {pre + "self_attn.v_proj.weight", {c.kv_size(), h},
-                              rows(p.kv_head_begin * hd, p.kv_head_end * hd, h)}},
-                            &n));
+    ASSIGN_OR_RETURN(auto qkv, StackRows(ck, dt,
+                                         {{pre + "self_attn.q_proj.weight",
+                                           {c.q_size(), h},
+                                           rows(p.q_head_begin * hd, p.q_head_end * hd, h)},
+                                          {pre + "self_attn.k_proj.weight",
+                                           {c.kv_size(), h},
+                                           rows(p.kv_head_begin * hd, p.kv_head_end * hd, h)},
+                                          {pre + "self_attn.v_proj.weight",
+                                           {c.kv_size(), h},
+                                           rows(p.kv_head_begin * hd, p.kv_head_end * hd, h)}},
+                                         &n));
     w.qkv = backend_.Upload(qkv.data(), dt, n, h);
     ASSIGN_OR_RETURN(w.o, Read(ck, pre + "self_attn.o_proj.weight", {h, c.q_size()},
                                cols(h, p.q_head_begin * hd, p.q_head_end * hd)));
-    ASSIGN_OR_RETURN(
-        auto gate_up,
-        StackRows(ck, dt,
-                  {{pre + "mlp.gate_proj.weight", {c.intermediate_size, h}, rows(p.inter_begin, p.inter_end, h)},
-                   {pre + "mlp.up_proj.weight", {c.intermediate_size, h}, rows(p.inter_begin, p.inter_end, h)}},
-                  &n));
+    ASSIGN_OR_RETURN(auto gate_up, StackRows(ck, dt,
+                                             {{pre + "mlp.gate_proj.weight",
+                                               {c.intermediate_size, h},
+                                               rows(p.inter_begin, p.inter_end, h)},
+                                              {pre + "mlp.up_proj.weight",
+                                               {c.intermediate_size, h},
+                                               rows(p.inter_begin, p.inter_end, h)}},
+                                             &n));
     w.gate_up = backend_.Upload(gate_up.data(), dt, n, h);
     ASSIGN_OR_RETURN(w.down, Read(ck, pre + "mlp.down_proj.weight", {h, c.intermediate_size},
                                   cols(h, p.inter_begin, p.inter_end)));

@@ -39,7 +39,8 @@ class RankModel {
                  StepOutput* out);
 
  private:
-  RankModel(const ModelConfig& c, const ShardPlan& p, Backend& b) : config_(c), plan_(p), backend_(b) {}
+  RankModel(const ModelConfig& c, const ShardPlan& p, Backend& b)
+      : config_(c), plan_(p), backend_(b) {}
   Status LoadWeights(const Checkpoint& ck);
   Result<Tensor> Read(const Checkpoint& ck, const std::string& name,
                       const std::vector<int64_t>& full_shape, const Region& region);
@@ -49,8 +50,8 @@ class RankModel {
   const ShardPlan plan_;
   Backend& backend_;
   // Constant after Load.
-  Tensor embed_;       // [vocab shard, hidden]
-  Tensor lm_head_;     // [vocab shard, hidden]; the embedding when tied
+  Tensor embed_;    // [vocab shard, hidden]
+  Tensor lm_head_;  // [vocab shard, hidden]; the embedding when tied
   Tensor final_norm_;
   Tensor score_, score_bias_;  // classifiers: [num_labels, hidden] (+ [1, num_labels])
   std::vector<LayerWeights> layers_;

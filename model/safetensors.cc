@@ -25,9 +25,12 @@ bool NestingWithin(const uint8_t* p, int64_t n, int max_depth) {
   for (int64_t i = 0; i < n; ++i) {
     const uint8_t c = p[i];
     if (in_string) {
-      if (escaped) escaped = false;
-      else if (c == '\\') escaped = true;
-      else if (c == '"') in_string = false;
+      if (escaped)
+        escaped = false;
+      else if (c == '\\')
+        escaped = true;
+      else if (c == '"')
+        in_string = false;
     } else if (c == '"') {
       in_string = true;
     } else if (c == '{' || c == '[') {
@@ -62,7 +65,8 @@ Status ParseTensorEntry(const std::string& name, const json& v, const std::strin
   if (!sh->is_array() || sh->size() > 8) return DataLoss(where + ": shape is not a short list");
   int64_t elems = 1;
   for (const auto& d : *sh) {
-    if (!d.is_number_unsigned()) return DataLoss(where + ": shape has a non-integer or negative dim");
+    if (!d.is_number_unsigned())
+      return DataLoss(where + ": shape has a non-integer or negative dim");
     const uint64_t dim = d.get<uint64_t>();
     if (dim > (uint64_t{1} << 40)) return DataLoss(where + ": shape dimension too large");
     t->shape.push_back(static_cast<int64_t>(dim));
@@ -133,8 +137,8 @@ Result<SafetensorsHeader> ParseSafetensorsHeader(const uint8_t* data, int64_t av
     const std::string where = file + ": tensor '" + name + "'";
     RETURN_IF_ERROR(ParseTensorEntry(name, v, where, &t));
     if (t.end > data_size) {
-      return DataLoss(where + ": data_offsets end " + std::to_string(t.end) +
-                      " lies outside the " + std::to_string(data_size) + "-byte data section");
+      return DataLoss(where + ": data_offsets end " + std::to_string(t.end) + " lies outside the " +
+                      std::to_string(data_size) + "-byte data section");
     }
     h.tensors.emplace(name, std::move(t));
   }
@@ -183,7 +187,8 @@ SafetensorsFile::~SafetensorsFile() {
   if (base_) ::munmap(const_cast<uint8_t*>(base_), static_cast<size_t>(size_));
 }
 
-Status WriteSafetensors(const std::filesystem::path& path, const std::vector<TensorToWrite>& tensors,
+Status WriteSafetensors(const std::filesystem::path& path,
+                        const std::vector<TensorToWrite>& tensors,
                         const std::map<std::string, std::string>& metadata) {
   json h = json::object();
   if (!metadata.empty()) h["__metadata__"] = metadata;

@@ -70,7 +70,8 @@ struct TensorToWrite {
   std::vector<int64_t> shape;
   std::vector<uint8_t> bytes;
 };
-Status WriteSafetensors(const std::filesystem::path& path, const std::vector<TensorToWrite>& tensors,
+Status WriteSafetensors(const std::filesystem::path& path,
+                        const std::vector<TensorToWrite>& tensors,
                         const std::map<std::string, std::string>& metadata = {});
 
 }  // namespace gemma2

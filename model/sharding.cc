@@ -6,8 +6,10 @@ Result<ShardPlan> ShardPlan::Make(const ModelConfig& c, int tp, int rank) {
   const std::string why = "cannot shard " + std::to_string(c.num_heads) + " query heads / " +
                           std::to_string(c.num_kv_heads) + " kv heads / intermediate " +
                           std::to_string(c.intermediate_size) + " across tp=" + std::to_string(tp);
-  if (tp < 1 || tp > 1024) return InvalidArgument("tp must be between 1 and 1024, got " + std::to_string(tp));
-  if (rank < 0 || rank >= tp) return InvalidArgument("rank " + std::to_string(rank) + " outside tp " + std::to_string(tp));
+  if (tp < 1 || tp > 1024)
+    return InvalidArgument("tp must be between 1 and 1024, got " + std::to_string(tp));
+  if (rank < 0 || rank >= tp)
+    return InvalidArgument("rank " + std::to_string(rank) + " outside tp " + std::to_string(tp));
   if (c.num_heads % tp != 0) {
     return InvalidArgument(why + ": num_attention_heads is not a multiple of tp");
   }

@@ -7,10 +7,10 @@
 namespace gemma2 {
 
 struct StepSequence {
-  int64_t sequence_id = 0;          // engine-level id; each rank maps it to its KV cache
-  int64_t start_pos = 0;            // position of tokens[0]; the cache holds [0, start_pos)
-  std::vector<int32_t> tokens;      // new tokens this step
-  std::vector<int64_t> output_rows; // indices into `tokens` whose outputs the caller wants
+  int64_t sequence_id = 0;           // engine-level id; each rank maps it to its KV cache
+  int64_t start_pos = 0;             // position of tokens[0]; the cache holds [0, start_pos)
+  std::vector<int32_t> tokens;       // new tokens this step
+  std::vector<int64_t> output_rows;  // indices into `tokens` whose outputs the caller wants
 };
 
 struct StepPlan {

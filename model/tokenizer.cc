@@ -17,7 +17,8 @@ std::string Trim(const std::string& s) {
 size_t CompletePrefix(const std::string& s) {
   static const std::string kReplacement = "\xEF\xBF\xBD";
   size_t n = s.size();
-  while (n >= kReplacement.size() && s.compare(n - kReplacement.size(), kReplacement.size(), kReplacement) == 0) {
+  while (n >= kReplacement.size() &&
+         s.compare(n - kReplacement.size(), kReplacement.size(), kReplacement) == 0) {
     n -= kReplacement.size();
   }
   // Also hold back a raw incomplete trailing sequence, if a decoder ever passes one through.
@@ -30,9 +31,12 @@ size_t CompletePrefix(const std::string& s) {
   if (i > 0) {
     const unsigned char lead = static_cast<unsigned char>(s[i - 1]);
     int need = 0;
-    if (lead >= 0xF0) need = 3;
-    else if (lead >= 0xE0) need = 2;
-    else if (lead >= 0xC0) need = 1;
+    if (lead >= 0xF0)
+      need = 3;
+    else if (lead >= 0xE0)
+      need = 2;
+    else if (lead >= 0xC0)
+      need = 1;
     if (need > back) return i - 1;
   }
   return n;
@@ -46,7 +50,8 @@ Result<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::filesystem::path& 
   std::unique_ptr<Tokenizer> t(new Tokenizer());
   t->sp_ = std::make_unique<sentencepiece::SentencePieceProcessor>();
   const auto st = t->sp_->Load(model_file.string());
-  if (!st.ok()) return DataLoss(model_file.string() + ": not a sentencepiece model: " + st.ToString());
+  if (!st.ok())
+    return DataLoss(model_file.string() + ": not a sentencepiece model: " + st.ToString());
   t->bos_ = t->sp_->bos_id() >= 0 ? t->sp_->bos_id() : 2;
   t->start_of_turn_ = t->sp_->PieceToId("<start_of_turn>");
   t->end_of_turn_ = t->sp_->PieceToId("<end_of_turn>");
@@ -86,7 +91,8 @@ Result<std::string> Tokenizer::Decode(const std::vector<int32_t>& ids) const {
 
 Result<std::vector<int32_t>> Tokenizer::EncodeChat(const std::vector<ChatMessage>& messages) const {
   if (start_of_turn_ < 0 || end_of_turn_ < 0) {
-    return InvalidArgument("this tokenizer has no <start_of_turn>/<end_of_turn> pieces: no chat template");
+    return InvalidArgument(
+        "this tokenizer has no <start_of_turn>/<end_of_turn> pieces: no chat template");
   }
   if (messages.empty()) return InvalidArgument("chat needs at least one message");
   std::vector<ChatMessage> turns;

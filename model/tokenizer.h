@@ -54,7 +54,7 @@ class IncrementalDetokenizer {
  private:
   const Tokenizer& tok_;
   std::vector<int32_t> ids_;
-  size_t prefix_ = 0;  // ids before `prefix_` are settled; decoding restarts there
+  size_t prefix_ = 0;         // ids before `prefix_` are settled; decoding restarts there
   size_t emitted_bytes_ = 0;  // bytes of decode(ids_[prefix_:]) already returned
 };
 

@@ -80,7 +80,8 @@ TEST(CheckpointTest, ErrorsNameTheFileAndTensor) {
   auto ck = Checkpoint::Open(dir.path());
   ASSERT_TRUE(ck.ok());
   auto shape = (*ck)->CheckShape("layers.0.self_attn.q_proj.weight", {17, 8});
-  EXPECT_NE(shape.message().find("has shape [16, 8], expected [17, 8]"), std::string::npos) << shape.message();
+  EXPECT_NE(shape.message().find("has shape [16, 8], expected [17, 8]"), std::string::npos)
+      << shape.message();
   EXPECT_NE(shape.message().find("model.safetensors"), std::string::npos);
   auto missing = (*ck)->CheckShape("layers.9.mlp.up_proj.weight", {12, 8});
   EXPECT_NE(missing.message().find("'layers.9.mlp.up_proj.weight' is missing"), std::string::npos);
@@ -91,7 +92,8 @@ TEST(CheckpointTest, ErrorsNameTheFileAndTensor) {
   auto trunc = Checkpoint::Open(dir.path());
   ASSERT_FALSE(trunc.ok());
   EXPECT_NE(trunc.status().message().find("model.safetensors"), std::string::npos);
-  EXPECT_NE(trunc.status().message().find("lies outside"), std::string::npos) << trunc.status().message();
+  EXPECT_NE(trunc.status().message().find("lies outside"), std::string::npos)
+      << trunc.status().message();
 }
 
 TEST(CheckpointTest, RejectsBadIndexAndMissingFiles) {
@@ -104,7 +106,8 @@ TEST(CheckpointTest, RejectsBadIndexAndMissingFiles) {
   auto bad = Checkpoint::Open(dir.path());
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("invalid shard file"), std::string::npos);
-  testing::WriteFile(index, R"({"weight_map": {"model.norm.weight": "model-00009-of-00009.safetensors"}})");
+  testing::WriteFile(
+      index, R"({"weight_map": {"model.norm.weight": "model-00009-of-00009.safetensors"}})");
   EXPECT_EQ(Checkpoint::Open(dir.path()).status().code(), StatusCode::kNotFound);
   testing::WriteFile(index, "[");
   EXPECT_FALSE(Checkpoint::Open(dir.path()).ok());

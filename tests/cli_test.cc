@@ -40,23 +40,26 @@ class CliTest : public ::testing::Test {
     dir_ = new testing::TempDir();
     const std::string corpus = std::string(GEMMA2_SOURCE_DIR) + "/tools/demo_corpus.txt";
     const ProcessResult a = Exec("gemma2-make-checkpoint --out " + (dir_->path() / "lm").string() +
-                       " --corpus " + corpus + " --seed 3");
+                                 " --corpus " + corpus + " --seed 3");
     ASSERT_EQ(a.code, 0) << a.err;
     const ProcessResult b = Exec("gemma2-make-checkpoint --out " + (dir_->path() / "ids").string() +
-                       " --vocab 50 --seed 4 --shards 2");
+                                 " --vocab 50 --seed 4 --shards 2");
     ASSERT_EQ(b.code, 0) << b.err;
     const ProcessResult c = Exec("gemma2-make-checkpoint --out " + (dir_->path() / "cls").string() +
-                       " --vocab 50 --arch tokcls --labels 3");
+                                 " --vocab 50 --arch tokcls --labels 3");
     ASSERT_EQ(c.code, 0) << c.err;
   }
   static void TearDownTestSuite() { delete dir_; }
-  static std::string Model(const char* name) { return " --model " + (dir_->path() / name).string(); }
+  static std::string Model(const char* name) {
+    return " --model " + (dir_->path() / name).string();
+  }
   static testing::TempDir* dir_;
 };
 testing::TempDir* CliTest::dir_ = nullptr;
 
 TEST_F(CliTest, TextPromptBatchAndLogitsContract) {
-  const ProcessResult r = Exec("gemma2-run" + Model("lm") + " --prompt 'Hello world' --max-new-tokens 5 --logits");
+  const ProcessResult r =
+      Exec("gemma2-run" + Model("lm") + " --prompt 'Hello world' --max-new-tokens 5 --logits");
   ASSERT_EQ(r.code, 0) << r.err;
   auto j = nlohmann::json::parse(r.out);
   const size_t prompt = j["prompt_ids"].size();
@@ -64,25 +67,33 @@ TEST_F(CliTest, TextPromptBatchAndLogitsContract) {
   EXPECT_EQ(j["generated_ids"].size(), 5u);
   EXPECT_EQ(j["logits"].size(), prompt + 5 - 1);
   EXPECT_TRUE(j["text"].is_string());
-  const ProcessResult tp2 = Exec("gemma2-run" + Model("lm") + " --prompt 'Hello world' --max-new-tokens 5 --tp 2");
+  const ProcessResult tp2 =
+      Exec("gemma2-run" + Model("lm") + " --prompt 'Hello world' --max-new-tokens 5 --tp 2");
   ASSERT_EQ(tp2.code, 0) << tp2.err;
   EXPECT_EQ(nlohmann::json::parse(tp2.out)["generated_ids"], j["generated_ids"]);
 
-  const ProcessResult batch = Exec("gemma2-run" + Model("lm") + " --prompts-file " + GEMMA2_SOURCE_DIR +
-                         "/tools/demo_prompts.txt --max-new-tokens 3");
+  const ProcessResult batch =
+      Exec("gemma2-run" + Model("lm") + " --prompts-file " + GEMMA2_SOURCE_DIR +
+           "/tools/demo_prompts.txt --max-new-tokens 3");
   ASSERT_EQ(batch.code, 0) << batch.err;
   EXPECT_EQ(std::count(batch.out.begin(), batch.out.end(), '\n'), 4);
-  const ProcessResult chat = Exec("gemma2-run" + Model("lm") + " --chat --prompt Hi --max-new-tokens 2");
+  const ProcessResult chat =
+      Exec("gemma2-run" + Model("lm") + " --chat --prompt Hi --max-new-tokens 2");
   ASSERT_EQ(chat.code, 0) << chat.err;
   EXPECT_EQ(nlohmann::json::parse(chat.out)["prompt_ids"][1], 4);  // the demo's <start_of_turn>
-  const ProcessResult sampled = Exec("gemma2-run" + Model("lm") + " --prompt Hi --temperature 0.8 --top-k 20 --top-p 0.9 --seed 5");
-  const ProcessResult again = Exec("gemma2-run" + Model("lm") + " --prompt Hi --temperature 0.8 --top-k 20 --top-p 0.9 --seed 5");
+  const ProcessResult sampled =
+      Exec("gemma2-run" + Model("lm") +
+           " --prompt Hi --temperature 0.8 --top-k 20 --top-p 0.9 --seed 5");
+  const ProcessResult again =
+      Exec("gemma2-run" + Model("lm") +
+           " --prompt Hi --temperature 0.8 --top-k 20 --top-p 0.9 --seed 5");
   ASSERT_EQ(sampled.code, 0) << sampled.err;
   EXPECT_EQ(sampled.out, again.out);
 }
 
 TEST_F(CliTest, TokenIdsWithoutTokenizerAndClassifier) {
-  const ProcessResult r = Exec("gemma2-run" + Model("ids") + " --prompt-ids 2,5,9 --max-new-tokens 2");
+  const ProcessResult r =
+      Exec("gemma2-run" + Model("ids") + " --prompt-ids 2,5,9 --max-new-tokens 2");
   ASSERT_EQ(r.code, 0) << r.err;
   auto j = nlohmann::json::parse(r.out);
   EXPECT_TRUE(j["text"].is_null());
@@ -96,15 +107,17 @@ TEST_F(CliTest, TokenIdsWithoutTokenizerAndClassifier) {
 
 // The runner's JSON carries the same numbers as the engine: one committed reference end to end.
 TEST_F(CliTest, LogitsJsonMatchesTransformers) {
-  const auto dir = std::filesystem::path(GEMMA2_SOURCE_DIR) / "tests/data/references/gqa4_window_published";
+  const auto dir =
+      std::filesystem::path(GEMMA2_SOURCE_DIR) / "tests/data/references/gqa4_window_published";
   const auto ref = testing::LoadReference(dir);
   std::string ids;
   for (int32_t id : ref.prompt_ids) {
     if (!ids.empty()) ids += ',';
     ids += std::to_string(id);
   }
-  const ProcessResult r = Exec("gemma2-run --model " + dir.string() + " --tp 2 --ignore-eos --logits --prompt-ids " +
-                               ids + " --max-new-tokens " + std::to_string(ref.generated_ids.size()));
+  const ProcessResult r =
+      Exec("gemma2-run --model " + dir.string() + " --tp 2 --ignore-eos --logits --prompt-ids " +
+           ids + " --max-new-tokens " + std::to_string(ref.generated_ids.size()));
   ASSERT_EQ(r.code, 0) << r.err;
   auto j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j["generated_ids"].get<std::vector<int32_t>>(), ref.generated_ids);
@@ -112,7 +125,8 @@ TEST_F(CliTest, LogitsJsonMatchesTransformers) {
   for (int64_t row = 0; row < ref.rows; ++row) {
     const auto v = j["logits"][row].get<std::vector<float>>();
     ASSERT_EQ(static_cast<int64_t>(v.size()), ref.width);
-    EXPECT_LE(testing::RelativeL2(v.data(), ref.logits.data() + row * ref.width, ref.width), 1e-4) << row;
+    EXPECT_LE(testing::RelativeL2(v.data(), ref.logits.data() + row * ref.width, ref.width), 1e-4)
+        << row;
   }
 }
 
@@ -121,7 +135,8 @@ TEST_F(CliTest, BadInputEndsInOneLine) {
   std::filesystem::create_directories(bad_file);
   std::filesystem::copy_file(dir_->path() / "ids" / "config.json", bad_file + "/config.json");
   const char kBadHeader[] = "\x07\0\0\0\0\0\0\0{\"a\":1}x";  // valid length, invalid entry
-  testing::WriteFile(bad_file + "/model.safetensors", std::string(kBadHeader, sizeof(kBadHeader) - 1));
+  testing::WriteFile(bad_file + "/model.safetensors",
+                     std::string(kBadHeader, sizeof(kBadHeader) - 1));
   const std::vector<std::pair<std::string, std::string>> cases = {
       {Model("ids") + " --prompt-ids 2,50", "token id 50 is outside the vocabulary [0, 50)"},
       {Model("ids") + " --prompt-ids 2,-3", "token id -3"},
@@ -134,7 +149,8 @@ TEST_F(CliTest, BadInputEndsInOneLine) {
       {Model("ids") + " --prompt-ids 2 --temperature -1", "temperature"},
       {Model("ids") + " --prompt-ids 2 --backend cuda", "cuda"},
       {" --model /nonexistent --prompt-ids 2", "/nonexistent"},
-      {" --model " + bad_file + " --prompt-ids 2", "corrupt/model.safetensors: tensor 'a': entry is not an object"},
+      {" --model " + bad_file + " --prompt-ids 2",
+       "corrupt/model.safetensors: tensor 'a': entry is not an object"},
       {Model("ids"), "exactly one of"},
   };
   for (const auto& [args, expect] : cases) {

@@ -1,9 +1,9 @@
+#include "model/config.h"
+
 #include <gtest/gtest.h>
 
 #include <fstream>
 #include <sstream>
-
-#include "model/config.h"
 
 namespace gemma2 {
 namespace {
@@ -30,13 +30,14 @@ TEST(ConfigTest, ParsesPublishedDialect) {
   EXPECT_DOUBLE_EQ(c->query_pre_attn_scalar, 256);
   EXPECT_EQ(c->eos_token_ids, (std::vector<int64_t>{1, 107}));
   ASSERT_EQ(c->layer_is_sliding.size(), 26u);
-  EXPECT_TRUE(c->layer_is_sliding[0]);   // default: even layers slide
+  EXPECT_TRUE(c->layer_is_sliding[0]);  // default: even layers slide
   EXPECT_FALSE(c->layer_is_sliding[1]);
   EXPECT_EQ(c->torch_dtype, "float32");
 }
 
 TEST(ConfigTest, ParsesNewDialectAndClassifierLabels) {
-  const char* text = R"({"architectures": ["Gemma2ForSequenceClassification"], "model_type": "gemma2",
+  const char* text =
+      R"({"architectures": ["Gemma2ForSequenceClassification"], "model_type": "gemma2",
     "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
     "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0},
@@ -93,16 +94,23 @@ struct BadConfig {
 
 TEST(ConfigTest, RejectsBadConfigsWithClearErrors) {
   const std::vector<BadConfig> cases = {
-      {"unknown architecture", "Gemma2ForCausalLM", "LlamaForCausalLM", "unknown architecture 'LlamaForCausalLM'"},
-      {"unsupported activation", R"("hidden_activation": "gelu_pytorch_tanh")", R"("hidden_activation": "relu")", "unsupported activation"},
+      {"unknown architecture", "Gemma2ForCausalLM", "LlamaForCausalLM",
+       "unknown architecture 'LlamaForCausalLM'"},
+      {"unsupported activation", R"("hidden_activation": "gelu_pytorch_tanh")",
+       R"("hidden_activation": "relu")", "unsupported activation"},
       {"missing field", R"("hidden_size": 2304,)", "", "'hidden_size' is missing"},
-      {"kv not dividing heads", R"("num_key_value_heads": 4)", R"("num_key_value_heads": 3)", "not a multiple of num_key_value_heads"},
-      {"wrong type", R"("num_hidden_layers": 26)", R"("num_hidden_layers": "26")", "must be an integer"},
-      {"layer_types length", R"("rope_theta")", R"("layer_types": ["full_attention"], "rope_theta")", "has 1 entries"},
+      {"kv not dividing heads", R"("num_key_value_heads": 4)", R"("num_key_value_heads": 3)",
+       "not a multiple of num_key_value_heads"},
+      {"wrong type", R"("num_hidden_layers": 26)", R"("num_hidden_layers": "26")",
+       "must be an integer"},
+      {"layer_types length", R"("rope_theta")",
+       R"("layer_types": ["full_attention"], "rope_theta")", "has 1 entries"},
       {"odd head_dim", R"("head_dim": 256)", R"("head_dim": 255)", "must be even"},
-      {"head_dim missing, not dividing", R"("head_dim": 256,)", "", "not a multiple of num_attention_heads"},
+      {"head_dim missing, not dividing", R"("head_dim": 256,)", "",
+       "not a multiple of num_attention_heads"},
       {"model type", R"("model_type": "gemma2")", R"("model_type": "gemma3")", "is not gemma2"},
-      {"rope scaling", R"("rope_theta": 10000.0)", R"("rope_parameters": {"rope_type": "yarn"})", "rope_type 'yarn'"},
+      {"rope scaling", R"("rope_theta": 10000.0)", R"("rope_parameters": {"rope_type": "yarn"})",
+       "rope_type 'yarn'"},
   };
   for (const auto& bc : cases) {
     std::string text = kPublished2b;

@@ -2,12 +2,12 @@
 // cache equals recomputing from scratch, and bad step plans are refused.
 #include <gtest/gtest.h>
 
+#include <fstream>
+
 #include "model/generate.h"
 #include "model/random_checkpoint.h"
 #include "tests/reference_util.h"
 #include "tests/test_files.h"
-
-#include <fstream>
 
 namespace gemma2 {
 namespace {
@@ -65,12 +65,13 @@ GenerationRequest Req(std::vector<int32_t> prompt, int64_t n) {
   return r;
 }
 
-void ExpectSameRows(const std::vector<std::vector<float>>& a, const std::vector<std::vector<float>>& b,
-                    double tol) {
+void ExpectSameRows(const std::vector<std::vector<float>>& a,
+                    const std::vector<std::vector<float>>& b, double tol) {
   ASSERT_EQ(a.size(), b.size());
   for (size_t r = 0; r < a.size(); ++r) {
     ASSERT_EQ(a[r].size(), b[r].size());
-    EXPECT_LE(RelativeL2(a[r].data(), b[r].data(), static_cast<int64_t>(a[r].size())), tol) << "row " << r;
+    EXPECT_LE(RelativeL2(a[r].data(), b[r].data(), static_cast<int64_t>(a[r].size())), tol)
+        << "row " << r;
   }
 }
 
@@ -155,7 +156,8 @@ TEST_F(EngineTest, ClassifiersAgreeAcrossTp) {
     auto e1 = Engine::Create(**ck, {"cpu", 1, 1});
     auto base = Classify(**e1, input);
     ASSERT_TRUE(base.ok()) << base.status().ToString();
-    EXPECT_EQ(base->logits.size(), arch == Architecture::kSequenceClassification ? 1u : input.size());
+    EXPECT_EQ(base->logits.size(),
+              arch == Architecture::kSequenceClassification ? 1u : input.size());
     for (int tp : {2, 4}) {
       auto e = Engine::Create(**ck, {"cpu", tp, 1});
       auto res = Classify(**e, input);
@@ -182,7 +184,8 @@ TEST_F(EngineTest, RefusesBadPlans) {
     p.sequences.push_back({seq, start, std::move(toks), {0}});
     return engine->Step(p).status();
   };
-  EXPECT_NE(step(id, 0, {2, 97}).message().find("outside the vocabulary [0, 97)"), std::string::npos);
+  EXPECT_NE(step(id, 0, {2, 97}).message().find("outside the vocabulary [0, 97)"),
+            std::string::npos);
   EXPECT_FALSE(step(id, 0, {-1}).ok());
   EXPECT_NE(step(id, 3, {2}).message().find("cache holds 0"), std::string::npos);
   EXPECT_NE(step(999, 0, {2}).message().find("does not exist"), std::string::npos);

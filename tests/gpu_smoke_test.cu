@@ -35,7 +35,8 @@ Status RoundOnDevice(const std::vector<float>& in, std::vector<uint16_t>* out) {
   RoundToBf16<<<(n + 255) / 256, 256>>>(d_in, d_out, n);
   RETURN_IF_CUDA_ERROR(cudaGetLastError());
   out->resize(in.size());
-  RETURN_IF_CUDA_ERROR(cudaMemcpy(out->data(), d_out, n * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+  RETURN_IF_CUDA_ERROR(
+      cudaMemcpy(out->data(), d_out, n * sizeof(uint16_t), cudaMemcpyDeviceToHost));
   RETURN_IF_CUDA_ERROR(cudaFree(d_in));
   RETURN_IF_CUDA_ERROR(cudaFree(d_out));
   return OkStatus();

@@ -32,7 +32,8 @@ struct Reference {
 
 Reference LoadReference(const std::filesystem::path& case_dir);  // aborts the test on failure
 
-// Case directories under tests/data/references plus those under $GEMMA2_REFERENCE_DIRS (':'-separated).
+// Case directories under tests/data/references plus those under $GEMMA2_REFERENCE_DIRS
+// (':'-separated).
 std::vector<std::filesystem::path> ReferenceCaseDirs();
 
 }  // namespace gemma2::testing

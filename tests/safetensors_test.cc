@@ -46,7 +46,8 @@ TEST(SafetensorsTest, RejectsEveryKindOfDamage) {
   ExpectError(RawSafetensors(R"({"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8),
               "shape x dtype size is 12 bytes but data_offsets span 8");
   ExpectError(RawSafetensors(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
-                             R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12),
+                             R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+                             12),
               "overlap");
   ExpectError(RawSafetensors(R"({"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}})", 8),
               "unknown dtype 'Q4'");
@@ -57,10 +58,14 @@ TEST(SafetensorsTest, RejectsEveryKindOfDamage) {
               "negative");
   ExpectError(RawSafetensors(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}})", 8),
               "begin > end");
-  ExpectError(RawSafetensors(R"({"a":{"dtype":"F32","shape":[2]}})", 8), "needs dtype, shape and data_offsets");
-  ExpectError(RawSafetensors(std::string(100, '[') + std::string(100, ']'), 0), "nested too deeply");
-  ExpectError(RawSafetensors(R"({"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})", 8),
-              "overflows");
+  ExpectError(RawSafetensors(R"({"a":{"dtype":"F32","shape":[2]}})", 8),
+              "needs dtype, shape and data_offsets");
+  ExpectError(RawSafetensors(std::string(100, '[') + std::string(100, ']'), 0),
+              "nested too deeply");
+  ExpectError(
+      RawSafetensors(
+          R"({"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})", 8),
+      "overflows");
 }
 
 TEST(SafetensorsTest, WriterOutputReadsBack) {

@@ -15,8 +15,9 @@ class TempDir {
  public:
   TempDir() {
     const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = std::filesystem::temp_directory_path() /
-            ("gemma2-" + std::string(info ? info->name() : "test") + "-" + std::to_string(::getpid()));
+    path_ =
+        std::filesystem::temp_directory_path() /
+        ("gemma2-" + std::string(info ? info->name() : "test") + "-" + std::to_string(::getpid()));
     std::filesystem::remove_all(path_);
     std::filesystem::create_directories(path_);
   }
@@ -28,7 +29,8 @@ class TempDir {
 };
 
 // Bytes of a safetensors file with the given header text and `data_bytes` of data.
-inline std::string RawSafetensors(const std::string& header, size_t data_bytes, uint64_t claimed_len = ~0ull) {
+inline std::string RawSafetensors(const std::string& header, size_t data_bytes,
+                                  uint64_t claimed_len = ~0ull) {
   const uint64_t n = claimed_len == ~0ull ? header.size() : claimed_len;
   std::string out(8, '\0');
   for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((n >> (8 * i)) & 0xff);

@@ -29,7 +29,11 @@ bool IsWellFormedUtf8(const std::string& s) {
   size_t i = 0;
   while (i < s.size()) {
     const auto c = static_cast<unsigned char>(s[i]);
-    const size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    const size_t len = c < 0x80         ? 1
+                       : (c >> 5) == 6  ? 2
+                       : (c >> 4) == 14 ? 3
+                       : (c >> 3) == 30 ? 4
+                                        : 0;
     if (len == 0 || i + len > s.size()) return false;
     for (size_t k = 1; k < len; ++k) {
       if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return false;
@@ -50,8 +54,10 @@ TEST_F(GemmaTokenizerTest, EncodesAsGemmaPublishedExamplesShow) {
 }
 
 TEST_F(GemmaTokenizerTest, ChatTemplateMergesSystemIntoFirstUserTurn) {
-  auto ids = tok_->EncodeChat({{"system", "Be brief."}, {"user", " Hi there \n"},
-                               {"assistant", "Hello."}, {"user", "Bye"}});
+  auto ids = tok_->EncodeChat({{"system", "Be brief."},
+                               {"user", " Hi there \n"},
+                               {"assistant", "Hello."},
+                               {"user", "Bye"}});
   ASSERT_TRUE(ids.ok()) << ids.status().ToString();
   // The same text through the tokenizer, markers written as their ids.
   std::vector<int32_t> expect = {2, 106};
@@ -84,7 +90,8 @@ TEST_F(GemmaTokenizerTest, ChatTemplateMergesSystemIntoFirstUserTurn) {
 TEST_F(GemmaTokenizerTest, StreamingNeverSplitsACharacter) {
   const std::vector<std::string> texts = {
       "Plain ASCII text, with   spaces\tand tabs.",
-      "Emoji 🙂🚀👩‍👩‍👧 and CJK 日本語のテキスト, Arabic مرحبا, Cyrillic Привет.",
+      "Emoji 🙂🚀👩‍👩‍👧 and CJK 日本語のテキスト, Arabic مرحبا, Cyrillic "
+      "Привет.",
       "Rare: 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ꙮ 𓀀 and digits 1234567890 " + std::string(300, 'x'),
   };
   for (const auto& text : texts) {

@@ -30,7 +30,8 @@ Result<std::vector<int32_t>> ParseIds(const std::string& text) {
   size_t pos = 0;
   while (pos <= text.size()) {
     const size_t comma = text.find(',', pos);
-    const std::string item = text.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    const std::string item =
+        text.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
     size_t used = 0;
     long long v = 0;
     try {
@@ -41,7 +42,8 @@ Result<std::vector<int32_t>> ParseIds(const std::string& text) {
     if (used == 0 || used != item.size()) {
       return InvalidArgument("--prompt-ids: '" + item + "' is not an integer token id");
     }
-    if (v < INT32_MIN || v > INT32_MAX) return InvalidArgument("--prompt-ids: " + item + " is out of range");
+    if (v < INT32_MIN || v > INT32_MAX)
+      return InvalidArgument("--prompt-ids: " + item + " is out of range");
     ids.push_back(static_cast<int32_t>(v));
     if (comma == std::string::npos) break;
     pos = comma + 1;
@@ -66,8 +68,10 @@ Result<SamplingParams> MakeSampling(const Args& a) {
 Result<std::vector<std::vector<int32_t>>> Prompts(const Args& a, const Tokenizer* tok) {
   std::vector<std::string> texts;
   std::vector<std::vector<int32_t>> out;
-  const int given = (a.prompt ? 1 : 0) + (!a.prompt_ids.empty() ? 1 : 0) + (!a.prompts_file.empty() ? 1 : 0);
-  if (given != 1) return InvalidArgument("give exactly one of --prompt, --prompt-ids, --prompts-file");
+  const int given =
+      (a.prompt ? 1 : 0) + (!a.prompt_ids.empty() ? 1 : 0) + (!a.prompts_file.empty() ? 1 : 0);
+  if (given != 1)
+    return InvalidArgument("give exactly one of --prompt, --prompt-ids, --prompts-file");
   if (!a.prompt_ids.empty()) {
     ASSIGN_OR_RETURN(auto ids, ParseIds(a.prompt_ids));
     out.push_back(std::move(ids));
@@ -84,7 +88,8 @@ Result<std::vector<std::vector<int32_t>>> Prompts(const Args& a, const Tokenizer
     if (texts.empty()) return InvalidArgument(a.prompts_file + ": no prompts");
   }
   if (!tok) {
-    return InvalidArgument("the checkpoint has no tokenizer.model: give token ids with --prompt-ids");
+    return InvalidArgument(
+        "the checkpoint has no tokenizer.model: give token ids with --prompt-ids");
   }
   for (const auto& t : texts) {
     if (t.empty()) return InvalidArgument("empty prompt");
@@ -174,12 +179,14 @@ int main(int argc, char** argv) {
   app.add_option("--model", a.model, "Hugging Face checkpoint directory")->required();
   app.add_option("--backend", a.backend, "cpu (cuda: later)");
   app.add_option("--tp", a.tp, "tensor-parallel ranks (in-process)")->check(CLI::Range(1, 1024));
-  app.add_option("--threads", a.threads, "math threads (0: all cores)")->check(CLI::NonNegativeNumber);
+  app.add_option("--threads", a.threads, "math threads (0: all cores)")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--prompt", a.prompt, "prompt text (needs tokenizer.model)");
   app.add_option("--prompt-ids", a.prompt_ids, "comma-separated token ids, e.g. 2,5,9");
   app.add_option("--prompts-file", a.prompts_file, "one prompt per line; one JSON line each");
   app.add_flag("--chat", a.chat, "wrap text prompts in Gemma's chat template");
-  app.add_option("--max-new-tokens", a.max_new_tokens, "tokens to generate")->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
+  app.add_option("--max-new-tokens", a.max_new_tokens, "tokens to generate")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
   app.add_flag("--greedy", a.greedy, "argmax decoding (the default without sampling flags)");
   app.add_option("--temperature", a.temperature, "sampling temperature > 0");
   app.add_option("--top-k", a.top_k, "keep the k most likely tokens (0: off)");

@@ -1,6 +1,6 @@
 // gemma2-make-checkpoint: writes a deterministic random-weight Gemma 2 checkpoint in Hugging Face
-// format, optionally with a small sentencepiece tokenizer trained on a text corpus. The demo's model
-// and many tests come from here; `--preset` gives the published shapes (random weights).
+// format, optionally with a small sentencepiece tokenizer trained on a text corpus. The demo's
+// model and many tests come from here; `--preset` gives the published shapes (random weights).
 #include <sentencepiece_processor.h>
 #include <sentencepiece_trainer.h>
 
@@ -23,7 +23,8 @@ struct Args {
 };
 
 // Trains a byte-fallback BPE tokenizer with Gemma's special ids; returns its vocabulary size.
-Result<int64_t> TrainTokenizer(const std::string& corpus, const std::filesystem::path& dir, int64_t vocab) {
+Result<int64_t> TrainTokenizer(const std::string& corpus, const std::filesystem::path& dir,
+                               int64_t vocab) {
   const std::string prefix = (dir / "tokenizer").string();
   const std::string flags =
       "--input=" + corpus + " --model_prefix=" + prefix + " --vocab_size=" + std::to_string(vocab) +
@@ -73,16 +74,20 @@ Status Run(const Args& a) {
   o.shards = a.shards;
   o.weight_std = a.weight_std;
   o.embed_std = a.embed_std;
-  if (a.dtype == "f32") o.dtype = DType::kF32;
-  else if (a.dtype == "f16") o.dtype = DType::kF16;
-  else if (a.dtype != "bf16") return InvalidArgument("--dtype must be bf16, f16 or f32");
+  if (a.dtype == "f32")
+    o.dtype = DType::kF32;
+  else if (a.dtype == "f16")
+    o.dtype = DType::kF16;
+  else if (a.dtype != "bf16")
+    return InvalidArgument("--dtype must be bf16, f16 or f32");
   std::filesystem::create_directories(a.out);
   if (!a.corpus.empty()) {
     ASSIGN_OR_RETURN(c.vocab_size, TrainTokenizer(a.corpus, a.out, a.vocab));
   }
   RETURN_IF_ERROR(WriteRandomCheckpoint(c, a.out, o));
-  std::cerr << "gemma2-make-checkpoint: wrote " << a.out << " (vocab " << c.vocab_size << ", hidden "
-            << c.hidden_size << ", " << c.num_layers << " layers, seed " << a.seed << ")\n";
+  std::cerr << "gemma2-make-checkpoint: wrote " << a.out << " (vocab " << c.vocab_size
+            << ", hidden " << c.hidden_size << ", " << c.num_layers << " layers, seed " << a.seed
+            << ")\n";
   return OkStatus();
 }
 
@@ -94,7 +99,8 @@ int main(int argc, char** argv) {
   CLI::App app{"gemma2-make-checkpoint: a random-weight Gemma 2 checkpoint in Hugging Face format"};
   app.add_option("--out", a.out, "output directory")->required();
   app.add_option("--seed", a.seed, "weight seed");
-  app.add_option("--corpus", a.corpus, "train tokenizer.model on this text file (sets the vocabulary)");
+  app.add_option("--corpus", a.corpus,
+                 "train tokenizer.model on this text file (sets the vocabulary)");
   app.add_option("--preset", a.preset, "published shapes: 2b, 9b, 27b");
   app.add_option("--arch", a.arch, "causal, seqcls or tokcls");
   app.add_option("--dtype", a.dtype, "bf16, f16 or f32");

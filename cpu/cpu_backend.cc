@@ -1,5 +1,7 @@
 #include "cpu/cpu_backend.h"
 
+#include "model/rope.h"
+
 #include <cblas.h>
 
 #include <algorithm>
@@ -39,16 +41,6 @@ void NormRow(const float* x, const float* w, int64_t n, float eps, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = x[i] * s * (1.0f + w[i]);
 }
 
-// inv_freq[i] = 1 / theta^(2i / d), in fp32 as transformers computes it.
-std::vector<float> InvFreq(int64_t head_dim, double theta) {
-  std::vector<float> f(static_cast<size_t>(head_dim / 2));
-  for (int64_t i = 0; i < head_dim / 2; ++i) {
-    const float e = static_cast<float>(2 * i) / static_cast<float>(head_dim);
-    f[static_cast<size_t>(i)] = 1.0f / std::pow(static_cast<float>(theta), e);
-  }
-  return f;
-}
-
 void Rotate(float* x, int64_t head_dim, const float* cos_t, const float* sin_t) {
   const int64_t half = head_dim / 2;
   for (int64_t i = 0; i < half; ++i) {
@@ -62,7 +54,7 @@ void Rotate(float* x, int64_t head_dim, const float* cos_t, const float* sin_t) 
 
 void SetCpuMathThreads(int threads) { openblas_set_num_threads(std::max(1, threads)); }
 
-Tensor CpuBackend::Upload(const void* host, DType dtype, int64_t rows, int64_t cols) {
+Result<Tensor> CpuBackend::Upload(const void* host, DType dtype, int64_t rows, int64_t cols) {
   Tensor t = Alloc(rows, cols);
   ConvertToF32(dtype, host, t.as<float>(), rows * cols);
   return t;
@@ -79,8 +71,17 @@ Tensor CpuBackend::Alloc(int64_t rows, int64_t cols) {
   return t;
 }
 
-void CpuBackend::ToHost(const Tensor& t, float* host) {
+Status CpuBackend::ToHost(const Tensor& t, float* host) {
   std::memcpy(host, t.data, static_cast<size_t>(t.numel()) * sizeof(float));
+  return OkStatus();
+}
+
+Status CpuBackend::ArgmaxToHost(const Tensor& logits, int32_t* ids) {
+  for (int64_t r = 0; r < logits.rows; ++r) {
+    const float* row = logits.as<float>() + r * logits.cols;
+    ids[r] = static_cast<int32_t>(std::max_element(row, row + logits.cols) - row);
+  }
+  return OkStatus();
 }
 
 std::unique_ptr<SequenceKv> CpuBackend::NewSequenceKv(int64_t layers, int64_t kv_heads,
@@ -137,7 +138,7 @@ void CpuBackend::Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Te
 void CpuBackend::RopeAndCacheWrite(Tensor& qkv, std::span<const SeqSlice> seqs, int64_t layer,
                                    const AttentionParams& p) {
   const int64_t hd = p.head_dim, q_width = p.q_heads * hd, kv_width = p.kv_heads * hd;
-  const std::vector<float> inv_freq = InvFreq(hd, p.rope_theta);
+  const std::vector<float> inv_freq = RopeInvFreq(hd, p.rope_theta);
   std::vector<float> cos_t(static_cast<size_t>(hd / 2)), sin_t(static_cast<size_t>(hd / 2));
   for (const SeqSlice& s : seqs) {
     auto* kv = static_cast<CpuSequenceKv*>(s.kv);

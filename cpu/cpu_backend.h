@@ -12,9 +12,12 @@ class CpuBackend final : public Backend {
   DType weight_dtype() const override { return DType::kF32; }
   DType activation_dtype() const override { return DType::kF32; }
 
-  Tensor Upload(const void* host, DType dtype, int64_t rows, int64_t cols) override;
+  Result<Tensor> Upload(const void* host, DType dtype, int64_t rows, int64_t cols) override;
   Tensor Alloc(int64_t rows, int64_t cols) override;
-  void ToHost(const Tensor& t, float* host) override;
+  Tensor AllocOutput(int64_t rows, int64_t cols) override { return Alloc(rows, cols); }
+  Status ToHost(const Tensor& t, float* host) override;
+  Status ArgmaxToHost(const Tensor& logits, int32_t* ids) override;
+  Status BeginStep(std::span<const SeqSlice>) override { return OkStatus(); }
   std::unique_ptr<SequenceKv> NewSequenceKv(int64_t layers, int64_t kv_heads,
                                             int64_t head_dim) override;
 

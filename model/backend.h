@@ -9,6 +9,7 @@
 #include <span>
 #include <string_view>
 
+#include "common/status.h"
 #include "common/tensor.h"
 
 namespace gemma2 {
@@ -50,9 +51,19 @@ class Backend {
   virtual DType activation_dtype() const = 0;
 
   // --- memory ---
-  virtual Tensor Upload(const void* host, DType dtype, int64_t rows, int64_t cols) = 0;
-  virtual Tensor Alloc(int64_t rows, int64_t cols) = 0;  // activation dtype, contents undefined
-  virtual void ToHost(const Tensor& t, float* host) = 0;
+  // Copies a weight to the backend in weight_dtype(); fails (e.g. out of memory) with a Status.
+  virtual Result<Tensor> Upload(const void* host, DType dtype, int64_t rows, int64_t cols) = 0;
+  // Scratch for this step, valid until the next BeginStep; contents undefined.
+  virtual Tensor Alloc(int64_t rows, int64_t cols) = 0;        // activation dtype
+  virtual Tensor AllocOutput(int64_t rows, int64_t cols) = 0;  // fp32: logits and scores
+  // Waits for the step's work and copies `t` to the host as fp32. Reports the first error of any
+  // op since BeginStep (ops themselves return nothing: their failures are sticky until here).
+  virtual Status ToHost(const Tensor& t, float* host) = 0;
+  // Like ToHost, but only each row's argmax (first maximum) of an fp32 output tensor leaves.
+  virtual Status ArgmaxToHost(const Tensor& logits, int32_t* ids) = 0;
+  // Starts a step over `seqs`: resets scratch, grows each sequence's KV cache to hold its new
+  // tokens, and stages per-token metadata for the ops. Fails (nothing run) when the cache is full.
+  virtual Status BeginStep(std::span<const SeqSlice> seqs) = 0;
   virtual std::unique_ptr<SequenceKv> NewSequenceKv(int64_t layers, int64_t kv_heads,
                                                     int64_t head_dim) = 0;
 
@@ -66,7 +77,8 @@ class Backend {
   // residual += RmsNorm(delta, post_w); then, if next_w: normed = RmsNorm(residual, next_w).
   virtual void AddRmsNorm(Tensor& residual, const Tensor& delta, const Tensor& post_w,
                           const Tensor* next_w, float eps, Tensor& normed) = 0;
-  // out = x · wᵀ (+ bias); w is [out_features, in_features] as Hugging Face stores it.
+  // out = x · wᵀ (+ bias); w is [out_features, in_features] as Hugging Face stores it. `out` is an
+  // activation (Alloc) or an fp32 output (AllocOutput); accumulation is fp32 either way.
   virtual void Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& out) = 0;
   // qkv rows are [q (q_heads*hd) | k (kv_heads*hd) | v (kv_heads*hd)]. Rotates q and k in place
   // (rotate-half RoPE at each token's position) and appends k, v to each sequence's cache.
@@ -77,11 +89,11 @@ class Backend {
                          const AttentionParams& p, Tensor& out) = 0;
   // gate_up rows are [gate (n) | up (n)]; out = gelu_tanh(gate) * up, [tokens, n].
   virtual void GeluTanhMul(const Tensor& gate_up, Tensor& out) = 0;
-  // x = tanh(x / cap) * cap.
+  // x = tanh(x / cap) * cap, on an fp32 output tensor.
   virtual void Softcap(Tensor& x, float cap) = 0;
   // out[i] = x[rows[i]].
   virtual void GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) = 0;
-  // dst = 0, then dst[:, col_offset : col_offset + src.cols] = src.
+  // dst = 0, then dst[:, col_offset : col_offset + src.cols] = src (fp32 output tensors).
   virtual void ScatterColumns(const Tensor& src, int64_t col_offset, Tensor& dst) = 0;
 };
 

@@ -13,30 +13,23 @@
 #include "common/status.h"
 #include "model/config.h"
 #include "model/safetensors.h"
+#include "model/weight_source.h"
 
 namespace gemma2 {
 
-// Rows [row_begin, row_end) x columns [col_begin, col_end) of a 2-D tensor (1-D: one row).
-struct Region {
-  int64_t row_begin = 0, row_end = 0, col_begin = 0, col_end = 0;
-  int64_t rows() const { return row_end - row_begin; }
-  int64_t cols() const { return col_end - col_begin; }
-};
-
-class Checkpoint {
+class Checkpoint final : public WeightSource {
  public:
   static Result<std::unique_ptr<Checkpoint>> Open(const std::filesystem::path& dir);
 
-  const ModelConfig& config() const { return config_; }
+  const ModelConfig& config() const override { return config_; }
   const std::filesystem::path& dir() const { return dir_; }
   // tokenizer.model beside the weights, or empty when the checkpoint has none.
   std::filesystem::path tokenizer_path() const;
 
-  bool Has(const std::string& name) const { return Lookup(name) != nullptr; }
-  // Shape of `name` as [rows, cols] (1-D tensors: [1, n]) after checking it equals `expected`.
-  Status CheckShape(const std::string& name, const std::vector<int64_t>& expected) const;
-  // Copies `region` of `name`, converted to `out` (F32 or BF16), densely row-major into dst.
-  Status ReadRegion(const std::string& name, const Region& region, DType out, void* dst) const;
+  bool Has(const std::string& name) const override { return Lookup(name) != nullptr; }
+  Status CheckShape(const std::string& name, const std::vector<int64_t>& expected) const override;
+  Status ReadRegion(const std::string& name, const Region& region, DType out,
+                    void* dst) const override;
 
  private:
   struct Entry {

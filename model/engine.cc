@@ -4,6 +4,9 @@
 
 #include "collectives/local_collective.h"
 #include "cpu/cpu_backend.h"
+#ifdef GEMMA2_HAVE_CUDA
+#include "cuda/cuda_backend.h"
+#endif
 
 namespace gemma2 {
 
@@ -16,15 +19,27 @@ struct Engine::Rank {
 
 Engine::~Engine() = default;
 
-Result<std::unique_ptr<Backend>> MakeBackend(const std::string& name) {
-  if (name == "cpu") return std::unique_ptr<Backend>(std::make_unique<CpuBackend>());
-  if (name == "cuda") {
-    return Unimplemented("backend 'cuda' is not part of this build yet (CPU backend only)");
+Result<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& opts, int rank) {
+  if (opts.backend == "cpu") return std::unique_ptr<Backend>(std::make_unique<CpuBackend>());
+  if (opts.backend == "cuda") {
+#ifdef GEMMA2_HAVE_CUDA
+    if (opts.tp > 1) {
+      return Unimplemented("the cuda backend runs tp 1 in one process; tp > 1 needs one worker "
+                           "process per GPU (the cluster)");
+    }
+    CudaOptions c;
+    c.device = rank;
+    c.kv_cache_bytes = opts.kv_cache_bytes;
+    c.poison_scratch = opts.poison_scratch;
+    return MakeCudaBackend(c);
+#else
+    return Unimplemented("this build has no cuda backend (no CUDA toolkit was found at build time)");
+#endif
   }
-  return InvalidArgument("unknown backend '" + name + "' (use cpu)");
+  return InvalidArgument("unknown backend '" + opts.backend + "' (use cpu or cuda)");
 }
 
-Result<std::unique_ptr<Engine>> Engine::Create(const Checkpoint& ck, const EngineOptions& opts) {
+Result<std::unique_ptr<Engine>> Engine::Create(const WeightSource& ck, const EngineOptions& opts) {
   std::unique_ptr<Engine> e(new Engine());
   e->config_ = ck.config();
   // Check every rank's plan before loading anything.
@@ -38,7 +53,7 @@ Result<std::unique_ptr<Engine>> Engine::Create(const Checkpoint& ck, const Engin
   auto group = std::make_shared<LocalGroup>(opts.tp);
   for (int r = 0; r < opts.tp; ++r) {
     auto rank = std::make_unique<Rank>();
-    ASSIGN_OR_RETURN(rank->backend, MakeBackend(opts.backend));
+    ASSIGN_OR_RETURN(rank->backend, MakeBackend(opts, r));
     ASSIGN_OR_RETURN(rank->model,
                      RankModel::Load(ck, plans[static_cast<size_t>(r)], *rank->backend));
     if (opts.tp == 1) {

@@ -16,15 +16,17 @@ namespace gemma2 {
 struct EngineOptions {
   std::string backend = "cpu";
   int tp = 1;
-  int threads = 0;  // math threads in all; 0: all cores
+  int threads = 0;              // cpu: math threads in all; 0: all cores
+  int64_t kv_cache_bytes = 0;   // cuda: 0 = 90% of free memory after the weights
+  bool poison_scratch = false;  // cuda tests: NaN-fill scratch so unwritten elements show
 };
 
 // Creates a backend by name; a clear error for a name this build lacks.
-Result<std::unique_ptr<Backend>> MakeBackend(const std::string& name);
+Result<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& opts, int rank);
 
 class Engine {
  public:
-  static Result<std::unique_ptr<Engine>> Create(const Checkpoint& ck, const EngineOptions& opts);
+  static Result<std::unique_ptr<Engine>> Create(const WeightSource& ck, const EngineOptions& opts);
   ~Engine();
 
   const ModelConfig& config() const { return config_; }

@@ -87,6 +87,9 @@ Result<std::vector<GenerationResult>> Generate(Engine& engine,
       members.push_back(i);
     }
     if (plan.sequences.empty()) break;
+    plan.argmax_only = std::all_of(members.begin(), members.end(), [&](size_t i) {
+      return requests[i].sampling.greedy && !requests[i].return_logits;
+    });
     ASSIGN_OR_RETURN(StepOutput out, engine.Step(plan));
     int64_t row = 0;
     for (size_t m = 0; m < members.size(); ++m) {
@@ -100,7 +103,9 @@ Result<std::vector<GenerationResult>> Generate(Engine& engine,
       const int64_t last = row + rows - 1;
       row += rows;
       const int32_t tok =
-          SampleToken({out.row(last), static_cast<size_t>(out.width)}, req.sampling, rngs[i]);
+          plan.argmax_only
+              ? out.argmax[static_cast<size_t>(last)]
+              : SampleToken({out.row(last), static_cast<size_t>(out.width)}, req.sampling, rngs[i]);
       res.generated.push_back(tok);
       const bool eos =
           std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), tok) != c.eos_token_ids.end();

@@ -8,7 +8,7 @@ std::unique_ptr<SequenceKv> RankModel::NewSequenceKv() {
   return backend_.NewSequenceKv(config_.num_layers, plan_.kv_heads(), config_.head_dim);
 }
 
-Result<std::unique_ptr<RankModel>> RankModel::Load(const Checkpoint& ck, const ShardPlan& plan,
+Result<std::unique_ptr<RankModel>> RankModel::Load(const WeightSource& ck, const ShardPlan& plan,
                                                    Backend& backend) {
   std::unique_ptr<RankModel> m(new RankModel(ck.config(), plan, backend));
   RETURN_IF_ERROR(m->LoadWeights(ck));
@@ -16,7 +16,7 @@ Result<std::unique_ptr<RankModel>> RankModel::Load(const Checkpoint& ck, const S
 }
 
 // Reads `region` of `name` (checked against `full_shape`) in the backend's weight dtype.
-Result<Tensor> RankModel::Read(const Checkpoint& ck, const std::string& name,
+Result<Tensor> RankModel::Read(const WeightSource& ck, const std::string& name,
                                const std::vector<int64_t>& full_shape, const Region& region) {
   RETURN_IF_ERROR(ck.CheckShape(name, full_shape));
   const DType dt = backend_.weight_dtype();
@@ -27,7 +27,7 @@ Result<Tensor> RankModel::Read(const Checkpoint& ck, const std::string& name,
 
 // Stacks row regions of several tensors into one weight (q|k|v, gate|up).
 static Result<std::vector<uint8_t>> StackRows(
-    const Checkpoint& ck, DType dt,
+    const WeightSource& ck, DType dt,
     const std::vector<std::tuple<std::string, std::vector<int64_t>, Region>>& parts,
     int64_t* rows_out) {
   int64_t rows = 0, cols = -1;
@@ -46,7 +46,7 @@ static Result<std::vector<uint8_t>> StackRows(
   return host;
 }
 
-Status RankModel::LoadWeights(const Checkpoint& ck) {
+Status RankModel::LoadWeights(const WeightSource& ck) {
   const ModelConfig& c = config_;
   const ShardPlan& p = plan_;
   const int64_t h = c.hidden_size, hd = c.head_dim;
@@ -94,7 +94,7 @@ Status RankModel::LoadWeights(const Checkpoint& ck) {
                                            {c.kv_size(), h},
                                            rows(p.kv_head_begin * hd, p.kv_head_end * hd, h)}},
                                          &n));
-    w.qkv = backend_.Upload(qkv.data(), dt, n, h);
+    ASSIGN_OR_RETURN(w.qkv, backend_.Upload(qkv.data(), dt, n, h));
     ASSIGN_OR_RETURN(w.o, Read(ck, pre + "self_attn.o_proj.weight", {h, c.q_size()},
                                cols(h, p.q_head_begin * hd, p.q_head_end * hd)));
     ASSIGN_OR_RETURN(auto gate_up, StackRows(ck, dt,
@@ -105,7 +105,7 @@ Status RankModel::LoadWeights(const Checkpoint& ck) {
                                                {c.intermediate_size, h},
                                                rows(p.inter_begin, p.inter_end, h)}},
                                              &n));
-    w.gate_up = backend_.Upload(gate_up.data(), dt, n, h);
+    ASSIGN_OR_RETURN(w.gate_up, backend_.Upload(gate_up.data(), dt, n, h));
     ASSIGN_OR_RETURN(w.down, Read(ck, pre + "mlp.down_proj.weight", {h, c.intermediate_size},
                                   cols(h, p.inter_begin, p.inter_end)));
     layers_.push_back(std::move(w));
@@ -142,6 +142,8 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
     ids.insert(ids.end(), s.tokens.begin(), s.tokens.end());
     for (int64_t r : s.output_rows) out_rows.push_back(row0 + r);
   }
+
+  RETURN_IF_ERROR(b.BeginStep(seqs));
 
   // Embedding × sqrt(hidden), the normalizer rounded to the activation dtype as the reference
   // does (bf16: 68.0 for 27B, not 67.88). Vocab-parallel: each rank fills its rows, then a sum.
@@ -186,25 +188,31 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
   const int64_t r = static_cast<int64_t>(out_rows.size());
   out->rows = r;
   out->width = c.output_size();
-  out->values.assign(static_cast<size_t>(r * out->width), 0.0f);
+  const bool argmax_only = step.argmax_only && c.architecture == Architecture::kCausalLM;
+  out->values.assign(argmax_only ? 0 : static_cast<size_t>(r * out->width), 0.0f);
+  out->argmax.assign(argmax_only ? static_cast<size_t>(r) : 0, 0);
   if (r == 0) return OkStatus();
   Tensor sel = b.Alloc(r, h);
   b.GatherRows(normed, out_rows, sel);
   if (c.architecture == Architecture::kCausalLM) {
     // Vocab-parallel LM head: this rank's columns of the logits, final softcap, then a sum that
     // assembles the full rows (other ranks contribute zeros there).
-    Tensor local = b.Alloc(r, lm_head_.rows);
+    Tensor local = b.AllocOutput(r, lm_head_.rows);
     b.Linear(sel, lm_head_, nullptr, local);
     if (c.final_logit_softcap > 0) b.Softcap(local, static_cast<float>(c.final_logit_softcap));
-    Tensor full = b.Alloc(r, c.vocab_size);
+    Tensor full = b.AllocOutput(r, c.vocab_size);
     b.ScatterColumns(local, plan_.vocab_begin, full);
     RETURN_IF_ERROR(comm.AllReduceSum(full));
-    b.ToHost(full, out->values.data());
+    if (argmax_only) {
+      RETURN_IF_ERROR(b.ArgmaxToHost(full, out->argmax.data()));
+    } else {
+      RETURN_IF_ERROR(b.ToHost(full, out->values.data()));
+    }
   } else {
     // Classifier heads get no softcap; the score matrix is small and replicated.
-    Tensor scores = b.Alloc(r, c.num_labels);
+    Tensor scores = b.AllocOutput(r, c.num_labels);
     b.Linear(sel, score_, score_bias_.empty() ? nullptr : &score_bias_, scores);
-    b.ToHost(scores, out->values.data());
+    RETURN_IF_ERROR(b.ToHost(scores, out->values.data()));
   }
   return OkStatus();
 }

@@ -8,7 +8,7 @@
 
 #include "collectives/collective.h"
 #include "model/backend.h"
-#include "model/checkpoint.h"
+#include "model/weight_source.h"
 #include "model/sharding.h"
 #include "model/step.h"
 
@@ -25,7 +25,7 @@ struct LayerWeights {
 class RankModel {
  public:
   // Reads only this rank's slices of the checkpoint into `backend` memory.
-  static Result<std::unique_ptr<RankModel>> Load(const Checkpoint& ck, const ShardPlan& plan,
+  static Result<std::unique_ptr<RankModel>> Load(const WeightSource& ck, const ShardPlan& plan,
                                                  Backend& backend);
 
   const ModelConfig& config() const { return config_; }
@@ -41,8 +41,8 @@ class RankModel {
  private:
   RankModel(const ModelConfig& c, const ShardPlan& p, Backend& b)
       : config_(c), plan_(p), backend_(b) {}
-  Status LoadWeights(const Checkpoint& ck);
-  Result<Tensor> Read(const Checkpoint& ck, const std::string& name,
+  Status LoadWeights(const WeightSource& ck);
+  Result<Tensor> Read(const WeightSource& ck, const std::string& name,
                       const std::vector<int64_t>& full_shape, const Region& region);
   AttentionParams AttentionFor(int64_t layer) const;
 

@@ -15,6 +15,8 @@ struct StepSequence {
 
 struct StepPlan {
   std::vector<StepSequence> sequences;
+  // Greedy decoding: only each output row's argmax leaves the device (causal LM only).
+  bool argmax_only = false;
   int64_t total_tokens() const {
     int64_t n = 0;
     for (const auto& s : sequences) n += static_cast<int64_t>(s.tokens.size());
@@ -32,7 +34,8 @@ struct StepPlan {
 struct StepOutput {
   int64_t rows = 0;
   int64_t width = 0;
-  std::vector<float> values;
+  std::vector<float> values;    // empty when the plan asked for argmax_only
+  std::vector<int32_t> argmax;  // one per row when the plan asked for argmax_only
   const float* row(int64_t i) const { return values.data() + i * width; }
 };
 

@@ -37,3 +37,16 @@ Reference LoadReference(const std::filesystem::path& case_dir);  // aborts the t
 std::vector<std::filesystem::path> ReferenceCaseDirs();
 
 }  // namespace gemma2::testing
+
+namespace gemma2 {
+struct EngineOptions;
+namespace testing {
+
+// Runs the engine with `opts` on one reference case and compares every logits row (relative L2
+// <= tol). Greedy tokens must be identical wherever the reference's top-2 margin exceeds
+// `token_margin` (0: always); rows after an allowed divergence are not compared.
+void CheckReferenceCase(const std::filesystem::path& dir, const EngineOptions& opts, double tol,
+                        double token_margin);
+
+}  // namespace testing
+}  // namespace gemma2

@@ -8,6 +8,7 @@
 
 #include "model/generate.h"
 #include "model/tokenizer.h"
+#include "model/weight_source.h"
 
 namespace gemma2 {
 namespace {
@@ -23,7 +24,32 @@ struct Args {
   std::optional<float> temperature, top_p;
   std::optional<int64_t> top_k;
   std::optional<uint64_t> seed;
+  std::optional<uint64_t> random_weights;
+  std::string preset;
+  int64_t layers = 0;
+  double kv_cache_gb = 0;
 };
+
+// The weights: a checkpoint directory, or deterministic random weights of a preset's shape.
+Result<std::unique_ptr<WeightSource>> OpenWeights(const Args& a, std::unique_ptr<Checkpoint>* ck) {
+  if (a.random_weights) {
+    if (!a.model.empty()) return InvalidArgument("give --model or --random-weights, not both");
+    if (a.preset.empty()) return InvalidArgument("--random-weights needs --preset 2b|9b|27b");
+    ASSIGN_OR_RETURN(ModelConfig c, PresetConfig(a.preset));
+    if (a.layers > 0) {
+      if (a.layers > c.num_layers) return InvalidArgument("--layers exceeds the preset's layers");
+      c.num_layers = a.layers;
+      c.layer_is_sliding.resize(static_cast<size_t>(a.layers));
+    }
+    return std::unique_ptr<WeightSource>(std::make_unique<RandomWeights>(c, *a.random_weights));
+  }
+  if (a.model.empty()) return InvalidArgument("give --model DIR (or --random-weights SEED --preset NAME)");
+  if (!a.preset.empty() || a.layers > 0) {
+    return InvalidArgument("--preset and --layers go with --random-weights");
+  }
+  ASSIGN_OR_RETURN(*ck, Checkpoint::Open(a.model));
+  return std::unique_ptr<WeightSource>();
+}
 
 Result<std::vector<int32_t>> ParseIds(const std::string& text) {
   std::vector<int32_t> ids;
@@ -105,16 +131,25 @@ Result<std::vector<std::vector<int32_t>>> Prompts(const Args& a, const Tokenizer
 }
 
 Status Run(const Args& a) {
-  ASSIGN_OR_RETURN(auto ck, Checkpoint::Open(a.model));
+  std::unique_ptr<Checkpoint> ck;
+  ASSIGN_OR_RETURN(auto random, OpenWeights(a, &ck));
+  const WeightSource& weights = ck ? static_cast<const WeightSource&>(*ck) : *random;
   std::unique_ptr<Tokenizer> tok;
-  if (auto p = ck->tokenizer_path(); !p.empty()) {
-    ASSIGN_OR_RETURN(tok, Tokenizer::Load(p));
+  if (ck) {
+    if (auto p = ck->tokenizer_path(); !p.empty()) {
+      ASSIGN_OR_RETURN(tok, Tokenizer::Load(p));
+    }
   }
   ASSIGN_OR_RETURN(auto prompts, Prompts(a, tok.get()));
   for (const auto& p : prompts) {
     if (p.empty()) return InvalidArgument("empty prompt");
   }
-  ASSIGN_OR_RETURN(auto engine, Engine::Create(*ck, {a.backend, a.tp, a.threads}));
+  EngineOptions eo;
+  eo.backend = a.backend;
+  eo.tp = a.tp;
+  eo.threads = a.threads;
+  eo.kv_cache_bytes = static_cast<int64_t>(a.kv_cache_gb * (1 << 30));
+  ASSIGN_OR_RETURN(auto engine, Engine::Create(weights, eo));
   const ModelConfig& c = engine->config();
 
   if (c.is_classifier()) {
@@ -176,8 +211,12 @@ Status Run(const Args& a) {
 int main(int argc, char** argv) {
   gemma2::Args a;
   CLI::App app{"gemma2-run: run Gemma 2 prompts through one engine and print JSON"};
-  app.add_option("--model", a.model, "Hugging Face checkpoint directory")->required();
-  app.add_option("--backend", a.backend, "cpu (cuda: later)");
+  app.add_option("--model", a.model, "Hugging Face checkpoint directory");
+  app.add_option("--random-weights", a.random_weights, "deterministic random weights (seed) instead of --model");
+  app.add_option("--preset", a.preset, "with --random-weights: 2b, 9b or 27b");
+  app.add_option("--layers", a.layers, "with --random-weights: keep the first N layers (widths exact)");
+  app.add_option("--backend", a.backend, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--kv-cache-gb", a.kv_cache_gb, "cuda: KV cache size (0: 90% of free memory)");
   app.add_option("--tp", a.tp, "tensor-parallel ranks (in-process)")->check(CLI::Range(1, 1024));
   app.add_option("--threads", a.threads, "math threads (0: all cores)")
       ->check(CLI::NonNegativeNumber);

@@ -1,0 +1,382 @@
+#include "cuda/cuda_backend.h"
+
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <map>
+#include <vector>
+
+#include "common/cuda_check.h"
+#include "kernels/attention.h"
+#include "kernels/elementwise.h"
+#include "kernels/embed.h"
+#include "kernels/gemm.h"
+#include "kernels/rms_norm.h"
+#include "kernels/rope_kv.h"
+#include "model/rope.h"
+
+namespace gemma2 {
+namespace {
+
+using kernels::bf16;
+
+std::shared_ptr<void> DeviceAlloc(size_t bytes, Status* st) {
+  void* p = nullptr;
+  const cudaError_t e = cudaMalloc(&p, std::max<size_t>(bytes, 256));
+  if (e != cudaSuccess) {
+    *st = cuda_detail::Check(e, "cudaMalloc", __FILE__, __LINE__)
+              .WithContext("allocating " + std::to_string(bytes >> 20) + " MiB");
+    return nullptr;
+  }
+  return std::shared_ptr<void>(p, [](void* q) { cudaFree(q); });
+}
+
+// Blocks of KV cache for every layer; sequences take and return block indices.
+struct KvPool {
+  int64_t layers = 0, kv_heads = 0, head_dim = 0, block_size = 0, num_blocks = 0;
+  std::shared_ptr<void> k, v;  // [layer][block][kv_head][slot][head_dim] bf16
+  std::vector<int32_t> free;
+  int64_t layer_elems() const { return num_blocks * kv_heads * block_size * head_dim; }
+  bf16* k_layer(int64_t l) const { return static_cast<bf16*>(k.get()) + l * layer_elems(); }
+  bf16* v_layer(int64_t l) const { return static_cast<bf16*>(v.get()) + l * layer_elems(); }
+};
+
+class CudaSequenceKv final : public SequenceKv {
+ public:
+  explicit CudaSequenceKv(std::shared_ptr<KvPool> pool) : pool_(std::move(pool)) {}
+  ~CudaSequenceKv() override { pool_->free.insert(pool_->free.end(), blocks_.begin(), blocks_.end()); }
+  int64_t length() const override { return length_; }
+  // Makes room for positions [0, tokens); false when the pool is exhausted (nothing taken).
+  bool Reserve(int64_t tokens) {
+    const int64_t need = (tokens + pool_->block_size - 1) / pool_->block_size;
+    const int64_t more = need - static_cast<int64_t>(blocks_.size());
+    if (more <= 0) return true;
+    if (more > static_cast<int64_t>(pool_->free.size())) return false;
+    for (int64_t i = 0; i < more; ++i) {
+      blocks_.push_back(pool_->free.back());
+      pool_->free.pop_back();
+    }
+    return true;
+  }
+  void set_length(int64_t n) { length_ = n; }
+  const std::vector<int32_t>& blocks() const { return blocks_; }
+
+ private:
+  std::shared_ptr<KvPool> pool_;
+  std::vector<int32_t> blocks_;
+  int64_t length_ = 0;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(const CudaOptions& o) : opts_(o) {}
+  ~CudaBackend() override {
+    if (stream_) cudaStreamSynchronize(stream_);
+    gemm_.reset();
+    if (pinned_) cudaFreeHost(pinned_);
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+
+  Status Init() {
+    RETURN_IF_CUDA_ERROR(cudaSetDevice(opts_.device));
+    RETURN_IF_CUDA_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    ASSIGN_OR_RETURN(gemm_, kernels::Gemm::Create(stream_));
+    pinned_bytes_ = size_t{64} << 20;
+    RETURN_IF_CUDA_ERROR(cudaHostAlloc(&pinned_, pinned_bytes_, cudaHostAllocDefault));
+    return OkStatus();
+  }
+
+  std::string_view name() const override { return "cuda"; }
+  DType weight_dtype() const override { return DType::kBF16; }
+  DType activation_dtype() const override { return DType::kBF16; }
+
+  Result<Tensor> Upload(const void* host, DType dtype, int64_t rows, int64_t cols) override {
+    Tensor t;
+    t.rows = rows;
+    t.cols = cols;
+    t.dtype = DType::kBF16;
+    const size_t bytes = static_cast<size_t>(rows * cols) * 2;
+    Status st;
+    t.storage = DeviceAlloc(bytes, &st);
+    RETURN_IF_ERROR(st.WithContext("uploading a " + std::to_string(rows) + "x" + std::to_string(cols) + " weight"));
+    t.data = t.storage.get();
+    if (dtype == DType::kBF16) {
+      RETURN_IF_CUDA_ERROR(cudaMemcpy(t.data, host, bytes, cudaMemcpyHostToDevice));
+    } else {
+      std::vector<float> f(static_cast<size_t>(rows * cols));
+      ConvertToF32(dtype, host, f.data(), rows * cols);
+      std::vector<uint16_t> b(f.size());
+      for (size_t i = 0; i < f.size(); ++i) b[i] = F32ToBf16(f[i]);
+      RETURN_IF_CUDA_ERROR(cudaMemcpy(t.data, b.data(), bytes, cudaMemcpyHostToDevice));
+    }
+    return t;
+  }
+
+  Tensor Alloc(int64_t rows, int64_t cols) override { return Scratch(rows, cols, DType::kBF16); }
+  Tensor AllocOutput(int64_t rows, int64_t cols) override { return Scratch(rows, cols, DType::kF32); }
+
+  Status ToHost(const Tensor& t, float* host) override {
+    Note(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    RETURN_IF_ERROR(error_);
+    const size_t n = static_cast<size_t>(t.numel());
+    if (t.dtype == DType::kF32) {
+      RETURN_IF_CUDA_ERROR(cudaMemcpy(host, t.data, n * 4, cudaMemcpyDeviceToHost));
+    } else {
+      std::vector<uint16_t> b(n);
+      RETURN_IF_CUDA_ERROR(cudaMemcpy(b.data(), t.data, n * 2, cudaMemcpyDeviceToHost));
+      for (size_t i = 0; i < n; ++i) host[i] = Bf16ToF32(b[i]);
+    }
+    return OkStatus();
+  }
+
+  Status ArgmaxToHost(const Tensor& logits, int32_t* ids) override {
+    Tensor d = Scratch(1, logits.rows, DType::kI32);
+    Note(kernels::ArgmaxRows(logits.as<float>(), logits.rows, logits.cols, d.as<int32_t>(), stream_),
+         "ArgmaxRows");
+    RETURN_IF_ERROR(error_);
+    auto* staged = static_cast<int32_t*>(pinned_);
+    RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(staged, d.data, static_cast<size_t>(logits.rows) * 4,
+                                         cudaMemcpyDeviceToHost, stream_));
+    RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream_));
+    std::memcpy(ids, staged, static_cast<size_t>(logits.rows) * 4);
+    return OkStatus();
+  }
+
+  std::unique_ptr<SequenceKv> NewSequenceKv(int64_t layers, int64_t kv_heads,
+                                            int64_t head_dim) override {
+    if (!pool_) CreatePool(layers, kv_heads, head_dim);
+    return std::make_unique<CudaSequenceKv>(pool_);
+  }
+
+  Status BeginStep(std::span<const SeqSlice> seqs) override {
+    Note(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    RETURN_IF_ERROR(error_);
+    arena_chunk_ = 0;
+    arena_offset_ = 0;
+    pinned_offset_ = 0;
+    if (!pool_) return Internal("cuda backend: no KV cache pool (no sequence was created)");
+    std::vector<int32_t> token_seq, token_pos;
+    size_t max_blocks = 1;
+    for (size_t s = 0; s < seqs.size(); ++s) {
+      auto* kv = static_cast<CudaSequenceKv*>(seqs[s].kv);
+      const int64_t end = seqs[s].start_pos + seqs[s].num_tokens;
+      if (!kv->Reserve(end)) {
+        return Status(StatusCode::kUnavailable,
+                      "KV cache full: sequence needs " + std::to_string(end) + " tokens, " +
+                          std::to_string(pool_->free.size()) + " free blocks of " +
+                          std::to_string(pool_->block_size) + " tokens");
+      }
+      kv->set_length(end);
+      max_blocks = std::max(max_blocks, kv->blocks().size());
+      for (int64_t t = 0; t < seqs[s].num_tokens; ++t) {
+        token_seq.push_back(static_cast<int32_t>(s));
+        token_pos.push_back(static_cast<int32_t>(seqs[s].start_pos + t));
+      }
+    }
+    std::vector<int32_t> tables(seqs.size() * max_blocks, 0);
+    for (size_t s = 0; s < seqs.size(); ++s) {
+      const auto& b = static_cast<CudaSequenceKv*>(seqs[s].kv)->blocks();
+      std::copy(b.begin(), b.end(), tables.begin() + static_cast<std::ptrdiff_t>(s * max_blocks));
+    }
+    step_tokens_.count = static_cast<int64_t>(token_seq.size());
+    step_tokens_.token_seq = Stage(token_seq.data(), token_seq.size() * 4).as<int32_t>();
+    step_tokens_.token_pos = Stage(token_pos.data(), token_pos.size() * 4).as<int32_t>();
+    block_tables_ = Stage(tables.data(), tables.size() * 4).as<int32_t>();
+    table_stride_ = static_cast<int32_t>(max_blocks);
+    return error_;
+  }
+
+  void Embed(std::span<const int32_t> ids, const Tensor& table, int64_t vocab_begin, float scale,
+             Tensor& out) override {
+    const Tensor d = Stage(ids.data(), ids.size() * 4);
+    Note(kernels::Embed(d.as<int32_t>(), static_cast<int64_t>(ids.size()), table.as<bf16>(),
+                        table.rows, table.cols, vocab_begin, scale, out.as<bf16>(), stream_),
+         "Embed");
+  }
+
+  void RmsNorm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override {
+    Note(kernels::RmsNorm(x.as<bf16>(), w.as<bf16>(), x.rows, x.cols, eps, out.as<bf16>(), stream_),
+         "RmsNorm");
+  }
+
+  void AddRmsNorm(Tensor& residual, const Tensor& delta, const Tensor& post_w, const Tensor* next_w,
+                  float eps, Tensor& normed) override {
+    Note(kernels::AddRmsNorm(residual.as<bf16>(), delta.as<bf16>(), post_w.as<bf16>(),
+                             next_w ? next_w->as<bf16>() : nullptr, residual.rows, residual.cols,
+                             eps, normed.as<bf16>(), stream_),
+         "AddRmsNorm");
+  }
+
+  void Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& out) override {
+    if (!error_.ok()) return;
+    const bool f32 = out.dtype == DType::kF32;
+    const Status st = gemm_->Run(x.data, w.data, out.data, f32, x.rows, w.rows, x.cols);
+    if (!st.ok()) error_ = st;
+    if (bias) Note(kernels::AddBias(out.data, f32, bias->as<bf16>(), out.rows, out.cols, stream_), "AddBias");
+  }
+
+  void RopeAndCacheWrite(Tensor& qkv, std::span<const SeqSlice>, int64_t layer,
+                         const AttentionParams& p) override {
+    Note(kernels::RopeAndCacheWrite(qkv.as<bf16>(), qkv.cols, step_tokens_,
+                                    static_cast<int32_t>(p.q_heads), static_cast<int32_t>(p.kv_heads),
+                                    static_cast<int32_t>(p.head_dim), InvFreq(p), Kv(layer), stream_),
+         "RopeAndCacheWrite");
+  }
+
+  void Attention(const Tensor& qkv, std::span<const SeqSlice>, int64_t layer,
+                 const AttentionParams& p, Tensor& out) override {
+    kernels::AttentionShape s;
+    s.q_heads = static_cast<int32_t>(p.q_heads);
+    s.kv_heads = static_cast<int32_t>(p.kv_heads);
+    s.head_dim = static_cast<int32_t>(p.head_dim);
+    s.scale = p.scale;
+    s.softcap = p.softcap;
+    s.window = static_cast<int32_t>(p.window);
+    const cudaError_t e = kernels::PagedAttention(qkv.as<bf16>(), qkv.cols, step_tokens_, s,
+                                                  Kv(layer), out.as<bf16>(), stream_);
+    if (e == cudaErrorInvalidValue && error_.ok()) {
+      error_ = Unimplemented("cuda attention supports head_dim 128 and 256, not " +
+                             std::to_string(p.head_dim));
+      return;
+    }
+    Note(e, "PagedAttention");
+  }
+
+  void GeluTanhMul(const Tensor& gate_up, Tensor& out) override {
+    Note(kernels::GeluTanhMul(gate_up.as<bf16>(), out.rows, out.cols, out.as<bf16>(), stream_),
+         "GeluTanhMul");
+  }
+
+  void Softcap(Tensor& x, float cap) override {
+    Note(kernels::Softcap(x.as<float>(), x.numel(), cap, stream_), "Softcap");
+  }
+
+  void GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) override {
+    const Tensor d = Stage(rows.data(), rows.size() * 8);
+    Note(kernels::GatherRows(x.as<bf16>(), x.cols, d.as<int64_t>(), static_cast<int64_t>(rows.size()),
+                             out.as<bf16>(), stream_),
+         "GatherRows");
+  }
+
+  void ScatterColumns(const Tensor& src, int64_t col_offset, Tensor& dst) override {
+    Note(kernels::ScatterColumns(src.as<float>(), src.rows, src.cols, col_offset, dst.as<float>(),
+                                 dst.cols, stream_),
+         "ScatterColumns");
+  }
+
+ private:
+  void Note(cudaError_t e, const char* what) {
+    if (e != cudaSuccess && error_.ok()) error_ = cuda_detail::Check(e, what, __FILE__, __LINE__);
+  }
+
+  // Bump allocation from chunks kept across steps, so a steady state allocates nothing.
+  Tensor Scratch(int64_t rows, int64_t cols, DType dtype) {
+    Tensor t;
+    t.rows = rows;
+    t.cols = cols;
+    t.dtype = dtype;
+    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(1, rows * cols) * DTypeSize(dtype)) + 255) & ~size_t{255};
+    while (arena_chunk_ < chunks_.size() && arena_offset_ + bytes > chunk_bytes_[arena_chunk_]) {
+      ++arena_chunk_;
+      arena_offset_ = 0;
+    }
+    if (arena_chunk_ == chunks_.size()) {
+      const size_t size = std::max(bytes, size_t{256} << 20);
+      auto chunk = DeviceAlloc(size, &error_);
+      if (!chunk) return t;
+      chunks_.push_back(std::move(chunk));
+      chunk_bytes_.push_back(size);
+      arena_offset_ = 0;
+    }
+    t.data = static_cast<char*>(chunks_[arena_chunk_].get()) + arena_offset_;
+    arena_offset_ += bytes;
+    if (opts_.poison_scratch) Note(kernels::Poison(t.data, static_cast<int64_t>(bytes), stream_), "Poison");
+    return t;
+  }
+
+  // Copies host data into this step's scratch through pinned memory (rewritten next step only,
+  // after BeginStep has synchronized).
+  Tensor Stage(const void* host, size_t bytes) {
+    Tensor t = Scratch(1, static_cast<int64_t>((bytes + 3) / 4), DType::kI32);
+    if (!t.data || bytes == 0) return t;
+    if (pinned_offset_ + bytes > pinned_bytes_) {  // too large for the staging area: synchronous
+      Note(cudaMemcpyAsync(t.data, host, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync");
+      Note(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+      return t;
+    }
+    char* dst = static_cast<char*>(pinned_) + pinned_offset_;
+    std::memcpy(dst, host, bytes);
+    pinned_offset_ += (bytes + 255) & ~size_t{255};
+    Note(cudaMemcpyAsync(t.data, dst, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync");
+    return t;
+  }
+
+  void CreatePool(int64_t layers, int64_t kv_heads, int64_t head_dim) {
+    auto pool = std::make_shared<KvPool>();
+    pool->layers = layers;
+    pool->kv_heads = kv_heads;
+    pool->head_dim = head_dim;
+    pool->block_size = opts_.kv_block_size;
+    int64_t bytes = opts_.kv_cache_bytes;
+    if (bytes <= 0) {
+      size_t free_b = 0, total = 0;
+      Note(cudaMemGetInfo(&free_b, &total), "cudaMemGetInfo");
+      bytes = static_cast<int64_t>(static_cast<double>(free_b) * 0.9) - (int64_t{2} << 30);
+    }
+    const int64_t per_block = 2 * layers * kv_heads * pool->block_size * head_dim * 2;  // k+v, bf16
+    pool->num_blocks = std::max<int64_t>(1, bytes / per_block);
+    pool->k = DeviceAlloc(static_cast<size_t>(pool->num_blocks * per_block / 2), &error_);
+    pool->v = DeviceAlloc(static_cast<size_t>(pool->num_blocks * per_block / 2), &error_);
+    for (int64_t b = pool->num_blocks - 1; b >= 0; --b) pool->free.push_back(static_cast<int32_t>(b));
+    pool_ = std::move(pool);
+  }
+
+  kernels::PagedKv Kv(int64_t layer) const {
+    kernels::PagedKv kv;
+    kv.k = pool_->k_layer(layer);
+    kv.v = pool_->v_layer(layer);
+    kv.block_tables = block_tables_;
+    kv.table_stride = table_stride_;
+    kv.block_size = static_cast<int32_t>(pool_->block_size);
+    kv.kv_heads = static_cast<int32_t>(pool_->kv_heads);
+    return kv;
+  }
+
+  const float* InvFreq(const AttentionParams& p) {
+    const auto key = std::make_pair(p.head_dim, p.rope_theta);
+    auto it = inv_freq_.find(key);
+    if (it != inv_freq_.end()) return static_cast<const float*>(it->second.get());
+    const auto f = RopeInvFreq(p.head_dim, p.rope_theta);
+    auto d = DeviceAlloc(f.size() * 4, &error_);
+    if (!d) return nullptr;
+    Note(cudaMemcpy(d.get(), f.data(), f.size() * 4, cudaMemcpyHostToDevice), "cudaMemcpy(inv_freq)");
+    return static_cast<const float*>(inv_freq_.emplace(key, std::move(d)).first->second.get());
+  }
+
+  const CudaOptions opts_;
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<kernels::Gemm> gemm_;
+  Status error_;  // first failure of any op; sticky (the device may be unusable after it)
+  // Scratch arena (reset by BeginStep).
+  std::vector<std::shared_ptr<void>> chunks_;
+  std::vector<size_t> chunk_bytes_;
+  size_t arena_chunk_ = 0, arena_offset_ = 0;
+  void* pinned_ = nullptr;
+  size_t pinned_bytes_ = 0, pinned_offset_ = 0;
+  // KV cache and this step's metadata.
+  std::shared_ptr<KvPool> pool_;
+  kernels::StepTokens step_tokens_;
+  const int32_t* block_tables_ = nullptr;
+  int32_t table_stride_ = 0;
+  std::map<std::pair<int64_t, double>, std::shared_ptr<void>> inv_freq_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Backend>> MakeCudaBackend(const CudaOptions& options) {
+  auto b = std::make_unique<CudaBackend>(options);
+  RETURN_IF_ERROR(b->Init());
+  return std::unique_ptr<Backend>(std::move(b));
+}
+
+}  // namespace gemma2

@@ -1,0 +1,21 @@
+// The product backend: bf16 weights and activations on one GPU, fp32 accumulation, the kernels
+// of kernels/ and cuBLASLt, a paged KV cache. Every op is tested against its CpuBackend twin.
+#pragma once
+
+#include <memory>
+
+#include "common/status.h"
+#include "model/backend.h"
+
+namespace gemma2 {
+
+struct CudaOptions {
+  int device = 0;
+  int64_t kv_cache_bytes = 0;  // 0: 90% of the memory free when the first sequence starts
+  int32_t kv_block_size = 16;  // tokens per KV block
+  bool poison_scratch = false; // tests: fill every scratch tensor with NaN before use
+};
+
+Result<std::unique_ptr<Backend>> MakeCudaBackend(const CudaOptions& options);
+
+}  // namespace gemma2

@@ -1,0 +1,134 @@
+#include "kernels/elementwise.h"
+
+#include "kernels/device.cuh"
+
+namespace gemma2::kernels {
+namespace {
+
+__global__ void GeluTanhMulKernel(const bf16* gate_up, int64_t rows, int64_t n, bf16* out) {
+  const int64_t total = rows * n;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = idx / n, i = idx % n;
+    const float x = ToF(gate_up[r * 2 * n + i]), u = ToF(gate_up[r * 2 * n + n + i]);
+    const float gelu = 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    out[idx] = ToB(gelu * u);
+  }
+}
+
+__global__ void SoftcapKernel(float* x, int64_t n, float cap) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    x[i] = tanhf(x[i] / cap) * cap;
+  }
+}
+
+__global__ void GatherRowsKernel(const bf16* x, int64_t cols, const int64_t* rows, bf16* out) {
+  const bf16* src = x + rows[blockIdx.x] * cols;
+  bf16* dst = out + blockIdx.x * cols;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) dst[j] = src[j];
+}
+
+__global__ void ScatterColumnsKernel(const float* src, int64_t src_cols, int64_t offset, float* dst,
+                                     int64_t dst_cols) {
+  const int64_t r = blockIdx.x;
+  for (int64_t j = threadIdx.x; j < dst_cols; j += blockDim.x) {
+    const int64_t k = j - offset;
+    dst[r * dst_cols + j] = (k >= 0 && k < src_cols) ? src[r * src_cols + k] : 0.0f;
+  }
+}
+
+template <typename T>
+__global__ void AddBiasKernel(T* out, const bf16* bias, int64_t cols) {
+  T* row = out + blockIdx.x * cols;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    if constexpr (sizeof(T) == 4) {
+      row[j] += ToF(bias[j]);
+    } else {
+      row[j] = ToB(ToF(row[j]) + ToF(bias[j]));
+    }
+  }
+}
+
+__global__ void ArgmaxKernel(const float* x, int64_t cols, int32_t* ids) {
+  const float* row = x + blockIdx.x * cols;
+  float best = -INFINITY;
+  int64_t best_i = cols;  // NaN-free rows always replace this
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    if (row[j] > best) {
+      best = row[j];
+      best_i = j;
+    }
+  }
+  __shared__ float vals[1024];
+  __shared__ int64_t idxs[1024];
+  vals[threadIdx.x] = best;
+  idxs[threadIdx.x] = best_i;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+      const float ov = vals[threadIdx.x + s];
+      const int64_t oi = idxs[threadIdx.x + s];
+      if (ov > vals[threadIdx.x] || (ov == vals[threadIdx.x] && oi < idxs[threadIdx.x])) {
+        vals[threadIdx.x] = ov;
+        idxs[threadIdx.x] = oi;
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) ids[blockIdx.x] = static_cast<int32_t>(idxs[0] < cols ? idxs[0] : 0);
+}
+
+unsigned Blocks(int64_t n) { return static_cast<unsigned>(std::min<int64_t>(4096, (n + 255) / 256)); }
+
+}  // namespace
+
+cudaError_t GeluTanhMul(const bf16* gate_up, int64_t rows, int64_t n, bf16* out, cudaStream_t stream) {
+  if (rows * n == 0) return cudaSuccess;
+  GeluTanhMulKernel<<<Blocks(rows * n), 256, 0, stream>>>(gate_up, rows, n, out);
+  return cudaGetLastError();
+}
+
+cudaError_t Softcap(float* x, int64_t n, float cap, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  SoftcapKernel<<<Blocks(n), 256, 0, stream>>>(x, n, cap);
+  return cudaGetLastError();
+}
+
+cudaError_t GatherRows(const bf16* x, int64_t cols, const int64_t* rows, int64_t count, bf16* out,
+                       cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  GatherRowsKernel<<<static_cast<unsigned>(count), 256, 0, stream>>>(x, cols, rows, out);
+  return cudaGetLastError();
+}
+
+cudaError_t ScatterColumns(const float* src, int64_t rows, int64_t src_cols, int64_t offset,
+                           float* dst, int64_t dst_cols, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  ScatterColumnsKernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(src, src_cols, offset, dst,
+                                                                         dst_cols);
+  return cudaGetLastError();
+}
+
+cudaError_t AddBias(void* out, bool out_is_f32, const bf16* bias, int64_t rows, int64_t cols,
+                    cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  if (out_is_f32) {
+    AddBiasKernel<float><<<static_cast<unsigned>(rows), 128, 0, stream>>>(static_cast<float*>(out), bias, cols);
+  } else {
+    AddBiasKernel<bf16><<<static_cast<unsigned>(rows), 128, 0, stream>>>(static_cast<bf16*>(out), bias, cols);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t ArgmaxRows(const float* x, int64_t rows, int64_t cols, int32_t* ids, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  ArgmaxKernel<<<static_cast<unsigned>(rows), 1024, 0, stream>>>(x, cols, ids);
+  return cudaGetLastError();
+}
+
+cudaError_t Poison(void* p, int64_t bytes, cudaStream_t stream) {
+  return cudaMemsetAsync(p, 0xff, static_cast<size_t>(bytes), stream);  // bf16/fp32 NaN
+}
+
+}  // namespace gemma2::kernels

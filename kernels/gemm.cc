@@ -1,0 +1,97 @@
+#include "kernels/gemm.h"
+
+#include <string>
+
+#include "common/cuda_check.h"
+
+namespace {
+// cublasGetStatusString lives in libcublas, which nothing else here needs.
+const char* CublasStatusName(cublasStatus_t s) {
+  switch (s) {
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_MAPPING_ERROR: return "CUBLAS_STATUS_MAPPING_ERROR";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_INTERNAL_ERROR: return "CUBLAS_STATUS_INTERNAL_ERROR";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+    default: return "CUBLAS_STATUS_UNKNOWN";
+  }
+}
+}  // namespace
+
+GEMMA2_DEFINE_CHECK(cublasStatus_t, CUBLAS_STATUS_SUCCESS, CublasStatusName, "cuBLAS")
+
+namespace gemma2::kernels {
+
+// Descriptors and the chosen algorithm for one (tokens, n, k, out dtype).
+struct Gemm::Plan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  ~Plan() {
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (c) cublasLtMatrixLayoutDestroy(c);
+    if (desc) cublasLtMatmulDescDestroy(desc);
+  }
+};
+
+Result<std::unique_ptr<Gemm>> Gemm::Create(cudaStream_t stream) {
+  std::unique_ptr<Gemm> g(new Gemm());
+  g->stream_ = stream;
+  RETURN_IF_CUDA_ERROR(cublasLtCreate(&g->handle_));
+  g->workspace_bytes_ = size_t{64} << 20;
+  RETURN_IF_CUDA_ERROR(cudaMalloc(&g->workspace_, g->workspace_bytes_));
+  return g;
+}
+
+Gemm::~Gemm() {
+  plans_.clear();
+  if (workspace_) cudaFree(workspace_);
+  if (handle_) cublasLtDestroy(handle_);
+}
+
+Result<Gemm::Plan*> Gemm::PlanFor(int64_t tokens, int64_t n, int64_t k, bool out_f32) {
+  const auto key = std::make_tuple(tokens, n, k, out_f32);
+  if (auto it = plans_.find(key); it != plans_.end()) return it->second.get();
+  auto p = std::make_unique<Plan>();
+  RETURN_IF_CUDA_ERROR(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  RETURN_IF_CUDA_ERROR(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+  RETURN_IF_CUDA_ERROR(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+  // Column-major view: w is k x n (ld k), x is k x tokens (ld k), out is n x tokens (ld n).
+  RETURN_IF_CUDA_ERROR(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, k, n, k));
+  RETURN_IF_CUDA_ERROR(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, k, tokens, k));
+  RETURN_IF_CUDA_ERROR(cublasLtMatrixLayoutCreate(&p->c, out_f32 ? CUDA_R_32F : CUDA_R_16BF, n, tokens, n));
+  cublasLtMatmulPreference_t pref = nullptr;
+  RETURN_IF_CUDA_ERROR(cublasLtMatmulPreferenceCreate(&pref));
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                       &workspace_bytes_, sizeof(workspace_bytes_));
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle_, p->desc, p->a, p->b, p->c, p->c,
+                                                           pref, 1, &result, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (st != CUBLAS_STATUS_SUCCESS || found == 0) {
+    return Internal("cuBLASLt has no algorithm for tokens=" + std::to_string(tokens) + " n=" +
+                    std::to_string(n) + " k=" + std::to_string(k));
+  }
+  p->algo = result.algo;
+  Plan* raw = p.get();
+  plans_.emplace(key, std::move(p));
+  return raw;
+}
+
+Status Gemm::Run(const void* x, const void* w, void* out, bool out_f32, int64_t tokens, int64_t n,
+                 int64_t k) {
+  if (tokens == 0 || n == 0) return OkStatus();
+  ASSIGN_OR_RETURN(Plan * p, PlanFor(tokens, n, k, out_f32));
+  const float alpha = 1.0f, beta = 0.0f;
+  RETURN_IF_CUDA_ERROR(cublasLtMatmul(handle_, p->desc, &alpha, w, p->a, x, p->b, &beta, out, p->c,
+                                      out, p->c, &p->algo, workspace_, workspace_bytes_, stream_));
+  return OkStatus();
+}
+
+}  // namespace gemma2::kernels

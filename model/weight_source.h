@@ -1,0 +1,52 @@
+// Where a rank's weights come from: a checkpoint directory, or deterministic random weights of any
+// shape (full-size presets without a checkpoint, for benchmarks and scale tests).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "common/dtype.h"
+#include "common/status.h"
+#include "model/config.h"
+
+namespace gemma2 {
+
+// Rows [row_begin, row_end) x columns [col_begin, col_end) of a 2-D tensor (1-D: one row).
+struct Region {
+  int64_t row_begin = 0, row_end = 0, col_begin = 0, col_end = 0;
+  int64_t rows() const { return row_end - row_begin; }
+  int64_t cols() const { return col_end - col_begin; }
+};
+
+class WeightSource {
+ public:
+  virtual ~WeightSource() = default;
+  virtual const ModelConfig& config() const = 0;
+  // Tensor names are Hugging Face's without the "model." prefix of the body
+  // ("layers.0.mlp.up_proj.weight", "embed_tokens.weight", "score.weight").
+  virtual bool Has(const std::string& name) const = 0;
+  // OK when `name` exists with exactly `expected` shape and a float dtype; else says what differs.
+  virtual Status CheckShape(const std::string& name, const std::vector<int64_t>& expected) const = 0;
+  // Copies `region` of `name`, converted to `out` (F32 or BF16), densely row-major into dst.
+  virtual Status ReadRegion(const std::string& name, const Region& region, DType out,
+                            void* dst) const = 0;
+};
+
+// Deterministic random weights for `config`: element i of tensor `name` depends only on (seed,
+// name, i), so every tensor-parallel slicing of the model sees the same numbers.
+class RandomWeights final : public WeightSource {
+ public:
+  RandomWeights(ModelConfig config, uint64_t seed) : config_(std::move(config)), seed_(seed) {}
+  const ModelConfig& config() const override { return config_; }
+  bool Has(const std::string& name) const override;
+  Status CheckShape(const std::string& name, const std::vector<int64_t>& expected) const override;
+  Status ReadRegion(const std::string& name, const Region& region, DType out,
+                    void* dst) const override;
+
+ private:
+  std::vector<int64_t> ShapeOf(const std::string& name) const;  // empty: no such tensor
+  ModelConfig config_;
+  uint64_t seed_;
+};
+
+}  // namespace gemma2

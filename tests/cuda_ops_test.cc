@@ -1,0 +1,241 @@
+// Every cuda op against its cpu twin (the specification) on awkward shapes: odd sizes, ragged
+// batches, windows that start mid-block, GQA ratios 1/2/4, block boundaries, chunked prefill.
+// Scratch is poisoned with NaN so an element a kernel forgets to write fails the comparison.
+//
+// Tolerances: inputs are bf16-exact on both sides; the cuda side rounds its outputs to bf16
+// (relative 2^-9 ~ 2e-3 per value), so per-row relative L2 of 5e-3 passes rounding and fails any
+// wrong element; attention compounds the rounding of rotated q and k (2e-2). fp32 outputs differ
+// only in summation order (1e-4).
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "cpu/cpu_backend.h"
+#include "model/engine.h"
+#include "tests/gpu_util.h"
+#include "tests/reference_util.h"
+
+namespace gemma2 {
+namespace {
+
+using testing::RelativeL2;
+
+class CudaOpsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    GEMMA2_REQUIRE_GPU();
+    gpu_ = NewGpu();
+    ASSERT_NE(gpu_, nullptr);
+  }
+  static std::unique_ptr<Backend> NewGpu() {
+    EngineOptions o;
+    o.backend = "cuda";
+    o.kv_cache_bytes = int64_t{256} << 20;
+    o.poison_scratch = true;
+    auto b = MakeBackend(o, 0);
+    EXPECT_TRUE(b.ok()) << b.status().ToString();
+    return b.ok() ? std::move(b).value() : nullptr;
+  }
+  // Values rounded to bf16 so both backends see identical inputs.
+  static std::vector<float> Rand(int64_t n, float scale, uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> d(0.0f, scale);
+    std::vector<float> v(static_cast<size_t>(n));
+    for (auto& x : v) x = Bf16ToF32(F32ToBf16(d(rng)));
+    return v;
+  }
+  static Tensor Put(Backend& b, const std::vector<float>& h, int64_t rows, int64_t cols) {
+    auto t = b.Upload(h.data(), DType::kF32, rows, cols);
+    EXPECT_TRUE(t.ok()) << t.status().ToString();
+    return t.ok() ? *t : Tensor{};
+  }
+  static std::vector<float> Get(Backend& b, const Tensor& t) {
+    std::vector<float> h(static_cast<size_t>(t.numel()));
+    const Status st = b.ToHost(t, h.data());
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    return h;
+  }
+  // Per-row relative L2 of gpu vs cpu.
+  static void ExpectRowsClose(const std::vector<float>& gpu, const std::vector<float>& cpu,
+                              int64_t cols, double tol, const std::string& what) {
+    ASSERT_EQ(gpu.size(), cpu.size()) << what;
+    for (size_t r = 0; r * cols < gpu.size(); ++r) {
+      const double err = RelativeL2(gpu.data() + r * cols, cpu.data() + r * cols, cols);
+      EXPECT_LE(err, tol) << what << " row " << r;  // NaN (poison) fails too
+    }
+  }
+  // Starts a step with no sequences (for ops that need no KV cache).
+  void EmptyStep(Backend& b) {
+    if (!dummy_kv_) dummy_kv_ = b.NewSequenceKv(1, 1, 128);
+    ASSERT_TRUE(b.BeginStep({}).ok());
+  }
+  std::unique_ptr<Backend> gpu_;
+  CpuBackend cpu_;
+  std::unique_ptr<SequenceKv> dummy_kv_;
+};
+
+TEST_F(CudaOpsTest, RmsNormAndAddRmsNorm) {
+  EmptyStep(*gpu_);
+  for (auto [rows, hidden] : {std::pair{1, 4608}, {3, 2304}, {17, 100}, {2, 3584}}) {
+    SCOPED_TRACE(std::to_string(rows) + "x" + std::to_string(hidden));
+    const auto x = Rand(rows * hidden, 3.0f, 1), d = Rand(rows * hidden, 5.0f, 2);
+    const auto w1 = Rand(hidden, 0.1f, 3), w2 = Rand(hidden, 0.1f, 4);
+    Tensor gx = Put(*gpu_, x, rows, hidden), cx = Put(cpu_, x, rows, hidden);
+    Tensor gd = Put(*gpu_, d, rows, hidden), cd = Put(cpu_, d, rows, hidden);
+    Tensor gw1 = Put(*gpu_, w1, 1, hidden), cw1 = Put(cpu_, w1, 1, hidden);
+    Tensor gw2 = Put(*gpu_, w2, 1, hidden), cw2 = Put(cpu_, w2, 1, hidden);
+    Tensor go = gpu_->Alloc(rows, hidden), co = cpu_.Alloc(rows, hidden);
+    gpu_->RmsNorm(gx, gw1, 1e-6f, go);
+    cpu_.RmsNorm(cx, cw1, 1e-6f, co);
+    ExpectRowsClose(Get(*gpu_, go), Get(cpu_, co), hidden, 5e-3, "RmsNorm");
+    gpu_->AddRmsNorm(gx, gd, gw1, &gw2, 1e-6f, go);
+    cpu_.AddRmsNorm(cx, cd, cw1, &cw2, 1e-6f, co);
+    ExpectRowsClose(Get(*gpu_, gx), Get(cpu_, cx), hidden, 5e-3, "AddRmsNorm residual");
+    ExpectRowsClose(Get(*gpu_, go), Get(cpu_, co), hidden, 5e-3, "AddRmsNorm normed");
+  }
+}
+
+TEST_F(CudaOpsTest, LinearBf16AndFp32OutputsWithBias) {
+  EmptyStep(*gpu_);
+  for (auto [t, n, k] : {std::tuple{1, 4608, 4608}, {7, 96, 4608}, {33, 1000, 64}, {5, 3, 72}}) {
+    SCOPED_TRACE(std::to_string(t) + "x" + std::to_string(n) + "x" + std::to_string(k));
+    const auto x = Rand(t * k, 1.0f, 5), w = Rand(n * k, 0.05f, 6), b = Rand(n, 1.0f, 7);
+    Tensor gx = Put(*gpu_, x, t, k), cx = Put(cpu_, x, t, k);
+    Tensor gw = Put(*gpu_, w, n, k), cw = Put(cpu_, w, n, k);
+    Tensor gb = Put(*gpu_, b, 1, n), cb = Put(cpu_, b, 1, n);
+    Tensor g16 = gpu_->Alloc(t, n), g32 = gpu_->AllocOutput(t, n), c32 = cpu_.AllocOutput(t, n);
+    gpu_->Linear(gx, gw, nullptr, g16);
+    gpu_->Linear(gx, gw, &gb, g32);
+    cpu_.Linear(cx, cw, nullptr, c32);
+    const auto plain = Get(cpu_, c32);
+    ExpectRowsClose(Get(*gpu_, g16), plain, n, 5e-3, "Linear bf16 out");
+    cpu_.Linear(cx, cw, &cb, c32);
+    ExpectRowsClose(Get(*gpu_, g32), Get(cpu_, c32), n, 1e-4, "Linear fp32 out + bias");
+  }
+}
+
+TEST_F(CudaOpsTest, EmbedVocabShardGeluSoftcapScatterGatherArgmax) {
+  EmptyStep(*gpu_);
+  const int64_t rows = 400, hidden = 72, begin = 300;  // this rank owns ids [300, 700)
+  const auto table = Rand(rows * hidden, 1.0f, 8);
+  Tensor gt = Put(*gpu_, table, rows, hidden), ct = Put(cpu_, table, rows, hidden);
+  const std::vector<int32_t> ids = {0, 299, 300, 512, 699, 700, 999};
+  const int64_t n = static_cast<int64_t>(ids.size());
+  Tensor ge = gpu_->Alloc(n, hidden), ce = cpu_.Alloc(n, hidden);
+  gpu_->Embed(ids, gt, begin, 68.0f, ge);
+  cpu_.Embed(ids, ct, begin, 68.0f, ce);
+  const auto gev = Get(*gpu_, ge), cev = Get(cpu_, ce);
+  for (int64_t i = 0; i < n * hidden; ++i) ASSERT_EQ(gev[i], Bf16ToF32(F32ToBf16(cev[i]))) << i;
+
+  const auto gu = Rand(5 * 2 * 1001, 2.0f, 9);
+  Tensor ggu = Put(*gpu_, gu, 5, 2002), cgu = Put(cpu_, gu, 5, 2002);
+  Tensor ga = gpu_->Alloc(5, 1001), ca = cpu_.Alloc(5, 1001);
+  gpu_->GeluTanhMul(ggu, ga);
+  cpu_.GeluTanhMul(cgu, ca);
+  ExpectRowsClose(Get(*gpu_, ga), Get(cpu_, ca), 1001, 5e-3, "GeluTanhMul");
+
+  const std::vector<int64_t> pick = {4, 0, 4, 2};
+  Tensor gg = gpu_->Alloc(4, 1001), cg = cpu_.Alloc(4, 1001);
+  gpu_->GatherRows(ga, pick, gg);
+  cpu_.GatherRows(ca, pick, cg);
+  ExpectRowsClose(Get(*gpu_, gg), Get(cpu_, cg), 1001, 5e-3, "GatherRows");
+
+  // fp32 logits: project, softcap, scatter into a wider row, argmax.
+  const auto w = Rand(37 * 1001, 0.2f, 10);
+  Tensor gw = Put(*gpu_, w, 37, 1001), cw = Put(cpu_, w, 37, 1001);
+  Tensor gl = gpu_->AllocOutput(4, 37), cl = cpu_.AllocOutput(4, 37);
+  gpu_->Linear(gg, gw, nullptr, gl);
+  cpu_.Linear(cg, cw, nullptr, cl);
+  gpu_->Softcap(gl, 30.0f);
+  cpu_.Softcap(cl, 30.0f);
+  Tensor gf = gpu_->AllocOutput(4, 100), cf = cpu_.AllocOutput(4, 100);
+  gpu_->ScatterColumns(gl, 50, gf);
+  cpu_.ScatterColumns(cl, 50, cf);
+  const auto gfv = Get(*gpu_, gf), cfv = Get(cpu_, cf);
+  ExpectRowsClose(gfv, cfv, 100, 1e-2, "Softcap + ScatterColumns");
+  for (int r = 0; r < 4; ++r) {
+    for (int j = 0; j < 100; ++j) {
+      if (j < 50 || j >= 87) {
+        ASSERT_EQ(gfv[r * 100 + j], 0.0f) << r << "," << j;
+      }
+    }
+  }
+  std::vector<int32_t> gids(4), cids(4);
+  ASSERT_TRUE(gpu_->ArgmaxToHost(gf, gids.data()).ok());
+  ASSERT_TRUE(cpu_.ArgmaxToHost(cf, cids.data()).ok());
+  EXPECT_EQ(gids, cids);
+}
+
+struct AttnCase {
+  int64_t q_heads, kv_heads, head_dim, window;
+};
+
+TEST_F(CudaOpsTest, RopeCacheAndAttentionOverRaggedStepsAndBlocks) {
+  const std::vector<AttnCase> cases = {{4, 4, 128, 0}, {4, 2, 128, 21}, {8, 2, 128, 16},
+                                       {2, 1, 256, 5}, {4, 1, 256, 0}};
+  for (const auto& ac : cases) {
+    SCOPED_TRACE("q" + std::to_string(ac.q_heads) + " kv" + std::to_string(ac.kv_heads) + " hd" +
+                 std::to_string(ac.head_dim) + " window" + std::to_string(ac.window));
+    auto gpu = NewGpu();
+    ASSERT_NE(gpu, nullptr);
+    const int64_t layers = 2, layer = 1;
+    AttentionParams p;
+    p.q_heads = ac.q_heads;
+    p.kv_heads = ac.kv_heads;
+    p.head_dim = ac.head_dim;
+    p.scale = 1.0f / std::sqrt(144.0f);
+    p.softcap = 50.0f;
+    p.window = ac.window;
+    p.rope_theta = 10000.0;
+    const int64_t width = (ac.q_heads + 2 * ac.kv_heads) * ac.head_dim;
+    // Three sequences; steps: ragged prefill, three decode steps, a second prefill chunk.
+    const std::vector<std::vector<int64_t>> steps = {{1, 17, 40}, {1, 1, 1}, {1, 1, 1}, {1, 1, 1}, {5, 0, 300}};
+    std::vector<std::unique_ptr<SequenceKv>> gk, ck;
+    for (int s = 0; s < 3; ++s) {
+      gk.push_back(gpu->NewSequenceKv(layers, ac.kv_heads, ac.head_dim));
+      ck.push_back(cpu_.NewSequenceKv(layers, ac.kv_heads, ac.head_dim));
+    }
+    std::vector<int64_t> len(3, 0);
+    uint64_t seed = 100;
+    for (const auto& step : steps) {
+      std::vector<SeqSlice> gs, cs;
+      int64_t rows = 0;
+      for (int s = 0; s < 3; ++s) {
+        if (step[s] == 0) continue;
+        gs.push_back({gk[s].get(), len[s], step[s], rows});
+        cs.push_back({ck[s].get(), len[s], step[s], rows});
+        rows += step[s];
+      }
+      ASSERT_TRUE(gpu->BeginStep(gs).ok());
+      const auto qkv = Rand(rows * width, 1.0f, ++seed);
+      Tensor gq = Put(*gpu, qkv, rows, width), cq = Put(cpu_, qkv, rows, width);
+      gpu->RopeAndCacheWrite(gq, gs, layer, p);
+      cpu_.RopeAndCacheWrite(cq, cs, layer, p);
+      ExpectRowsClose(Get(*gpu, gq), Get(cpu_, cq), width, 5e-3, "RoPE");
+      Tensor go = gpu->Alloc(rows, ac.q_heads * ac.head_dim), co = cpu_.Alloc(rows, ac.q_heads * ac.head_dim);
+      gpu->Attention(gq, gs, layer, p, go);
+      cpu_.Attention(cq, cs, layer, p, co);
+      ExpectRowsClose(Get(*gpu, go), Get(cpu_, co), ac.q_heads * ac.head_dim, 2e-2, "Attention");
+      for (int s = 0; s < 3; ++s) len[s] += step[s];
+    }
+    EXPECT_EQ(gk[2]->length(), 343);
+  }
+}
+
+TEST_F(CudaOpsTest, KvCacheExhaustionIsAnErrorNotACrash) {
+  EngineOptions o;
+  o.backend = "cuda";
+  o.kv_cache_bytes = 2 * 2 * 1 * 16 * 128 * 2 * 4;  // 4 blocks of 16 tokens, 2 layers
+  auto b = MakeBackend(o, 0);
+  ASSERT_TRUE(b.ok());
+  auto kv = (*b)->NewSequenceKv(2, 1, 128);
+  std::vector<SeqSlice> s = {{kv.get(), 0, 64, 0}};
+  EXPECT_TRUE((*b)->BeginStep(s).ok());
+  s = {{kv.get(), 64, 1, 0}};
+  const Status st = (*b)->BeginStep(s);
+  ASSERT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("KV cache full"), std::string::npos) << st.message();
+}
+
+}  // namespace
+}  // namespace gemma2

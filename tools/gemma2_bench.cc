@@ -1,0 +1,245 @@
+// gemma2-bench: decode and prefill speed of one engine, with the achieved HBM bandwidth and
+// TFLOP/s against the measured ceilings of the GPU host (../shared/gpu/README.md).
+//
+//   gemma2-bench --backend cuda --random-weights 1 --preset 27b --out bench.json
+//
+// Decode: B sequences each prefilled with P random tokens, then `--steps` greedy decode steps of
+// B tokens (argmax on the device); the figure is the median step time. Prefill: one sequence of L
+// tokens, median of `--repeat` runs. Bytes per decode step = every weight once + the KV cache the
+// step reads (sliding layers at most `sliding_window` positions); FLOPs of a prefill = 2 x matmul
+// parameters x L + attention (4 x visible keys x head_dim per head and layer).
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "model/engine.h"
+#include "model/weight_source.h"
+
+namespace gemma2 {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Args {
+  std::string model, preset = "27b", backend = "cuda", out;
+  uint64_t random_weights = 1;
+  int64_t layers = 0, steps = 32, repeat = 3;
+  std::vector<int64_t> batches = {1, 16, 64}, prompts = {128, 2048}, prefills = {128, 512, 2048, 8192};
+  double hbm_tbps = 4.28, gemm_tflops = 802;  // measured ceilings of the H200 host
+  double kv_cache_gb = 0;
+};
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+int64_t WeightBytes(const ModelConfig& c) {
+  const int64_t h = c.hidden_size;
+  const int64_t per_layer = h * c.q_size() * 2 + h * c.kv_size() * 2 + 3 * h * c.intermediate_size + 4 * h;
+  return 2 * (c.vocab_size * h + c.num_layers * per_layer + h);
+}
+
+int64_t MatmulParams(const ModelConfig& c) {
+  const int64_t h = c.hidden_size;
+  return c.num_layers * (h * c.q_size() * 2 + h * c.kv_size() * 2 + 3 * h * c.intermediate_size) +
+         c.vocab_size * h;
+}
+
+// Keys visible to a query at `pos` in layer l.
+int64_t Visible(const ModelConfig& c, int64_t layer, int64_t pos) {
+  const int64_t w = c.layer_is_sliding[static_cast<size_t>(layer)] ? c.sliding_window : 0;
+  return w > 0 ? std::min(pos + 1, w) : pos + 1;
+}
+
+std::vector<int32_t> RandomTokens(int64_t n, int64_t vocab, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (auto& x : t) x = static_cast<int32_t>(4 + rng() % static_cast<uint64_t>(vocab - 4));
+  t[0] = 2;
+  return t;
+}
+
+Result<double> TimeStep(Engine& e, const StepPlan& plan) {
+  const auto t0 = Clock::now();
+  ASSIGN_OR_RETURN(StepOutput out, e.Step(plan));
+  (void)out;
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+Result<nlohmann::json> Prefill(Engine& e, const Args& a, int64_t len) {
+  const ModelConfig& c = e.config();
+  std::vector<double> ms;
+  for (int64_t r = 0; r < a.repeat + 1; ++r) {  // the first run warms up
+    const int64_t id = e.NewSequence();
+    StepPlan plan;
+    plan.argmax_only = true;
+    plan.sequences.push_back({id, 0, RandomTokens(len, c.vocab_size, 7 + r), {len - 1}});
+    auto t = TimeStep(e, plan);
+    e.ReleaseSequence(id);
+    if (!t.ok()) return t.status();
+    if (r > 0) ms.push_back(*t);
+  }
+  const double m = Median(ms);
+  double attn = 0;
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    for (int64_t p = 0; p < len; ++p) attn += 4.0 * static_cast<double>(Visible(c, l, p)) * c.head_dim * c.num_heads;
+  }
+  const double flops = 2.0 * static_cast<double>(MatmulParams(c)) * len + attn;
+  const double tflops = flops / (m * 1e-3) / 1e12;
+  return nlohmann::json{{"kind", "prefill"}, {"tokens", len}, {"ms", m}, {"tflops", tflops},
+                        {"gemm_ceiling_fraction", tflops / a.gemm_tflops}};
+}
+
+Result<nlohmann::json> Decode(Engine& e, const Args& a, int64_t batch, int64_t prompt) {
+  const ModelConfig& c = e.config();
+  std::vector<int64_t> ids;
+  auto release = [&] {
+    for (int64_t id : ids) e.ReleaseSequence(id);
+  };
+  for (int64_t b = 0; b < batch; ++b) {
+    ids.push_back(e.NewSequence());
+    StepPlan plan;
+    plan.argmax_only = true;
+    plan.sequences.push_back({ids.back(), 0, RandomTokens(prompt, c.vocab_size, 100 + b), {prompt - 1}});
+    auto t = TimeStep(e, plan);
+    if (!t.ok()) {
+      release();
+      return t.status().WithContext("prefilling decode batch " + std::to_string(batch));
+    }
+  }
+  std::vector<double> ms;
+  for (int64_t s = 0; s < a.steps + 2; ++s) {
+    StepPlan plan;
+    plan.argmax_only = true;
+    for (int64_t b = 0; b < batch; ++b) {
+      plan.sequences.push_back({ids[static_cast<size_t>(b)], prompt + s, {static_cast<int32_t>(5 + (b + s) % 100)}, {0}});
+    }
+    auto t = TimeStep(e, plan);
+    if (!t.ok()) {
+      release();
+      return t.status();
+    }
+    if (s >= 2) ms.push_back(*t);  // two warm-up steps
+  }
+  release();
+  const double m = Median(ms);
+  double kv_bytes = 0;  // K and V of every visible position, bf16
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    kv_bytes += static_cast<double>(batch) * Visible(c, l, prompt + a.steps / 2) * 2 * c.kv_size() * 2;
+  }
+  const double bytes = static_cast<double>(WeightBytes(c)) + kv_bytes;
+  const double tbps = bytes / (m * 1e-3) / 1e12;
+  return nlohmann::json{{"kind", "decode"}, {"batch", batch}, {"prompt", prompt}, {"ms_per_step", m},
+                        {"tokens_per_s", batch * 1000.0 / m}, {"hbm_tb_per_s", tbps},
+                        {"hbm_ceiling_fraction", tbps / a.hbm_tbps},
+                        {"floor_ms", bytes / (a.hbm_tbps * 1e12) * 1e3}};
+}
+
+Status Run(const Args& a) {
+  std::unique_ptr<WeightSource> weights;
+  std::unique_ptr<Checkpoint> ck;
+  if (!a.model.empty()) {
+    ASSIGN_OR_RETURN(ck, Checkpoint::Open(a.model));
+  } else {
+    ASSIGN_OR_RETURN(ModelConfig c, PresetConfig(a.preset));
+    if (a.layers > 0) {
+      c.num_layers = std::min(c.num_layers, a.layers);
+      c.layer_is_sliding.resize(static_cast<size_t>(c.num_layers));
+    }
+    weights = std::make_unique<RandomWeights>(c, a.random_weights);
+  }
+  const WeightSource& ws = ck ? static_cast<const WeightSource&>(*ck) : *weights;
+  EngineOptions eo;
+  eo.backend = a.backend;
+  eo.kv_cache_bytes = static_cast<int64_t>(a.kv_cache_gb * (1 << 30));
+  const auto t0 = Clock::now();
+  ASSIGN_OR_RETURN(auto engine, Engine::Create(ws, eo));
+  const double load_s = std::chrono::duration<double>(Clock::now() - t0).count();
+  const ModelConfig& c = engine->config();
+  std::fprintf(stderr, "gemma2-bench: loaded %.2f GB of weights in %.1f s\n", WeightBytes(c) / 1e9, load_s);
+
+  nlohmann::json results = nlohmann::json::array();
+  std::printf("%-8s %6s %7s %12s %11s %9s %9s\n", "kind", "batch", "tokens", "ms", "tok/s", "TB/s|TF/s", "of ceil");
+  for (int64_t p : a.prompts) {
+    for (int64_t b : a.batches) {
+      auto r = Decode(*engine, a, b, p);
+      if (!r.ok()) {
+        std::fprintf(stderr, "gemma2-bench: decode batch %ld prompt %ld: %s\n", static_cast<long>(b),
+                     static_cast<long>(p), r.status().message().c_str());
+        results.push_back({{"kind", "decode"}, {"batch", b}, {"prompt", p}, {"error", r.status().message()}});
+        continue;
+      }
+      std::printf("%-8s %6ld %7ld %12.2f %11.1f %9.2f %8.0f%%\n", "decode", static_cast<long>(b),
+                  static_cast<long>(p), (*r)["ms_per_step"].get<double>(), (*r)["tokens_per_s"].get<double>(),
+                  (*r)["hbm_tb_per_s"].get<double>(), 100 * (*r)["hbm_ceiling_fraction"].get<double>());
+      std::fflush(stdout);
+      results.push_back(*r);
+    }
+  }
+  for (int64_t len : a.prefills) {
+    auto r = Prefill(*engine, a, len);
+    if (!r.ok()) {
+      std::fprintf(stderr, "gemma2-bench: prefill %ld: %s\n", static_cast<long>(len), r.status().message().c_str());
+      results.push_back({{"kind", "prefill"}, {"tokens", len}, {"error", r.status().message()}});
+      continue;
+    }
+    std::printf("%-8s %6d %7ld %12.2f %11.1f %9.1f %8.0f%%\n", "prefill", 1, static_cast<long>(len),
+                (*r)["ms"].get<double>(), len * 1000.0 / (*r)["ms"].get<double>(), (*r)["tflops"].get<double>(),
+                100 * (*r)["gemm_ceiling_fraction"].get<double>());
+    std::fflush(stdout);
+    results.push_back(*r);
+  }
+  nlohmann::json doc{{"model", a.model.empty() ? "random " + a.preset : a.model},
+                     {"layers", c.num_layers}, {"backend", a.backend}, {"weight_bytes", WeightBytes(c)},
+                     {"load_s", load_s}, {"ceilings", {{"hbm_tb_per_s", a.hbm_tbps}, {"gemm_tflops", a.gemm_tflops}}},
+                     {"results", results}};
+  if (!a.out.empty()) {
+    std::ofstream(a.out) << doc.dump(2) << "\n";
+  }
+  return OkStatus();
+}
+
+}  // namespace
+}  // namespace gemma2
+
+int main(int argc, char** argv) {
+  gemma2::Args a;
+  CLI::App app{"gemma2-bench: decode and prefill speed against the hardware ceilings"};
+  app.add_option("--model", a.model, "checkpoint directory (default: random weights of --preset)");
+  app.add_option("--preset", a.preset, "2b, 9b or 27b (random weights)");
+  app.add_option("--random-weights", a.random_weights, "seed of the random weights");
+  app.add_option("--layers", a.layers, "keep the first N layers (widths exact)");
+  app.add_option("--backend", a.backend, "cuda or cpu");
+  app.add_option("--batches", a.batches, "decode batch sizes")->delimiter(',');
+  app.add_option("--prompts", a.prompts, "decode prompt lengths")->delimiter(',');
+  app.add_option("--prefills", a.prefills, "prefill lengths")->delimiter(',');
+  app.add_option("--steps", a.steps, "timed decode steps");
+  app.add_option("--repeat", a.repeat, "timed prefill runs");
+  app.add_option("--kv-cache-gb", a.kv_cache_gb, "KV cache size (0: 90% of free memory)");
+  app.add_option("--out", a.out, "write the results as JSON here");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "gemma2-bench: error: " << e.what() << "\n";
+    return 2;
+  }
+  gemma2::Status st;
+  try {
+    st = gemma2::Run(a);
+  } catch (const std::exception& e) {
+    st = gemma2::Internal(e.what());
+  }
+  if (!st.ok()) {
+    std::cerr << "gemma2-bench: error: " << st.message() << "\n";
+    return 1;
+  }
+  return 0;
+}

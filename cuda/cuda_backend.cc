@@ -11,6 +11,7 @@
 #include "kernels/elementwise.h"
 #include "kernels/embed.h"
 #include "kernels/gemm.h"
+#include "kernels/gemv.h"
 #include "kernels/rms_norm.h"
 #include "kernels/rope_kv.h"
 #include "model/rope.h"
@@ -210,8 +211,13 @@ class CudaBackend final : public Backend {
   void Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& out) override {
     if (!error_.ok()) return;
     const bool f32 = out.dtype == DType::kF32;
-    const Status st = gemm_->Run(x.data, w.data, out.data, f32, x.rows, w.rows, x.cols);
-    if (!st.ok()) error_ = st;
+    if (kernels::GemvSupports(x.data, w.data, x.rows, x.cols)) {  // decode: memory-bound
+      Note(kernels::Gemv(x.as<bf16>(), w.as<bf16>(), out.data, f32, x.rows, w.rows, x.cols, stream_),
+           "Gemv");
+    } else {
+      const Status st = gemm_->Run(x.data, w.data, out.data, f32, x.rows, w.rows, x.cols);
+      if (!st.ok()) error_ = st;
+    }
     if (bias) Note(kernels::AddBias(out.data, f32, bias->as<bf16>(), out.rows, out.cols, stream_), "AddBias");
   }
 
@@ -321,7 +327,8 @@ class CudaBackend final : public Backend {
     if (bytes <= 0) {
       size_t free_b = 0, total = 0;
       Note(cudaMemGetInfo(&free_b, &total), "cudaMemGetInfo");
-      bytes = static_cast<int64_t>(static_cast<double>(free_b) * 0.9) - (int64_t{2} << 30);
+      // Leave room for a long prefill's activations (8192 tokens of 27B need about 3 GiB).
+      bytes = static_cast<int64_t>(static_cast<double>(free_b) * 0.95) - (int64_t{8} << 30);
     }
     const int64_t per_block = 2 * layers * kv_heads * pool->block_size * head_dim * 2;  // k+v, bf16
     pool->num_blocks = std::max<int64_t>(1, bytes / per_block);

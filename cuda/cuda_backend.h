@@ -11,7 +11,7 @@ namespace gemma2 {
 
 struct CudaOptions {
   int device = 0;
-  int64_t kv_cache_bytes = 0;  // 0: 90% of the memory free when the first sequence starts
+  int64_t kv_cache_bytes = 0;  // 0: 95% of the memory free at the first sequence, less 8 GiB
   int32_t kv_block_size = 16;  // tokens per KV block
   bool poison_scratch = false; // tests: fill every scratch tensor with NaN before use
 };

@@ -1,5 +1,6 @@
 // Projections through cuBLASLt: bf16 inputs, fp32 accumulation, bf16 or fp32 output. The
-// algorithm is chosen once per shape and cached; one workspace serves every call.
+// algorithm is chosen once per shape (the fastest of the heuristic's candidates, timed) and
+// cached; one workspace serves every call.
 #pragma once
 
 #include <cublasLt.h>
@@ -28,7 +29,9 @@ class Gemm {
  private:
   struct Plan;
   Gemm() = default;
-  Result<Plan*> PlanFor(int64_t tokens, int64_t n, int64_t k, bool out_f32);
+  // The cached plan for a shape; the first call times the heuristic's candidates on these operands.
+  Result<Plan*> PlanFor(const void* x, const void* w, void* out, int64_t tokens, int64_t n,
+                        int64_t k, bool out_f32);
 
   cudaStream_t stream_ = nullptr;
   cublasLtHandle_t handle_ = nullptr;

@@ -17,7 +17,7 @@ struct EngineOptions {
   std::string backend = "cpu";
   int tp = 1;
   int threads = 0;              // cpu: math threads in all; 0: all cores
-  int64_t kv_cache_bytes = 0;   // cuda: 0 = 90% of free memory after the weights
+  int64_t kv_cache_bytes = 0;   // cuda: 0 = most of the memory free after the weights
   bool poison_scratch = false;  // cuda tests: NaN-fill scratch so unwritten elements show
 };
 

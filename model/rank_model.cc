@@ -153,31 +153,34 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
   b.Embed(ids, embed_, plan_.vocab_begin, normalizer, x);
   RETURN_IF_ERROR(comm.AllReduceSum(x));
 
+  // Scratch for one layer, reused by every layer (all layers of a rank have the same shapes).
+  const LayerWeights& first = layers_.front();
   Tensor normed = b.Alloc(t, h);
-  b.RmsNorm(x, layers_.front().input_norm, eps, normed);
+  Tensor qkv = b.Alloc(t, first.qkv.rows);
+  Tensor attn = b.Alloc(t, plan_.q_heads() * c.head_dim);
+  Tensor o = b.Alloc(t, h);
+  Tensor gate_up = b.Alloc(t, first.gate_up.rows);
+  Tensor act = b.Alloc(t, first.gate_up.rows / 2);
+  Tensor down = b.Alloc(t, h);
+
+  b.RmsNorm(x, first.input_norm, eps, normed);
   for (size_t li = 0; li < layers_.size(); ++li) {
     const LayerWeights& w = layers_[li];
     const int64_t layer = plan_.layer_begin + static_cast<int64_t>(li);
     const AttentionParams ap = AttentionFor(layer);
 
     // Attention block: this rank's heads, then a sum of the o_proj partial products.
-    Tensor qkv = b.Alloc(t, w.qkv.rows);
     b.Linear(normed, w.qkv, nullptr, qkv);
     b.RopeAndCacheWrite(qkv, seqs, layer, ap);
-    Tensor attn = b.Alloc(t, ap.q_heads * ap.head_dim);
     b.Attention(qkv, seqs, layer, ap, attn);
-    Tensor o = b.Alloc(t, h);
     b.Linear(attn, w.o, nullptr, o);
     RETURN_IF_ERROR(comm.AllReduceSum(o));
     // Post-attention norm applies to the block output before the residual add.
     b.AddRmsNorm(x, o, w.post_attention_norm, &w.pre_feedforward_norm, eps, normed);
 
     // MLP block: down(gelu_tanh(gate(x)) * up(x)) over this rank's columns, then a sum.
-    Tensor gate_up = b.Alloc(t, w.gate_up.rows);
     b.Linear(normed, w.gate_up, nullptr, gate_up);
-    Tensor act = b.Alloc(t, w.gate_up.rows / 2);
     b.GeluTanhMul(gate_up, act);
-    Tensor down = b.Alloc(t, h);
     b.Linear(act, w.down, nullptr, down);
     RETURN_IF_ERROR(comm.AllReduceSum(down));
     const Tensor& next_norm = li + 1 < layers_.size() ? layers_[li + 1].input_norm : final_norm_;

@@ -17,7 +17,7 @@ class CpuBackend final : public Backend {
   Tensor AllocOutput(int64_t rows, int64_t cols) override { return Alloc(rows, cols); }
   Status ToHost(const Tensor& t, float* host) override;
   Status ArgmaxToHost(const Tensor& logits, int32_t* ids) override;
-  Status BeginStep(std::span<const SeqSlice>) override { return OkStatus(); }
+  Status BeginStep(std::span<const SeqSlice>, bool) override { return OkStatus(); }
   std::unique_ptr<SequenceKv> NewSequenceKv(int64_t layers, int64_t kv_heads,
                                             int64_t head_dim) override;
 

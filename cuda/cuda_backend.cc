@@ -73,6 +73,9 @@ class CudaBackend final : public Backend {
   explicit CudaBackend(const CudaOptions& o) : opts_(o) {}
   ~CudaBackend() override {
     if (stream_) cudaStreamSynchronize(stream_);
+    for (auto& [batch, g] : graphs_) {
+      if (g.exec) cudaGraphExecDestroy(g.exec);
+    }
     gemm_.reset();
     if (pinned_) cudaFreeHost(pinned_);
     if (stream_) cudaStreamDestroy(stream_);
@@ -117,6 +120,7 @@ class CudaBackend final : public Backend {
   Tensor AllocOutput(int64_t rows, int64_t cols) override { return Scratch(rows, cols, DType::kF32); }
 
   Status ToHost(const Tensor& t, float* host) override {
+    if (replaying_ || capturing_) return Internal("cuda backend: ToHost inside a graph step");
     Note(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
     RETURN_IF_ERROR(error_);
     const size_t n = static_cast<size_t>(t.numel());
@@ -132,13 +136,20 @@ class CudaBackend final : public Backend {
 
   Status ArgmaxToHost(const Tensor& logits, int32_t* ids) override {
     Tensor d = Scratch(1, logits.rows, DType::kI32);
-    Note(kernels::ArgmaxRows(logits.as<float>(), logits.rows, logits.cols, d.as<int32_t>(), stream_),
-         "ArgmaxRows");
-    RETURN_IF_ERROR(error_);
-    auto* staged = static_cast<int32_t*>(pinned_);
-    RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(staged, d.data, static_cast<size_t>(logits.rows) * 4,
-                                         cudaMemcpyDeviceToHost, stream_));
+    Tensor scratch = Scratch(1, static_cast<int64_t>(kernels::ArgmaxScratchBytes(logits.rows) / 4), DType::kF32);
+    // The ids land in the pinned area after this step's staged inputs.
+    auto* staged = reinterpret_cast<int32_t*>(static_cast<char*>(pinned_) + pinned_offset_);
+    if (!replaying_) {
+      Note(kernels::ArgmaxRows(logits.as<float>(), logits.rows, logits.cols, scratch.data,
+                               d.as<int32_t>(), stream_),
+           "ArgmaxRows");
+      Note(cudaMemcpyAsync(staged, d.data, static_cast<size_t>(logits.rows) * 4,
+                           cudaMemcpyDeviceToHost, stream_),
+           "cudaMemcpyAsync(ids)");
+    }
+    RETURN_IF_ERROR(FinishGraph());
     RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream_));
+    RETURN_IF_ERROR(error_);
     std::memcpy(ids, staged, static_cast<size_t>(logits.rows) * 4);
     return OkStatus();
   }
@@ -149,15 +160,19 @@ class CudaBackend final : public Backend {
     return std::make_unique<CudaSequenceKv>(pool_);
   }
 
-  Status BeginStep(std::span<const SeqSlice> seqs) override {
+  Status BeginStep(std::span<const SeqSlice> seqs, bool argmax_only) override {
     Note(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
     RETURN_IF_ERROR(error_);
     arena_chunk_ = 0;
     arena_offset_ = 0;
     pinned_offset_ = 0;
+    replaying_ = capturing_ = false;
     if (!pool_) return Internal("cuda backend: no KV cache pool (no sequence was created)");
+    // Block tables have a fixed stride (a sequence's most blocks), so every kernel argument of a
+    // decode step depends only on its batch size: such steps are captured once and replayed.
+    const size_t max_blocks = static_cast<size_t>(
+        (opts_.max_positions + pool_->block_size - 1) / pool_->block_size);
     std::vector<int32_t> token_seq, token_pos;
-    size_t max_blocks = 1;
     for (size_t s = 0; s < seqs.size(); ++s) {
       auto* kv = static_cast<CudaSequenceKv*>(seqs[s].kv);
       const int64_t end = seqs[s].start_pos + seqs[s].num_tokens;
@@ -167,8 +182,11 @@ class CudaBackend final : public Backend {
                           std::to_string(pool_->free.size()) + " free blocks of " +
                           std::to_string(pool_->block_size) + " tokens");
       }
+      if (kv->blocks().size() > max_blocks) {
+        return InvalidArgument("sequence of " + std::to_string(end) + " tokens exceeds max_positions " +
+                               std::to_string(opts_.max_positions));
+      }
       kv->set_length(end);
-      max_blocks = std::max(max_blocks, kv->blocks().size());
       for (int64_t t = 0; t < seqs[s].num_tokens; ++t) {
         token_seq.push_back(static_cast<int32_t>(s));
         token_pos.push_back(static_cast<int32_t>(seqs[s].start_pos + t));
@@ -180,6 +198,9 @@ class CudaBackend final : public Backend {
       std::copy(b.begin(), b.end(), tables.begin() + static_cast<std::ptrdiff_t>(s * max_blocks));
     }
     step_tokens_.count = static_cast<int64_t>(token_seq.size());
+    const bool decode = argmax_only && opts_.cuda_graphs && !seqs.empty() &&
+                        step_tokens_.count == static_cast<int64_t>(seqs.size());
+    if (decode) RETURN_IF_ERROR(StartGraph(seqs.size()));
     step_tokens_.token_seq = Stage(token_seq.data(), token_seq.size() * 4).as<int32_t>();
     step_tokens_.token_pos = Stage(token_pos.data(), token_pos.size() * 4).as<int32_t>();
     block_tables_ = Stage(tables.data(), tables.size() * 4).as<int32_t>();
@@ -190,18 +211,21 @@ class CudaBackend final : public Backend {
   void Embed(std::span<const int32_t> ids, const Tensor& table, int64_t vocab_begin, float scale,
              Tensor& out) override {
     const Tensor d = Stage(ids.data(), ids.size() * 4);
+    if (replaying_) return;
     Note(kernels::Embed(d.as<int32_t>(), static_cast<int64_t>(ids.size()), table.as<bf16>(),
                         table.rows, table.cols, vocab_begin, scale, out.as<bf16>(), stream_),
          "Embed");
   }
 
   void RmsNorm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override {
+    if (replaying_) return;
     Note(kernels::RmsNorm(x.as<bf16>(), w.as<bf16>(), x.rows, x.cols, eps, out.as<bf16>(), stream_),
          "RmsNorm");
   }
 
   void AddRmsNorm(Tensor& residual, const Tensor& delta, const Tensor& post_w, const Tensor* next_w,
                   float eps, Tensor& normed) override {
+    if (replaying_) return;
     Note(kernels::AddRmsNorm(residual.as<bf16>(), delta.as<bf16>(), post_w.as<bf16>(),
                              next_w ? next_w->as<bf16>() : nullptr, residual.rows, residual.cols,
                              eps, normed.as<bf16>(), stream_),
@@ -209,7 +233,7 @@ class CudaBackend final : public Backend {
   }
 
   void Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& out) override {
-    if (!error_.ok()) return;
+    if (!error_.ok() || replaying_) return;
     const bool f32 = out.dtype == DType::kF32;
     if (kernels::GemvSupports(x.data, w.data, x.rows, x.cols)) {  // decode: memory-bound
       Note(kernels::Gemv(x.as<bf16>(), w.as<bf16>(), out.data, f32, x.rows, w.rows, x.cols, stream_),
@@ -223,6 +247,7 @@ class CudaBackend final : public Backend {
 
   void RopeAndCacheWrite(Tensor& qkv, std::span<const SeqSlice>, int64_t layer,
                          const AttentionParams& p) override {
+    if (replaying_) return;
     Note(kernels::RopeAndCacheWrite(qkv.as<bf16>(), qkv.cols, step_tokens_,
                                     static_cast<int32_t>(p.q_heads), static_cast<int32_t>(p.kv_heads),
                                     static_cast<int32_t>(p.head_dim), InvFreq(p), Kv(layer), stream_),
@@ -238,8 +263,11 @@ class CudaBackend final : public Backend {
     s.scale = p.scale;
     s.softcap = p.softcap;
     s.window = static_cast<int32_t>(p.window);
-    const cudaError_t e = kernels::PagedAttention(qkv.as<bf16>(), qkv.cols, step_tokens_, s,
-                                                  Kv(layer), out.as<bf16>(), stream_);
+    const size_t partial_bytes = kernels::AttentionPartialBytes(step_tokens_.count, s);
+    Tensor partial = partial_bytes ? Scratch(1, static_cast<int64_t>(partial_bytes / 4), DType::kF32) : Tensor{};
+    if (replaying_) return;
+    const cudaError_t e = kernels::PagedAttention(qkv.as<bf16>(), qkv.cols, step_tokens_, s, Kv(layer),
+                                                  partial.as<float>(), out.as<bf16>(), stream_);
     if (e == cudaErrorInvalidValue && error_.ok()) {
       error_ = Unimplemented("cuda attention supports head_dim 128 and 256, not " +
                              std::to_string(p.head_dim));
@@ -249,28 +277,64 @@ class CudaBackend final : public Backend {
   }
 
   void GeluTanhMul(const Tensor& gate_up, Tensor& out) override {
+    if (replaying_) return;
     Note(kernels::GeluTanhMul(gate_up.as<bf16>(), out.rows, out.cols, out.as<bf16>(), stream_),
          "GeluTanhMul");
   }
 
   void Softcap(Tensor& x, float cap) override {
+    if (replaying_) return;
     Note(kernels::Softcap(x.as<float>(), x.numel(), cap, stream_), "Softcap");
   }
 
   void GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) override {
     const Tensor d = Stage(rows.data(), rows.size() * 8);
+    if (replaying_) return;
     Note(kernels::GatherRows(x.as<bf16>(), x.cols, d.as<int64_t>(), static_cast<int64_t>(rows.size()),
                              out.as<bf16>(), stream_),
          "GatherRows");
   }
 
   void ScatterColumns(const Tensor& src, int64_t col_offset, Tensor& dst) override {
+    if (replaying_) return;
     Note(kernels::ScatterColumns(src.as<float>(), src.rows, src.cols, col_offset, dst.as<float>(),
                                  dst.cols, stream_),
          "ScatterColumns");
   }
 
  private:
+  // Decode steps of batch size B: the first runs eagerly (creating GEMM plans and scratch), the
+  // second is captured into a graph, later ones replay it with fresh inputs in the pinned area.
+  Status StartGraph(size_t batch) {
+    current_batch_ = batch;
+    auto& g = graphs_[batch];
+    if (g.exec) {
+      replaying_ = true;
+    } else if (g.warm) {
+      RETURN_IF_CUDA_ERROR(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+      capturing_ = true;
+    } else {
+      g.warm = true;
+    }
+    return OkStatus();
+  }
+
+  Status FinishGraph() {
+    if (capturing_) {
+      capturing_ = false;
+      cudaGraph_t graph = nullptr;
+      RETURN_IF_CUDA_ERROR(cudaStreamEndCapture(stream_, &graph));
+      RETURN_IF_ERROR(error_);
+      auto& g = graphs_[current_batch_];
+      const cudaError_t e = cudaGraphInstantiate(&g.exec, graph, 0);
+      cudaGraphDestroy(graph);
+      RETURN_IF_CUDA_ERROR(e);
+      replaying_ = true;
+    }
+    if (replaying_) RETURN_IF_CUDA_ERROR(cudaGraphLaunch(graphs_[current_batch_].exec, stream_));
+    return OkStatus();
+  }
+
   void Note(cudaError_t e, const char* what) {
     if (e != cudaSuccess && error_.ok()) error_ = cuda_detail::Check(e, what, __FILE__, __LINE__);
   }
@@ -296,7 +360,9 @@ class CudaBackend final : public Backend {
     }
     t.data = static_cast<char*>(chunks_[arena_chunk_].get()) + arena_offset_;
     arena_offset_ += bytes;
-    if (opts_.poison_scratch) Note(kernels::Poison(t.data, static_cast<int64_t>(bytes), stream_), "Poison");
+    if (opts_.poison_scratch && !replaying_) {
+      Note(kernels::Poison(t.data, static_cast<int64_t>(bytes), stream_), "Poison");
+    }
     return t;
   }
 
@@ -305,15 +371,21 @@ class CudaBackend final : public Backend {
   Tensor Stage(const void* host, size_t bytes) {
     Tensor t = Scratch(1, static_cast<int64_t>((bytes + 3) / 4), DType::kI32);
     if (!t.data || bytes == 0) return t;
-    if (pinned_offset_ + bytes > pinned_bytes_) {  // too large for the staging area: synchronous
+    if (pinned_offset_ + bytes > pinned_bytes_) {  // too large for staging: synchronous, no graph
+      if (capturing_ || replaying_) {
+        if (error_.ok()) error_ = Internal("cuda backend: staged input too large for a graph step");
+        return t;
+      }
       Note(cudaMemcpyAsync(t.data, host, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync");
       Note(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
       return t;
     }
     char* dst = static_cast<char*>(pinned_) + pinned_offset_;
-    std::memcpy(dst, host, bytes);
+    std::memcpy(dst, host, bytes);  // a replayed graph copies from here to t.data
     pinned_offset_ += (bytes + 255) & ~size_t{255};
-    Note(cudaMemcpyAsync(t.data, dst, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync");
+    if (!replaying_) {
+      Note(cudaMemcpyAsync(t.data, dst, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync");
+    }
     return t;
   }
 
@@ -376,6 +448,14 @@ class CudaBackend final : public Backend {
   const int32_t* block_tables_ = nullptr;
   int32_t table_stride_ = 0;
   std::map<std::pair<int64_t, double>, std::shared_ptr<void>> inv_freq_;
+  // Decode graphs by batch size.
+  struct Graph {
+    bool warm = false;
+    cudaGraphExec_t exec = nullptr;
+  };
+  std::map<size_t, Graph> graphs_;
+  size_t current_batch_ = 0;
+  bool capturing_ = false, replaying_ = false;
 };
 
 }  // namespace

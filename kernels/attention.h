@@ -4,6 +4,8 @@
 // head_dim 128 and 256 only (Gemma 2's); anything else returns cudaErrorInvalidValue.
 #pragma once
 
+#include <cstddef>
+
 #include "kernels/paged_kv.h"
 
 namespace gemma2::kernels {
@@ -14,9 +16,18 @@ struct AttentionShape {
   int32_t window = 0;
 };
 
-// q: rows of qkv (q heads first, row_stride elements apart); out: [tokens, q_heads * head_dim].
+inline constexpr int kMaxAttentionSplits = 32;
+
+// Each (token, head)'s keys are split across this many blocks (decode: many; prefill: one),
+// merged by a second kernel. Depends only on the step's shape, so a captured graph stays valid.
+int AttentionSplits(int64_t tokens, int32_t q_heads);
+// Scratch the split partials need (0 when there is one split).
+size_t AttentionPartialBytes(int64_t tokens, const AttentionShape& shape);
+
+// q: rows of qkv (q heads first, row_stride elements apart); out: [tokens, q_heads * head_dim];
+// partial: AttentionPartialBytes of fp32 scratch.
 cudaError_t PagedAttention(const bf16* q, int64_t row_stride, const StepTokens& tokens,
-                           const AttentionShape& shape, const PagedKv& kv, bf16* out,
-                           cudaStream_t stream);
+                           const AttentionShape& shape, const PagedKv& kv, float* partial,
+                           bf16* out, cudaStream_t stream);
 
 }  // namespace gemma2::kernels

@@ -31,8 +31,9 @@ __global__ void GatherRowsKernel(const bf16* x, int64_t cols, const int64_t* row
 
 __global__ void ScatterColumnsKernel(const float* src, int64_t src_cols, int64_t offset, float* dst,
                                      int64_t dst_cols) {
-  const int64_t r = blockIdx.x;
-  for (int64_t j = threadIdx.x; j < dst_cols; j += blockDim.x) {
+  const int64_t r = blockIdx.y;
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < dst_cols;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t k = j - offset;
     dst[r * dst_cols + j] = (k >= 0 && k < src_cols) ? src[r * src_cols + k] : 0.0f;
   }
@@ -50,18 +51,24 @@ __global__ void AddBiasKernel(T* out, const bf16* bias, int64_t cols) {
   }
 }
 
-__global__ void ArgmaxKernel(const float* x, int64_t cols, int32_t* ids) {
-  const float* row = x + blockIdx.x * cols;
+constexpr int kArgmaxChunks = 64;
+
+// Stage 1: block (chunk, row) finds the first maximum of its slice of the row.
+__global__ void ArgmaxPartialKernel(const float* x, int64_t cols, float* part_v, int64_t* part_i) {
+  const int64_t r = blockIdx.y;
+  const int64_t per = (cols + gridDim.x - 1) / gridDim.x;
+  const int64_t lo = blockIdx.x * per, hi = min(cols, lo + per);
+  const float* row = x + r * cols;
   float best = -INFINITY;
-  int64_t best_i = cols;  // NaN-free rows always replace this
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+  int64_t best_i = cols;
+  for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
     if (row[j] > best) {
       best = row[j];
       best_i = j;
     }
   }
-  __shared__ float vals[1024];
-  __shared__ int64_t idxs[1024];
+  __shared__ float vals[256];
+  __shared__ int64_t idxs[256];
   vals[threadIdx.x] = best;
   idxs[threadIdx.x] = best_i;
   __syncthreads();
@@ -76,7 +83,28 @@ __global__ void ArgmaxKernel(const float* x, int64_t cols, int32_t* ids) {
     }
     __syncthreads();
   }
-  if (threadIdx.x == 0) ids[blockIdx.x] = static_cast<int32_t>(idxs[0] < cols ? idxs[0] : 0);
+  if (threadIdx.x == 0) {
+    part_v[r * gridDim.x + blockIdx.x] = vals[0];
+    part_i[r * gridDim.x + blockIdx.x] = idxs[0];
+  }
+}
+
+// Stage 2: one thread per row takes the first maximum over the chunks, in column order.
+__global__ void ArgmaxFinalKernel(const float* part_v, const int64_t* part_i, int64_t rows,
+                                  int64_t cols, int32_t* ids) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (r >= rows) return;
+  float best = -INFINITY;
+  int64_t best_i = cols;
+  for (int c = 0; c < kArgmaxChunks; ++c) {
+    const float v = part_v[r * kArgmaxChunks + c];
+    const int64_t i = part_i[r * kArgmaxChunks + c];
+    if (v > best || (v == best && i < best_i)) {
+      best = v;
+      best_i = i;
+    }
+  }
+  ids[r] = static_cast<int32_t>(best_i < cols ? best_i : 0);
 }
 
 unsigned Blocks(int64_t n) { return static_cast<unsigned>(std::min<int64_t>(4096, (n + 255) / 256)); }
@@ -105,8 +133,9 @@ cudaError_t GatherRows(const bf16* x, int64_t cols, const int64_t* rows, int64_t
 cudaError_t ScatterColumns(const float* src, int64_t rows, int64_t src_cols, int64_t offset,
                            float* dst, int64_t dst_cols, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  ScatterColumnsKernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(src, src_cols, offset, dst,
-                                                                         dst_cols);
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(256, (dst_cols + 255) / 256)),
+                  static_cast<unsigned>(rows));
+  ScatterColumnsKernel<<<grid, 256, 0, stream>>>(src, src_cols, offset, dst, dst_cols);
   return cudaGetLastError();
 }
 
@@ -121,9 +150,17 @@ cudaError_t AddBias(void* out, bool out_is_f32, const bf16* bias, int64_t rows, 
   return cudaGetLastError();
 }
 
-cudaError_t ArgmaxRows(const float* x, int64_t rows, int64_t cols, int32_t* ids, cudaStream_t stream) {
+size_t ArgmaxScratchBytes(int64_t rows) {
+  return static_cast<size_t>(rows * kArgmaxChunks) * (sizeof(float) + sizeof(int64_t));
+}
+
+cudaError_t ArgmaxRows(const float* x, int64_t rows, int64_t cols, void* scratch, int32_t* ids,
+                       cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  ArgmaxKernel<<<static_cast<unsigned>(rows), 1024, 0, stream>>>(x, cols, ids);
+  auto* part_i = static_cast<int64_t*>(scratch);
+  auto* part_v = reinterpret_cast<float*>(part_i + rows * kArgmaxChunks);
+  ArgmaxPartialKernel<<<dim3(kArgmaxChunks, static_cast<unsigned>(rows)), 256, 0, stream>>>(x, cols, part_v, part_i);
+  ArgmaxFinalKernel<<<CeilDiv(rows, 128), 128, 0, stream>>>(part_v, part_i, rows, cols, ids);
   return cudaGetLastError();
 }
 

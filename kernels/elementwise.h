@@ -2,6 +2,8 @@
 // the bias add of Linear.
 #pragma once
 
+#include <cstddef>
+
 #include "kernels/types.h"
 
 namespace gemma2::kernels {
@@ -19,8 +21,11 @@ cudaError_t ScatterColumns(const float* src, int64_t rows, int64_t src_cols, int
 // out[r][j] += bias[j]  (out bf16 or fp32).
 cudaError_t AddBias(void* out, bool out_is_f32, const bf16* bias, int64_t rows, int64_t cols,
                     cudaStream_t stream);
-// ids[r] = first index of the maximum of row r (fp32 rows of `cols`), as torch.argmax.
-cudaError_t ArgmaxRows(const float* x, int64_t rows, int64_t cols, int32_t* ids, cudaStream_t stream);
+// ids[r] = first index of the maximum of row r (fp32 rows of `cols`), as torch.argmax. Two
+// passes over column chunks; `scratch` holds ArgmaxScratchBytes(rows).
+size_t ArgmaxScratchBytes(int64_t rows);
+cudaError_t ArgmaxRows(const float* x, int64_t rows, int64_t cols, void* scratch, int32_t* ids,
+                       cudaStream_t stream);
 // Fills n bf16 values with a NaN pattern (tests poison scratch memory with it).
 cudaError_t Poison(void* p, int64_t bytes, cudaStream_t stream);
 

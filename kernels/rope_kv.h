@@ -6,7 +6,7 @@
 namespace gemma2::kernels {
 
 // qkv rows: [q (q_heads*hd) | k (kv_heads*hd) | v (kv_heads*hd)]. Rotates q and k in place
-// (rotate-half, angle = pos * inv_freq[i] in fp32, cos/sin in fp64 then fp32) and writes k, v into
+// (rotate-half, angle = pos * inv_freq[i] in fp32, full-precision sincosf) and writes k, v into
 // the cache at each token's position. inv_freq has head_dim / 2 entries.
 cudaError_t RopeAndCacheWrite(bf16* qkv, int64_t row_stride, const StepTokens& tokens,
                               int32_t q_heads, int32_t kv_heads, int32_t head_dim,

@@ -63,7 +63,9 @@ class Backend {
   virtual Status ArgmaxToHost(const Tensor& logits, int32_t* ids) = 0;
   // Starts a step over `seqs`: resets scratch, grows each sequence's KV cache to hold its new
   // tokens, and stages per-token metadata for the ops. Fails (nothing run) when the cache is full.
-  virtual Status BeginStep(std::span<const SeqSlice> seqs) = 0;
+  // `argmax_only`: the step will end in ArgmaxToHost (a decode step a backend may replay as a
+  // captured graph); otherwise it ends in ToHost.
+  virtual Status BeginStep(std::span<const SeqSlice> seqs, bool argmax_only = false) = 0;
   virtual std::unique_ptr<SequenceKv> NewSequenceKv(int64_t layers, int64_t kv_heads,
                                                     int64_t head_dim) = 0;
 

@@ -19,7 +19,8 @@ struct Engine::Rank {
 
 Engine::~Engine() = default;
 
-Result<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& opts, int rank) {
+Result<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& opts, int rank,
+                                             int64_t max_positions) {
   if (opts.backend == "cpu") return std::unique_ptr<Backend>(std::make_unique<CpuBackend>());
   if (opts.backend == "cuda") {
 #ifdef GEMMA2_HAVE_CUDA
@@ -31,6 +32,8 @@ Result<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& opts, int rank
     c.device = rank;
     c.kv_cache_bytes = opts.kv_cache_bytes;
     c.poison_scratch = opts.poison_scratch;
+    c.cuda_graphs = opts.cuda_graphs;
+    c.max_positions = max_positions;
     return MakeCudaBackend(c);
 #else
     return Unimplemented("this build has no cuda backend (no CUDA toolkit was found at build time)");
@@ -53,7 +56,7 @@ Result<std::unique_ptr<Engine>> Engine::Create(const WeightSource& ck, const Eng
   auto group = std::make_shared<LocalGroup>(opts.tp);
   for (int r = 0; r < opts.tp; ++r) {
     auto rank = std::make_unique<Rank>();
-    ASSIGN_OR_RETURN(rank->backend, MakeBackend(opts, r));
+    ASSIGN_OR_RETURN(rank->backend, MakeBackend(opts, r, e->config_.max_position_embeddings));
     ASSIGN_OR_RETURN(rank->model,
                      RankModel::Load(ck, plans[static_cast<size_t>(r)], *rank->backend));
     if (opts.tp == 1) {

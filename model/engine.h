@@ -19,10 +19,12 @@ struct EngineOptions {
   int threads = 0;              // cpu: math threads in all; 0: all cores
   int64_t kv_cache_bytes = 0;   // cuda: 0 = most of the memory free after the weights
   bool poison_scratch = false;  // cuda tests: NaN-fill scratch so unwritten elements show
+  bool cuda_graphs = true;      // cuda: replay greedy decode steps as CUDA graphs
 };
 
 // Creates a backend by name; a clear error for a name this build lacks.
-Result<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& opts, int rank);
+Result<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& opts, int rank,
+                                             int64_t max_positions = 8192);
 
 class Engine {
  public:

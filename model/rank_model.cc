@@ -143,7 +143,8 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
     for (int64_t r : s.output_rows) out_rows.push_back(row0 + r);
   }
 
-  RETURN_IF_ERROR(b.BeginStep(seqs));
+  const bool argmax_only = step.argmax_only && c.architecture == Architecture::kCausalLM;
+  RETURN_IF_ERROR(b.BeginStep(seqs, argmax_only));
 
   // Embedding × sqrt(hidden), the normalizer rounded to the activation dtype as the reference
   // does (bf16: 68.0 for 27B, not 67.88). Vocab-parallel: each rank fills its rows, then a sum.
@@ -191,7 +192,6 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
   const int64_t r = static_cast<int64_t>(out_rows.size());
   out->rows = r;
   out->width = c.output_size();
-  const bool argmax_only = step.argmax_only && c.architecture == Architecture::kCausalLM;
   out->values.assign(argmax_only ? 0 : static_cast<size_t>(r * out->width), 0.0f);
   out->argmax.assign(argmax_only ? static_cast<size_t>(r) : 0, 0);
   if (r == 0) return OkStatus();

@@ -12,6 +12,7 @@
 #include "kernels/embed.h"
 #include "kernels/gemm.h"
 #include "kernels/gemv.h"
+#include "kernels/prefill_attention.h"
 #include "kernels/rms_norm.h"
 #include "kernels/rope_kv.h"
 #include "model/rope.h"
@@ -254,8 +255,12 @@ class CudaBackend final : public Backend {
          "RopeAndCacheWrite");
   }
 
-  void Attention(const Tensor& qkv, std::span<const SeqSlice>, int64_t layer,
+  void Attention(const Tensor& qkv, std::span<const SeqSlice> seqs, int64_t layer,
                  const AttentionParams& p, Tensor& out) override {
+    if (FreshPrefill(seqs)) {
+      PrefillAttention(qkv, seqs, p, out);
+      return;
+    }
     kernels::AttentionShape s;
     s.q_heads = static_cast<int32_t>(p.q_heads);
     s.kv_heads = static_cast<int32_t>(p.kv_heads);
@@ -274,6 +279,44 @@ class CudaBackend final : public Backend {
       return;
     }
     Note(e, "PagedAttention");
+  }
+
+  // Every sequence starts at position 0 with enough tokens for tensor cores to pay off: all keys
+  // are in this step's rows, so attention can run as two matrix products per head.
+  static bool FreshPrefill(std::span<const SeqSlice> seqs) {
+    if (seqs.empty()) return false;
+    for (const SeqSlice& s : seqs) {
+      if (s.start_pos != 0 || s.num_tokens < kMinPrefillTokens) return false;
+    }
+    return true;
+  }
+
+  void PrefillAttention(const Tensor& qkv, std::span<const SeqSlice> seqs, const AttentionParams& p,
+                        Tensor& out) {
+    if (!error_.ok() || replaying_) return;
+    for (const SeqSlice& seq : seqs) {
+      kernels::PrefillAttentionShape a;
+      a.tokens = seq.num_tokens;
+      a.q_heads = p.q_heads;
+      a.kv_heads = p.kv_heads;
+      a.head_dim = p.head_dim;
+      a.row_stride = qkv.cols;
+      a.scale = p.scale;
+      a.softcap = p.softcap;
+      a.window = p.window;
+      const int64_t chunk = kernels::PrefillAttentionKvChunk(a, kPrefillWorkspaceBudget);
+      const size_t bytes = kernels::PrefillAttentionWorkspace(a, chunk);
+      if (bytes > attn_ws_bytes_) {  // persistent across layers and steps; grows on demand
+        Note(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+        attn_ws_ = DeviceAlloc(bytes, &error_);
+        attn_ws_bytes_ = attn_ws_ ? bytes : 0;
+        if (!attn_ws_) return;
+      }
+      const Status st = kernels::PrefillAttention(
+          *gemm_, qkv.as<bf16>() + seq.row_begin * qkv.cols, a, attn_ws_.get(), chunk,
+          out.as<bf16>() + seq.row_begin * out.cols, stream_);
+      if (!st.ok() && error_.ok()) error_ = st;
+    }
   }
 
   void GeluTanhMul(const Tensor& gate_up, Tensor& out) override {
@@ -448,6 +491,11 @@ class CudaBackend final : public Backend {
   const int32_t* block_tables_ = nullptr;
   int32_t table_stride_ = 0;
   std::map<std::pair<int64_t, double>, std::shared_ptr<void>> inv_freq_;
+  // Scores and probabilities of fresh prefills (PrefillAttention).
+  static constexpr int64_t kMinPrefillTokens = 64;
+  static constexpr size_t kPrefillWorkspaceBudget = size_t{2} << 30;
+  std::shared_ptr<void> attn_ws_;
+  size_t attn_ws_bytes_ = 0;
   // Decode graphs by batch size.
   struct Graph {
     bool warm = false;

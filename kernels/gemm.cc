@@ -53,19 +53,30 @@ Gemm::~Gemm() {
   if (handle_) cublasLtDestroy(handle_);
 }
 
-Result<Gemm::Plan*> Gemm::PlanFor(const void* x, const void* w, void* out, int64_t tokens,
-                                  int64_t n, int64_t k, bool out_f32) {
-  const auto key = std::make_tuple(tokens, n, k, out_f32);
+Result<Gemm::Plan*> Gemm::PlanFor(const MatmulSpec& s, bool autotune) {
+  const Key key = {s.trans_a, s.m, s.n, s.k, s.lda, s.ldb, s.ldc, s.stride_a, s.stride_b, s.stride_c,
+                   s.batch, s.c_f32};
   if (auto it = plans_.find(key); it != plans_.end()) return it->second.get();
   auto p = std::make_unique<Plan>();
   RETURN_IF_CUDA_ERROR(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  const cublasOperation_t ta = s.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = CUBLAS_OP_N;
   RETURN_IF_CUDA_ERROR(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
   RETURN_IF_CUDA_ERROR(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
-  // Column-major view: w is k x n (ld k), x is k x tokens (ld k), out is n x tokens (ld n).
-  RETURN_IF_CUDA_ERROR(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, k, n, k));
-  RETURN_IF_CUDA_ERROR(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, k, tokens, k));
-  RETURN_IF_CUDA_ERROR(cublasLtMatrixLayoutCreate(&p->c, out_f32 ? CUDA_R_32F : CUDA_R_16BF, n, tokens, n));
+  RETURN_IF_CUDA_ERROR(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, s.trans_a ? s.k : s.m,
+                                                  s.trans_a ? s.m : s.k, s.lda));
+  RETURN_IF_CUDA_ERROR(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, s.k, s.n, s.ldb));
+  RETURN_IF_CUDA_ERROR(cublasLtMatrixLayoutCreate(&p->c, s.c_f32 ? CUDA_R_32F : CUDA_R_16BF, s.m, s.n, s.ldc));
+  if (s.batch > 1) {
+    const int32_t count = static_cast<int32_t>(s.batch);
+    const std::pair<cublasLtMatrixLayout_t, int64_t> layouts[] = {
+        {p->a, s.stride_a}, {p->b, s.stride_b}, {p->c, s.stride_c}};
+    for (const auto& [layout, stride] : layouts) {
+      RETURN_IF_CUDA_ERROR(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                                                            &count, sizeof(count)));
+      RETURN_IF_CUDA_ERROR(cublasLtMatrixLayoutSetAttribute(
+          layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
+    }
+  }
   cublasLtMatmulPreference_t pref = nullptr;
   RETURN_IF_CUDA_ERROR(cublasLtMatmulPreferenceCreate(&pref));
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
@@ -74,11 +85,13 @@ Result<Gemm::Plan*> Gemm::PlanFor(const void* x, const void* w, void* out, int64
   cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
   int found = 0;
   const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle_, p->desc, p->a, p->b, p->c, p->c,
-                                                           pref, kCandidates, results, &found);
+                                                           pref, autotune ? kCandidates : 1, results,
+                                                           &found);
   cublasLtMatmulPreferenceDestroy(pref);
   if (st != CUBLAS_STATUS_SUCCESS || found == 0) {
-    return Internal("cuBLASLt has no algorithm for tokens=" + std::to_string(tokens) + " n=" +
-                    std::to_string(n) + " k=" + std::to_string(k));
+    return Internal("cuBLASLt has no algorithm for m=" + std::to_string(s.m) + " n=" +
+                    std::to_string(s.n) + " k=" + std::to_string(s.k) + " batch=" +
+                    std::to_string(s.batch));
   }
   // The heuristic's first choice is often not the fastest for skinny shapes: time each candidate
   // on the real operands once (beta = 0, so repeated runs leave the same output).
@@ -88,14 +101,14 @@ Result<Gemm::Plan*> Gemm::PlanFor(const void* x, const void* w, void* out, int64
     RETURN_IF_CUDA_ERROR(cudaEventCreate(&start));
     RETURN_IF_CUDA_ERROR(cudaEventCreate(&stop));
     float best = 1e30f;
-    const float alpha = 1.0f, beta = 0.0f;
+    cublasLtMatmulAlgo_t best_algo = results[0].algo;
     for (int i = 0; i < found; ++i) {
+      p->algo = results[i].algo;
       float ms = 0;
       bool ok = true;
       for (int rep = 0; rep < 3 && ok; ++rep) {  // the first run warms up
         cudaEventRecord(start, stream_);
-        ok = cublasLtMatmul(handle_, p->desc, &alpha, w, p->a, x, p->b, &beta, out, p->c, out, p->c,
-                            &results[i].algo, workspace_, workspace_bytes_, stream_) == CUBLAS_STATUS_SUCCESS;
+        ok = Launch(*p, s).ok();
         cudaEventRecord(stop, stream_);
         cudaEventSynchronize(stop);
         float t = 0;
@@ -104,9 +117,10 @@ Result<Gemm::Plan*> Gemm::PlanFor(const void* x, const void* w, void* out, int64
       }
       if (ok && ms < best) {
         best = ms;
-        p->algo = results[i].algo;
+        best_algo = results[i].algo;
       }
     }
+    p->algo = best_algo;
     cudaEventDestroy(start);
     cudaEventDestroy(stop);
     cudaGetLastError();  // a candidate that failed to launch is not an error of the caller
@@ -116,14 +130,37 @@ Result<Gemm::Plan*> Gemm::PlanFor(const void* x, const void* w, void* out, int64
   return raw;
 }
 
+Status Gemm::Launch(const Plan& p, const MatmulSpec& s) {
+  const float alpha = 1.0f, beta = 0.0f;
+  RETURN_IF_CUDA_ERROR(cublasLtMatmul(handle_, p.desc, &alpha, s.a, p.a, s.b, p.b, &beta, s.c, p.c,
+                                      s.c, p.c, &p.algo, workspace_, workspace_bytes_, stream_));
+  return OkStatus();
+}
+
 Status Gemm::Run(const void* x, const void* w, void* out, bool out_f32, int64_t tokens, int64_t n,
                  int64_t k) {
   if (tokens == 0 || n == 0) return OkStatus();
-  ASSIGN_OR_RETURN(Plan * p, PlanFor(x, w, out, tokens, n, k, out_f32));
-  const float alpha = 1.0f, beta = 0.0f;
-  RETURN_IF_CUDA_ERROR(cublasLtMatmul(handle_, p->desc, &alpha, w, p->a, x, p->b, &beta, out, p->c,
-                                      out, p->c, &p->algo, workspace_, workspace_bytes_, stream_));
-  return OkStatus();
+  // Column-major view: w is k x n (ld k), x is k x tokens (ld k), out is n x tokens (ld n).
+  MatmulSpec s;
+  s.trans_a = true;
+  s.m = n;
+  s.n = tokens;
+  s.k = k;
+  s.a = w;
+  s.lda = k;
+  s.b = x;
+  s.ldb = k;
+  s.c = out;
+  s.ldc = n;
+  s.c_f32 = out_f32;
+  ASSIGN_OR_RETURN(Plan * p, PlanFor(s, /*autotune=*/true));
+  return Launch(*p, s);
+}
+
+Status Gemm::Matmul(const MatmulSpec& s) {
+  if (s.m == 0 || s.n == 0 || s.batch == 0) return OkStatus();
+  ASSIGN_OR_RETURN(Plan * p, PlanFor(s, /*autotune=*/false));
+  return Launch(*p, s);
 }
 
 }  // namespace gemma2::kernels

@@ -227,6 +227,54 @@ TEST_F(CudaOpsTest, RopeCacheAndAttentionOverRaggedStepsAndBlocks) {
   }
 }
 
+// Fresh prefills of 64 tokens or more take the tensor-core path (two matrix products per head and a
+// masked softmax); a decode step after them reads the cache those steps wrote.
+TEST_F(CudaOpsTest, FreshPrefillAttentionThroughMatmuls) {
+  const std::vector<AttnCase> cases = {{4, 4, 128, 0}, {4, 2, 128, 21}, {8, 2, 128, 16},
+                                       {2, 1, 256, 70}, {4, 1, 256, 0}};
+  for (const auto& ac : cases) {
+    SCOPED_TRACE("q" + std::to_string(ac.q_heads) + " kv" + std::to_string(ac.kv_heads) + " hd" +
+                 std::to_string(ac.head_dim) + " window" + std::to_string(ac.window));
+    auto gpu = NewGpu();
+    ASSERT_NE(gpu, nullptr);
+    AttentionParams p;
+    p.q_heads = ac.q_heads;
+    p.kv_heads = ac.kv_heads;
+    p.head_dim = ac.head_dim;
+    p.scale = 1.0f / std::sqrt(144.0f);
+    p.softcap = 50.0f;
+    p.window = ac.window;
+    const int64_t width = (ac.q_heads + 2 * ac.kv_heads) * ac.head_dim;
+    std::vector<std::unique_ptr<SequenceKv>> gk, ck;
+    for (int s = 0; s < 2; ++s) {
+      gk.push_back(gpu->NewSequenceKv(1, ac.kv_heads, ac.head_dim));
+      ck.push_back(cpu_.NewSequenceKv(1, ac.kv_heads, ac.head_dim));
+    }
+    const std::vector<std::vector<int64_t>> steps = {{64, 131}, {1, 1}};
+    std::vector<int64_t> len(2, 0);
+    uint64_t seed = 500;
+    for (const auto& step : steps) {
+      std::vector<SeqSlice> gs, cs;
+      int64_t rows = 0;
+      for (int s = 0; s < 2; ++s) {
+        gs.push_back({gk[s].get(), len[s], step[s], rows});
+        cs.push_back({ck[s].get(), len[s], step[s], rows});
+        rows += step[s];
+      }
+      ASSERT_TRUE(gpu->BeginStep(gs).ok());
+      const auto qkv = Rand(rows * width, 4.0f, ++seed);  // large: the softcap bites
+      Tensor gq = Put(*gpu, qkv, rows, width), cq = Put(cpu_, qkv, rows, width);
+      gpu->RopeAndCacheWrite(gq, gs, 0, p);
+      cpu_.RopeAndCacheWrite(cq, cs, 0, p);
+      Tensor go = gpu->Alloc(rows, ac.q_heads * ac.head_dim), co = cpu_.Alloc(rows, ac.q_heads * ac.head_dim);
+      gpu->Attention(gq, gs, 0, p, go);
+      cpu_.Attention(cq, cs, 0, p, co);
+      ExpectRowsClose(Get(*gpu, go), Get(cpu_, co), ac.q_heads * ac.head_dim, 2e-2, "Attention");
+      for (int s = 0; s < 2; ++s) len[s] += step[s];
+    }
+  }
+}
+
 TEST_F(CudaOpsTest, KvCacheExhaustionIsAnErrorNotACrash) {
   EngineOptions o;
   o.backend = "cuda";

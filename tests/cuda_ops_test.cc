@@ -242,7 +242,10 @@ TEST_F(CudaOpsTest, FreshPrefillAttentionThroughMatmuls) {
     p.kv_heads = ac.kv_heads;
     p.head_dim = ac.head_dim;
     p.scale = 1.0f / std::sqrt(144.0f);
-    p.softcap = 50.0f;
+    // Scores here are O(1): a cap of 5 bends them visibly. (Large inputs would make the softmax so
+    // peaked that the bf16 rounding of rotated q and k, which both sides do not share, dominates
+    // the comparison; the whole-model references cover the real cap of 50 with real scores.)
+    p.softcap = 5.0f;
     p.window = ac.window;
     const int64_t width = (ac.q_heads + 2 * ac.kv_heads) * ac.head_dim;
     std::vector<std::unique_ptr<SequenceKv>> gk, ck;
@@ -262,7 +265,7 @@ TEST_F(CudaOpsTest, FreshPrefillAttentionThroughMatmuls) {
         rows += step[s];
       }
       ASSERT_TRUE(gpu->BeginStep(gs).ok());
-      const auto qkv = Rand(rows * width, 4.0f, ++seed);  // large: the softcap bites
+      const auto qkv = Rand(rows * width, 1.0f, ++seed);
       Tensor gq = Put(*gpu, qkv, rows, width), cq = Put(cpu_, qkv, rows, width);
       gpu->RopeAndCacheWrite(gq, gs, 0, p);
       cpu_.RopeAndCacheWrite(cq, cs, 0, p);

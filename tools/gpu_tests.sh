@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every GPU test (ctest label `gpu`) on the GPU host from a bundle made here:
+#
+#   cmake --build build && ../shared/gpu/bundle.sh .gpu build/bin/tests   # on this machine
+#   source .gpu/env.sh && tools/gpu_tests.sh                              # on the GPU host
+#
+# The same programs skip with one line where no GPU is present (as in `make test`).
+set -uo pipefail
+bin=${GEMMA2_TEST_BIN:-$(dirname "$(command -v cuda_ops_test 2>/dev/null || echo build/bin/tests/x)")}
+status=0
+for t in gpu_smoke_test cuda_ops_test reference_cuda_test; do
+  echo "== $t"
+  "$bin/$t" "$@" || status=1
+done
+exit $status

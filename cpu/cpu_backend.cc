@@ -76,10 +76,11 @@ Status CpuBackend::ToHost(const Tensor& t, float* host) {
   return OkStatus();
 }
 
-Status CpuBackend::ArgmaxToHost(const Tensor& logits, int32_t* ids) {
+Status CpuBackend::SampleToHost(const Tensor& logits, std::span<const RowSampling> rows,
+                                int32_t* ids) {
   for (int64_t r = 0; r < logits.rows; ++r) {
     const float* row = logits.as<float>() + r * logits.cols;
-    ids[r] = static_cast<int32_t>(std::max_element(row, row + logits.cols) - row);
+    ids[r] = SampleRow({row, static_cast<size_t>(logits.cols)}, rows[static_cast<size_t>(r)]);
   }
   return OkStatus();
 }

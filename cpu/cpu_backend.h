@@ -16,8 +16,9 @@ class CpuBackend final : public Backend {
   Tensor Alloc(int64_t rows, int64_t cols) override;
   Tensor AllocOutput(int64_t rows, int64_t cols) override { return Alloc(rows, cols); }
   Status ToHost(const Tensor& t, float* host) override;
-  Status ArgmaxToHost(const Tensor& logits, int32_t* ids) override;
-  Status BeginStep(std::span<const SeqSlice>, bool) override { return OkStatus(); }
+  Status SampleToHost(const Tensor& logits, std::span<const RowSampling> rows,
+                      int32_t* ids) override;
+  Status BeginStep(std::span<const SeqSlice>, StepOutputKind) override { return OkStatus(); }
   std::unique_ptr<SequenceKv> NewSequenceKv(int64_t layers, int64_t kv_heads,
                                             int64_t head_dim) override;
 

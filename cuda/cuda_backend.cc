@@ -2,6 +2,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <vector>
@@ -13,6 +14,7 @@
 #include "kernels/gemm.h"
 #include "kernels/gemv.h"
 #include "kernels/prefill_attention.h"
+#include "kernels/sample.h"
 #include "kernels/rms_norm.h"
 #include "kernels/rope_kv.h"
 #include "model/rope.h"
@@ -135,15 +137,41 @@ class CudaBackend final : public Backend {
     return OkStatus();
   }
 
-  Status ArgmaxToHost(const Tensor& logits, int32_t* ids) override {
+  Status SampleToHost(const Tensor& logits, std::span<const RowSampling> rows,
+                      int32_t* ids) override {
     Tensor d = Scratch(1, logits.rows, DType::kI32);
-    Tensor scratch = Scratch(1, static_cast<int64_t>(kernels::ArgmaxScratchBytes(logits.rows) / 4), DType::kF32);
+    const bool greedy = std::all_of(rows.begin(), rows.end(),
+                                    [](const RowSampling& r) { return r.params.greedy; });
+    if (greedy != (output_ != StepOutputKind::kSampledIds)) {
+      return Internal("cuda backend: SampleToHost disagrees with the step's output kind");
+    }
+    Tensor scratch;
+    Tensor params;
+    if (greedy) {  // the two-pass argmax is faster than a sampling block per row
+      scratch = Scratch(1, static_cast<int64_t>(kernels::ArgmaxScratchBytes(logits.rows) / 4), DType::kF32);
+    } else {
+      std::vector<kernels::DeviceSampling> dp(rows.size());
+      for (size_t r = 0; r < rows.size(); ++r) {
+        const SamplingParams& p = rows[r].params;
+        dp[r] = {p.greedy ? 1 : 0, p.temperature, p.top_p, 0, p.top_k, p.seed, rows[r].counter};
+      }
+      params = Stage(dp.data(), dp.size() * sizeof(kernels::DeviceSampling));
+      scratch = Scratch(1, static_cast<int64_t>(kernels::SampleScratchBytes(logits.rows, logits.cols) / 4),
+                        DType::kF32);
+    }
     // The ids land in the pinned area after this step's staged inputs.
     auto* staged = reinterpret_cast<int32_t*>(static_cast<char*>(pinned_) + pinned_offset_);
     if (!replaying_) {
-      Note(kernels::ArgmaxRows(logits.as<float>(), logits.rows, logits.cols, scratch.data,
-                               d.as<int32_t>(), stream_),
-           "ArgmaxRows");
+      if (greedy) {
+        Note(kernels::ArgmaxRows(logits.as<float>(), logits.rows, logits.cols, scratch.data,
+                                 d.as<int32_t>(), stream_),
+             "ArgmaxRows");
+      } else {
+        Note(kernels::SampleRows(logits.as<float>(), logits.rows, logits.cols,
+                                 static_cast<const kernels::DeviceSampling*>(params.data), scratch.data,
+                                 d.as<int32_t>(), stream_),
+             "SampleRows");
+      }
       Note(cudaMemcpyAsync(staged, d.data, static_cast<size_t>(logits.rows) * 4,
                            cudaMemcpyDeviceToHost, stream_),
            "cudaMemcpyAsync(ids)");
@@ -161,7 +189,8 @@ class CudaBackend final : public Backend {
     return std::make_unique<CudaSequenceKv>(pool_);
   }
 
-  Status BeginStep(std::span<const SeqSlice> seqs, bool argmax_only) override {
+  Status BeginStep(std::span<const SeqSlice> seqs, StepOutputKind output) override {
+    output_ = output;
     Note(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
     RETURN_IF_ERROR(error_);
     arena_chunk_ = 0;
@@ -199,9 +228,9 @@ class CudaBackend final : public Backend {
       std::copy(b.begin(), b.end(), tables.begin() + static_cast<std::ptrdiff_t>(s * max_blocks));
     }
     step_tokens_.count = static_cast<int64_t>(token_seq.size());
-    const bool decode = argmax_only && opts_.cuda_graphs && !seqs.empty() &&
+    const bool decode = output != StepOutputKind::kLogits && opts_.cuda_graphs && !seqs.empty() &&
                         step_tokens_.count == static_cast<int64_t>(seqs.size());
-    if (decode) RETURN_IF_ERROR(StartGraph(seqs.size()));
+    if (decode) RETURN_IF_ERROR(StartGraph({seqs.size(), output}));
     step_tokens_.token_seq = Stage(token_seq.data(), token_seq.size() * 4).as<int32_t>();
     step_tokens_.token_pos = Stage(token_pos.data(), token_pos.size() * 4).as<int32_t>();
     block_tables_ = Stage(tables.data(), tables.size() * 4).as<int32_t>();
@@ -348,9 +377,9 @@ class CudaBackend final : public Backend {
  private:
   // Decode steps of batch size B: the first runs eagerly (creating GEMM plans and scratch), the
   // second is captured into a graph, later ones replay it with fresh inputs in the pinned area.
-  Status StartGraph(size_t batch) {
-    current_batch_ = batch;
-    auto& g = graphs_[batch];
+  Status StartGraph(std::pair<size_t, StepOutputKind> key) {
+    current_graph_ = key;
+    auto& g = graphs_[key];
     if (g.exec) {
       replaying_ = true;
     } else if (g.warm) {
@@ -368,13 +397,13 @@ class CudaBackend final : public Backend {
       cudaGraph_t graph = nullptr;
       RETURN_IF_CUDA_ERROR(cudaStreamEndCapture(stream_, &graph));
       RETURN_IF_ERROR(error_);
-      auto& g = graphs_[current_batch_];
+      auto& g = graphs_[current_graph_];
       const cudaError_t e = cudaGraphInstantiate(&g.exec, graph, 0);
       cudaGraphDestroy(graph);
       RETURN_IF_CUDA_ERROR(e);
       replaying_ = true;
     }
-    if (replaying_) RETURN_IF_CUDA_ERROR(cudaGraphLaunch(graphs_[current_batch_].exec, stream_));
+    if (replaying_) RETURN_IF_CUDA_ERROR(cudaGraphLaunch(graphs_[current_graph_].exec, stream_));
     return OkStatus();
   }
 
@@ -501,8 +530,9 @@ class CudaBackend final : public Backend {
     bool warm = false;
     cudaGraphExec_t exec = nullptr;
   };
-  std::map<size_t, Graph> graphs_;
-  size_t current_batch_ = 0;
+  std::map<std::pair<size_t, StepOutputKind>, Graph> graphs_;  // by batch size and output kind
+  std::pair<size_t, StepOutputKind> current_graph_{};
+  StepOutputKind output_ = StepOutputKind::kLogits;
   bool capturing_ = false, replaying_ = false;
 };
 

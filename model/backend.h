@@ -11,6 +11,7 @@
 
 #include "common/status.h"
 #include "common/tensor.h"
+#include "model/sampling.h"
 
 namespace gemma2 {
 
@@ -41,6 +42,10 @@ struct AttentionParams {
   double rope_theta = 10000;
 };
 
+// How a step's outputs leave the backend: logits rows (ToHost) or only token ids (SampleToHost),
+// all greedy or some sampled.
+enum class StepOutputKind : uint8_t { kLogits, kGreedyIds, kSampledIds };
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -59,13 +64,14 @@ class Backend {
   // Waits for the step's work and copies `t` to the host as fp32. Reports the first error of any
   // op since BeginStep (ops themselves return nothing: their failures are sticky until here).
   virtual Status ToHost(const Tensor& t, float* host) = 0;
-  // Like ToHost, but only each row's argmax (first maximum) of an fp32 output tensor leaves.
-  virtual Status ArgmaxToHost(const Tensor& logits, int32_t* ids) = 0;
+  // Like ToHost, but only one sampled token per row of an fp32 logits tensor leaves: row r as
+  // SampleRow(row r, rows[r]) specifies (model/sampling.h).
+  virtual Status SampleToHost(const Tensor& logits, std::span<const RowSampling> rows,
+                              int32_t* ids) = 0;
   // Starts a step over `seqs`: resets scratch, grows each sequence's KV cache to hold its new
   // tokens, and stages per-token metadata for the ops. Fails (nothing run) when the cache is full.
-  // `argmax_only`: the step will end in ArgmaxToHost (a decode step a backend may replay as a
-  // captured graph); otherwise it ends in ToHost.
-  virtual Status BeginStep(std::span<const SeqSlice> seqs, bool argmax_only = false) = 0;
+  // `output`: how the step will end (a backend may replay id-only decode steps as captured graphs).
+  virtual Status BeginStep(std::span<const SeqSlice> seqs, StepOutputKind output) = 0;
   virtual std::unique_ptr<SequenceKv> NewSequenceKv(int64_t layers, int64_t kv_heads,
                                                     int64_t head_dim) = 0;
 

@@ -49,11 +49,7 @@ Result<std::vector<GenerationResult>> Generate(Engine& engine,
   SequenceGuard guard(engine);
   std::vector<GenerationResult> results(requests.size());
   std::vector<int64_t> ids;
-  std::vector<std::mt19937_64> rngs;
-  for (const auto& r : requests) {
-    ids.push_back(guard.New());
-    rngs.emplace_back(r.sampling.seed);
-  }
+  for (size_t i = 0; i < requests.size(); ++i) ids.push_back(guard.New());
   // active[i]: request i wants more tokens; `next[i]` is the token to feed next.
   std::vector<bool> active(requests.size());
   std::vector<int32_t> next(requests.size());
@@ -87,9 +83,13 @@ Result<std::vector<GenerationResult>> Generate(Engine& engine,
       members.push_back(i);
     }
     if (plan.sequences.empty()) break;
-    plan.argmax_only = std::all_of(members.begin(), members.end(), [&](size_t i) {
-      return requests[i].sampling.greedy && !requests[i].return_logits;
-    });
+    // Unless a request wants its logits, the backend samples and only token ids come back.
+    plan.ids_only = std::none_of(members.begin(), members.end(),
+                                 [&](size_t i) { return requests[i].return_logits; });
+    for (size_t m = 0; m < members.size(); ++m) {
+      const size_t i = members[m];
+      plan.sequences[m].sampling = {requests[i].sampling, results[i].generated.size()};
+    }
     ASSIGN_OR_RETURN(StepOutput out, engine.Step(plan));
     int64_t row = 0;
     for (size_t m = 0; m < members.size(); ++m) {
@@ -103,9 +103,9 @@ Result<std::vector<GenerationResult>> Generate(Engine& engine,
       const int64_t last = row + rows - 1;
       row += rows;
       const int32_t tok =
-          plan.argmax_only
-              ? out.argmax[static_cast<size_t>(last)]
-              : SampleToken({out.row(last), static_cast<size_t>(out.width)}, req.sampling, rngs[i]);
+          plan.ids_only ? out.ids[static_cast<size_t>(last)]
+                        : SampleRow({out.row(last), static_cast<size_t>(out.width)},
+                                    plan.sequences[m].sampling);
       res.generated.push_back(tok);
       const bool eos =
           std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), tok) != c.eos_token_ids.end();

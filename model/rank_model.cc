@@ -1,5 +1,6 @@
 #include "model/rank_model.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace gemma2 {
@@ -135,16 +136,24 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
   std::vector<int32_t> ids;
   std::vector<SeqSlice> seqs;
   std::vector<int64_t> out_rows;
+  std::vector<RowSampling> sampling;  // one per output row
   for (size_t i = 0; i < step.sequences.size(); ++i) {
     const StepSequence& s = step.sequences[i];
     const int64_t row0 = static_cast<int64_t>(ids.size());
     seqs.push_back({kvs[i], s.start_pos, static_cast<int64_t>(s.tokens.size()), row0});
     ids.insert(ids.end(), s.tokens.begin(), s.tokens.end());
-    for (int64_t r : s.output_rows) out_rows.push_back(row0 + r);
+    for (int64_t r : s.output_rows) {
+      out_rows.push_back(row0 + r);
+      sampling.push_back(s.sampling);
+    }
   }
 
-  const bool argmax_only = step.argmax_only && c.architecture == Architecture::kCausalLM;
-  RETURN_IF_ERROR(b.BeginStep(seqs, argmax_only));
+  const bool ids_only = step.ids_only && c.architecture == Architecture::kCausalLM;
+  const bool greedy = std::all_of(sampling.begin(), sampling.end(),
+                                  [](const RowSampling& s) { return s.params.greedy; });
+  RETURN_IF_ERROR(b.BeginStep(seqs, !ids_only ? StepOutputKind::kLogits
+                                    : greedy  ? StepOutputKind::kGreedyIds
+                                              : StepOutputKind::kSampledIds));
 
   // Embedding × sqrt(hidden), the normalizer rounded to the activation dtype as the reference
   // does (bf16: 68.0 for 27B, not 67.88). Vocab-parallel: each rank fills its rows, then a sum.
@@ -192,8 +201,8 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
   const int64_t r = static_cast<int64_t>(out_rows.size());
   out->rows = r;
   out->width = c.output_size();
-  out->values.assign(argmax_only ? 0 : static_cast<size_t>(r * out->width), 0.0f);
-  out->argmax.assign(argmax_only ? static_cast<size_t>(r) : 0, 0);
+  out->values.assign(ids_only ? 0 : static_cast<size_t>(r * out->width), 0.0f);
+  out->ids.assign(ids_only ? static_cast<size_t>(r) : 0, 0);
   if (r == 0) return OkStatus();
   Tensor sel = b.Alloc(r, h);
   b.GatherRows(normed, out_rows, sel);
@@ -206,8 +215,8 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
     Tensor full = b.AllocOutput(r, c.vocab_size);
     b.ScatterColumns(local, plan_.vocab_begin, full);
     RETURN_IF_ERROR(comm.AllReduceSum(full));
-    if (argmax_only) {
-      RETURN_IF_ERROR(b.ArgmaxToHost(full, out->argmax.data()));
+    if (ids_only) {
+      RETURN_IF_ERROR(b.SampleToHost(full, sampling, out->ids.data()));
     } else {
       RETURN_IF_ERROR(b.ToHost(full, out->values.data()));
     }

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
+#include <functional>
 #include <vector>
+
+#include "common/sampling_noise.h"
 
 namespace gemma2 {
 
@@ -17,43 +19,41 @@ Status SamplingParams::Validate() const {
   return OkStatus();
 }
 
-int32_t SampleToken(std::span<const float> logits, const SamplingParams& p, std::mt19937_64& rng) {
+int32_t SampleRow(std::span<const float> logits, const RowSampling& s) {
   const int64_t n = static_cast<int64_t>(logits.size());
-  if (p.greedy) {
-    int64_t best = 0;
-    for (int64_t i = 1; i < n; ++i) {
-      if (logits[i] > logits[best]) best = i;
-    }
-    return static_cast<int32_t>(best);
-  }
-  std::vector<int32_t> order(static_cast<size_t>(n));
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
-  int64_t keep = n;
-  if (p.top_k > 0) keep = std::min(keep, p.top_k);
-  std::vector<double> prob(static_cast<size_t>(keep));
-  const double max_l = logits[order[0]] / p.temperature;
-  double total = 0;
-  for (int64_t i = 0; i < keep; ++i) {
-    prob[i] = std::exp(logits[order[i]] / p.temperature - max_l);
-    total += prob[i];
-  }
+  const SamplingParams& p = s.params;
+  if (p.greedy) return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  std::vector<float> v(logits.begin(), logits.end());
+  for (float& x : v) x /= p.temperature;
+  std::vector<float> sorted = v;
+  std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+  float tau = -INFINITY;
+  if (p.top_k > 0 && p.top_k < n) tau = sorted[static_cast<size_t>(p.top_k - 1)];
   if (p.top_p < 1.0f) {
+    double z = 0;
+    for (float x : sorted) z += std::exp(static_cast<double>(x) - sorted[0]);
     double cum = 0;
-    int64_t cut = keep;
-    for (int64_t i = 0; i < keep; ++i) {
-      cum += prob[i] / total;
-      if (cum >= p.top_p) {
-        cut = i + 1;
+    for (int64_t i = 0; i < n; ++i) {
+      cum += std::exp(static_cast<double>(sorted[i]) - sorted[0]);
+      // Mass of "all values >= sorted[i]" counts the whole tie group of sorted[i].
+      if (i + 1 < n && sorted[i + 1] == sorted[i]) continue;
+      if (cum >= p.top_p * z) {
+        tau = std::max(tau, sorted[i]);
         break;
       }
     }
-    keep = cut;
-    prob.resize(static_cast<size_t>(keep));
   }
-  std::discrete_distribution<int64_t> dist(prob.begin(), prob.end());
-  return order[static_cast<size_t>(dist(rng))];
+  int64_t best = -1;
+  float best_score = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    if (v[j] < tau) continue;
+    const float score = v[j] + GumbelNoise(p.seed, s.counter, static_cast<uint64_t>(j));
+    if (best < 0 || score > best_score) {
+      best = j;
+      best_score = score;
+    }
+  }
+  return static_cast<int32_t>(best);
 }
 
 }  // namespace gemma2

@@ -1,8 +1,8 @@
-// Choosing the next token from a row of logits, on the host (the cuda backend samples on device).
+// Choosing the next token from a row of logits. SampleRow is the specification every backend's
+// on-device sampler reproduces (cpu: this function; cuda: kernels/sample.cu).
 #pragma once
 
 #include <cstdint>
-#include <random>
 #include <span>
 
 #include "common/status.h"
@@ -18,9 +18,17 @@ struct SamplingParams {
   Status Validate() const;
 };
 
-// Greedy: the first index of the maximum (torch.argmax's choice on ties). Otherwise, as
-// transformers' warpers in order: temperature, top-k, top-p (smallest set of most likely tokens
-// whose probability reaches top_p; at least one), then a draw from `rng`.
-int32_t SampleToken(std::span<const float> logits, const SamplingParams& p, std::mt19937_64& rng);
+// One row's sampling request: the parameters and which draw of the request this is.
+struct RowSampling {
+  SamplingParams params;
+  uint64_t counter = 0;  // the request's draw index (tokens generated so far)
+};
+
+// Greedy: the first index of the maximum (torch.argmax's choice on ties).
+// Otherwise, with v = logits / temperature: keep every token with v >= tau, tau the largest value
+// such that at least top_k values are >= tau (top_k > 0) and their softmax mass is >= top_p
+// (top_p < 1; ties at tau all kept); return the kept token maximizing v + GumbelNoise(seed,
+// counter, token) — an exact draw from softmax(v) restricted to the kept tokens (Gumbel-max).
+int32_t SampleRow(std::span<const float> logits, const RowSampling& s);
 
 }  // namespace gemma2

@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "model/sampling.h"
+
 namespace gemma2 {
 
 struct StepSequence {
@@ -11,12 +13,13 @@ struct StepSequence {
   int64_t start_pos = 0;             // position of tokens[0]; the cache holds [0, start_pos)
   std::vector<int32_t> tokens;       // new tokens this step
   std::vector<int64_t> output_rows;  // indices into `tokens` whose outputs the caller wants
+  RowSampling sampling;              // with StepPlan::ids_only: how its output rows pick tokens
 };
 
 struct StepPlan {
   std::vector<StepSequence> sequences;
-  // Greedy decoding: only each output row's argmax leaves the device (causal LM only).
-  bool argmax_only = false;
+  // Sample on the backend: only each output row's token id leaves it (causal LM only).
+  bool ids_only = false;
   int64_t total_tokens() const {
     int64_t n = 0;
     for (const auto& s : sequences) n += static_cast<int64_t>(s.tokens.size());
@@ -34,8 +37,8 @@ struct StepPlan {
 struct StepOutput {
   int64_t rows = 0;
   int64_t width = 0;
-  std::vector<float> values;    // empty when the plan asked for argmax_only
-  std::vector<int32_t> argmax;  // one per row when the plan asked for argmax_only
+  std::vector<float> values;  // empty when the plan asked for ids_only
+  std::vector<int32_t> ids;   // one per row when the plan asked for ids_only
   const float* row(int64_t i) const { return values.data() + i * width; }
 };
 

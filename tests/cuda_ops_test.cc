@@ -67,7 +67,7 @@ class CudaOpsTest : public ::testing::Test {
   // Starts a step with no sequences (for ops that need no KV cache).
   void EmptyStep(Backend& b) {
     if (!dummy_kv_) dummy_kv_ = b.NewSequenceKv(1, 1, 128);
-    ASSERT_TRUE(b.BeginStep({}).ok());
+    ASSERT_TRUE(b.BeginStep({}, StepOutputKind::kLogits).ok());
   }
   std::unique_ptr<Backend> gpu_;
   CpuBackend cpu_;
@@ -164,7 +164,8 @@ TEST_F(CudaOpsTest, EmbedVocabShardGeluSoftcapScatterGatherArgmax) {
   // Argmax of the same values: the first maximum, as torch.argmax (rows whose logits are all
   // negative tie at the scattered zeros and must pick column 0).
   std::vector<int32_t> gids(4);
-  ASSERT_TRUE(gpu_->ArgmaxToHost(gf, gids.data()).ok());
+  std::vector<RowSampling> greedy(4);
+  ASSERT_TRUE(gpu_->SampleToHost(gf, greedy, gids.data()).ok());
   for (int r = 0; r < 4; ++r) {
     const float* row = gfv.data() + r * 100;
     EXPECT_EQ(gids[r], std::max_element(row, row + 100) - row) << r;
@@ -211,7 +212,7 @@ TEST_F(CudaOpsTest, RopeCacheAndAttentionOverRaggedStepsAndBlocks) {
         cs.push_back({ck[s].get(), len[s], step[s], rows});
         rows += step[s];
       }
-      ASSERT_TRUE(gpu->BeginStep(gs).ok());
+      ASSERT_TRUE(gpu->BeginStep(gs, StepOutputKind::kLogits).ok());
       const auto qkv = Rand(rows * width, 1.0f, ++seed);
       Tensor gq = Put(*gpu, qkv, rows, width), cq = Put(cpu_, qkv, rows, width);
       gpu->RopeAndCacheWrite(gq, gs, layer, p);
@@ -224,6 +225,40 @@ TEST_F(CudaOpsTest, RopeCacheAndAttentionOverRaggedStepsAndBlocks) {
       for (int s = 0; s < 3; ++s) len[s] += step[s];
     }
     EXPECT_EQ(gk[2]->length(), 343);
+  }
+}
+
+// Device sampling draws exactly what SampleRow specifies from the same logits: greedy rows, and
+// temperature / top-k / top-p rows over a Gemma-sized vocabulary, many seeds and counters.
+TEST_F(CudaOpsTest, SamplingMatchesTheSpecification) {
+  const int64_t rows = 12, vocab = 256000, k = 64;
+  const auto x = Rand(rows * k, 1.0f, 31), w = Rand(vocab * k, 0.3f, 32);
+  auto step = [&](std::span<const RowSampling> s, StepOutputKind kind, std::vector<int32_t>* ids,
+                  std::vector<float>* logits) {
+    ASSERT_TRUE(gpu_->BeginStep({}, kind).ok());
+    Tensor gx = Put(*gpu_, x, rows, k), gw = Put(*gpu_, w, vocab, k);
+    Tensor gl = gpu_->AllocOutput(rows, vocab);
+    gpu_->Linear(gx, gw, nullptr, gl);
+    gpu_->Softcap(gl, 30.0f);
+    *logits = Get(*gpu_, gl);
+    ids->resize(rows);
+    ASSERT_TRUE(gpu_->SampleToHost(gl, s, ids->data()).ok());
+  };
+  if (!dummy_kv_) dummy_kv_ = gpu_->NewSequenceKv(1, 1, 128);
+  std::vector<RowSampling> s(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    s[r].counter = static_cast<uint64_t>(r * 7);
+    s[r].params.greedy = r % 4 == 0;
+    s[r].params.temperature = 0.5f + 0.25f * static_cast<float>(r % 3);
+    s[r].params.top_k = r % 3 == 1 ? 40 : 0;
+    s[r].params.top_p = r % 2 == 1 ? 0.9f : 1.0f;
+    s[r].params.seed = 1000 + static_cast<uint64_t>(r);
+  }
+  std::vector<int32_t> ids;
+  std::vector<float> logits;
+  step(s, StepOutputKind::kSampledIds, &ids, &logits);
+  for (int64_t r = 0; r < rows; ++r) {
+    EXPECT_EQ(ids[r], SampleRow({logits.data() + r * vocab, static_cast<size_t>(vocab)}, s[r])) << r;
   }
 }
 
@@ -264,7 +299,7 @@ TEST_F(CudaOpsTest, FreshPrefillAttentionThroughMatmuls) {
         cs.push_back({ck[s].get(), len[s], step[s], rows});
         rows += step[s];
       }
-      ASSERT_TRUE(gpu->BeginStep(gs).ok());
+      ASSERT_TRUE(gpu->BeginStep(gs, StepOutputKind::kLogits).ok());
       const auto qkv = Rand(rows * width, 1.0f, ++seed);
       Tensor gq = Put(*gpu, qkv, rows, width), cq = Put(cpu_, qkv, rows, width);
       gpu->RopeAndCacheWrite(gq, gs, 0, p);
@@ -286,9 +321,9 @@ TEST_F(CudaOpsTest, KvCacheExhaustionIsAnErrorNotACrash) {
   ASSERT_TRUE(b.ok());
   auto kv = (*b)->NewSequenceKv(2, 1, 128);
   std::vector<SeqSlice> s = {{kv.get(), 0, 64, 0}};
-  EXPECT_TRUE((*b)->BeginStep(s).ok());
+  EXPECT_TRUE((*b)->BeginStep(s, StepOutputKind::kLogits).ok());
   s = {{kv.get(), 64, 1, 0}};
-  const Status st = (*b)->BeginStep(s);
+  const Status st = (*b)->BeginStep(s, StepOutputKind::kLogits);
   ASSERT_FALSE(st.ok());
   EXPECT_NE(st.message().find("KV cache full"), std::string::npos) << st.message();
 }

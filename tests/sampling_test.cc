@@ -1,3 +1,4 @@
+// SampleRow, the specification of every backend's sampler.
 #include "model/sampling.h"
 
 #include <gtest/gtest.h>
@@ -8,38 +9,52 @@
 namespace gemma2 {
 namespace {
 
+RowSampling Sampled(float temperature, int64_t top_k, float top_p, uint64_t seed, uint64_t counter) {
+  RowSampling s;
+  s.params.greedy = false;
+  s.params.temperature = temperature;
+  s.params.top_k = top_k;
+  s.params.top_p = top_p;
+  s.params.seed = seed;
+  s.counter = counter;
+  return s;
+}
+
 TEST(SamplingTest, GreedyTakesTheFirstMaximum) {
-  std::mt19937_64 rng(0);
   std::vector<float> l = {1, 5, 3, 5};
-  EXPECT_EQ(SampleToken(l, {}, rng), 1);
+  EXPECT_EQ(SampleRow(l, {}), 1);
 }
 
 TEST(SamplingTest, TopKAndTopPRestrictTheDraw) {
-  std::vector<float> l = {0.0f, 2.0f, 1.0f, -1.0f};
-  SamplingParams p;
-  p.greedy = false;
-  p.top_k = 1;
-  std::mt19937_64 rng(1);
-  for (int i = 0; i < 50; ++i) EXPECT_EQ(SampleToken(l, p, rng), 1);
-  p.top_k = 0;
-  p.top_p = 0.5f;  // token 1 alone has p ~ 0.64
-  for (int i = 0; i < 50; ++i) EXPECT_EQ(SampleToken(l, p, rng), 1);
-  p.top_p = 0.9f;  // tokens 1 and 2 (0.64 + 0.24 = 0.88 < 0.9) and 0 (0.97)
+  std::vector<float> l = {0.0f, 2.0f, 1.0f, -1.0f};  // softmax: 0.087, 0.644, 0.237, 0.032
+  for (uint64_t c = 0; c < 200; ++c) {
+    EXPECT_EQ(SampleRow(l, Sampled(1.0f, 1, 1.0f, 3, c)), 1);
+    EXPECT_EQ(SampleRow(l, Sampled(1.0f, 0, 0.5f, 3, c)), 1);  // 0.644 alone reaches 0.5
+  }
   std::vector<int> seen(4);
-  for (int i = 0; i < 2000; ++i) ++seen[SampleToken(l, p, rng)];
-  EXPECT_EQ(seen[3], 0);
+  for (uint64_t c = 0; c < 4000; ++c) ++seen[SampleRow(l, Sampled(1.0f, 0, 0.9f, 3, c))];
+  EXPECT_EQ(seen[3], 0);  // 0.644 + 0.237 < 0.9: token 0 is needed, token 3 is not
   EXPECT_GT(seen[0], 0);
+  std::vector<int> two(4);
+  for (uint64_t c = 0; c < 4000; ++c) ++two[SampleRow(l, Sampled(1.0f, 2, 1.0f, 3, c))];
+  EXPECT_EQ(two[0] + two[3], 0);  // top-2: tokens 1 and 2
+  EXPECT_GT(two[2], 0);
+}
+
+TEST(SamplingTest, TiesAtTheThresholdAreAllKept) {
+  std::vector<float> l = {3.0f, 1.0f, 3.0f, 0.0f};
+  std::vector<int> seen(4);
+  for (uint64_t c = 0; c < 2000; ++c) ++seen[SampleRow(l, Sampled(1.0f, 1, 1.0f, 9, c))];
+  EXPECT_GT(seen[0], 0);
+  EXPECT_GT(seen[2], 0);
+  EXPECT_EQ(seen[1] + seen[3], 0);
 }
 
 TEST(SamplingTest, FrequenciesFollowTheSoftmaxAtTemperature) {
   std::vector<float> l = {1.0f, 2.0f, 3.0f};
-  SamplingParams p;
-  p.greedy = false;
-  p.temperature = 2.0f;
-  std::mt19937_64 rng(42);
   std::vector<int> seen(3);
   const int n = 30000;
-  for (int i = 0; i < n; ++i) ++seen[SampleToken(l, p, rng)];
+  for (int c = 0; c < n; ++c) ++seen[SampleRow(l, Sampled(2.0f, 0, 1.0f, 42, c))];
   double z = 0;
   for (float v : l) z += std::exp(v / 2.0);
   for (int i = 0; i < 3; ++i) {
@@ -48,13 +63,15 @@ TEST(SamplingTest, FrequenciesFollowTheSoftmaxAtTemperature) {
   }
 }
 
-TEST(SamplingTest, SameSeedSameDraws) {
-  std::vector<float> l(100);
-  for (int i = 0; i < 100; ++i) l[i] = std::sin(static_cast<float>(i));
-  SamplingParams p;
-  p.greedy = false;
-  std::mt19937_64 a(7), b(7);
-  for (int i = 0; i < 20; ++i) EXPECT_EQ(SampleToken(l, p, a), SampleToken(l, p, b));
+TEST(SamplingTest, SameSeedAndCounterSameDraw) {
+  std::vector<float> l(1000);
+  for (int i = 0; i < 1000; ++i) l[i] = std::sin(static_cast<float>(i));
+  int differ = 0;
+  for (uint64_t c = 0; c < 50; ++c) {
+    EXPECT_EQ(SampleRow(l, Sampled(1.0f, 0, 1.0f, 7, c)), SampleRow(l, Sampled(1.0f, 0, 1.0f, 7, c)));
+    differ += SampleRow(l, Sampled(1.0f, 0, 1.0f, 7, c)) != SampleRow(l, Sampled(1.0f, 0, 1.0f, 8, c));
+  }
+  EXPECT_GT(differ, 25);  // another seed, other draws
 }
 
 TEST(SamplingTest, ValidatesParameters) {
@@ -72,6 +89,8 @@ TEST(SamplingTest, ValidatesParameters) {
   p.top_p = 1;
   p.top_k = -1;
   EXPECT_FALSE(p.Validate().ok());
+  p.top_k = 5;
+  EXPECT_TRUE(p.Validate().ok());
 }
 
 }  // namespace

@@ -78,7 +78,7 @@ Result<nlohmann::json> Prefill(Engine& e, const Args& a, int64_t len) {
   for (int64_t r = 0; r < a.repeat + 1; ++r) {  // the first run warms up
     const int64_t id = e.NewSequence();
     StepPlan plan;
-    plan.argmax_only = true;
+    plan.ids_only = true;
     plan.sequences.push_back({id, 0, RandomTokens(len, c.vocab_size, 7 + r), {len - 1}});
     auto t = TimeStep(e, plan);
     e.ReleaseSequence(id);
@@ -105,7 +105,7 @@ Result<nlohmann::json> Decode(Engine& e, const Args& a, int64_t batch, int64_t p
   for (int64_t b = 0; b < batch; ++b) {
     ids.push_back(e.NewSequence());
     StepPlan plan;
-    plan.argmax_only = true;
+    plan.ids_only = true;
     plan.sequences.push_back({ids.back(), 0, RandomTokens(prompt, c.vocab_size, 100 + b), {prompt - 1}});
     auto t = TimeStep(e, plan);
     if (!t.ok()) {
@@ -116,7 +116,7 @@ Result<nlohmann::json> Decode(Engine& e, const Args& a, int64_t batch, int64_t p
   std::vector<double> ms;
   for (int64_t s = 0; s < a.steps + 2; ++s) {
     StepPlan plan;
-    plan.argmax_only = true;
+    plan.ids_only = true;
     for (int64_t b = 0; b < batch; ++b) {
       plan.sequences.push_back({ids[static_cast<size_t>(b)], prompt + s, {static_cast<int32_t>(5 + (b + s) % 100)}, {0}});
     }

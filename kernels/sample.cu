@@ -8,15 +8,6 @@ namespace {
 
 constexpr int kThreads = 1024;
 
-// Monotone map of floats to unsigned keys (larger float, larger key).
-__device__ __forceinline__ uint32_t Key(float f) {
-  const uint32_t u = __float_as_uint(f);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-__device__ __forceinline__ float FromKey(uint32_t k) {
-  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
-}
-
 template <typename T, typename Op>
 __device__ T BlockReduce(T v, Op op) {
   __shared__ T buf[kThreads / 32];
@@ -84,33 +75,26 @@ __global__ void __launch_bounds__(kThreads)
   }
   z = BlockReduce(z, [](double a, double b) { return a + b; });
   // tau: the largest key whose "values >= key" keep at least top_k tokens and top_p of the mass.
+  // Every thread runs the same probes (the reductions hand all threads the same answer).
   uint32_t lo = 0;
-  auto search = [&](auto enough) {
-    uint32_t a = 0, b = 0xffffffffu;  // enough(a) holds; find the largest such key
-    while (a < b) {
-      const uint32_t mid = a + (b - a + 1) / 2;
-      if (enough(mid)) a = mid; else b = mid - 1;
-    }
-    return a;
-  };
   if (p.top_k > 0 && p.top_k < cols) {
-    lo = max(lo, search([&](uint32_t k) {
+    lo = max(lo, LargestKey([&](uint32_t k) {
       int64_t n = 0;
-      for (int64_t j = threadIdx.x; j < cols; j += kThreads) n += Key(x[j] / p.temperature) >= k;
+      for (int64_t j = threadIdx.x; j < cols; j += kThreads) n += FloatKey(x[j] / p.temperature) >= k;
       return BlockReduce(n, [](int64_t a, int64_t b) { return a + b; }) >= p.top_k;
     }));
   }
   if (p.top_p < 1.0f) {
     const double target = static_cast<double>(p.top_p) * z;
-    lo = max(lo, search([&](uint32_t k) {
+    lo = max(lo, LargestKey([&](uint32_t k) {
       double m = 0;
       for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
-        if (Key(x[j] / p.temperature) >= k) m += w[j];
+        if (FloatKey(x[j] / p.temperature) >= k) m += w[j];
       }
       return BlockReduce(m, [](double a, double b) { return a + b; }) >= target;
     }));
   }
-  const float tau = lo == 0 ? -INFINITY : FromKey(lo);
+  const float tau = lo == 0 ? -INFINITY : KeyFloat(lo);
   float best = -INFINITY;
   int64_t best_i = -1;
   for (int64_t j = threadIdx.x; j < cols; j += kThreads) {

@@ -1,6 +1,8 @@
 // SampleRow, the specification of every backend's sampler.
 #include "model/sampling.h"
 
+#include "common/sampling_noise.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -91,6 +93,44 @@ TEST(SamplingTest, ValidatesParameters) {
   EXPECT_FALSE(p.Validate().ok());
   p.top_k = 5;
   EXPECT_TRUE(p.Validate().ok());
+}
+
+}  // namespace
+}  // namespace gemma2
+
+namespace gemma2 {
+namespace {
+
+// The key map and the search the device sampler runs (common/sampling_noise.h), checked here
+// where they can be stepped through: the map is monotone and invertible, and the search ends
+// on every boundary, the extreme keys included (a 32-bit search of the full range never ends).
+TEST(SamplingKeysTest, KeyMapIsMonotoneAndInvertible) {
+  const std::vector<float> values = {-INFINITY, -3e38f, -1.0f, -1e-30f, -0.0f, 0.0f, 1e-30f, 0.5f, 1.0f, 3e38f, INFINITY};
+  for (size_t i = 0; i + 1 < values.size(); ++i) {
+    EXPECT_LE(FloatKey(values[i]), FloatKey(values[i + 1])) << i;
+    EXPECT_EQ(KeyFloat(FloatKey(values[i])), values[i]) << i;
+  }
+}
+
+TEST(SamplingKeysTest, LargestKeyFindsEveryBoundary) {
+  for (uint64_t boundary : {uint64_t{0}, uint64_t{1}, uint64_t{0x7fffffff}, uint64_t{0x80000000},
+                            uint64_t{0xfffffffe}, uint64_t{0xffffffff}}) {
+    int probes = 0;
+    const uint32_t k = LargestKey([&](uint32_t key) {
+      ++probes;
+      return key <= boundary;
+    });
+    EXPECT_EQ(k, boundary);
+    EXPECT_LE(probes, 33);
+  }
+  // As the sampler uses it: the threshold of the 2 largest of a few values.
+  const std::vector<float> v = {0.5f, -2.0f, 3.0f, 3.0f, 1.0f};
+  const uint32_t k2 = LargestKey([&](uint32_t key) {
+    int n = 0;
+    for (float x : v) n += FloatKey(x) >= key;
+    return n >= 3;
+  });
+  EXPECT_EQ(KeyFloat(k2), 1.0f);
 }
 
 }  // namespace

@@ -19,6 +19,7 @@
 
 #include "model/engine.h"
 #include "model/weight_source.h"
+#include "tools/cli_main.h"
 
 namespace gemma2 {
 namespace {
@@ -223,23 +224,5 @@ int main(int argc, char** argv) {
   app.add_option("--repeat", a.repeat, "timed prefill runs");
   app.add_option("--kv-cache-gb", a.kv_cache_gb, "KV cache size (0: 90% of free memory)");
   app.add_option("--out", a.out, "write the results as JSON here");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    std::cerr << "gemma2-bench: error: " << e.what() << "\n";
-    return 2;
-  }
-  gemma2::Status st;
-  try {
-    st = gemma2::Run(a);
-  } catch (const std::exception& e) {
-    st = gemma2::Internal(e.what());
-  }
-  if (!st.ok()) {
-    std::cerr << "gemma2-bench: error: " << st.message() << "\n";
-    return 1;
-  }
-  return 0;
+  return gemma2::RunTool("gemma2-bench", app, argc, argv, [&] { return gemma2::Run(a); });
 }

@@ -9,6 +9,7 @@
 #include "model/generate.h"
 #include "model/tokenizer.h"
 #include "model/weight_source.h"
+#include "tools/cli_main.h"
 
 namespace gemma2 {
 namespace {
@@ -235,23 +236,5 @@ int main(int argc, char** argv) {
   app.add_option("--format", a.format, "json (one object per prompt) or text (for people)")
       ->check(CLI::IsMember({"json", "text"}));
   app.add_flag("--ignore-eos", a.ignore_eos, "do not stop at end-of-sequence tokens");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    std::cerr << "gemma2-run: error: " << e.what() << "\n";
-    return 2;
-  }
-  gemma2::Status st;
-  try {
-    st = gemma2::Run(a);
-  } catch (const std::exception& e) {  // e.g. out of memory: still one line, still non-zero
-    st = gemma2::Internal(e.what());
-  }
-  if (!st.ok()) {
-    std::cerr << "gemma2-run: error: " << st.message() << "\n";
-    return 1;
-  }
-  return 0;
+  return gemma2::RunTool("gemma2-run", app, argc, argv, [&] { return gemma2::Run(a); });
 }

@@ -9,6 +9,7 @@
 #include <iostream>
 
 #include "model/random_checkpoint.h"
+#include "tools/cli_main.h"
 
 namespace gemma2 {
 namespace {
@@ -116,23 +117,5 @@ int main(int argc, char** argv) {
   app.add_option("--shards", a.shards, "safetensors shards");
   app.add_option("--weight-std", a.weight_std, "stddev of projection weights");
   app.add_option("--embed-std", a.embed_std, "stddev of the embedding");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    std::cerr << "gemma2-make-checkpoint: error: " << e.what() << "\n";
-    return 2;
-  }
-  gemma2::Status st;
-  try {
-    st = gemma2::Run(a);
-  } catch (const std::exception& e) {  // e.g. out of memory: still one line, still non-zero
-    st = gemma2::Internal(e.what());
-  }
-  if (!st.ok()) {
-    std::cerr << "gemma2-make-checkpoint: error: " << st.message() << "\n";
-    return 1;
-  }
-  return 0;
+  return gemma2::RunTool("gemma2-make-checkpoint", app, argc, argv, [&] { return gemma2::Run(a); });
 }

@@ -1,0 +1,37 @@
+// The shared ending of every tool's main(): parse the flags, run, and turn any failure into one
+// line on stderr — "NAME: error: ..." — with exit code 2 for bad flags and 1 for everything else.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <exception>
+#include <functional>
+#include <iostream>
+
+#include "common/status.h"
+
+namespace gemma2 {
+
+inline int RunTool(const char* name, CLI::App& app, int argc, char** argv,
+                   const std::function<Status()>& run) {
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << name << ": error: " << e.what() << "\n";
+    return 2;
+  }
+  Status st;
+  try {
+    st = run();
+  } catch (const std::exception& e) {  // e.g. out of memory: still one line, still non-zero
+    st = Internal(e.what());
+  }
+  if (!st.ok()) {
+    std::cerr << name << ": error: " << st.message() << "\n";
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace gemma2

@@ -1,5 +1,7 @@
 #include "model/engine.h"
 
+#include <chrono>
+#include <cstdio>
 #include <thread>
 
 #include "collectives/local_collective.h"
@@ -54,11 +56,27 @@ Result<std::unique_ptr<Engine>> Engine::Create(const WeightSource& ck, const Eng
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   SetCpuMathThreads(opts.tp > 1 ? 1 : (opts.threads > 0 ? opts.threads : cores));
   auto group = std::make_shared<LocalGroup>(opts.tp);
+  // Ranks load one after another: offset each rank's counts by the ranks before it.
+  int64_t done_bytes = 0, done_tensors = 0, all_bytes = 0, all_tensors = 0;
+  RankModel::Progress per_rank;
+  if (opts.progress) {
+    per_rank = [&](int64_t b, int64_t tb, int64_t t, int64_t tt) {
+      if (all_bytes == 0) {
+        all_bytes = tb * opts.tp;
+        all_tensors = tt * opts.tp;
+      }
+      opts.progress(done_bytes + b, all_bytes, done_tensors + t, all_tensors);
+      if (t == tt) {
+        done_bytes += b;
+        done_tensors += t;
+      }
+    };
+  }
   for (int r = 0; r < opts.tp; ++r) {
     auto rank = std::make_unique<Rank>();
     ASSIGN_OR_RETURN(rank->backend, MakeBackend(opts, r, e->config_.max_position_embeddings));
     ASSIGN_OR_RETURN(rank->model,
-                     RankModel::Load(ck, plans[static_cast<size_t>(r)], *rank->backend));
+                     RankModel::Load(ck, plans[static_cast<size_t>(r)], *rank->backend, per_rank));
     if (opts.tp == 1) {
       rank->comm = std::make_unique<SoloCollective>();
     } else {
@@ -67,6 +85,22 @@ Result<std::unique_ptr<Engine>> Engine::Create(const WeightSource& ck, const Eng
     e->ranks_.push_back(std::move(rank));
   }
   return e;
+}
+
+RankModel::Progress StderrLoadProgress(std::string name) {
+  struct State {
+    std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now(), last;
+  };
+  auto st = std::make_shared<State>();
+  return [name = std::move(name), st](int64_t b, int64_t tb, int64_t t, int64_t tt) {
+    const auto now = std::chrono::steady_clock::now();
+    if (t < tt && now - st->last < std::chrono::milliseconds(500)) return;
+    st->last = now;
+    const double s = std::chrono::duration<double>(now - st->start).count();
+    std::fprintf(stderr, "%s: loading %.2f / %.2f GB, %ld / %ld tensors, %.2f GB/s%s", name.c_str(),
+                 b / 1e9, tb / 1e9, static_cast<long>(t), static_cast<long>(tt),
+                 s > 0 ? b / 1e9 / s : 0.0, t < tt ? "\r" : "\n");
+  };
 }
 
 int64_t Engine::NewSequence() {

@@ -20,7 +20,12 @@ struct EngineOptions {
   int64_t kv_cache_bytes = 0;   // cuda: 0 = most of the memory free after the weights
   bool poison_scratch = false;  // cuda tests: NaN-fill scratch so unwritten elements show
   bool cuda_graphs = true;      // cuda: replay greedy decode steps as CUDA graphs
+  RankModel::Progress progress;  // weight loading, summed over the ranks
 };
+
+// Prints loading progress to stderr ("NAME: loading 12.3 / 54.5 GB, 123 / 600 tensors, 2.1 GB/s"),
+// at most twice a second and once at the end.
+RankModel::Progress StderrLoadProgress(std::string name);
 
 // Creates a backend by name; a clear error for a name this build lacks.
 Result<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& opts, int rank,

@@ -10,10 +10,36 @@ std::unique_ptr<SequenceKv> RankModel::NewSequenceKv() {
 }
 
 Result<std::unique_ptr<RankModel>> RankModel::Load(const WeightSource& ck, const ShardPlan& plan,
-                                                   Backend& backend) {
+                                                   Backend& backend, const Progress& progress) {
   std::unique_ptr<RankModel> m(new RankModel(ck.config(), plan, backend));
-  RETURN_IF_ERROR(m->LoadWeights(ck));
+  RETURN_IF_ERROR(m->LoadWeights(ck, progress));
   return m;
+}
+
+std::pair<int64_t, int64_t> RankModel::LoadSize() const {
+  const ModelConfig& c = config_;
+  const ShardPlan& p = plan_;
+  const int64_t h = c.hidden_size, hd = c.head_dim;
+  int64_t elems = p.vocab() * h + h, tensors = 2;  // embedding, final norm
+  if (c.architecture == Architecture::kCausalLM && !c.tie_word_embeddings) {
+    elems += p.vocab() * h;
+    ++tensors;
+  }
+  if (c.is_classifier()) {
+    elems += c.num_labels * (h + 1);
+    tensors += 2;
+  }
+  const int64_t per_layer = 4 * h + (p.q_heads() + 2 * p.kv_heads()) * hd * h +
+                            h * p.q_heads() * hd + 3 * p.inter() * h;
+  elems += (p.layer_end - p.layer_begin) * per_layer;
+  tensors += (p.layer_end - p.layer_begin) * 8;
+  return {elems * DTypeSize(backend_.weight_dtype()), tensors};
+}
+
+void RankModel::Loaded(const Tensor& t) {
+  loaded_bytes_ += t.numel() * DTypeSize(t.dtype);
+  ++loaded_tensors_;
+  if (progress_) progress_(loaded_bytes_, total_bytes_, loaded_tensors_, total_tensors_);
 }
 
 // Reads `region` of `name` (checked against `full_shape`) in the backend's weight dtype.
@@ -23,7 +49,9 @@ Result<Tensor> RankModel::Read(const WeightSource& ck, const std::string& name,
   const DType dt = backend_.weight_dtype();
   std::vector<uint8_t> host(static_cast<size_t>(region.rows() * region.cols() * DTypeSize(dt)));
   RETURN_IF_ERROR(ck.ReadRegion(name, region, dt, host.data()));
-  return backend_.Upload(host.data(), dt, region.rows(), region.cols());
+  ASSIGN_OR_RETURN(Tensor t, backend_.Upload(host.data(), dt, region.rows(), region.cols()));
+  Loaded(t);
+  return t;
 }
 
 // Stacks row regions of several tensors into one weight (q|k|v, gate|up).
@@ -47,7 +75,9 @@ static Result<std::vector<uint8_t>> StackRows(
   return host;
 }
 
-Status RankModel::LoadWeights(const WeightSource& ck) {
+Status RankModel::LoadWeights(const WeightSource& ck, const Progress& progress) {
+  progress_ = progress;
+  std::tie(total_bytes_, total_tensors_) = LoadSize();
   const ModelConfig& c = config_;
   const ShardPlan& p = plan_;
   const int64_t h = c.hidden_size, hd = c.head_dim;
@@ -96,6 +126,7 @@ Status RankModel::LoadWeights(const WeightSource& ck) {
                                            rows(p.kv_head_begin * hd, p.kv_head_end * hd, h)}},
                                          &n));
     ASSIGN_OR_RETURN(w.qkv, backend_.Upload(qkv.data(), dt, n, h));
+    Loaded(w.qkv);
     ASSIGN_OR_RETURN(w.o, Read(ck, pre + "self_attn.o_proj.weight", {h, c.q_size()},
                                cols(h, p.q_head_begin * hd, p.q_head_end * hd)));
     ASSIGN_OR_RETURN(auto gate_up, StackRows(ck, dt,
@@ -107,6 +138,7 @@ Status RankModel::LoadWeights(const WeightSource& ck) {
                                                rows(p.inter_begin, p.inter_end, h)}},
                                              &n));
     ASSIGN_OR_RETURN(w.gate_up, backend_.Upload(gate_up.data(), dt, n, h));
+    Loaded(w.gate_up);
     ASSIGN_OR_RETURN(w.down, Read(ck, pre + "mlp.down_proj.weight", {h, c.intermediate_size},
                                   cols(h, p.inter_begin, p.inter_end)));
     layers_.push_back(std::move(w));

@@ -2,6 +2,7 @@
 // backends and all tp degrees. Ops come from a Backend, sums across ranks from a Collective.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <span>
 #include <vector>
@@ -25,8 +26,11 @@ struct LayerWeights {
 class RankModel {
  public:
   // Reads only this rank's slices of the checkpoint into `backend` memory.
+  // Called after each tensor with the bytes and tensors this rank has read so far and in all.
+  using Progress = std::function<void(int64_t bytes, int64_t total_bytes, int64_t tensors,
+                                      int64_t total_tensors)>;
   static Result<std::unique_ptr<RankModel>> Load(const WeightSource& ck, const ShardPlan& plan,
-                                                 Backend& backend);
+                                                 Backend& backend, const Progress& progress = {});
 
   const ModelConfig& config() const { return config_; }
   const ShardPlan& plan() const { return plan_; }
@@ -41,10 +45,16 @@ class RankModel {
  private:
   RankModel(const ModelConfig& c, const ShardPlan& p, Backend& b)
       : config_(c), plan_(p), backend_(b) {}
-  Status LoadWeights(const WeightSource& ck);
+  Status LoadWeights(const WeightSource& ck, const Progress& progress);
+  // Bytes (in the backend's weight dtype) and tensors this rank loads.
+  std::pair<int64_t, int64_t> LoadSize() const;
   Result<Tensor> Read(const WeightSource& ck, const std::string& name,
                       const std::vector<int64_t>& full_shape, const Region& region);
   AttentionParams AttentionFor(int64_t layer) const;
+  void Loaded(const Tensor& t);  // progress accounting
+
+  Progress progress_;
+  int64_t loaded_bytes_ = 0, loaded_tensors_ = 0, total_bytes_ = 0, total_tensors_ = 0;
 
   const ModelConfig config_;
   const ShardPlan plan_;

@@ -97,6 +97,11 @@ TEST_F(CliTest, TokenIdsWithoutTokenizerAndClassifier) {
   ASSERT_EQ(r.code, 0) << r.err;
   auto j = nlohmann::json::parse(r.out);
   EXPECT_TRUE(j["text"].is_null());
+  const ProcessResult p = Exec("gemma2-run" + Model("ids") + " --prompt-ids 2,5 --max-new-tokens 1 --progress --tp 2");
+  ASSERT_EQ(p.code, 0) << p.err;
+  EXPECT_NE(p.err.find("gemma2-run: loading"), std::string::npos) << p.err;
+  EXPECT_NE(p.err.find("68 / 68 tensors"), std::string::npos) << p.err;  // 2 ranks x (2 + 4 layers x 8)
+  EXPECT_EQ(p.err.back(), '\n');
   const ProcessResult c = Exec("gemma2-run" + Model("cls") + " --prompt-ids 2,5,9,11");
   ASSERT_EQ(c.code, 0) << c.err;
   auto k = nlohmann::json::parse(c.out);

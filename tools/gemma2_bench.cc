@@ -159,6 +159,7 @@ Status Run(const Args& a) {
   EngineOptions eo;
   eo.backend = a.backend;
   eo.kv_cache_bytes = static_cast<int64_t>(a.kv_cache_gb * (1 << 30));
+  eo.progress = StderrLoadProgress("gemma2-bench");
   const auto t0 = Clock::now();
   ASSIGN_OR_RETURN(auto engine, Engine::Create(ws, eo));
   const double load_s = std::chrono::duration<double>(Clock::now() - t0).count();

@@ -29,6 +29,7 @@ struct Args {
   std::string preset;
   int64_t layers = 0;
   double kv_cache_gb = 0;
+  bool progress = false;
 };
 
 // The weights: a checkpoint directory, or deterministic random weights of a preset's shape.
@@ -150,6 +151,7 @@ Status Run(const Args& a) {
   eo.tp = a.tp;
   eo.threads = a.threads;
   eo.kv_cache_bytes = static_cast<int64_t>(a.kv_cache_gb * (1 << 30));
+  if (a.progress) eo.progress = StderrLoadProgress("gemma2-run");
   ASSIGN_OR_RETURN(auto engine, Engine::Create(weights, eo));
   const ModelConfig& c = engine->config();
 
@@ -236,5 +238,6 @@ int main(int argc, char** argv) {
   app.add_option("--format", a.format, "json (one object per prompt) or text (for people)")
       ->check(CLI::IsMember({"json", "text"}));
   app.add_flag("--ignore-eos", a.ignore_eos, "do not stop at end-of-sequence tokens");
+  app.add_flag("--progress", a.progress, "show weight loading progress on stderr");
   return gemma2::RunTool("gemma2-run", app, argc, argv, [&] { return gemma2::Run(a); });
 }

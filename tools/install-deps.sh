@@ -8,6 +8,7 @@ packages=(
   libopenblas-dev                             # CPU backend matrix products
   libsentencepiece-dev sentencepiece          # tokenizer (+ spm_train for the demo checkpoint)
   libspdlog-dev nlohmann-json3-dev libcli11-dev
+  libgloo-dev                                 # collectives between cpu worker processes (TCP)
   libgtest-dev libgmock-dev
 )
 missing=()

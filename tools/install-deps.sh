@@ -9,6 +9,7 @@ packages=(
   libsentencepiece-dev sentencepiece          # tokenizer (+ spm_train for the demo checkpoint)
   libspdlog-dev nlohmann-json3-dev libcli11-dev
   libgloo-dev                                 # collectives between cpu worker processes (TCP)
+  libssl-dev                                  # HMAC-SHA256 of the control plane's cluster-secret handshake
   libgtest-dev libgmock-dev
 )
 missing=()

@@ -1,0 +1,25 @@
+// Proving knowledge of the cluster secret: the server sends a fresh random nonce, the client
+// answers HMAC-SHA256(secret, nonce || rank); the server compares in constant time. The secret
+// itself never crosses the wire; a replayed answer fails against the next nonce.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "common/status.h"
+
+namespace gemma2::rpc {
+
+using Nonce = std::array<uint8_t, 32>;
+using Mac = std::array<uint8_t, 32>;
+
+// 32 bytes from the operating system's random source.
+Result<Nonce> FreshNonce();
+Mac AuthMac(std::span<const uint8_t> secret, const Nonce& nonce, uint32_t rank);
+// Constant-time comparison of the expected MAC with the one received.
+bool VerifyAuth(std::span<const uint8_t> secret, const Nonce& nonce, uint32_t rank,
+                std::span<const uint8_t> received);
+
+}  // namespace gemma2::rpc

@@ -1,0 +1,92 @@
+// Control-plane messages: plain versioned structs with a fixed little-endian encoding and a size
+// cap. No object deserialization: a frame is a header and fields read one by one with bounds
+// checks; anything unexpected (magic, version, type, length, a field out of range) is an error
+// and the connection is closed.
+//
+// Frame: magic "G2CP" | u16 version | u16 type | u32 payload length | payload.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "model/step.h"
+
+namespace gemma2::rpc {
+
+inline constexpr uint32_t kMagic = 0x50433247;  // "G2CP" little-endian
+inline constexpr uint16_t kVersion = 1;
+inline constexpr size_t kHeaderBytes = 12;
+inline constexpr uint32_t kMaxPayload = 64u << 20;  // a step plan of 64 MiB is far past any real one
+
+enum class MessageType : uint16_t {
+  kHello = 1,        // server -> client: a fresh nonce to prove the cluster secret against
+  kAuth = 2,         // client -> server: rank, HMAC-SHA256(secret, nonce || rank)
+  kAuthOk = 3,       // server -> client
+  kStep = 4,         // coordinator -> worker: a StepPlan
+  kStepResult = 5,   // worker -> coordinator: token ids or output rows, or an error
+  kHeartbeat = 6,
+  kShutdown = 7,
+  kError = 8,        // either way: a Status, then the sender closes
+};
+
+struct FrameHeader {
+  MessageType type;
+  uint32_t payload_bytes;
+};
+
+// Parses and checks the 12 header bytes (magic, version, known type, length <= kMaxPayload).
+Result<FrameHeader> ParseHeader(std::span<const uint8_t> bytes);
+// Header + payload in one buffer.
+std::vector<uint8_t> Frame(MessageType type, std::span<const uint8_t> payload);
+
+// Bounded readers and writers of little-endian fields.
+class Writer {
+ public:
+  void U8(uint8_t v) { out_.push_back(v); }
+  void U32(uint32_t v);
+  void U64(uint64_t v);
+  void I64(int64_t v) { U64(static_cast<uint64_t>(v)); }
+  void F32(float v);
+  void Bytes(std::span<const uint8_t> b);  // u32 length, then the bytes
+  void Str(const std::string& s) { Bytes({reinterpret_cast<const uint8_t*>(s.data()), s.size()}); }
+  std::vector<uint8_t>& out() { return out_; }
+
+ private:
+  std::vector<uint8_t> out_;
+};
+
+class Reader {
+ public:
+  explicit Reader(std::span<const uint8_t> in) : in_(in) {}
+  Status U8(uint8_t* v);
+  Status U32(uint32_t* v);
+  Status U64(uint64_t* v);
+  Status I64(int64_t* v);
+  Status F32(float* v);
+  Status Bytes(std::vector<uint8_t>* b, uint32_t max_len);
+  Status Str(std::string* s, uint32_t max_len);
+  // The payload must be consumed exactly.
+  Status Done() const;
+
+ private:
+  Status Need(size_t n) const;
+  std::span<const uint8_t> in_;
+  size_t pos_ = 0;
+};
+
+// Caps a decoded plan must respect (a coordinator never sends more; a corrupt frame is refused).
+inline constexpr uint32_t kMaxSequencesPerStep = 4096;
+inline constexpr uint32_t kMaxTokensPerStep = 1u << 20;
+
+std::vector<uint8_t> EncodeStep(const StepPlan& plan);
+// Checks every count against the caps and the payload length before allocating.
+Result<StepPlan> DecodeStep(std::span<const uint8_t> payload);
+
+std::vector<uint8_t> EncodeStatus(const Status& st);
+// The decoded Status goes to *out; the return value says whether the payload was well formed.
+Status DecodeStatus(std::span<const uint8_t> payload, Status* out);
+
+}  // namespace gemma2::rpc

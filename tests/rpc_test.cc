@@ -1,0 +1,135 @@
+// Control-plane wire format and the cluster-secret handshake.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "rpc/auth.h"
+#include "rpc/wire.h"
+
+namespace gemma2::rpc {
+namespace {
+
+StepPlan SamplePlan() {
+  StepPlan p;
+  p.ids_only = true;
+  StepSequence a;
+  a.sequence_id = 7;
+  a.start_pos = 0;
+  a.tokens = {2, 100, 200, 255999};
+  a.output_rows = {3};
+  StepSequence b;
+  b.sequence_id = 9;
+  b.start_pos = 4096;
+  b.tokens = {17};
+  b.output_rows = {0};
+  b.sampling.params.greedy = false;
+  b.sampling.params.temperature = 0.7f;
+  b.sampling.params.top_k = 40;
+  b.sampling.params.top_p = 0.9f;
+  b.sampling.params.seed = 1234567890123ull;
+  b.sampling.counter = 12;
+  p.sequences = {a, b};
+  return p;
+}
+
+TEST(WireTest, StepPlanRoundTrips) {
+  const StepPlan p = SamplePlan();
+  const auto bytes = EncodeStep(p);
+  auto back = DecodeStep(bytes);
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  ASSERT_EQ(back->sequences.size(), 2u);
+  EXPECT_TRUE(back->ids_only);
+  EXPECT_EQ(back->sequences[0].tokens, p.sequences[0].tokens);
+  EXPECT_EQ(back->sequences[1].start_pos, 4096);
+  EXPECT_EQ(back->sequences[1].sampling.params.top_k, 40);
+  EXPECT_EQ(back->sequences[1].sampling.params.seed, 1234567890123ull);
+  EXPECT_EQ(back->sequences[1].sampling.counter, 12u);
+  EXPECT_FLOAT_EQ(back->sequences[1].sampling.params.temperature, 0.7f);
+}
+
+TEST(WireTest, EveryTruncationAndTrailingByteIsRefused) {
+  const auto bytes = EncodeStep(SamplePlan());
+  for (size_t n = 0; n < bytes.size(); ++n) {
+    EXPECT_FALSE(DecodeStep({bytes.data(), n}).ok()) << n;
+  }
+  auto longer = bytes;
+  longer.push_back(0);
+  EXPECT_NE(DecodeStep(longer).status().message().find("trailing"), std::string::npos);
+}
+
+TEST(WireTest, CorruptFieldsAreRefusedBeforeAllocating) {
+  // A token count of 2^31 in a short payload: refused, not allocated.
+  Writer w;
+  w.U8(0);
+  w.U32(1);
+  w.I64(1);
+  w.I64(0);
+  w.U32(0x80000000u);
+  EXPECT_FALSE(DecodeStep(w.out()).ok());
+  // Output row past the tokens; a NaN temperature; a negative position; too many sequences.
+  StepPlan p = SamplePlan();
+  p.sequences[0].output_rows = {4};
+  EXPECT_NE(DecodeStep(EncodeStep(p)).status().message().find("output row"), std::string::npos);
+  p = SamplePlan();
+  p.sequences[1].sampling.params.temperature = NAN;
+  EXPECT_NE(DecodeStep(EncodeStep(p)).status().message().find("temperature"), std::string::npos);
+  p = SamplePlan();
+  p.sequences[0].start_pos = -1;
+  EXPECT_FALSE(DecodeStep(EncodeStep(p)).ok());
+  Writer many;
+  many.U8(0);
+  many.U32(kMaxSequencesPerStep + 1);
+  EXPECT_NE(DecodeStep(many.out()).status().message().find("over the cap"), std::string::npos);
+}
+
+TEST(WireTest, HeadersAreChecked) {
+  const std::vector<uint8_t> payload = {1, 2, 3};
+  auto frame = Frame(MessageType::kStep, payload);
+  auto h = ParseHeader(frame);
+  ASSERT_TRUE(h.ok());
+  EXPECT_EQ(h->type, MessageType::kStep);
+  EXPECT_EQ(h->payload_bytes, 3u);
+  auto bad = frame;
+  bad[0] ^= 1;
+  EXPECT_NE(ParseHeader(bad).status().message().find("magic"), std::string::npos);
+  bad = frame;
+  bad[4] = 2;
+  EXPECT_NE(ParseHeader(bad).status().message().find("version 2"), std::string::npos);
+  bad = frame;
+  bad[6] = 99;
+  EXPECT_NE(ParseHeader(bad).status().message().find("unknown type 99"), std::string::npos);
+  bad = frame;
+  bad[11] = 0x7f;  // ~2 GB
+  EXPECT_NE(ParseHeader(bad).status().message().find("exceeds"), std::string::npos);
+  EXPECT_FALSE(ParseHeader({frame.data(), 11}).ok());
+}
+
+TEST(WireTest, StatusRoundTrips) {
+  const Status st(StatusCode::kUnavailable, "rank 3 on host b: worker exited (signal 9)");
+  Status back;
+  ASSERT_TRUE(DecodeStatus(EncodeStatus(st), &back).ok());
+  EXPECT_EQ(back.code(), StatusCode::kUnavailable);
+  EXPECT_EQ(back.message(), st.message());
+  auto bytes = EncodeStatus(st);
+  bytes[0] = 200;
+  EXPECT_FALSE(DecodeStatus(bytes, &back).ok());
+}
+
+TEST(AuthTest, OnlyTheSecretHolderPassesAndAnswersDoNotReplay) {
+  const std::string secret_text = "cluster secret 0123456789abcdef";
+  const std::span<const uint8_t> secret(reinterpret_cast<const uint8_t*>(secret_text.data()), secret_text.size());
+  const std::string wrong_text = "cluster secret 0123456789abcdeF";
+  const std::span<const uint8_t> wrong(reinterpret_cast<const uint8_t*>(wrong_text.data()), wrong_text.size());
+  auto n1 = FreshNonce(), n2 = FreshNonce();
+  ASSERT_TRUE(n1.ok() && n2.ok());
+  EXPECT_NE(*n1, *n2);
+  const Mac mac = AuthMac(secret, *n1, 3);
+  EXPECT_TRUE(VerifyAuth(secret, *n1, 3, mac));
+  EXPECT_FALSE(VerifyAuth(secret, *n1, 4, mac));                   // another rank
+  EXPECT_FALSE(VerifyAuth(secret, *n2, 3, mac));                   // replay against a new nonce
+  EXPECT_FALSE(VerifyAuth(secret, *n1, 3, AuthMac(wrong, *n1, 3)));  // wrong secret
+  EXPECT_FALSE(VerifyAuth(secret, *n1, 3, {mac.data(), 31}));      // truncated
+}
+
+}  // namespace
+}  // namespace gemma2::rpc

@@ -10,6 +10,7 @@ packages=(
   libspdlog-dev nlohmann-json3-dev libcli11-dev
   libgloo-dev                                 # collectives between cpu worker processes (TCP)
   libssl-dev                                  # HMAC-SHA256 of the control plane's cluster-secret handshake
+  libucx-dev                                  # control plane between coordinator and workers
   libgtest-dev libgmock-dev
 )
 missing=()

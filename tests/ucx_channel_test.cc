@@ -1,0 +1,152 @@
+// The control plane's transport between real processes on loopback: frames arrive intact, a peer
+// killed with SIGKILL or a silent peer ends the wait with an error in bounded time, and a frame
+// with a foreign header is refused and the channel closed.
+#include "rpc/ucx_channel.h"
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+
+namespace gemma2::rpc {
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+// A server child: listens, reports its port through a pipe, accepts one channel and runs `serve`.
+struct ServerChild {
+  pid_t pid = -1;
+  int port = 0;
+  ~ServerChild() {
+    if (pid > 0) {
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+    }
+  }
+};
+
+template <typename Serve>
+ServerChild StartServer(Serve serve) {
+  int fds[2];
+  EXPECT_EQ(pipe(fds), 0);
+  ServerChild s;
+  s.pid = fork();
+  if (s.pid == 0) {
+    close(fds[0]);
+    auto node = UcxNode::Create();
+    if (!node.ok()) _exit(1);
+    auto port = (*node)->Listen("127.0.0.1", 0);
+    if (!port.ok()) _exit(2);
+    const int p = *port;
+    if (write(fds[1], &p, sizeof(p)) != sizeof(p)) _exit(3);
+    auto ch = (*node)->Accept(10s);
+    if (!ch.ok()) _exit(4);
+    const int code = serve(**ch);
+    ch->reset();  // closes with a flush: what was sent arrives before the process ends
+    _exit(code);
+  }
+  close(fds[1]);
+  EXPECT_EQ(read(fds[0], &s.port, sizeof(s.port)), static_cast<ssize_t>(sizeof(s.port)));
+  close(fds[0]);
+  return s;
+}
+
+int ExitCode(ServerChild& s) {
+  int status = 0;
+  waitpid(s.pid, &status, 0);
+  s.pid = -1;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+TEST(UcxChannelTest, FramesRoundTripBetweenProcesses) {
+  auto server = StartServer([](Channel& ch) {
+    for (int i = 0; i < 3; ++i) {
+      auto m = ch.Receive(10s);
+      if (!m.ok()) {
+        fprintf(stderr, "server receive: %s\n", m.status().ToString().c_str());
+        return 10;
+      }
+      const Status sent = ch.Send(MessageType::kStepResult, m->payload, 10s);
+      if (!sent.ok()) {
+        fprintf(stderr, "server send: %s\n", sent.ToString().c_str());
+        return 11;
+      }
+    }
+    return 0;
+  });
+  auto node = UcxNode::Create();
+  ASSERT_TRUE(node.ok());
+  auto ch = (*node)->Connect("127.0.0.1", server.port, 10s);
+  ASSERT_TRUE(ch.ok()) << ch.status().ToString();
+  for (size_t size : {size_t{0}, size_t{17}, size_t{3} << 20}) {
+    std::vector<uint8_t> payload(size);
+    for (size_t i = 0; i < size; ++i) payload[i] = static_cast<uint8_t>(i * 31 + 7);
+    const Status sent = (*ch)->Send(MessageType::kStep, payload, 10s);
+    ASSERT_TRUE(sent.ok()) << sent.ToString();
+    auto back = (*ch)->Receive(10s);
+    ASSERT_TRUE(back.ok()) << back.status().ToString() << "; server exit " << ExitCode(server);
+    EXPECT_EQ(back->type, MessageType::kStepResult);
+    EXPECT_EQ(back->payload, payload);
+  }
+  ch->reset();
+  EXPECT_EQ(ExitCode(server), 0);
+}
+
+TEST(UcxChannelTest, KilledPeerIsAnErrorNotAHang) {
+  auto server = StartServer([](Channel& ch) {
+    (void)ch.Receive(30s);
+    pause();  // stays until killed
+    return 0;
+  });
+  auto node = UcxNode::Create();
+  ASSERT_TRUE(node.ok());
+  auto ch = (*node)->Connect("127.0.0.1", server.port, 10s);
+  ASSERT_TRUE(ch.ok());
+  ASSERT_TRUE((*ch)->Send(MessageType::kHeartbeat, {}, 10s).ok());
+  kill(server.pid, SIGKILL);
+  const auto start = Clock::now();
+  auto r = (*ch)->Receive(30s);
+  const double s = std::chrono::duration<double>(Clock::now() - start).count();
+  ASSERT_FALSE(r.ok());
+  EXPECT_LT(s, 5.0) << r.status().ToString();
+  EXPECT_EQ(r.status().code(), StatusCode::kUnavailable) << r.status().ToString();
+}
+
+TEST(UcxChannelTest, SilentPeerTimesOut) {
+  auto server = StartServer([](Channel& ch) {
+    (void)ch.Receive(30s);  // never answers
+    return 0;
+  });
+  auto node = UcxNode::Create();
+  auto ch = (*node)->Connect("127.0.0.1", server.port, 10s);
+  ASSERT_TRUE(ch.ok());
+  const auto start = Clock::now();
+  auto r = (*ch)->Receive(1500ms);
+  const double s = std::chrono::duration<double>(Clock::now() - start).count();
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kDeadlineExceeded);
+  EXPECT_LT(s, 4.0);
+}
+
+TEST(UcxChannelTest, ForeignHeaderIsRefusedAndClosesTheChannel) {
+  auto server = StartServer([](Channel& ch) {
+    auto m = ch.Receive(10s);
+    if (m.ok()) return 10;
+    if (m.status().message().find("bad magic") == std::string::npos) return 11;
+    return ch.broken() ? 0 : 12;
+  });
+  auto node = UcxNode::Create();
+  auto ch = (*node)->Connect("127.0.0.1", server.port, 10s);
+  ASSERT_TRUE(ch.ok());
+  // Twelve bytes that are not a frame header.
+  const std::vector<uint8_t> junk = {'G', 'E', 'T', ' ', '/', ' ', 'H', 'T', 'T', 'P', '/', '1'};
+  ASSERT_TRUE((*ch)->SendBytes(junk, 10s).ok());
+  ch->reset();
+  EXPECT_EQ(ExitCode(server), 0) << "10: accepted, 11: other error, 12: channel left open";
+}
+
+}  // namespace
+}  // namespace gemma2::rpc

@@ -10,6 +10,7 @@
 #include "model/checkpoint.h"
 #include "model/rank_model.h"
 #include "model/step.h"
+#include "model/step_executor.h"
 
 namespace gemma2 {
 
@@ -31,27 +32,26 @@ RankModel::Progress StderrLoadProgress(std::string name);
 Result<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& opts, int rank,
                                              int64_t max_positions = 8192);
 
-class Engine {
+class Engine final : public StepExecutor {
  public:
   static Result<std::unique_ptr<Engine>> Create(const WeightSource& ck, const EngineOptions& opts);
   ~Engine();
 
-  const ModelConfig& config() const { return config_; }
+  const ModelConfig& config() const override { return config_; }
   int tp() const { return static_cast<int>(ranks_.size()); }
 
   // A new empty sequence (a KV cache on every rank); free it with ReleaseSequence.
-  int64_t NewSequence();
-  void ReleaseSequence(int64_t id);
-  int64_t SequenceLength(int64_t id) const;
+  int64_t NewSequence() override;
+  void ReleaseSequence(int64_t id) override;
+  int64_t SequenceLength(int64_t id) const override;
 
   // Validates the plan (known sequences, start_pos == cached length, token ids inside the
   // vocabulary, positions below max_position_embeddings, output rows in range), then runs it.
-  Result<StepOutput> Step(const StepPlan& plan);
+  Result<StepOutput> Step(const StepPlan& plan) override;
 
  private:
   struct Rank;
   Engine() = default;
-  Status Validate(const StepPlan& plan) const;
 
   ModelConfig config_;
   std::vector<std::unique_ptr<Rank>> ranks_;

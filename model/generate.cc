@@ -8,14 +8,14 @@ namespace {
 // Releases the engine's sequences however Generate/Classify leave.
 class SequenceGuard {
  public:
-  explicit SequenceGuard(Engine& e) : engine_(e) {}
+  explicit SequenceGuard(StepExecutor& e) : engine_(e) {}
   ~SequenceGuard() {
     for (int64_t id : ids_) engine_.ReleaseSequence(id);
   }
   int64_t New() { return ids_.emplace_back(engine_.NewSequence()); }
 
  private:
-  Engine& engine_;
+  StepExecutor& engine_;
   std::vector<int64_t> ids_;
 };
 
@@ -25,7 +25,7 @@ std::vector<float> Row(const StepOutput& out, int64_t i) {
 
 }  // namespace
 
-Result<std::vector<GenerationResult>> Generate(Engine& engine,
+Result<std::vector<GenerationResult>> Generate(StepExecutor& engine,
                                                const std::vector<GenerationRequest>& requests) {
   const ModelConfig& c = engine.config();
   if (c.is_classifier()) {
@@ -123,7 +123,7 @@ Result<std::vector<GenerationResult>> Generate(Engine& engine,
   return results;
 }
 
-Result<ClassificationResult> Classify(Engine& engine, const std::vector<int32_t>& tokens) {
+Result<ClassificationResult> Classify(StepExecutor& engine, const std::vector<int32_t>& tokens) {
   const ModelConfig& c = engine.config();
   if (!c.is_classifier()) {
     return InvalidArgument("Gemma2ForCausalLM has no classification head");

@@ -25,7 +25,7 @@ struct GenerationResult {
 
 // Runs all requests as one batch: a ragged prefill, then one decode step per token with finished
 // sequences leaving the batch.
-Result<std::vector<GenerationResult>> Generate(Engine& engine,
+Result<std::vector<GenerationResult>> Generate(StepExecutor& engine,
                                                const std::vector<GenerationRequest>& requests);
 
 struct ClassificationResult {
@@ -35,6 +35,6 @@ struct ClassificationResult {
 
 // Sequence classifiers score the last non-pad token (the first token when all are pad, as
 // transformers does); token classifiers score every token.
-Result<ClassificationResult> Classify(Engine& engine, const std::vector<int32_t>& tokens);
+Result<ClassificationResult> Classify(StepExecutor& engine, const std::vector<int32_t>& tokens);
 
 }  // namespace gemma2

@@ -20,6 +20,8 @@ struct StepPlan {
   std::vector<StepSequence> sequences;
   // Sample on the backend: only each output row's token id leaves it (causal LM only).
   bool ids_only = false;
+  // Sequences whose KV caches the ranks free before this step (the cluster's way to release).
+  std::vector<int64_t> released;
   int64_t total_tokens() const {
     int64_t n = 0;
     for (const auto& s : sequences) n += static_cast<int64_t>(s.tokens.size());

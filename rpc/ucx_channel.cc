@@ -63,8 +63,10 @@ void OnEpError(void* arg, ucp_ep_h, ucs_status_t status) {
 UcxNode::UcxNode() : impl_(std::make_unique<Impl>()) {}
 
 UcxNode::~UcxNode() {
-  if (impl_->listener) ucp_listener_destroy(impl_->listener);
-  for (auto r : impl_->pending) ucp_listener_reject(impl_->listener, r);
+  if (impl_->listener) {
+    for (auto r : impl_->pending) ucp_listener_reject(impl_->listener, r);  // before the listener goes
+    ucp_listener_destroy(impl_->listener);
+  }
   if (impl_->worker) ucp_worker_destroy(impl_->worker);
   if (impl_->context) ucp_cleanup(impl_->context);
 }
@@ -162,6 +164,10 @@ Channel::Channel(UcxNode* node, std::shared_ptr<State> state, std::string peer)
     : node_(node), state_(std::move(state)), peer_(std::move(peer)) {}
 
 Channel::~Channel() {
+  if (pending_ != nullptr) {
+    ucp_request_cancel(node_->impl_->worker, pending_);
+    ucp_request_free(pending_);
+  }
   if (state_->ep) {
     // Flush what was sent (a broken endpoint is closed by force), waiting at most 2 s.
     ucp_request_param_t p{};
@@ -219,6 +225,60 @@ Status Channel::SendBytes(std::span<const uint8_t> bytes, std::chrono::milliseco
   void* req = ucp_stream_send_nbx(state_->ep, bytes.data(), bytes.size(), &p);
   return Wait(req, Clock::now() + timeout, "sending to");
 }
+
+Status Channel::StartReceive() {
+  if (state_->broken) return Status(StatusCode::kUnavailable, "receiving from " + peer_ + ": connection lost");
+  in_payload_ = false;
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  p.flags = UCP_STREAM_RECV_FLAG_WAITALL;
+  pending_ = ucp_stream_recv_nbx(state_->ep, header_, sizeof(header_), &got_, &p);
+  if (UCS_PTR_IS_ERR(pending_)) {
+    state_->broken = true;
+    return UcxError("receiving from " + peer_, UCS_PTR_STATUS(pending_));
+  }
+  return OkStatus();
+}
+
+Result<bool> Channel::Poll() {
+  node_->Progress();
+  while (true) {
+    if (pending_ != nullptr) {
+      const ucs_status_t st = ucp_request_check_status(pending_);
+      if (st == UCS_INPROGRESS) {
+        if (state_->broken) {
+          return Status(StatusCode::kUnavailable, "receiving from " + peer_ + ": connection lost (" + state_->error + ")");
+        }
+        return false;
+      }
+      ucp_request_free(pending_);
+      pending_ = nullptr;
+      if (st != UCS_OK) {
+        state_->broken = true;
+        return UcxError("receiving from " + peer_, st);
+      }
+    }
+    if (in_payload_) return true;
+    auto h = ParseHeader(header_);
+    if (!h.ok()) {
+      state_->broken = true;
+      return h.status().WithContext("from " + peer_);
+    }
+    frame_ = Received{h->type, std::vector<uint8_t>(h->payload_bytes)};
+    in_payload_ = true;
+    if (frame_.payload.empty()) return true;
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = UCP_STREAM_RECV_FLAG_WAITALL;
+    pending_ = ucp_stream_recv_nbx(state_->ep, frame_.payload.data(), frame_.payload.size(), &got_, &p);
+    if (UCS_PTR_IS_ERR(pending_)) {
+      state_->broken = true;
+      return UcxError("receiving from " + peer_, UCS_PTR_STATUS(pending_));
+    }
+  }
+}
+
+Received Channel::Take() { return std::move(frame_); }
 
 Result<Received> Channel::Receive(std::chrono::milliseconds timeout) {
   const auto deadline = Clock::now() + timeout;

@@ -33,6 +33,12 @@ class Channel {
   Status SendBytes(std::span<const uint8_t> bytes, std::chrono::milliseconds timeout);
   // The next frame, checked by ParseHeader; kDeadlineExceeded when none arrives in time.
   Result<Received> Receive(std::chrono::milliseconds timeout);
+  // Non-blocking receive, to watch many channels at once through one node's progress:
+  // StartReceive() posts it; Poll() advances it (true when a frame is complete; an error when the
+  // peer failed or the frame is malformed); Take() hands the frame over.
+  Status StartReceive();
+  Result<bool> Poll();
+  Received Take();
   // True once the peer closed or failed (also discovered by Send/Receive).
   bool broken() const;
   const std::string& peer() const { return peer_; }
@@ -50,6 +56,12 @@ class Channel {
   UcxNode* node_;
   std::shared_ptr<State> state_;
   std::string peer_;
+  // The posted receive: header first, then payload.
+  void* pending_ = nullptr;
+  bool in_payload_ = false;
+  uint8_t header_[kHeaderBytes] = {};
+  size_t got_ = 0;
+  Received frame_{};
 };
 
 // One UCX context + worker. Listens (server side) or connects (client side).

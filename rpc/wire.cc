@@ -119,6 +119,8 @@ Status Reader::Done() const {
 std::vector<uint8_t> EncodeStep(const StepPlan& plan) {
   Writer w;
   w.U8(plan.ids_only ? 1 : 0);
+  w.U32(static_cast<uint32_t>(plan.released.size()));
+  for (int64_t id : plan.released) w.I64(id);
   w.U32(static_cast<uint32_t>(plan.sequences.size()));
   for (const StepSequence& s : plan.sequences) {
     w.I64(s.sequence_id);
@@ -145,6 +147,13 @@ Result<StepPlan> DecodeStep(std::span<const uint8_t> payload) {
   RETURN_IF_ERROR(r.U8(&flag));
   if (flag > 1) return InvalidArgument("step plan: bad ids_only flag");
   plan.ids_only = flag == 1;
+  uint32_t nr;
+  RETURN_IF_ERROR(r.U32(&nr));
+  if (nr > kMaxSequencesPerStep * 16u || static_cast<uint64_t>(nr) * 8 > payload.size()) {
+    return InvalidArgument("step plan: released list over the cap");
+  }
+  plan.released.resize(nr);
+  for (auto& id : plan.released) RETURN_IF_ERROR(r.I64(&id));
   uint32_t n;
   RETURN_IF_ERROR(r.U32(&n));
   if (n > kMaxSequencesPerStep) return InvalidArgument("step plan: " + std::to_string(n) + " sequences over the cap");
@@ -190,6 +199,42 @@ Result<StepPlan> DecodeStep(std::span<const uint8_t> payload) {
   }
   RETURN_IF_ERROR(r.Done());
   return plan;
+}
+
+std::vector<uint8_t> EncodeStepOutput(const StepOutput& out) {
+  Writer w;
+  w.I64(out.rows);
+  w.I64(out.width);
+  w.U32(static_cast<uint32_t>(out.values.size()));
+  for (float v : out.values) w.F32(v);
+  w.U32(static_cast<uint32_t>(out.ids.size()));
+  for (int32_t id : out.ids) w.U32(static_cast<uint32_t>(id));
+  return std::move(w.out());
+}
+
+Result<StepOutput> DecodeStepOutput(std::span<const uint8_t> payload) {
+  Reader r(payload);
+  StepOutput out;
+  RETURN_IF_ERROR(r.I64(&out.rows));
+  RETURN_IF_ERROR(r.I64(&out.width));
+  uint32_t nv, ni;
+  RETURN_IF_ERROR(r.U32(&nv));
+  if (static_cast<uint64_t>(nv) * 4 > payload.size() || out.rows < 0 || out.width < 0 ||
+      (nv != 0 && static_cast<uint64_t>(out.rows) * static_cast<uint64_t>(out.width) != nv)) {
+    return InvalidArgument("step result: values do not match rows x width");
+  }
+  out.values.resize(nv);
+  for (float& v : out.values) RETURN_IF_ERROR(r.F32(&v));
+  RETURN_IF_ERROR(r.U32(&ni));
+  if (static_cast<uint64_t>(ni) * 4 > payload.size()) return InvalidArgument("step result: too many ids");
+  out.ids.resize(ni);
+  for (int32_t& id : out.ids) {
+    uint32_t u;
+    RETURN_IF_ERROR(r.U32(&u));
+    id = static_cast<int32_t>(u);
+  }
+  RETURN_IF_ERROR(r.Done());
+  return out;
 }
 
 std::vector<uint8_t> EncodeStatus(const Status& st) {

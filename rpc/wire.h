@@ -85,6 +85,9 @@ std::vector<uint8_t> EncodeStep(const StepPlan& plan);
 // Checks every count against the caps and the payload length before allocating.
 Result<StepPlan> DecodeStep(std::span<const uint8_t> payload);
 
+std::vector<uint8_t> EncodeStepOutput(const StepOutput& out);
+Result<StepOutput> DecodeStepOutput(std::span<const uint8_t> payload);
+
 std::vector<uint8_t> EncodeStatus(const Status& st);
 // The decoded Status goes to *out; the return value says whether the payload was well formed.
 Status DecodeStatus(std::span<const uint8_t> payload, Status* out);

@@ -12,6 +12,7 @@ namespace {
 StepPlan SamplePlan() {
   StepPlan p;
   p.ids_only = true;
+  p.released = {3, 5};
   StepSequence a;
   a.sequence_id = 7;
   a.start_pos = 0;
@@ -39,6 +40,7 @@ TEST(WireTest, StepPlanRoundTrips) {
   ASSERT_TRUE(back.ok()) << back.status().ToString();
   ASSERT_EQ(back->sequences.size(), 2u);
   EXPECT_TRUE(back->ids_only);
+  EXPECT_EQ(back->released, (std::vector<int64_t>{3, 5}));
   EXPECT_EQ(back->sequences[0].tokens, p.sequences[0].tokens);
   EXPECT_EQ(back->sequences[1].start_pos, 4096);
   EXPECT_EQ(back->sequences[1].sampling.params.top_k, 40);
@@ -61,6 +63,7 @@ TEST(WireTest, CorruptFieldsAreRefusedBeforeAllocating) {
   // A token count of 2^31 in a short payload: refused, not allocated.
   Writer w;
   w.U8(0);
+  w.U32(0);
   w.U32(1);
   w.I64(1);
   w.I64(0);
@@ -78,6 +81,7 @@ TEST(WireTest, CorruptFieldsAreRefusedBeforeAllocating) {
   EXPECT_FALSE(DecodeStep(EncodeStep(p)).ok());
   Writer many;
   many.U8(0);
+  many.U32(0);
   many.U32(kMaxSequencesPerStep + 1);
   EXPECT_NE(DecodeStep(many.out()).status().message().find("over the cap"), std::string::npos);
 }

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 
+#include "coordinator/cluster.h"
 #include "model/generate.h"
 #include "model/tokenizer.h"
 #include "model/weight_source.h"
@@ -30,6 +31,8 @@ struct Args {
   int64_t layers = 0;
   double kv_cache_gb = 0;
   bool progress = false;
+  std::string launch = "none";
+  int64_t step_timeout_s = 60;
 };
 
 // The weights: a checkpoint directory, or deterministic random weights of a preset's shape.
@@ -152,7 +155,20 @@ Status Run(const Args& a) {
   eo.threads = a.threads;
   eo.kv_cache_bytes = static_cast<int64_t>(a.kv_cache_gb * (1 << 30));
   if (a.progress) eo.progress = StderrLoadProgress("gemma2-run");
-  ASSIGN_OR_RETURN(auto engine, Engine::Create(weights, eo));
+  std::unique_ptr<StepExecutor> engine;
+  if (a.launch == "local") {
+    // The same request through a real local cluster: one worker process per rank.
+    if (!ck) return InvalidArgument("--launch local needs --model (workers read the checkpoint)");
+    ClusterOptions co;
+    co.model = a.model;
+    co.tp = a.tp;
+    co.backend = a.backend;
+    co.step_timeout = std::chrono::seconds(a.step_timeout_s);
+    if (const char* r = std::getenv("GEMMA2_FAULT_WRONG_SECRET_RANK")) co.wrong_secret_rank = std::atoi(r);
+    ASSIGN_OR_RETURN(engine, ClusterEngine::LaunchLocal(co));
+  } else {
+    ASSIGN_OR_RETURN(engine, Engine::Create(weights, eo));
+  }
   const ModelConfig& c = engine->config();
 
   if (c.is_classifier()) {
@@ -239,5 +255,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"json", "text"}));
   app.add_flag("--ignore-eos", a.ignore_eos, "do not stop at end-of-sequence tokens");
   app.add_flag("--progress", a.progress, "show weight loading progress on stderr");
+  app.add_option("--launch", a.launch, "none (one process) or local (coordinator + a worker per rank)")
+      ->check(CLI::IsMember({"none", "local"}));
+  app.add_option("--step-timeout", a.step_timeout_s, "cluster: seconds before a step counts as hung");
   return gemma2::RunTool("gemma2-run", app, argc, argv, [&] { return gemma2::Run(a); });
 }

@@ -1,0 +1,238 @@
+#include "coordinator/cluster.h"
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "model/checkpoint.h"
+#include "model/sharding.h"
+#include "rpc/auth.h"
+
+namespace gemma2 {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+
+std::string HexOf(const rpc::Nonce& n) {
+  static const char* d = "0123456789abcdef";
+  std::string s;
+  for (uint8_t b : n) {
+    s += d[b >> 4];
+    s += d[b & 15];
+  }
+  return s;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<ClusterEngine>> ClusterEngine::LaunchLocal(const ClusterOptions& opts) {
+  std::unique_ptr<ClusterEngine> c(new ClusterEngine());
+  RETURN_IF_ERROR(c->Start(opts));  // on failure the destructor stops what was started
+  return c;
+}
+
+Status ClusterEngine::Start(const ClusterOptions& opts) {
+  opts_ = opts;
+  ASSIGN_OR_RETURN(auto ck, Checkpoint::Open(opts.model));
+  config_ = ck->config();
+  for (int r = 0; r < opts.tp; ++r) RETURN_IF_ERROR(ShardPlan::Make(config_, opts.tp, r).status());
+  // A private directory: the secret (0600) and the collective's rendezvous.
+  char tmpl[] = "/tmp/gemma2-cluster-XXXXXX";
+  if (!mkdtemp(tmpl)) return Internal("cannot create a working directory in /tmp");
+  work_dir_ = tmpl;
+  ASSIGN_OR_RETURN(rpc::Nonce secret, rpc::FreshNonce());
+  const std::string secret_file = work_dir_ + "/secret", wrong_file = work_dir_ + "/wrong-secret";
+  for (const auto& [file, value] : {std::pair{secret_file, HexOf(secret)}, std::pair{wrong_file, std::string(64, 'x')}}) {
+    std::ofstream(file) << value;
+    std::filesystem::permissions(file, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+  }
+  const std::string gloo_dir = work_dir_ + "/gloo";
+  std::filesystem::create_directories(gloo_dir);
+
+  ASSIGN_OR_RETURN(node_, rpc::UcxNode::Create());
+  ASSIGN_OR_RETURN(int port, node_->Listen("127.0.0.1", 0));
+  std::string worker = opts.worker_binary;
+  if (worker.empty()) {
+    worker = (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "gemma2-worker").string();
+  }
+  for (int r = 0; r < opts.tp; ++r) {
+    const std::string rank = std::to_string(r), tp = std::to_string(opts.tp);
+    const std::string coord = "127.0.0.1:" + std::to_string(port);
+    const std::string threads = std::to_string(opts.threads_per_worker);
+    const std::string parent = std::to_string(getpid());
+    const std::string& secret_arg = r == opts.wrong_secret_rank ? wrong_file : secret_file;
+    const pid_t pid = fork();
+    if (pid < 0) return Internal("fork failed while starting rank " + rank);
+    if (pid == 0) {
+      execl(worker.c_str(), worker.c_str(), "--coordinator", coord.c_str(), "--rank", rank.c_str(),
+            "--tp", tp.c_str(), "--model", opts.model.c_str(), "--secret-file", secret_arg.c_str(),
+            "--gloo-dir", gloo_dir.c_str(), "--backend", opts.backend.c_str(), "--threads",
+            threads.c_str(), "--parent-pid", parent.c_str(), static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    pids_.push_back(pid);
+  }
+  // Handshakes: every connection gets a fresh nonce and must answer with its rank's MAC.
+  const std::string secret_text = HexOf(secret);
+  const std::vector<uint8_t> secret_bytes(secret_text.begin(), secret_text.end());
+  ranks_.resize(static_cast<size_t>(opts.tp));
+  const auto deadline = Clock::now() + opts.startup_timeout;
+  for (int accepted = 0; accepted < opts.tp; ++accepted) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    auto ch = node_->Accept(std::max(left, 1ms));
+    if (!ch.ok()) {
+      return Fail(ch.status().WithContext("startup: " + std::to_string(opts.tp - accepted) +
+                                          " rank(s) never connected"));
+    }
+    ASSIGN_OR_RETURN(rpc::Nonce nonce, rpc::FreshNonce());
+    RETURN_IF_ERROR(Fail((*ch)->Send(rpc::MessageType::kHello, nonce, 10s)));
+    auto auth = (*ch)->Receive(30s);
+    if (!auth.ok()) return Fail(auth.status().WithContext("startup handshake"));
+    rpc::Reader rd(auth->payload);
+    uint32_t rank = 0;
+    const bool shaped = auth->type == rpc::MessageType::kAuth && rd.U32(&rank).ok() &&
+                        auth->payload.size() == 4 + sizeof(rpc::Mac) && rank < static_cast<uint32_t>(opts.tp);
+    if (!shaped || !rpc::VerifyAuth(secret_bytes, nonce, rank, {auth->payload.data() + 4, sizeof(rpc::Mac)})) {
+      const Status refused(StatusCode::kUnavailable, "wrong or missing cluster secret");
+      (void)(*ch)->Send(rpc::MessageType::kError, rpc::EncodeStatus(refused), 5s);
+      return Fail(refused.WithContext("startup: connection from " + (*ch)->peer() + " claiming rank " +
+                                      std::to_string(rank) + " refused"));
+    }
+    if (ranks_[rank]) return Fail(InvalidArgument("startup: rank " + std::to_string(rank) + " connected twice"));
+    RETURN_IF_ERROR(Fail((*ch)->Send(rpc::MessageType::kAuthOk, {}, 10s)));
+    ranks_[rank] = std::move(ch).value();
+  }
+  // Each rank loads its shard and joins the collective, then reports ready (or why not).
+  auto ready = CollectAll(opts.startup_timeout, "startup");
+  if (!ready.ok()) return ready.status();
+  for (int r = 0; r < opts.tp; ++r) {
+    if ((*ready)[static_cast<size_t>(r)].type != rpc::MessageType::kHeartbeat) {
+      return Fail(Internal("startup: rank " + std::to_string(r) + " sent an unexpected message"));
+    }
+  }
+  return OkStatus();
+}
+
+Status ClusterEngine::Fail(Status st) {
+  if (!st.ok() && down_.ok()) down_ = st;
+  return st;
+}
+
+Result<std::vector<rpc::Received>> ClusterEngine::CollectAll(std::chrono::milliseconds timeout,
+                                                             const char* what) {
+  const size_t n = ranks_.size();
+  for (size_t r = 0; r < n; ++r) {
+    const Status st = ranks_[r]->StartReceive();
+    if (!st.ok()) return Fail(st.WithContext(std::string(what) + ": rank " + std::to_string(r)));
+  }
+  std::vector<rpc::Received> got(n);
+  std::vector<bool> done(n, false);
+  size_t remaining = n;
+  const auto deadline = Clock::now() + timeout;
+  while (remaining > 0) {
+    for (size_t r = 0; r < n; ++r) {
+      if (done[r]) continue;
+      auto ready = ranks_[r]->Poll();
+      if (!ready.ok()) {
+        return Fail(ready.status().WithContext(std::string(what) + ": rank " + std::to_string(r) + " lost"));
+      }
+      if (!*ready) continue;
+      got[r] = ranks_[r]->Take();
+      if (got[r].type == rpc::MessageType::kError) {
+        Status remote;
+        (void)rpc::DecodeStatus(got[r].payload, &remote);
+        const Status failed(remote.code() == StatusCode::kOk ? StatusCode::kInternal : remote.code(),
+                            std::string(what) + ": rank " + std::to_string(r) + " failed: " + remote.message());
+        // A collective fails on every survivor when one rank dies: give the dead rank's channel a
+        // moment to show it, and name that rank rather than a survivor.
+        const auto grace = Clock::now() + 2s;
+        while (Clock::now() < grace) {
+          for (size_t other = 0; other < n; ++other) {
+            if (other == r || done[other]) continue;
+            auto alive = ranks_[other]->Poll();
+            if (!alive.ok()) {
+              return Fail(alive.status().WithContext(std::string(what) + ": rank " + std::to_string(other) +
+                                                     " lost (rank " + std::to_string(r) + " saw: " + remote.message() + ")"));
+            }
+          }
+        }
+        return Fail(failed);
+      }
+      done[r] = true;
+      --remaining;
+    }
+    if (remaining > 0 && Clock::now() > deadline) {
+      std::string missing;
+      for (size_t r = 0; r < n; ++r) {
+        if (!done[r]) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+      }
+      return Fail(Status(StatusCode::kDeadlineExceeded,
+                         std::string(what) + ": no answer from rank(s) " + missing + " within " +
+                             std::to_string(timeout.count()) + " ms (hung?)"));
+    }
+  }
+  return got;
+}
+
+ClusterEngine::~ClusterEngine() {
+  for (auto& ch : ranks_) {
+    if (ch && !ch->broken()) (void)ch->Send(rpc::MessageType::kShutdown, {}, 2s);
+  }
+  // Give workers a moment to exit on their own, then make sure.
+  const auto deadline = Clock::now() + 3s;
+  for (pid_t pid : pids_) {
+    int status = 0;
+    while (waitpid(pid, &status, WNOHANG) == 0) {
+      if (Clock::now() > deadline) {
+        kill(pid, SIGKILL);
+        waitpid(pid, &status, 0);
+        break;
+      }
+      if (node_) node_->Progress();
+      usleep(1000);
+    }
+  }
+  ranks_.clear();
+  if (!work_dir_.empty()) {
+    std::error_code ec;
+    std::filesystem::remove_all(work_dir_, ec);
+  }
+}
+
+int64_t ClusterEngine::NewSequence() {
+  const int64_t id = next_id_++;
+  lengths_[id] = 0;
+  return id;
+}
+
+void ClusterEngine::ReleaseSequence(int64_t id) {
+  if (lengths_.erase(id)) released_.push_back(id);  // the ranks free it with the next step
+}
+
+int64_t ClusterEngine::SequenceLength(int64_t id) const {
+  auto it = lengths_.find(id);
+  return it == lengths_.end() ? -1 : it->second;
+}
+
+Result<StepOutput> ClusterEngine::Step(const StepPlan& plan) {
+  if (!down_.ok()) return down_.WithContext("cluster is down");
+  RETURN_IF_ERROR(ValidateStep(config_, lengths_, plan));
+  StepPlan sent = plan;
+  sent.released = std::move(released_);
+  released_.clear();
+  const std::vector<uint8_t> payload = rpc::EncodeStep(sent);
+  for (size_t r = 0; r < ranks_.size(); ++r) {
+    const Status st = ranks_[r]->Send(rpc::MessageType::kStep, payload, opts_.step_timeout);
+    if (!st.ok()) return Fail(st.WithContext("step: rank " + std::to_string(r) + " lost"));
+  }
+  ASSIGN_OR_RETURN(auto answers, CollectAll(opts_.step_timeout, "step"));
+  ASSIGN_OR_RETURN(StepOutput out, rpc::DecodeStepOutput(answers[0].payload));
+  for (const auto& s : plan.sequences) lengths_[s.sequence_id] += static_cast<int64_t>(s.tokens.size());
+  return out;
+}
+
+}  // namespace gemma2

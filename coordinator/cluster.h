@@ -1,0 +1,66 @@
+// The coordinator's view of a cluster: it launches (locally, for now) one gemma2-worker process
+// per rank, authenticates each over the control plane, and runs every step by sending the same
+// plan to all ranks and collecting their answers. It owns the sequences; it never touches weights.
+//
+// Startup is all or nothing: a rank that fails (bad shard, wrong secret, crash) ends the launch
+// with its rank and reason and every other process stopped. A rank lost later fails the step in
+// flight with its rank, and every later step at once.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/step_executor.h"
+#include "rpc/ucx_channel.h"
+
+namespace gemma2 {
+
+struct ClusterOptions {
+  std::string model;               // checkpoint directory every worker reads its shard from
+  int tp = 1;
+  std::string backend = "cpu";
+  int threads_per_worker = 1;
+  std::string worker_binary;       // gemma2-worker; default: beside /proc/self/exe
+  std::chrono::milliseconds startup_timeout{120000};
+  std::chrono::milliseconds step_timeout{60000};  // the step watchdog
+  // Tests: give this rank another secret (its handshake must be refused).
+  int wrong_secret_rank = -1;
+};
+
+class ClusterEngine final : public StepExecutor {
+ public:
+  static Result<std::unique_ptr<ClusterEngine>> LaunchLocal(const ClusterOptions& opts);
+  // Stops every worker (shutdown, then SIGKILL after a grace period) and removes its files.
+  ~ClusterEngine() override;
+
+  const ModelConfig& config() const override { return config_; }
+  int64_t NewSequence() override;
+  void ReleaseSequence(int64_t id) override;
+  int64_t SequenceLength(int64_t id) const override;
+  Result<StepOutput> Step(const StepPlan& plan) override;
+
+ private:
+  ClusterEngine() = default;
+  Status Start(const ClusterOptions& opts);
+  // Waits for one frame from every rank (polling all channels) or the first failure.
+  Result<std::vector<rpc::Received>> CollectAll(std::chrono::milliseconds timeout, const char* what);
+  Status Fail(Status st);
+
+  ClusterOptions opts_;
+  ModelConfig config_;
+  std::string work_dir_;
+  std::unique_ptr<rpc::UcxNode> node_;
+  std::vector<std::unique_ptr<rpc::Channel>> ranks_;  // index = rank
+  std::vector<pid_t> pids_;
+  std::map<int64_t, int64_t> lengths_;
+  std::vector<int64_t> released_;
+  int64_t next_id_ = 1;
+  Status down_;  // set once a rank is lost: the cluster runs nothing more
+};
+
+}  // namespace gemma2

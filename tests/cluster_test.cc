@@ -1,0 +1,154 @@
+// gemma2-run --launch local: the same requests through a real local cluster (a coordinator and a
+// gemma2-worker process per rank, UCX control plane, Gloo collectives) print what the in-process
+// run prints; and every fault ends the run with the rank and the reason, in bounded time, with no
+// process left behind.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "tests/reference_util.h"
+#include "tests/test_files.h"
+
+namespace gemma2 {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct RunResult {
+  int code = -1;
+  std::string out, err;
+  double seconds = 0;
+};
+
+RunResult Exec(const std::string& env, const std::string& args) {
+  const std::string err_file = ::testing::TempDir() + "/cluster_err_" + std::to_string(getpid()) + "_" +
+                               std::to_string(Clock::now().time_since_epoch().count());
+  const std::string cmd = env + " " + std::string(GEMMA2_BINARY_DIR) + "/bin/gemma2-run " + args + " 2>" + err_file;
+  RunResult r;
+  const auto start = Clock::now();
+  FILE* p = popen(cmd.c_str(), "r");
+  char buf[4096];
+  size_t got;
+  while ((got = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, got);
+  const int status = pclose(p);
+  r.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  std::ifstream in(err_file);
+  r.err.assign(std::istreambuf_iterator<char>(in), {});
+  std::remove(err_file.c_str());
+  return r;
+}
+
+// Processes whose command line mentions `marker` (a test's private model directory).
+int Alive(const std::string& marker) {
+  // "[/]tmp/..." matches the marker but not this pgrep's own shell command line.
+  const std::string pattern = "[" + marker.substr(0, 1) + "]" + marker.substr(1);
+  FILE* p = popen(("pgrep -f -c -- '" + pattern + "'").c_str(), "r");
+  int n = 0;
+  if (fscanf(p, "%d", &n) != 1) n = 0;
+  pclose(p);
+  return n;
+}
+
+class ClusterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    // A private copy of a reference model: its path marks this test's processes.
+    const auto src = std::filesystem::path(GEMMA2_SOURCE_DIR) / "tests/data/references/gqa4_window_published";
+    model_ = dir_.path() / "model";
+    std::filesystem::copy(src, model_);
+    ref_ = testing::LoadReference(src);
+    for (int32_t id : ref_.prompt_ids) {
+      if (!ids_.empty()) ids_ += ',';
+      ids_ += std::to_string(id);
+    }
+  }
+  std::string Args(const std::string& extra) const {
+    return "--model " + model_.string() + " --prompt-ids " + ids_ + " --ignore-eos " + extra;
+  }
+  testing::TempDir dir_;
+  std::filesystem::path model_;
+  testing::Reference ref_;
+  std::string ids_;
+};
+
+TEST_F(ClusterTest, LocalClusterPrintsWhatTheInProcessRunPrints) {
+  const RunResult one = Exec("", Args("--max-new-tokens 8 --logits"));
+  ASSERT_EQ(one.code, 0) << one.err;
+  const auto want = nlohmann::json::parse(one.out);
+  for (int tp : {2, 4}) {
+    const RunResult r = Exec("", Args("--max-new-tokens 8 --logits --launch local --tp " + std::to_string(tp)));
+    ASSERT_EQ(r.code, 0) << r.err;
+    const auto got = nlohmann::json::parse(r.out);
+    EXPECT_EQ(got["generated_ids"], want["generated_ids"]) << "tp " << tp;
+    EXPECT_EQ(got["generated_ids"].get<std::vector<int32_t>>(), ref_.generated_ids);  // and transformers'
+    ASSERT_EQ(got["logits"].size(), want["logits"].size());
+    for (size_t row = 0; row < want["logits"].size(); ++row) {
+      const auto a = got["logits"][row].get<std::vector<float>>();
+      const auto b = want["logits"][row].get<std::vector<float>>();
+      EXPECT_LE(testing::RelativeL2(a.data(), b.data(), static_cast<int64_t>(a.size())), 1e-5) << row;
+      EXPECT_LE(testing::RelativeL2(a.data(), ref_.logits.data() + row * ref_.width, ref_.width), 1e-4) << row;
+    }
+  }
+  EXPECT_EQ(Alive(model_.string()), 0);
+}
+
+TEST_F(ClusterTest, WrongSecretIsRefusedAtStartup) {
+  const RunResult r = Exec("GEMMA2_FAULT_WRONG_SECRET_RANK=1", Args("--max-new-tokens 2 --launch local --tp 2"));
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("claiming rank 1 refused: wrong or missing cluster secret"), std::string::npos) << r.err;
+  EXPECT_LT(r.seconds, 20);
+  EXPECT_EQ(Alive(model_.string()), 0);
+}
+
+TEST_F(ClusterTest, KilledWorkerFailsTheRunNamingItsRank) {
+  const RunResult r = Exec("GEMMA2_FAULT_RANK=1 GEMMA2_FAULT_KILL_AFTER_STEPS=2",
+                     Args("--max-new-tokens 8 --launch local --tp 2"));
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("gemma2-run: error: step: rank 1 lost"), std::string::npos) << r.err;
+  EXPECT_LT(r.seconds, 10);  // noticed within 5 s of the kill, plus startup
+  EXPECT_EQ(Alive(model_.string()), 0);
+}
+
+TEST_F(ClusterTest, HungWorkerEndsInTheStepWatchdog) {
+  const RunResult r = Exec("GEMMA2_FAULT_RANK=0 GEMMA2_FAULT_STOP_AFTER_STEPS=2",
+                     Args("--max-new-tokens 8 --launch local --tp 2 --step-timeout 2"));
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("no answer from rank(s) 0"), std::string::npos) << r.err;
+  EXPECT_LT(r.seconds, 15);
+  EXPECT_EQ(Alive(model_.string()), 0);
+}
+
+TEST_F(ClusterTest, WorkersDieWithTheCoordinator) {
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const std::string bin = std::string(GEMMA2_BINARY_DIR) + "/bin/gemma2-run";
+    const std::string model = model_.string();
+    execl(bin.c_str(), bin.c_str(), "--model", model.c_str(), "--prompt-ids", "2,3,4", "--ignore-eos",
+          "--max-new-tokens", "1000", "--launch", "local", "--tp", "2", static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  // Wait until both workers run, then kill the coordinator.
+  const auto start = Clock::now();
+  while (Alive("--model " + model_.string() + " --secret-file") < 2 && Clock::now() - start < std::chrono::seconds(20)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_GE(Alive(model_.string()), 3) << "coordinator and two workers";
+  kill(pid, SIGKILL);
+  waitpid(pid, nullptr, 0);
+  const auto killed = Clock::now();
+  while (Alive(model_.string()) > 0 && Clock::now() - killed < std::chrono::seconds(10)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(Alive(model_.string()), 0);
+  EXPECT_LT(std::chrono::duration<double>(Clock::now() - killed).count(), 5.0);
+}
+
+}  // namespace
+}  // namespace gemma2

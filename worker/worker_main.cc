@@ -1,0 +1,157 @@
+// gemma2-worker: one tensor-parallel rank. Connects to the coordinator over the control plane,
+// proves the cluster secret, loads only its shard, joins its group's collective, then runs every
+// step plan it receives until told to stop or until the control channel is lost (then it exits:
+// a worker never outlives its coordinator).
+//
+// Fault injection for tests (environment), on the rank named by GEMMA2_FAULT_RANK only:
+// GEMMA2_FAULT_KILL_AFTER_STEPS=N kills it with SIGKILL when step N arrives;
+// GEMMA2_FAULT_STOP_AFTER_STEPS=N stops it (SIGSTOP), a hang.
+#include <signal.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <sstream>
+
+#include "collectives/gloo_collective.h"
+#include "cpu/cpu_backend.h"
+#include "model/checkpoint.h"
+#include "model/engine.h"
+#include "model/rank_model.h"
+#include "rpc/auth.h"
+#include "rpc/ucx_channel.h"
+#include "tools/cli_main.h"
+
+namespace gemma2 {
+namespace {
+
+using namespace std::chrono_literals;
+
+struct Args {
+  std::string coordinator, model, secret_file, gloo_dir, backend = "cpu";
+  int rank = 0, tp = 1, threads = 1;
+  int parent_pid = 0;  // launched locally: the launcher's pid
+};
+
+Result<std::vector<uint8_t>> ReadSecret(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return NotFound("cannot read the cluster secret file " + path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string s = ss.str();
+  if (s.size() < 16) return InvalidArgument("cluster secret in " + path + " is shorter than 16 bytes");
+  return std::vector<uint8_t>(s.begin(), s.end());
+}
+
+int64_t EnvInt(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::atoll(v) : -1;
+}
+
+// Everything after the handshake; failures go back to the coordinator before the worker exits.
+Status Serve(const Args& a, rpc::Channel& ch) {
+  ASSIGN_OR_RETURN(auto ck, Checkpoint::Open(a.model));
+  ASSIGN_OR_RETURN(ShardPlan plan, ShardPlan::Make(ck->config(), a.tp, a.rank));
+  EngineOptions eo;
+  eo.backend = a.backend;
+  ASSIGN_OR_RETURN(auto backend, MakeBackend(eo, 0, ck->config().max_position_embeddings));
+  SetCpuMathThreads(a.threads);
+  ASSIGN_OR_RETURN(auto model, RankModel::Load(*ck, plan, *backend));
+  GlooOptions go;
+  go.rank = a.rank;
+  go.size = a.tp;
+  go.timeout = 60s;
+  ASSIGN_OR_RETURN(auto comm, GlooCollective::CreateWithFileStore(go, a.gloo_dir));
+  RETURN_IF_ERROR(ch.Send(rpc::MessageType::kHeartbeat, {}, 30s));  // ready
+
+  const bool faulty = EnvInt("GEMMA2_FAULT_RANK") == a.rank;
+  const int64_t kill_after = faulty ? EnvInt("GEMMA2_FAULT_KILL_AFTER_STEPS") : -1;
+  const int64_t stop_after = faulty ? EnvInt("GEMMA2_FAULT_STOP_AFTER_STEPS") : -1;
+  std::map<int64_t, std::unique_ptr<SequenceKv>> kvs;
+  for (int64_t step = 0;; ++step) {
+    // The coordinator may be idle for a long time; its death shows up as a broken channel.
+    auto m = ch.Receive(std::chrono::hours(24 * 365));
+    if (!m.ok()) return m.status().WithContext("control channel");
+    if (m->type == rpc::MessageType::kShutdown) return OkStatus();
+    if (m->type != rpc::MessageType::kStep) {
+      return InvalidArgument("unexpected control message type " + std::to_string(static_cast<int>(m->type)));
+    }
+    if (step == kill_after) raise(SIGKILL);
+    if (step == stop_after) raise(SIGSTOP);
+    ASSIGN_OR_RETURN(StepPlan p, rpc::DecodeStep(m->payload));
+    for (int64_t id : p.released) kvs.erase(id);
+    std::vector<SequenceKv*> seq_kvs;
+    for (const auto& s : p.sequences) {
+      auto& kv = kvs[s.sequence_id];
+      if (!kv) kv = model->NewSequenceKv();
+      seq_kvs.push_back(kv.get());
+    }
+    StepOutput out;
+    const Status st = model->Forward(p, seq_kvs, *comm, &out);
+    if (!st.ok()) {
+      (void)ch.Send(rpc::MessageType::kError, rpc::EncodeStatus(st), 10s);
+      return st;
+    }
+    // Every rank answers (so the coordinator hears from each); rank 0 carries the output.
+    if (a.rank != 0) out = StepOutput{};
+    RETURN_IF_ERROR(ch.Send(rpc::MessageType::kStepResult, rpc::EncodeStepOutput(out), 60s));
+  }
+}
+
+Status Run(const Args& a) {
+  if (a.parent_pid > 0) {
+    // Launched locally: never outlive the launcher (also if it died before this line ran).
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != a.parent_pid) return Status(StatusCode::kUnavailable, "the launcher is gone");
+  }
+  const size_t colon = a.coordinator.rfind(':');
+  if (colon == std::string::npos) return InvalidArgument("--coordinator must be HOST:PORT");
+  const std::string host = a.coordinator.substr(0, colon);
+  const int port = std::atoi(a.coordinator.c_str() + colon + 1);
+  ASSIGN_OR_RETURN(auto secret, ReadSecret(a.secret_file));
+  ASSIGN_OR_RETURN(auto node, rpc::UcxNode::Create());
+  ASSIGN_OR_RETURN(auto ch, node->Connect(host, port, 30s));
+  ASSIGN_OR_RETURN(rpc::Received hello, ch->Receive(30s));
+  if (hello.type != rpc::MessageType::kHello || hello.payload.size() != sizeof(rpc::Nonce)) {
+    return InvalidArgument("coordinator did not open with a nonce");
+  }
+  rpc::Nonce nonce;
+  std::copy(hello.payload.begin(), hello.payload.end(), nonce.begin());
+  rpc::Writer w;
+  w.U32(static_cast<uint32_t>(a.rank));
+  const rpc::Mac mac = rpc::AuthMac(secret, nonce, static_cast<uint32_t>(a.rank));
+  w.out().insert(w.out().end(), mac.begin(), mac.end());
+  RETURN_IF_ERROR(ch->Send(rpc::MessageType::kAuth, w.out(), 30s));
+  ASSIGN_OR_RETURN(rpc::Received ok, ch->Receive(30s));
+  if (ok.type == rpc::MessageType::kError) {
+    Status remote;
+    RETURN_IF_ERROR(rpc::DecodeStatus(ok.payload, &remote));
+    return remote.WithContext("coordinator refused rank " + std::to_string(a.rank));
+  }
+  if (ok.type != rpc::MessageType::kAuthOk) return InvalidArgument("coordinator did not accept the handshake");
+  const Status st = Serve(a, *ch);
+  if (!st.ok() && !ch->broken()) (void)ch->Send(rpc::MessageType::kError, rpc::EncodeStatus(st), 10s);
+  return st.WithContext("rank " + std::to_string(a.rank));
+}
+
+}  // namespace
+}  // namespace gemma2
+
+int main(int argc, char** argv) {
+  gemma2::Args a;
+  CLI::App app{"gemma2-worker: one tensor-parallel rank of a gemma2 cluster"};
+  app.add_option("--coordinator", a.coordinator, "control plane address HOST:PORT")->required();
+  app.add_option("--rank", a.rank, "this rank")->required();
+  app.add_option("--tp", a.tp, "ranks in the tensor-parallel group")->required();
+  app.add_option("--model", a.model, "checkpoint directory")->required();
+  app.add_option("--secret-file", a.secret_file, "file holding the cluster secret")->required();
+  app.add_option("--gloo-dir", a.gloo_dir, "rendezvous directory of the group's collective")->required();
+  app.add_option("--backend", a.backend, "cpu");
+  app.add_option("--threads", a.threads, "math threads");
+  app.add_option("--parent-pid", a.parent_pid, "exit with this process (local launch)");
+  return gemma2::RunTool("gemma2-worker", app, argc, argv, [&] { return gemma2::Run(a); });
+}

@@ -15,6 +15,10 @@ class Collective {
   // t = sum over ranks of t, elementwise, in rank order (deterministic). Every rank calls it with
   // tensors of the same shape; fails rather than hangs when a peer is gone.
   virtual Status AllReduceSum(Tensor& t) = 0;
+  // Point to point inside the group (pipeline stages pass activations): the whole tensor to or
+  // from `peer`; both sides agree on the shape. Groups without it refuse.
+  virtual Status SendTo(const Tensor& t, int peer) { return Unimplemented("this collective has no send"); }
+  virtual Status RecvFrom(Tensor& t, int peer) { return Unimplemented("this collective has no receive"); }
 };
 
 // The group of one: AllReduceSum is the identity.

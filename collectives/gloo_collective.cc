@@ -54,9 +54,12 @@ Result<std::unique_ptr<GlooCollective>> GlooCollective::Create(const GlooOptions
 }
 
 Result<std::unique_ptr<GlooCollective>> GlooCollective::CreateWithFileStore(const GlooOptions& opts,
-                                                                            const std::string& dir) {
+                                                                            const std::string& dir,
+                                                                            const std::string& prefix) {
   try {
-    gloo::rendezvous::FileStore store(dir);
+    gloo::rendezvous::FileStore files(dir);
+    if (prefix.empty()) return Create(opts, files);
+    gloo::rendezvous::PrefixStore store(prefix, files);
     return Create(opts, store);
   } catch (const std::exception& e) {
     return FromException(opts, ("opening the rendezvous directory " + dir).c_str(), e);
@@ -80,6 +83,32 @@ Status GlooCollective::AllReduceSum(Tensor& t) {
     gloo::allreduce(o);
   } catch (const std::exception& e) {
     return FromException(opts_, "all-reduce", e);
+  }
+  return OkStatus();
+}
+
+Status GlooCollective::SendTo(const Tensor& t, int peer) {
+  try {
+    auto buf = context_->createUnboundBuffer(t.data, static_cast<size_t>(t.numel()) * DTypeSize(t.dtype));
+    buf->send(peer, tag_++);
+    if (!buf->waitSend(opts_.timeout)) {
+      return Status(StatusCode::kDeadlineExceeded, Who(opts_) + ": send to " + std::to_string(peer) + " timed out");
+    }
+  } catch (const std::exception& e) {
+    return FromException(opts_, "send", e);
+  }
+  return OkStatus();
+}
+
+Status GlooCollective::RecvFrom(Tensor& t, int peer) {
+  try {
+    auto buf = context_->createUnboundBuffer(t.data, static_cast<size_t>(t.numel()) * DTypeSize(t.dtype));
+    buf->recv(peer, tag_++);
+    if (!buf->waitRecv(opts_.timeout)) {
+      return Status(StatusCode::kDeadlineExceeded, Who(opts_) + ": receive from " + std::to_string(peer) + " timed out");
+    }
+  } catch (const std::exception& e) {
+    return FromException(opts_, "receive", e);
   }
   return OkStatus();
 }

@@ -31,8 +31,10 @@ class GlooCollective final : public Collective {
   static Result<std::unique_ptr<GlooCollective>> Create(const GlooOptions& opts,
                                                         gloo::rendezvous::Store& store);
   // A rendezvous through files in `dir` (all ranks on one machine or a shared file system).
+  // `prefix` separates groups sharing the directory ("tp-0", "pp-1-0", ...).
   static Result<std::unique_ptr<GlooCollective>> CreateWithFileStore(const GlooOptions& opts,
-                                                                     const std::string& dir);
+                                                                     const std::string& dir,
+                                                                     const std::string& prefix = "");
   ~GlooCollective() override;
   GlooCollective(const GlooCollective&) = delete;
   GlooCollective& operator=(const GlooCollective&) = delete;
@@ -42,6 +44,8 @@ class GlooCollective final : public Collective {
   // fp32 host tensors. Every rank ends with the same bits (ring order, fixed for a given size).
   // A peer that died or stopped answering ends it with an error naming this rank, not a hang.
   Status AllReduceSum(Tensor& t) override;
+  Status SendTo(const Tensor& t, int peer) override;
+  Status RecvFrom(Tensor& t, int peer) override;
 
  private:
   explicit GlooCollective(const GlooOptions& o) : opts_(o) {}

@@ -39,7 +39,10 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
   opts_ = opts;
   ASSIGN_OR_RETURN(auto ck, Checkpoint::Open(opts.model));
   config_ = ck->config();
-  for (int r = 0; r < opts.tp; ++r) RETURN_IF_ERROR(ShardPlan::Make(config_, opts.tp, r).status());
+  const int world = opts.tp * opts.pp;
+  for (int r = 0; r < world; ++r) {
+    RETURN_IF_ERROR(ShardPlan::Make(config_, opts.tp, r % opts.tp, opts.pp, r / opts.tp).status());
+  }
   // A private directory: the secret (0600) and the collective's rendezvous.
   char tmpl[] = "/tmp/gemma2-cluster-XXXXXX";
   if (!mkdtemp(tmpl)) return Internal("cannot create a working directory in /tmp");
@@ -59,8 +62,8 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
   if (worker.empty()) {
     worker = (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "gemma2-worker").string();
   }
-  for (int r = 0; r < opts.tp; ++r) {
-    const std::string rank = std::to_string(r), tp = std::to_string(opts.tp);
+  for (int r = 0; r < world; ++r) {
+    const std::string rank = std::to_string(r), tp = std::to_string(opts.tp), pp = std::to_string(opts.pp);
     const std::string coord = "127.0.0.1:" + std::to_string(port);
     const std::string threads = std::to_string(opts.threads_per_worker);
     const std::string parent = std::to_string(getpid());
@@ -69,7 +72,7 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
     if (pid < 0) return Internal("fork failed while starting rank " + rank);
     if (pid == 0) {
       execl(worker.c_str(), worker.c_str(), "--coordinator", coord.c_str(), "--rank", rank.c_str(),
-            "--tp", tp.c_str(), "--model", opts.model.c_str(), "--secret-file", secret_arg.c_str(),
+            "--tp", tp.c_str(), "--pp", pp.c_str(), "--model", opts.model.c_str(), "--secret-file", secret_arg.c_str(),
             "--gloo-dir", gloo_dir.c_str(), "--backend", opts.backend.c_str(), "--threads",
             threads.c_str(), "--parent-pid", parent.c_str(), static_cast<char*>(nullptr));
       _exit(127);
@@ -79,13 +82,13 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
   // Handshakes: every connection gets a fresh nonce and must answer with its rank's MAC.
   const std::string secret_text = HexOf(secret);
   const std::vector<uint8_t> secret_bytes(secret_text.begin(), secret_text.end());
-  ranks_.resize(static_cast<size_t>(opts.tp));
+  ranks_.resize(static_cast<size_t>(world));
   const auto deadline = Clock::now() + opts.startup_timeout;
-  for (int accepted = 0; accepted < opts.tp; ++accepted) {
+  for (int accepted = 0; accepted < world; ++accepted) {
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
     auto ch = node_->Accept(std::max(left, 1ms));
     if (!ch.ok()) {
-      return Fail(ch.status().WithContext("startup: " + std::to_string(opts.tp - accepted) +
+      return Fail(ch.status().WithContext("startup: " + std::to_string(world - accepted) +
                                           " rank(s) never connected"));
     }
     ASSIGN_OR_RETURN(rpc::Nonce nonce, rpc::FreshNonce());
@@ -95,7 +98,7 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
     rpc::Reader rd(auth->payload);
     uint32_t rank = 0;
     const bool shaped = auth->type == rpc::MessageType::kAuth && rd.U32(&rank).ok() &&
-                        auth->payload.size() == 4 + sizeof(rpc::Mac) && rank < static_cast<uint32_t>(opts.tp);
+                        auth->payload.size() == 4 + sizeof(rpc::Mac) && rank < static_cast<uint32_t>(world);
     if (!shaped || !rpc::VerifyAuth(secret_bytes, nonce, rank, {auth->payload.data() + 4, sizeof(rpc::Mac)})) {
       const Status refused(StatusCode::kUnavailable, "wrong or missing cluster secret");
       (void)(*ch)->Send(rpc::MessageType::kError, rpc::EncodeStatus(refused), 5s);
@@ -109,7 +112,7 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
   // Each rank loads its shard and joins the collective, then reports ready (or why not).
   auto ready = CollectAll(opts.startup_timeout, "startup");
   if (!ready.ok()) return ready.status();
-  for (int r = 0; r < opts.tp; ++r) {
+  for (int r = 0; r < world; ++r) {
     if ((*ready)[static_cast<size_t>(r)].type != rpc::MessageType::kHeartbeat) {
       return Fail(Internal("startup: rank " + std::to_string(r) + " sent an unexpected message"));
     }
@@ -230,7 +233,9 @@ Result<StepOutput> ClusterEngine::Step(const StepPlan& plan) {
     if (!st.ok()) return Fail(st.WithContext("step: rank " + std::to_string(r) + " lost"));
   }
   ASSIGN_OR_RETURN(auto answers, CollectAll(opts_.step_timeout, "step"));
-  ASSIGN_OR_RETURN(StepOutput out, rpc::DecodeStepOutput(answers[0].payload));
+  // The last stage's tensor-parallel rank 0 carries the outputs.
+  const size_t carrier = static_cast<size_t>((opts_.pp - 1) * opts_.tp);
+  ASSIGN_OR_RETURN(StepOutput out, rpc::DecodeStepOutput(answers[carrier].payload));
   for (const auto& s : plan.sequences) lengths_[s.sequence_id] += static_cast<int64_t>(s.tokens.size());
   return out;
 }

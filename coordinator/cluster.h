@@ -23,6 +23,7 @@ namespace gemma2 {
 struct ClusterOptions {
   std::string model;               // checkpoint directory every worker reads its shard from
   int tp = 1;
+  int pp = 1;  // pipeline stages; tp * pp worker processes
   std::string backend = "cpu";
   int threads_per_worker = 1;
   std::string worker_binary;       // gemma2-worker; default: beside /proc/self/exe

@@ -6,7 +6,8 @@
 namespace gemma2 {
 
 std::unique_ptr<SequenceKv> RankModel::NewSequenceKv() {
-  return backend_.NewSequenceKv(config_.num_layers, plan_.kv_heads(), config_.head_dim);
+  // Caches for this stage's layers only, indexed from the stage's first layer.
+  return backend_.NewSequenceKv(plan_.layer_end - plan_.layer_begin, plan_.kv_heads(), config_.head_dim);
 }
 
 Result<std::unique_ptr<RankModel>> RankModel::Load(const WeightSource& ck, const ShardPlan& plan,
@@ -20,14 +21,23 @@ std::pair<int64_t, int64_t> RankModel::LoadSize() const {
   const ModelConfig& c = config_;
   const ShardPlan& p = plan_;
   const int64_t h = c.hidden_size, hd = c.head_dim;
-  int64_t elems = p.vocab() * h + h, tensors = 2;  // embedding, final norm
-  if (c.architecture == Architecture::kCausalLM && !c.tie_word_embeddings) {
-    elems += p.vocab() * h;
+  int64_t elems = 0, tensors = 0;
+  const bool tied = c.architecture == Architecture::kCausalLM && c.tie_word_embeddings;
+  if (p.first_stage() || (p.last_stage() && tied)) {
+    elems += p.vocab() * h;  // embedding
     ++tensors;
   }
-  if (c.is_classifier()) {
-    elems += c.num_labels * (h + 1);
-    tensors += 2;
+  if (p.last_stage()) {
+    elems += h;  // final norm
+    ++tensors;
+    if (c.architecture == Architecture::kCausalLM && !c.tie_word_embeddings) {
+      elems += p.vocab() * h;
+      ++tensors;
+    }
+    if (c.is_classifier()) {
+      elems += c.num_labels * (h + 1);
+      tensors += 2;
+    }
   }
   const int64_t per_layer = 4 * h + (p.q_heads() + 2 * p.kv_heads()) * hd * h +
                             h * p.q_heads() * hd + 3 * p.inter() * h;
@@ -85,10 +95,18 @@ Status RankModel::LoadWeights(const WeightSource& ck, const Progress& progress) 
   auto rows = [](int64_t r0, int64_t r1, int64_t cols) { return Region{r0, r1, 0, cols}; };
   auto cols = [](int64_t rows_n, int64_t c0, int64_t c1) { return Region{0, rows_n, c0, c1}; };
 
-  ASSIGN_OR_RETURN(embed_, Read(ck, "embed_tokens.weight", {c.vocab_size, h},
-                                rows(p.vocab_begin, p.vocab_end, h)));
-  ASSIGN_OR_RETURN(final_norm_, Read(ck, "norm.weight", {h}, cols(1, 0, h)));
-  if (c.architecture == Architecture::kCausalLM) {
+  // The embedding lives on the first stage (and on the last when tied to the LM head); the final
+  // norm and the heads on the last stage.
+  const bool tied_head = c.architecture == Architecture::kCausalLM &&
+                         (c.tie_word_embeddings || !ck.Has("lm_head.weight"));
+  if (p.first_stage() || (p.last_stage() && tied_head)) {
+    ASSIGN_OR_RETURN(embed_, Read(ck, "embed_tokens.weight", {c.vocab_size, h},
+                                  rows(p.vocab_begin, p.vocab_end, h)));
+  }
+  if (!p.last_stage()) {
+    // no head on this stage
+  } else if (c.architecture == Architecture::kCausalLM) {
+    ASSIGN_OR_RETURN(final_norm_, Read(ck, "norm.weight", {h}, cols(1, 0, h)));
     if (c.tie_word_embeddings || !ck.Has("lm_head.weight")) {
       lm_head_ = embed_;
     } else {
@@ -96,6 +114,7 @@ Status RankModel::LoadWeights(const WeightSource& ck, const Progress& progress) 
                                       rows(p.vocab_begin, p.vocab_end, h)));
     }
   } else {
+    ASSIGN_OR_RETURN(final_norm_, Read(ck, "norm.weight", {h}, cols(1, 0, h)));
     ASSIGN_OR_RETURN(score_, Read(ck, "score.weight", {c.num_labels, h}, rows(0, c.num_labels, h)));
     if (c.architecture == Architecture::kTokenClassification) {
       ASSIGN_OR_RETURN(score_bias_,
@@ -159,7 +178,7 @@ AttentionParams RankModel::AttentionFor(int64_t layer) const {
 }
 
 Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs, Collective& comm,
-                          StepOutput* out) {
+                          StepOutput* out, const PipelineLinks& pipe) {
   const ModelConfig& c = config_;
   Backend& b = backend_;
   const int64_t t = step.total_tokens(), h = c.hidden_size;
@@ -192,8 +211,14 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
   float normalizer = static_cast<float>(std::sqrt(static_cast<double>(h)));
   if (b.activation_dtype() == DType::kBF16) normalizer = Bf16ToF32(F32ToBf16(normalizer));
   Tensor x = b.Alloc(t, h);
-  b.Embed(ids, embed_, plan_.vocab_begin, normalizer, x);
-  RETURN_IF_ERROR(comm.AllReduceSum(x));
+  if (plan_.first_stage()) {
+    b.Embed(ids, embed_, plan_.vocab_begin, normalizer, x);
+    RETURN_IF_ERROR(comm.AllReduceSum(x));
+  } else {
+    // The residual stream of the previous stage (its rank 0 of the pair is that stage).
+    if (pipe.prev == nullptr) return Internal("pipeline stage " + std::to_string(plan_.stage) + " has no previous stage");
+    RETURN_IF_ERROR(pipe.prev->RecvFrom(x, 0));
+  }
 
   // Scratch for one layer, reused by every layer (all layers of a rank have the same shapes).
   const LayerWeights& first = layers_.front();
@@ -213,8 +238,8 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
 
     // Attention block: this rank's heads, then a sum of the o_proj partial products.
     b.Linear(normed, w.qkv, nullptr, qkv);
-    b.RopeAndCacheWrite(qkv, seqs, layer, ap);
-    b.Attention(qkv, seqs, layer, ap, attn);
+    b.RopeAndCacheWrite(qkv, seqs, static_cast<int64_t>(li), ap);  // caches index local layers
+    b.Attention(qkv, seqs, static_cast<int64_t>(li), ap, attn);
     b.Linear(attn, w.o, nullptr, o);
     RETURN_IF_ERROR(comm.AllReduceSum(o));
     // Post-attention norm applies to the block output before the residual add.
@@ -225,8 +250,18 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
     b.GeluTanhMul(gate_up, act);
     b.Linear(act, w.down, nullptr, down);
     RETURN_IF_ERROR(comm.AllReduceSum(down));
-    const Tensor& next_norm = li + 1 < layers_.size() ? layers_[li + 1].input_norm : final_norm_;
-    b.AddRmsNorm(x, down, w.post_feedforward_norm, &next_norm, eps, normed);
+    // The next layer's input norm, the final norm after the last layer, none at a stage boundary.
+    const Tensor* next_norm = li + 1 < layers_.size() ? &layers_[li + 1].input_norm
+                              : plan_.last_stage()    ? &final_norm_
+                                                      : nullptr;
+    b.AddRmsNorm(x, down, w.post_feedforward_norm, next_norm, eps, normed);
+  }
+  if (!plan_.last_stage()) {
+    if (pipe.next == nullptr) return Internal("pipeline stage " + std::to_string(plan_.stage) + " has no next stage");
+    RETURN_IF_ERROR(pipe.next->SendTo(x, 1));
+    out->rows = 0;
+    out->width = c.output_size();
+    return OkStatus();
   }
 
   // `normed` now holds the final-normed hidden states. Project only the rows asked for.

@@ -23,6 +23,12 @@ struct LayerWeights {
   Tensor down;     // [ hidden, inter ]: this rank's input columns of down_proj
 };
 
+// A stage's links to its neighbours: 2-rank groups where the earlier stage is rank 0.
+struct PipelineLinks {
+  Collective* prev = nullptr;
+  Collective* next = nullptr;
+};
+
 class RankModel {
  public:
   // Reads only this rank's slices of the checkpoint into `backend` memory.
@@ -39,8 +45,10 @@ class RankModel {
 
   // Runs `step` with kvs[i] the cache of step.sequences[i]. Every rank of the group calls it with
   // the same plan; every rank gets the same output.
+  // Pipeline stages: every stage but the first receives the residual stream from `pipe.prev`, every
+  // stage but the last sends it on through `pipe.next` and produces no output rows.
   Status Forward(const StepPlan& step, std::span<SequenceKv* const> kvs, Collective& comm,
-                 StepOutput* out);
+                 StepOutput* out, const PipelineLinks& pipe = {});
 
  private:
   RankModel(const ModelConfig& c, const ShardPlan& p, Backend& b)

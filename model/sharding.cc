@@ -2,7 +2,12 @@
 
 namespace gemma2 {
 
-Result<ShardPlan> ShardPlan::Make(const ModelConfig& c, int tp, int rank) {
+Result<ShardPlan> ShardPlan::Make(const ModelConfig& c, int tp, int rank, int pp, int stage) {
+  if (pp < 1 || pp > c.num_layers) {
+    return InvalidArgument("pp must be between 1 and the " + std::to_string(c.num_layers) +
+                           " layers, got " + std::to_string(pp));
+  }
+  if (stage < 0 || stage >= pp) return InvalidArgument("stage " + std::to_string(stage) + " outside pp " + std::to_string(pp));
   const std::string why = "cannot shard " + std::to_string(c.num_heads) + " query heads / " +
                           std::to_string(c.num_kv_heads) + " kv heads / intermediate " +
                           std::to_string(c.intermediate_size) + " across tp=" + std::to_string(tp);
@@ -36,8 +41,11 @@ Result<ShardPlan> ShardPlan::Make(const ModelConfig& c, int tp, int rank) {
   const int64_t vocab_per_rank = (c.vocab_size + tp - 1) / tp;
   p.vocab_begin = std::min<int64_t>(c.vocab_size, rank * vocab_per_rank);
   p.vocab_end = std::min<int64_t>(c.vocab_size, p.vocab_begin + vocab_per_rank);
-  p.layer_begin = 0;
-  p.layer_end = c.num_layers;
+  p.pp = pp;
+  p.stage = stage;
+  const int64_t per = c.num_layers / pp, extra = c.num_layers % pp;
+  p.layer_begin = stage * per + std::min<int64_t>(stage, extra);
+  p.layer_end = p.layer_begin + per + (stage < extra ? 1 : 0);
   return p;
 }
 

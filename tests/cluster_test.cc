@@ -82,11 +82,13 @@ TEST_F(ClusterTest, LocalClusterPrintsWhatTheInProcessRunPrints) {
   const RunResult one = Exec("", Args("--max-new-tokens 8 --logits"));
   ASSERT_EQ(one.code, 0) << one.err;
   const auto want = nlohmann::json::parse(one.out);
-  for (int tp : {2, 4}) {
-    const RunResult r = Exec("", Args("--max-new-tokens 8 --logits --launch local --tp " + std::to_string(tp)));
+  // Tensor parallel, pipeline parallel (4 layers in 2 or 4 stages) and both: 2 to 4 processes.
+  for (const std::string layout : {"--tp 2", "--tp 4", "--pp 2", "--pp 4", "--tp 2 --pp 2"}) {
+    SCOPED_TRACE(layout);
+    const RunResult r = Exec("", Args("--max-new-tokens 8 --logits --launch local " + layout));
     ASSERT_EQ(r.code, 0) << r.err;
     const auto got = nlohmann::json::parse(r.out);
-    EXPECT_EQ(got["generated_ids"], want["generated_ids"]) << "tp " << tp;
+    EXPECT_EQ(got["generated_ids"], want["generated_ids"]);
     EXPECT_EQ(got["generated_ids"].get<std::vector<int32_t>>(), ref_.generated_ids);  // and transformers'
     ASSERT_EQ(got["logits"].size(), want["logits"].size());
     for (size_t row = 0; row < want["logits"].size(); ++row) {
@@ -97,6 +99,21 @@ TEST_F(ClusterTest, LocalClusterPrintsWhatTheInProcessRunPrints) {
     }
   }
   EXPECT_EQ(Alive(model_.string()), 0);
+}
+
+TEST_F(ClusterTest, ClassifierThroughPipelineStages) {
+  const auto dir = std::filesystem::path(GEMMA2_SOURCE_DIR) / "tests/data/references/seqcls_published";
+  const auto ref = testing::LoadReference(dir);
+  std::string ids;
+  for (int32_t id : ref.prompt_ids) {
+    if (!ids.empty()) ids += ',';
+    ids += std::to_string(id);
+  }
+  const RunResult r = Exec("", "--model " + dir.string() + " --prompt-ids " + ids + " --launch local --tp 2 --pp 3");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto got = nlohmann::json::parse(r.out)["logits"][0].get<std::vector<float>>();
+  ASSERT_EQ(static_cast<int64_t>(got.size()), ref.width);
+  EXPECT_LE(testing::RelativeL2(got.data(), ref.logits.data(), ref.width), 1e-4);
 }
 
 TEST_F(ClusterTest, WrongSecretIsRefusedAtStartup) {

@@ -32,6 +32,7 @@ struct Args {
   double kv_cache_gb = 0;
   bool progress = false;
   std::string launch = "none";
+  int pp = 1;
   int64_t step_timeout_s = 60;
 };
 
@@ -162,11 +163,13 @@ Status Run(const Args& a) {
     ClusterOptions co;
     co.model = a.model;
     co.tp = a.tp;
+    co.pp = a.pp;
     co.backend = a.backend;
     co.step_timeout = std::chrono::seconds(a.step_timeout_s);
     if (const char* r = std::getenv("GEMMA2_FAULT_WRONG_SECRET_RANK")) co.wrong_secret_rank = std::atoi(r);
     ASSIGN_OR_RETURN(engine, ClusterEngine::LaunchLocal(co));
   } else {
+    if (a.pp != 1) return InvalidArgument("--pp needs --launch local (pipeline stages are processes)");
     ASSIGN_OR_RETURN(engine, Engine::Create(weights, eo));
   }
   const ModelConfig& c = engine->config();
@@ -258,5 +261,6 @@ int main(int argc, char** argv) {
   app.add_option("--launch", a.launch, "none (one process) or local (coordinator + a worker per rank)")
       ->check(CLI::IsMember({"none", "local"}));
   app.add_option("--step-timeout", a.step_timeout_s, "cluster: seconds before a step counts as hung");
+  app.add_option("--pp", a.pp, "cluster: pipeline stages (contiguous layer ranges)")->check(CLI::Range(1, 1024));
   return gemma2::RunTool("gemma2-run", app, argc, argv, [&] { return gemma2::Run(a); });
 }

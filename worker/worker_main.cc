@@ -33,7 +33,7 @@ using namespace std::chrono_literals;
 
 struct Args {
   std::string coordinator, model, secret_file, gloo_dir, backend = "cpu";
-  int rank = 0, tp = 1, threads = 1;
+  int rank = 0, tp = 1, pp = 1, threads = 1;  // rank: global, stage * tp + tensor-parallel rank
   int parent_pid = 0;  // launched locally: the launcher's pid
 };
 
@@ -55,17 +55,35 @@ int64_t EnvInt(const char* name) {
 // Everything after the handshake; failures go back to the coordinator before the worker exits.
 Status Serve(const Args& a, rpc::Channel& ch) {
   ASSIGN_OR_RETURN(auto ck, Checkpoint::Open(a.model));
-  ASSIGN_OR_RETURN(ShardPlan plan, ShardPlan::Make(ck->config(), a.tp, a.rank));
+  const int stage = a.rank / a.tp, tp_rank = a.rank % a.tp;
+  ASSIGN_OR_RETURN(ShardPlan plan, ShardPlan::Make(ck->config(), a.tp, tp_rank, a.pp, stage));
   EngineOptions eo;
   eo.backend = a.backend;
   ASSIGN_OR_RETURN(auto backend, MakeBackend(eo, 0, ck->config().max_position_embeddings));
   SetCpuMathThreads(a.threads);
   ASSIGN_OR_RETURN(auto model, RankModel::Load(*ck, plan, *backend));
   GlooOptions go;
-  go.rank = a.rank;
+  go.rank = tp_rank;
   go.size = a.tp;
   go.timeout = 60s;
-  ASSIGN_OR_RETURN(auto comm, GlooCollective::CreateWithFileStore(go, a.gloo_dir));
+  ASSIGN_OR_RETURN(auto comm, GlooCollective::CreateWithFileStore(go, a.gloo_dir, "tp-" + std::to_string(stage)));
+  // Links to the neighbouring stages (same tensor-parallel rank): the next link first, so the
+  // chain of rendezvous resolves from the last stage back.
+  std::unique_ptr<GlooCollective> next, prev;
+  GlooOptions pair = go;
+  pair.size = 2;
+  if (stage + 1 < a.pp) {
+    pair.rank = 0;
+    ASSIGN_OR_RETURN(next, GlooCollective::CreateWithFileStore(
+                               pair, a.gloo_dir, "pp-" + std::to_string(stage) + "-" + std::to_string(tp_rank)));
+  }
+  if (stage > 0) {
+    pair.rank = 1;
+    ASSIGN_OR_RETURN(prev, GlooCollective::CreateWithFileStore(
+                               pair, a.gloo_dir, "pp-" + std::to_string(stage - 1) + "-" + std::to_string(tp_rank)));
+  }
+  const PipelineLinks links{prev.get(), next.get()};
+  const bool carries_output = stage == a.pp - 1 && tp_rank == 0;
   RETURN_IF_ERROR(ch.Send(rpc::MessageType::kHeartbeat, {}, 30s));  // ready
 
   const bool faulty = EnvInt("GEMMA2_FAULT_RANK") == a.rank;
@@ -91,13 +109,14 @@ Status Serve(const Args& a, rpc::Channel& ch) {
       seq_kvs.push_back(kv.get());
     }
     StepOutput out;
-    const Status st = model->Forward(p, seq_kvs, *comm, &out);
+    const Status st = model->Forward(p, seq_kvs, *comm, &out, links);
     if (!st.ok()) {
       (void)ch.Send(rpc::MessageType::kError, rpc::EncodeStatus(st), 10s);
       return st;
     }
-    // Every rank answers (so the coordinator hears from each); rank 0 carries the output.
-    if (a.rank != 0) out = StepOutput{};
+    // Every rank answers (so the coordinator hears from each); the last stage's rank 0 carries
+    // the output.
+    if (!carries_output) out = StepOutput{};
     RETURN_IF_ERROR(ch.Send(rpc::MessageType::kStepResult, rpc::EncodeStepOutput(out), 60s));
   }
 }
@@ -147,6 +166,7 @@ int main(int argc, char** argv) {
   app.add_option("--coordinator", a.coordinator, "control plane address HOST:PORT")->required();
   app.add_option("--rank", a.rank, "this rank")->required();
   app.add_option("--tp", a.tp, "ranks in the tensor-parallel group")->required();
+  app.add_option("--pp", a.pp, "pipeline stages");
   app.add_option("--model", a.model, "checkpoint directory")->required();
   app.add_option("--secret-file", a.secret_file, "file holding the cluster secret")->required();
   app.add_option("--gloo-dir", a.gloo_dir, "rendezvous directory of the group's collective")->required();

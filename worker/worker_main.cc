@@ -122,6 +122,9 @@ Status Serve(const Args& a, rpc::Channel& ch) {
 }
 
 Status Run(const Args& a) {
+  // A peer that dies mid-collective must surface as an error from the write, not kill this
+  // process with SIGPIPE.
+  signal(SIGPIPE, SIG_IGN);
   if (a.parent_pid > 0) {
     // Launched locally: never outlive the launcher (also if it died before this line ran).
     prctl(PR_SET_PDEATHSIG, SIGKILL);

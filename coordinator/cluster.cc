@@ -57,24 +57,36 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
   std::filesystem::create_directories(gloo_dir);
 
   ASSIGN_OR_RETURN(node_, rpc::UcxNode::Create());
-  ASSIGN_OR_RETURN(int port, node_->Listen("127.0.0.1", 0));
+  ASSIGN_OR_RETURN(int port, node_->Listen(opts.listen_host, 0));
   std::string worker = opts.worker_binary;
   if (worker.empty()) {
     worker = (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "gemma2-worker").string();
   }
   for (int r = 0; r < world; ++r) {
     const std::string rank = std::to_string(r), tp = std::to_string(opts.tp), pp = std::to_string(opts.pp);
-    const std::string coord = "127.0.0.1:" + std::to_string(port);
+    const std::string coord = opts.listen_host + ":" + std::to_string(port);
     const std::string threads = std::to_string(opts.threads_per_worker);
     const std::string parent = std::to_string(getpid());
     const std::string& secret_arg = r == opts.wrong_secret_rank ? wrong_file : secret_file;
+    const ClusterOptions::Node node =
+        opts.nodes.empty() ? ClusterOptions::Node{}
+                           : opts.nodes[static_cast<size_t>(r / ((world + static_cast<int>(opts.nodes.size()) - 1) /
+                                                               static_cast<int>(opts.nodes.size())))];
+    std::vector<std::string> argv_s = node.exec_prefix;
+    for (const std::string& arg :
+         {worker, std::string("--coordinator"), coord, std::string("--rank"), rank, std::string("--tp"), tp,
+          std::string("--pp"), pp, std::string("--model"), opts.model, std::string("--secret-file"), secret_arg,
+          std::string("--gloo-dir"), gloo_dir, std::string("--backend"), opts.backend, std::string("--threads"),
+          threads, std::string("--parent-pid"), parent, std::string("--address"), node.address}) {
+      argv_s.push_back(arg);
+    }
     const pid_t pid = fork();
     if (pid < 0) return Internal("fork failed while starting rank " + rank);
     if (pid == 0) {
-      execl(worker.c_str(), worker.c_str(), "--coordinator", coord.c_str(), "--rank", rank.c_str(),
-            "--tp", tp.c_str(), "--pp", pp.c_str(), "--model", opts.model.c_str(), "--secret-file", secret_arg.c_str(),
-            "--gloo-dir", gloo_dir.c_str(), "--backend", opts.backend.c_str(), "--threads",
-            threads.c_str(), "--parent-pid", parent.c_str(), static_cast<char*>(nullptr));
+      std::vector<char*> argv;
+      for (auto& a : argv_s) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      execvp(argv[0], argv.data());
       _exit(127);
     }
     pids_.push_back(pid);

@@ -31,6 +31,16 @@ struct ClusterOptions {
   std::chrono::milliseconds step_timeout{60000};  // the step watchdog
   // Tests: give this rank another secret (its handshake must be refused).
   int wrong_secret_rank = -1;
+  // Where the coordinator listens for workers (the control plane).
+  std::string listen_host = "127.0.0.1";
+  // Nodes of this machine's test topology (network namespaces): ranks are split over them in
+  // equal consecutive blocks; each node starts its workers through `exec_prefix` (e.g.
+  // {"ip", "netns", "exec", "ns1"}) and they bind their collectives to `address`.
+  struct Node {
+    std::vector<std::string> exec_prefix;
+    std::string address = "127.0.0.1";
+  };
+  std::vector<Node> nodes;  // empty: one node, loopback
 };
 
 class ClusterEngine final : public StepExecutor {

@@ -116,6 +116,40 @@ TEST_F(ClusterTest, ClassifierThroughPipelineStages) {
   EXPECT_LE(testing::RelativeL2(got.data(), ref.logits.data(), ref.width), 1e-4);
 }
 
+// Two "nodes" on one machine: network namespaces joined by a veth pair. The coordinator and
+// stage 0 (ranks 0, 1) run in one, stage 1 (ranks 2, 3) in the other: the control plane (UCX over
+// TCP) and the pipeline's activations (Gloo) cross the link.
+TEST_F(ClusterTest, TwoNodesInNetworkNamespaces) {
+  const std::string a = "g2a" + std::to_string(getpid()), b = "g2b" + std::to_string(getpid());
+  const std::string va = "g2va" + std::to_string(getpid() % 100000), vb = "g2vb" + std::to_string(getpid() % 100000);
+  const std::string setup =
+      "ip netns add " + a + " && ip netns add " + b + " && ip link add " + va + " type veth peer name " + vb +
+      " && ip link set " + va + " netns " + a + " && ip link set " + vb + " netns " + b +
+      " && ip -n " + a + " addr add 10.231.0.1/24 dev " + va + " && ip -n " + b + " addr add 10.231.0.2/24 dev " + vb +
+      " && ip -n " + a + " link set lo up && ip -n " + b + " link set lo up && ip -n " + a + " link set " + va +
+      " up && ip -n " + b + " link set " + vb + " up";
+  if (geteuid() != 0 || std::system((setup + " 2>/dev/null").c_str()) != 0) {
+    std::system(("ip netns del " + a + " 2>/dev/null; ip netns del " + b + " 2>/dev/null").c_str());
+    GTEST_SKIP() << "skipped: cannot create network namespaces here (needs root and iproute2)";
+  }
+  const RunResult one = Exec("", Args("--max-new-tokens 4 --logits"));
+  const RunResult two = Exec(
+      "UCX_TLS=tcp ip netns exec " + a,
+      Args("--max-new-tokens 4 --logits --launch local --tp 2 --pp 2 --listen 10.231.0.1 --node-exec 'ip netns exec " +
+           a + "' --node-address 10.231.0.1 --node-exec 'ip netns exec " + b + "' --node-address 10.231.0.2"));
+  std::system(("ip netns del " + a + "; ip netns del " + b).c_str());
+  ASSERT_EQ(one.code, 0) << one.err;
+  ASSERT_EQ(two.code, 0) << two.err;
+  const auto want = nlohmann::json::parse(one.out), got = nlohmann::json::parse(two.out);
+  EXPECT_EQ(got["generated_ids"], want["generated_ids"]);
+  ASSERT_EQ(got["logits"].size(), want["logits"].size());
+  for (size_t row = 0; row < want["logits"].size(); ++row) {
+    const auto x = got["logits"][row].get<std::vector<float>>(), y = want["logits"][row].get<std::vector<float>>();
+    EXPECT_LE(testing::RelativeL2(x.data(), y.data(), static_cast<int64_t>(x.size())), 1e-5) << row;
+  }
+  EXPECT_EQ(Alive(model_.string()), 0);
+}
+
 TEST_F(ClusterTest, WrongSecretIsRefusedAtStartup) {
   const RunResult r = Exec("GEMMA2_FAULT_WRONG_SECRET_RANK=1", Args("--max-new-tokens 2 --launch local --tp 2"));
   EXPECT_NE(r.code, 0);

@@ -5,6 +5,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <sstream>
 
 #include "coordinator/cluster.h"
 #include "model/generate.h"
@@ -33,6 +34,8 @@ struct Args {
   bool progress = false;
   std::string launch = "none";
   int pp = 1;
+  std::string listen = "127.0.0.1";
+  std::vector<std::string> node_exec, node_address;
   int64_t step_timeout_s = 60;
 };
 
@@ -164,6 +167,17 @@ Status Run(const Args& a) {
     co.model = a.model;
     co.tp = a.tp;
     co.pp = a.pp;
+    co.listen_host = a.listen;
+    if (a.node_exec.size() != a.node_address.size()) {
+      return InvalidArgument("give one --node-address per --node-exec");
+    }
+    for (size_t i = 0; i < a.node_exec.size(); ++i) {
+      ClusterOptions::Node n;
+      std::stringstream words(a.node_exec[i]);
+      for (std::string w; words >> w;) n.exec_prefix.push_back(w);
+      n.address = a.node_address[i];
+      co.nodes.push_back(n);
+    }
     co.backend = a.backend;
     co.step_timeout = std::chrono::seconds(a.step_timeout_s);
     if (const char* r = std::getenv("GEMMA2_FAULT_WRONG_SECRET_RANK")) co.wrong_secret_rank = std::atoi(r);
@@ -262,5 +276,10 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"none", "local"}));
   app.add_option("--step-timeout", a.step_timeout_s, "cluster: seconds before a step counts as hung");
   app.add_option("--pp", a.pp, "cluster: pipeline stages (contiguous layer ranges)")->check(CLI::Range(1, 1024));
+  app.add_option("--listen", a.listen, "cluster: the coordinator's control-plane address");
+  app.add_option("--node-exec", a.node_exec,
+                 "cluster: per node, the command prefix that starts its workers (e.g. \"ip netns exec ns1\"); "
+                 "ranks are split over the nodes in equal blocks");
+  app.add_option("--node-address", a.node_address, "cluster: per node, the address its collectives bind to");
   return gemma2::RunTool("gemma2-run", app, argc, argv, [&] { return gemma2::Run(a); });
 }

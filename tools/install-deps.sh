@@ -11,6 +11,7 @@ packages=(
   libgloo-dev                                 # collectives between cpu worker processes (TCP)
   libssl-dev                                  # HMAC-SHA256 of the control plane's cluster-secret handshake
   libucx-dev                                  # control plane between coordinator and workers
+  iproute2                                    # the two-node test (network namespaces)
   libgtest-dev libgmock-dev
 )
 missing=()

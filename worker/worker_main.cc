@@ -35,6 +35,7 @@ struct Args {
   std::string coordinator, model, secret_file, gloo_dir, backend = "cpu";
   int rank = 0, tp = 1, pp = 1, threads = 1;  // rank: global, stage * tp + tensor-parallel rank
   int parent_pid = 0;  // launched locally: the launcher's pid
+  std::string address = "127.0.0.1";  // this node's address for the collectives
 };
 
 Result<std::vector<uint8_t>> ReadSecret(const std::string& path) {
@@ -63,6 +64,7 @@ Status Serve(const Args& a, rpc::Channel& ch) {
   SetCpuMathThreads(a.threads);
   ASSIGN_OR_RETURN(auto model, RankModel::Load(*ck, plan, *backend));
   GlooOptions go;
+  go.hostname = a.address;
   go.rank = tp_rank;
   go.size = a.tp;
   go.timeout = 60s;
@@ -176,5 +178,6 @@ int main(int argc, char** argv) {
   app.add_option("--backend", a.backend, "cpu");
   app.add_option("--threads", a.threads, "math threads");
   app.add_option("--parent-pid", a.parent_pid, "exit with this process (local launch)");
+  app.add_option("--address", a.address, "address this node's collectives bind to");
   return gemma2::RunTool("gemma2-worker", app, argc, argv, [&] { return gemma2::Run(a); });
 }

@@ -218,6 +218,29 @@ ClusterEngine::~ClusterEngine() {
   }
 }
 
+Status ClusterEngine::Watch(std::chrono::milliseconds duration, const volatile bool* stop) {
+  if (!down_.ok()) return down_;
+  for (size_t r = 0; r < ranks_.size(); ++r) {
+    const Status st = ranks_[r]->StartReceive();
+    if (!st.ok()) return Fail(st.WithContext("rank " + std::to_string(r) + " lost"));
+  }
+  const auto deadline = Clock::now() + duration;
+  while (Clock::now() < deadline && !(stop && *stop)) {
+    for (size_t r = 0; r < ranks_.size(); ++r) {
+      auto ready = ranks_[r]->Poll();
+      if (!ready.ok()) return Fail(ready.status().WithContext("rank " + std::to_string(r) + " lost"));
+      if (*ready) {
+        const rpc::Received m = ranks_[r]->Take();
+        Status remote(StatusCode::kInternal, "an unasked message");
+        if (m.type == rpc::MessageType::kError) (void)rpc::DecodeStatus(m.payload, &remote);
+        return Fail(Status(StatusCode::kInternal, "rank " + std::to_string(r) + " failed: " + remote.message()));
+      }
+    }
+    usleep(2000);
+  }
+  return OkStatus();
+}
+
 int64_t ClusterEngine::NewSequence() {
   const int64_t id = next_id_++;
   lengths_[id] = 0;

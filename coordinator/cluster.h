@@ -54,6 +54,10 @@ class ClusterEngine final : public StepExecutor {
   void ReleaseSequence(int64_t id) override;
   int64_t SequenceLength(int64_t id) const override;
   Result<StepOutput> Step(const StepPlan& plan) override;
+  // Between steps: watches every rank for `duration`; an error names a rank that was lost or sent
+  // something unasked. Returns early (OK) if `stop` becomes true.
+  Status Watch(std::chrono::milliseconds duration, const volatile bool* stop = nullptr);
+  int world() const { return static_cast<int>(ranks_.size()); }
 
  private:
   ClusterEngine() = default;

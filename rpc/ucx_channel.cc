@@ -227,7 +227,9 @@ Status Channel::SendBytes(std::span<const uint8_t> bytes, std::chrono::milliseco
 }
 
 Status Channel::StartReceive() {
+  if (posted_) return OkStatus();  // already waiting for the next frame
   if (state_->broken) return Status(StatusCode::kUnavailable, "receiving from " + peer_ + ": connection lost");
+  posted_ = true;
   in_payload_ = false;
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
@@ -278,7 +280,10 @@ Result<bool> Channel::Poll() {
   }
 }
 
-Received Channel::Take() { return std::move(frame_); }
+Received Channel::Take() {
+  posted_ = false;
+  return std::move(frame_);
+}
 
 Result<Received> Channel::Receive(std::chrono::milliseconds timeout) {
   const auto deadline = Clock::now() + timeout;

@@ -57,6 +57,7 @@ class Channel {
   std::shared_ptr<State> state_;
   std::string peer_;
   // The posted receive: header first, then payload.
+  bool posted_ = false;
   void* pending_ = nullptr;
   bool in_payload_ = false;
   uint8_t header_[kHeaderBytes] = {};

@@ -150,6 +150,75 @@ TEST_F(ClusterTest, TwoNodesInNetworkNamespaces) {
   EXPECT_EQ(Alive(model_.string()), 0);
 }
 
+// gemma2-launch: ready only after a token went through every rank; SIGTERM stops everything
+// (exit 0); a worker killed later ends the launcher (exit 1, naming the rank) within 5 s.
+struct Launched {
+  pid_t pid = -1;
+  FILE* out = nullptr;
+};
+
+Launched StartLauncher(const std::string& model, const std::string& args) {
+  const std::string cmd = "exec " + std::string(GEMMA2_BINARY_DIR) + "/bin/gemma2-launch --model " + model + " " +
+                          args + " 2>&1";
+  int fds[2];
+  EXPECT_EQ(pipe(fds), 0);
+  Launched l;
+  l.pid = fork();
+  if (l.pid == 0) {
+    dup2(fds[1], 1);
+    close(fds[0]);
+    execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  close(fds[1]);
+  l.out = fdopen(fds[0], "r");
+  return l;
+}
+
+std::string ReadLine(FILE* f) {
+  char buf[4096];
+  return fgets(buf, sizeof(buf), f) ? std::string(buf) : std::string();
+}
+
+int WaitExit(pid_t pid, double* seconds) {
+  const auto start = Clock::now();
+  int status = 0;
+  waitpid(pid, &status, 0);
+  *seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+TEST_F(ClusterTest, LauncherStartsReportsReadyAndStopsOnSigterm) {
+  Launched l = StartLauncher(model_.string(), "--tp 2 --nodes 2");
+  const std::string line = ReadLine(l.out);
+  EXPECT_NE(line.find("gemma2-launch: ready: 4 ranks (tp 2 x pp 2)"), std::string::npos) << line;
+  EXPECT_EQ(Alive(model_.string()), 5);  // launcher + 4 workers
+  kill(l.pid, SIGTERM);
+  double s = 0;
+  EXPECT_EQ(WaitExit(l.pid, &s), 0);
+  EXPECT_LT(s, 10);
+  fclose(l.out);
+  EXPECT_EQ(Alive(model_.string()), 0);
+}
+
+TEST_F(ClusterTest, LauncherEndsWhenAWorkerDies) {
+  Launched l = StartLauncher(model_.string(), "--tp 2");
+  const std::string line = ReadLine(l.out);
+  ASSERT_NE(line.find("ready"), std::string::npos) << line;
+  FILE* p = popen(("pgrep -f -- '[-]-rank 1 .*" + model_.string() + "'").c_str(), "r");
+  int worker = 0;
+  ASSERT_EQ(fscanf(p, "%d", &worker), 1);
+  pclose(p);
+  kill(worker, SIGKILL);
+  const std::string err = ReadLine(l.out);
+  double s = 0;
+  EXPECT_EQ(WaitExit(l.pid, &s), 1);
+  EXPECT_LT(s, 5);
+  EXPECT_NE(err.find("gemma2-launch: error: rank 1 lost"), std::string::npos) << err;
+  fclose(l.out);
+  EXPECT_EQ(Alive(model_.string()), 0);
+}
+
 TEST_F(ClusterTest, WrongSecretIsRefusedAtStartup) {
   const RunResult r = Exec("GEMMA2_FAULT_WRONG_SECRET_RANK=1", Args("--max-new-tokens 2 --launch local --tp 2"));
   EXPECT_NE(r.code, 0);

@@ -157,6 +157,13 @@ Result<std::vector<rpc::Received>> ClusterEngine::CollectAll(std::chrono::millis
       }
       if (!*ready) continue;
       got[r] = ranks_[r]->Take();
+      if (got[r].type == rpc::MessageType::kHeartbeat && what != std::string("startup")) {
+        // A late answer to a heartbeat asked between steps: the step's answer follows.
+        heartbeat_sent_[r].reset();
+        const Status st = ranks_[r]->StartReceive();
+        if (!st.ok()) return Fail(st.WithContext(std::string(what) + ": rank " + std::to_string(r)));
+        continue;
+      }
       if (got[r].type == rpc::MessageType::kError) {
         Status remote;
         (void)rpc::DecodeStatus(got[r].payload, &remote);
@@ -224,17 +231,36 @@ Status ClusterEngine::Watch(std::chrono::milliseconds duration, const volatile b
     const Status st = ranks_[r]->StartReceive();
     if (!st.ok()) return Fail(st.WithContext("rank " + std::to_string(r) + " lost"));
   }
+  heartbeat_sent_.resize(ranks_.size());
   const auto deadline = Clock::now() + duration;
   while (Clock::now() < deadline && !(stop && *stop)) {
+    const auto now = Clock::now();
+    const bool round = now - last_heartbeat_round_ >= opts_.heartbeat_interval;
+    if (round) last_heartbeat_round_ = now;
     for (size_t r = 0; r < ranks_.size(); ++r) {
+      if (round && !heartbeat_sent_[r]) {
+        const Status st = ranks_[r]->Send(rpc::MessageType::kHeartbeat, {}, opts_.heartbeat_timeout);
+        if (!st.ok()) return Fail(st.WithContext("rank " + std::to_string(r) + " lost"));
+        heartbeat_sent_[r] = now;
+      }
+      if (heartbeat_sent_[r] && now - *heartbeat_sent_[r] > opts_.heartbeat_timeout) {
+        return Fail(Status(StatusCode::kDeadlineExceeded,
+                           "rank " + std::to_string(r) + " has not answered a heartbeat for " +
+                               std::to_string(opts_.heartbeat_timeout.count()) + " ms (hung?)"));
+      }
       auto ready = ranks_[r]->Poll();
       if (!ready.ok()) return Fail(ready.status().WithContext("rank " + std::to_string(r) + " lost"));
-      if (*ready) {
-        const rpc::Received m = ranks_[r]->Take();
-        Status remote(StatusCode::kInternal, "an unasked message");
-        if (m.type == rpc::MessageType::kError) (void)rpc::DecodeStatus(m.payload, &remote);
-        return Fail(Status(StatusCode::kInternal, "rank " + std::to_string(r) + " failed: " + remote.message()));
+      if (!*ready) continue;
+      const rpc::Received m = ranks_[r]->Take();
+      if (m.type == rpc::MessageType::kHeartbeat) {
+        heartbeat_sent_[r].reset();
+        const Status st = ranks_[r]->StartReceive();
+        if (!st.ok()) return Fail(st.WithContext("rank " + std::to_string(r) + " lost"));
+        continue;
       }
+      Status remote(StatusCode::kInternal, "an unasked message");
+      if (m.type == rpc::MessageType::kError) (void)rpc::DecodeStatus(m.payload, &remote);
+      return Fail(Status(StatusCode::kInternal, "rank " + std::to_string(r) + " failed: " + remote.message()));
     }
     usleep(2000);
   }

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,10 @@ struct ClusterOptions {
   std::string worker_binary;       // gemma2-worker; default: beside /proc/self/exe
   std::chrono::milliseconds startup_timeout{120000};
   std::chrono::milliseconds step_timeout{60000};  // the step watchdog
+  // Between steps (Watch): each rank is asked for a heartbeat every interval and must answer
+  // within the timeout, so a hung rank is found even when no step runs.
+  std::chrono::milliseconds heartbeat_interval{1000};
+  std::chrono::milliseconds heartbeat_timeout{10000};
   // Tests: give this rank another secret (its handshake must be refused).
   int wrong_secret_rank = -1;
   // Where the coordinator listens for workers (the control plane).
@@ -76,6 +81,9 @@ class ClusterEngine final : public StepExecutor {
   std::vector<int64_t> released_;
   int64_t next_id_ = 1;
   Status down_;  // set once a rank is lost: the cluster runs nothing more
+  // Heartbeats asked for and not yet answered, by rank (send time; none outstanding: nullopt).
+  std::vector<std::optional<std::chrono::steady_clock::time_point>> heartbeat_sent_;
+  std::chrono::steady_clock::time_point last_heartbeat_round_{};
 };
 
 }  // namespace gemma2

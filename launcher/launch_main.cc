@@ -26,6 +26,7 @@ struct Args {
   std::string model, backend = "cpu";
   int tp = 1, nodes = 1, pp = 0;
   int64_t step_timeout_s = 60, startup_timeout_s = 120;
+  double heartbeat_timeout_s = 10;
 };
 
 Status Run(const Args& a) {
@@ -43,6 +44,7 @@ Status Run(const Args& a) {
   co.backend = a.backend;
   co.step_timeout = std::chrono::seconds(a.step_timeout_s);
   co.startup_timeout = std::chrono::seconds(a.startup_timeout_s);
+  co.heartbeat_timeout = std::chrono::milliseconds(static_cast<int64_t>(a.heartbeat_timeout_s * 1000));
   ASSIGN_OR_RETURN(auto cluster, ClusterEngine::LaunchLocal(co));
   // Ready means a real token went through every rank.
   GenerationRequest probe;
@@ -77,5 +79,6 @@ int main(int argc, char** argv) {
   app.add_option("--backend", a.backend, "cpu (cuda workers come with the multi-GPU issue)");
   app.add_option("--step-timeout", a.step_timeout_s, "seconds before a step counts as hung");
   app.add_option("--startup-timeout", a.startup_timeout_s, "seconds for every rank to be ready");
+  app.add_option("--heartbeat-timeout", a.heartbeat_timeout_s, "seconds an idle rank may take to answer a heartbeat");
   return gemma2::RunTool("gemma2-launch", app, argc, argv, [&] { return gemma2::Run(a); });
 }

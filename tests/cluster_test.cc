@@ -219,6 +219,25 @@ TEST_F(ClusterTest, LauncherEndsWhenAWorkerDies) {
   EXPECT_EQ(Alive(model_.string()), 0);
 }
 
+TEST_F(ClusterTest, LauncherFindsAHungIdleWorkerThroughHeartbeats) {
+  Launched l = StartLauncher(model_.string(), "--tp 2 --heartbeat-timeout 1.5");
+  const std::string line = ReadLine(l.out);
+  ASSERT_NE(line.find("ready"), std::string::npos) << line;
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // a few healthy rounds first
+  FILE* p = popen(("pgrep -f -- '[-]-rank 1 .*" + model_.string() + "'").c_str(), "r");
+  int worker = 0;
+  ASSERT_EQ(fscanf(p, "%d", &worker), 1);
+  pclose(p);
+  kill(worker, SIGSTOP);
+  const std::string err = ReadLine(l.out);
+  double s = 0;
+  EXPECT_EQ(WaitExit(l.pid, &s), 1);
+  EXPECT_LT(s, 10);  // 1.5 s heartbeat timeout, then the shutdown grace
+  EXPECT_NE(err.find("rank 1 has not answered a heartbeat"), std::string::npos) << err;
+  fclose(l.out);
+  EXPECT_EQ(Alive(model_.string()), 0);
+}
+
 TEST_F(ClusterTest, WrongSecretIsRefusedAtStartup) {
   const RunResult r = Exec("GEMMA2_FAULT_WRONG_SECRET_RANK=1", Args("--max-new-tokens 2 --launch local --tp 2"));
   EXPECT_NE(r.code, 0);

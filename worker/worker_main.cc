@@ -92,16 +92,21 @@ Status Serve(const Args& a, rpc::Channel& ch) {
   const int64_t kill_after = faulty ? EnvInt("GEMMA2_FAULT_KILL_AFTER_STEPS") : -1;
   const int64_t stop_after = faulty ? EnvInt("GEMMA2_FAULT_STOP_AFTER_STEPS") : -1;
   std::map<int64_t, std::unique_ptr<SequenceKv>> kvs;
-  for (int64_t step = 0;; ++step) {
+  for (int64_t step = 0;;) {
     // The coordinator may be idle for a long time; its death shows up as a broken channel.
     auto m = ch.Receive(std::chrono::hours(24 * 365));
     if (!m.ok()) return m.status().WithContext("control channel");
     if (m->type == rpc::MessageType::kShutdown) return OkStatus();
+    if (m->type == rpc::MessageType::kHeartbeat) {  // between steps: prove this rank still runs
+      RETURN_IF_ERROR(ch.Send(rpc::MessageType::kHeartbeat, {}, 10s));
+      continue;
+    }
     if (m->type != rpc::MessageType::kStep) {
       return InvalidArgument("unexpected control message type " + std::to_string(static_cast<int>(m->type)));
     }
     if (step == kill_after) raise(SIGKILL);
     if (step == stop_after) raise(SIGSTOP);
+    ++step;
     ASSIGN_OR_RETURN(StepPlan p, rpc::DecodeStep(m->payload));
     for (int64_t id : p.released) kvs.erase(id);
     std::vector<SequenceKv*> seq_kvs;

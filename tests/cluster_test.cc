@@ -180,6 +180,15 @@ std::string ReadLine(FILE* f) {
   return fgets(buf, sizeof(buf), f) ? std::string(buf) : std::string();
 }
 
+// The pid of the worker of `rank` serving `model` (0: none).
+int WorkerPid(int rank, const std::string& model) {
+  FILE* p = popen(("pgrep -f -- '[-]-rank " + std::to_string(rank) + " .*" + model + "'").c_str(), "r");
+  int pid = 0;
+  if (fscanf(p, "%d", &pid) != 1) pid = 0;
+  pclose(p);
+  return pid;
+}
+
 int WaitExit(pid_t pid, double* seconds) {
   const auto start = Clock::now();
   int status = 0;
@@ -205,10 +214,8 @@ TEST_F(ClusterTest, LauncherEndsWhenAWorkerDies) {
   Launched l = StartLauncher(model_.string(), "--tp 2");
   const std::string line = ReadLine(l.out);
   ASSERT_NE(line.find("ready"), std::string::npos) << line;
-  FILE* p = popen(("pgrep -f -- '[-]-rank 1 .*" + model_.string() + "'").c_str(), "r");
-  int worker = 0;
-  ASSERT_EQ(fscanf(p, "%d", &worker), 1);
-  pclose(p);
+  const int worker = WorkerPid(1, model_.string());
+  ASSERT_GT(worker, 0);
   kill(worker, SIGKILL);
   const std::string err = ReadLine(l.out);
   double s = 0;
@@ -224,10 +231,8 @@ TEST_F(ClusterTest, LauncherFindsAHungIdleWorkerThroughHeartbeats) {
   const std::string line = ReadLine(l.out);
   ASSERT_NE(line.find("ready"), std::string::npos) << line;
   std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // a few healthy rounds first
-  FILE* p = popen(("pgrep -f -- '[-]-rank 1 .*" + model_.string() + "'").c_str(), "r");
-  int worker = 0;
-  ASSERT_EQ(fscanf(p, "%d", &worker), 1);
-  pclose(p);
+  const int worker = WorkerPid(1, model_.string());
+  ASSERT_GT(worker, 0);
   kill(worker, SIGSTOP);
   const std::string err = ReadLine(l.out);
   double s = 0;

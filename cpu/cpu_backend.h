@@ -15,6 +15,11 @@ class CpuBackend final : public Backend {
   Result<Tensor> Upload(const void* host, DType dtype, int64_t rows, int64_t cols) override;
   Tensor Alloc(int64_t rows, int64_t cols) override;
   Tensor AllocOutput(int64_t rows, int64_t cols) override { return Alloc(rows, cols); }
+  Result<Tensor> OutputFromHost(const float* host, int64_t rows, int64_t cols) override {
+    Tensor t = Alloc(rows, cols);
+    std::copy(host, host + rows * cols, t.as<float>());
+    return t;
+  }
   Status ToHost(const Tensor& t, float* host) override;
   Status SampleToHost(const Tensor& logits, std::span<const RowSampling> rows,
                       int32_t* ids) override;

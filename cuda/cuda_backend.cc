@@ -121,6 +121,15 @@ class CudaBackend final : public Backend {
 
   Tensor Alloc(int64_t rows, int64_t cols) override { return Scratch(rows, cols, DType::kBF16); }
   Tensor AllocOutput(int64_t rows, int64_t cols) override { return Scratch(rows, cols, DType::kF32); }
+  Result<Tensor> OutputFromHost(const float* host, int64_t rows, int64_t cols) override {
+    if (capturing_ || replaying_) return Internal("cuda backend: OutputFromHost inside a graph step");
+    Tensor t = Scratch(rows, cols, DType::kF32);
+    RETURN_IF_ERROR(error_);
+    RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(t.data, host, static_cast<size_t>(rows * cols) * 4,
+                                         cudaMemcpyHostToDevice, stream_));
+    RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream_));
+    return t;
+  }
 
   Status ToHost(const Tensor& t, float* host) override {
     if (replaying_ || capturing_) return Internal("cuda backend: ToHost inside a graph step");

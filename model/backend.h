@@ -61,6 +61,8 @@ class Backend {
   // Scratch for this step, valid until the next BeginStep; contents undefined.
   virtual Tensor Alloc(int64_t rows, int64_t cols) = 0;        // activation dtype
   virtual Tensor AllocOutput(int64_t rows, int64_t cols) = 0;  // fp32: logits and scores
+  // An fp32 output tensor holding `host` (small exchanges between ranks; not inside graphs).
+  virtual Result<Tensor> OutputFromHost(const float* host, int64_t rows, int64_t cols) = 0;
   // Waits for the step's work and copies `t` to the host as fp32. Reports the first error of any
   // op since BeginStep (ops themselves return nothing: their failures are sticky until here).
   virtual Status ToHost(const Tensor& t, float* host) = 0;

@@ -59,6 +59,10 @@ class RankModel {
   Result<Tensor> Read(const WeightSource& ck, const std::string& name,
                       const std::vector<int64_t>& full_shape, const Region& region);
   AttentionParams AttentionFor(int64_t layer) const;
+  static bool DecomposablePick(std::span<const RowSampling> rows);
+  // Picks each row's token from this rank's vocabulary shard, then compares the ranks' picks.
+  Status PickAcrossShards(const Tensor& local, std::span<const RowSampling> rows, Collective& comm,
+                          StepOutput* out);
   void Loaded(const Tensor& t);  // progress accounting
 
   Progress progress_;

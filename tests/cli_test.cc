@@ -89,6 +89,14 @@ TEST_F(CliTest, TextPromptBatchAndLogitsContract) {
            " --prompt Hi --temperature 0.8 --top-k 20 --top-p 0.9 --seed 5");
   ASSERT_EQ(sampled.code, 0) << sampled.err;
   EXPECT_EQ(sampled.out, again.out);
+  // Vocab-parallel picking (each rank's shard, then the best of the ranks) draws what one rank
+  // draws from the whole row: greedy above, and temperature sampling here.
+  for (const char* tp : {" --tp 2", " --tp 4"}) {
+    const ProcessResult split = Exec("gemma2-run" + Model("lm") + " --prompt Hi --temperature 8 --seed 5 --max-new-tokens 12" + tp);
+    const ProcessResult whole = Exec("gemma2-run" + Model("lm") + " --prompt Hi --temperature 8 --seed 5 --max-new-tokens 12");
+    ASSERT_EQ(split.code, 0) << split.err;
+    EXPECT_EQ(split.out, whole.out) << tp;
+  }
 }
 
 TEST_F(CliTest, TokenIdsWithoutTokenizerAndClassifier) {

@@ -101,6 +101,14 @@ TEST_F(ClusterTest, LocalClusterPrintsWhatTheInProcessRunPrints) {
   EXPECT_EQ(Alive(model_.string()), 0);
 }
 
+TEST_F(ClusterTest, SampledTokensEqualTheInProcessDraws) {
+  const RunResult one = Exec("", Args("--max-new-tokens 10 --temperature 6 --seed 11"));
+  const RunResult two = Exec("", Args("--max-new-tokens 10 --temperature 6 --seed 11 --launch local --tp 2 --pp 2"));
+  ASSERT_EQ(one.code, 0) << one.err;
+  ASSERT_EQ(two.code, 0) << two.err;
+  EXPECT_EQ(nlohmann::json::parse(two.out)["generated_ids"], nlohmann::json::parse(one.out)["generated_ids"]);
+}
+
 TEST_F(ClusterTest, ClassifierThroughPipelineStages) {
   const auto dir = std::filesystem::path(GEMMA2_SOURCE_DIR) / "tests/data/references/seqcls_published";
   const auto ref = testing::LoadReference(dir);

@@ -139,7 +139,7 @@ void CpuBackend::Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Te
 void CpuBackend::RopeAndCacheWrite(Tensor& qkv, std::span<const SeqSlice> seqs, int64_t layer,
                                    const AttentionParams& p) {
   const int64_t hd = p.head_dim, q_width = p.q_heads * hd, kv_width = p.kv_heads * hd;
-  const std::vector<float> inv_freq = RopeInvFreq(hd, p.rope_theta);
+  const std::vector<float>& inv_freq = InvFreq(hd, p.rope_theta);
   std::vector<float> cos_t(static_cast<size_t>(hd / 2)), sin_t(static_cast<size_t>(hd / 2));
   for (const SeqSlice& s : seqs) {
     auto* kv = static_cast<CpuSequenceKv*>(s.kv);
@@ -157,6 +157,12 @@ void CpuBackend::RopeAndCacheWrite(Tensor& qkv, std::span<const SeqSlice> seqs, 
       kv->Append(layer, row + q_width, row + q_width + kv_width);
     }
   }
+}
+
+const std::vector<float>& CpuBackend::InvFreq(int64_t head_dim, double theta) {
+  auto it = inv_freq_.find({head_dim, theta});
+  if (it == inv_freq_.end()) it = inv_freq_.emplace(std::pair{head_dim, theta}, RopeInvFreq(head_dim, theta)).first;
+  return it->second;
 }
 
 void CpuBackend::Attention(const Tensor& qkv, std::span<const SeqSlice> seqs, int64_t layer,

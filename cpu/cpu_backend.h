@@ -2,6 +2,9 @@
 // Each op here is the specification its CUDA twin in kernels/ is tested against.
 #pragma once
 
+#include <map>
+#include <vector>
+
 #include "model/backend.h"
 
 namespace gemma2 {
@@ -41,6 +44,10 @@ class CpuBackend final : public Backend {
   void Softcap(Tensor& x, float cap) override;
   void GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) override;
   void ScatterColumns(const Tensor& src, int64_t col_offset, Tensor& dst) override;
+
+ private:
+  const std::vector<float>& InvFreq(int64_t head_dim, double theta);
+  std::map<std::pair<int64_t, double>, std::vector<float>> inv_freq_;  // RoPE, computed once
 };
 
 // Sets OpenBLAS's thread count (the in-process tp run gives each rank thread its share).

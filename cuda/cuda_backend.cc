@@ -206,6 +206,7 @@ class CudaBackend final : public Backend {
     arena_offset_ = 0;
     pinned_offset_ = 0;
     replaying_ = capturing_ = false;
+    attn_partial_ = Tensor{};
     if (!pool_) return Internal("cuda backend: no KV cache pool (no sequence was created)");
     // Block tables have a fixed stride (a sequence's most blocks), so every kernel argument of a
     // decode step depends only on its batch size: such steps are captured once and replayed.
@@ -306,8 +307,12 @@ class CudaBackend final : public Backend {
     s.scale = p.scale;
     s.softcap = p.softcap;
     s.window = static_cast<int32_t>(p.window);
+    // One buffer per step: the layers run one after another on the stream.
     const size_t partial_bytes = kernels::AttentionPartialBytes(step_tokens_.count, s);
-    Tensor partial = partial_bytes ? Scratch(1, static_cast<int64_t>(partial_bytes / 4), DType::kF32) : Tensor{};
+    if (partial_bytes > 0 && (attn_partial_.empty() || static_cast<size_t>(attn_partial_.numel()) * 4 < partial_bytes)) {
+      attn_partial_ = Scratch(1, static_cast<int64_t>(partial_bytes / 4), DType::kF32);
+    }
+    const Tensor& partial = attn_partial_;
     if (replaying_) return;
     const cudaError_t e = kernels::PagedAttention(qkv.as<bf16>(), qkv.cols, step_tokens_, s, Kv(layer),
                                                   partial.as<float>(), out.as<bf16>(), stream_);
@@ -533,6 +538,7 @@ class CudaBackend final : public Backend {
   static constexpr int64_t kMinPrefillTokens = 64;
   static constexpr size_t kPrefillWorkspaceBudget = size_t{2} << 30;
   std::shared_ptr<void> attn_ws_;
+  Tensor attn_partial_;  // decode attention's split partials, this step
   size_t attn_ws_bytes_ = 0;
   // Decode graphs by batch size.
   struct Graph {

@@ -140,8 +140,7 @@ Result<std::unique_ptr<Channel>> UcxNode::Accept(std::chrono::milliseconds timeo
   return std::unique_ptr<Channel>(new Channel(this, state, peer));
 }
 
-Result<std::unique_ptr<Channel>> UcxNode::Connect(const std::string& host, int port,
-                                                  std::chrono::milliseconds timeout) {
+Result<std::unique_ptr<Channel>> UcxNode::Connect(const std::string& host, int port) {
   ASSIGN_OR_RETURN(sockaddr_in addr, Resolve(host, port));
   auto state = std::make_shared<Channel::State>();
   ucp_ep_params_t ep{};
@@ -156,7 +155,6 @@ Result<std::unique_ptr<Channel>> UcxNode::Connect(const std::string& host, int p
   const std::string peer = host + ":" + std::to_string(port);
   const ucs_status_t st = ucp_ep_create(impl_->worker, &ep, &state->ep);
   if (st != UCS_OK) return UcxError("connecting to " + peer, st);
-  (void)timeout;  // the connection completes with the first send
   return std::unique_ptr<Channel>(new Channel(this, state, peer));
 }
 

@@ -77,8 +77,9 @@ class UcxNode {
   Result<int> Listen(const std::string& host, int port);
   // The next incoming connection, waiting at most `timeout`.
   Result<std::unique_ptr<Channel>> Accept(std::chrono::milliseconds timeout);
-  Result<std::unique_ptr<Channel>> Connect(const std::string& host, int port,
-                                           std::chrono::milliseconds timeout);
+  // Creates the endpoint; the connection completes with the first exchange, whose own deadline
+  // (Send/Receive) bounds the wait for an unreachable peer.
+  Result<std::unique_ptr<Channel>> Connect(const std::string& host, int port);
   void Progress();
 
   struct Impl;  // shared with the UCX connection callback

@@ -79,7 +79,7 @@ TEST(UcxChannelTest, FramesRoundTripBetweenProcesses) {
   });
   auto node = UcxNode::Create();
   ASSERT_TRUE(node.ok());
-  auto ch = (*node)->Connect("127.0.0.1", server.port, 10s);
+  auto ch = (*node)->Connect("127.0.0.1", server.port);
   ASSERT_TRUE(ch.ok()) << ch.status().ToString();
   for (size_t size : {size_t{0}, size_t{17}, size_t{3} << 20}) {
     std::vector<uint8_t> payload(size);
@@ -103,7 +103,7 @@ TEST(UcxChannelTest, KilledPeerIsAnErrorNotAHang) {
   });
   auto node = UcxNode::Create();
   ASSERT_TRUE(node.ok());
-  auto ch = (*node)->Connect("127.0.0.1", server.port, 10s);
+  auto ch = (*node)->Connect("127.0.0.1", server.port);
   ASSERT_TRUE(ch.ok());
   ASSERT_TRUE((*ch)->Send(MessageType::kHeartbeat, {}, 10s).ok());
   kill(server.pid, SIGKILL);
@@ -121,7 +121,7 @@ TEST(UcxChannelTest, SilentPeerTimesOut) {
     return 0;
   });
   auto node = UcxNode::Create();
-  auto ch = (*node)->Connect("127.0.0.1", server.port, 10s);
+  auto ch = (*node)->Connect("127.0.0.1", server.port);
   ASSERT_TRUE(ch.ok());
   const auto start = Clock::now();
   auto r = (*ch)->Receive(1500ms);
@@ -139,7 +139,7 @@ TEST(UcxChannelTest, ForeignHeaderIsRefusedAndClosesTheChannel) {
     return ch.broken() ? 0 : 12;
   });
   auto node = UcxNode::Create();
-  auto ch = (*node)->Connect("127.0.0.1", server.port, 10s);
+  auto ch = (*node)->Connect("127.0.0.1", server.port);
   ASSERT_TRUE(ch.ok());
   // Twelve bytes that are not a frame header.
   const std::vector<uint8_t> junk = {'G', 'E', 'T', ' ', '/', ' ', 'H', 'T', 'T', 'P', '/', '1'};

@@ -116,11 +116,7 @@ Status Serve(const Args& a, rpc::Channel& ch) {
       seq_kvs.push_back(kv.get());
     }
     StepOutput out;
-    const Status st = model->Forward(p, seq_kvs, *comm, &out, links);
-    if (!st.ok()) {
-      (void)ch.Send(rpc::MessageType::kError, rpc::EncodeStatus(st), 10s);
-      return st;
-    }
+    RETURN_IF_ERROR(model->Forward(p, seq_kvs, *comm, &out, links));  // Run reports it
     // Every rank answers (so the coordinator hears from each); the last stage's rank 0 carries
     // the output.
     if (!carries_output) out = StepOutput{};
@@ -143,7 +139,7 @@ Status Run(const Args& a) {
   const int port = std::atoi(a.coordinator.c_str() + colon + 1);
   ASSIGN_OR_RETURN(auto secret, ReadSecret(a.secret_file));
   ASSIGN_OR_RETURN(auto node, rpc::UcxNode::Create());
-  ASSIGN_OR_RETURN(auto ch, node->Connect(host, port, 30s));
+  ASSIGN_OR_RETURN(auto ch, node->Connect(host, port));
   ASSIGN_OR_RETURN(rpc::Received hello, ch->Receive(30s));
   if (hello.type != rpc::MessageType::kHello || hello.payload.size() != sizeof(rpc::Nonce)) {
     return InvalidArgument("coordinator did not open with a nonce");

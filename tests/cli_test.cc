@@ -1,6 +1,7 @@
 // gemma2-run and gemma2-make-checkpoint as a user runs them: JSON out, one-line errors.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <array>
 #include <cstdio>
@@ -19,7 +20,8 @@ struct ProcessResult {
 
 ProcessResult Exec(const std::string& args) {
   static int n = 0;
-  const std::string err_file = ::testing::TempDir() + "/cli_err_" + std::to_string(++n);
+  const std::string err_file =
+      ::testing::TempDir() + "/cli_err_" + std::to_string(getpid()) + "_" + std::to_string(++n);
   const std::string cmd = std::string(GEMMA2_BINARY_DIR) + "/bin/" + args + " 2>" + err_file;
   ProcessResult r{};
   FILE* p = popen(cmd.c_str(), "r");
@@ -92,8 +94,11 @@ TEST_F(CliTest, TextPromptBatchAndLogitsContract) {
   // Vocab-parallel picking (each rank's shard, then the best of the ranks) draws what one rank
   // draws from the whole row: greedy above, and temperature sampling here.
   for (const char* tp : {" --tp 2", " --tp 4"}) {
-    const ProcessResult split = Exec("gemma2-run" + Model("lm") + " --prompt Hi --temperature 8 --seed 5 --max-new-tokens 12" + tp);
-    const ProcessResult whole = Exec("gemma2-run" + Model("lm") + " --prompt Hi --temperature 8 --seed 5 --max-new-tokens 12");
+    const ProcessResult split =
+        Exec("gemma2-run" + Model("lm") +
+             " --prompt Hi --temperature 8 --seed 5 --max-new-tokens 12" + tp);
+    const ProcessResult whole = Exec("gemma2-run" + Model("lm") +
+                                     " --prompt Hi --temperature 8 --seed 5 --max-new-tokens 12");
     ASSERT_EQ(split.code, 0) << split.err;
     EXPECT_EQ(split.out, whole.out) << tp;
   }
@@ -105,10 +110,12 @@ TEST_F(CliTest, TokenIdsWithoutTokenizerAndClassifier) {
   ASSERT_EQ(r.code, 0) << r.err;
   auto j = nlohmann::json::parse(r.out);
   EXPECT_TRUE(j["text"].is_null());
-  const ProcessResult p = Exec("gemma2-run" + Model("ids") + " --prompt-ids 2,5 --max-new-tokens 1 --progress --tp 2");
+  const ProcessResult p =
+      Exec("gemma2-run" + Model("ids") + " --prompt-ids 2,5 --max-new-tokens 1 --progress --tp 2");
   ASSERT_EQ(p.code, 0) << p.err;
   EXPECT_NE(p.err.find("gemma2-run: loading"), std::string::npos) << p.err;
-  EXPECT_NE(p.err.find("68 / 68 tensors"), std::string::npos) << p.err;  // 2 ranks x (2 + 4 layers x 8)
+  EXPECT_NE(p.err.find("68 / 68 tensors"), std::string::npos)
+      << p.err;  // 2 ranks x (2 + 4 layers x 8)
   EXPECT_EQ(p.err.back(), '\n');
   const ProcessResult c = Exec("gemma2-run" + Model("cls") + " --prompt-ids 2,5,9,11");
   ASSERT_EQ(c.code, 0) << c.err;

@@ -149,6 +149,7 @@ Result<std::vector<rpc::Received>> ClusterEngine::CollectAll(std::chrono::millis
   size_t remaining = n;
   const auto deadline = Clock::now() + timeout;
   while (remaining > 0) {
+    const size_t remaining_before = remaining;
     for (size_t r = 0; r < n; ++r) {
       if (done[r]) continue;
       auto ready = ranks_[r]->Poll();
@@ -187,6 +188,8 @@ Result<std::vector<rpc::Received>> ClusterEngine::CollectAll(std::chrono::millis
       done[r] = true;
       --remaining;
     }
+    // Nothing arrived this round: sleep on the node's events instead of spinning.
+    if (remaining == remaining_before) node_->WaitForEvents(std::chrono::milliseconds(1));
     if (remaining > 0 && Clock::now() > deadline) {
       std::string missing;
       for (size_t r = 0; r < n; ++r) {
@@ -262,7 +265,7 @@ Status ClusterEngine::Watch(std::chrono::milliseconds duration, const volatile b
       if (m.type == rpc::MessageType::kError) (void)rpc::DecodeStatus(m.payload, &remote);
       return Fail(Status(StatusCode::kInternal, "rank " + std::to_string(r) + " failed: " + remote.message()));
     }
-    usleep(2000);
+    node_->WaitForEvents(std::chrono::milliseconds(2));
   }
   return OkStatus();
 }

@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <netdb.h>
+#include <poll.h>
 #include <ucp/api/ucp.h>
 
 #include <cstring>
@@ -44,6 +45,7 @@ struct UcxNode::Impl {
   ucp_worker_h worker = nullptr;
   ucp_listener_h listener = nullptr;
   std::deque<ucp_conn_request_h> pending;
+  int event_fd = -1;  // readable when the worker has something to progress
 };
 
 namespace {
@@ -75,7 +77,7 @@ Result<std::unique_ptr<UcxNode>> UcxNode::Create() {
   std::unique_ptr<UcxNode> n(new UcxNode());
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES;
-  params.features = UCP_FEATURE_STREAM;
+  params.features = UCP_FEATURE_STREAM | UCP_FEATURE_WAKEUP;
   ucp_config_t* cfg = nullptr;
   ucs_status_t st = ucp_config_read(nullptr, nullptr, &cfg);
   if (st != UCS_OK) return UcxError("reading the UCX configuration", st);
@@ -87,10 +89,25 @@ Result<std::unique_ptr<UcxNode>> UcxNode::Create() {
   wp.thread_mode = UCS_THREAD_MODE_SINGLE;
   st = ucp_worker_create(n->impl_->context, &wp, &n->impl_->worker);
   if (st != UCS_OK) return UcxError("creating a UCX worker", st);
+  st = ucp_worker_get_efd(n->impl_->worker, &n->impl_->event_fd);
+  if (st != UCS_OK) return UcxError("getting the UCX worker's event descriptor", st);
   return n;
 }
 
 void UcxNode::Progress() { ucp_worker_progress(impl_->worker); }
+
+void UcxNode::WaitForEvents(std::chrono::microseconds max) {
+  if (ucp_worker_progress(impl_->worker) != 0) return;
+  const ucs_status_t st = ucp_worker_arm(impl_->worker);
+  if (st == UCS_ERR_BUSY) return;  // events arrived meanwhile: progress them
+  if (st != UCS_OK) {
+    usleep(static_cast<useconds_t>(std::min<int64_t>(max.count(), 100)));
+    return;
+  }
+  pollfd pfd{impl_->event_fd, POLLIN, 0};
+  const timespec ts{static_cast<time_t>(max.count() / 1000000), static_cast<long>((max.count() % 1000000) * 1000)};
+  ppoll(&pfd, 1, &ts, nullptr);
+}
 
 Result<int> UcxNode::Listen(const std::string& host, int port) {
   ASSIGN_OR_RETURN(sockaddr_in addr, Resolve(host, port));
@@ -114,7 +131,7 @@ Result<std::unique_ptr<Channel>> UcxNode::Accept(std::chrono::milliseconds timeo
   const auto deadline = Clock::now() + timeout;
   while (impl_->pending.empty()) {
     if (Clock::now() > deadline) return Status(StatusCode::kDeadlineExceeded, "no connection arrived in time");
-    Progress();
+    WaitForEvents(std::chrono::milliseconds(1));
   }
   ucp_conn_request_h req = impl_->pending.front();
   impl_->pending.pop_front();
@@ -202,7 +219,7 @@ Status Channel::Wait(void* request, Clock::time_point deadline, const char* what
       }
       return Status(StatusCode::kDeadlineExceeded, std::string(what) + " " + peer_ + ": timed out");
     }
-    node_->Progress();
+    node_->WaitForEvents(std::chrono::milliseconds(1));
   }
   ucp_request_free(request);
   if (st != UCS_OK) {

@@ -81,6 +81,9 @@ class UcxNode {
   // (Send/Receive) bounds the wait for an unreachable peer.
   Result<std::unique_ptr<Channel>> Connect(const std::string& host, int port);
   void Progress();
+  // Progresses, and when nothing was pending sleeps until the worker has events or `max` passes
+  // (the node's event descriptor): waiting costs no CPU, which matters when ranks share cores.
+  void WaitForEvents(std::chrono::microseconds max);
 
   struct Impl;  // shared with the UCX connection callback
 

@@ -1,38 +1,83 @@
 // gemma2-launch: starts and wires a cluster — a coordinator (this process) and one gemma2-worker
-// per rank — checks it end to end with a one-token generation through every rank, reports ready,
-// and keeps watching it. Startup is all or nothing. SIGTERM or SIGINT stops every process and
-// exits 0; a lost rank stops the rest and exits 1 naming the rank.
+// per rank — and serves it over HTTP with OpenAI's API (serving/). It is ready only after a real
+// one-token generation went through every rank through the scheduler. Startup is all or nothing.
+// SIGTERM or SIGINT drains: no new requests, in-flight ones finish (up to --drain-timeout), then
+// every process stops and the exit code is 0. A lost rank fails the requests in flight, turns
+// /ready false, stops the rest and exits 1 naming the rank.
 //
-//   gemma2-launch --model DIR --tp 4 --nodes 2   # tp 4 inside each node, 2 pipeline stages
+//   gemma2-launch --model DIR --tp 4 --nodes 2 --port 8000   # tp 4 per node, 2 pipeline stages
 //
 // This machine only for now: nodes are pipeline stages of local processes (--node-exec/--listen of
-// gemma2-run describe namespaced test nodes). Serving requests comes with the HTTP API.
+// gemma2-run describe namespaced test nodes).
 #include <signal.h>
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <thread>
 
 #include "coordinator/cluster.h"
-#include "model/generate.h"
+#include "serving/http_server.h"
 #include "tools/cli_main.h"
 
 namespace gemma2 {
 namespace {
 
-volatile bool g_stop = false;
-void OnSignal(int) { g_stop = true; }
+volatile sig_atomic_t g_stop = 0;
+void OnSignal(int) { g_stop = 1; }
 
 struct Args {
-  std::string model, backend = "cpu";
-  int tp = 1, nodes = 1, pp = 0;
+  std::string model, backend = "cpu", host = "127.0.0.1", api_key, api_key_file, served_name;
+  int tp = 1, nodes = 1, pp = 0, port = 8000;
   int64_t step_timeout_s = 60, startup_timeout_s = 120;
-  double heartbeat_timeout_s = 10;
+  double heartbeat_timeout_s = 10, drain_timeout_s = 30;
+  serving::SchedulerOptions sched;
+  serving::Limits limits;
 };
 
-Status Run(const Args& a) {
+Result<std::string> ApiKey(const Args& a) {
+  if (!a.api_key.empty() && !a.api_key_file.empty()) {
+    return InvalidArgument("give --api-key or --api-key-file, not both");
+  }
+  if (a.api_key_file.empty()) return a.api_key;
+  std::ifstream in(a.api_key_file);
+  if (!in) return NotFound("--api-key-file " + a.api_key_file + ": cannot read it");
+  std::string key;
+  std::getline(in, key);
+  if (key.empty())
+    return InvalidArgument("--api-key-file " + a.api_key_file + ": the first line is empty");
+  return key;
+}
+
+// One real token (or one classification) through the scheduler and every rank.
+Status Probe(serving::Scheduler& scheduler, const ModelConfig& c) {
+  serving::ParsedRequest r;
+  r.endpoint = c.is_classifier() ? serving::Endpoint::kClassify : serving::Endpoint::kCompletions;
+  r.prompts = {{static_cast<int32_t>(c.bos_token_id)}};
+  r.gen.max_tokens = 1;
+  r.gen.temperature = 0;
+  auto h = std::make_shared<serving::RequestHandle>("probe", std::move(r));
+  h->counted = false;
+  if (auto e = scheduler.Submit(h)) return Status(StatusCode::kUnavailable, "probe: " + e->message);
+  while (true) {
+    {
+      std::lock_guard<std::mutex> lock(h->mu);
+      if (h->done) {
+        if (h->error) return Status(StatusCode::kUnavailable, "probe: " + h->error->message);
+        return OkStatus();
+      }
+    }
+    if (g_stop) return Status(StatusCode::kUnavailable, "stopped by a signal during startup");
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
+Status Run(Args a) {
   if (a.pp > 0 && a.nodes > 1 && a.pp != a.nodes) {
     return InvalidArgument("--pp and --nodes disagree (each node is one pipeline stage here)");
   }
+  ASSIGN_OR_RETURN(std::string key, ApiKey(a));
   struct sigaction sa {};
   sa.sa_handler = OnSignal;
   sigaction(SIGTERM, &sa, nullptr);
@@ -44,24 +89,64 @@ Status Run(const Args& a) {
   co.backend = a.backend;
   co.step_timeout = std::chrono::seconds(a.step_timeout_s);
   co.startup_timeout = std::chrono::seconds(a.startup_timeout_s);
-  co.heartbeat_timeout = std::chrono::milliseconds(static_cast<int64_t>(a.heartbeat_timeout_s * 1000));
+  co.heartbeat_timeout =
+      std::chrono::milliseconds(static_cast<int64_t>(a.heartbeat_timeout_s * 1000));
   ASSIGN_OR_RETURN(auto cluster, ClusterEngine::LaunchLocal(co));
-  // Ready means a real token went through every rank.
-  GenerationRequest probe;
-  probe.prompt = {static_cast<int32_t>(cluster->config().bos_token_id)};
-  probe.max_new_tokens = 1;
-  if (!cluster->config().is_classifier()) {
-    ASSIGN_OR_RETURN(auto r, Generate(*cluster, {probe}));
-    (void)r;
-  } else {
-    ASSIGN_OR_RETURN(auto r, Classify(*cluster, probe.prompt));
-    (void)r;
+  const ModelConfig& config = cluster->config();
+
+  std::unique_ptr<Tokenizer> tokenizer;
+  const auto tok_file = std::filesystem::path(a.model) / "tokenizer.model";
+  if (std::filesystem::exists(tok_file)) {
+    ASSIGN_OR_RETURN(tokenizer, Tokenizer::Load(tok_file));
   }
-  std::printf("gemma2-launch: ready: %d ranks (tp %d x pp %d), model %s\n", cluster->world(), co.tp, co.pp,
-              a.model.c_str());
+
+  serving::Metrics metrics;
+  a.sched.idle_watch = [&](std::chrono::milliseconds d, const volatile bool* wake) {
+    return cluster->Watch(d, wake);
+  };
+  auto scheduler =
+      std::make_unique<serving::Scheduler>(*cluster, tokenizer.get(), metrics, a.sched);
+  serving::ModelFacts facts{
+      &config, tokenizer.get(),
+      a.served_name.empty() ? std::filesystem::path(a.model).filename().string() : a.served_name,
+      a.limits};
+  if (facts.served_name.empty())
+    facts.served_name = std::filesystem::path(a.model).parent_path().filename();
+  serving::HttpServer server(*scheduler, metrics, facts, {a.host, a.port, key});
+  RETURN_IF_ERROR(server.Start());
+  RETURN_IF_ERROR(Probe(*scheduler, config));
+  server.SetReady(true);
+  std::printf(
+      "gemma2-launch: ready: %d ranks (tp %d x pp %d), model %s, serving '%s' on http://%s:%d\n",
+      cluster->world(), co.tp, co.pp, a.model.c_str(), facts.served_name.c_str(), a.host.c_str(),
+      server.port());
   std::fflush(stdout);
-  while (!g_stop) RETURN_IF_ERROR(cluster->Watch(std::chrono::seconds(1), &g_stop));
-  std::printf("gemma2-launch: stopping on signal\n");
+
+  while (!g_stop) {
+    if (auto lost = scheduler->lost()) {
+      server.SetReady(false);
+      std::this_thread::sleep_for(
+          std::chrono::milliseconds(300));  // failed requests get their answers
+      server.Stop();
+      return *lost;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  std::printf("gemma2-launch: draining on signal\n");
+  std::fflush(stdout);
+  server.StopAccepting();
+  scheduler->BeginDrain();
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::milliseconds(static_cast<int64_t>(a.drain_timeout_s * 1000));
+  while (!scheduler->Idle() && std::chrono::steady_clock::now() < deadline && !scheduler->lost()) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the last answers leave the socket
+  const bool drained = scheduler->Idle();
+  scheduler.reset();  // requests still open end with 503
+  server.Stop();
+  std::printf("gemma2-launch: stopped (%s)\n",
+              drained ? "drained" : "drain timeout: open requests failed");
   std::fflush(stdout);
   return OkStatus();  // the cluster's destructor stops every worker
 }
@@ -71,14 +156,43 @@ Status Run(const Args& a) {
 
 int main(int argc, char** argv) {
   gemma2::Args a;
-  CLI::App app{"gemma2-launch: start a gemma2 cluster (coordinator + one worker per rank)"};
+  CLI::App app{
+      "gemma2-launch: start a gemma2 cluster (coordinator + one worker per rank) and serve it over "
+      "HTTP"};
   app.add_option("--model", a.model, "Hugging Face checkpoint directory")->required();
   app.add_option("--tp", a.tp, "tensor-parallel ranks per node")->check(CLI::Range(1, 1024));
-  app.add_option("--nodes", a.nodes, "nodes (pipeline stages across nodes)")->check(CLI::Range(1, 1024));
+  app.add_option("--nodes", a.nodes, "nodes (pipeline stages across nodes)")
+      ->check(CLI::Range(1, 1024));
   app.add_option("--pp", a.pp, "pipeline stages (default: --nodes)")->check(CLI::Range(0, 1024));
   app.add_option("--backend", a.backend, "cpu (cuda workers come with the multi-GPU issue)");
   app.add_option("--step-timeout", a.step_timeout_s, "seconds before a step counts as hung");
   app.add_option("--startup-timeout", a.startup_timeout_s, "seconds for every rank to be ready");
-  app.add_option("--heartbeat-timeout", a.heartbeat_timeout_s, "seconds an idle rank may take to answer a heartbeat");
+  app.add_option("--heartbeat-timeout", a.heartbeat_timeout_s,
+                 "seconds an idle rank may take to answer a heartbeat");
+  app.add_option("--host", a.host, "HTTP address to bind (default 127.0.0.1: this machine only)");
+  app.add_option("--port", a.port, "HTTP port (0: any free port; the ready line names it)")
+      ->check(CLI::Range(0, 65535));
+  app.add_option("--api-key", a.api_key,
+                 "require 'Authorization: Bearer KEY' (all routes but /health, /ready)");
+  app.add_option("--api-key-file", a.api_key_file,
+                 "read the API key from the first line of this file");
+  app.add_option("--served-model-name", a.served_name,
+                 "the model name clients send (default: the directory name)");
+  app.add_option("--drain-timeout", a.drain_timeout_s,
+                 "seconds SIGTERM waits for requests in flight");
+  app.add_option("--max-running", a.sched.max_running, "sequences in the running batch")
+      ->check(CLI::Range(1, 1 << 20));
+  app.add_option("--max-queue", a.sched.max_queue, "waiting requests before 429")
+      ->check(CLI::Range(1, 1 << 20));
+  app.add_option("--max-step-tokens", a.sched.max_step_tokens,
+                 "tokens per step (decode + prefill chunks)")
+      ->check(CLI::Range(1, 1 << 20));
+  app.add_option("--kv-blocks", a.sched.kv_blocks, "KV-cache budget in blocks")
+      ->check(CLI::Range(1, 1 << 30));
+  app.add_option("--block-size", a.sched.block_size, "positions per KV block")
+      ->check(CLI::Range(1, 4096));
+  app.add_option("--max-body-bytes", a.limits.max_body_bytes, "largest request body");
+  app.add_flag("--strict-fields", a.limits.strict_fields,
+               "unknown request fields are an error (400)");
   return gemma2::RunTool("gemma2-launch", app, argc, argv, [&] { return gemma2::Run(a); });
 }

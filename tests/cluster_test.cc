@@ -166,8 +166,8 @@ struct Launched {
 };
 
 Launched StartLauncher(const std::string& model, const std::string& args) {
-  const std::string cmd = "exec " + std::string(GEMMA2_BINARY_DIR) + "/bin/gemma2-launch --model " + model + " " +
-                          args + " 2>&1";
+  const std::string cmd = "exec " + std::string(GEMMA2_BINARY_DIR) + "/bin/gemma2-launch --port 0 --model " + model +
+                          " " + args + " 2>&1";
   int fds[2];
   EXPECT_EQ(pipe(fds), 0);
   Launched l;

@@ -11,6 +11,8 @@ packages=(
   libgloo-dev                                 # collectives between cpu worker processes (TCP)
   libssl-dev                                  # HMAC-SHA256 of the control plane's cluster-secret handshake
   libucx-dev                                  # control plane between coordinator and workers
+  libboost-dev                                # Asio + Beast: the HTTP API, gemma2-client
+  curl                                        # the HTTP API tests use curl as a real client
   iproute2                                    # the two-node test (network namespaces)
   libgtest-dev libgmock-dev
 )

@@ -1,0 +1,76 @@
+// The OpenAI-compatible API's request model: what a parsed, validated request asks for, and the
+// error every rejection carries. Parsing (serving/request_parser.h) turns JSON into these; the
+// scheduler (serving/scheduler.h) runs them; nothing here knows about HTTP.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "model/sampling.h"
+
+namespace gemma2::serving {
+
+// OpenAI's error body {"error": {"message", "type", "param", "code"}} plus the HTTP status.
+struct ApiError {
+  int http_status = 400;
+  std::string message;
+  std::string type = "invalid_request_error";
+  std::string param;  // the offending field ("" when none)
+  std::string code;   // machine-readable ("" when none)
+};
+
+// Caps that bound what one request may ask for (server flags).
+struct Limits {
+  size_t max_body_bytes = 4 << 20;
+  int max_json_depth = 32;
+  int max_n = 16;
+  int max_logprobs = 20;
+  int max_stop_strings = 16;
+  size_t max_stop_string_bytes = 256;
+  int max_prompts = 1024;      // batched prompts in one request
+  bool strict_fields = false;  // unknown fields are an error (otherwise ignored)
+};
+
+// How the tokens of one choice are picked. Temperature 0 means greedy.
+struct GenerationOptions {
+  int64_t max_tokens = 16;
+  float temperature = 1.0f;
+  float top_p = 1.0f;
+  int64_t top_k = -1;  // -1 or 0: off
+  float min_p = 0.0f;
+  std::optional<uint64_t> seed;
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  float repetition_penalty = 1.0f;
+  std::vector<std::string> stop;
+  std::vector<int32_t> stop_token_ids;
+  bool ignore_eos = false;
+  int n = 1;
+  int logprobs = -1;  // -1: none; k >= 0: the chosen token's log-probability and the top k
+  bool stream = false;
+  bool include_usage = false;  // stream_options.include_usage
+  bool return_token_ids = false;
+
+  // Penalties, min_p and log-probabilities need the logits row on the coordinator.
+  bool needs_logits() const {
+    return logprobs >= 0 || presence_penalty != 0 || frequency_penalty != 0 ||
+           repetition_penalty != 1 || min_p > 0;
+  }
+  // The sampler's parameters for one choice; choices of one seeded request draw from seed + index.
+  SamplingParams Sampling(int choice) const;
+};
+
+enum class Endpoint { kCompletions, kChat, kClassify };
+
+// One validated request: its prompts already as token ids.
+struct ParsedRequest {
+  Endpoint endpoint = Endpoint::kCompletions;
+  std::string model;
+  std::vector<std::vector<int32_t>> prompts;  // completions/classify: one or many; chat: one
+  GenerationOptions gen;
+  bool chat_logprobs = false;  // chat: `logprobs: true` (top_logprobs in gen.logprobs)
+};
+
+}  // namespace gemma2::serving

@@ -1,0 +1,414 @@
+#include "serving/http_server.h"
+
+#include <openssl/crypto.h>
+#include <openssl/sha.h>
+#include <sys/socket.h>
+
+#include <atomic>
+#include <boost/asio.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <cerrno>
+#include <random>
+#include <thread>
+
+#include "serving/responses.h"
+
+namespace gemma2::serving {
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using asio::awaitable;
+using asio::use_awaitable;
+using tcp = asio::ip::tcp;
+using nlohmann::json;
+using Request = http::request<http::string_body>;
+
+constexpr auto kPoll =
+    std::chrono::milliseconds(50);  // how often a waiting session checks its client
+
+std::string NewRequestId() {
+  thread_local std::mt19937_64 rng{std::random_device{}()};
+  char buf[17];
+  std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(rng()));
+  return buf;
+}
+
+// A usable client-supplied X-Request-Id: short and printable.
+bool UsableId(std::string_view id) {
+  if (id.empty() || id.size() > 128) return false;
+  return std::all_of(id.begin(), id.end(), [](char c) { return c > 32 && c < 127; });
+}
+
+// True when the peer closed the connection (peeks; never consumes a pipelined request).
+bool ClientGone(tcp::socket& s) {
+  char c;
+  const ssize_t n = ::recv(s.native_handle(), &c, 1, MSG_PEEK | MSG_DONTWAIT);
+  if (n == 0) return true;
+  return n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR;
+}
+
+bool SameKey(const std::string& given, const std::string& expected) {
+  unsigned char a[SHA256_DIGEST_LENGTH], b[SHA256_DIGEST_LENGTH];
+  SHA256(reinterpret_cast<const unsigned char*>(given.data()), given.size(), a);
+  SHA256(reinterpret_cast<const unsigned char*>(expected.data()), expected.size(), b);
+  return CRYPTO_memcmp(a, b, sizeof(a)) == 0;  // constant time in the key's contents
+}
+
+}  // namespace
+
+class HttpServer::Impl {
+ public:
+  Impl(Scheduler& s, Metrics& m, ModelFacts f, ServerOptions o)
+      : scheduler_(s), metrics_(m), facts_(std::move(f)), opts_(std::move(o)), acceptor_(ioc_) {}
+
+  Status Start() {
+    boost::system::error_code ec;
+    const auto addr = asio::ip::make_address(opts_.host, ec);
+    if (ec) return InvalidArgument("--host " + opts_.host + ": " + ec.message());
+    tcp::endpoint ep(addr, static_cast<uint16_t>(opts_.port));
+    acceptor_.open(ep.protocol(), ec);
+    if (!ec) acceptor_.set_option(asio::socket_base::reuse_address(true), ec);
+    if (!ec) acceptor_.bind(ep, ec);
+    if (!ec) acceptor_.listen(asio::socket_base::max_listen_connections, ec);
+    if (ec) {
+      return Status(StatusCode::kUnavailable, "cannot listen on " + opts_.host + ":" +
+                                                  std::to_string(opts_.port) + ": " + ec.message());
+    }
+    port_ = acceptor_.local_endpoint().port();
+    asio::co_spawn(ioc_, Accept(), asio::detached);
+    thread_ = std::thread([this] { ioc_.run(); });
+    return OkStatus();
+  }
+  void StopAccepting() {
+    asio::post(ioc_, [this] {
+      boost::system::error_code ec;
+      acceptor_.close(ec);
+    });
+  }
+  void Stop() {
+    ioc_.stop();
+    if (thread_.joinable()) thread_.join();
+  }
+  int port() const { return port_; }
+  std::atomic<bool> ready{false};
+
+ private:
+  awaitable<void> Accept() {
+    while (acceptor_.is_open()) {
+      boost::system::error_code ec;
+      tcp::socket socket = co_await acceptor_.async_accept(asio::redirect_error(use_awaitable, ec));
+      if (ec) {
+        if (ec == asio::error::operation_aborted) co_return;
+        continue;  // e.g. too many open files: keep serving the connections we have
+      }
+      socket.set_option(tcp::no_delay(true), ec);  // stream chunks leave at once (no Nagle delay)
+      asio::co_spawn(ioc_, Session(beast::tcp_stream(std::move(socket))), asio::detached);
+    }
+  }
+
+  awaitable<void> Session(beast::tcp_stream stream) {
+    beast::flat_buffer buffer;
+    while (true) {
+      http::request_parser<http::string_body> parser;
+      parser.body_limit(facts_.limits.max_body_bytes);
+      parser.header_limit(64 * 1024);
+      stream.expires_after(opts_.idle_timeout);
+      boost::system::error_code ec;
+      co_await http::async_read(stream, buffer, parser, asio::redirect_error(use_awaitable, ec));
+      if (ec == http::error::body_limit) {
+        metrics_.received.fetch_add(1);
+        metrics_.End(Outcome::kRejected);
+        const ApiError e{413, "the body is larger than the limit of " +
+                                  std::to_string(facts_.limits.max_body_bytes) + " bytes"};
+        co_await Send(stream, ErrorResponse(e, NewRequestId(), false));
+        break;
+      }
+      if (ec) {
+        if (ec != http::error::end_of_stream && ec != beast::error::timeout &&
+            ec != asio::error::eof && ec != asio::error::connection_reset &&
+            ec != asio::error::operation_aborted) {
+          const ApiError e{400, "malformed HTTP request: " + ec.message()};
+          co_await Send(stream, ErrorResponse(e, NewRequestId(), false));
+        }
+        break;
+      }
+      stream.expires_never();
+      Request req = parser.release();
+      const bool keep = co_await Handle(stream, req);
+      if (!keep || !req.keep_alive()) break;
+    }
+    boost::system::error_code ignored;
+    stream.socket().shutdown(tcp::socket::shutdown_send, ignored);
+  }
+
+  using Response = http::response<http::string_body>;
+
+  static Response JsonResponse(http::status status, const json& body, const std::string& rid,
+                               bool keep) {
+    Response res{status, 11};
+    res.set(http::field::content_type, "application/json");
+    if (!rid.empty()) res.set("X-Request-Id", rid);
+    res.keep_alive(keep);
+    res.body() = body.dump(-1, ' ', false, json::error_handler_t::replace);
+    return res;
+  }
+  static Response ErrorResponse(const ApiError& e, const std::string& rid, bool keep) {
+    Response res = JsonResponse(static_cast<http::status>(e.http_status), ErrorBody(e), rid, keep);
+    if (e.http_status == 429 || e.http_status == 503) res.set(http::field::retry_after, "1");
+    if (e.http_status == 401) res.set(http::field::www_authenticate, "Bearer");
+    return res;
+  }
+
+  // Writes one whole response; false when the client is gone or the connection must close.
+  awaitable<bool> Send(beast::tcp_stream& stream, Response res) {
+    res.prepare_payload();
+    boost::system::error_code ec;
+    co_await http::async_write(stream, res, asio::redirect_error(use_awaitable, ec));
+    co_return !ec && res.keep_alive();
+  }
+
+  static bool IsApi(const std::string& path) {
+    return path == "/v1/completions" || path == "/v1/chat/completions" || path == "/v1/classify";
+  }
+
+  awaitable<bool> Handle(beast::tcp_stream& stream, const Request& req) {
+    const std::string given_id(req["X-Request-Id"]);
+    const std::string rid = UsableId(given_id) ? given_id : NewRequestId();
+    std::string path(req.target());
+    if (auto q = path.find('?'); q != std::string::npos) path.resize(q);
+    if (IsApi(path) && req.method() == http::verb::post) {
+      metrics_.received.fetch_add(1);
+      std::optional<ApiError> unauthorized = Authorize(req);
+      if (unauthorized) {
+        metrics_.End(Outcome::kRejected);
+        co_return co_await Send(stream, ErrorResponse(*unauthorized, rid, req.keep_alive()));
+      }
+      co_return co_await Generate(stream, req, rid, path);
+    }
+    co_return co_await Send(stream, Route(req, path, rid));
+  }
+
+  std::optional<ApiError> Authorize(const Request& req) const {
+    if (opts_.api_key.empty()) return std::nullopt;
+    const std::string auth(req[http::field::authorization]);
+    const std::string prefix = "Bearer ";
+    if (auth.compare(0, prefix.size(), prefix) == 0 &&
+        SameKey(auth.substr(prefix.size()), opts_.api_key)) {
+      return std::nullopt;
+    }
+    return ApiError{
+        401,
+        auth.empty() ? "missing API key: send 'Authorization: Bearer KEY'" : "the API key is wrong",
+        "authentication_error", "", "invalid_api_key"};
+  }
+
+  // Every route but the three that run the model.
+  Response Route(const Request& req, const std::string& path, const std::string& rid) {
+    const bool keep = req.keep_alive();
+    const bool get = req.method() == http::verb::get;
+    if (path == "/health" && get)
+      return JsonResponse(http::status::ok, json{{"status", "ok"}}, rid, keep);
+    if (path == "/ready" && get) {
+      const auto lost = scheduler_.lost();
+      if (ready.load() && !lost)
+        return JsonResponse(http::status::ok, json{{"ready", true}}, rid, keep);
+      const std::string why =
+          lost ? "a rank was lost: " + lost->message() : "the first generation has not finished";
+      return JsonResponse(http::status::service_unavailable,
+                          json{{"ready", false}, {"reason", why}}, rid, keep);
+    }
+    const bool known = IsApi(path) || path == "/health" || path == "/ready" || path == "/metrics" ||
+                       path == "/v1/models";
+    if (!known)
+      return ErrorResponse(
+          ApiError{404, "no route " + path, "invalid_request_error", "", "not_found"}, rid, keep);
+    if (auto e = Authorize(req)) return ErrorResponse(*e, rid, keep);
+    if (path == "/metrics" && get) {
+      Response res{http::status::ok, 11};
+      res.set(http::field::content_type, "text/plain; version=0.0.4");
+      res.set("X-Request-Id", rid);
+      res.keep_alive(keep);
+      res.body() = metrics_.Render();
+      return res;
+    }
+    if (path == "/v1/models" && get) {
+      json model = {{"id", facts_.served_name},
+                    {"object", "model"},
+                    {"created", created_},
+                    {"owned_by", "gemma2-cluster"},
+                    {"max_model_len", facts_.config->max_position_embeddings}};
+      return JsonResponse(http::status::ok,
+                          json{{"object", "list"}, {"data", json::array({model})}}, rid, keep);
+    }
+    return ErrorResponse(
+        ApiError{405, "method " + std::string(req.method_string()) + " is not allowed on " + path},
+        rid, keep);
+  }
+
+  struct Admitted {
+    std::shared_ptr<RequestHandle> handle;
+    std::shared_ptr<asio::steady_timer> waker;  // cancelled by the scheduler's notify
+  };
+
+  // Parses and submits; on rejection the error response, counted as rejected.
+  std::variant<Admitted, ApiError> Admit(const Request& req, const std::string& rid,
+                                         const std::string& path) {
+    const std::string type(req[http::field::content_type]);
+    if (!type.empty() && type.rfind("application/json", 0) != 0) {
+      return ApiError{415, "Content-Type must be application/json, not " + type};
+    }
+    auto body = ParseJsonBody(req.body(), facts_.limits.max_json_depth);
+    if (auto* e = std::get_if<ApiError>(&body)) return *e;
+    const json& j = std::get<json>(body);
+    auto parsed = path == "/v1/completions"        ? ParseCompletions(j, facts_)
+                  : path == "/v1/chat/completions" ? ParseChat(j, facts_)
+                                                   : ParseClassify(j, facts_);
+    if (auto* e = std::get_if<ApiError>(&parsed)) return *e;
+    auto handle = std::make_shared<RequestHandle>(rid, std::move(std::get<ParsedRequest>(parsed)));
+    auto waker = std::make_shared<asio::steady_timer>(ioc_);
+    handle->notify = [waker] { asio::post(waker->get_executor(), [waker] { waker->cancel(); }); };
+    if (auto e = scheduler_.Submit(handle)) return *e;
+    return Admitted{handle, waker};
+  }
+
+  awaitable<bool> Generate(beast::tcp_stream& stream, const Request& req, const std::string& rid,
+                           const std::string& path) {
+    const bool keep = req.keep_alive();
+    auto admitted = Admit(req, rid, path);
+    if (auto* e = std::get_if<ApiError>(&admitted)) {
+      metrics_.End(Outcome::kRejected);
+      co_return co_await Send(stream, ErrorResponse(*e, rid, keep));
+    }
+    auto [handle, waker] = std::get<Admitted>(std::move(admitted));
+    const ParsedRequest& pr = handle->request();
+    const ResponseContext ctx = Context(pr, rid);
+    if (pr.gen.stream && pr.endpoint != Endpoint::kClassify) {
+      co_return co_await Stream(stream, *handle, *waker, ctx, rid, keep);
+    }
+    while (true) {
+      std::optional<Response> res;
+      {
+        std::lock_guard<std::mutex> lock(handle->mu);
+        if (handle->done) res = Final(*handle, ctx, rid, keep);
+      }
+      if (res) co_return co_await Send(stream, std::move(*res));
+      if (ClientGone(stream.socket())) {
+        handle->Cancel();
+        co_return false;
+      }
+      co_await Wait(*waker);
+    }
+  }
+
+  static awaitable<void> Wait(asio::steady_timer& waker) {
+    waker.expires_after(kPoll);
+    boost::system::error_code ec;
+    co_await waker.async_wait(asio::redirect_error(use_awaitable, ec));
+  }
+
+  ResponseContext Context(const ParsedRequest& pr, const std::string& rid) const {
+    const char* prefix = pr.endpoint == Endpoint::kChat          ? "chatcmpl-"
+                         : pr.endpoint == Endpoint::kCompletions ? "cmpl-"
+                                                                 : "classify-";
+    const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
+                            std::chrono::system_clock::now().time_since_epoch())
+                            .count();
+    return ResponseContext{prefix + rid, now, facts_.served_name, facts_.tokenizer, facts_.config};
+  }
+
+  // The whole answer of a finished request (caller holds h.mu).
+  static Response Final(const RequestHandle& h, const ResponseContext& ctx, const std::string& rid,
+                        bool keep) {
+    if (h.error) return ErrorResponse(*h.error, rid, keep);
+    switch (h.request().endpoint) {
+      case Endpoint::kCompletions:
+        return JsonResponse(http::status::ok, CompletionBody(ctx, h), rid, keep);
+      case Endpoint::kChat:
+        return JsonResponse(http::status::ok, ChatBody(ctx, h), rid, keep);
+      case Endpoint::kClassify:
+        break;
+    }
+    return JsonResponse(http::status::ok, ClassifyBody(ctx, h), rid, keep);
+  }
+
+  awaitable<bool> Stream(beast::tcp_stream& stream, RequestHandle& h, asio::steady_timer& waker,
+                         const ResponseContext& ctx, const std::string& rid, bool keep) {
+    http::response<http::empty_body> res{http::status::ok, 11};
+    res.set(http::field::content_type, "text/event-stream");
+    res.set(http::field::cache_control, "no-cache");
+    res.set("X-Request-Id", rid);
+    res.keep_alive(keep);
+    res.chunked(true);
+    http::response_serializer<http::empty_body> sr{res};
+    boost::system::error_code ec;
+    co_await http::async_write_header(stream, sr, asio::redirect_error(use_awaitable, ec));
+    if (ec) {
+      h.Cancel();
+      co_return false;
+    }
+    StreamCursor cursor;
+    while (true) {
+      std::string events;
+      bool done;
+      std::optional<ApiError> error;
+      {
+        std::lock_guard<std::mutex> lock(h.mu);
+        events = StreamEvents(ctx, h, cursor);
+        done = h.done;
+        error = h.error;
+        if (done && !error) {
+          if (h.request().gen.include_usage) events += UsageEvent(ctx, h);
+          events += "data: [DONE]\n\n";
+        }
+      }
+      if (error)
+        events +=
+            "data: " + ErrorBody(*error).dump(-1, ' ', false, json::error_handler_t::replace) +
+            "\n\n";
+      if (!events.empty()) {
+        co_await asio::async_write(stream, http::make_chunk(asio::buffer(events)),
+                                   asio::redirect_error(use_awaitable, ec));
+        if (ec) {
+          h.Cancel();
+          co_return false;
+        }
+      }
+      if (done) {
+        co_await asio::async_write(stream, http::make_chunk_last(),
+                                   asio::redirect_error(use_awaitable, ec));
+        co_return !ec && !error && keep;  // after an error event the stream is closed
+      }
+      if (ClientGone(stream.socket())) {
+        h.Cancel();
+        co_return false;
+      }
+      co_await Wait(waker);
+    }
+  }
+
+  Scheduler& scheduler_;
+  Metrics& metrics_;
+  ModelFacts facts_;
+  ServerOptions opts_;
+  asio::io_context ioc_{1};
+  tcp::acceptor acceptor_;
+  std::thread thread_;
+  int port_ = 0;
+  int64_t created_ = std::chrono::duration_cast<std::chrono::seconds>(
+                         std::chrono::system_clock::now().time_since_epoch())
+                         .count();
+};
+
+HttpServer::HttpServer(Scheduler& scheduler, Metrics& metrics, ModelFacts facts, ServerOptions opts)
+    : impl_(std::make_unique<Impl>(scheduler, metrics, std::move(facts), std::move(opts))) {}
+HttpServer::~HttpServer() { Stop(); }
+Status HttpServer::Start() { return impl_->Start(); }
+int HttpServer::port() const { return impl_->port(); }
+void HttpServer::SetReady(bool ready) { impl_->ready.store(ready); }
+void HttpServer::StopAccepting() { impl_->StopAccepting(); }
+void HttpServer::Stop() { impl_->Stop(); }
+
+}  // namespace gemma2::serving

@@ -1,0 +1,61 @@
+#include "serving/logits_processing.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <unordered_set>
+
+namespace gemma2::serving {
+
+void ApplyPenalties(std::span<float> logits, const GenerationOptions& g,
+                    const std::vector<int32_t>& prompt, const TokenCounts& output) {
+  if (g.repetition_penalty != 1.0f) {
+    std::unordered_set<int32_t> seen(prompt.begin(), prompt.end());
+    for (const auto& [tok, n] : output) seen.insert(tok);
+    for (int32_t tok : seen) {
+      float& v = logits[static_cast<size_t>(tok)];
+      v = v > 0 ? v / g.repetition_penalty : v * g.repetition_penalty;
+    }
+  }
+  if (g.frequency_penalty != 0 || g.presence_penalty != 0) {
+    for (const auto& [tok, n] : output) {
+      logits[static_cast<size_t>(tok)] -=
+          static_cast<float>(n) * g.frequency_penalty + (n > 0 ? g.presence_penalty : 0.0f);
+    }
+  }
+}
+
+void ApplyMinP(std::span<float> logits, float min_p, float temperature) {
+  if (min_p <= 0) return;
+  const float best = *std::max_element(logits.begin(), logits.end());
+  // p_i / p_max = exp((l_i - l_max) / T) < min_p  <=>  l_i < l_max + T * log(min_p)
+  const float cut = best + temperature * std::log(min_p);
+  for (float& v : logits) {
+    if (v < cut) v = -std::numeric_limits<float>::infinity();
+  }
+}
+
+TokenLogprobs Logprobs(std::span<const float> logits, int32_t chosen, int k) {
+  const float best = *std::max_element(logits.begin(), logits.end());
+  double sum = 0;
+  for (float v : logits) sum += std::exp(static_cast<double>(v - best));
+  const float log_z = best + static_cast<float>(std::log(sum));
+  TokenLogprobs out;
+  out.chosen = logits[static_cast<size_t>(chosen)] - log_z;
+  if (k > 0) {
+    std::vector<int32_t> idx(logits.size());
+    for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<int32_t>(i);
+    const size_t kk = std::min(static_cast<size_t>(k), idx.size());
+    std::partial_sort(idx.begin(), idx.begin() + static_cast<std::ptrdiff_t>(kk), idx.end(),
+                      [&](int32_t a, int32_t b) {
+                        const float va = logits[static_cast<size_t>(a)],
+                                    vb = logits[static_cast<size_t>(b)];
+                        return va > vb || (va == vb && a < b);
+                      });
+    for (size_t i = 0; i < kk; ++i)
+      out.top.emplace_back(idx[i], logits[static_cast<size_t>(idx[i])] - log_z);
+  }
+  return out;
+}
+
+}  // namespace gemma2::serving

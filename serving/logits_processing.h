@@ -1,0 +1,35 @@
+// What the coordinator does to a logits row before SampleRow when a request asks for more than the
+// backends sample on their own: penalties, min_p, and log-probabilities.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "serving/api.h"
+
+namespace gemma2::serving {
+
+// Token -> how often it appeared in the generated text so far.
+using TokenCounts = std::unordered_map<int32_t, int32_t>;
+
+// vLLM's semantics: repetition_penalty divides positive (multiplies negative) logits of every
+// token seen in the prompt or output; frequency and presence penalties subtract count * f and
+// [count > 0] * p for tokens of the output.
+void ApplyPenalties(std::span<float> logits, const GenerationOptions& g,
+                    const std::vector<int32_t>& prompt, const TokenCounts& output);
+
+// Removes (-inf) every token whose probability at `temperature` is below min_p times the largest.
+void ApplyMinP(std::span<float> logits, float min_p, float temperature);
+
+struct TokenLogprobs {
+  float chosen = 0;                            // log-probability of the picked token
+  std::vector<std::pair<int32_t, float>> top;  // the k most likely, most likely first
+};
+
+// Log-probabilities of the model's distribution (log_softmax of the row as the model gave it).
+TokenLogprobs Logprobs(std::span<const float> logits, int32_t chosen, int k);
+
+}  // namespace gemma2::serving

@@ -1,0 +1,44 @@
+// Server metrics in Prometheus' text format. Every request is counted once when it arrives and
+// once more when it ends, under exactly one outcome, so
+//   received = success + rejected + failed + cancelled   (once nothing is in flight).
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace gemma2::serving {
+
+enum class Outcome { kSuccess, kRejected, kFailed, kCancelled };
+
+class Histogram {
+ public:
+  explicit Histogram(std::vector<double> bounds)
+      : bounds_(std::move(bounds)), counts_(bounds_.size() + 1) {}
+  void Observe(double v);
+  void Render(std::string& out, const std::string& name, const std::string& help) const;
+
+ private:
+  mutable std::mutex mu_;
+  std::vector<double> bounds_;
+  std::vector<uint64_t> counts_;
+  double sum_ = 0;
+  uint64_t count_ = 0;
+};
+
+struct Metrics {
+  std::atomic<uint64_t> received{0};
+  std::array<std::atomic<uint64_t>, 4> outcomes{};  // by Outcome
+  std::atomic<uint64_t> prompt_tokens{0}, generation_tokens{0}, preemptions{0}, steps{0};
+  std::atomic<int64_t> queue_depth{0}, running{0}, kv_blocks_used{0}, kv_blocks_free{0};
+  Histogram ttft{{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}};
+  Histogram itl{{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5}};
+
+  void End(Outcome o) { outcomes[static_cast<size_t>(o)].fetch_add(1); }
+  std::string Render() const;
+};
+
+}  // namespace gemma2::serving

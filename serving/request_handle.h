@@ -1,0 +1,65 @@
+// One request's state, shared by the HTTP session that waits on it and the scheduler that fills
+// it. The scheduler appends under `mu` and then calls `notify`; the session reads what is new.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "serving/api.h"
+#include "serving/logits_processing.h"
+
+namespace gemma2::serving {
+
+using Clock = std::chrono::steady_clock;
+
+// One generated choice as released so far: text never ends inside a UTF-8 character or a
+// possible stop string; token_ids and logprobs run ahead of text by what is held back.
+struct ChoiceProgress {
+  std::string text;
+  std::vector<int32_t> token_ids;
+  std::vector<TokenLogprobs> logprobs;  // one per token when asked for
+  std::string finish_reason;            // "" while running; then "stop" or "length"
+};
+
+// One classification input: one row (sequence classifier) or one row per token.
+struct ClassifiedInput {
+  std::vector<std::vector<float>> logits;
+};
+
+class RequestHandle {
+ public:
+  RequestHandle(std::string id, ParsedRequest request)
+      : id_(std::move(id)), request_(std::move(request)), arrival_(Clock::now()) {}
+  const std::string& id() const { return id_; }
+  const ParsedRequest& request() const { return request_; }
+  Clock::time_point arrival() const { return arrival_; }
+
+  // The session's side: asks the scheduler to drop this request at its next step.
+  void Cancel() { cancelled_.store(true); }
+  bool cancelled() const { return cancelled_.load(); }
+
+  std::mutex mu;
+  // Guarded by mu: what the scheduler produced.
+  std::vector<ChoiceProgress> choices;      // generation: prompts x n, OpenAI's index order
+  std::vector<ClassifiedInput> classified;  // classification: one per input
+  std::optional<ApiError> error;            // set once: the request failed
+  bool done = false;                        // every choice finished (or error set)
+  int64_t prompt_tokens = 0, completion_tokens = 0;
+  // Set by the session before submitting; called by the scheduler after each update.
+  std::function<void()> notify;
+  // Counted in the request metrics (the launcher's readiness probe is not).
+  bool counted = true;
+
+ private:
+  std::string id_;
+  ParsedRequest request_;
+  Clock::time_point arrival_;
+  std::atomic<bool> cancelled_{false};
+};
+
+}  // namespace gemma2::serving

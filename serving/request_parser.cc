@@ -1,0 +1,432 @@
+#include "serving/request_parser.h"
+
+#include <cmath>
+#include <set>
+
+namespace gemma2::serving {
+namespace {
+
+using nlohmann::json;
+
+// Thrown inside this file only; every entry point turns it into an ApiError.
+struct Reject {
+  ApiError error;
+};
+
+[[noreturn]] void Fail(std::string param, std::string message, int status = 400,
+                       std::string code = "") {
+  throw Reject{ApiError{status, std::move(message), "invalid_request_error", std::move(param),
+                        std::move(code)}};
+}
+
+const char* TypeName(const json& v) { return v.type_name(); }
+
+// Typed access to an object's fields; remembers which ones were read so the rest are "unknown".
+class Fields {
+ public:
+  Fields(const json& obj, bool strict) : obj_(obj), strict_(strict) {
+    if (!obj.is_object())
+      Fail("", std::string("the body must be a JSON object, not ") + TypeName(obj));
+  }
+  // The field, or null when absent (OpenAI treats an explicit null as absent).
+  const json* Get(const std::string& name) {
+    seen_.insert(name);
+    auto it = obj_.find(name);
+    return it == obj_.end() || it->is_null() ? nullptr : &*it;
+  }
+  void Ignore(const std::string& name) { seen_.insert(name); }
+  bool Bool(const std::string& name, bool fallback) {
+    const json* v = Get(name);
+    if (!v) return fallback;
+    if (!v->is_boolean()) Fail(name, "'" + name + "' must be a boolean, not " + TypeName(*v));
+    return v->get<bool>();
+  }
+  int64_t Int(const std::string& name, int64_t fallback) {
+    const json* v = Get(name);
+    if (!v) return fallback;
+    if (!v->is_number_integer())
+      Fail(name, "'" + name + "' must be an integer, not " + TypeName(*v));
+    if (v->is_number_unsigned() && v->get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)) {
+      Fail(name, "'" + name + "' is too large");
+    }
+    return v->get<int64_t>();
+  }
+  double Number(const std::string& name, double fallback) {
+    const json* v = Get(name);
+    if (!v) return fallback;
+    if (!v->is_number()) Fail(name, "'" + name + "' must be a number, not " + TypeName(*v));
+    const double d = v->get<double>();
+    if (!std::isfinite(d)) Fail(name, "'" + name + "' must be finite");
+    return d;
+  }
+  std::string String(const std::string& name, const std::string& fallback) {
+    const json* v = Get(name);
+    if (!v) return fallback;
+    if (!v->is_string()) Fail(name, "'" + name + "' must be a string, not " + TypeName(*v));
+    return v->get<std::string>();
+  }
+  // Unknown fields: an error in strict mode, otherwise ignored.
+  void Finish(const std::string& where) {
+    if (!strict_) return;
+    for (auto it = obj_.begin(); it != obj_.end(); ++it) {
+      if (!seen_.count(it.key())) Fail(it.key(), "unknown field '" + it.key() + "' in " + where);
+    }
+  }
+
+ private:
+  const json& obj_;
+  bool strict_;
+  std::set<std::string> seen_;
+};
+
+void CheckModel(Fields& f, const ModelFacts& facts) {
+  const std::string model = f.String("model", facts.served_name);
+  if (model != facts.served_name) {
+    Fail("model",
+         "the model '" + model + "' does not exist; this server serves '" + facts.served_name + "'",
+         404, "model_not_found");
+  }
+}
+
+int32_t TokenId(const json& v, const std::string& param, int64_t vocab) {
+  if (!v.is_number_integer())
+    Fail(param, "token ids must be integers, not " + std::string(TypeName(v)));
+  const int64_t id =
+      v.is_number_unsigned() && v.get<uint64_t>() > INT64_MAX ? INT64_MAX : v.get<int64_t>();
+  if (id < 0 || id >= vocab) {
+    Fail(param, "token id " + std::to_string(id) + " is outside the vocabulary [0, " +
+                    std::to_string(vocab) + ")");
+  }
+  return static_cast<int32_t>(id);
+}
+
+std::vector<int32_t> TokenList(const json& v, const std::string& param, int64_t vocab) {
+  std::vector<int32_t> ids;
+  for (const auto& e : v) ids.push_back(TokenId(e, param, vocab));
+  if (ids.empty()) Fail(param, "empty prompt: a token list needs at least one id");
+  return ids;
+}
+
+std::vector<int32_t> EncodeText(const std::string& text, const std::string& param,
+                                const ModelFacts& facts) {
+  if (text.empty()) Fail(param, "empty prompt");
+  if (!facts.tokenizer) {
+    Fail(param, "this model has no tokenizer.model: send token ids instead of text");
+  }
+  auto ids = facts.tokenizer->Encode(text);
+  if (!ids.ok()) Fail(param, ids.status().message());
+  return *ids;
+}
+
+// A prompt or classification input: a string, a list of strings, a list of token ids, or a list
+// of lists of token ids.
+std::vector<std::vector<int32_t>> Prompts(const json& v, const std::string& param,
+                                          const ModelFacts& facts) {
+  const int64_t vocab = facts.config->vocab_size;
+  std::vector<std::vector<int32_t>> out;
+  if (v.is_string()) {
+    out.push_back(EncodeText(v.get<std::string>(), param, facts));
+  } else if (v.is_array()) {
+    if (v.empty()) Fail(param, "empty prompt: '" + param + "' is an empty list");
+    if (static_cast<int64_t>(v.size()) > facts.limits.max_prompts && !v[0].is_number()) {
+      Fail(param, std::to_string(v.size()) + " prompts in one request; the limit is " +
+                      std::to_string(facts.limits.max_prompts));
+    }
+    if (v[0].is_number()) {
+      out.push_back(TokenList(v, param, vocab));
+    } else {
+      for (const auto& e : v) {
+        if (e.is_string()) {
+          out.push_back(EncodeText(e.get<std::string>(), param, facts));
+        } else if (e.is_array()) {
+          out.push_back(TokenList(e, param, vocab));
+        } else {
+          Fail(param,
+               "'" + param + "' items must be strings or lists of token ids, not " + TypeName(e));
+        }
+      }
+    }
+  } else {
+    Fail(param,
+         "'" + param + "' must be a string, a list of strings or token ids, not " + TypeName(v));
+  }
+  return out;
+}
+
+// Fields shared by completions and chat.
+void ParseGeneration(Fields& f, GenerationOptions& g, const Limits& lim, int64_t vocab) {
+  g.temperature = static_cast<float>(f.Number("temperature", 1.0));
+  if (g.temperature < 0) Fail("temperature", "'temperature' must be >= 0");
+  g.top_p = static_cast<float>(f.Number("top_p", 1.0));
+  if (!(g.top_p > 0 && g.top_p <= 1)) Fail("top_p", "'top_p' must be in (0, 1]");
+  g.top_k = f.Int("top_k", -1);
+  if (g.top_k < -1) Fail("top_k", "'top_k' must be -1 (off) or >= 0");
+  g.min_p = static_cast<float>(f.Number("min_p", 0.0));
+  if (g.min_p < 0 || g.min_p > 1) Fail("min_p", "'min_p' must be in [0, 1]");
+  if (const json* s = f.Get("seed")) {
+    if (!s->is_number_integer()) Fail("seed", "'seed' must be an integer");
+    g.seed =
+        s->is_number_unsigned() ? s->get<uint64_t>() : static_cast<uint64_t>(s->get<int64_t>());
+  }
+  g.presence_penalty = static_cast<float>(f.Number("presence_penalty", 0.0));
+  if (std::abs(g.presence_penalty) > 2)
+    Fail("presence_penalty", "'presence_penalty' must be in [-2, 2]");
+  g.frequency_penalty = static_cast<float>(f.Number("frequency_penalty", 0.0));
+  if (std::abs(g.frequency_penalty) > 2)
+    Fail("frequency_penalty", "'frequency_penalty' must be in [-2, 2]");
+  g.repetition_penalty = static_cast<float>(f.Number("repetition_penalty", 1.0));
+  if (!(g.repetition_penalty > 0) || g.repetition_penalty > 10) {
+    Fail("repetition_penalty", "'repetition_penalty' must be in (0, 10]");
+  }
+  if (const json* s = f.Get("stop")) {
+    if (s->is_string()) {
+      g.stop.push_back(s->get<std::string>());
+    } else if (s->is_array()) {
+      for (const auto& e : *s) {
+        if (!e.is_string()) Fail("stop", "'stop' items must be strings");
+        g.stop.push_back(e.get<std::string>());
+      }
+    } else {
+      Fail("stop", "'stop' must be a string or a list of strings");
+    }
+    if (static_cast<int>(g.stop.size()) > lim.max_stop_strings) {
+      Fail("stop", std::to_string(g.stop.size()) + " stop strings; the limit is " +
+                       std::to_string(lim.max_stop_strings));
+    }
+    for (const auto& str : g.stop) {
+      if (str.empty()) Fail("stop", "stop strings must not be empty");
+      if (str.size() > lim.max_stop_string_bytes) {
+        Fail("stop", "a stop string is longer than " + std::to_string(lim.max_stop_string_bytes) +
+                         " bytes");
+      }
+    }
+  }
+  if (const json* s = f.Get("stop_token_ids")) {
+    if (!s->is_array()) Fail("stop_token_ids", "'stop_token_ids' must be a list of token ids");
+    for (const auto& e : *s) g.stop_token_ids.push_back(TokenId(e, "stop_token_ids", vocab));
+  }
+  g.ignore_eos = f.Bool("ignore_eos", false);
+  g.n = static_cast<int>(std::clamp<int64_t>(f.Int("n", 1), -1, 1 << 20));
+  if (g.n < 1) Fail("n", "'n' must be >= 1");
+  if (g.n > lim.max_n)
+    Fail("n", "'n' is " + std::to_string(g.n) + "; the limit is " + std::to_string(lim.max_n));
+  g.stream = f.Bool("stream", false);
+  if (const json* so = f.Get("stream_options")) {
+    Fields o(*so, lim.strict_fields);
+    g.include_usage = o.Bool("include_usage", false);
+    o.Ignore("continuous_usage_stats");
+    o.Finish("stream_options");
+  }
+  g.return_token_ids = f.Bool("return_token_ids", false);
+  f.Ignore("user");
+}
+
+void CheckLogprobs(int64_t k, const char* param, const Limits& lim) {
+  if (k < 0) Fail(param, std::string("'") + param + "' must be >= 0");
+  if (k > lim.max_logprobs) {
+    Fail(param, std::string("'") + param + "' is " + std::to_string(k) + "; the limit is " +
+                    std::to_string(lim.max_logprobs));
+  }
+}
+
+// max_tokens against the context, with both numbers in the message.
+void CheckContext(const ParsedRequest& r, const ModelFacts& facts, const char* param) {
+  const int64_t context = facts.config->max_position_embeddings;
+  for (const auto& p : r.prompts) {
+    const int64_t len = static_cast<int64_t>(p.size());
+    if (len >= context) {
+      Fail("prompt", "the prompt is " + std::to_string(len) + " tokens; this model's context is " +
+                         std::to_string(context) + " tokens, which leaves no room to generate");
+    }
+    if (len + r.gen.max_tokens > context) {
+      Fail(param, "this model's context is " + std::to_string(context) + " tokens, but " +
+                      std::to_string(len) + " prompt tokens + " + param + " " +
+                      std::to_string(r.gen.max_tokens) + " = " +
+                      std::to_string(len + r.gen.max_tokens) + " tokens were requested");
+    }
+  }
+}
+
+int64_t MaxTokens(Fields& f, const char* name, int64_t fallback) {
+  const int64_t m = f.Int(name, fallback);
+  if (m <= 0) Fail(name, std::string("'") + name + "' must be >= 1");
+  return m;
+}
+
+void RequireCausal(const ModelFacts& facts, const char* route) {
+  if (facts.config->is_classifier()) {
+    Fail("model", std::string(ArchitectureName(facts.config->architecture)) +
+                      " is a classifier: use /v1/classify, not " + route);
+  }
+}
+
+template <typename Fn>
+ApiResult<ParsedRequest> Guarded(Fn fn) {
+  try {
+    return fn();
+  } catch (const Reject& r) {
+    return r.error;
+  } catch (const json::exception& e) {  // a type mismatch deep inside a value
+    return ApiError{400, std::string("invalid request: ") + e.what()};
+  }
+}
+
+// The shortest context left by any prompt: the default for chat's max_tokens.
+int64_t RestOfContext(const ParsedRequest& r, const ModelFacts& facts) {
+  int64_t longest = 0;
+  for (const auto& p : r.prompts)
+    longest = std::max<int64_t>(longest, static_cast<int64_t>(p.size()));
+  return std::max<int64_t>(1, facts.config->max_position_embeddings - longest);
+}
+
+}  // namespace
+
+SamplingParams GenerationOptions::Sampling(int choice) const {
+  SamplingParams p;
+  p.greedy = temperature == 0;
+  p.temperature = p.greedy ? 1.0f : temperature;
+  p.top_k = top_k > 0 ? top_k : 0;
+  p.top_p = top_p;
+  p.seed = seed ? *seed + static_cast<uint64_t>(choice) : 0;
+  return p;
+}
+
+ApiResult<json> ParseJsonBody(std::string_view body, int max_depth) {
+  if (body.empty()) return ApiError{400, "the request body is empty; send a JSON object"};
+  try {
+    // The callback sees each value's depth before it is built: deep nesting stops early.
+    json::parser_callback_t depth_guard = [max_depth](int depth, json::parse_event_t, json&) {
+      if (depth > max_depth) {
+        throw Reject{ApiError{400,
+                              "JSON nested deeper than " + std::to_string(max_depth) + " levels",
+                              "invalid_request_error", "", "json_too_deep"}};
+      }
+      return true;
+    };
+    return json::parse(body.begin(), body.end(), depth_guard);
+  } catch (const Reject& r) {
+    return r.error;
+  } catch (const json::parse_error& e) {
+    std::string what = e.what();
+    const bool utf8 = what.find("UTF-8") != std::string::npos;
+    return ApiError{400, (utf8 ? "invalid UTF-8 in the JSON body: " : "malformed JSON: ") + what,
+                    "invalid_request_error", "", utf8 ? "invalid_utf8" : "invalid_json"};
+  }
+}
+
+ApiResult<ParsedRequest> ParseCompletions(const json& body, const ModelFacts& facts) {
+  return Guarded([&] {
+    Fields f(body, facts.limits.strict_fields);
+    CheckModel(f, facts);
+    RequireCausal(facts, "/v1/completions");
+    ParsedRequest r;
+    r.endpoint = Endpoint::kCompletions;
+    r.model = facts.served_name;
+    const json* prompt = f.Get("prompt");
+    if (!prompt) Fail("prompt", "'prompt' is required");
+    r.prompts = Prompts(*prompt, "prompt", facts);
+    ParseGeneration(f, r.gen, facts.limits, facts.config->vocab_size);
+    r.gen.max_tokens = MaxTokens(f, "max_tokens", 16);
+    if (const json* lp = f.Get("logprobs")) {
+      if (!lp->is_number_integer()) Fail("logprobs", "'logprobs' must be an integer (top-k)");
+      r.gen.logprobs = static_cast<int>(std::clamp<int64_t>(lp->get<int64_t>(), -1, 1 << 20));
+      CheckLogprobs(r.gen.logprobs, "logprobs", facts.limits);
+    }
+    f.Ignore("echo");  // only echo=false is served
+    if (const json* e = f.Get("echo"); e && e->is_boolean() && e->get<bool>()) {
+      Fail("echo", "'echo' is not supported");
+    }
+    CheckContext(r, facts, "max_tokens");
+    f.Finish("a completions request");
+    return r;
+  });
+}
+
+ApiResult<ParsedRequest> ParseChat(const json& body, const ModelFacts& facts) {
+  return Guarded([&] {
+    Fields f(body, facts.limits.strict_fields);
+    CheckModel(f, facts);
+    RequireCausal(facts, "/v1/chat/completions");
+    if (!facts.tokenizer) Fail("messages", "this model has no tokenizer.model: chat needs one");
+    ParsedRequest r;
+    r.endpoint = Endpoint::kChat;
+    r.model = facts.served_name;
+    const json* messages = f.Get("messages");
+    if (!messages) Fail("messages", "'messages' is required");
+    if (!messages->is_array()) Fail("messages", "'messages' must be a list");
+    if (messages->empty()) Fail("messages", "'messages' is empty");
+    std::vector<ChatMessage> chat;
+    for (const auto& m : *messages) {
+      Fields mf(m, facts.limits.strict_fields);
+      ChatMessage cm;
+      cm.role = mf.String("role", "");
+      if (cm.role.empty()) Fail("messages", "every message needs a 'role'");
+      const json* content = mf.Get("content");
+      if (!content) Fail("messages", "every message needs 'content'");
+      if (content->is_string()) {
+        cm.content = content->get<std::string>();
+      } else if (content->is_array()) {  // [{"type": "text", "text": ...}, ...]
+        for (const auto& part : *content) {
+          Fields pf(part, facts.limits.strict_fields);
+          if (pf.String("type", "") != "text")
+            Fail("messages", "only text content parts are supported");
+          cm.content += pf.String("text", "");
+          pf.Finish("a content part");
+        }
+      } else {
+        Fail("messages", "'content' must be a string or a list of text parts");
+      }
+      mf.Ignore("name");
+      mf.Finish("a message");
+      chat.push_back(std::move(cm));
+    }
+    auto ids = facts.tokenizer->EncodeChat(chat);
+    if (!ids.ok()) Fail("messages", ids.status().message());
+    r.prompts.push_back(*ids);
+    ParseGeneration(f, r.gen, facts.limits, facts.config->vocab_size);
+    r.chat_logprobs = f.Bool("logprobs", false);
+    const int64_t top = f.Int("top_logprobs", 0);
+    CheckLogprobs(top, "top_logprobs", facts.limits);
+    if (top > 0 && !r.chat_logprobs) Fail("top_logprobs", "'top_logprobs' needs 'logprobs': true");
+    if (r.chat_logprobs) r.gen.logprobs = static_cast<int>(top);
+    // Newer clients send max_completion_tokens, older ones max_tokens; default: the rest of the
+    // context.
+    const char* budget = f.Get("max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
+    f.Ignore("max_tokens");
+    r.gen.max_tokens = MaxTokens(f, budget, RestOfContext(r, facts));
+    CheckContext(r, facts, budget);
+    f.Finish("a chat request");
+    return r;
+  });
+}
+
+ApiResult<ParsedRequest> ParseClassify(const json& body, const ModelFacts& facts) {
+  return Guarded([&] {
+    Fields f(body, facts.limits.strict_fields);
+    CheckModel(f, facts);
+    if (!facts.config->is_classifier()) {
+      Fail("model",
+           "Gemma2ForCausalLM has no classification head: /v1/classify needs a "
+           "Gemma2ForSequenceClassification or Gemma2ForTokenClassification checkpoint");
+    }
+    ParsedRequest r;
+    r.endpoint = Endpoint::kClassify;
+    r.model = facts.served_name;
+    const json* input = f.Get("input");
+    if (!input) Fail("input", "'input' is required");
+    r.prompts = Prompts(*input, "input", facts);
+    const int64_t context = facts.config->max_position_embeddings;
+    for (const auto& p : r.prompts) {
+      if (static_cast<int64_t>(p.size()) > context) {
+        Fail("input", "an input is " + std::to_string(p.size()) +
+                          " tokens; this model's context is " + std::to_string(context) +
+                          " tokens");
+      }
+    }
+    f.Ignore("user");
+    f.Finish("a classify request");
+    return r;
+  });
+}
+
+}  // namespace gemma2::serving

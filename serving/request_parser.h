@@ -1,0 +1,34 @@
+// OpenAI request bodies -> ParsedRequest, with every rejection an ApiError that names the field.
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <string>
+#include <string_view>
+#include <variant>
+
+#include "model/config.h"
+#include "model/tokenizer.h"
+#include "serving/api.h"
+
+namespace gemma2::serving {
+
+// What the parser checks requests against.
+struct ModelFacts {
+  const ModelConfig* config = nullptr;
+  const Tokenizer* tokenizer = nullptr;  // null: only token-id prompts
+  std::string served_name;               // the one model this server answers for
+  Limits limits;
+};
+
+template <typename T>
+using ApiResult = std::variant<T, ApiError>;
+
+// JSON text -> value: malformed or truncated text, invalid UTF-8 and nesting deeper than
+// `max_depth` are each a 400 naming the problem.
+ApiResult<nlohmann::json> ParseJsonBody(std::string_view body, int max_depth);
+
+ApiResult<ParsedRequest> ParseCompletions(const nlohmann::json& body, const ModelFacts& facts);
+ApiResult<ParsedRequest> ParseChat(const nlohmann::json& body, const ModelFacts& facts);
+ApiResult<ParsedRequest> ParseClassify(const nlohmann::json& body, const ModelFacts& facts);
+
+}  // namespace gemma2::serving

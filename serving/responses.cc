@@ -1,0 +1,235 @@
+#include "serving/responses.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace gemma2::serving {
+namespace {
+
+using nlohmann::json;
+
+std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+std::string TokenText(const ResponseContext& ctx, int32_t id) {
+  if (ctx.tokenizer) {
+    auto t = ctx.tokenizer->Decode({id});
+    if (t.ok() && !t->empty()) return *t;
+  }
+  return "token_id:" + std::to_string(id);
+}
+
+json Usage(const RequestHandle& h) {
+  return {{"prompt_tokens", h.prompt_tokens},
+          {"completion_tokens", h.completion_tokens},
+          {"total_tokens", h.prompt_tokens + h.completion_tokens}};
+}
+
+json NullOr(const std::string& s) { return s.empty() ? json(nullptr) : json(s); }
+
+std::vector<int> Bytes(const std::string& s) {
+  std::vector<int> b;
+  for (unsigned char c : s) b.push_back(c);
+  return b;
+}
+
+// Legacy completions logprobs for tokens [from, to) of a choice; text offsets from `offset`.
+json CompletionLogprobs(const ResponseContext& ctx, const ChoiceProgress& ch, size_t from,
+                        size_t to, size_t offset) {
+  json tokens = json::array(), lps = json::array(), tops = json::array(), offs = json::array();
+  for (size_t i = from; i < to && i < ch.logprobs.size(); ++i) {
+    const std::string t = TokenText(ctx, ch.token_ids[i]);
+    tokens.push_back(t);
+    lps.push_back(ch.logprobs[i].chosen);
+    json top = json::object();
+    for (const auto& [id, lp] : ch.logprobs[i].top) top[TokenText(ctx, id)] = lp;
+    tops.push_back(top);
+    offs.push_back(offset);
+    offset += t.size();
+  }
+  return {
+      {"tokens", tokens}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offs}};
+}
+
+json ChatLogprobs(const ResponseContext& ctx, const ChoiceProgress& ch, size_t from, size_t to) {
+  json content = json::array();
+  for (size_t i = from; i < to && i < ch.logprobs.size(); ++i) {
+    const std::string t = TokenText(ctx, ch.token_ids[i]);
+    json top = json::array();
+    for (const auto& [id, lp] : ch.logprobs[i].top) {
+      const std::string tt = TokenText(ctx, id);
+      top.push_back({{"token", tt}, {"logprob", lp}, {"bytes", Bytes(tt)}});
+    }
+    content.push_back({{"token", t},
+                       {"logprob", ch.logprobs[i].chosen},
+                       {"bytes", Bytes(t)},
+                       {"top_logprobs", top}});
+  }
+  return {{"content", content}};
+}
+
+size_t PromptOf(const RequestHandle& h, size_t choice) {
+  return choice / static_cast<size_t>(std::max(1, h.request().gen.n));
+}
+
+}  // namespace
+
+json ErrorBody(const ApiError& e) {
+  return {{"error",
+           {{"message", e.message},
+            {"type", e.type},
+            {"param", NullOr(e.param)},
+            {"code", NullOr(e.code)}}}};
+}
+
+json CompletionBody(const ResponseContext& ctx, const RequestHandle& h) {
+  const GenerationOptions& g = h.request().gen;
+  json choices = json::array();
+  for (size_t i = 0; i < h.choices.size(); ++i) {
+    const ChoiceProgress& ch = h.choices[i];
+    json c = {{"index", i},
+              {"text", ch.text},
+              {"finish_reason", NullOr(ch.finish_reason)},
+              {"logprobs", g.logprobs >= 0 ? CompletionLogprobs(ctx, ch, 0, ch.token_ids.size(), 0)
+                                           : json(nullptr)}};
+    if (g.return_token_ids) {
+      c["prompt_token_ids"] = h.request().prompts[PromptOf(h, i)];
+      c["token_ids"] = ch.token_ids;
+    }
+    choices.push_back(std::move(c));
+  }
+  return {{"id", ctx.id},       {"object", "text_completion"}, {"created", ctx.created},
+          {"model", ctx.model}, {"choices", choices},          {"usage", Usage(h)}};
+}
+
+json ChatBody(const ResponseContext& ctx, const RequestHandle& h) {
+  const ParsedRequest& r = h.request();
+  json choices = json::array();
+  for (size_t i = 0; i < h.choices.size(); ++i) {
+    const ChoiceProgress& ch = h.choices[i];
+    json c = {{"index", i},
+              {"message", {{"role", "assistant"}, {"content", ch.text}}},
+              {"finish_reason", NullOr(ch.finish_reason)},
+              {"logprobs",
+               r.chat_logprobs ? ChatLogprobs(ctx, ch, 0, ch.token_ids.size()) : json(nullptr)}};
+    if (r.gen.return_token_ids) {
+      c["prompt_token_ids"] = r.prompts[0];
+      c["token_ids"] = ch.token_ids;
+    }
+    choices.push_back(std::move(c));
+  }
+  return {{"id", ctx.id},       {"object", "chat.completion"}, {"created", ctx.created},
+          {"model", ctx.model}, {"choices", choices},          {"usage", Usage(h)}};
+}
+
+json ClassifyBody(const ResponseContext& ctx, const RequestHandle& h) {
+  const ModelConfig& c = *ctx.config;
+  auto scored = [&](const std::vector<float>& logits) {
+    const float best = *std::max_element(logits.begin(), logits.end());
+    std::vector<double> probs;
+    double sum = 0;
+    for (float v : logits) sum += probs.emplace_back(std::exp(static_cast<double>(v - best)));
+    for (double& p : probs) p /= sum;
+    const auto arg =
+        static_cast<size_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    return json{{"label", c.id2label[arg]}, {"probs", probs}, {"logits", logits}};
+  };
+  json data = json::array();
+  for (size_t i = 0; i < h.classified.size(); ++i) {
+    const auto& rows = h.classified[i].logits;
+    json item = {{"index", i}, {"num_classes", c.num_labels}};
+    if (c.architecture == Architecture::kSequenceClassification) {
+      if (!rows.empty()) item.update(scored(rows[0]));
+    } else {
+      json tokens = json::array();
+      const auto& ids = h.request().prompts[i];
+      for (size_t t = 0; t < rows.size(); ++t) {
+        json tok = scored(rows[t]);
+        tok["token_id"] = ids[t];
+        tokens.push_back(std::move(tok));
+      }
+      item["tokens"] = std::move(tokens);
+    }
+    data.push_back(std::move(item));
+  }
+  return {{"id", ctx.id},
+          {"object", "list"},
+          {"created", ctx.created},
+          {"model", ctx.model},
+          {"data", data},
+          {"usage", {{"prompt_tokens", h.prompt_tokens}, {"total_tokens", h.prompt_tokens}}}};
+}
+
+std::string StreamEvents(const ResponseContext& ctx, const RequestHandle& h, StreamCursor& cur) {
+  const ParsedRequest& r = h.request();
+  const bool chat = r.endpoint == Endpoint::kChat;
+  const size_t n = h.choices.size();
+  cur.text_bytes.resize(n, 0);
+  cur.tokens.resize(n, 0);
+  cur.started.resize(n, false);
+  cur.finished.resize(n, false);
+  std::string out;
+  for (size_t i = 0; i < n; ++i) {
+    const ChoiceProgress& ch = h.choices[i];
+    if (cur.finished[i]) continue;
+    const bool fresh_text = ch.text.size() > cur.text_bytes[i];
+    const bool fresh_tokens = ch.token_ids.size() > cur.tokens[i];
+    const bool ending = !ch.finish_reason.empty();
+    if (chat && !cur.started[i]) {  // OpenAI's first chat chunk carries the role
+      json first = {{"id", ctx.id},
+                    {"object", "chat.completion.chunk"},
+                    {"created", ctx.created},
+                    {"model", ctx.model},
+                    {"choices",
+                     {{{"index", i},
+                       {"delta", {{"role", "assistant"}, {"content", ""}}},
+                       {"logprobs", nullptr},
+                       {"finish_reason", nullptr}}}}};
+      out += "data: " + Dump(first) + "\n\n";
+      cur.started[i] = true;
+    }
+    if (!fresh_text && !fresh_tokens && !ending) continue;
+    const std::string delta = ch.text.substr(cur.text_bytes[i]);
+    json c = {{"index", i}, {"finish_reason", NullOr(ch.finish_reason)}};
+    const bool want_lp = chat ? r.chat_logprobs : r.gen.logprobs >= 0;
+    json lp = nullptr;
+    if (want_lp && fresh_tokens) {
+      lp = chat
+               ? ChatLogprobs(ctx, ch, cur.tokens[i], ch.token_ids.size())
+               : CompletionLogprobs(ctx, ch, cur.tokens[i], ch.token_ids.size(), cur.text_bytes[i]);
+    }
+    c["logprobs"] = lp;
+    if (chat) {
+      c["delta"] = ending && delta.empty() ? json::object() : json{{"content", delta}};
+    } else {
+      c["text"] = delta;
+    }
+    if (r.gen.return_token_ids) {
+      if (cur.tokens[i] == 0) c["prompt_token_ids"] = r.prompts[PromptOf(h, i)];
+      c["token_ids"] = std::vector<int32_t>(
+          ch.token_ids.begin() + static_cast<std::ptrdiff_t>(cur.tokens[i]), ch.token_ids.end());
+    }
+    json chunk = {{"id", ctx.id},
+                  {"object", chat ? "chat.completion.chunk" : "text_completion"},
+                  {"created", ctx.created},
+                  {"model", ctx.model},
+                  {"choices", json::array({c})}};
+    out += "data: " + Dump(chunk) + "\n\n";
+    cur.text_bytes[i] = ch.text.size();
+    cur.tokens[i] = ch.token_ids.size();
+    cur.finished[i] = ending;
+  }
+  return out;
+}
+
+std::string UsageEvent(const ResponseContext& ctx, const RequestHandle& h) {
+  const bool chat = h.request().endpoint == Endpoint::kChat;
+  json chunk = {{"id", ctx.id},
+                {"object", chat ? "chat.completion.chunk" : "text_completion"},
+                {"created", ctx.created},
+                {"model", ctx.model},
+                {"choices", json::array()},
+                {"usage", Usage(h)}};
+  return "data: " + Dump(chunk) + "\n\n";
+}
+
+}  // namespace gemma2::serving

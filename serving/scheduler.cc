@@ -1,0 +1,498 @@
+#include "serving/scheduler.h"
+
+#include <algorithm>
+#include <random>
+
+namespace gemma2::serving {
+namespace {
+
+ApiError ServerError(int status, std::string message, std::string type) {
+  return ApiError{status, std::move(message), std::move(type), "", ""};
+}
+
+template <typename T>
+bool Contains(const std::vector<T>& v, int32_t x) {
+  return std::find(v.begin(), v.end(), static_cast<T>(x)) != v.end();
+}
+
+}  // namespace
+
+// A request as the scheduler tracks it: its handle and how many of its sequences are unfinished.
+struct Scheduler::Request {
+  std::shared_ptr<RequestHandle> handle;
+  int remaining = 0;
+  bool admitted = false, first_token = false, closed = false;
+};
+
+// One prompt's choice (generation) or one input (classification).
+struct Scheduler::Sequence {
+  std::shared_ptr<Request> req;
+  int index = 0;  // into handle->choices or handle->classified
+  std::vector<int32_t> prompt, generated;
+  int64_t engine_id = -1;  // the executor's sequence while it holds KV
+  int64_t computed = 0;    // tokens in the KV cache
+  int64_t blocks = 0;      // KV blocks held
+  RowSampling sampling;
+  TokenCounts counts;
+  std::unique_ptr<TextOutput> text;
+  int64_t class_row = -1;  // sequence classification: the scored position
+  std::vector<std::vector<float>> class_rows;
+  Clock::time_point last_token{};
+  bool finished = false;
+
+  const GenerationOptions& gen() const { return req->handle->request().gen; }
+  bool classify() const { return req->handle->request().endpoint == Endpoint::kClassify; }
+  int64_t total() const { return static_cast<int64_t>(prompt.size() + generated.size()); }
+  int32_t token(int64_t i) const {
+    const auto p = static_cast<int64_t>(prompt.size());
+    return i < p ? prompt[static_cast<size_t>(i)] : generated[static_cast<size_t>(i - p)];
+  }
+};
+
+Scheduler::Scheduler(StepExecutor& executor, const Tokenizer* tokenizer, Metrics& metrics,
+                     SchedulerOptions opts)
+    : executor_(executor),
+      tokenizer_(tokenizer),
+      metrics_(metrics),
+      opts_(std::move(opts)),
+      blocks_(opts_.kv_blocks, opts_.block_size) {
+  PublishGauges();
+  thread_ = std::thread([this] { Loop(); });
+}
+
+Scheduler::~Scheduler() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  wake_ = true;
+  cv_.notify_all();
+  thread_.join();
+  FailAll(ServerError(503, "the server is shutting down", "server_error"));
+}
+
+std::optional<ApiError> Scheduler::Submit(std::shared_ptr<RequestHandle> request) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (lost_) {
+      return ServerError(503, "the cluster is down: " + lost_->message(), "server_error");
+    }
+    if (draining_ || stop_) return ServerError(503, "the server is shutting down", "server_error");
+    if (queued_requests_.load() >= opts_.max_queue) {
+      return ServerError(429,
+                         "the queue is full (" + std::to_string(opts_.max_queue) +
+                             " requests waiting); retry later",
+                         "rate_limit_exceeded");
+    }
+    ++queued_requests_;
+    ++open_requests_;
+    incoming_.push_back(std::move(request));
+  }
+  wake_ = true;
+  cv_.notify_all();
+  return std::nullopt;
+}
+
+void Scheduler::BeginDrain() {
+  std::lock_guard<std::mutex> lock(mu_);
+  draining_ = true;
+}
+
+bool Scheduler::Idle() const { return open_requests_.load() == 0; }
+
+std::optional<Status> Scheduler::lost() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return lost_;
+}
+
+void Scheduler::Expand(std::shared_ptr<RequestHandle> h) {
+  auto req = std::make_shared<Request>();
+  req->handle = h;
+  const ParsedRequest& p = h->request();
+  const bool classify = p.endpoint == Endpoint::kClassify;
+  const int n = classify ? 1 : p.gen.n;
+  const uint64_t base_seed =
+      p.gen.seed ? *p.gen.seed : std::random_device{}() * 0x100000001ull + std::random_device{}();
+  {
+    std::lock_guard<std::mutex> lock(h->mu);
+    if (classify)
+      h->classified.resize(p.prompts.size());
+    else
+      h->choices.resize(p.prompts.size() * static_cast<size_t>(n));
+    for (const auto& pr : p.prompts) h->prompt_tokens += static_cast<int64_t>(pr.size());
+  }
+  const ModelConfig& c = executor_.config();
+  for (size_t i = 0; i < p.prompts.size(); ++i) {
+    for (int j = 0; j < n; ++j) {
+      auto s = std::make_unique<Sequence>();
+      s->req = req;
+      s->index = static_cast<int>(i) * n + j;
+      s->prompt = p.prompts[i];
+      if (classify) {
+        if (c.architecture == Architecture::kSequenceClassification) {
+          s->class_row = 0;  // transformers: the last non-pad token (the first when all are pad)
+          for (int64_t k = static_cast<int64_t>(s->prompt.size()) - 1; k >= 0; --k) {
+            if (s->prompt[static_cast<size_t>(k)] != c.pad_token_id) {
+              s->class_row = k;
+              break;
+            }
+          }
+        }
+      } else {
+        s->sampling.params = p.gen.Sampling(j);
+        s->sampling.params.seed = base_seed + static_cast<uint64_t>(j);
+        s->text = std::make_unique<TextOutput>(tokenizer_, p.gen.stop);
+      }
+      ++req->remaining;
+      waiting_.push_back(std::move(s));
+    }
+  }
+}
+
+void Scheduler::Loop() {
+  while (true) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stop_) return;
+      while (!incoming_.empty()) {
+        Expand(std::move(incoming_.front()));
+        incoming_.pop_front();
+      }
+    }
+    DropCancelled();
+    Admit();
+    PublishGauges();
+    if (running_.empty()) {
+      IdleWait();
+      continue;
+    }
+    const Status st = RunStep();
+    for (auto& h : touched_) {
+      if (h->notify) h->notify();
+    }
+    touched_.clear();
+    if (!st.ok()) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        lost_ = st;
+      }
+      FailAll(ServerError(503, "the request failed because the cluster failed: " + st.message(),
+                          "server_error"));
+    }
+  }
+}
+
+void Scheduler::IdleWait() {
+  wake_ = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!incoming_.empty() || stop_) return;
+  }
+  if (opts_.idle_watch && !lost()) {
+    const Status st = opts_.idle_watch(std::chrono::milliseconds(100), &wake_);
+    if (!st.ok()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      lost_ = st;
+    }
+    return;
+  }
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait_for(lock, std::chrono::milliseconds(100), [&] { return !incoming_.empty() || stop_; });
+}
+
+// A cancelled request's sequences leave at once; their KV blocks are free for this step.
+void Scheduler::DropCancelled() {
+  auto close = [&](auto& list) {
+    for (auto& s : list) {
+      if (s->req->handle->cancelled()) CloseRequest(*s->req, Outcome::kCancelled, std::nullopt);
+    }
+  };
+  close(running_);
+  close(waiting_);
+  Sweep();
+}
+
+// Sequences that finished, or whose request closed (failed, cancelled), leave both lists.
+void Scheduler::Sweep() {
+  auto gone = [&](std::unique_ptr<Sequence>& s) {
+    if (!s->finished && !s->req->closed) return false;
+    Remove(*s);
+    return true;
+  };
+  running_.remove_if(gone);
+  waiting_.erase(std::remove_if(waiting_.begin(), waiting_.end(), gone), waiting_.end());
+}
+
+void Scheduler::Admit() {
+  while (!waiting_.empty() && static_cast<int>(running_.size()) < opts_.max_running) {
+    Sequence& s = *waiting_.front();
+    // Room for the whole prompt (and the first generated token) before it starts.
+    if (blocks_.BlocksFor(s.total() + 1) > blocks_.free()) {
+      if (!running_.empty()) break;
+      if (blocks_.BlocksFor(s.total() + 1) > blocks_.total()) {  // can never fit
+        CloseRequest(*s.req, Outcome::kFailed,
+                     ServerError(507,
+                                 "the prompt needs more KV-cache blocks than the server has (" +
+                                     std::to_string(blocks_.total()) + ")",
+                                 "server_error"));
+        Sweep();
+        continue;
+      }
+      break;
+    }
+    if (!s.req->admitted) {
+      s.req->admitted = true;
+      --queued_requests_;
+    }
+    s.engine_id = executor_.NewSequence();
+    s.computed = 0;
+    (void)blocks_.Grow(s.blocks, s.total() + 1);  // the prompt's blocks are reserved on admission
+    running_.push_back(std::move(waiting_.front()));
+    waiting_.pop_front();
+  }
+}
+
+void Scheduler::Remove(Sequence& s) {
+  if (s.engine_id >= 0) executor_.ReleaseSequence(s.engine_id);
+  s.engine_id = -1;
+  s.computed = 0;
+  blocks_.Release(s.blocks);
+  s.finished = true;
+}
+
+void Scheduler::Preempt(Sequence& s) {
+  // Recompute later: prompt + generated are prefilled again; sampling counters keep draws equal.
+  if (s.engine_id >= 0) executor_.ReleaseSequence(s.engine_id);
+  s.engine_id = -1;
+  s.computed = 0;
+  blocks_.Release(s.blocks);
+  metrics_.preemptions.fetch_add(1);
+}
+
+void Scheduler::Schedule(std::vector<Sequence*>& batch, StepPlan& plan) {
+  int64_t budget = opts_.max_step_tokens;
+  std::vector<Sequence*> order;
+  for (auto& s : running_) {
+    if (s->total() - s->computed == 1) order.push_back(s.get());  // decoding first
+  }
+  for (auto& s : running_) {
+    if (s->total() - s->computed > 1) order.push_back(s.get());
+  }
+  for (Sequence* s : order) {
+    if (budget <= 0) break;
+    if (s->engine_id < 0 || s->req->closed) continue;  // preempted in this round, or closed
+    const int64_t take = std::min(s->total() - s->computed, budget);
+    while (!blocks_.Grow(s->blocks, s->computed + take)) {
+      // Preempt the youngest running sequence that is not already in this step.
+      Sequence* victim = nullptr;
+      for (auto it = running_.rbegin(); it != running_.rend(); ++it) {
+        Sequence* v = it->get();
+        if (v != s && v->engine_id >= 0 &&
+            std::find(batch.begin(), batch.end(), v) == batch.end()) {
+          victim = v;
+          break;
+        }
+      }
+      if (!victim) victim = s;
+      Preempt(*victim);
+      if (victim == s) break;
+    }
+    if (s->engine_id < 0) continue;
+    StepSequence ss;
+    ss.sequence_id = s->engine_id;
+    ss.start_pos = s->computed;
+    for (int64_t i = 0; i < take; ++i) ss.tokens.push_back(s->token(s->computed + i));
+    const int64_t end = s->computed + take;
+    if (s->classify()) {
+      if (s->class_row < 0) {
+        for (int64_t i = 0; i < take; ++i) ss.output_rows.push_back(i);
+      } else if (s->class_row >= s->computed && s->class_row < end) {
+        ss.output_rows.push_back(s->class_row - s->computed);
+      }
+    } else if (end == s->total()) {
+      ss.output_rows.push_back(take - 1);
+      ss.sampling = s->sampling;
+      ss.sampling.counter = s->generated.size();
+    }
+    plan.sequences.push_back(std::move(ss));
+    batch.push_back(s);
+    budget -= take;
+  }
+  // Preempted sequences go back to the front of the queue, oldest first.
+  for (auto it = running_.rbegin(); it != running_.rend();) {
+    if ((*it)->engine_id < 0) {
+      waiting_.push_front(std::move(*it));
+      it = std::make_reverse_iterator(running_.erase(std::next(it).base()));
+    } else {
+      ++it;
+    }
+  }
+}
+
+Status Scheduler::RunStep() {
+  std::vector<Sequence*> batch;
+  StepPlan plan;
+  Schedule(batch, plan);
+  if (plan.sequences.empty()) return OkStatus();
+  const ModelConfig& c = executor_.config();
+  plan.ids_only = !c.is_classifier();
+  for (size_t m = 0; m < batch.size(); ++m) {
+    if (!plan.sequences[m].output_rows.empty() && !batch[m]->classify() &&
+        batch[m]->gen().needs_logits()) {
+      plan.ids_only = false;
+    }
+  }
+  ASSIGN_OR_RETURN(StepOutput out, executor_.Step(plan));
+  metrics_.steps.fetch_add(1);
+  int64_t row = 0;
+  for (size_t m = 0; m < batch.size(); ++m) {
+    Sequence& s = *batch[m];
+    const StepSequence& ss = plan.sequences[m];
+    const auto take = static_cast<int64_t>(ss.tokens.size());
+    if (s.req->closed) {  // a sibling failed during this step
+      row += static_cast<int64_t>(ss.output_rows.size());
+      continue;
+    }
+    if (s.computed < static_cast<int64_t>(s.prompt.size())) {
+      metrics_.prompt_tokens.fetch_add(static_cast<uint64_t>(
+          std::min<int64_t>(take, static_cast<int64_t>(s.prompt.size()) - s.computed)));
+    }
+    s.computed += take;
+    for (size_t k = 0; k < ss.output_rows.size(); ++k, ++row) {
+      if (s.classify()) {
+        s.class_rows.emplace_back(out.row(row), out.row(row) + out.width);
+      } else {
+        const int32_t tok = plan.ids_only ? out.ids[static_cast<size_t>(row)] : -1;
+        AcceptToken(s, tok, out, row);
+      }
+    }
+    if (s.classify() && s.computed == s.total()) Classified(s);
+  }
+  Sweep();
+  return OkStatus();
+}
+
+void Scheduler::AcceptToken(Sequence& s, int32_t tok, const StepOutput& out, int64_t row) {
+  const GenerationOptions& g = s.gen();
+  std::optional<TokenLogprobs> lp;
+  if (tok < 0) {  // the row came back: penalties, min_p and log-probabilities happen here
+    std::span<const float> raw(out.row(row), static_cast<size_t>(out.width));
+    std::vector<float> v(raw.begin(), raw.end());
+    ApplyPenalties(v, g, s.prompt, s.counts);
+    if (!s.sampling.params.greedy) ApplyMinP(v, g.min_p, s.sampling.params.temperature);
+    RowSampling rs = s.sampling;
+    rs.counter = s.generated.size();
+    tok = SampleRow(v, rs);
+    if (g.logprobs >= 0) lp = Logprobs(raw, tok, g.logprobs);
+  }
+  const auto now = Clock::now();
+  if (!s.req->first_token) {
+    s.req->first_token = true;
+    metrics_.ttft.Observe(std::chrono::duration<double>(now - s.req->handle->arrival()).count());
+  } else if (s.last_token != Clock::time_point{}) {
+    metrics_.itl.Observe(std::chrono::duration<double>(now - s.last_token).count());
+  }
+  s.last_token = now;
+  s.generated.push_back(tok);
+  ++s.counts[tok];
+  metrics_.generation_tokens.fetch_add(1);
+
+  const ModelConfig& c = executor_.config();
+  const bool stop_token =
+      (Contains(c.eos_token_ids, tok) && !g.ignore_eos) || Contains(g.stop_token_ids, tok);
+  TextOutput::Piece piece;
+  std::string reason;
+  if (stop_token) {
+    reason = "stop";  // the stop token's own text is not part of the answer
+  } else {
+    auto p = s.text->Push(tok);
+    if (!p.ok()) {
+      CloseRequest(*s.req, Outcome::kFailed,
+                   ServerError(500, p.status().message(), "server_error"));
+      return;
+    }
+    piece = std::move(*p);
+    if (piece.hit_stop) reason = "stop";
+  }
+  if (reason.empty() && static_cast<int64_t>(s.generated.size()) >= g.max_tokens) reason = "length";
+  if (!reason.empty() && !piece.hit_stop) {
+    auto rest = s.text->Finish();
+    if (rest.ok()) piece.text += *rest;
+  }
+  RequestHandle& h = *s.req->handle;
+  {
+    std::lock_guard<std::mutex> lock(h.mu);
+    ChoiceProgress& ch = h.choices[static_cast<size_t>(s.index)];
+    ch.token_ids.push_back(tok);
+    if (lp) ch.logprobs.push_back(std::move(*lp));
+    ch.text += piece.text;
+    ++h.completion_tokens;
+    if (!reason.empty()) ch.finish_reason = reason;
+  }
+  touched_.push_back(s.req->handle);
+  if (!reason.empty()) Finish(s, reason);
+}
+
+void Scheduler::Classified(Sequence& s) {
+  RequestHandle& h = *s.req->handle;
+  {
+    std::lock_guard<std::mutex> lock(h.mu);
+    h.classified[static_cast<size_t>(s.index)].logits = std::move(s.class_rows);
+  }
+  touched_.push_back(s.req->handle);
+  Finish(s, "");
+}
+
+void Scheduler::Finish(Sequence& s, const std::string&) {
+  Remove(s);
+  if (--s.req->remaining == 0) CloseRequest(*s.req, Outcome::kSuccess, std::nullopt);
+}
+
+void Scheduler::CloseRequest(Request& r, Outcome o, std::optional<ApiError> error) {
+  if (r.closed) return;
+  r.closed = true;
+  if (!r.admitted) {
+    r.admitted = true;
+    --queued_requests_;
+  }
+  RequestHandle& h = *r.handle;
+  {
+    std::lock_guard<std::mutex> lock(h.mu);
+    if (error) h.error = std::move(error);
+    h.done = true;
+  }
+  if (h.counted) metrics_.End(o);
+  --open_requests_;
+  touched_.push_back(r.handle);
+  // Sibling sequences of a failed or cancelled request leave with it at the next Sweep.
+}
+
+void Scheduler::FailAll(const ApiError& e) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    while (!incoming_.empty()) {
+      Expand(std::move(incoming_.front()));
+      incoming_.pop_front();
+    }
+  }
+  std::vector<std::shared_ptr<Request>> reqs;
+  for (auto& s : running_) reqs.push_back(s->req);
+  for (auto& s : waiting_) reqs.push_back(s->req);
+  for (auto& r : reqs) CloseRequest(*r, Outcome::kFailed, e);
+  running_.clear();
+  waiting_.clear();
+  for (auto& h : touched_) {
+    if (h->notify) h->notify();
+  }
+  touched_.clear();
+  PublishGauges();
+}
+
+void Scheduler::PublishGauges() {
+  metrics_.queue_depth.store(queued_requests_.load());
+  metrics_.running.store(static_cast<int64_t>(running_.size()));
+  metrics_.kv_blocks_used.store(blocks_.used());
+  metrics_.kv_blocks_free.store(blocks_.free());
+}
+
+}  // namespace gemma2::serving

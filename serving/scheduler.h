@@ -1,0 +1,93 @@
+// Continuous batching over a StepExecutor (the in-process engine or the cluster): requests join
+// and leave the running batch at every step; long prompts are prefilled in chunks mixed with the
+// decode tokens of running sequences; a KV block budget (BlockManager) bounds the batch and a
+// sequence that cannot grow is preempted and later recomputed. The scheduler runs on its own
+// thread and is the only user of the executor.
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+
+#include "model/step_executor.h"
+#include "model/tokenizer.h"
+#include "serving/block_manager.h"
+#include "serving/metrics.h"
+#include "serving/request_handle.h"
+#include "serving/text_output.h"
+
+namespace gemma2::serving {
+
+struct SchedulerOptions {
+  int max_running = 64;           // sequences in the running batch
+  int max_queue = 256;            // requests waiting; past it, Submit answers 429
+  int64_t max_step_tokens = 256;  // tokens per step (decode tokens + prefill chunks)
+  int64_t kv_blocks = 4096;       // the KV budget, in blocks of `block_size` positions
+  int64_t block_size = 16;
+  // Between steps: how the executor is watched while idle (the cluster's heartbeats). Returns
+  // early when *wake turns true; an error means the executor is lost.
+  std::function<Status(std::chrono::milliseconds, const volatile bool* wake)> idle_watch;
+};
+
+class Scheduler {
+ public:
+  Scheduler(StepExecutor& executor, const Tokenizer* tokenizer, Metrics& metrics,
+            SchedulerOptions opts);
+  ~Scheduler();  // stops the thread; requests still open end with an error
+
+  // Queues a request; an error (429 queue full, 503 draining or lost) means it was not queued.
+  std::optional<ApiError> Submit(std::shared_ptr<RequestHandle> request);
+  // Refuse new requests from now on; true once nothing is queued or running.
+  void BeginDrain();
+  bool Idle() const;
+  // Set when a step failed (a rank lost): every later Submit fails with it.
+  std::optional<Status> lost() const;
+
+ private:
+  struct Sequence;
+  void Loop();
+  void Schedule(std::vector<Sequence*>& batch, StepPlan& plan);
+  Status RunStep();
+  void Admit();
+  void DropCancelled();
+  void Preempt(Sequence& s);
+  struct Request;
+  void Expand(std::shared_ptr<RequestHandle> h);
+  void Finish(Sequence& s, const std::string& reason);
+  void AcceptToken(Sequence& s, int32_t token, const StepOutput& out, int64_t row);
+  void Classified(Sequence& s);
+  void Remove(Sequence& s);
+  void Sweep();
+  void CloseRequest(Request& r, Outcome o, std::optional<ApiError> error);
+  void FailAll(const ApiError& e);
+  void IdleWait();
+  void PublishGauges();
+
+  StepExecutor& executor_;
+  const Tokenizer* tokenizer_;
+  Metrics& metrics_;
+  SchedulerOptions opts_;
+  BlockManager blocks_;
+
+  mutable std::mutex mu_;  // guards incoming_, draining_, lost_
+  std::condition_variable cv_;
+  std::deque<std::shared_ptr<RequestHandle>> incoming_;
+  bool draining_ = false, stop_ = false;
+  std::optional<Status> lost_;
+  volatile bool wake_ = false;
+
+  // Scheduler thread only.
+  std::deque<std::unique_ptr<Sequence>> waiting_;        // not yet (or no longer) holding KV
+  std::list<std::unique_ptr<Sequence>> running_;         // admission order
+  std::vector<std::shared_ptr<RequestHandle>> touched_;  // to notify after this step
+  std::atomic<int64_t> open_requests_{0};                // submitted and not yet closed
+  std::atomic<int64_t> queued_requests_{0};              // submitted, no sequence admitted yet
+  std::thread thread_;
+};
+
+}  // namespace gemma2::serving

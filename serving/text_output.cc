@@ -1,0 +1,53 @@
+#include "serving/text_output.h"
+
+#include <algorithm>
+
+namespace gemma2::serving {
+
+TextOutput::TextOutput(const Tokenizer* tok, std::vector<std::string> stop)
+    : stop_(std::move(stop)) {
+  if (tok) detok_.emplace(*tok);
+}
+
+TextOutput::Piece TextOutput::Release(std::string more) {
+  held_ += more;
+  Piece p;
+  // The earliest stop string wins; the text before it is released, the rest dropped.
+  size_t cut = std::string::npos;
+  for (const auto& s : stop_) cut = std::min(cut, held_.find(s));
+  if (cut != std::string::npos) {
+    p.text = held_.substr(0, cut);
+    p.hit_stop = true;
+    held_.clear();
+    return p;
+  }
+  // Hold back the longest tail of held_ that is a proper prefix of some stop string.
+  size_t keep = 0;
+  for (const auto& s : stop_) {
+    for (size_t len = std::min(s.size() - 1, held_.size()); len > keep; --len) {
+      if (held_.compare(held_.size() - len, len, s, 0, len) == 0) {
+        keep = len;
+        break;
+      }
+    }
+  }
+  p.text = held_.substr(0, held_.size() - keep);
+  held_.erase(0, held_.size() - keep);
+  return p;
+}
+
+Result<TextOutput::Piece> TextOutput::Push(int32_t id) {
+  if (!detok_) return Piece{};  // token-id-only model: no text
+  ASSIGN_OR_RETURN(std::string more, detok_->Push(id));
+  return Release(std::move(more));
+}
+
+Result<std::string> TextOutput::Finish() {
+  if (!detok_) return std::string();
+  ASSIGN_OR_RETURN(std::string rest, detok_->Flush());
+  Piece p = Release(std::move(rest));
+  if (p.hit_stop) return p.text;
+  return p.text + std::exchange(held_, std::string());
+}
+
+}  // namespace gemma2::serving

@@ -1,0 +1,33 @@
+// Generated ids -> the text a choice may release: streaming detokenization (no split UTF-8
+// characters) plus OpenAI stop strings (the match and everything after it are dropped; text that
+// could still become a stop string is held back).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "model/tokenizer.h"
+
+namespace gemma2::serving {
+
+class TextOutput {
+ public:
+  TextOutput(const Tokenizer* tok, std::vector<std::string> stop);
+  struct Piece {
+    std::string text;       // newly released
+    bool hit_stop = false;  // a stop string matched: the choice ends here
+  };
+  // Feeds one generated id (control tokens add no text).
+  Result<Piece> Push(int32_t id);
+  // At the end of the choice (not after a stop hit): everything still held back.
+  Result<std::string> Finish();
+
+ private:
+  Piece Release(std::string more);
+  std::optional<IncrementalDetokenizer> detok_;
+  std::vector<std::string> stop_;
+  std::string held_;  // decoded text not yet released (could start a stop string)
+};
+
+}  // namespace gemma2::serving

@@ -21,6 +21,7 @@ demo: build
 	@tools/demo.sh $(BUILD) $(DEMO_DIR) "$(MODEL)"
 
 test: build
+	@tools/install-js-deps.sh
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
 clean:

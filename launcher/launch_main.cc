@@ -31,7 +31,7 @@ struct Args {
   std::string model, backend = "cpu", host = "127.0.0.1", api_key, api_key_file, served_name;
   int tp = 1, nodes = 1, pp = 0, port = 8000;
   int64_t step_timeout_s = 60, startup_timeout_s = 120;
-  double heartbeat_timeout_s = 10, drain_timeout_s = 30;
+  double heartbeat_timeout_s = 10, drain_timeout_s = 30, linger_on_loss_s = 1;
   serving::SchedulerOptions sched;
   serving::Limits limits;
 };
@@ -125,8 +125,9 @@ Status Run(Args a) {
   while (!g_stop) {
     if (auto lost = scheduler->lost()) {
       server.SetReady(false);
+      // Failed requests get their answers and probes see /ready false before the process goes.
       std::this_thread::sleep_for(
-          std::chrono::milliseconds(300));  // failed requests get their answers
+          std::chrono::milliseconds(static_cast<int64_t>(a.linger_on_loss_s * 1000)));
       server.Stop();
       return *lost;
     }
@@ -180,6 +181,8 @@ int main(int argc, char** argv) {
                  "the model name clients send (default: the directory name)");
   app.add_option("--drain-timeout", a.drain_timeout_s,
                  "seconds SIGTERM waits for requests in flight");
+  app.add_option("--linger-on-loss", a.linger_on_loss_s,
+                 "seconds the server stays up (not ready) after a rank is lost");
   app.add_option("--max-running", a.sched.max_running, "sequences in the running batch")
       ->check(CLI::Range(1, 1 << 20));
   app.add_option("--max-queue", a.sched.max_queue, "waiting requests before 429")

@@ -137,7 +137,17 @@ class HttpServer::Impl {
       }
       stream.expires_never();
       Request req = parser.release();
-      const bool keep = co_await Handle(stream, req);
+      bool keep = false;
+      std::optional<ApiError> bug;
+      try {
+        keep = co_await Handle(stream, req);
+      } catch (const std::exception& e) {  // a bug must cost one request, not the server
+        bug = ApiError{500, std::string("internal error: ") + e.what(), "server_error"};
+      }
+      if (bug) {
+        co_await Send(stream, ErrorResponse(*bug, NewRequestId(), false));
+        break;
+      }
       if (!keep || !req.keep_alive()) break;
     }
     boost::system::error_code ignored;

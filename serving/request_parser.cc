@@ -296,7 +296,7 @@ ApiResult<json> ParseJsonBody(std::string_view body, int max_depth) {
   try {
     // The callback sees each value's depth before it is built: deep nesting stops early.
     json::parser_callback_t depth_guard = [max_depth](int depth, json::parse_event_t, json&) {
-      if (depth > max_depth) {
+      if (depth >= max_depth) {  // depth counts from 0
         throw Reject{ApiError{400,
                               "JSON nested deeper than " + std::to_string(max_depth) + " levels",
                               "invalid_request_error", "", "json_too_deep"}};
@@ -311,6 +311,9 @@ ApiResult<json> ParseJsonBody(std::string_view body, int max_depth) {
     const bool utf8 = what.find("UTF-8") != std::string::npos;
     return ApiError{400, (utf8 ? "invalid UTF-8 in the JSON body: " : "malformed JSON: ") + what,
                     "invalid_request_error", "", utf8 ? "invalid_utf8" : "invalid_json"};
+  } catch (const json::exception& e) {  // e.g. a number too large for a double
+    return ApiError{400, std::string("malformed JSON: ") + e.what(), "invalid_request_error", "",
+                    "invalid_json"};
   }
 }
 

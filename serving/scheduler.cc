@@ -78,6 +78,19 @@ std::optional<ApiError> Scheduler::Submit(std::shared_ptr<RequestHandle> request
       return ServerError(503, "the cluster is down: " + lost_->message(), "server_error");
     }
     if (draining_ || stop_) return ServerError(503, "the server is shutting down", "server_error");
+    const ParsedRequest& p = request->request();
+    for (const auto& prompt : p.prompts) {  // one that can never fit is refused now, not midway
+      const int64_t tokens = static_cast<int64_t>(prompt.size()) +
+                             (p.endpoint == Endpoint::kClassify ? 0 : p.gen.max_tokens);
+      if (blocks_.BlocksFor(tokens) > blocks_.total()) {
+        return ApiError{400,
+                        "prompt + max_tokens = " + std::to_string(tokens) + " tokens need " +
+                            std::to_string(blocks_.BlocksFor(tokens)) +
+                            " KV blocks; the server has " + std::to_string(blocks_.total()) +
+                            " (--kv-blocks)",
+                        "invalid_request_error", "max_tokens", ""};
+      }
+    }
     if (queued_requests_.load() >= opts_.max_queue) {
       return ServerError(429,
                          "the queue is full (" + std::to_string(opts_.max_queue) +
@@ -166,7 +179,12 @@ void Scheduler::Loop() {
       IdleWait();
       continue;
     }
-    const Status st = RunStep();
+    Status st;
+    try {
+      st = RunStep();
+    } catch (const std::exception& e) {  // e.g. out of memory: fail loudly, never hang
+      st = Internal(std::string("the scheduler failed: ") + e.what());
+    }
     for (auto& h : touched_) {
       if (h->notify) h->notify();
     }

@@ -9,7 +9,7 @@ TextOutput::TextOutput(const Tokenizer* tok, std::vector<std::string> stop)
   if (tok) detok_.emplace(*tok);
 }
 
-TextOutput::Piece TextOutput::Release(std::string more) {
+TextOutput::Piece TextOutput::Feed(std::string more) {
   held_ += more;
   Piece p;
   // The earliest stop string wins; the text before it is released, the rest dropped.
@@ -39,13 +39,15 @@ TextOutput::Piece TextOutput::Release(std::string more) {
 Result<TextOutput::Piece> TextOutput::Push(int32_t id) {
   if (!detok_) return Piece{};  // token-id-only model: no text
   ASSIGN_OR_RETURN(std::string more, detok_->Push(id));
-  return Release(std::move(more));
+  return Feed(std::move(more));
 }
 
 Result<std::string> TextOutput::Finish() {
-  if (!detok_) return std::string();
-  ASSIGN_OR_RETURN(std::string rest, detok_->Flush());
-  Piece p = Release(std::move(rest));
+  std::string rest;
+  if (detok_) {
+    ASSIGN_OR_RETURN(rest, detok_->Flush());
+  }
+  Piece p = Feed(std::move(rest));
   if (p.hit_stop) return p.text;
   return p.text + std::exchange(held_, std::string());
 }

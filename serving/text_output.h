@@ -20,11 +20,12 @@ class TextOutput {
   };
   // Feeds one generated id (control tokens add no text).
   Result<Piece> Push(int32_t id);
+  // Feeds decoded text (what Push does after detokenizing).
+  Piece Feed(std::string text);
   // At the end of the choice (not after a stop hit): everything still held back.
   Result<std::string> Finish();
 
  private:
-  Piece Release(std::string more);
   std::optional<IncrementalDetokenizer> detok_;
   std::vector<std::string> stop_;
   std::string held_;  // decoded text not yet released (could start a stop string)

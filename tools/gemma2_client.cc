@@ -36,6 +36,7 @@ struct Args {
   int concurrency = 32, max_retries = 8;
   int64_t max_tokens = 0;  // 0: as the line says (or the server's default)
   bool stream = false, progress = false;
+  std::string format = "jsonl";
   double timeout_s = 600;
 };
 
@@ -258,14 +259,38 @@ Status Run(Args a) {
   size_t failures = 0;
   int retries = 0;
   std::vector<double> latency, ttft, itl;
-  for (const auto& o : outcomes) {
-    out << o.line.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
+  for (size_t i = 0; i < outcomes.size(); ++i) {
+    const Outcome& o = outcomes[i];
+    if (a.format == "text") {  // what a person reads: the input, then each answer
+      const json& req = jobs[i].body;
+      const json shown = req.contains("messages") ? req["messages"].back()["content"]
+                         : req.contains("input")  ? req["input"]
+                                                  : req["prompt"];
+      out << "[" << i << "] " << (shown.is_string() ? shown.get<std::string>() : shown.dump())
+          << "\n";
+      const json& resp = o.line.contains("response") ? o.line["response"] : o.line;
+      if (!o.ok) {
+        out << "    error: " << (resp.contains("error") ? resp["error"].dump() : o.line.dump())
+            << "\n";
+      }
+      for (const auto& c : o.ok ? resp.value("choices", json::array()) : json::array()) {
+        const std::string text =
+            c.contains("message") ? c["message"].value("content", "") : c.value("text", "");
+        out << "    -> " << text << "   (" << c.value("finish_reason", "") << ")\n";
+      }
+      for (const auto& d : o.ok ? resp.value("data", json::array()) : json::array()) {
+        out << "    -> " << d.value("label", "") << "\n";
+      }
+    } else {
+      out << o.line.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
+    }
     failures += !o.ok;
     retries += o.retries;
     latency.push_back(o.latency_s);
     if (o.ttft_s >= 0) ttft.push_back(o.ttft_s);
     itl.insert(itl.end(), o.itl_s.begin(), o.itl_s.end());
   }
+  out.flush();  // results first, then the summary on stderr
   json summary = {{"requests", jobs.size()},
                   {"failures", failures},
                   {"retries", retries},
@@ -326,5 +351,7 @@ int main(int argc, char** argv) {
   app.add_option("--timeout", a.timeout_s, "seconds any single read may take");
   app.add_flag("--progress", a.progress, "progress bar even when stderr is not a terminal");
   app.add_option("--summary-json", a.summary_json, "write the summary here as JSON");
+  app.add_option("--format", a.format, "jsonl (one result object per line) or text (for people)")
+      ->check(CLI::IsMember({"jsonl", "text"}));
   return gemma2::RunTool("gemma2-client", app, argc, argv, [&] { return gemma2::Run(a); });
 }

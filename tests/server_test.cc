@@ -1,0 +1,635 @@
+// The HTTP API end to end: gemma2-launch (a coordinator and 2 worker processes, CPU backend) with
+// real clients — curl, the official openai npm package, and gemma2-client — on loopback. Bad input
+// is answered with OpenAI's error body and the server keeps serving; a ledger of many concurrent
+// streams reconciles with /metrics; disconnects free their KV blocks; SIGTERM drains.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <set>
+#include <thread>
+
+#include "serving/http_client.h"
+#include "tests/test_files.h"
+
+namespace gemma2 {
+namespace {
+
+using nlohmann::json;
+using serving::HttpCall;
+using Clock = std::chrono::steady_clock;
+
+const std::string kKey = "test-key-123";
+
+std::string Bin(const std::string& name) { return std::string(GEMMA2_BINARY_DIR) + "/bin/" + name; }
+
+std::string Shell(const std::string& cmd, int* code = nullptr) {
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[4096];
+  size_t got;
+  while ((got = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, got);
+  const int status = pclose(p);
+  if (code) *code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return out;
+}
+
+// One gemma2-launch process; its ready line names the port.
+class Server {
+ public:
+  Server(const std::string& model, const std::string& args) {
+    int fds[2];
+    EXPECT_EQ(pipe(fds), 0);
+    const std::string cmd =
+        "exec " + Bin("gemma2-launch") + " --model " + model + " --port 0 " + args + " 2>&1";
+    pid_ = fork();
+    if (pid_ == 0) {
+      dup2(fds[1], 1);
+      close(fds[0]);
+      execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    close(fds[1]);
+    out_ = fdopen(fds[0], "r");
+    char buf[4096];
+    ready_line_ = fgets(buf, sizeof(buf), out_) ? buf : "";
+    const auto at = ready_line_.rfind(':');
+    if (ready_line_.find("ready") != std::string::npos && at != std::string::npos) {
+      url_.host = "127.0.0.1";
+      url_.port = std::atoi(ready_line_.c_str() + at + 1);
+    }
+  }
+  ~Server() {
+    if (pid_ > 0) {
+      kill(pid_, SIGTERM);
+      Wait();
+    }
+    if (out_) fclose(out_);
+  }
+  bool ok() const { return url_.port > 0; }
+  const std::string& ready_line() const { return ready_line_; }
+  const serving::Url& url() const { return url_; }
+  std::string base() const { return "http://127.0.0.1:" + std::to_string(url_.port); }
+  pid_t pid() const { return pid_; }
+  int Wait() {
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+  std::string Rest() {  // what it printed after the ready line (once it exited)
+    std::string s;
+    char buf[4096];
+    while (fgets(buf, sizeof(buf), out_)) s += buf;
+    return s;
+  }
+
+  serving::HttpResponse Call(const std::string& method, const std::string& path,
+                             const std::string& body,
+                             std::map<std::string, std::string> headers = {
+                                 {"Authorization", "Bearer " + kKey}}) {
+    HttpCall c;
+    c.method = method;
+    c.path = path;
+    c.body = body;
+    c.headers = std::move(headers);
+    c.timeout = std::chrono::seconds(60);
+    auto r = serving::HttpRequest(url_, c);
+    EXPECT_TRUE(r.ok()) << r.status().ToString();
+    return r.ok() ? *r : serving::HttpResponse{};
+  }
+  json Post(const std::string& path, const json& body, int want = 200) {
+    auto r = Call("POST", path, body.dump());
+    EXPECT_EQ(r.status, want) << path << " " << body.dump() << " -> " << r.body;
+    return json::parse(r.body, nullptr, false);
+  }
+  std::map<std::string, double> Metrics() {
+    std::map<std::string, double> m;
+    std::istringstream in(Call("GET", "/metrics", "").body);
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.empty() || line[0] == '#') continue;
+      const auto sp = line.rfind(' ');
+      m[line.substr(0, sp)] = std::atof(line.c_str() + sp + 1);
+    }
+    return m;
+  }
+
+ private:
+  pid_t pid_ = -1;
+  FILE* out_ = nullptr;
+  std::string ready_line_;
+  serving::Url url_;
+};
+
+class ServerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new testing::TempDir();
+    const std::string corpus = std::string(GEMMA2_SOURCE_DIR) + "/tools/demo_corpus.txt";
+    int code = 0;
+    Shell(
+        Bin("gemma2-make-checkpoint") + " --out " + Lm() + " --corpus " + corpus + " --seed 3 2>&1",
+        &code);
+    ASSERT_EQ(code, 0);
+    Shell(Bin("gemma2-make-checkpoint") + " --out " + Cls() +
+              " --vocab 64 --arch seqcls --labels 3 2>&1",
+          &code);
+    ASSERT_EQ(code, 0);
+    std::ofstream(dir_->path() / "key") << kKey << "\n";
+    server_ = new Server(Lm(), "--tp 2 --api-key-file " + (dir_->path() / "key").string() +
+                                   " --max-body-bytes 65536 --strict-fields");
+    ASSERT_TRUE(server_->ok()) << server_->ready_line();
+  }
+  static void TearDownTestSuite() {
+    delete server_;
+    delete dir_;
+  }
+  static std::string Lm() { return (dir_->path() / "lm").string(); }
+  static std::string Cls() { return (dir_->path() / "cls").string(); }
+  static std::string Curl(const std::string& args) {
+    return Shell("curl -sS --max-time 60 -H 'Authorization: Bearer " + kKey +
+                 "' -H 'Content-Type: application/json' " + args + " 2>&1");
+  }
+  static testing::TempDir* dir_;
+  static Server* server_;
+};
+testing::TempDir* ServerTest::dir_ = nullptr;
+Server* ServerTest::server_ = nullptr;
+
+TEST_F(ServerTest, CurlCompletionsBatchesChatStreamsAndModels) {
+  const std::string url = server_->base();
+  json models = json::parse(Curl(url + "/v1/models"));
+  ASSERT_EQ(models["data"].size(), 1u) << models;
+  const std::string model = models["data"][0]["id"];
+  EXPECT_EQ(model, "lm");
+
+  json one = json::parse(Curl(
+      url +
+      "/v1/completions -d '{\"model\":\"lm\",\"prompt\":\"Hello, my name is\",\"max_tokens\":6}'"));
+  ASSERT_EQ(one["choices"].size(), 1u) << one;
+  EXPECT_EQ(one["object"], "text_completion");
+  EXPECT_EQ(one["usage"]["completion_tokens"], 6);
+  EXPECT_EQ(one["usage"]["total_tokens"], one["usage"]["prompt_tokens"].get<int>() + 6);
+
+  json batch = json::parse(
+      Curl(url + "/v1/completions -d '{\"prompt\":[\"a b\",\"c\",[2,40,41]],\"max_tokens\":3,"
+                 "\"n\":2,\"temperature\":0,\"return_token_ids\":true}'"));
+  ASSERT_EQ(batch["choices"].size(), 6u) << batch;  // 3 prompts x n 2, OpenAI's index order
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(batch["choices"][i]["index"], i);
+  EXPECT_EQ(batch["choices"][4]["prompt_token_ids"], json::array({2, 40, 41}));
+  EXPECT_EQ(batch["choices"][4]["token_ids"],
+            batch["choices"][5]["token_ids"]);  // greedy: equal choices
+
+  json chat = json::parse(
+      Curl(url + "/v1/chat/completions -d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],"
+                 "\"max_tokens\":4}'"));
+  EXPECT_EQ(chat["object"], "chat.completion");
+  EXPECT_EQ(chat["choices"][0]["message"]["role"], "assistant");
+
+  const std::string sse = Curl(
+      "-N " + url +
+      "/v1/chat/completions -d '{\"messages\":[{\"role\":\"user\",\"content\":"
+      "\"Hi\"}],\"max_tokens\":4,\"stream\":true,\"stream_options\":{\"include_usage\":true}}'");
+  EXPECT_EQ(sse.rfind("data: [DONE]\n\n"), sse.size() - 14) << sse;
+  EXPECT_NE(sse.find("\"role\":\"assistant\""), std::string::npos);
+  EXPECT_NE(sse.find("\"usage\":{\"completion_tokens\":4"), std::string::npos) << sse;
+
+  // X-Request-Id is echoed, or made.
+  const std::string head = Curl("-i " + url + "/health -H 'X-Request-Id: my-id-7'");
+  EXPECT_NE(head.find("X-Request-Id: my-id-7"), std::string::npos) << head;
+  EXPECT_NE(Curl("-i " + url + "/v1/models").find("X-Request-Id: "), std::string::npos);
+}
+
+TEST_F(ServerTest, ClassifyServesASequenceClassifier) {
+  Server cls(Cls(), "--tp 2");
+  ASSERT_TRUE(cls.ok()) << cls.ready_line();
+  json r = json::parse(
+      Shell("curl -sS --max-time 60 " + cls.base() +
+            "/v1/classify -H 'Content-Type: application/json' -d '{\"input\":[[3,4,5],[9,0,0]]}'"));
+  ASSERT_EQ(r["data"].size(), 2u) << r;
+  for (const auto& d : r["data"]) {
+    EXPECT_EQ(d["probs"].size(), 3u);
+    EXPECT_EQ(d["logits"].size(), 3u);
+    double sum = 0;
+    for (double p : d["probs"]) sum += p;
+    EXPECT_NEAR(sum, 1.0, 1e-6);
+    EXPECT_TRUE(d["label"].is_string());
+  }
+  // The same numbers as the offline runner.
+  int code = 0;
+  json offline =
+      json::parse(Shell(Bin("gemma2-run") + " --model " + Cls() + " --prompt-ids 3,4,5", &code));
+  ASSERT_EQ(code, 0);
+  for (int k = 0; k < 3; ++k)
+    EXPECT_NEAR(r["data"][0]["logits"][k].get<double>(), offline["logits"][0][k].get<double>(),
+                1e-5)
+        << offline;
+  // A generation route on a classifier is a clear 400.
+  auto bad = cls.Call("POST", "/v1/completions", R"({"prompt":[3]})", {});
+  EXPECT_EQ(bad.status, 400);
+  EXPECT_NE(bad.body.find("is a classifier"), std::string::npos) << bad.body;
+}
+
+TEST_F(ServerTest, GreedyThroughTheServerEqualsGemma2Run) {
+  std::ifstream prompts(std::string(GEMMA2_SOURCE_DIR) + "/tools/demo_prompts.txt");
+  std::string prompt;
+  int checked = 0;
+  while (std::getline(prompts, prompt)) {
+    int code = 0;
+    const json offline = json::parse(Shell(
+        Bin("gemma2-run") + " --model " + Lm() + " --max-new-tokens 12 --prompt '" + prompt + "'",
+        &code));
+    ASSERT_EQ(code, 0);
+    const json served = server_->Post(
+        "/v1/completions",
+        {{"prompt", prompt}, {"max_tokens", 12}, {"temperature", 0}, {"return_token_ids", true}});
+    const json& c = served["choices"][0];
+    EXPECT_EQ(c["prompt_token_ids"], offline["prompt_ids"]) << prompt;
+    EXPECT_EQ(c["token_ids"], offline["generated_ids"]) << prompt;
+    EXPECT_EQ(c["text"], offline["text"]) << prompt;
+    EXPECT_EQ(c["finish_reason"], offline["finish_reason"]) << prompt;
+    ++checked;
+  }
+  EXPECT_GE(checked, 4);
+}
+
+// Streamed pieces concatenated are the non-streamed text (stop strings included), and no chunk
+// carries a broken UTF-8 character (it would show as U+FFFD).
+TEST_F(ServerTest, StreamedTextEqualsTheUnstreamedText) {
+  for (const json& extra : {json::object(), json{{"stop", {"e", "th"}}}, json{{"logprobs", 2}}}) {
+    json body = {{"prompt", "The quick brown fox"}, {"max_tokens", 24}, {"temperature", 0}};
+    body.update(extra);
+    const json whole = server_->Post("/v1/completions", body);
+    body["stream"] = true;
+    HttpCall call{"POST", "/v1/completions", body.dump(), {{"Authorization", "Bearer " + kKey}}};
+    std::string text;
+    bool done = false;
+    auto r = serving::HttpStream(server_->url(), call, [&](std::string_view data) {
+      if (data == "[DONE]") {
+        done = true;
+        return true;
+      }
+      EXPECT_EQ(data.find("\\ufffd"), std::string_view::npos);
+      json chunk = json::parse(data);
+      text += chunk["choices"][0]["text"].get<std::string>();
+      return true;
+    });
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    EXPECT_TRUE(done);
+    EXPECT_EQ(text, whole["choices"][0]["text"]) << extra;
+    if (extra.contains("stop")) {
+      const std::string t = text;
+      EXPECT_EQ(t.find('e'), std::string::npos) << t;
+    }
+  }
+}
+
+// Each bad request gets OpenAI's error body with the right status, and the next request works.
+TEST_F(ServerTest, EveryBadInputIsAnErrorAndTheServerKeepsServing) {
+  const std::string big(70000, ' ');
+  struct Case {
+    std::string path, body;
+    int status;
+    std::string message;
+    std::map<std::string, std::string> headers = {{"Authorization", "Bearer " + kKey}};
+  };
+  const std::vector<Case> cases = {
+      {"/v1/completions", R"({"prompt": "x", "max_tokens": 3)", 400, "malformed JSON"},
+      {"/v1/completions", "{\"prompt\": \"\xc3\x28\"}", 400, "invalid UTF-8"},
+      {"/v1/completions", std::string(40, '[') + std::string(40, ']'), 400, "nested deeper"},
+      {"/v1/completions", R"({"prompt": 5})", 400, "'prompt' must be"},
+      {"/v1/completions", R"({"prompt": "x", "max_tokens": "3"})", 400, "must be an integer"},
+      {"/v1/completions", R"({"prompt": "x", "frobnicate": true})", 400,
+       "unknown field 'frobnicate'"},
+      {"/v1/completions", R"({"prompt": ""})", 400, "empty prompt"},
+      {"/v1/chat/completions", R"({"messages": []})", 400, "'messages' is empty"},
+      {"/v1/completions", R"({"prompt": "x", "max_tokens": 100000})", 400, "tokens were requested"},
+      {"/v1/completions", R"({"prompt": [2, 5000]})", 400,
+       "token id 5000 is outside the vocabulary"},
+      {"/v1/completions", R"({"prompt": "x", "stop_token_ids": [-1]})", 400, "token id -1"},
+      {"/v1/completions", R"({"prompt": "x", "max_tokens": 0})", 400, "'max_tokens' must be >= 1"},
+      {"/v1/completions", R"({"prompt": "x", "temperature": -1})", 400,
+       "'temperature' must be >= 0"},
+      {"/v1/completions", R"({"prompt": "x", "top_p": 1.01})", 400, "'top_p' must be in (0, 1]"},
+      {"/v1/completions", R"({"prompt": "x", "top_k": -5})", 400, "'top_k'"},
+      {"/v1/completions", R"({"prompt": "x", "n": 1000})", 400, "'n' is 1000; the limit is 16"},
+      {"/v1/completions", R"({"prompt": "x", "logprobs": 50})", 400, "the limit is 20"},
+      {"/v1/completions", R"({"prompt": "x", "stop": [""]})", 400, "must not be empty"},
+      {"/v1/completions", "{\"prompt\": \"" + big + "\"}", 413,
+       "larger than the limit of 65536 bytes"},
+      {"/v1/completions", R"({"prompt": "x", "model": "gpt-4"})", 404, "'gpt-4' does not exist"},
+      {"/v1/nothing", R"({})", 404, "no route /v1/nothing"},
+      {"/v1/completions", R"({"prompt": "x"})", 401, "missing API key", {}},
+      {"/v1/completions", R"({"prompt": "x"})", 401, "wrong", {{"Authorization", "Bearer nope"}}},
+      {"/v1/completions",
+       R"({"prompt": "x"})",
+       415,
+       "Content-Type",
+       {{"Authorization", "Bearer " + kKey}, {"Content-Type", "text/plain"}}},
+  };
+  for (const auto& k : cases) {
+    auto r = server_->Call("POST", k.path, k.body, k.headers);
+    EXPECT_EQ(r.status, k.status) << k.body.substr(0, 80) << " -> " << r.body;
+    json e = json::parse(r.body, nullptr, false);
+    ASSERT_TRUE(e.contains("error")) << r.body;
+    for (const char* field : {"message", "type", "param", "code"})
+      EXPECT_TRUE(e["error"].contains(field)) << r.body;
+    EXPECT_NE(e["error"]["message"].get<std::string>().find(k.message), std::string::npos)
+        << r.body;
+    // The very next request is served.
+    const json ok = server_->Post("/v1/completions", {{"prompt", "ok"}, {"max_tokens", 2}});
+    EXPECT_EQ(ok["choices"].size(), 1u) << "after " << k.body.substr(0, 80);
+  }
+  // /health and /ready need no key; everything else does.
+  EXPECT_EQ(server_->Call("GET", "/health", "", {}).status, 200);
+  EXPECT_EQ(server_->Call("GET", "/ready", "", {}).status, 200);
+  EXPECT_EQ(server_->Call("GET", "/metrics", "", {}).status, 401);
+  EXPECT_EQ(server_->Call("GET", "/v1/models", "", {}).status, 401);
+  EXPECT_EQ(server_->Call("GET", "/v1/completions", "").status, 405);
+}
+
+TEST_F(ServerTest, OfficialOpenAiNodePackage) {
+  const std::string js = std::string(GEMMA2_SOURCE_DIR) + "/tests/js";
+  if (Shell("command -v node").empty() || !std::filesystem::exists(js + "/node_modules/openai")) {
+    GTEST_SKIP() << "node or tests/js/node_modules/openai missing (make test runs npm ci there)";
+  }
+  int code = 0;
+  const std::string out = Shell(
+      "node " + js + "/openai_client.mjs " + server_->base() + " " + kKey + " lm 2>&1", &code);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("\"ok\":true"), std::string::npos) << out;
+}
+
+TEST_F(ServerTest, Gemma2ClientWritesOneResultPerLineInOrder) {
+  const auto in = dir_->path() / "prompts.jsonl";
+  std::ofstream(in) << "Hello there\n"
+                    << R"({"prompt": "Write a haiku", "max_tokens": 3})"
+                    << "\n"
+                    << R"({"messages": [{"role": "user", "content": "Hi"}]})"
+                    << "\n"
+                    << R"({"prompt": "x", "temperature": -1})"
+                    << "\n";
+  for (const char* mode : {"", " --stream"}) {
+    int code = 0;
+    const auto out = dir_->path() / "results.jsonl";
+    const std::string log =
+        Shell(Bin("gemma2-client") + " --url " + server_->base() + " --api-key " + kKey +
+                  " --input " + in.string() + " --output " + out.string() +
+                  " --concurrency 3 --max-tokens 5" + mode + " 2>&1",
+              &code);
+    EXPECT_EQ(code, 1) << log;  // one line is a bad request
+    EXPECT_NE(log.find("4 requests, 1 failed"), std::string::npos) << log;
+    std::ifstream res(out);
+    std::string line;
+    int i = 0;
+    while (std::getline(res, line)) {
+      json j = json::parse(line);
+      EXPECT_EQ(j["index"], i) << line;
+      EXPECT_EQ(j["status"], i == 3 ? 400 : 200) << line;
+      if (i == 2) {
+        EXPECT_EQ(j["response"]["choices"][0]["message"]["role"], "assistant") << line;
+      }
+      if (i < 3) {
+        EXPECT_EQ(j["response"]["usage"]["completion_tokens"], 5) << line;
+      }
+      ++i;
+    }
+    EXPECT_EQ(i, 4);
+  }
+}
+
+// A full queue answers 429 with Retry-After at once; gemma2-client's retries get every answer.
+TEST_F(ServerTest, FullQueueIs429AndTheClientRetries) {
+  Server small(Lm(), "--tp 2 --max-running 1 --max-queue 1");
+  ASSERT_TRUE(small.ok()) << small.ready_line();
+  std::atomic<int> busy{0}, retry_after{0};
+  std::vector<std::thread> ts;
+  for (int i = 0; i < 6; ++i) {
+    ts.emplace_back([&] {
+      auto r = small.Call("POST", "/v1/completions", R"({"prompt": "x", "max_tokens": 40})", {});
+      if (r.status == 429) {
+        ++busy;
+        retry_after += r.headers.count("retry-after");
+      }
+    });
+  }
+  for (auto& t : ts) t.join();
+  EXPECT_GT(busy.load(), 0);
+  EXPECT_EQ(retry_after.load(), busy.load());
+  const auto in = dir_->path() / "many.jsonl";
+  {
+    std::ofstream f(in);
+    for (int i = 0; i < 12; ++i) f << "prompt " << i << "\n";
+  }
+  int code = 0;
+  const std::string log =
+      Shell(Bin("gemma2-client") + " --url " + small.base() + " --input " + in.string() +
+                " --output /dev/null --concurrency 8 --max-tokens 8 2>&1",
+            &code);
+  EXPECT_EQ(code, 0) << log;
+  EXPECT_NE(log.find("12 requests, 0 failed"), std::string::npos) << log;
+  EXPECT_EQ(log.find(" 0 retries"), std::string::npos) << log;  // some were retried
+}
+
+// Many concurrent streaming clients with a mix of good, bad and abandoned requests: every request
+// ends in exactly one outcome, and /metrics agrees with the clients' ledger.
+TEST_F(ServerTest, LedgerOfConcurrentStreamsReconcilesWithMetrics) {
+  const char* env = std::getenv("GEMMA2_LEDGER_SECONDS");
+  const double seconds = env ? std::atof(env) : 60;
+  const int clients = 64;
+  Server s(Lm(), "--tp 2 --max-running 64");
+  ASSERT_TRUE(s.ok()) << s.ready_line();
+  std::mutex mu;
+  std::map<std::string, int> ledger;  // success, rejected, abandoned, failed, lost
+  std::set<std::string> ids;
+  int duplicates = 0;
+  const auto end = Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+  std::vector<std::thread> ts;
+  for (int c = 0; c < clients; ++c) {
+    ts.emplace_back([&, c] {
+      std::mt19937 rng(c);
+      for (int n = 0; Clock::now() < end; ++n) {
+        const int kind = static_cast<int>(rng() % 10);  // 0: bad input, 1: walk away, else good
+        json body = {{"prompt", "client " + std::to_string(c) + " request " + std::to_string(n)},
+                     {"max_tokens", 1 + rng() % 24},
+                     {"stream", true}};
+        if (kind == 0) body["top_p"] = 7;
+        const std::string rid = "c" + std::to_string(c) + "-" + std::to_string(n);
+        HttpCall call{"POST",
+                      "/v1/completions",
+                      body.dump(),
+                      {{"X-Request-Id", rid}},
+                      std::chrono::seconds(60)};
+        int events = 0;
+        bool done = false, error_event = false;
+        auto r = serving::HttpStream(s.url(), call, [&](std::string_view data) {
+          if (data == "[DONE]")
+            done = true;
+          else if (data.find("\"error\"") != std::string_view::npos)
+            error_event = true;
+          return !(kind == 1 && ++events >= 2);  // walk away after two events
+        });
+        std::string outcome;
+        if (!r.ok())
+          outcome = "lost";
+        else if (r->status == 400)
+          outcome = "rejected";
+        else if (r->status != 200 || error_event)
+          outcome = "failed";
+        else if (kind == 1 && !done)
+          outcome = "abandoned";
+        else if (done)
+          outcome = "success";
+        else
+          outcome = "lost";
+        std::lock_guard<std::mutex> lock(mu);
+        ++ledger[outcome];
+        if (r.ok() && r->headers["x-request-id"] != rid) ++ledger["wrong id"];
+        if (!ids.insert(rid).second) ++duplicates;
+      }
+    });
+  }
+  for (auto& t : ts) t.join();
+  // Abandoned streams are cancelled at the server's next poll; wait for the batch to empty.
+  std::map<std::string, double> m;
+  for (int i = 0; i < 100; ++i) {
+    m = s.Metrics();
+    if (m["gemma2_running_sequences"] == 0 && m["gemma2_queue_depth"] == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  int total = 0;
+  for (const auto& [k, v] : ledger) total += v;
+  std::string summary;
+  for (const auto& [k, v] : ledger) summary += k + "=" + std::to_string(v) + " ";
+  std::printf("ledger over %.0f s, %d clients: %d requests: %s\n", seconds, clients, total,
+              summary.c_str());
+  EXPECT_EQ(ledger["lost"], 0) << summary;
+  EXPECT_EQ(ledger["failed"], 0) << summary;
+  EXPECT_EQ(ledger["wrong id"], 0) << summary;
+  EXPECT_EQ(duplicates, 0);
+  EXPECT_GT(ledger["success"], clients);
+  EXPECT_GT(ledger["abandoned"], 0);
+  const double received = m["gemma2_requests_received_total"];
+  const double success = m["gemma2_requests_total{outcome=\"success\"}"];
+  const double rejected = m["gemma2_requests_total{outcome=\"rejected\"}"];
+  const double failed = m["gemma2_requests_total{outcome=\"failed\"}"];
+  const double cancelled = m["gemma2_requests_total{outcome=\"cancelled\"}"];
+  EXPECT_EQ(received, total);
+  EXPECT_EQ(received, success + rejected + failed + cancelled);
+  EXPECT_EQ(rejected, ledger["rejected"]);
+  EXPECT_EQ(failed, 0);
+  // A walk-away that raced its last token may have finished first: success or cancelled, once.
+  EXPECT_EQ(success + cancelled, ledger["success"] + ledger["abandoned"]);
+  EXPECT_LE(success, ledger["success"] + ledger["abandoned"]);
+  EXPECT_GE(success, ledger["success"]);
+  EXPECT_EQ(m["gemma2_kv_blocks_used"], 0);
+}
+
+// Half of many long streams are closed mid-generation: the running batch and the KV blocks return
+// to their idle values.
+TEST_F(ServerTest, DisconnectStormReturnsToIdle) {
+  Server s(Lm(), "--tp 2");
+  ASSERT_TRUE(s.ok()) << s.ready_line();
+  const auto idle = s.Metrics();
+  std::vector<std::thread> ts;
+  std::atomic<int> completed{0};
+  for (int c = 0; c < 32; ++c) {
+    ts.emplace_back([&, c] {
+      HttpCall call{"POST",
+                    "/v1/completions",
+                    json{{"prompt", "storm " + std::to_string(c)},
+                         {"max_tokens", 120},
+                         {"stream", true},
+                         {"ignore_eos", true}}
+                        .dump(),
+                    {}};
+      int events = 0;
+      bool done = false;
+      auto r = serving::HttpStream(s.url(), call, [&](std::string_view data) {
+        done |= data == "[DONE]";
+        return !(c % 2 == 0 && ++events >= 3);
+      });
+      if (r.ok() && done) ++completed;
+    });
+  }
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(completed.load(), 16);
+  std::map<std::string, double> m;
+  for (int i = 0; i < 100; ++i) {
+    m = s.Metrics();
+    if (m["gemma2_running_sequences"] == 0 && m["gemma2_kv_blocks_used"] == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(m["gemma2_running_sequences"], idle.at("gemma2_running_sequences"));
+  EXPECT_EQ(m["gemma2_kv_blocks_used"], idle.at("gemma2_kv_blocks_used"));
+  EXPECT_EQ(m["gemma2_kv_blocks_free"], idle.at("gemma2_kv_blocks_free"));
+  EXPECT_EQ(m["gemma2_requests_total{outcome=\"cancelled\"}"], 16);
+  EXPECT_EQ(m["gemma2_requests_total{outcome=\"success\"}"], 16);
+}
+
+// SIGTERM: requests in flight finish, new connections are refused, every process exits, code 0.
+TEST_F(ServerTest, SigtermDrainsInFlightRequests) {
+  Server s(Lm(), "--tp 2");
+  ASSERT_TRUE(s.ok()) << s.ready_line();
+  serving::HttpResponse answer;
+  std::thread t([&] {
+    answer = s.Call("POST", "/v1/completions",
+                    R"({"prompt": "long", "max_tokens": 150, "ignore_eos": true})", {});
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  kill(s.pid(), SIGTERM);
+  t.join();
+  EXPECT_EQ(answer.status, 200) << answer.body;
+  EXPECT_EQ(json::parse(answer.body)["usage"]["completion_tokens"], 150);
+  EXPECT_EQ(s.Wait(), 0);
+  const std::string rest = s.Rest();
+  EXPECT_NE(rest.find("stopped (drained)"), std::string::npos) << rest;
+}
+
+// A rank lost mid-stream: the stream ends with an error event (no hang), the launcher exits 1
+// naming the rank.
+TEST_F(ServerTest, LostRankEndsStreamsWithAnErrorAndTheLauncherExits) {
+  const std::string model =
+      (dir_->path() / "lm_lost").string();  // a path only this server's ranks show
+  std::filesystem::create_directory_symlink(Lm(), model);
+  Server s(model, "--tp 2 --linger-on-loss 3");
+  ASSERT_TRUE(s.ok()) << s.ready_line();
+  std::atomic<bool> started{false};
+  bool error_event = false;
+  std::thread t([&] {
+    HttpCall call{"POST",
+                  "/v1/completions",
+                  R"({"prompt": "x", "max_tokens": 2000, "stream": true, "ignore_eos": true})",
+                  {}};
+    auto r = serving::HttpStream(s.url(), call, [&](std::string_view data) {
+      started = true;
+      error_event |= data.find("\"error\"") != std::string_view::npos;
+      return true;
+    });
+  });
+  while (!started) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  const std::string pid = Shell("pgrep -f -- '[-]-rank 1 .*" + model + "'");
+  ASSERT_FALSE(pid.empty());
+  kill(std::atoi(pid.c_str()), SIGKILL);
+  t.join();
+  EXPECT_TRUE(error_event);
+  const auto ready = s.Call("GET", "/ready", "", {});  // the server lingers, no longer ready
+  EXPECT_EQ(ready.status, 503);
+  EXPECT_NE(ready.body.find("rank 1 lost"), std::string::npos) << ready.body;
+  EXPECT_EQ(s.Wait(), 1);
+  const std::string rest = s.Rest();
+  EXPECT_NE(rest.find("rank 1 lost"), std::string::npos) << rest;
+}
+
+}  // namespace
+}  // namespace gemma2

@@ -1,0 +1,394 @@
+// The serving layer without HTTP: request validation, stop strings, logits processing, and the
+// continuous-batching scheduler against the offline Generate/Classify loop it must agree with.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <thread>
+
+#include "model/generate.h"
+#include "model/random_checkpoint.h"
+#include "serving/logits_processing.h"
+#include "serving/request_parser.h"
+#include "serving/scheduler.h"
+#include "serving/text_output.h"
+#include "tests/test_files.h"
+
+namespace gemma2::serving {
+namespace {
+
+using nlohmann::json;
+
+ModelConfig Small(Architecture arch = Architecture::kCausalLM) {
+  ModelConfig c;
+  c.architecture = arch;
+  c.vocab_size = 97;
+  c.hidden_size = 32;
+  c.intermediate_size = 64;
+  c.num_layers = 3;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = 8;
+  c.query_pre_attn_scalar = 8;
+  c.sliding_window = 6;
+  c.max_position_embeddings = 96;
+  c.layer_is_sliding = {true, false, true};
+  c.eos_token_ids = {1};
+  if (arch != Architecture::kCausalLM) {
+    c.num_labels = 3;
+    c.id2label = {"a", "b", "c"};
+  }
+  return c;
+}
+
+// ---- request validation ----
+
+struct BadCase {
+  std::string body;
+  int status;
+  std::string param;
+  std::string message;
+};
+
+TEST(RequestParserTest, EveryBadInputIsAClearError) {
+  const ModelConfig c = Small();
+  ModelFacts facts{&c, nullptr, "m", Limits{}};
+  facts.limits.strict_fields = true;
+  const std::vector<BadCase> cases = {
+      {R"({"prompt": [5], "model": "other"})", 404, "model", "does not exist"},
+      {R"({"max_tokens": 3})", 400, "prompt", "'prompt' is required"},
+      {R"({"prompt": []})", 400, "prompt", "empty prompt"},
+      {R"({"prompt": [[]]})", 400, "prompt", "empty prompt"},
+      {R"({"prompt": "hello"})", 400, "prompt", "no tokenizer.model"},
+      {R"({"prompt": [5, 97]})", 400, "prompt", "token id 97 is outside the vocabulary [0, 97)"},
+      {R"({"prompt": [-1]})", 400, "prompt", "token id -1"},
+      {R"({"prompt": [5], "stop_token_ids": [200]})", 400, "stop_token_ids", "token id 200"},
+      {R"({"prompt": [5], "max_tokens": 0})", 400, "max_tokens", ">= 1"},
+      {R"({"prompt": [5], "max_tokens": -4})", 400, "max_tokens", ">= 1"},
+      {R"({"prompt": [5, 6], "max_tokens": 95})", 400, "max_tokens",
+       "96 tokens, but 2 prompt tokens + max_tokens 95 = 97"},
+      {R"({"prompt": [5], "max_tokens": 1e300})", 400, "max_tokens", "must be an integer"},
+      {R"({"prompt": [5], "max_tokens": "7"})", 400, "max_tokens",
+       "must be an integer, not string"},
+      {R"({"prompt": [5], "temperature": -0.5})", 400, "temperature", ">= 0"},
+      {R"({"prompt": [5], "top_p": 0})", 400, "top_p", "(0, 1]"},
+      {R"({"prompt": [5], "top_p": 1.5})", 400, "top_p", "(0, 1]"},
+      {R"({"prompt": [5], "top_k": -2})", 400, "top_k", "-1 (off) or >= 0"},
+      {R"({"prompt": [5], "n": 17})", 400, "n", "the limit is 16"},
+      {R"({"prompt": [5], "n": 0})", 400, "n", ">= 1"},
+      {R"({"prompt": [5], "logprobs": 21})", 400, "logprobs", "the limit is 20"},
+      {R"({"prompt": [5], "stop": ""})", 400, "stop", "must not be empty"},
+      {R"({"prompt": [5], "stop": ["a","b","c","d","e","f","g","h","i","j","k","l","m","n","o","p","q"]})",
+       400, "stop", "17 stop strings; the limit is 16"},
+      {R"({"prompt": [5], "stop": 3})", 400, "stop", "a string or a list"},
+      {R"({"prompt": [5], "bogus": 1})", 400, "bogus", "unknown field 'bogus'"},
+      {R"({"prompt": [5], "stream": "yes"})", 400, "stream", "must be a boolean"},
+      {R"({"prompt": {"a": 1}})", 400, "prompt", "must be a string, a list"},
+      {R"([1, 2])", 400, "", "must be a JSON object"},
+  };
+  for (const auto& k : cases) {
+    auto j = ParseJsonBody(k.body, 32);
+    ASSERT_TRUE(std::holds_alternative<json>(j)) << k.body;
+    auto r = ParseCompletions(std::get<json>(j), facts);
+    ASSERT_TRUE(std::holds_alternative<ApiError>(r)) << k.body;
+    const ApiError& e = std::get<ApiError>(r);
+    EXPECT_EQ(e.http_status, k.status) << k.body;
+    EXPECT_EQ(e.param, k.param) << k.body;
+    EXPECT_NE(e.message.find(k.message), std::string::npos) << k.body << " -> " << e.message;
+  }
+  // Unknown fields are ignored unless strict.
+  facts.limits.strict_fields = false;
+  auto ok = ParseCompletions(json::parse(R"({"prompt": [5], "bogus": 1, "max_tokens": 3})"), facts);
+  ASSERT_TRUE(std::holds_alternative<ParsedRequest>(ok));
+  EXPECT_EQ(std::get<ParsedRequest>(ok).gen.max_tokens, 3);
+}
+
+TEST(RequestParserTest, MalformedJsonDeepNestingAndBadUtf8) {
+  auto expect = [](const std::string& body, const std::string& code) {
+    auto r = ParseJsonBody(body, 8);
+    ASSERT_TRUE(std::holds_alternative<ApiError>(r)) << body;
+    EXPECT_EQ(std::get<ApiError>(r).code, code) << body << " -> " << std::get<ApiError>(r).message;
+    EXPECT_EQ(std::get<ApiError>(r).http_status, 400);
+  };
+  expect(R"({"prompt": [1, 2)", "invalid_json");  // truncated
+  expect("{prompt: 1}", "invalid_json");
+  expect("", "");
+  expect(std::string(9, '[') + std::string(9, ']'), "json_too_deep");
+  expect("{\"prompt\": \"\xff\xfe\"}", "invalid_utf8");
+  expect("{\"prompt\": NaN}", "invalid_json");
+  expect("{\"temperature\": 1e999}", "invalid_json");  // beyond a double
+  EXPECT_TRUE(
+      std::holds_alternative<json>(ParseJsonBody(std::string(8, '[') + std::string(8, ']'), 8)));
+}
+
+TEST(RequestParserTest, ClassifyAndChatNeedTheRightModel) {
+  const ModelConfig lm = Small(), cls = Small(Architecture::kSequenceClassification);
+  ModelFacts lm_facts{&lm, nullptr, "m", Limits{}}, cls_facts{&cls, nullptr, "m", Limits{}};
+  auto a = ParseClassify(json::parse(R"({"input": [3, 4]})"), lm_facts);
+  ASSERT_TRUE(std::holds_alternative<ApiError>(a));
+  EXPECT_NE(std::get<ApiError>(a).message.find("no classification head"), std::string::npos);
+  auto b = ParseCompletions(json::parse(R"({"prompt": [3]})"), cls_facts);
+  ASSERT_TRUE(std::holds_alternative<ApiError>(b));
+  EXPECT_NE(std::get<ApiError>(b).message.find("is a classifier"), std::string::npos);
+  auto c = ParseClassify(json::parse(R"({"input": [[3, 4], [5]]})"), cls_facts);
+  ASSERT_TRUE(std::holds_alternative<ParsedRequest>(c));
+  EXPECT_EQ(std::get<ParsedRequest>(c).prompts.size(), 2u);
+  auto d = ParseChat(json::parse(R"({"messages": [{"role": "user", "content": "hi"}]})"), lm_facts);
+  ASSERT_TRUE(std::holds_alternative<ApiError>(d));
+  EXPECT_NE(std::get<ApiError>(d).message.find("tokenizer"), std::string::npos);
+}
+
+// ---- stop strings and logits processing ----
+
+TEST(TextOutputTest, StopStringsAreCutAndHeldBackAcrossPieces) {
+  TextOutput t(nullptr, {"END", "xy"});
+  auto a = t.Feed("hello E");  // "E" may start "END": held back
+  EXPECT_EQ(a.text, "hello ");
+  EXPECT_FALSE(a.hit_stop);
+  auto b = t.Feed("Nx");  // "EN" still a prefix of END; "x" a prefix of "xy"... "ENx" is not
+  EXPECT_EQ(b.text, "EN");
+  auto c = t.Feed("yz");  // "xy" completes: cut before it, the rest dropped
+  EXPECT_EQ(c.text, "");
+  EXPECT_TRUE(c.hit_stop);
+  TextOutput u(nullptr, {"END"});
+  EXPECT_EQ(u.Feed("a stop at EN").text, "a stop at ");
+  auto tail = u.Finish();  // the choice ended for another reason: what was held back is released
+  ASSERT_TRUE(tail.ok());
+  EXPECT_EQ(*tail, "EN");
+  TextOutput none(nullptr, {});
+  auto p = none.Push(5);  // no tokenizer: ids only, no text
+  ASSERT_TRUE(p.ok());
+  EXPECT_TRUE(p->text.empty());
+}
+
+TEST(LogitsProcessingTest, PenaltiesMinPAndLogprobsFollowTheirDefinitions) {
+  GenerationOptions g;
+  g.repetition_penalty = 2;
+  g.frequency_penalty = 0.5f;
+  g.presence_penalty = 0.25f;
+  std::vector<float> v = {4, -4, 1, 1};
+  ApplyPenalties(v, g, /*prompt=*/{0}, TokenCounts{{1, 2}});
+  EXPECT_FLOAT_EQ(v[0], 2);                      // prompt token: 4 / 2
+  EXPECT_FLOAT_EQ(v[1], -8 - 2 * 0.5f - 0.25f);  // output token twice: -4 * 2 - 1 - 0.25
+  EXPECT_FLOAT_EQ(v[2], 1);                      // untouched
+  std::vector<float> m = {0, std::log(0.5f), std::log(0.05f)};
+  ApplyMinP(m, 0.1f, 1.0f);  // keeps p >= 0.1 * p_max
+  EXPECT_TRUE(std::isfinite(m[1]));
+  EXPECT_TRUE(std::isinf(m[2]));
+  const std::vector<float> row = {1, 2, 3};
+  const TokenLogprobs lp = Logprobs(row, 0, 2);
+  const float z = std::log(std::exp(1.f) + std::exp(2.f) + std::exp(3.f));
+  EXPECT_NEAR(lp.chosen, 1 - z, 1e-6);
+  ASSERT_EQ(lp.top.size(), 2u);
+  EXPECT_EQ(lp.top[0].first, 2);
+  EXPECT_NEAR(lp.top[1].second, 2 - z, 1e-6);
+}
+
+// ---- the scheduler against Generate ----
+
+class SchedulerTest : public ::testing::Test {
+ protected:
+  void Make(const ModelConfig& c) {
+    RandomCheckpointOptions o;
+    o.seed = 5;
+    o.weight_std = 0.3f;
+    engine_.reset();
+    ck_.reset();
+    dir_ = std::make_unique<testing::TempDir>();
+    ASSERT_TRUE(WriteRandomCheckpoint(c, dir_->path(), o).ok());
+    auto ck = Checkpoint::Open(dir_->path());
+    ASSERT_TRUE(ck.ok()) << ck.status().ToString();
+    ck_ = std::move(ck).value();
+    auto e = Engine::Create(*ck_, {"cpu", 2, 1});
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+    engine_ = std::move(e).value();
+  }
+  std::shared_ptr<RequestHandle> Submit(Scheduler& s, ParsedRequest r) {
+    auto h = std::make_shared<RequestHandle>("t", std::move(r));
+    EXPECT_FALSE(s.Submit(h).has_value());
+    return h;
+  }
+  static void WaitDone(RequestHandle& h) {
+    for (int i = 0; i < 20000; ++i) {
+      {
+        std::lock_guard<std::mutex> lock(h.mu);
+        if (h.done) return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    FAIL() << "request did not finish";
+  }
+  std::unique_ptr<testing::TempDir> dir_;
+  std::unique_ptr<Checkpoint> ck_;
+  std::unique_ptr<Engine> engine_;
+  Metrics metrics_;
+};
+
+ParsedRequest Completion(std::vector<int32_t> prompt, int64_t max_tokens, float temperature = 0,
+                         std::optional<uint64_t> seed = std::nullopt) {
+  ParsedRequest r;
+  r.prompts = {std::move(prompt)};
+  r.gen.max_tokens = max_tokens;
+  r.gen.temperature = temperature;
+  r.gen.seed = seed;
+  r.gen.ignore_eos = true;
+  return r;
+}
+
+std::vector<int32_t> Prompt(int n, int salt) {
+  std::vector<int32_t> p;
+  for (int i = 0; i < n; ++i) p.push_back(static_cast<int32_t>(2 + (i * 7 + salt * 13) % 90));
+  return p;
+}
+
+// Chunked prefill, a batch that changes every step, and preemption under a tiny KV budget all give
+// the tokens of the offline loop (greedy and seeded sampling).
+TEST_F(SchedulerTest, ContinuousBatchingEqualsTheOfflineLoop) {
+  Make(Small());
+  std::vector<ParsedRequest> reqs;
+  for (int i = 0; i < 6; ++i) {
+    reqs.push_back(Completion(Prompt(5 + 9 * i, i), 6 + 3 * i, i % 2 ? 0.8f : 0.0f, 100 + i));
+  }
+  std::vector<std::vector<int32_t>> expected;
+  for (const auto& r : reqs) {
+    GenerationRequest g;
+    g.prompt = r.prompts[0];
+    g.max_new_tokens = r.gen.max_tokens;
+    g.sampling = r.gen.Sampling(0);
+    g.ignore_eos = true;
+    auto out = Generate(*engine_, {g});
+    ASSERT_TRUE(out.ok()) << out.status().ToString();
+    expected.push_back((*out)[0].generated);
+  }
+  struct Setting {
+    int64_t step_tokens, kv_blocks;
+  };
+  // 20 blocks of 4: each request fits alone (at most 71 tokens), all six together do not.
+  for (const Setting& st : {Setting{256, 4096}, Setting{7, 4096}, Setting{16, 20}}) {
+    Metrics metrics;
+    SchedulerOptions o;
+    o.max_step_tokens = st.step_tokens;
+    o.kv_blocks = st.kv_blocks;
+    o.block_size = 4;
+    Scheduler s(*engine_, nullptr, metrics, o);
+    std::vector<std::shared_ptr<RequestHandle>> hs;
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      hs.push_back(Submit(s, reqs[i]));
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));  // arrivals spread over steps
+    }
+    for (size_t i = 0; i < hs.size(); ++i) {
+      WaitDone(*hs[i]);
+      std::lock_guard<std::mutex> lock(hs[i]->mu);
+      ASSERT_FALSE(hs[i]->error) << hs[i]->error->message;
+      EXPECT_EQ(hs[i]->choices[0].token_ids, expected[i])
+          << "request " << i << " step tokens " << st.step_tokens;
+      EXPECT_EQ(hs[i]->choices[0].finish_reason, "length");
+    }
+
+    EXPECT_EQ(metrics.outcomes[0].load(), reqs.size());
+    EXPECT_EQ(metrics.kv_blocks_used.load(), 0);
+  }
+}
+
+// Four sequences admitted together outgrow a 14-block budget: some are preempted, recomputed
+// later, and still produce the offline loop's tokens.
+TEST_F(SchedulerTest, PreemptedSequencesAreRecomputedToTheSameTokens) {
+  Make(Small());
+  SchedulerOptions o;
+  o.block_size = 4;
+  o.kv_blocks = 14;  // 56 positions; each request alone needs 40
+  Scheduler s(*engine_, nullptr, metrics_, o);
+  std::vector<std::shared_ptr<RequestHandle>> hs;
+  for (int i = 0; i < 4; ++i) hs.push_back(Submit(s, Completion(Prompt(10, i), 30, 0.7f, 9 + i)));
+  for (int i = 0; i < 4; ++i) {
+    WaitDone(*hs[i]);
+    GenerationRequest g;
+    g.prompt = hs[i]->request().prompts[0];
+    g.max_new_tokens = 30;
+    g.sampling = hs[i]->request().gen.Sampling(0);
+    g.ignore_eos = true;
+    auto want = Generate(*engine_, {g});
+    ASSERT_TRUE(want.ok());
+    std::lock_guard<std::mutex> lock(hs[i]->mu);
+    EXPECT_EQ(hs[i]->choices[0].token_ids, (*want)[0].generated) << i;
+  }
+  EXPECT_GT(metrics_.preemptions.load(), 0u);
+  EXPECT_EQ(metrics_.kv_blocks_used.load(), 0);
+}
+
+TEST_F(SchedulerTest, CancelledRequestsFreeTheirBlocksAndCountOnce) {
+  Make(Small());
+  SchedulerOptions o;
+  o.block_size = 4;
+  o.kv_blocks = 64;
+  Scheduler s(*engine_, nullptr, metrics_, o);
+  auto h = Submit(s, Completion(Prompt(20, 1), 70));
+  for (int i = 0; i < 2000 && metrics_.kv_blocks_used.load() == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_GT(metrics_.kv_blocks_used.load(), 0);
+  h->Cancel();
+  WaitDone(*h);
+  for (int i = 0; i < 2000 && metrics_.kv_blocks_used.load() != 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_EQ(metrics_.kv_blocks_used.load(), 0);
+  EXPECT_EQ(metrics_.running.load(), 0);
+  EXPECT_EQ(metrics_.outcomes[static_cast<size_t>(Outcome::kCancelled)].load(), 1u);
+  EXPECT_EQ(metrics_.outcomes[static_cast<size_t>(Outcome::kSuccess)].load(), 0u);
+}
+
+TEST_F(SchedulerTest, FullQueueAnswers429AndDrainingAnswers503) {
+  Make(Small());
+  SchedulerOptions o;
+  o.max_queue = 2;
+  o.max_running = 1;
+  Scheduler s(*engine_, nullptr, metrics_, o);
+  std::vector<std::shared_ptr<RequestHandle>> hs;
+  int rejected = 0;
+  for (int i = 0; i < 8; ++i) {
+    auto h = std::make_shared<RequestHandle>("q", Completion(Prompt(10, i), 60));
+    if (auto e = s.Submit(h)) {
+      EXPECT_EQ(e->http_status, 429);
+      ++rejected;
+    } else {
+      hs.push_back(h);
+    }
+  }
+  EXPECT_GT(rejected, 0);
+  s.BeginDrain();
+  auto late = std::make_shared<RequestHandle>("late", Completion(Prompt(3, 0), 2));
+  auto e = s.Submit(late);
+  ASSERT_TRUE(e.has_value());
+  EXPECT_EQ(e->http_status, 503);
+  for (auto& h : hs) WaitDone(*h);  // what was accepted still finishes
+  EXPECT_TRUE(s.Idle());
+}
+
+TEST_F(SchedulerTest, ClassificationEqualsClassify) {
+  for (auto arch : {Architecture::kSequenceClassification, Architecture::kTokenClassification}) {
+    Make(Small(arch));
+    SchedulerOptions o;
+    o.max_step_tokens = 5;  // inputs arrive in chunks
+    Scheduler s(*engine_, nullptr, metrics_, o);
+    ParsedRequest r;
+    r.endpoint = Endpoint::kClassify;
+    r.prompts = {Prompt(13, 2), {7, 8, 0, 0}};  // trailing pads: the last non-pad token is scored
+    auto h = Submit(s, r);
+    WaitDone(*h);
+    std::lock_guard<std::mutex> lock(h->mu);
+    ASSERT_FALSE(h->error);
+    for (size_t i = 0; i < r.prompts.size(); ++i) {
+      auto want = Classify(*engine_, r.prompts[i]);
+      ASSERT_TRUE(want.ok()) << want.status().ToString();
+      ASSERT_EQ(h->classified[i].logits.size(), want->logits.size());
+      for (size_t row = 0; row < want->logits.size(); ++row) {
+        for (size_t k = 0; k < want->logits[row].size(); ++k) {
+          EXPECT_NEAR(h->classified[i].logits[row][k], want->logits[row][k], 1e-5);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace gemma2::serving

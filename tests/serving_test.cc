@@ -299,8 +299,8 @@ TEST_F(SchedulerTest, PreemptedSequencesAreRecomputedToTheSameTokens) {
   Scheduler s(*engine_, nullptr, metrics_, o);
   std::vector<std::shared_ptr<RequestHandle>> hs;
   for (int i = 0; i < 4; ++i) hs.push_back(Submit(s, Completion(Prompt(10, i), 30, 0.7f, 9 + i)));
+  for (auto& h : hs) WaitDone(*h);  // the scheduler is idle before the test uses the engine
   for (int i = 0; i < 4; ++i) {
-    WaitDone(*hs[i]);
     GenerationRequest g;
     g.prompt = hs[i]->request().prompts[0];
     g.max_new_tokens = 30;

@@ -49,9 +49,11 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
   work_dir_ = tmpl;
   ASSIGN_OR_RETURN(rpc::Nonce secret, rpc::FreshNonce());
   const std::string secret_file = work_dir_ + "/secret", wrong_file = work_dir_ + "/wrong-secret";
-  for (const auto& [file, value] : {std::pair{secret_file, HexOf(secret)}, std::pair{wrong_file, std::string(64, 'x')}}) {
+  for (const auto& [file, value] :
+       {std::pair{secret_file, HexOf(secret)}, std::pair{wrong_file, std::string(64, 'x')}}) {
     std::ofstream(file) << value;
-    std::filesystem::permissions(file, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+    std::filesystem::permissions(
+        file, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
   }
   const std::string gloo_dir = work_dir_ + "/gloo";
   std::filesystem::create_directories(gloo_dir);
@@ -60,24 +62,29 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
   ASSIGN_OR_RETURN(int port, node_->Listen(opts.listen_host, 0));
   std::string worker = opts.worker_binary;
   if (worker.empty()) {
-    worker = (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "gemma2-worker").string();
+    worker =
+        (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "gemma2-worker").string();
   }
   for (int r = 0; r < world; ++r) {
-    const std::string rank = std::to_string(r), tp = std::to_string(opts.tp), pp = std::to_string(opts.pp);
+    const std::string rank = std::to_string(r), tp = std::to_string(opts.tp),
+                      pp = std::to_string(opts.pp);
     const std::string coord = opts.listen_host + ":" + std::to_string(port);
     const std::string threads = std::to_string(opts.threads_per_worker);
     const std::string parent = std::to_string(getpid());
     const std::string& secret_arg = r == opts.wrong_secret_rank ? wrong_file : secret_file;
     const ClusterOptions::Node node =
         opts.nodes.empty() ? ClusterOptions::Node{}
-                           : opts.nodes[static_cast<size_t>(r / ((world + static_cast<int>(opts.nodes.size()) - 1) /
-                                                               static_cast<int>(opts.nodes.size())))];
+                           : opts.nodes[static_cast<size_t>(
+                                 r / ((world + static_cast<int>(opts.nodes.size()) - 1) /
+                                      static_cast<int>(opts.nodes.size())))];
     std::vector<std::string> argv_s = node.exec_prefix;
     for (const std::string& arg :
-         {worker, std::string("--coordinator"), coord, std::string("--rank"), rank, std::string("--tp"), tp,
-          std::string("--pp"), pp, std::string("--model"), opts.model, std::string("--secret-file"), secret_arg,
-          std::string("--gloo-dir"), gloo_dir, std::string("--backend"), opts.backend, std::string("--threads"),
-          threads, std::string("--parent-pid"), parent, std::string("--address"), node.address}) {
+         {worker,       std::string("--coordinator"), coord,       std::string("--rank"),
+          rank,         std::string("--tp"),          tp,          std::string("--pp"),
+          pp,           std::string("--model"),       opts.model,  std::string("--secret-file"),
+          secret_arg,   std::string("--gloo-dir"),    gloo_dir,    std::string("--backend"),
+          opts.backend, std::string("--threads"),     threads,     std::string("--parent-pid"),
+          parent,       std::string("--address"),     node.address}) {
       argv_s.push_back(arg);
     }
     const pid_t pid = fork();
@@ -97,7 +104,8 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
   ranks_.resize(static_cast<size_t>(world));
   const auto deadline = Clock::now() + opts.startup_timeout;
   for (int accepted = 0; accepted < world; ++accepted) {
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
     auto ch = node_->Accept(std::max(left, 1ms));
     if (!ch.ok()) {
       return Fail(ch.status().WithContext("startup: " + std::to_string(world - accepted) +
@@ -110,14 +118,17 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
     rpc::Reader rd(auth->payload);
     uint32_t rank = 0;
     const bool shaped = auth->type == rpc::MessageType::kAuth && rd.U32(&rank).ok() &&
-                        auth->payload.size() == 4 + sizeof(rpc::Mac) && rank < static_cast<uint32_t>(world);
-    if (!shaped || !rpc::VerifyAuth(secret_bytes, nonce, rank, {auth->payload.data() + 4, sizeof(rpc::Mac)})) {
+                        auth->payload.size() == 4 + sizeof(rpc::Mac) &&
+                        rank < static_cast<uint32_t>(world);
+    if (!shaped ||
+        !rpc::VerifyAuth(secret_bytes, nonce, rank, {auth->payload.data() + 4, sizeof(rpc::Mac)})) {
       const Status refused(StatusCode::kUnavailable, "wrong or missing cluster secret");
       (void)(*ch)->Send(rpc::MessageType::kError, rpc::EncodeStatus(refused), 5s);
-      return Fail(refused.WithContext("startup: connection from " + (*ch)->peer() + " claiming rank " +
-                                      std::to_string(rank) + " refused"));
+      return Fail(refused.WithContext("startup: connection from " + (*ch)->peer() +
+                                      " claiming rank " + std::to_string(rank) + " refused"));
     }
-    if (ranks_[rank]) return Fail(InvalidArgument("startup: rank " + std::to_string(rank) + " connected twice"));
+    if (ranks_[rank])
+      return Fail(InvalidArgument("startup: rank " + std::to_string(rank) + " connected twice"));
     RETURN_IF_ERROR(Fail((*ch)->Send(rpc::MessageType::kAuthOk, {}, 10s)));
     ranks_[rank] = std::move(ch).value();
   }
@@ -154,7 +165,8 @@ Result<std::vector<rpc::Received>> ClusterEngine::CollectAll(std::chrono::millis
       if (done[r]) continue;
       auto ready = ranks_[r]->Poll();
       if (!ready.ok()) {
-        return Fail(ready.status().WithContext(std::string(what) + ": rank " + std::to_string(r) + " lost"));
+        return Fail(ready.status().WithContext(std::string(what) + ": rank " + std::to_string(r) +
+                                               " lost"));
       }
       if (!*ready) continue;
       got[r] = ranks_[r]->Take();
@@ -162,14 +174,16 @@ Result<std::vector<rpc::Received>> ClusterEngine::CollectAll(std::chrono::millis
         // A late answer to a heartbeat asked between steps: the step's answer follows.
         heartbeat_sent_[r].reset();
         const Status st = ranks_[r]->StartReceive();
-        if (!st.ok()) return Fail(st.WithContext(std::string(what) + ": rank " + std::to_string(r)));
+        if (!st.ok())
+          return Fail(st.WithContext(std::string(what) + ": rank " + std::to_string(r)));
         continue;
       }
       if (got[r].type == rpc::MessageType::kError) {
         Status remote;
         (void)rpc::DecodeStatus(got[r].payload, &remote);
-        const Status failed(remote.code() == StatusCode::kOk ? StatusCode::kInternal : remote.code(),
-                            std::string(what) + ": rank " + std::to_string(r) + " failed: " + remote.message());
+        const Status failed(
+            remote.code() == StatusCode::kOk ? StatusCode::kInternal : remote.code(),
+            std::string(what) + ": rank " + std::to_string(r) + " failed: " + remote.message());
         // A collective fails on every survivor when one rank dies: give the dead rank's channel a
         // moment to show it, and name that rank rather than a survivor.
         const auto grace = Clock::now() + 2s;
@@ -178,8 +192,9 @@ Result<std::vector<rpc::Received>> ClusterEngine::CollectAll(std::chrono::millis
             if (other == r || done[other]) continue;
             auto alive = ranks_[other]->Poll();
             if (!alive.ok()) {
-              return Fail(alive.status().WithContext(std::string(what) + ": rank " + std::to_string(other) +
-                                                     " lost (rank " + std::to_string(r) + " saw: " + remote.message() + ")"));
+              return Fail(alive.status().WithContext(
+                  std::string(what) + ": rank " + std::to_string(other) + " lost (rank " +
+                  std::to_string(r) + " saw: " + remote.message() + ")"));
             }
           }
         }
@@ -242,7 +257,8 @@ Status ClusterEngine::Watch(std::chrono::milliseconds duration, const volatile b
     if (round) last_heartbeat_round_ = now;
     for (size_t r = 0; r < ranks_.size(); ++r) {
       if (round && !heartbeat_sent_[r]) {
-        const Status st = ranks_[r]->Send(rpc::MessageType::kHeartbeat, {}, opts_.heartbeat_timeout);
+        const Status st =
+            ranks_[r]->Send(rpc::MessageType::kHeartbeat, {}, opts_.heartbeat_timeout);
         if (!st.ok()) return Fail(st.WithContext("rank " + std::to_string(r) + " lost"));
         heartbeat_sent_[r] = now;
       }
@@ -252,7 +268,8 @@ Status ClusterEngine::Watch(std::chrono::milliseconds duration, const volatile b
                                std::to_string(opts_.heartbeat_timeout.count()) + " ms (hung?)"));
       }
       auto ready = ranks_[r]->Poll();
-      if (!ready.ok()) return Fail(ready.status().WithContext("rank " + std::to_string(r) + " lost"));
+      if (!ready.ok())
+        return Fail(ready.status().WithContext("rank " + std::to_string(r) + " lost"));
       if (!*ready) continue;
       const rpc::Received m = ranks_[r]->Take();
       if (m.type == rpc::MessageType::kHeartbeat) {
@@ -263,7 +280,8 @@ Status ClusterEngine::Watch(std::chrono::milliseconds duration, const volatile b
       }
       Status remote(StatusCode::kInternal, "an unasked message");
       if (m.type == rpc::MessageType::kError) (void)rpc::DecodeStatus(m.payload, &remote);
-      return Fail(Status(StatusCode::kInternal, "rank " + std::to_string(r) + " failed: " + remote.message()));
+      return Fail(Status(StatusCode::kInternal,
+                         "rank " + std::to_string(r) + " failed: " + remote.message()));
     }
     node_->WaitForEvents(std::chrono::milliseconds(2));
   }
@@ -300,7 +318,9 @@ Result<StepOutput> ClusterEngine::Step(const StepPlan& plan) {
   // The last stage's tensor-parallel rank 0 carries the outputs.
   const size_t carrier = static_cast<size_t>((opts_.pp - 1) * opts_.tp);
   ASSIGN_OR_RETURN(StepOutput out, rpc::DecodeStepOutput(answers[carrier].payload));
-  for (const auto& s : plan.sequences) lengths_[s.sequence_id] += static_cast<int64_t>(s.tokens.size());
+  StepPlan::ApplyCopies(plan.kv_copies, lengths_);
+  for (const auto& s : plan.sequences)
+    lengths_[s.sequence_id] += static_cast<int64_t>(s.tokens.size());
   return out;
 }
 

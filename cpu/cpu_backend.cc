@@ -1,13 +1,13 @@
 #include "cpu/cpu_backend.h"
 
-#include "model/rope.h"
-
 #include <cblas.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
+
+#include "model/rope.h"
 
 namespace gemma2 {
 namespace {
@@ -23,6 +23,12 @@ class CpuSequenceKv final : public SequenceKv {
     v_[layer].insert(v_[layer].end(), v, v + width_);
   }
   const float* k(int64_t layer, int64_t pos) const { return k_[layer].data() + pos * width_; }
+  void CopyPrefixOf(const CpuSequenceKv& src, int64_t tokens) {
+    for (size_t l = 0; l < k_.size(); ++l) {
+      k_[l].assign(src.k_[l].begin(), src.k_[l].begin() + tokens * width_);
+      v_[l].assign(src.v_[l].begin(), src.v_[l].begin() + tokens * width_);
+    }
+  }
   const float* v(int64_t layer, int64_t pos) const { return v_[layer].data() + pos * width_; }
 
  private:
@@ -82,6 +88,12 @@ Status CpuBackend::SampleToHost(const Tensor& logits, std::span<const RowSamplin
     const float* row = logits.as<float>() + r * logits.cols;
     ids[r] = SampleRow({row, static_cast<size_t>(logits.cols)}, rows[static_cast<size_t>(r)]);
   }
+  return OkStatus();
+}
+
+Status CpuBackend::CopyKvPrefix(const SequenceKv& src, SequenceKv& dst, int64_t tokens) {
+  if (dst.length() != 0 || tokens > src.length()) return Internal("CopyKvPrefix: bad lengths");
+  static_cast<CpuSequenceKv&>(dst).CopyPrefixOf(static_cast<const CpuSequenceKv&>(src), tokens);
   return OkStatus();
 }
 
@@ -161,7 +173,8 @@ void CpuBackend::RopeAndCacheWrite(Tensor& qkv, std::span<const SeqSlice> seqs, 
 
 const std::vector<float>& CpuBackend::InvFreq(int64_t head_dim, double theta) {
   auto it = inv_freq_.find({head_dim, theta});
-  if (it == inv_freq_.end()) it = inv_freq_.emplace(std::pair{head_dim, theta}, RopeInvFreq(head_dim, theta)).first;
+  if (it == inv_freq_.end())
+    it = inv_freq_.emplace(std::pair{head_dim, theta}, RopeInvFreq(head_dim, theta)).first;
   return it->second;
 }
 

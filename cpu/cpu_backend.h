@@ -27,6 +27,7 @@ class CpuBackend final : public Backend {
   Status SampleToHost(const Tensor& logits, std::span<const RowSampling> rows,
                       int32_t* ids) override;
   Status BeginStep(std::span<const SeqSlice>, StepOutputKind) override { return OkStatus(); }
+  Status CopyKvPrefix(const SequenceKv& src, SequenceKv& dst, int64_t tokens) override;
   std::unique_ptr<SequenceKv> NewSequenceKv(int64_t layers, int64_t kv_heads,
                                             int64_t head_dim) override;
 

@@ -14,9 +14,9 @@
 #include "kernels/gemm.h"
 #include "kernels/gemv.h"
 #include "kernels/prefill_attention.h"
-#include "kernels/sample.h"
 #include "kernels/rms_norm.h"
 #include "kernels/rope_kv.h"
+#include "kernels/sample.h"
 #include "model/rope.h"
 
 namespace gemma2 {
@@ -48,7 +48,9 @@ struct KvPool {
 class CudaSequenceKv final : public SequenceKv {
  public:
   explicit CudaSequenceKv(std::shared_ptr<KvPool> pool) : pool_(std::move(pool)) {}
-  ~CudaSequenceKv() override { pool_->free.insert(pool_->free.end(), blocks_.begin(), blocks_.end()); }
+  ~CudaSequenceKv() override {
+    pool_->free.insert(pool_->free.end(), blocks_.begin(), blocks_.end());
+  }
   int64_t length() const override { return length_; }
   // Makes room for positions [0, tokens); false when the pool is exhausted (nothing taken).
   bool Reserve(int64_t tokens) {
@@ -105,7 +107,8 @@ class CudaBackend final : public Backend {
     const size_t bytes = static_cast<size_t>(rows * cols) * 2;
     Status st;
     t.storage = DeviceAlloc(bytes, &st);
-    RETURN_IF_ERROR(st.WithContext("uploading a " + std::to_string(rows) + "x" + std::to_string(cols) + " weight"));
+    RETURN_IF_ERROR(st.WithContext("uploading a " + std::to_string(rows) + "x" +
+                                   std::to_string(cols) + " weight"));
     t.data = t.storage.get();
     if (dtype == DType::kBF16) {
       RETURN_IF_CUDA_ERROR(cudaMemcpy(t.data, host, bytes, cudaMemcpyHostToDevice));
@@ -120,9 +123,12 @@ class CudaBackend final : public Backend {
   }
 
   Tensor Alloc(int64_t rows, int64_t cols) override { return Scratch(rows, cols, DType::kBF16); }
-  Tensor AllocOutput(int64_t rows, int64_t cols) override { return Scratch(rows, cols, DType::kF32); }
+  Tensor AllocOutput(int64_t rows, int64_t cols) override {
+    return Scratch(rows, cols, DType::kF32);
+  }
   Result<Tensor> OutputFromHost(const float* host, int64_t rows, int64_t cols) override {
-    if (capturing_ || replaying_) return Internal("cuda backend: OutputFromHost inside a graph step");
+    if (capturing_ || replaying_)
+      return Internal("cuda backend: OutputFromHost inside a graph step");
     Tensor t = Scratch(rows, cols, DType::kF32);
     RETURN_IF_ERROR(error_);
     RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(t.data, host, static_cast<size_t>(rows * cols) * 4,
@@ -149,15 +155,16 @@ class CudaBackend final : public Backend {
   Status SampleToHost(const Tensor& logits, std::span<const RowSampling> rows,
                       int32_t* ids) override {
     Tensor d = Scratch(1, logits.rows, DType::kI32);
-    const bool greedy = std::all_of(rows.begin(), rows.end(),
-                                    [](const RowSampling& r) { return r.params.greedy; });
+    const bool greedy =
+        std::all_of(rows.begin(), rows.end(), [](const RowSampling& r) { return r.params.greedy; });
     if (greedy != (output_ != StepOutputKind::kSampledIds)) {
       return Internal("cuda backend: SampleToHost disagrees with the step's output kind");
     }
     Tensor scratch;
     Tensor params;
     if (greedy) {  // the two-pass argmax is faster than a sampling block per row
-      scratch = Scratch(1, static_cast<int64_t>(kernels::ArgmaxScratchBytes(logits.rows) / 4), DType::kF32);
+      scratch = Scratch(1, static_cast<int64_t>(kernels::ArgmaxScratchBytes(logits.rows) / 4),
+                        DType::kF32);
     } else {
       std::vector<kernels::DeviceSampling> dp(rows.size());
       for (size_t r = 0; r < rows.size(); ++r) {
@@ -165,8 +172,9 @@ class CudaBackend final : public Backend {
         dp[r] = {p.greedy ? 1 : 0, p.temperature, p.top_p, 0, p.top_k, p.seed, rows[r].counter};
       }
       params = Stage(dp.data(), dp.size() * sizeof(kernels::DeviceSampling));
-      scratch = Scratch(1, static_cast<int64_t>(kernels::SampleScratchBytes(logits.rows, logits.cols) / 4),
-                        DType::kF32);
+      scratch = Scratch(
+          1, static_cast<int64_t>(kernels::SampleScratchBytes(logits.rows, logits.cols) / 4),
+          DType::kF32);
     }
     // The ids land in the pinned area after this step's staged inputs.
     auto* staged = reinterpret_cast<int32_t*>(static_cast<char*>(pinned_) + pinned_offset_);
@@ -177,8 +185,8 @@ class CudaBackend final : public Backend {
              "ArgmaxRows");
       } else {
         Note(kernels::SampleRows(logits.as<float>(), logits.rows, logits.cols,
-                                 static_cast<const kernels::DeviceSampling*>(params.data), scratch.data,
-                                 d.as<int32_t>(), stream_),
+                                 static_cast<const kernels::DeviceSampling*>(params.data),
+                                 scratch.data, d.as<int32_t>(), stream_),
              "SampleRows");
       }
       Note(cudaMemcpyAsync(staged, d.data, static_cast<size_t>(logits.rows) * 4,
@@ -190,6 +198,36 @@ class CudaBackend final : public Backend {
     RETURN_IF_ERROR(error_);
     std::memcpy(ids, staged, static_cast<size_t>(logits.rows) * 4);
     return OkStatus();
+  }
+
+  // Block by block on every layer, on the step stream (ordered before the next step's kernels).
+  Status CopyKvPrefix(const SequenceKv& src_kv, SequenceKv& dst_kv, int64_t tokens) override {
+    const auto& src = static_cast<const CudaSequenceKv&>(src_kv);
+    auto& dst = static_cast<CudaSequenceKv&>(dst_kv);
+    if (dst.length() != 0 || tokens > src.length()) return Internal("CopyKvPrefix: bad lengths");
+    if (!dst.Reserve(tokens)) {
+      return Status(StatusCode::kUnavailable, "KV cache full: copying a " + std::to_string(tokens) +
+                                                  "-token prefix needs more than the " +
+                                                  std::to_string(pool_->free.size()) +
+                                                  " free blocks");
+    }
+    const int64_t blocks = (tokens + pool_->block_size - 1) / pool_->block_size;
+    const int64_t block_elems = pool_->kv_heads * pool_->block_size * pool_->head_dim;
+    const size_t bytes = static_cast<size_t>(block_elems) * sizeof(bf16);
+    for (int64_t l = 0; l < pool_->layers; ++l) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t from = src.blocks()[static_cast<size_t>(b)] * block_elems;
+        const int64_t to = dst.blocks()[static_cast<size_t>(b)] * block_elems;
+        Note(cudaMemcpyAsync(pool_->k_layer(l) + to, pool_->k_layer(l) + from, bytes,
+                             cudaMemcpyDeviceToDevice, stream_),
+             "cudaMemcpyAsync (KV prefix)");
+        Note(cudaMemcpyAsync(pool_->v_layer(l) + to, pool_->v_layer(l) + from, bytes,
+                             cudaMemcpyDeviceToDevice, stream_),
+             "cudaMemcpyAsync (KV prefix)");
+      }
+    }
+    dst.set_length(tokens);
+    return error_;
   }
 
   std::unique_ptr<SequenceKv> NewSequenceKv(int64_t layers, int64_t kv_heads,
@@ -210,8 +248,8 @@ class CudaBackend final : public Backend {
     if (!pool_) return Internal("cuda backend: no KV cache pool (no sequence was created)");
     // Block tables have a fixed stride (a sequence's most blocks), so every kernel argument of a
     // decode step depends only on its batch size: such steps are captured once and replayed.
-    const size_t max_blocks = static_cast<size_t>(
-        (opts_.max_positions + pool_->block_size - 1) / pool_->block_size);
+    const size_t max_blocks =
+        static_cast<size_t>((opts_.max_positions + pool_->block_size - 1) / pool_->block_size);
     std::vector<int32_t> token_seq, token_pos;
     for (size_t s = 0; s < seqs.size(); ++s) {
       auto* kv = static_cast<CudaSequenceKv*>(seqs[s].kv);
@@ -223,7 +261,8 @@ class CudaBackend final : public Backend {
                           std::to_string(pool_->block_size) + " tokens");
       }
       if (kv->blocks().size() > max_blocks) {
-        return InvalidArgument("sequence of " + std::to_string(end) + " tokens exceeds max_positions " +
+        return InvalidArgument("sequence of " + std::to_string(end) +
+                               " tokens exceeds max_positions " +
                                std::to_string(opts_.max_positions));
       }
       kv->set_length(end);
@@ -276,21 +315,25 @@ class CudaBackend final : public Backend {
     if (!error_.ok() || replaying_) return;
     const bool f32 = out.dtype == DType::kF32;
     if (kernels::GemvSupports(x.data, w.data, x.rows, x.cols)) {  // decode: memory-bound
-      Note(kernels::Gemv(x.as<bf16>(), w.as<bf16>(), out.data, f32, x.rows, w.rows, x.cols, stream_),
-           "Gemv");
+      Note(
+          kernels::Gemv(x.as<bf16>(), w.as<bf16>(), out.data, f32, x.rows, w.rows, x.cols, stream_),
+          "Gemv");
     } else {
       const Status st = gemm_->Run(x.data, w.data, out.data, f32, x.rows, w.rows, x.cols);
       if (!st.ok()) error_ = st;
     }
-    if (bias) Note(kernels::AddBias(out.data, f32, bias->as<bf16>(), out.rows, out.cols, stream_), "AddBias");
+    if (bias)
+      Note(kernels::AddBias(out.data, f32, bias->as<bf16>(), out.rows, out.cols, stream_),
+           "AddBias");
   }
 
   void RopeAndCacheWrite(Tensor& qkv, std::span<const SeqSlice>, int64_t layer,
                          const AttentionParams& p) override {
     if (replaying_) return;
-    Note(kernels::RopeAndCacheWrite(qkv.as<bf16>(), qkv.cols, step_tokens_,
-                                    static_cast<int32_t>(p.q_heads), static_cast<int32_t>(p.kv_heads),
-                                    static_cast<int32_t>(p.head_dim), InvFreq(p), Kv(layer), stream_),
+    Note(kernels::RopeAndCacheWrite(
+             qkv.as<bf16>(), qkv.cols, step_tokens_, static_cast<int32_t>(p.q_heads),
+             static_cast<int32_t>(p.kv_heads), static_cast<int32_t>(p.head_dim), InvFreq(p),
+             Kv(layer), stream_),
          "RopeAndCacheWrite");
   }
 
@@ -309,13 +352,15 @@ class CudaBackend final : public Backend {
     s.window = static_cast<int32_t>(p.window);
     // One buffer per step: the layers run one after another on the stream.
     const size_t partial_bytes = kernels::AttentionPartialBytes(step_tokens_.count, s);
-    if (partial_bytes > 0 && (attn_partial_.empty() || static_cast<size_t>(attn_partial_.numel()) * 4 < partial_bytes)) {
+    if (partial_bytes > 0 &&
+        (attn_partial_.empty() || static_cast<size_t>(attn_partial_.numel()) * 4 < partial_bytes)) {
       attn_partial_ = Scratch(1, static_cast<int64_t>(partial_bytes / 4), DType::kF32);
     }
     const Tensor& partial = attn_partial_;
     if (replaying_) return;
-    const cudaError_t e = kernels::PagedAttention(qkv.as<bf16>(), qkv.cols, step_tokens_, s, Kv(layer),
-                                                  partial.as<float>(), out.as<bf16>(), stream_);
+    const cudaError_t e =
+        kernels::PagedAttention(qkv.as<bf16>(), qkv.cols, step_tokens_, s, Kv(layer),
+                                partial.as<float>(), out.as<bf16>(), stream_);
     if (e == cudaErrorInvalidValue && error_.ok()) {
       error_ = Unimplemented("cuda attention supports head_dim 128 and 256, not " +
                              std::to_string(p.head_dim));
@@ -376,8 +421,8 @@ class CudaBackend final : public Backend {
   void GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) override {
     const Tensor d = Stage(rows.data(), rows.size() * 8);
     if (replaying_) return;
-    Note(kernels::GatherRows(x.as<bf16>(), x.cols, d.as<int64_t>(), static_cast<int64_t>(rows.size()),
-                             out.as<bf16>(), stream_),
+    Note(kernels::GatherRows(x.as<bf16>(), x.cols, d.as<int64_t>(),
+                             static_cast<int64_t>(rows.size()), out.as<bf16>(), stream_),
          "GatherRows");
   }
 
@@ -431,7 +476,9 @@ class CudaBackend final : public Backend {
     t.rows = rows;
     t.cols = cols;
     t.dtype = dtype;
-    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(1, rows * cols) * DTypeSize(dtype)) + 255) & ~size_t{255};
+    const size_t bytes =
+        (static_cast<size_t>(std::max<int64_t>(1, rows * cols) * DTypeSize(dtype)) + 255) &
+        ~size_t{255};
     while (arena_chunk_ < chunks_.size() && arena_offset_ + bytes > chunk_bytes_[arena_chunk_]) {
       ++arena_chunk_;
       arena_offset_ = 0;
@@ -462,7 +509,8 @@ class CudaBackend final : public Backend {
         if (error_.ok()) error_ = Internal("cuda backend: staged input too large for a graph step");
         return t;
       }
-      Note(cudaMemcpyAsync(t.data, host, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync");
+      Note(cudaMemcpyAsync(t.data, host, bytes, cudaMemcpyHostToDevice, stream_),
+           "cudaMemcpyAsync");
       Note(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
       return t;
     }
@@ -492,7 +540,8 @@ class CudaBackend final : public Backend {
     pool->num_blocks = std::max<int64_t>(1, bytes / per_block);
     pool->k = DeviceAlloc(static_cast<size_t>(pool->num_blocks * per_block / 2), &error_);
     pool->v = DeviceAlloc(static_cast<size_t>(pool->num_blocks * per_block / 2), &error_);
-    for (int64_t b = pool->num_blocks - 1; b >= 0; --b) pool->free.push_back(static_cast<int32_t>(b));
+    for (int64_t b = pool->num_blocks - 1; b >= 0; --b)
+      pool->free.push_back(static_cast<int32_t>(b));
     pool_ = std::move(pool);
   }
 
@@ -514,7 +563,8 @@ class CudaBackend final : public Backend {
     const auto f = RopeInvFreq(p.head_dim, p.rope_theta);
     auto d = DeviceAlloc(f.size() * 4, &error_);
     if (!d) return nullptr;
-    Note(cudaMemcpy(d.get(), f.data(), f.size() * 4, cudaMemcpyHostToDevice), "cudaMemcpy(inv_freq)");
+    Note(cudaMemcpy(d.get(), f.data(), f.size() * 4, cudaMemcpyHostToDevice),
+         "cudaMemcpy(inv_freq)");
     return static_cast<const float*>(inv_freq_.emplace(key, std::move(d)).first->second.get());
   }
 

@@ -194,6 +194,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 1 << 30));
   app.add_option("--block-size", a.sched.block_size, "positions per KV block")
       ->check(CLI::Range(1, 4096));
+  app.add_option("--prefix-cache-entries", a.sched.prefix_cache_entries,
+                 "finished prompts kept as reusable KV prefixes (0: no prefix caching)");
   app.add_option("--max-body-bytes", a.limits.max_body_bytes, "largest request body");
   app.add_flag("--strict-fields", a.limits.strict_fields,
                "unknown request fields are an error (400)");

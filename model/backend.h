@@ -74,6 +74,8 @@ class Backend {
   // tokens, and stages per-token metadata for the ops. Fails (nothing run) when the cache is full.
   // `output`: how the step will end (a backend may replay id-only decode steps as captured graphs).
   virtual Status BeginStep(std::span<const SeqSlice> seqs, StepOutputKind output) = 0;
+  // dst (empty) receives positions [0, tokens) of src on every layer, in stream order.
+  virtual Status CopyKvPrefix(const SequenceKv& src, SequenceKv& dst, int64_t tokens) = 0;
   virtual std::unique_ptr<SequenceKv> NewSequenceKv(int64_t layers, int64_t kv_heads,
                                                     int64_t head_dim) = 0;
 

@@ -27,8 +27,9 @@ Result<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& opts, int rank
   if (opts.backend == "cuda") {
 #ifdef GEMMA2_HAVE_CUDA
     if (opts.tp > 1) {
-      return Unimplemented("the cuda backend runs tp 1 in one process; tp > 1 needs one worker "
-                           "process per GPU (the cluster)");
+      return Unimplemented(
+          "the cuda backend runs tp 1 in one process; tp > 1 needs one worker "
+          "process per GPU (the cluster)");
     }
     CudaOptions c;
     c.device = rank;
@@ -38,7 +39,8 @@ Result<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& opts, int rank
     c.max_positions = max_positions;
     return MakeCudaBackend(c);
 #else
-    return Unimplemented("this build has no cuda backend (no CUDA toolkit was found at build time)");
+    return Unimplemented(
+        "this build has no cuda backend (no CUDA toolkit was found at build time)");
 #endif
   }
   return InvalidArgument("unknown backend '" + opts.backend + "' (use cpu or cuda)");
@@ -127,6 +129,10 @@ Result<StepOutput> Engine::Step(const StepPlan& plan) {
   std::vector<Status> statuses(n);
   auto run_rank = [&](size_t r) {
     Rank& rank = *ranks_[r];
+    for (const KvCopy& k : plan.kv_copies) {
+      statuses[r] = rank.model->CopyKvPrefix(*rank.kvs.at(k.src), *rank.kvs.at(k.dst), k.tokens);
+      if (!statuses[r].ok()) return;  // every rank fails alike: no collective is left waiting
+    }
     std::vector<SequenceKv*> kvs;
     for (const auto& s : plan.sequences) kvs.push_back(rank.kvs.at(s.sequence_id).get());
     statuses[r] = rank.model->Forward(plan, kvs, *rank.comm, &outs[r]);
@@ -141,6 +147,7 @@ Result<StepOutput> Engine::Step(const StepPlan& plan) {
   for (size_t r = 0; r < n; ++r) {
     if (!statuses[r].ok()) return statuses[r].WithContext("rank " + std::to_string(r));
   }
+  StepPlan::ApplyCopies(plan.kv_copies, lengths_);
   for (const auto& s : plan.sequences)
     lengths_[s.sequence_id] += static_cast<int64_t>(s.tokens.size());
   return std::move(outs[0]);

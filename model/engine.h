@@ -17,10 +17,10 @@ namespace gemma2 {
 struct EngineOptions {
   std::string backend = "cpu";
   int tp = 1;
-  int threads = 0;              // cpu: math threads in all; 0: all cores
-  int64_t kv_cache_bytes = 0;   // cuda: 0 = most of the memory free after the weights
-  bool poison_scratch = false;  // cuda tests: NaN-fill scratch so unwritten elements show
-  bool cuda_graphs = true;      // cuda: replay greedy decode steps as CUDA graphs
+  int threads = 0;               // cpu: math threads in all; 0: all cores
+  int64_t kv_cache_bytes = 0;    // cuda: 0 = most of the memory free after the weights
+  bool poison_scratch = false;   // cuda tests: NaN-fill scratch so unwritten elements show
+  bool cuda_graphs = true;       // cuda: replay greedy decode steps as CUDA graphs
   RankModel::Progress progress;  // weight loading, summed over the ranks
 };
 

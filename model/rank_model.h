@@ -9,9 +9,9 @@
 
 #include "collectives/collective.h"
 #include "model/backend.h"
-#include "model/weight_source.h"
 #include "model/sharding.h"
 #include "model/step.h"
+#include "model/weight_source.h"
 
 namespace gemma2 {
 
@@ -42,6 +42,9 @@ class RankModel {
   const ShardPlan& plan() const { return plan_; }
   Backend& backend() { return backend_; }
   std::unique_ptr<SequenceKv> NewSequenceKv();
+  Status CopyKvPrefix(const SequenceKv& src, SequenceKv& dst, int64_t tokens) {
+    return backend_.CopyKvPrefix(src, dst, tokens);
+  }
 
   // Runs `step` with kvs[i] the cache of step.sequences[i]. Every rank of the group calls it with
   // the same plan; every rank gets the same output.

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <vector>
 
 #include "model/sampling.h"
@@ -16,12 +17,24 @@ struct StepSequence {
   RowSampling sampling;              // with StepPlan::ids_only: how its output rows pick tokens
 };
 
+// Before the step's sequences run: the empty cache of `dst` receives positions [0, tokens) of
+// `src`'s cache (prefix reuse: a shared prompt prefix is copied, not recomputed).
+struct KvCopy {
+  int64_t src = 0, dst = 0, tokens = 0;
+};
+
 struct StepPlan {
   std::vector<StepSequence> sequences;
+  // Applied in order after `released` and before `sequences`.
+  std::vector<KvCopy> kv_copies;
   // Sample on the backend: only each output row's token id leaves it (causal LM only).
   bool ids_only = false;
   // Sequences whose KV caches the ranks free before this step (the cluster's way to release).
   std::vector<int64_t> released;
+  // The cached lengths after the copies: what ValidateStep checks start_pos against.
+  static void ApplyCopies(const std::vector<KvCopy>& copies, std::map<int64_t, int64_t>& lengths) {
+    for (const KvCopy& c : copies) lengths[c.dst] = c.tokens;
+  }
   int64_t total_tokens() const {
     int64_t n = 0;
     for (const auto& s : sequences) n += static_cast<int64_t>(s.tokens.size());

@@ -4,8 +4,22 @@
 
 namespace gemma2 {
 
-Status ValidateStep(const ModelConfig& c, const std::map<int64_t, int64_t>& lengths,
+Status ValidateStep(const ModelConfig& c, const std::map<int64_t, int64_t>& cached,
                     const StepPlan& plan) {
+  std::map<int64_t, int64_t> lengths = cached;
+  for (const KvCopy& k : plan.kv_copies) {
+    const std::string who = "KV copy " + std::to_string(k.src) + " -> " + std::to_string(k.dst);
+    auto src = lengths.find(k.src), dst = lengths.find(k.dst);
+    if (src == lengths.end() || dst == lengths.end())
+      return InvalidArgument(who + ": unknown sequence");
+    if (k.src == k.dst) return InvalidArgument(who + ": a sequence cannot copy itself");
+    if (dst->second != 0) return InvalidArgument(who + ": the destination is not empty");
+    if (k.tokens <= 0 || k.tokens > src->second) {
+      return InvalidArgument(who + ": " + std::to_string(k.tokens) +
+                             " tokens, but the source holds " + std::to_string(src->second));
+    }
+    dst->second = k.tokens;
+  }
   for (const StepSequence& s : plan.sequences) {
     const std::string who = "sequence " + std::to_string(s.sequence_id);
     auto it = lengths.find(s.sequence_id);
@@ -24,8 +38,8 @@ Status ValidateStep(const ModelConfig& c, const std::map<int64_t, int64_t>& leng
     for (int32_t tok : s.tokens) {
       if (tok < 0 || tok >= c.vocab_size) {
         return InvalidArgument(who + ": token id " + std::to_string(tok) +
-                               " is outside the vocabulary [0, " +
-                               std::to_string(c.vocab_size) + ")");
+                               " is outside the vocabulary [0, " + std::to_string(c.vocab_size) +
+                               ")");
       }
     }
     for (int64_t r : s.output_rows) {

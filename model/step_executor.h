@@ -23,9 +23,10 @@ class StepExecutor {
   virtual Result<StepOutput> Step(const StepPlan& plan) = 0;
 };
 
-// Known sequences, start_pos == cached length, token ids inside the vocabulary, positions below
-// max_position_embeddings, output rows in range. `lengths` maps sequence id -> cached tokens.
-Status ValidateStep(const ModelConfig& c, const std::map<int64_t, int64_t>& lengths,
+// KV copies between known sequences into empty ones; then known sequences, start_pos == cached
+// length (after the copies), token ids inside the vocabulary, positions below
+// max_position_embeddings, output rows in range. `cached` maps sequence id -> cached tokens.
+Status ValidateStep(const ModelConfig& c, const std::map<int64_t, int64_t>& cached,
                     const StepPlan& plan);
 
 }  // namespace gemma2

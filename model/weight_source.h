@@ -26,7 +26,8 @@ class WeightSource {
   // ("layers.0.mlp.up_proj.weight", "embed_tokens.weight", "score.weight").
   virtual bool Has(const std::string& name) const = 0;
   // OK when `name` exists with exactly `expected` shape and a float dtype; else says what differs.
-  virtual Status CheckShape(const std::string& name, const std::vector<int64_t>& expected) const = 0;
+  virtual Status CheckShape(const std::string& name,
+                            const std::vector<int64_t>& expected) const = 0;
   // Copies `region` of `name`, converted to `out` (F32 or BF16), densely row-major into dst.
   virtual Status ReadRegion(const std::string& name, const Region& region, DType out,
                             void* dst) const = 0;

@@ -24,7 +24,8 @@ Result<FrameHeader> ParseHeader(std::span<const uint8_t> b) {
                            std::to_string(kVersion));
   }
   const uint16_t type = static_cast<uint16_t>(b[6] | b[7] << 8);
-  if (!KnownType(type)) return InvalidArgument("control frame: unknown type " + std::to_string(type));
+  if (!KnownType(type))
+    return InvalidArgument("control frame: unknown type " + std::to_string(type));
   const uint32_t len = LoadU32(b.data() + 8);
   if (len > kMaxPayload) {
     return InvalidArgument("control frame: payload of " + std::to_string(len) + " bytes exceeds " +
@@ -99,9 +100,12 @@ Status Reader::F32(float* v) {
 Status Reader::Bytes(std::vector<uint8_t>* b, uint32_t max_len) {
   uint32_t n;
   RETURN_IF_ERROR(U32(&n));
-  if (n > max_len) return InvalidArgument("control message: field of " + std::to_string(n) + " bytes over its cap");
+  if (n > max_len)
+    return InvalidArgument("control message: field of " + std::to_string(n) +
+                           " bytes over its cap");
   RETURN_IF_ERROR(Need(n));
-  b->assign(in_.begin() + static_cast<std::ptrdiff_t>(pos_), in_.begin() + static_cast<std::ptrdiff_t>(pos_ + n));
+  b->assign(in_.begin() + static_cast<std::ptrdiff_t>(pos_),
+            in_.begin() + static_cast<std::ptrdiff_t>(pos_ + n));
   pos_ += n;
   return OkStatus();
 }
@@ -121,6 +125,12 @@ std::vector<uint8_t> EncodeStep(const StepPlan& plan) {
   w.U8(plan.ids_only ? 1 : 0);
   w.U32(static_cast<uint32_t>(plan.released.size()));
   for (int64_t id : plan.released) w.I64(id);
+  w.U32(static_cast<uint32_t>(plan.kv_copies.size()));
+  for (const KvCopy& k : plan.kv_copies) {
+    w.I64(k.src);
+    w.I64(k.dst);
+    w.I64(k.tokens);
+  }
   w.U32(static_cast<uint32_t>(plan.sequences.size()));
   for (const StepSequence& s : plan.sequences) {
     w.I64(s.sequence_id);
@@ -154,9 +164,22 @@ Result<StepPlan> DecodeStep(std::span<const uint8_t> payload) {
   }
   plan.released.resize(nr);
   for (auto& id : plan.released) RETURN_IF_ERROR(r.I64(&id));
+  uint32_t nc;
+  RETURN_IF_ERROR(r.U32(&nc));
+  if (nc > kMaxSequencesPerStep || static_cast<uint64_t>(nc) * 24 > payload.size()) {
+    return InvalidArgument("step plan: KV copy list over the cap");
+  }
+  plan.kv_copies.resize(nc);
+  for (auto& k : plan.kv_copies) {
+    RETURN_IF_ERROR(r.I64(&k.src));
+    RETURN_IF_ERROR(r.I64(&k.dst));
+    RETURN_IF_ERROR(r.I64(&k.tokens));
+    if (k.tokens <= 0) return InvalidArgument("step plan: KV copy of no tokens");
+  }
   uint32_t n;
   RETURN_IF_ERROR(r.U32(&n));
-  if (n > kMaxSequencesPerStep) return InvalidArgument("step plan: " + std::to_string(n) + " sequences over the cap");
+  if (n > kMaxSequencesPerStep)
+    return InvalidArgument("step plan: " + std::to_string(n) + " sequences over the cap");
   uint64_t total_tokens = 0;
   for (uint32_t i = 0; i < n; ++i) {
     StepSequence s;
@@ -182,7 +205,8 @@ Result<StepPlan> DecodeStep(std::span<const uint8_t> payload) {
     s.output_rows.resize(no);
     for (auto& o : s.output_rows) {
       RETURN_IF_ERROR(r.I64(&o));
-      if (o < 0 || o >= static_cast<int64_t>(nt)) return InvalidArgument("step plan: output row out of range");
+      if (o < 0 || o >= static_cast<int64_t>(nt))
+        return InvalidArgument("step plan: output row out of range");
     }
     uint8_t greedy;
     RETURN_IF_ERROR(r.U8(&greedy));
@@ -226,7 +250,8 @@ Result<StepOutput> DecodeStepOutput(std::span<const uint8_t> payload) {
   out.values.resize(nv);
   for (float& v : out.values) RETURN_IF_ERROR(r.F32(&v));
   RETURN_IF_ERROR(r.U32(&ni));
-  if (static_cast<uint64_t>(ni) * 4 > payload.size()) return InvalidArgument("step result: too many ids");
+  if (static_cast<uint64_t>(ni) * 4 > payload.size())
+    return InvalidArgument("step result: too many ids");
   out.ids.resize(ni);
   for (int32_t& id : out.ids) {
     uint32_t u;
@@ -249,7 +274,8 @@ Status DecodeStatus(std::span<const uint8_t> payload, Status* out) {
   uint8_t code;
   std::string msg;
   RETURN_IF_ERROR(r.U8(&code));
-  if (code > static_cast<uint8_t>(StatusCode::kDeadlineExceeded)) return InvalidArgument("status: unknown code");
+  if (code > static_cast<uint8_t>(StatusCode::kDeadlineExceeded))
+    return InvalidArgument("status: unknown code");
   RETURN_IF_ERROR(r.Str(&msg, 1u << 16));
   RETURN_IF_ERROR(r.Done());
   *out = Status(static_cast<StatusCode>(code), msg);

@@ -17,7 +17,7 @@
 namespace gemma2::rpc {
 
 inline constexpr uint32_t kMagic = 0x50433247;  // "G2CP" little-endian
-inline constexpr uint16_t kVersion = 1;
+inline constexpr uint16_t kVersion = 2;  // 2: step plans carry KV prefix copies
 inline constexpr size_t kHeaderBytes = 12;
 inline constexpr uint32_t kMaxPayload = 64u << 20;  // a step plan of 64 MiB is far past any real one
 

@@ -61,6 +61,12 @@ std::string Metrics::Render() const {
        static_cast<double>(kv_blocks_used.load()));
   Line(out, "gemma2_kv_blocks_free", "gauge", "KV-cache blocks free",
        static_cast<double>(kv_blocks_free.load()));
+  Line(out, "gemma2_kv_blocks_cached", "gauge",
+       "KV-cache blocks held by cached prompt prefixes (evictable)",
+       static_cast<double>(kv_blocks_cached.load()));
+  Line(out, "gemma2_prefix_cache_hit_tokens_total", "counter",
+       "prompt tokens copied from cached prefixes instead of computed",
+       static_cast<double>(prefix_hit_tokens.load()));
   Line(out, "gemma2_prompt_tokens_total", "counter",
        "prompt tokens computed (recomputation included)",
        static_cast<double>(prompt_tokens.load()));

@@ -55,7 +55,8 @@ Scheduler::Scheduler(StepExecutor& executor, const Tokenizer* tokenizer, Metrics
       tokenizer_(tokenizer),
       metrics_(metrics),
       opts_(std::move(opts)),
-      blocks_(opts_.kv_blocks, opts_.block_size) {
+      blocks_(opts_.kv_blocks, opts_.block_size),
+      cache_(opts_.block_size, opts_.prefix_cache_entries) {
   PublishGauges();
   thread_ = std::thread([this] { Loop(); });
 }
@@ -244,7 +245,10 @@ void Scheduler::Sweep() {
 void Scheduler::Admit() {
   while (!waiting_.empty() && static_cast<int>(running_.size()) < opts_.max_running) {
     Sequence& s = *waiting_.front();
-    // Room for the whole prompt (and the first generated token) before it starts.
+    // Room for the whole prompt (and the first generated token) before it starts; cached
+    // prefixes give way first.
+    while (blocks_.BlocksFor(s.total() + 1) > blocks_.free() && EvictCached()) {
+    }
     if (blocks_.BlocksFor(s.total() + 1) > blocks_.free()) {
       if (!running_.empty()) break;
       if (blocks_.BlocksFor(s.total() + 1) > blocks_.total()) {  // can never fit
@@ -265,12 +269,65 @@ void Scheduler::Admit() {
     s.engine_id = executor_.NewSequence();
     s.computed = 0;
     (void)blocks_.Grow(s.blocks, s.total() + 1);  // the prompt's blocks are reserved on admission
+    ReusePrefix(s);
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
   }
 }
 
+// A cached prefix of the sequence's tokens is copied into its fresh cache with the next step.
+// At least one token is left to compute (its output row is needed); a token classifier needs
+// every row and a sequence classifier its scored row, so those reuse less or nothing.
+void Scheduler::ReusePrefix(Sequence& s) {
+  if (!cache_.enabled()) return;
+  int64_t limit = s.total() - 1;
+  if (s.classify()) limit = s.class_row < 0 ? 0 : std::min(limit, s.class_row);
+  std::vector<int32_t> tokens;
+  for (int64_t i = 0; i < s.total(); ++i) tokens.push_back(s.token(i));
+  const PrefixCache::Match m = cache_.Find(tokens, limit);
+  if (m.tokens <= 0) return;
+  cache_.Pin(m.entry);
+  pending_copies_.push_back(
+      {m.entry, KvCopy{cache_.entry(m.entry).engine_id, s.engine_id, m.tokens}});
+  s.computed = m.tokens;
+  metrics_.prefix_hit_tokens.fetch_add(static_cast<uint64_t>(m.tokens));
+}
+
+void Scheduler::DropPendingCopy(int64_t engine_id) {
+  for (auto it = pending_copies_.begin(); it != pending_copies_.end();) {
+    if (it->second.dst == engine_id) {
+      cache_.Unpin(it->first);
+      it = pending_copies_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+bool Scheduler::EvictCached() {
+  auto e = cache_.EvictOne();
+  if (!e) return false;
+  executor_.ReleaseSequence(e->engine_id);
+  blocks_.Release(e->blocks);
+  return true;
+}
+
+// A finished sequence's cache stays as a reusable prefix when it adds whole blocks.
+bool Scheduler::Donate(Sequence& s) {
+  if (!cache_.enabled() || s.engine_id < 0 || s.computed < opts_.block_size) return false;
+  if (cache_.full()) EvictCached();
+  std::vector<int32_t> tokens;
+  for (int64_t i = 0; i < s.computed; ++i) tokens.push_back(s.token(i));
+  if (!cache_.Add(s.engine_id, std::move(tokens), s.blocks)) return false;
+  s.engine_id = -1;  // the cache owns the executor sequence and its blocks now
+  s.blocks = 0;
+  s.computed = 0;
+  s.finished = true;
+  return true;
+}
+
 void Scheduler::Remove(Sequence& s) {
+  DropPendingCopy(s.engine_id);
   if (s.engine_id >= 0) executor_.ReleaseSequence(s.engine_id);
   s.engine_id = -1;
   s.computed = 0;
@@ -280,6 +337,7 @@ void Scheduler::Remove(Sequence& s) {
 
 void Scheduler::Preempt(Sequence& s) {
   // Recompute later: prompt + generated are prefilled again; sampling counters keep draws equal.
+  DropPendingCopy(s.engine_id);
   if (s.engine_id >= 0) executor_.ReleaseSequence(s.engine_id);
   s.engine_id = -1;
   s.computed = 0;
@@ -301,6 +359,7 @@ void Scheduler::Schedule(std::vector<Sequence*>& batch, StepPlan& plan) {
     if (s->engine_id < 0 || s->req->closed) continue;  // preempted in this round, or closed
     const int64_t take = std::min(s->total() - s->computed, budget);
     while (!blocks_.Grow(s->blocks, s->computed + take)) {
+      if (EvictCached()) continue;  // cached prefixes go before running sequences
       // Preempt the youngest running sequence that is not already in this step.
       Sequence* victim = nullptr;
       for (auto it = running_.rbegin(); it != running_.rend(); ++it) {
@@ -360,7 +419,12 @@ Status Scheduler::RunStep() {
       plan.ids_only = false;
     }
   }
-  ASSIGN_OR_RETURN(StepOutput out, executor_.Step(plan));
+  for (const auto& [entry, copy] : pending_copies_) plan.kv_copies.push_back(copy);
+  auto stepped = executor_.Step(plan);
+  for (const auto& [entry, copy] : pending_copies_) cache_.Unpin(entry);
+  pending_copies_.clear();
+  if (!stepped.ok()) return stepped.status();
+  StepOutput out = std::move(stepped).value();
   metrics_.steps.fetch_add(1);
   int64_t row = 0;
   for (size_t m = 0; m < batch.size(); ++m) {
@@ -462,7 +526,7 @@ void Scheduler::Classified(Sequence& s) {
 }
 
 void Scheduler::Finish(Sequence& s, const std::string&) {
-  Remove(s);
+  if (!Donate(s)) Remove(s);
   if (--s.req->remaining == 0) CloseRequest(*s.req, Outcome::kSuccess, std::nullopt);
 }
 
@@ -498,6 +562,10 @@ void Scheduler::FailAll(const ApiError& e) {
   for (auto& s : waiting_) reqs.push_back(s->req);
   for (auto& r : reqs) CloseRequest(*r, Outcome::kFailed, e);
   running_.clear();
+  for (const auto& [entry, copy] : pending_copies_) cache_.Unpin(entry);
+  pending_copies_.clear();
+  while (EvictCached()) {
+  }
   waiting_.clear();
   for (auto& h : touched_) {
     if (h->notify) h->notify();
@@ -509,7 +577,8 @@ void Scheduler::FailAll(const ApiError& e) {
 void Scheduler::PublishGauges() {
   metrics_.queue_depth.store(queued_requests_.load());
   metrics_.running.store(static_cast<int64_t>(running_.size()));
-  metrics_.kv_blocks_used.store(blocks_.used());
+  metrics_.kv_blocks_used.store(blocks_.used() - cache_.blocks());
+  metrics_.kv_blocks_cached.store(cache_.blocks());
   metrics_.kv_blocks_free.store(blocks_.free());
 }
 

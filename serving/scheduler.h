@@ -18,6 +18,7 @@
 #include "model/tokenizer.h"
 #include "serving/block_manager.h"
 #include "serving/metrics.h"
+#include "serving/prefix_cache.h"
 #include "serving/request_handle.h"
 #include "serving/text_output.h"
 
@@ -29,6 +30,9 @@ struct SchedulerOptions {
   int64_t max_step_tokens = 256;  // tokens per step (decode tokens + prefill chunks)
   int64_t kv_blocks = 4096;       // the KV budget, in blocks of `block_size` positions
   int64_t block_size = 16;
+  // Finished sequences kept as reusable prompt prefixes (0: no prefix caching). They hold KV
+  // blocks until evicted (least recently used first) for admissions or growth.
+  size_t prefix_cache_entries = 256;
   // Between steps: how the executor is watched while idle (the cluster's heartbeats). Returns
   // early when *wake turns true; an error means the executor is lost.
   std::function<Status(std::chrono::milliseconds, const volatile bool* wake)> idle_watch;
@@ -62,6 +66,10 @@ class Scheduler {
   void AcceptToken(Sequence& s, int32_t token, const StepOutput& out, int64_t row);
   void Classified(Sequence& s);
   void Remove(Sequence& s);
+  void ReusePrefix(Sequence& s);
+  void DropPendingCopy(int64_t engine_id);
+  bool EvictCached();
+  bool Donate(Sequence& s);
   void Sweep();
   void CloseRequest(Request& r, Outcome o, std::optional<ApiError> error);
   void FailAll(const ApiError& e);
@@ -73,6 +81,9 @@ class Scheduler {
   Metrics& metrics_;
   SchedulerOptions opts_;
   BlockManager blocks_;
+  PrefixCache cache_;
+  // Copies planned at admission, run with the next step: (cache entry, copy).
+  std::vector<std::pair<int64_t, KvCopy>> pending_copies_;
 
   mutable std::mutex mu_;  // guards incoming_, draining_, lost_
   std::condition_variable cv_;

@@ -204,3 +204,36 @@ TEST_F(EngineTest, RefusesBadPlans) {
 
 }  // namespace
 }  // namespace gemma2
+
+namespace gemma2 {
+namespace {
+
+// A copied KV prefix continues exactly as the computed one (prefix reuse), on every rank, past
+// the sliding window; bad copies are refused before anything runs.
+TEST_F(EngineTest, CopiedPrefixContinuesLikeTheComputedOne) {
+  Make(SmallGqa());
+  auto e = NewEngine(2);
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 14; ++i) prompt.push_back(3 + (i * 5) % 90);
+  const int64_t a = e->NewSequence(), b = e->NewSequence();
+  StepPlan full;
+  full.sequences.push_back({a, 0, prompt, {13}, {}});
+  auto want = e->Step(full);
+  ASSERT_TRUE(want.ok()) << want.status().ToString();
+  StepPlan reuse;
+  reuse.kv_copies = {{a, b, 9}};
+  reuse.sequences.push_back({b, 9, {prompt.begin() + 9, prompt.end()}, {4}, {}});
+  auto got = e->Step(reuse);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_LE(RelativeL2(got->row(0), want->row(0), want->width), 1e-6);
+  EXPECT_EQ(e->SequenceLength(b), 14);
+  StepPlan bad;
+  bad.kv_copies = {{a, b, 3}};  // b is not empty any more
+  EXPECT_NE(e->Step(bad).status().message().find("not empty"), std::string::npos);
+  const int64_t c = e->NewSequence();
+  bad.kv_copies = {{a, c, 15}};  // more than a holds
+  EXPECT_NE(e->Step(bad).status().message().find("the source holds 14"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace gemma2

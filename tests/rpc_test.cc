@@ -13,6 +13,7 @@ StepPlan SamplePlan() {
   StepPlan p;
   p.ids_only = true;
   p.released = {3, 5};
+  p.kv_copies = {{9, 7, 64}};
   StepSequence a;
   a.sequence_id = 7;
   a.start_pos = 0;
@@ -41,6 +42,10 @@ TEST(WireTest, StepPlanRoundTrips) {
   ASSERT_EQ(back->sequences.size(), 2u);
   EXPECT_TRUE(back->ids_only);
   EXPECT_EQ(back->released, (std::vector<int64_t>{3, 5}));
+  ASSERT_EQ(back->kv_copies.size(), 1u);
+  EXPECT_EQ(back->kv_copies[0].src, 9);
+  EXPECT_EQ(back->kv_copies[0].dst, 7);
+  EXPECT_EQ(back->kv_copies[0].tokens, 64);
   EXPECT_EQ(back->sequences[0].tokens, p.sequences[0].tokens);
   EXPECT_EQ(back->sequences[1].start_pos, 4096);
   EXPECT_EQ(back->sequences[1].sampling.params.top_k, 40);
@@ -63,7 +68,8 @@ TEST(WireTest, CorruptFieldsAreRefusedBeforeAllocating) {
   // A token count of 2^31 in a short payload: refused, not allocated.
   Writer w;
   w.U8(0);
-  w.U32(0);
+  w.U32(0);  // released
+  w.U32(0);  // KV copies
   w.U32(1);
   w.I64(1);
   w.I64(0);
@@ -97,8 +103,8 @@ TEST(WireTest, HeadersAreChecked) {
   bad[0] ^= 1;
   EXPECT_NE(ParseHeader(bad).status().message().find("magic"), std::string::npos);
   bad = frame;
-  bad[4] = 2;
-  EXPECT_NE(ParseHeader(bad).status().message().find("version 2"), std::string::npos);
+  bad[4] = 7;  // a version this build does not speak
+  EXPECT_NE(ParseHeader(bad).status().message().find("version 7"), std::string::npos);
   bad = frame;
   bad[6] = 99;
   EXPECT_NE(ParseHeader(bad).status().message().find("unknown type 99"), std::string::npos);
@@ -121,18 +127,20 @@ TEST(WireTest, StatusRoundTrips) {
 
 TEST(AuthTest, OnlyTheSecretHolderPassesAndAnswersDoNotReplay) {
   const std::string secret_text = "cluster secret 0123456789abcdef";
-  const std::span<const uint8_t> secret(reinterpret_cast<const uint8_t*>(secret_text.data()), secret_text.size());
+  const std::span<const uint8_t> secret(reinterpret_cast<const uint8_t*>(secret_text.data()),
+                                        secret_text.size());
   const std::string wrong_text = "cluster secret 0123456789abcdeF";
-  const std::span<const uint8_t> wrong(reinterpret_cast<const uint8_t*>(wrong_text.data()), wrong_text.size());
+  const std::span<const uint8_t> wrong(reinterpret_cast<const uint8_t*>(wrong_text.data()),
+                                       wrong_text.size());
   auto n1 = FreshNonce(), n2 = FreshNonce();
   ASSERT_TRUE(n1.ok() && n2.ok());
   EXPECT_NE(*n1, *n2);
   const Mac mac = AuthMac(secret, *n1, 3);
   EXPECT_TRUE(VerifyAuth(secret, *n1, 3, mac));
-  EXPECT_FALSE(VerifyAuth(secret, *n1, 4, mac));                   // another rank
-  EXPECT_FALSE(VerifyAuth(secret, *n2, 3, mac));                   // replay against a new nonce
+  EXPECT_FALSE(VerifyAuth(secret, *n1, 4, mac));                     // another rank
+  EXPECT_FALSE(VerifyAuth(secret, *n2, 3, mac));                     // replay against a new nonce
   EXPECT_FALSE(VerifyAuth(secret, *n1, 3, AuthMac(wrong, *n1, 3)));  // wrong secret
-  EXPECT_FALSE(VerifyAuth(secret, *n1, 3, {mac.data(), 31}));      // truncated
+  EXPECT_FALSE(VerifyAuth(secret, *n1, 3, {mac.data(), 31}));        // truncated
 }
 
 }  // namespace

@@ -315,6 +315,43 @@ TEST_F(SchedulerTest, PreemptedSequencesAreRecomputedToTheSameTokens) {
   EXPECT_EQ(metrics_.kv_blocks_used.load(), 0);
 }
 
+// A second request that shares a prompt prefix with a finished one copies the prefix's KV instead
+// of computing it, and still gets the offline loop's tokens; with prefix caching off it computes.
+TEST_F(SchedulerTest, SharedPrefixesAreCopiedNotRecomputed) {
+  Make(Small());
+  std::vector<int32_t> shared = Prompt(37, 4);
+  std::vector<int32_t> second = shared;
+  second.insert(second.end(), {5, 6, 7});
+  GenerationRequest g;
+  g.prompt = second;
+  g.max_new_tokens = 8;
+  g.ignore_eos = true;
+  auto want = Generate(*engine_, {g});
+  ASSERT_TRUE(want.ok());
+  for (size_t entries : {size_t{256}, size_t{0}}) {
+    Metrics metrics;
+    SchedulerOptions o;
+    o.block_size = 4;
+    o.prefix_cache_entries = entries;
+    Scheduler s(*engine_, nullptr, metrics, o);
+    auto first = Submit(s, Completion(shared, 3));
+    WaitDone(*first);
+    const uint64_t computed_before = metrics.prompt_tokens.load();
+    auto h = Submit(s, Completion(second, 8));
+    WaitDone(*h);
+    std::lock_guard<std::mutex> lock(h->mu);
+    EXPECT_EQ(h->choices[0].token_ids, (*want)[0].generated);
+    if (entries > 0) {
+      EXPECT_EQ(metrics.prefix_hit_tokens.load(), 36u);  // 9 whole blocks of the 39 cached tokens
+      EXPECT_EQ(metrics.prompt_tokens.load() - computed_before, second.size() - 36);
+      EXPECT_GT(metrics.kv_blocks_cached.load(), 0);
+    } else {
+      EXPECT_EQ(metrics.prefix_hit_tokens.load(), 0u);
+      EXPECT_EQ(metrics.prompt_tokens.load() - computed_before, second.size());
+    }
+  }
+}
+
 TEST_F(SchedulerTest, CancelledRequestsFreeTheirBlocksAndCountOnce) {
   Make(Small());
   SchedulerOptions o;

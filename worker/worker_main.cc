@@ -34,8 +34,8 @@ using namespace std::chrono_literals;
 struct Args {
   std::string coordinator, model, secret_file, gloo_dir, backend = "cpu";
   int rank = 0, tp = 1, pp = 1, threads = 1;  // rank: global, stage * tp + tensor-parallel rank
-  int parent_pid = 0;  // launched locally: the launcher's pid
-  std::string address = "127.0.0.1";  // this node's address for the collectives
+  int parent_pid = 0;                         // launched locally: the launcher's pid
+  std::string address = "127.0.0.1";          // this node's address for the collectives
 };
 
 Result<std::vector<uint8_t>> ReadSecret(const std::string& path) {
@@ -44,7 +44,8 @@ Result<std::vector<uint8_t>> ReadSecret(const std::string& path) {
   std::stringstream ss;
   ss << in.rdbuf();
   const std::string s = ss.str();
-  if (s.size() < 16) return InvalidArgument("cluster secret in " + path + " is shorter than 16 bytes");
+  if (s.size() < 16)
+    return InvalidArgument("cluster secret in " + path + " is shorter than 16 bytes");
   return std::vector<uint8_t>(s.begin(), s.end());
 }
 
@@ -68,7 +69,8 @@ Status Serve(const Args& a, rpc::Channel& ch) {
   go.rank = tp_rank;
   go.size = a.tp;
   go.timeout = 60s;
-  ASSIGN_OR_RETURN(auto comm, GlooCollective::CreateWithFileStore(go, a.gloo_dir, "tp-" + std::to_string(stage)));
+  ASSIGN_OR_RETURN(auto comm, GlooCollective::CreateWithFileStore(go, a.gloo_dir,
+                                                                  "tp-" + std::to_string(stage)));
   // Links to the neighbouring stages (same tensor-parallel rank): the next link first, so the
   // chain of rendezvous resolves from the last stage back.
   std::unique_ptr<GlooCollective> next, prev;
@@ -76,13 +78,15 @@ Status Serve(const Args& a, rpc::Channel& ch) {
   pair.size = 2;
   if (stage + 1 < a.pp) {
     pair.rank = 0;
-    ASSIGN_OR_RETURN(next, GlooCollective::CreateWithFileStore(
-                               pair, a.gloo_dir, "pp-" + std::to_string(stage) + "-" + std::to_string(tp_rank)));
+    ASSIGN_OR_RETURN(
+        next, GlooCollective::CreateWithFileStore(
+                  pair, a.gloo_dir, "pp-" + std::to_string(stage) + "-" + std::to_string(tp_rank)));
   }
   if (stage > 0) {
     pair.rank = 1;
     ASSIGN_OR_RETURN(prev, GlooCollective::CreateWithFileStore(
-                               pair, a.gloo_dir, "pp-" + std::to_string(stage - 1) + "-" + std::to_string(tp_rank)));
+                               pair, a.gloo_dir,
+                               "pp-" + std::to_string(stage - 1) + "-" + std::to_string(tp_rank)));
   }
   const PipelineLinks links{prev.get(), next.get()};
   const bool carries_output = stage == a.pp - 1 && tp_rank == 0;
@@ -102,13 +106,22 @@ Status Serve(const Args& a, rpc::Channel& ch) {
       continue;
     }
     if (m->type != rpc::MessageType::kStep) {
-      return InvalidArgument("unexpected control message type " + std::to_string(static_cast<int>(m->type)));
+      return InvalidArgument("unexpected control message type " +
+                             std::to_string(static_cast<int>(m->type)));
     }
     if (step == kill_after) raise(SIGKILL);
     if (step == stop_after) raise(SIGSTOP);
     ++step;
     ASSIGN_OR_RETURN(StepPlan p, rpc::DecodeStep(m->payload));
     for (int64_t id : p.released) kvs.erase(id);
+    for (const KvCopy& k : p.kv_copies) {
+      auto src = kvs.find(k.src);
+      if (src == kvs.end())
+        return InvalidArgument("KV copy from unknown sequence " + std::to_string(k.src));
+      auto& dst = kvs[k.dst];
+      if (!dst) dst = model->NewSequenceKv();
+      RETURN_IF_ERROR(model->CopyKvPrefix(*src->second, *dst, k.tokens));
+    }
     std::vector<SequenceKv*> seq_kvs;
     for (const auto& s : p.sequences) {
       auto& kv = kvs[s.sequence_id];
@@ -157,9 +170,11 @@ Status Run(const Args& a) {
     RETURN_IF_ERROR(rpc::DecodeStatus(ok.payload, &remote));
     return remote.WithContext("coordinator refused rank " + std::to_string(a.rank));
   }
-  if (ok.type != rpc::MessageType::kAuthOk) return InvalidArgument("coordinator did not accept the handshake");
+  if (ok.type != rpc::MessageType::kAuthOk)
+    return InvalidArgument("coordinator did not accept the handshake");
   const Status st = Serve(a, *ch);
-  if (!st.ok() && !ch->broken()) (void)ch->Send(rpc::MessageType::kError, rpc::EncodeStatus(st), 10s);
+  if (!st.ok() && !ch->broken())
+    (void)ch->Send(rpc::MessageType::kError, rpc::EncodeStatus(st), 10s);
   return st.WithContext("rank " + std::to_string(a.rank));
 }
 
@@ -175,7 +190,8 @@ int main(int argc, char** argv) {
   app.add_option("--pp", a.pp, "pipeline stages");
   app.add_option("--model", a.model, "checkpoint directory")->required();
   app.add_option("--secret-file", a.secret_file, "file holding the cluster secret")->required();
-  app.add_option("--gloo-dir", a.gloo_dir, "rendezvous directory of the group's collective")->required();
+  app.add_option("--gloo-dir", a.gloo_dir, "rendezvous directory of the group's collective")
+      ->required();
   app.add_option("--backend", a.backend, "cpu");
   app.add_option("--threads", a.threads, "math threads");
   app.add_option("--parent-pid", a.parent_pid, "exit with this process (local launch)");

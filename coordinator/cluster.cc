@@ -29,6 +29,37 @@ std::string HexOf(const rpc::Nonce& n) {
 
 }  // namespace
 
+Result<pid_t> SpawnWorker(const WorkerSpawn& w, int rank) {
+  std::string worker = w.worker_binary;
+  if (worker.empty()) {
+    worker =
+        (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "gemma2-worker").string();
+  }
+  std::vector<std::string> argv_s = w.exec_prefix;
+  for (const std::string& arg :
+       {worker, std::string("--coordinator"), w.coordinator, std::string("--rank"),
+        std::to_string(rank), std::string("--tp"), std::to_string(w.tp), std::string("--pp"),
+        std::to_string(w.pp), std::string("--model"), w.model, std::string("--secret-file"),
+        w.secret_file, std::string("--backend"), w.backend, std::string("--threads"),
+        std::to_string(w.threads), std::string("--address"), w.address}) {
+    argv_s.push_back(arg);
+  }
+  if (w.tie_to_parent) {
+    argv_s.push_back("--parent-pid");
+    argv_s.push_back(std::to_string(getpid()));
+  }
+  const pid_t pid = fork();
+  if (pid < 0) return Internal("fork failed while starting rank " + std::to_string(rank));
+  if (pid == 0) {
+    std::vector<char*> argv;
+    for (auto& a : argv_s) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    execvp(argv[0], argv.data());
+    _exit(127);
+  }
+  return pid;
+}
+
 Result<std::unique_ptr<ClusterEngine>> ClusterEngine::LaunchLocal(const ClusterOptions& opts) {
   std::unique_ptr<ClusterEngine> c(new ClusterEngine());
   RETURN_IF_ERROR(c->Start(opts));  // on failure the destructor stops what was started
@@ -43,63 +74,53 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
   for (int r = 0; r < world; ++r) {
     RETURN_IF_ERROR(ShardPlan::Make(config_, opts.tp, r % opts.tp, opts.pp, r / opts.tp).status());
   }
-  // A private directory: the secret (0600) and the collective's rendezvous.
+  // A private directory for a fresh secret (0600).
   char tmpl[] = "/tmp/gemma2-cluster-XXXXXX";
   if (!mkdtemp(tmpl)) return Internal("cannot create a working directory in /tmp");
   work_dir_ = tmpl;
-  ASSIGN_OR_RETURN(rpc::Nonce secret, rpc::FreshNonce());
-  const std::string secret_file = work_dir_ + "/secret", wrong_file = work_dir_ + "/wrong-secret";
-  for (const auto& [file, value] :
-       {std::pair{secret_file, HexOf(secret)}, std::pair{wrong_file, std::string(64, 'x')}}) {
-    std::ofstream(file) << value;
+  // The secret: the operator's file on every node, or a fresh one for local ranks only.
+  std::string secret_file = opts.secret_file, secret_text;
+  if (secret_file.empty()) {
+    ASSIGN_OR_RETURN(rpc::Nonce secret, rpc::FreshNonce());
+    secret_text = HexOf(secret);
+    secret_file = work_dir_ + "/secret";
+    std::ofstream(secret_file) << secret_text;
     std::filesystem::permissions(
-        file, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+        secret_file, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+  } else {
+    std::ifstream in(secret_file, std::ios::binary);
+    if (!in) return NotFound("cannot read the cluster secret file " + secret_file);
+    secret_text.assign(std::istreambuf_iterator<char>(in), {});
+    if (secret_text.size() < 16)
+      return InvalidArgument("cluster secret in " + secret_file + " is shorter than 16 bytes");
   }
-  const std::string gloo_dir = work_dir_ + "/gloo";
-  std::filesystem::create_directories(gloo_dir);
+  const std::string wrong_file = work_dir_ + "/wrong-secret";
+  std::ofstream(wrong_file) << std::string(64, 'x');
 
   ASSIGN_OR_RETURN(node_, rpc::UcxNode::Create());
-  ASSIGN_OR_RETURN(int port, node_->Listen(opts.listen_host, 0));
-  std::string worker = opts.worker_binary;
-  if (worker.empty()) {
-    worker =
-        (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "gemma2-worker").string();
-  }
-  for (int r = 0; r < world; ++r) {
-    const std::string rank = std::to_string(r), tp = std::to_string(opts.tp),
-                      pp = std::to_string(opts.pp);
-    const std::string coord = opts.listen_host + ":" + std::to_string(port);
-    const std::string threads = std::to_string(opts.threads_per_worker);
-    const std::string parent = std::to_string(getpid());
-    const std::string& secret_arg = r == opts.wrong_secret_rank ? wrong_file : secret_file;
+  ASSIGN_OR_RETURN(int port, node_->Listen(opts.listen_host, opts.control_port));
+  const int spawn_end = opts.spawn_end < 0 ? world : opts.spawn_end;
+  for (int r = opts.spawn_begin; r < spawn_end; ++r) {
     const ClusterOptions::Node node =
         opts.nodes.empty() ? ClusterOptions::Node{}
                            : opts.nodes[static_cast<size_t>(
                                  r / ((world + static_cast<int>(opts.nodes.size()) - 1) /
                                       static_cast<int>(opts.nodes.size())))];
-    std::vector<std::string> argv_s = node.exec_prefix;
-    for (const std::string& arg :
-         {worker,       std::string("--coordinator"), coord,       std::string("--rank"),
-          rank,         std::string("--tp"),          tp,          std::string("--pp"),
-          pp,           std::string("--model"),       opts.model,  std::string("--secret-file"),
-          secret_arg,   std::string("--gloo-dir"),    gloo_dir,    std::string("--backend"),
-          opts.backend, std::string("--threads"),     threads,     std::string("--parent-pid"),
-          parent,       std::string("--address"),     node.address}) {
-      argv_s.push_back(arg);
-    }
-    const pid_t pid = fork();
-    if (pid < 0) return Internal("fork failed while starting rank " + rank);
-    if (pid == 0) {
-      std::vector<char*> argv;
-      for (auto& a : argv_s) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      execvp(argv[0], argv.data());
-      _exit(127);
-    }
+    WorkerSpawn w;
+    w.worker_binary = opts.worker_binary;
+    w.coordinator = opts.listen_host + ":" + std::to_string(port);
+    w.model = opts.model;
+    w.backend = opts.backend;
+    w.secret_file = r == opts.wrong_secret_rank ? wrong_file : secret_file;
+    w.address = node.address;
+    w.tp = opts.tp;
+    w.pp = opts.pp;
+    w.threads = opts.threads_per_worker;
+    w.exec_prefix = node.exec_prefix;
+    ASSIGN_OR_RETURN(pid_t pid, SpawnWorker(w, r));
     pids_.push_back(pid);
   }
   // Handshakes: every connection gets a fresh nonce and must answer with its rank's MAC.
-  const std::string secret_text = HexOf(secret);
   const std::vector<uint8_t> secret_bytes(secret_text.begin(), secret_text.end());
   ranks_.resize(static_cast<size_t>(world));
   const auto deadline = Clock::now() + opts.startup_timeout;
@@ -170,6 +191,16 @@ Result<std::vector<rpc::Received>> ClusterEngine::CollectAll(std::chrono::millis
       }
       if (!*ready) continue;
       got[r] = ranks_[r]->Take();
+      if (got[r].type == rpc::MessageType::kStoreSet ||
+          got[r].type == rpc::MessageType::kStoreGet) {
+        // The collectives' rendezvous: ranks meet through this process, then answer.
+        RETURN_IF_ERROR(
+            Fail(ServeStore(r, got[r]).WithContext("rank " + std::to_string(r) + ": rendezvous")));
+        const Status st = ranks_[r]->StartReceive();
+        if (!st.ok())
+          return Fail(st.WithContext(std::string(what) + ": rank " + std::to_string(r)));
+        continue;
+      }
       if (got[r].type == rpc::MessageType::kHeartbeat && what != std::string("startup")) {
         // A late answer to a heartbeat asked between steps: the step's answer follows.
         heartbeat_sent_[r].reset();
@@ -216,6 +247,34 @@ Result<std::vector<rpc::Received>> ClusterEngine::CollectAll(std::chrono::millis
     }
   }
   return got;
+}
+
+Status ClusterEngine::ServeStore(size_t rank, const rpc::Received& m) {
+  rpc::Reader rd(m.payload);
+  std::string key;
+  RETURN_IF_ERROR(rd.Str(&key, rpc::kMaxStoreKey));
+  auto answer = [&](size_t to) {
+    rpc::Writer w;
+    w.Str(key);
+    w.Bytes(store_[key]);
+    return ranks_[to]->Send(rpc::MessageType::kStoreValue, w.out(), 10s);
+  };
+  if (m.type == rpc::MessageType::kStoreSet) {
+    std::vector<uint8_t> value;
+    RETURN_IF_ERROR(rd.Bytes(&value, rpc::kMaxPayload));
+    RETURN_IF_ERROR(rd.Done());
+    if (store_.size() >= 16 * ranks_.size() + 64 && !store_.count(key)) {
+      return InvalidArgument("too many rendezvous keys");
+    }
+    store_[key] = std::move(value);
+    for (size_t waiter : store_waiters_[key]) RETURN_IF_ERROR(answer(waiter));
+    store_waiters_.erase(key);
+    return OkStatus();
+  }
+  RETURN_IF_ERROR(rd.Done());
+  if (store_.count(key)) return answer(rank);
+  store_waiters_[key].push_back(rank);
+  return OkStatus();
 }
 
 ClusterEngine::~ClusterEngine() {

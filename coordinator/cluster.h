@@ -21,13 +21,25 @@
 
 namespace gemma2 {
 
+// How one gemma2-worker process is started: by the coordinator for the ranks of its own node, or
+// by a node's launcher (gemma2-launch --node-rank R) for that node's ranks.
+struct WorkerSpawn {
+  std::string worker_binary;  // default: gemma2-worker beside this program
+  std::string coordinator;    // HOST:PORT of the control plane
+  std::string model, backend = "cpu", secret_file, address = "127.0.0.1";
+  int tp = 1, pp = 1, threads = 1;
+  std::vector<std::string> exec_prefix;  // e.g. {"ip", "netns", "exec", "ns1"}
+  bool tie_to_parent = true;             // the worker dies with this process (--parent-pid)
+};
+Result<pid_t> SpawnWorker(const WorkerSpawn& w, int rank);
+
 struct ClusterOptions {
-  std::string model;               // checkpoint directory every worker reads its shard from
+  std::string model;  // checkpoint directory every worker reads its shard from
   int tp = 1;
   int pp = 1;  // pipeline stages; tp * pp worker processes
   std::string backend = "cpu";
   int threads_per_worker = 1;
-  std::string worker_binary;       // gemma2-worker; default: beside /proc/self/exe
+  std::string worker_binary;  // gemma2-worker; default: beside /proc/self/exe
   std::chrono::milliseconds startup_timeout{120000};
   std::chrono::milliseconds step_timeout{60000};  // the step watchdog
   // Between steps (Watch): each rank is asked for a heartbeat every interval and must answer
@@ -36,8 +48,14 @@ struct ClusterOptions {
   std::chrono::milliseconds heartbeat_timeout{10000};
   // Tests: give this rank another secret (its handshake must be refused).
   int wrong_secret_rank = -1;
-  // Where the coordinator listens for workers (the control plane).
+  // Where the coordinator listens for workers (the control plane); port 0: any.
   std::string listen_host = "127.0.0.1";
+  int control_port = 0;
+  // Multi-host: the cluster secret every node holds (empty: a fresh one, local ranks only), and
+  // the ranks this process starts itself, [spawn_begin, spawn_end) (-1: all); the others are
+  // started by their nodes' launchers and connect to listen_host:control_port.
+  std::string secret_file;
+  int spawn_begin = 0, spawn_end = -1;
   // Nodes of this machine's test topology (network namespaces): ranks are split over them in
   // equal consecutive blocks; each node starts its workers through `exec_prefix` (e.g.
   // {"ip", "netns", "exec", "ns1"}) and they bind their collectives to `address`.
@@ -68,8 +86,11 @@ class ClusterEngine final : public StepExecutor {
   ClusterEngine() = default;
   Status Start(const ClusterOptions& opts);
   // Waits for one frame from every rank (polling all channels) or the first failure.
-  Result<std::vector<rpc::Received>> CollectAll(std::chrono::milliseconds timeout, const char* what);
+  Result<std::vector<rpc::Received>> CollectAll(std::chrono::milliseconds timeout,
+                                                const char* what);
   Status Fail(Status st);
+  // A rendezvous request (kStoreSet / kStoreGet) from `rank`.
+  Status ServeStore(size_t rank, const rpc::Received& m);
 
   ClusterOptions opts_;
   ModelConfig config_;
@@ -78,6 +99,9 @@ class ClusterEngine final : public StepExecutor {
   std::vector<std::unique_ptr<rpc::Channel>> ranks_;  // index = rank
   std::vector<pid_t> pids_;
   std::map<int64_t, int64_t> lengths_;
+  // The collectives' rendezvous store and the ranks waiting for a key.
+  std::map<std::string, std::vector<uint8_t>> store_;
+  std::map<std::string, std::vector<size_t>> store_waiters_;
   std::vector<int64_t> released_;
   int64_t next_id_ = 1;
   Status down_;  // set once a rank is lost: the cluster runs nothing more

@@ -10,11 +10,13 @@
 // This machine only for now: nodes are pipeline stages of local processes (--node-exec/--listen of
 // gemma2-run describe namespaced test nodes).
 #include <signal.h>
+#include <sys/wait.h>
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <thread>
 
 #include "coordinator/cluster.h"
@@ -30,6 +32,10 @@ void OnSignal(int) { g_stop = 1; }
 struct Args {
   std::string model, backend = "cpu", host = "127.0.0.1", api_key, api_key_file, served_name;
   int tp = 1, nodes = 1, pp = 0, port = 8000;
+  // Multi-host (per-node mode): every node runs gemma2-launch with the same --master and
+  // --secret-file; node 0 is the coordinator, the others start their ranks and supervise them.
+  int node_rank = -1;
+  std::string master, secret_file, address;
   int64_t step_timeout_s = 60, startup_timeout_s = 120;
   double heartbeat_timeout_s = 10, drain_timeout_s = 30, linger_on_loss_s = 1;
   serving::SchedulerOptions sched;
@@ -73,10 +79,84 @@ Status Probe(serving::Scheduler& scheduler, const ModelConfig& c) {
   }
 }
 
+// "HOST:PORT" -> (host, port).
+Result<std::pair<std::string, int>> HostPort(const std::string& s) {
+  const auto colon = s.rfind(':');
+  int port = 0;
+  if (colon != std::string::npos) port = std::atoi(s.c_str() + colon + 1);
+  if (colon == std::string::npos || colon == 0 || port <= 0 || port > 65535) {
+    return InvalidArgument("--master " + s + ": expected HOST:PORT");
+  }
+  return std::pair{s.substr(0, colon), port};
+}
+
+// A node other than the coordinator's: starts this node's ranks, which connect to the master,
+// and stays with them. Exits 0 when they all end cleanly (the coordinator shut them down), 1
+// naming the rank when one fails; SIGTERM stops them.
+Status RunNode(const Args& a, int world, const std::string& master) {
+  const int per_node = world / a.nodes;
+  WorkerSpawn w;
+  w.coordinator = master;
+  w.model = a.model;
+  w.backend = a.backend;
+  w.secret_file = a.secret_file;
+  w.address = a.address;
+  w.tp = a.tp;
+  w.pp = world / a.tp;
+  std::map<pid_t, int> ranks;
+  auto stop_all = [&](int sig) {
+    for (const auto& [pid, rank] : ranks) kill(pid, sig);
+  };
+  for (int r = a.node_rank * per_node; r < (a.node_rank + 1) * per_node; ++r) {
+    auto pid = SpawnWorker(w, r);
+    if (!pid.ok()) {
+      stop_all(SIGKILL);
+      return pid.status();
+    }
+    ranks[*pid] = r;
+  }
+  std::printf("gemma2-launch: node %d started ranks %d..%d for the coordinator at %s\n",
+              a.node_rank, a.node_rank * per_node, (a.node_rank + 1) * per_node - 1,
+              master.c_str());
+  std::fflush(stdout);
+  Status result;
+  while (!ranks.empty()) {
+    if (g_stop) {
+      stop_all(SIGTERM);
+      g_stop = 0;
+    }
+    int status = 0;
+    const pid_t pid = waitpid(-1, &status, WNOHANG);
+    if (pid <= 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      continue;
+    }
+    auto it = ranks.find(pid);
+    if (it == ranks.end()) continue;
+    const bool clean = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    if (!clean && result.ok()) {
+      result =
+          Status(StatusCode::kUnavailable,
+                 "rank " + std::to_string(it->second) + " on node " + std::to_string(a.node_rank) +
+                     (WIFSIGNALED(status) ? " killed by signal " + std::to_string(WTERMSIG(status))
+                                          : " exited with " + std::to_string(WEXITSTATUS(status))));
+      stop_all(SIGTERM);  // the rest of this node goes too
+    }
+    ranks.erase(it);
+  }
+  return result;
+}
+
 Status Run(Args a) {
   if (a.pp > 0 && a.nodes > 1 && a.pp != a.nodes) {
     return InvalidArgument("--pp and --nodes disagree (each node is one pipeline stage here)");
   }
+  // Slurm: one gemma2-launch per node, its node rank and the node count from the environment.
+  if (const char* n = std::getenv("SLURM_NNODES"); n && a.nodes == 1 && !a.master.empty())
+    a.nodes = std::atoi(n);
+  if (const char* id = std::getenv("SLURM_NODEID"); id && a.node_rank < 0)
+    a.node_rank = std::atoi(id);
+  if (a.node_rank < 0) a.node_rank = 0;
   ASSIGN_OR_RETURN(std::string key, ApiKey(a));
   struct sigaction sa {};
   sa.sa_handler = OnSignal;
@@ -86,6 +166,30 @@ Status Run(Args a) {
   co.model = a.model;
   co.tp = a.tp;
   co.pp = a.pp > 0 ? a.pp : a.nodes;
+  if (!a.master.empty()) {  // per-node mode
+    const int world = co.tp * co.pp;
+    if (a.secret_file.empty())
+      return InvalidArgument("--master needs --secret-file (the same file on every node)");
+    if (a.node_rank >= a.nodes) {
+      return InvalidArgument("--node-rank " + std::to_string(a.node_rank) + " but --nodes " +
+                             std::to_string(a.nodes));
+    }
+    if (world % a.nodes != 0) {
+      return InvalidArgument(std::to_string(world) + " ranks do not split evenly over " +
+                             std::to_string(a.nodes) + " nodes");
+    }
+    ASSIGN_OR_RETURN(auto hp, HostPort(a.master));
+    if (a.address.empty()) a.address = a.node_rank == 0 ? hp.first : "";
+    if (a.address.empty())
+      return InvalidArgument("--address: this node's address for the collectives is needed");
+    if (a.node_rank > 0) return RunNode(a, world, a.master);
+    co.listen_host = hp.first;
+    co.control_port = hp.second;
+    co.secret_file = a.secret_file;
+    co.spawn_begin = 0;
+    co.spawn_end = world / a.nodes;
+    co.nodes = {ClusterOptions::Node{{}, a.address}};
+  }
   co.backend = a.backend;
   co.step_timeout = std::chrono::seconds(a.step_timeout_s);
   co.startup_timeout = std::chrono::seconds(a.startup_timeout_s);
@@ -166,6 +270,14 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 1024));
   app.add_option("--pp", a.pp, "pipeline stages (default: --nodes)")->check(CLI::Range(0, 1024));
   app.add_option("--backend", a.backend, "cpu (cuda workers come with the multi-GPU issue)");
+  app.add_option("--node-rank", a.node_rank,
+                 "this node's index with --master (default: $SLURM_NODEID, else 0)");
+  app.add_option("--master", a.master,
+                 "HOST:PORT of node 0's control plane: one gemma2-launch per node");
+  app.add_option("--secret-file", a.secret_file,
+                 "the cluster secret (same file on every node; with --master)");
+  app.add_option("--address", a.address,
+                 "this node's address the collectives bind to (with --master)");
   app.add_option("--step-timeout", a.step_timeout_s, "seconds before a step counts as hung");
   app.add_option("--startup-timeout", a.startup_timeout_s, "seconds for every rank to be ready");
   app.add_option("--heartbeat-timeout", a.heartbeat_timeout_s,

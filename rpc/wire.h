@@ -17,20 +17,27 @@
 namespace gemma2::rpc {
 
 inline constexpr uint32_t kMagic = 0x50433247;  // "G2CP" little-endian
-inline constexpr uint16_t kVersion = 2;  // 2: step plans carry KV prefix copies
+inline constexpr uint16_t kVersion = 3;         // 2: KV prefix copies; 3: the rendezvous store
 inline constexpr size_t kHeaderBytes = 12;
-inline constexpr uint32_t kMaxPayload = 64u << 20;  // a step plan of 64 MiB is far past any real one
+inline constexpr uint32_t kMaxPayload = 64u
+                                        << 20;  // a step plan of 64 MiB is far past any real one
 
 enum class MessageType : uint16_t {
-  kHello = 1,        // server -> client: a fresh nonce to prove the cluster secret against
-  kAuth = 2,         // client -> server: rank, HMAC-SHA256(secret, nonce || rank)
-  kAuthOk = 3,       // server -> client
-  kStep = 4,         // coordinator -> worker: a StepPlan
-  kStepResult = 5,   // worker -> coordinator: token ids or output rows, or an error
+  kHello = 1,       // server -> client: a fresh nonce to prove the cluster secret against
+  kAuth = 2,        // client -> server: rank, HMAC-SHA256(secret, nonce || rank)
+  kAuthOk = 3,      // server -> client
+  kStep = 4,        // coordinator -> worker: a StepPlan
+  kStepResult = 5,  // worker -> coordinator: token ids or output rows, or an error
   kHeartbeat = 6,
   kShutdown = 7,
-  kError = 8,        // either way: a Status, then the sender closes
+  kError = 8,  // either way: a Status, then the sender closes
+  // The collectives' rendezvous, served by the coordinator during startup (a key-value store):
+  kStoreSet = 9,     // worker -> coordinator: key, value
+  kStoreGet = 10,    // worker -> coordinator: key; answered once the key is set
+  kStoreValue = 11,  // coordinator -> worker: key, value
 };
+
+inline constexpr uint32_t kMaxStoreKey = 256;
 
 struct FrameHeader {
   MessageType type;

@@ -27,9 +27,10 @@ struct RunResult {
 };
 
 RunResult Exec(const std::string& env, const std::string& args) {
-  const std::string err_file = ::testing::TempDir() + "/cluster_err_" + std::to_string(getpid()) + "_" +
-                               std::to_string(Clock::now().time_since_epoch().count());
-  const std::string cmd = env + " " + std::string(GEMMA2_BINARY_DIR) + "/bin/gemma2-run " + args + " 2>" + err_file;
+  const std::string err_file = ::testing::TempDir() + "/cluster_err_" + std::to_string(getpid()) +
+                               "_" + std::to_string(Clock::now().time_since_epoch().count());
+  const std::string cmd =
+      env + " " + std::string(GEMMA2_BINARY_DIR) + "/bin/gemma2-run " + args + " 2>" + err_file;
   RunResult r;
   const auto start = Clock::now();
   FILE* p = popen(cmd.c_str(), "r");
@@ -60,7 +61,8 @@ class ClusterTest : public ::testing::Test {
  protected:
   void SetUp() override {
     // A private copy of a reference model: its path marks this test's processes.
-    const auto src = std::filesystem::path(GEMMA2_SOURCE_DIR) / "tests/data/references/gqa4_window_published";
+    const auto src =
+        std::filesystem::path(GEMMA2_SOURCE_DIR) / "tests/data/references/gqa4_window_published";
     model_ = dir_.path() / "model";
     std::filesystem::copy(src, model_);
     ref_ = testing::LoadReference(src);
@@ -89,13 +91,17 @@ TEST_F(ClusterTest, LocalClusterPrintsWhatTheInProcessRunPrints) {
     ASSERT_EQ(r.code, 0) << r.err;
     const auto got = nlohmann::json::parse(r.out);
     EXPECT_EQ(got["generated_ids"], want["generated_ids"]);
-    EXPECT_EQ(got["generated_ids"].get<std::vector<int32_t>>(), ref_.generated_ids);  // and transformers'
+    EXPECT_EQ(got["generated_ids"].get<std::vector<int32_t>>(),
+              ref_.generated_ids);  // and transformers'
     ASSERT_EQ(got["logits"].size(), want["logits"].size());
     for (size_t row = 0; row < want["logits"].size(); ++row) {
       const auto a = got["logits"][row].get<std::vector<float>>();
       const auto b = want["logits"][row].get<std::vector<float>>();
-      EXPECT_LE(testing::RelativeL2(a.data(), b.data(), static_cast<int64_t>(a.size())), 1e-5) << row;
-      EXPECT_LE(testing::RelativeL2(a.data(), ref_.logits.data() + row * ref_.width, ref_.width), 1e-4) << row;
+      EXPECT_LE(testing::RelativeL2(a.data(), b.data(), static_cast<int64_t>(a.size())), 1e-5)
+          << row;
+      EXPECT_LE(testing::RelativeL2(a.data(), ref_.logits.data() + row * ref_.width, ref_.width),
+                1e-4)
+          << row;
     }
   }
   EXPECT_EQ(Alive(model_.string()), 0);
@@ -103,21 +109,25 @@ TEST_F(ClusterTest, LocalClusterPrintsWhatTheInProcessRunPrints) {
 
 TEST_F(ClusterTest, SampledTokensEqualTheInProcessDraws) {
   const RunResult one = Exec("", Args("--max-new-tokens 10 --temperature 6 --seed 11"));
-  const RunResult two = Exec("", Args("--max-new-tokens 10 --temperature 6 --seed 11 --launch local --tp 2 --pp 2"));
+  const RunResult two =
+      Exec("", Args("--max-new-tokens 10 --temperature 6 --seed 11 --launch local --tp 2 --pp 2"));
   ASSERT_EQ(one.code, 0) << one.err;
   ASSERT_EQ(two.code, 0) << two.err;
-  EXPECT_EQ(nlohmann::json::parse(two.out)["generated_ids"], nlohmann::json::parse(one.out)["generated_ids"]);
+  EXPECT_EQ(nlohmann::json::parse(two.out)["generated_ids"],
+            nlohmann::json::parse(one.out)["generated_ids"]);
 }
 
 TEST_F(ClusterTest, ClassifierThroughPipelineStages) {
-  const auto dir = std::filesystem::path(GEMMA2_SOURCE_DIR) / "tests/data/references/seqcls_published";
+  const auto dir =
+      std::filesystem::path(GEMMA2_SOURCE_DIR) / "tests/data/references/seqcls_published";
   const auto ref = testing::LoadReference(dir);
   std::string ids;
   for (int32_t id : ref.prompt_ids) {
     if (!ids.empty()) ids += ',';
     ids += std::to_string(id);
   }
-  const RunResult r = Exec("", "--model " + dir.string() + " --prompt-ids " + ids + " --launch local --tp 2 --pp 3");
+  const RunResult r = Exec(
+      "", "--model " + dir.string() + " --prompt-ids " + ids + " --launch local --tp 2 --pp 3");
   ASSERT_EQ(r.code, 0) << r.err;
   const auto got = nlohmann::json::parse(r.out)["logits"][0].get<std::vector<float>>();
   ASSERT_EQ(static_cast<int64_t>(got.size()), ref.width);
@@ -129,22 +139,25 @@ TEST_F(ClusterTest, ClassifierThroughPipelineStages) {
 // TCP) and the pipeline's activations (Gloo) cross the link.
 TEST_F(ClusterTest, TwoNodesInNetworkNamespaces) {
   const std::string a = "g2a" + std::to_string(getpid()), b = "g2b" + std::to_string(getpid());
-  const std::string va = "g2va" + std::to_string(getpid() % 100000), vb = "g2vb" + std::to_string(getpid() % 100000);
-  const std::string setup =
-      "ip netns add " + a + " && ip netns add " + b + " && ip link add " + va + " type veth peer name " + vb +
-      " && ip link set " + va + " netns " + a + " && ip link set " + vb + " netns " + b +
-      " && ip -n " + a + " addr add 10.231.0.1/24 dev " + va + " && ip -n " + b + " addr add 10.231.0.2/24 dev " + vb +
-      " && ip -n " + a + " link set lo up && ip -n " + b + " link set lo up && ip -n " + a + " link set " + va +
-      " up && ip -n " + b + " link set " + vb + " up";
+  const std::string va = "g2va" + std::to_string(getpid() % 100000),
+                    vb = "g2vb" + std::to_string(getpid() % 100000);
+  const std::string setup = "ip netns add " + a + " && ip netns add " + b + " && ip link add " +
+                            va + " type veth peer name " + vb + " && ip link set " + va +
+                            " netns " + a + " && ip link set " + vb + " netns " + b + " && ip -n " +
+                            a + " addr add 10.231.0.1/24 dev " + va + " && ip -n " + b +
+                            " addr add 10.231.0.2/24 dev " + vb + " && ip -n " + a +
+                            " link set lo up && ip -n " + b + " link set lo up && ip -n " + a +
+                            " link set " + va + " up && ip -n " + b + " link set " + vb + " up";
   if (geteuid() != 0 || std::system((setup + " 2>/dev/null").c_str()) != 0) {
     std::system(("ip netns del " + a + " 2>/dev/null; ip netns del " + b + " 2>/dev/null").c_str());
     GTEST_SKIP() << "skipped: cannot create network namespaces here (needs root and iproute2)";
   }
   const RunResult one = Exec("", Args("--max-new-tokens 4 --logits"));
-  const RunResult two = Exec(
-      "UCX_TLS=tcp ip netns exec " + a,
-      Args("--max-new-tokens 4 --logits --launch local --tp 2 --pp 2 --listen 10.231.0.1 --node-exec 'ip netns exec " +
-           a + "' --node-address 10.231.0.1 --node-exec 'ip netns exec " + b + "' --node-address 10.231.0.2"));
+  const RunResult two = Exec("UCX_TLS=tcp ip netns exec " + a,
+                             Args("--max-new-tokens 4 --logits --launch local --tp 2 --pp 2 "
+                                  "--listen 10.231.0.1 --node-exec 'ip netns exec " +
+                                  a + "' --node-address 10.231.0.1 --node-exec 'ip netns exec " +
+                                  b + "' --node-address 10.231.0.2"));
   std::system(("ip netns del " + a + "; ip netns del " + b).c_str());
   ASSERT_EQ(one.code, 0) << one.err;
   ASSERT_EQ(two.code, 0) << two.err;
@@ -152,7 +165,8 @@ TEST_F(ClusterTest, TwoNodesInNetworkNamespaces) {
   EXPECT_EQ(got["generated_ids"], want["generated_ids"]);
   ASSERT_EQ(got["logits"].size(), want["logits"].size());
   for (size_t row = 0; row < want["logits"].size(); ++row) {
-    const auto x = got["logits"][row].get<std::vector<float>>(), y = want["logits"][row].get<std::vector<float>>();
+    const auto x = got["logits"][row].get<std::vector<float>>(),
+               y = want["logits"][row].get<std::vector<float>>();
     EXPECT_LE(testing::RelativeL2(x.data(), y.data(), static_cast<int64_t>(x.size())), 1e-5) << row;
   }
   EXPECT_EQ(Alive(model_.string()), 0);
@@ -166,8 +180,8 @@ struct Launched {
 };
 
 Launched StartLauncher(const std::string& model, const std::string& args) {
-  const std::string cmd = "exec " + std::string(GEMMA2_BINARY_DIR) + "/bin/gemma2-launch --port 0 --model " + model +
-                          " " + args + " 2>&1";
+  const std::string cmd = "exec " + std::string(GEMMA2_BINARY_DIR) +
+                          "/bin/gemma2-launch --port 0 --model " + model + " " + args + " 2>&1";
   int fds[2];
   EXPECT_EQ(pipe(fds), 0);
   Launched l;
@@ -190,7 +204,8 @@ std::string ReadLine(FILE* f) {
 
 // The pid of the worker of `rank` serving `model` (0: none).
 int WorkerPid(int rank, const std::string& model) {
-  FILE* p = popen(("pgrep -f -- '[-]-rank " + std::to_string(rank) + " .*" + model + "'").c_str(), "r");
+  FILE* p =
+      popen(("pgrep -f -- '[-]-rank " + std::to_string(rank) + " .*" + model + "'").c_str(), "r");
   int pid = 0;
   if (fscanf(p, "%d", &pid) != 1) pid = 0;
   pclose(p);
@@ -252,16 +267,19 @@ TEST_F(ClusterTest, LauncherFindsAHungIdleWorkerThroughHeartbeats) {
 }
 
 TEST_F(ClusterTest, WrongSecretIsRefusedAtStartup) {
-  const RunResult r = Exec("GEMMA2_FAULT_WRONG_SECRET_RANK=1", Args("--max-new-tokens 2 --launch local --tp 2"));
+  const RunResult r =
+      Exec("GEMMA2_FAULT_WRONG_SECRET_RANK=1", Args("--max-new-tokens 2 --launch local --tp 2"));
   EXPECT_NE(r.code, 0);
-  EXPECT_NE(r.err.find("claiming rank 1 refused: wrong or missing cluster secret"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("claiming rank 1 refused: wrong or missing cluster secret"),
+            std::string::npos)
+      << r.err;
   EXPECT_LT(r.seconds, 20);
   EXPECT_EQ(Alive(model_.string()), 0);
 }
 
 TEST_F(ClusterTest, KilledWorkerFailsTheRunNamingItsRank) {
   const RunResult r = Exec("GEMMA2_FAULT_RANK=1 GEMMA2_FAULT_KILL_AFTER_STEPS=2",
-                     Args("--max-new-tokens 8 --launch local --tp 2"));
+                           Args("--max-new-tokens 8 --launch local --tp 2"));
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.err.find("gemma2-run: error: step: rank 1 lost"), std::string::npos) << r.err;
   EXPECT_LT(r.seconds, 10);  // noticed within 5 s of the kill, plus startup
@@ -270,7 +288,7 @@ TEST_F(ClusterTest, KilledWorkerFailsTheRunNamingItsRank) {
 
 TEST_F(ClusterTest, HungWorkerEndsInTheStepWatchdog) {
   const RunResult r = Exec("GEMMA2_FAULT_RANK=0 GEMMA2_FAULT_STOP_AFTER_STEPS=2",
-                     Args("--max-new-tokens 8 --launch local --tp 2 --step-timeout 2"));
+                           Args("--max-new-tokens 8 --launch local --tp 2 --step-timeout 2"));
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.err.find("no answer from rank(s) 0"), std::string::npos) << r.err;
   EXPECT_LT(r.seconds, 15);
@@ -282,13 +300,15 @@ TEST_F(ClusterTest, WorkersDieWithTheCoordinator) {
   if (pid == 0) {
     const std::string bin = std::string(GEMMA2_BINARY_DIR) + "/bin/gemma2-run";
     const std::string model = model_.string();
-    execl(bin.c_str(), bin.c_str(), "--model", model.c_str(), "--prompt-ids", "2,3,4", "--ignore-eos",
-          "--max-new-tokens", "1000", "--launch", "local", "--tp", "2", static_cast<char*>(nullptr));
+    execl(bin.c_str(), bin.c_str(), "--model", model.c_str(), "--prompt-ids", "2,3,4",
+          "--ignore-eos", "--max-new-tokens", "1000", "--launch", "local", "--tp", "2",
+          static_cast<char*>(nullptr));
     _exit(127);
   }
   // Wait until both workers run, then kill the coordinator.
   const auto start = Clock::now();
-  while (Alive("--model " + model_.string() + " --secret-file") < 2 && Clock::now() - start < std::chrono::seconds(20)) {
+  while (Alive("--model " + model_.string() + " --secret-file") < 2 &&
+         Clock::now() - start < std::chrono::seconds(20)) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   ASSERT_GE(Alive(model_.string()), 3) << "coordinator and two workers";
@@ -300,6 +320,93 @@ TEST_F(ClusterTest, WorkersDieWithTheCoordinator) {
   }
   EXPECT_EQ(Alive(model_.string()), 0);
   EXPECT_LT(std::chrono::duration<double>(Clock::now() - killed).count(), 5.0);
+}
+
+}  // namespace
+}  // namespace gemma2
+
+namespace gemma2 {
+namespace {
+
+// Per-node mode across two "hosts" (network namespaces joined by veth): node 0's gemma2-launch is
+// the coordinator and starts stage 0; node 1's starts stage 1, whose ranks connect to the master
+// with the shared secret and meet their peers through the control plane's rendezvous. The answer
+// equals the one-process run; SIGTERM on the master stops both nodes (exit 0 each).
+TEST_F(ClusterTest, PerNodeLaunchAcrossNamespaces) {
+  const std::string id = std::to_string(getpid() % 100000);
+  const std::string a = "g2na" + id, b = "g2nb" + id, va = "g2nva" + id, vb = "g2nvb" + id;
+  const std::string setup = "ip netns add " + a + " && ip netns add " + b + " && ip link add " +
+                            va + " type veth peer name " + vb + " && ip link set " + va +
+                            " netns " + a + " && ip link set " + vb + " netns " + b + " && ip -n " +
+                            a + " addr add 10.233.0.1/24 dev " + va + " && ip -n " + b +
+                            " addr add 10.233.0.2/24 dev " + vb + " && ip -n " + a +
+                            " link set lo up && ip -n " + b + " link set lo up && ip -n " + a +
+                            " link set " + va + " up && ip -n " + b + " link set " + vb + " up";
+  if (geteuid() != 0 || std::system((setup + " 2>/dev/null").c_str()) != 0) {
+    std::system(("ip netns del " + a + " 2>/dev/null; ip netns del " + b + " 2>/dev/null").c_str());
+    GTEST_SKIP() << "skipped: cannot create network namespaces here (needs root and iproute2)";
+  }
+  const std::string secret = (dir_.path() / "secret").string();
+  std::ofstream(secret) << "0123456789abcdef0123456789abcdef";
+  const std::string master = "10.233.0.1:" + std::to_string(20000 + getpid() % 20000);
+  const std::string common = " --model " + model_.string() + " --tp 2 --nodes 2 --master " +
+                             master + " --secret-file " + secret;
+  auto start = [&](const std::string& ns, const std::string& args) {
+    Launched l;
+    int fds[2];
+    EXPECT_EQ(pipe(fds), 0);
+    const std::string cmd = "UCX_TLS=tcp exec ip netns exec " + ns + " " +
+                            std::string(GEMMA2_BINARY_DIR) + "/bin/gemma2-launch" + common + args +
+                            " 2>&1";
+    l.pid = fork();
+    if (l.pid == 0) {
+      dup2(fds[1], 1);
+      close(fds[0]);
+      execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    close(fds[1]);
+    l.out = fdopen(fds[0], "r");
+    return l;
+  };
+  Launched node0 = start(a, " --port 0 --host 10.233.0.1");
+  Launched node1 = start(b, " --node-rank 1 --address 10.233.0.2");
+  const std::string ready = ReadLine(node0.out), started = ReadLine(node1.out);
+  EXPECT_NE(ready.find("ready: 4 ranks (tp 2 x pp 2)"), std::string::npos) << ready;
+  EXPECT_NE(started.find("node 1 started ranks 2..3"), std::string::npos) << started;
+  const auto at = ready.find("http://");
+  std::string answer;
+  if (at != std::string::npos) {
+    const std::string url = ready.substr(at, ready.find_first_of(" \n", at) - at);
+    std::string ids;
+    for (int32_t t : ref_.prompt_ids) ids += (ids.empty() ? "" : ",") + std::to_string(t);
+    FILE* p =
+        popen(("ip netns exec " + a + " curl -sS --max-time 60 " + url +
+               "/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": [" + ids +
+               "], \"max_tokens\": 4, \"temperature\": 0, \"ignore_eos\": true, "
+               "\"return_token_ids\": true}'")
+                  .c_str(),
+              "r");
+    char buf[65536];
+    size_t got;
+    while ((got = fread(buf, 1, sizeof(buf), p)) > 0) answer.append(buf, got);
+    pclose(p);
+  }
+  kill(node0.pid, SIGTERM);
+  double s0 = 0, s1 = 0;
+  EXPECT_EQ(WaitExit(node0.pid, &s0), 0);
+  EXPECT_EQ(WaitExit(node1.pid, &s1), 0);
+  EXPECT_LT(s0 + s1, 15);
+  fclose(node0.out);
+  fclose(node1.out);
+  std::system(("ip netns del " + a + "; ip netns del " + b).c_str());
+  const RunResult one = Exec("", Args("--max-new-tokens 4"));
+  ASSERT_EQ(one.code, 0) << one.err;
+  const auto j = nlohmann::json::parse(answer, nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << answer;
+  EXPECT_EQ(j["choices"][0]["token_ids"], nlohmann::json::parse(one.out)["generated_ids"])
+      << answer;
+  EXPECT_EQ(Alive(model_.string()), 0);
 }
 
 }  // namespace

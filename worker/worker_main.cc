@@ -6,6 +6,7 @@
 // Fault injection for tests (environment), on the rank named by GEMMA2_FAULT_RANK only:
 // GEMMA2_FAULT_KILL_AFTER_STEPS=N kills it with SIGKILL when step N arrives;
 // GEMMA2_FAULT_STOP_AFTER_STEPS=N stops it (SIGSTOP), a hang.
+#include <gloo/rendezvous/prefix_store.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <unistd.h>
@@ -25,6 +26,7 @@
 #include "rpc/auth.h"
 #include "rpc/ucx_channel.h"
 #include "tools/cli_main.h"
+#include "worker/control_plane_store.h"
 
 namespace gemma2 {
 namespace {
@@ -32,7 +34,7 @@ namespace {
 using namespace std::chrono_literals;
 
 struct Args {
-  std::string coordinator, model, secret_file, gloo_dir, backend = "cpu";
+  std::string coordinator, model, secret_file, backend = "cpu";
   int rank = 0, tp = 1, pp = 1, threads = 1;  // rank: global, stage * tp + tensor-parallel rank
   int parent_pid = 0;                         // launched locally: the launcher's pid
   std::string address = "127.0.0.1";          // this node's address for the collectives
@@ -69,8 +71,13 @@ Status Serve(const Args& a, rpc::Channel& ch) {
   go.rank = tp_rank;
   go.size = a.tp;
   go.timeout = 60s;
-  ASSIGN_OR_RETURN(auto comm, GlooCollective::CreateWithFileStore(go, a.gloo_dir,
-                                                                  "tp-" + std::to_string(stage)));
+  // Rendezvous through the coordinator (the control channel), whatever host each rank is on.
+  ControlPlaneStore store(ch, 60s);
+  auto group = [&](const GlooOptions& o, const std::string& prefix) {
+    gloo::rendezvous::PrefixStore prefixed(prefix, store);
+    return GlooCollective::Create(o, prefixed);
+  };
+  ASSIGN_OR_RETURN(auto comm, group(go, "tp-" + std::to_string(stage)));
   // Links to the neighbouring stages (same tensor-parallel rank): the next link first, so the
   // chain of rendezvous resolves from the last stage back.
   std::unique_ptr<GlooCollective> next, prev;
@@ -78,15 +85,13 @@ Status Serve(const Args& a, rpc::Channel& ch) {
   pair.size = 2;
   if (stage + 1 < a.pp) {
     pair.rank = 0;
-    ASSIGN_OR_RETURN(
-        next, GlooCollective::CreateWithFileStore(
-                  pair, a.gloo_dir, "pp-" + std::to_string(stage) + "-" + std::to_string(tp_rank)));
+    ASSIGN_OR_RETURN(next,
+                     group(pair, "pp-" + std::to_string(stage) + "-" + std::to_string(tp_rank)));
   }
   if (stage > 0) {
     pair.rank = 1;
-    ASSIGN_OR_RETURN(prev, GlooCollective::CreateWithFileStore(
-                               pair, a.gloo_dir,
-                               "pp-" + std::to_string(stage - 1) + "-" + std::to_string(tp_rank)));
+    ASSIGN_OR_RETURN(
+        prev, group(pair, "pp-" + std::to_string(stage - 1) + "-" + std::to_string(tp_rank)));
   }
   const PipelineLinks links{prev.get(), next.get()};
   const bool carries_output = stage == a.pp - 1 && tp_rank == 0;
@@ -190,8 +195,6 @@ int main(int argc, char** argv) {
   app.add_option("--pp", a.pp, "pipeline stages");
   app.add_option("--model", a.model, "checkpoint directory")->required();
   app.add_option("--secret-file", a.secret_file, "file holding the cluster secret")->required();
-  app.add_option("--gloo-dir", a.gloo_dir, "rendezvous directory of the group's collective")
-      ->required();
   app.add_option("--backend", a.backend, "cpu");
   app.add_option("--threads", a.threads, "math threads");
   app.add_option("--parent-pid", a.parent_pid, "exit with this process (local launch)");

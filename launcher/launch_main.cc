@@ -11,12 +11,14 @@
 // gemma2-run describe namespaced test nodes).
 #include <signal.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <sstream>
 #include <thread>
 
 #include "coordinator/cluster.h"
@@ -36,6 +38,10 @@ struct Args {
   // --secret-file; node 0 is the coordinator, the others start their ranks and supervise them.
   int node_rank = -1;
   std::string master, secret_file, address;
+  // Fan-out from the head node: one node launcher per further host, started over ssh.
+  std::vector<std::string> hosts;
+  int control_port = 29500;
+  std::string ssh = "ssh -o BatchMode=yes";
   int64_t step_timeout_s = 60, startup_timeout_s = 120;
   double heartbeat_timeout_s = 10, drain_timeout_s = 30, linger_on_loss_s = 1;
   serving::SchedulerOptions sched;
@@ -147,7 +153,62 @@ Status RunNode(const Args& a, int world, const std::string& master) {
   return result;
 }
 
+std::string Quoted(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+// Starts node i's gemma2-launch on hosts[i] through `ssh HOST 'command'` (same paths on every
+// host: this program, the model, the secret file). UCX_/NCCL_/GLOO_ settings travel along.
+Result<pid_t> StartRemoteNode(const Args& a, size_t i) {
+  std::string cmd = "exec";
+  for (char** e = environ; *e; ++e) {
+    const std::string kv = *e;
+    if (kv.rfind("UCX_", 0) == 0 || kv.rfind("NCCL_", 0) == 0 || kv.rfind("GLOO_", 0) == 0) {
+      if (cmd == "exec") cmd += " env";
+      cmd += " " + Quoted(kv);
+    }
+  }
+  const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
+  for (const std::string& arg :
+       {self, std::string("--model"), std::filesystem::absolute(a.model).string(),
+        std::string("--tp"), std::to_string(a.tp), std::string("--nodes"), std::to_string(a.nodes),
+        std::string("--backend"), a.backend, std::string("--node-rank"), std::to_string(i),
+        std::string("--master"), a.master, std::string("--secret-file"),
+        std::filesystem::absolute(a.secret_file).string(), std::string("--address"), a.hosts[i]}) {
+    cmd += " " + Quoted(arg);
+  }
+  std::vector<std::string> argv_s;
+  std::istringstream words(a.ssh);
+  for (std::string w; words >> w;) argv_s.push_back(w);
+  argv_s.push_back(a.hosts[i]);
+  argv_s.push_back(cmd);
+  const pid_t pid = fork();
+  if (pid < 0) return Internal("fork failed while starting node " + std::to_string(i));
+  if (pid == 0) {
+    std::vector<char*> argv;
+    for (auto& s : argv_s) argv.push_back(s.data());
+    argv.push_back(nullptr);
+    execvp(argv[0], argv.data());
+    _exit(127);
+  }
+  return pid;
+}
+
 Status Run(Args a) {
+  if (!a.hosts.empty()) {  // fan-out: this is node 0 of hosts[0..N)
+    if (!a.master.empty())
+      return InvalidArgument("give --hosts (fan-out) or --master (per-node), not both");
+    if (a.nodes > 1 && a.nodes != static_cast<int>(a.hosts.size())) {
+      return InvalidArgument("--nodes " + std::to_string(a.nodes) + " but " +
+                             std::to_string(a.hosts.size()) + " --hosts");
+    }
+    a.nodes = static_cast<int>(a.hosts.size());
+    a.master = a.hosts[0] + ":" + std::to_string(a.control_port);
+    a.node_rank = 0;
+    if (a.address.empty()) a.address = a.hosts[0];
+  }
   if (a.pp > 0 && a.nodes > 1 && a.pp != a.nodes) {
     return InvalidArgument("--pp and --nodes disagree (each node is one pipeline stage here)");
   }
@@ -189,6 +250,18 @@ Status Run(Args a) {
     co.spawn_begin = 0;
     co.spawn_end = world / a.nodes;
     co.nodes = {ClusterOptions::Node{{}, a.address}};
+  }
+  std::vector<pid_t> remote;  // ssh sessions of the other nodes (fan-out)
+  struct RemoteReaper {
+    std::vector<pid_t>& pids;
+    ~RemoteReaper() {
+      for (pid_t p : pids) kill(p, SIGTERM);
+      for (pid_t p : pids) waitpid(p, nullptr, 0);
+    }
+  } reaper{remote};
+  for (size_t i = 1; i < a.hosts.size(); ++i) {
+    ASSIGN_OR_RETURN(pid_t pid, StartRemoteNode(a, i));
+    remote.push_back(pid);
   }
   co.backend = a.backend;
   co.step_timeout = std::chrono::seconds(a.step_timeout_s);
@@ -276,6 +349,11 @@ int main(int argc, char** argv) {
                  "HOST:PORT of node 0's control plane: one gemma2-launch per node");
   app.add_option("--secret-file", a.secret_file,
                  "the cluster secret (same file on every node; with --master)");
+  app.add_option("--hosts", a.hosts,
+                 "fan-out: the nodes' addresses, this host first; the others start over ssh")
+      ->delimiter(',');
+  app.add_option("--control-port", a.control_port, "the control plane's port with --hosts");
+  app.add_option("--ssh", a.ssh, "the command that runs a command on another host (--hosts)");
   app.add_option("--address", a.address,
                  "this node's address the collectives bind to (with --master)");
   app.add_option("--step-timeout", a.step_timeout_s, "seconds before a step counts as hung");

@@ -411,3 +411,90 @@ TEST_F(ClusterTest, PerNodeLaunchAcrossNamespaces) {
 
 }  // namespace
 }  // namespace gemma2
+
+namespace gemma2 {
+namespace {
+
+// Fan-out: `gemma2-launch --hosts H0,H1` on the head node starts node 1's launcher through
+// `--ssh` (here a stand-in for ssh that enters H1's network namespace and runs the command with
+// sh, as a remote login shell would). Same answer as one process; SIGTERM stops both nodes.
+TEST_F(ClusterTest, FanOutStartsTheOtherNodeOverSsh) {
+  const std::string id = std::to_string(getpid() % 100000);
+  const std::string a = "g2fa" + id, b = "g2fb" + id, va = "g2fva" + id, vb = "g2fvb" + id;
+  const std::string setup = "ip netns add " + a + " && ip netns add " + b + " && ip link add " +
+                            va + " type veth peer name " + vb + " && ip link set " + va +
+                            " netns " + a + " && ip link set " + vb + " netns " + b + " && ip -n " +
+                            a + " addr add 10.234.0.1/24 dev " + va + " && ip -n " + b +
+                            " addr add 10.234.0.2/24 dev " + vb + " && ip -n " + a +
+                            " link set lo up && ip -n " + b + " link set lo up && ip -n " + a +
+                            " link set " + va + " up && ip -n " + b + " link set " + vb + " up";
+  if (geteuid() != 0 || std::system((setup + " 2>/dev/null").c_str()) != 0) {
+    std::system(("ip netns del " + a + " 2>/dev/null; ip netns del " + b + " 2>/dev/null").c_str());
+    GTEST_SKIP() << "skipped: cannot create network namespaces here (needs root and iproute2)";
+  }
+  const std::string ssh = (dir_.path() / "fake-ssh").string();
+  std::ofstream(ssh)
+      << "#!/bin/sh\n# fake-ssh HOST COMMAND: HOST's namespace, COMMAND through a shell\n"
+      << "case \"$1\" in 10.234.0.2) ns=" << b << ";; *) exit 255;; esac\n"
+      << "exec ip netns exec \"$ns\" sh -c \"$2\"\n";
+  std::filesystem::permissions(ssh, std::filesystem::perms::owner_all);
+  const std::string secret = (dir_.path() / "secret").string();
+  std::ofstream(secret) << "fedcba9876543210fedcba9876543210";
+  std::string cmd = "UCX_TLS=tcp exec ip netns exec " + a;
+  cmd += " " + std::string(GEMMA2_BINARY_DIR) + "/bin/gemma2-launch --model " + model_.string();
+  cmd += " --tp 2 --hosts 10.234.0.1,10.234.0.2 --control-port " +
+         std::to_string(20000 + getpid() % 20000);
+  cmd += " --secret-file " + secret + " --ssh " + ssh + " --port 0 --host 10.234.0.1 2>&1";
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  Launched head;
+  head.pid = fork();
+  if (head.pid == 0) {
+    dup2(fds[1], 1);
+    close(fds[0]);
+    execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  close(fds[1]);
+  head.out = fdopen(fds[0], "r");
+  // Node 1's launcher prints its line into the same stream (through the fake ssh); find ready.
+  std::string ready, log;
+  for (int i = 0; i < 4 && ready.empty(); ++i) {
+    const std::string line = ReadLine(head.out);
+    log += line;
+    if (line.find("ready") != std::string::npos) ready = line;
+  }
+  EXPECT_NE(ready.find("ready: 4 ranks (tp 2 x pp 2)"), std::string::npos) << log;
+  std::string answer;
+  const auto at = ready.find("http://");
+  if (at != std::string::npos) {
+    const std::string url = ready.substr(at, ready.find_first_of(" \n", at) - at);
+    FILE* p =
+        popen(("ip netns exec " + a + " curl -sS --max-time 60 " + url +
+               "/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": [" + ids_ +
+               "], \"max_tokens\": 4, \"temperature\": 0, \"ignore_eos\": true, "
+               "\"return_token_ids\": true}'")
+                  .c_str(),
+              "r");
+    char buf[65536];
+    size_t got;
+    while ((got = fread(buf, 1, sizeof(buf), p)) > 0) answer.append(buf, got);
+    pclose(p);
+  }
+  kill(head.pid, SIGTERM);
+  double s = 0;
+  EXPECT_EQ(WaitExit(head.pid, &s), 0);
+  EXPECT_LT(s, 15);
+  fclose(head.out);
+  std::system(("ip netns del " + a + "; ip netns del " + b).c_str());
+  const RunResult one = Exec("", Args("--max-new-tokens 4"));
+  ASSERT_EQ(one.code, 0) << one.err;
+  const auto j = nlohmann::json::parse(answer, nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << answer << log;
+  EXPECT_EQ(j["choices"][0]["token_ids"], nlohmann::json::parse(one.out)["generated_ids"])
+      << answer;
+  EXPECT_EQ(Alive(model_.string()), 0);
+}
+
+}  // namespace
+}  // namespace gemma2

@@ -1,15 +1,17 @@
 #include "model/rank_model.h"
 
-#include "common/sampling_noise.h"
-
 #include <algorithm>
 #include <cmath>
+
+#include "common/sampling_noise.h"
+#include "model/shard_pick.h"
 
 namespace gemma2 {
 
 std::unique_ptr<SequenceKv> RankModel::NewSequenceKv() {
   // Caches for this stage's layers only, indexed from the stage's first layer.
-  return backend_.NewSequenceKv(plan_.layer_end - plan_.layer_begin, plan_.kv_heads(), config_.head_dim);
+  return backend_.NewSequenceKv(plan_.layer_end - plan_.layer_begin, plan_.kv_heads(),
+                                config_.head_dim);
 }
 
 Result<std::unique_ptr<RankModel>> RankModel::Load(const WeightSource& ck, const ShardPlan& plan,
@@ -41,8 +43,8 @@ std::pair<int64_t, int64_t> RankModel::LoadSize() const {
       tensors += 2;
     }
   }
-  const int64_t per_layer = 4 * h + (p.q_heads() + 2 * p.kv_heads()) * hd * h +
-                            h * p.q_heads() * hd + 3 * p.inter() * h;
+  const int64_t per_layer =
+      4 * h + (p.q_heads() + 2 * p.kv_heads()) * hd * h + h * p.q_heads() * hd + 3 * p.inter() * h;
   elems += (p.layer_end - p.layer_begin) * per_layer;
   tensors += (p.layer_end - p.layer_begin) * 8;
   return {elems * DTypeSize(backend_.weight_dtype()), tensors};
@@ -167,59 +169,22 @@ Status RankModel::LoadWeights(const WeightSource& ck, const Progress& progress) 
   return OkStatus();
 }
 
-// Greedy and temperature-only draws are a maximum of per-token scores (SampleRow's Gumbel-max),
-// so each vocabulary shard can pick its best and the ranks compare only those.
-bool RankModel::DecomposablePick(std::span<const RowSampling> rows) {
-  return std::all_of(rows.begin(), rows.end(), [](const RowSampling& s) {
-    return s.params.greedy || (s.params.top_k == 0 && s.params.top_p >= 1.0f);
-  });
-}
-
-Status RankModel::PickAcrossShards(const Tensor& local, std::span<const RowSampling> rows,
-                                   Collective& comm, StepOutput* out) {
+Result<bool> RankModel::PickAcrossShards(const Tensor& local, std::span<const RowSampling> rows,
+                                         Collective& comm, StepOutput* out) {
   Backend& b = backend_;
   const int64_t r = local.rows, v = local.cols, tp = comm.size();
   std::vector<float> logits(static_cast<size_t>(r * v));
   RETURN_IF_ERROR(b.ToHost(local, logits.data()));
-  // Slot (row, rank): this rank's best score and its global token id; zeros elsewhere, so the
-  // sum over ranks is exact and assembles every rank's candidate.
-  std::vector<float> slots(static_cast<size_t>(r * tp * 2), 0.0f);
-  for (int64_t i = 0; i < r; ++i) {
-    const RowSampling& s = rows[static_cast<size_t>(i)];
-    float best = -INFINITY;
-    int64_t best_j = -1;
-    for (int64_t j = 0; j < v; ++j) {
-      const float x = logits[static_cast<size_t>(i * v + j)];
-      const float score = s.params.greedy
-                              ? x
-                              : x / s.params.temperature +
-                                    GumbelNoise(s.params.seed, s.counter, static_cast<uint64_t>(plan_.vocab_begin + j));
-      if (best_j < 0 || score > best) {
-        best = score;
-        best_j = j;
-      }
-    }
-    float* slot = slots.data() + (i * tp + comm.rank()) * 2;
-    slot[0] = best;
-    slot[1] = best_j < 0 ? -1.0f : static_cast<float>(plan_.vocab_begin + best_j);  // exact below 2^24
-  }
-  ASSIGN_OR_RETURN(Tensor exchange, b.OutputFromHost(slots.data(), r, tp * 2));
+  const int64_t width = ShardPickSlotWidth(rows);
+  std::vector<float> slots(static_cast<size_t>(r * tp * width), 0.0f);
+  FillShardPick(logits, r, v, plan_.vocab_begin, rows, comm.rank(), static_cast<int>(tp), width,
+                slots);
+  ASSIGN_OR_RETURN(Tensor exchange, b.OutputFromHost(slots.data(), r, tp * width));
   RETURN_IF_ERROR(comm.AllReduceSum(exchange));
   RETURN_IF_ERROR(b.ToHost(exchange, slots.data()));
-  for (int64_t i = 0; i < r; ++i) {
-    float best = -INFINITY;
-    int64_t best_id = -1;
-    for (int64_t k = 0; k < tp; ++k) {  // shards in vocabulary order: ties keep the lowest id
-      const float* slot = slots.data() + (i * tp + k) * 2;
-      if (slot[1] < 0) continue;
-      if (best_id < 0 || slot[0] > best) {
-        best = slot[0];
-        best_id = static_cast<int64_t>(slot[1]);
-      }
-    }
-    out->ids[static_cast<size_t>(i)] = static_cast<int32_t>(best_id < 0 ? 0 : best_id);
-  }
-  return OkStatus();
+  // Every rank holds the same sums, so every rank decides alike (also to fall back).
+  return DecideShardPick(slots, r, static_cast<int>(tp), width, config_.vocab_size, rows,
+                         out->ids.data());
 }
 
 AttentionParams RankModel::AttentionFor(int64_t layer) const {
@@ -273,7 +238,8 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
     RETURN_IF_ERROR(comm.AllReduceSum(x));
   } else {
     // The residual stream of the previous stage (its rank 0 of the pair is that stage).
-    if (pipe.prev == nullptr) return Internal("pipeline stage " + std::to_string(plan_.stage) + " has no previous stage");
+    if (pipe.prev == nullptr)
+      return Internal("pipeline stage " + std::to_string(plan_.stage) + " has no previous stage");
     RETURN_IF_ERROR(pipe.prev->RecvFrom(x, 0));
   }
 
@@ -314,7 +280,8 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
     b.AddRmsNorm(x, down, w.post_feedforward_norm, next_norm, eps, normed);
   }
   if (!plan_.last_stage()) {
-    if (pipe.next == nullptr) return Internal("pipeline stage " + std::to_string(plan_.stage) + " has no next stage");
+    if (pipe.next == nullptr)
+      return Internal("pipeline stage " + std::to_string(plan_.stage) + " has no next stage");
     RETURN_IF_ERROR(pipe.next->SendTo(x, 1));
     out->rows = 0;
     out->width = c.output_size();
@@ -336,8 +303,10 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
     Tensor local = b.AllocOutput(r, lm_head_.rows);
     b.Linear(sel, lm_head_, nullptr, local);
     if (c.final_logit_softcap > 0) b.Softcap(local, static_cast<float>(c.final_logit_softcap));
-    if (ids_only && comm.size() > 1 && DecomposablePick(sampling)) {
-      return PickAcrossShards(local, sampling, comm, out);
+    if (ids_only && comm.size() > 1) {
+      ASSIGN_OR_RETURN(const bool picked, PickAcrossShards(local, sampling, comm, out));
+      if (picked) return OkStatus();
+      ++shard_pick_fallbacks_;  // a threshold below what the candidates prove: assemble the rows
     }
     Tensor full = b.AllocOutput(r, c.vocab_size);
     b.ScatterColumns(local, plan_.vocab_begin, full);

@@ -42,6 +42,9 @@ class RankModel {
   const ShardPlan& plan() const { return plan_; }
   Backend& backend() { return backend_; }
   std::unique_ptr<SequenceKv> NewSequenceKv();
+  // Steps whose sampled rows had to be assembled across ranks (top-k/top-p not decided by the
+  // shards' candidates).
+  int64_t shard_pick_fallbacks() const { return shard_pick_fallbacks_; }
   Status CopyKvPrefix(const SequenceKv& src, SequenceKv& dst, int64_t tokens) {
     return backend_.CopyKvPrefix(src, dst, tokens);
   }
@@ -62,12 +65,13 @@ class RankModel {
   Result<Tensor> Read(const WeightSource& ck, const std::string& name,
                       const std::vector<int64_t>& full_shape, const Region& region);
   AttentionParams AttentionFor(int64_t layer) const;
-  static bool DecomposablePick(std::span<const RowSampling> rows);
-  // Picks each row's token from this rank's vocabulary shard, then compares the ranks' picks.
-  Status PickAcrossShards(const Tensor& local, std::span<const RowSampling> rows, Collective& comm,
-                          StepOutput* out);
+  // Each row's token from the vocabulary shards without assembling rows (model/shard_pick.h);
+  // false when the rows must be assembled after all.
+  Result<bool> PickAcrossShards(const Tensor& local, std::span<const RowSampling> rows,
+                                Collective& comm, StepOutput* out);
   void Loaded(const Tensor& t);  // progress accounting
 
+  int64_t shard_pick_fallbacks_ = 0;
   Progress progress_;
   int64_t loaded_bytes_ = 0, loaded_tensors_ = 0, total_bytes_ = 0, total_tensors_ = 0;
 

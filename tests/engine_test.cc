@@ -237,3 +237,35 @@ TEST_F(EngineTest, CopiedPrefixContinuesLikeTheComputedOne) {
 
 }  // namespace
 }  // namespace gemma2
+
+namespace gemma2 {
+namespace {
+
+// Top-k / top-p draws picked across vocabulary shards equal the single-rank draws.
+TEST_F(EngineTest, TopKTopPDrawsAcrossShardsEqualOneRank) {
+  Make(SmallGqa());
+  std::vector<GenerationRequest> reqs;
+  for (int i = 0; i < 6; ++i) {
+    GenerationRequest g;
+    g.prompt = {2, static_cast<int32_t>(10 + i), 40, 41};
+    g.max_new_tokens = 12;
+    g.ignore_eos = true;
+    g.sampling.greedy = false;
+    g.sampling.temperature = 0.6f + 0.3f * static_cast<float>(i);
+    g.sampling.top_k = i % 2 ? 7 : 0;
+    g.sampling.top_p = i % 3 ? 0.8f : 1.0f;
+    g.sampling.seed = 100 + static_cast<uint64_t>(i);
+    reqs.push_back(g);
+  }
+  auto one = Generate(*NewEngine(1), reqs);
+  ASSERT_TRUE(one.ok()) << one.status().ToString();
+  for (int tp : {2, 4}) {
+    auto many = Generate(*NewEngine(tp), reqs);
+    ASSERT_TRUE(many.ok()) << many.status().ToString();
+    for (size_t i = 0; i < reqs.size(); ++i)
+      EXPECT_EQ((*many)[i].generated, (*one)[i].generated) << tp << " " << i;
+  }
+}
+
+}  // namespace
+}  // namespace gemma2

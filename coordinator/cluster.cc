@@ -362,21 +362,62 @@ int64_t ClusterEngine::SequenceLength(int64_t id) const {
   return it == lengths_.end() ? -1 : it->second;
 }
 
+// Micro-batches for the pipeline: up to `micro_batches` contiguous groups of the plan's sequences
+// with about equal tokens. The first carries the plan's KV copies.
+std::vector<StepPlan> ClusterEngine::SplitForPipeline(const StepPlan& plan) const {
+  const size_t want = static_cast<size_t>(opts_.micro_batches > 0 ? opts_.micro_batches : opts_.pp);
+  const size_t n = std::min(want, plan.sequences.size());
+  if (opts_.pp == 1 || n <= 1 || plan.total_tokens() < opts_.micro_batch_min_tokens) return {plan};
+  std::vector<StepPlan> parts(n);
+  for (auto& p : parts) p.ids_only = plan.ids_only;
+  parts[0].kv_copies = plan.kv_copies;
+  const double per_part = static_cast<double>(plan.total_tokens()) / static_cast<double>(n);
+  int64_t done = 0;
+  size_t part = 0;
+  for (size_t i = 0; i < plan.sequences.size(); ++i) {
+    // Move on once this part has its share, keeping one sequence for every part still to fill.
+    const size_t left = plan.sequences.size() - i;
+    if (part + 1 < n && !parts[part].sequences.empty() &&
+        (static_cast<double>(done) >= per_part * static_cast<double>(part + 1) ||
+         left <= n - part - 1)) {
+      ++part;
+    }
+    parts[part].sequences.push_back(plan.sequences[i]);
+    done += static_cast<int64_t>(plan.sequences[i].tokens.size());
+  }
+  return parts;
+}
+
 Result<StepOutput> ClusterEngine::Step(const StepPlan& plan) {
   if (!down_.ok()) return down_.WithContext("cluster is down");
   RETURN_IF_ERROR(ValidateStep(config_, lengths_, plan));
-  StepPlan sent = plan;
-  sent.released = std::move(released_);
+  std::vector<StepPlan> parts = SplitForPipeline(plan);
+  parts.front().released = std::move(released_);  // frees and copies go first
   released_.clear();
-  const std::vector<uint8_t> payload = rpc::EncodeStep(sent);
-  for (size_t r = 0; r < ranks_.size(); ++r) {
-    const Status st = ranks_[r]->Send(rpc::MessageType::kStep, payload, opts_.step_timeout);
-    if (!st.ok()) return Fail(st.WithContext("step: rank " + std::to_string(r) + " lost"));
+  // Every part goes out before any answer is awaited: while the last stage works on part i, the
+  // first stage already runs part i + 1 (ranks take their steps in order).
+  for (const StepPlan& part : parts) {
+    const std::vector<uint8_t> payload = rpc::EncodeStep(part);
+    for (size_t r = 0; r < ranks_.size(); ++r) {
+      const Status st = ranks_[r]->Send(rpc::MessageType::kStep, payload, opts_.step_timeout);
+      if (!st.ok()) return Fail(st.WithContext("step: rank " + std::to_string(r) + " lost"));
+    }
   }
-  ASSIGN_OR_RETURN(auto answers, CollectAll(opts_.step_timeout, "step"));
-  // The last stage's tensor-parallel rank 0 carries the outputs.
+  // The last stage's tensor-parallel rank 0 carries the outputs; parts' rows follow plan order.
   const size_t carrier = static_cast<size_t>((opts_.pp - 1) * opts_.tp);
-  ASSIGN_OR_RETURN(StepOutput out, rpc::DecodeStepOutput(answers[carrier].payload));
+  StepOutput out;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    ASSIGN_OR_RETURN(auto answers, CollectAll(opts_.step_timeout, "step"));
+    ASSIGN_OR_RETURN(StepOutput part, rpc::DecodeStepOutput(answers[carrier].payload));
+    if (i == 0) {
+      out = std::move(part);
+      continue;
+    }
+    if (part.rows > 0) out.width = part.width;
+    out.rows += part.rows;
+    out.values.insert(out.values.end(), part.values.begin(), part.values.end());
+    out.ids.insert(out.ids.end(), part.ids.begin(), part.ids.end());
+  }
   StepPlan::ApplyCopies(plan.kv_copies, lengths_);
   for (const auto& s : plan.sequences)
     lengths_[s.sequence_id] += static_cast<int64_t>(s.tokens.size());

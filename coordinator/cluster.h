@@ -37,6 +37,12 @@ struct ClusterOptions {
   std::string model;  // checkpoint directory every worker reads its shard from
   int tp = 1;
   int pp = 1;  // pipeline stages; tp * pp worker processes
+  // A step's sequences go through the pipeline in this many micro-batches (0: pp), so stages
+  // work at the same time instead of in turn — when the step has at least
+  // `micro_batch_min_tokens` tokens: splitting pays when a stage's time grows with its tokens
+  // (prefill); a memory-bound decode step takes about as long for half the batch.
+  int micro_batches = 0;
+  int64_t micro_batch_min_tokens = 256;
   std::string backend = "cpu";
   int threads_per_worker = 1;
   std::string worker_binary;  // gemma2-worker; default: beside /proc/self/exe
@@ -89,6 +95,7 @@ class ClusterEngine final : public StepExecutor {
   Result<std::vector<rpc::Received>> CollectAll(std::chrono::milliseconds timeout,
                                                 const char* what);
   Status Fail(Status st);
+  std::vector<StepPlan> SplitForPipeline(const StepPlan& plan) const;
   // A rendezvous request (kStoreSet / kStoreGet) from `rank`.
   Status ServeStore(size_t rank, const rpc::Received& m);
 

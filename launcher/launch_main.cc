@@ -41,6 +41,8 @@ struct Args {
   // Fan-out from the head node: one node launcher per further host, started over ssh.
   std::vector<std::string> hosts;
   int control_port = 29500;
+  int micro_batches = 0;
+  int64_t micro_batch_min_tokens = 256;
   std::string ssh = "ssh -o BatchMode=yes";
   int64_t step_timeout_s = 60, startup_timeout_s = 120;
   double heartbeat_timeout_s = 10, drain_timeout_s = 30, linger_on_loss_s = 1;
@@ -264,6 +266,8 @@ Status Run(Args a) {
     remote.push_back(pid);
   }
   co.backend = a.backend;
+  co.micro_batches = a.micro_batches;
+  co.micro_batch_min_tokens = a.micro_batch_min_tokens;
   co.step_timeout = std::chrono::seconds(a.step_timeout_s);
   co.startup_timeout = std::chrono::seconds(a.startup_timeout_s);
   co.heartbeat_timeout =
@@ -356,6 +360,11 @@ int main(int argc, char** argv) {
   app.add_option("--ssh", a.ssh, "the command that runs a command on another host (--hosts)");
   app.add_option("--address", a.address,
                  "this node's address the collectives bind to (with --master)");
+  app.add_option("--micro-batches", a.micro_batches,
+                 "micro-batches per step through the pipeline stages (0: one per stage)")
+      ->check(CLI::Range(0, 1024));
+  app.add_option("--micro-batch-min-tokens", a.micro_batch_min_tokens,
+                 "steps with fewer tokens are not split into micro-batches");
   app.add_option("--step-timeout", a.step_timeout_s, "seconds before a step counts as hung");
   app.add_option("--startup-timeout", a.startup_timeout_s, "seconds for every rank to be ready");
   app.add_option("--heartbeat-timeout", a.heartbeat_timeout_s,

@@ -281,6 +281,30 @@ TEST_F(ServerTest, RepeatedPromptsReuseTheCachedPrefix) {
   EXPECT_EQ(second["choices"][0]["text"], first["choices"][0]["text"]);
 }
 
+// Two pipeline stages: a batch goes through in micro-batches (stage 0 runs the second while stage 1
+// runs the first) and gives exactly what one micro-batch per step gives.
+TEST_F(ServerTest, PipelineMicroBatchesGiveTheSameAnswers) {
+  const json body = {{"prompt", {"The sea", "A cluster of GPUs", "Hello, my name is", "x y z"}},
+                     {"max_tokens", 8},
+                     {"n", 2},
+                     {"temperature", 0.8},
+                     {"seed", 5},
+                     {"return_token_ids", true}};
+  std::vector<json> answers;
+  for (const char* micro : {"--micro-batches 1", "--micro-batches 2", "--micro-batches 3"}) {
+    Server s(Lm(), std::string("--tp 1 --nodes 2 --micro-batch-min-tokens 1 ") + micro);
+    ASSERT_TRUE(s.ok()) << s.ready_line();
+    auto r = s.Call("POST", "/v1/completions", body.dump(), {});
+    ASSERT_EQ(r.status, 200) << r.body;
+    answers.push_back(json::parse(r.body)["choices"]);
+  }
+  ASSERT_EQ(answers[0].size(), 8u);
+  for (size_t i = 1; i < answers.size(); ++i) {
+    for (size_t c = 0; c < 8; ++c)
+      EXPECT_EQ(answers[i][c]["token_ids"], answers[0][c]["token_ids"]) << i << " " << c;
+  }
+}
+
 // Streamed pieces concatenated are the non-streamed text (stop strings included), and no chunk
 // carries a broken UTF-8 character (it would show as U+FFFD).
 TEST_F(ServerTest, StreamedTextEqualsTheUnstreamedText) {

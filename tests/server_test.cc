@@ -234,6 +234,31 @@ TEST_F(ServerTest, ClassifyServesASequenceClassifier) {
     EXPECT_NEAR(r["data"][0]["logits"][k].get<double>(), offline["logits"][0][k].get<double>(),
                 1e-5)
         << offline;
+  // A token classifier: one scored row per input token.
+  const std::string tok_model = (dir_->path() / "tokcls").string();
+  int made = 0;
+  Shell(Bin("gemma2-make-checkpoint") + " --out " + tok_model +
+            " --vocab 64 --arch tokcls --labels 4 2>&1",
+        &made);
+  ASSERT_EQ(made, 0);
+  Server tok(tok_model, "--tp 2");
+  ASSERT_TRUE(tok.ok()) << tok.ready_line();
+  auto t = tok.Call("POST", "/v1/classify", R"({"input": [3, 4, 5, 6, 7]})", {});
+  ASSERT_EQ(t.status, 200) << t.body;
+  const json tj = json::parse(t.body);
+  ASSERT_EQ(tj["data"][0]["tokens"].size(), 5u) << tj;
+  EXPECT_EQ(tj["data"][0]["tokens"][4]["token_id"], 7);
+  EXPECT_EQ(tj["data"][0]["tokens"][4]["probs"].size(), 4u);
+  int code2 = 0;
+  const json off = json::parse(
+      Shell(Bin("gemma2-run") + " --model " + tok_model + " --prompt-ids 3,4,5,6,7", &code2));
+  ASSERT_EQ(code2, 0);
+  for (int row = 0; row < 5; ++row) {
+    for (int k = 0; k < 4; ++k) {
+      EXPECT_NEAR(tj["data"][0]["tokens"][row]["logits"][k].get<double>(),
+                  off["logits"][row][k].get<double>(), 1e-5);
+    }
+  }
   // A generation route on a classifier is a clear 400.
   auto bad = cls.Call("POST", "/v1/completions", R"({"prompt":[3]})", {});
   EXPECT_EQ(bad.status, 400);
@@ -261,6 +286,52 @@ TEST_F(ServerTest, GreedyThroughTheServerEqualsGemma2Run) {
     ++checked;
   }
   EXPECT_GE(checked, 4);
+}
+
+// Chat with n > 1 and logprobs, streamed and not: OpenAI's shapes, the same tokens either way.
+TEST_F(ServerTest, ChatLogprobsAndSeveralChoicesStreamed) {
+  const json body = {{"messages", {{{"role", "user"}, {"content", "Tell me about the sea"}}}},
+                     {"max_tokens", 5},
+                     {"n", 2},
+                     {"temperature", 0.9},
+                     {"seed", 3},
+                     {"logprobs", true},
+                     {"top_logprobs", 3}};
+  const json whole = server_->Post("/v1/chat/completions", body);
+  ASSERT_EQ(whole["choices"].size(), 2u) << whole;
+  for (const auto& c : whole["choices"]) {
+    const auto& content = c["logprobs"]["content"];
+    ASSERT_EQ(content.size(), 5u) << c;
+    for (const auto& t : content) {
+      EXPECT_LE(t["logprob"].get<double>(), 0.0);
+      ASSERT_EQ(t["top_logprobs"].size(), 3u);
+      EXPECT_GE(t["top_logprobs"][0]["logprob"].get<double>(),
+                t["top_logprobs"][2]["logprob"].get<double>());
+      EXPECT_TRUE(t["bytes"].is_array());
+    }
+  }
+  json streamed = body;
+  streamed["stream"] = true;
+  HttpCall call{
+      "POST", "/v1/chat/completions", streamed.dump(), {{"Authorization", "Bearer " + kKey}}};
+  std::vector<std::string> text(2);
+  std::vector<int> logprob_tokens(2, 0);
+  auto r = serving::HttpStream(server_->url(), call, [&](std::string_view data) {
+    if (data == "[DONE]") return true;
+    const json chunk = json::parse(data);
+    for (const auto& c : chunk["choices"]) {
+      const size_t i = c["index"];
+      text[i] += c["delta"].value("content", "");
+      if (!c["logprobs"].is_null())
+        logprob_tokens[i] += static_cast<int>(c["logprobs"]["content"].size());
+    }
+    return true;
+  });
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(text[i], whole["choices"][i]["message"]["content"]) << i;
+    EXPECT_EQ(logprob_tokens[i], 5) << i;
+  }
 }
 
 // Through the cluster: a repeated long prompt reuses the cached prefix (copied on every rank) and

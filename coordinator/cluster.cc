@@ -302,7 +302,7 @@ ClusterEngine::~ClusterEngine() {
   }
 }
 
-Status ClusterEngine::Watch(std::chrono::milliseconds duration, const volatile bool* stop) {
+Status ClusterEngine::Watch(std::chrono::milliseconds duration, const std::atomic<bool>* stop) {
   if (!down_.ok()) return down_;
   for (size_t r = 0; r < ranks_.size(); ++r) {
     const Status st = ranks_[r]->StartReceive();

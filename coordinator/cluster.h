@@ -9,6 +9,7 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <chrono>
 #include <map>
 #include <memory>
@@ -85,7 +86,7 @@ class ClusterEngine final : public StepExecutor {
   Result<StepOutput> Step(const StepPlan& plan) override;
   // Between steps: watches every rank for `duration`; an error names a rank that was lost or sent
   // something unasked. Returns early (OK) if `stop` becomes true.
-  Status Watch(std::chrono::milliseconds duration, const volatile bool* stop = nullptr);
+  Status Watch(std::chrono::milliseconds duration, const std::atomic<bool>* stop = nullptr);
   int world() const { return static_cast<int>(ranks_.size()); }
 
  private:

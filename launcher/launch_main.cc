@@ -282,7 +282,7 @@ Status Run(Args a) {
   }
 
   serving::Metrics metrics;
-  a.sched.idle_watch = [&](std::chrono::milliseconds d, const volatile bool* wake) {
+  a.sched.idle_watch = [&](std::chrono::milliseconds d, const std::atomic<bool>* wake) {
     return cluster->Watch(d, wake);
   };
   auto scheduler =

@@ -5,6 +5,7 @@
 // thread and is the only user of the executor.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -35,7 +36,7 @@ struct SchedulerOptions {
   size_t prefix_cache_entries = 256;
   // Between steps: how the executor is watched while idle (the cluster's heartbeats). Returns
   // early when *wake turns true; an error means the executor is lost.
-  std::function<Status(std::chrono::milliseconds, const volatile bool* wake)> idle_watch;
+  std::function<Status(std::chrono::milliseconds, const std::atomic<bool>* wake)> idle_watch;
 };
 
 class Scheduler {
@@ -90,7 +91,7 @@ class Scheduler {
   std::deque<std::shared_ptr<RequestHandle>> incoming_;
   bool draining_ = false, stop_ = false;
   std::optional<Status> lost_;
-  volatile bool wake_ = false;
+  std::atomic<bool> wake_{false};
 
   // Scheduler thread only.
   std::deque<std::unique_ptr<Sequence>> waiting_;        // not yet (or no longer) holding KV

@@ -48,8 +48,12 @@ Result<pid_t> SpawnWorker(const WorkerSpawn& w, int rank) {
     argv_s.push_back("--parent-pid");
     argv_s.push_back(std::to_string(getpid()));
   }
+  return SpawnProcess(std::move(argv_s), "rank " + std::to_string(rank));
+}
+
+Result<pid_t> SpawnProcess(std::vector<std::string> argv_s, const std::string& what) {
   const pid_t pid = fork();
-  if (pid < 0) return Internal("fork failed while starting rank " + std::to_string(rank));
+  if (pid < 0) return Internal("fork failed while starting " + what);
   if (pid == 0) {
     std::vector<char*> argv;
     for (auto& a : argv_s) argv.push_back(a.data());

@@ -33,6 +33,8 @@ struct WorkerSpawn {
   bool tie_to_parent = true;             // the worker dies with this process (--parent-pid)
 };
 Result<pid_t> SpawnWorker(const WorkerSpawn& w, int rank);
+// Forks and runs argv (argv[0] found through PATH); a child that cannot exec exits 127.
+Result<pid_t> SpawnProcess(std::vector<std::string> argv, const std::string& what);
 
 struct ClusterOptions {
   std::string model;  // checkpoint directory every worker reads its shard from

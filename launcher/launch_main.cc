@@ -186,16 +186,7 @@ Result<pid_t> StartRemoteNode(const Args& a, size_t i) {
   for (std::string w; words >> w;) argv_s.push_back(w);
   argv_s.push_back(a.hosts[i]);
   argv_s.push_back(cmd);
-  const pid_t pid = fork();
-  if (pid < 0) return Internal("fork failed while starting node " + std::to_string(i));
-  if (pid == 0) {
-    std::vector<char*> argv;
-    for (auto& s : argv_s) argv.push_back(s.data());
-    argv.push_back(nullptr);
-    execvp(argv[0], argv.data());
-    _exit(127);
-  }
-  return pid;
+  return SpawnProcess(std::move(argv_s), "node " + std::to_string(i));
 }
 
 Status Run(Args a) {

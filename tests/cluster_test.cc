@@ -134,31 +134,53 @@ TEST_F(ClusterTest, ClassifierThroughPipelineStages) {
   EXPECT_LE(testing::RelativeL2(got.data(), ref.logits.data(), ref.width), 1e-4);
 }
 
+// Two "hosts" on this machine: network namespaces joined by a veth pair, 10.NET.0.1 and
+// 10.NET.0.2; removed again with the object. ok() is false where they cannot be made (not root).
+class TwoNamespaces {
+ public:
+  TwoNamespaces(const std::string& tag, int net) {
+    const std::string id = std::to_string(getpid() % 100000);
+    a_ = "g2" + tag + "a" + id;
+    b_ = "g2" + tag + "b" + id;
+    const std::string va = "g2" + tag + "va" + id, vb = "g2" + tag + "vb" + id;
+    const std::string prefix = "10." + std::to_string(net) + ".0.";
+    std::string setup = "ip netns add " + a_ + " && ip netns add " + b_;
+    setup += " && ip link add " + va + " type veth peer name " + vb;
+    setup += " && ip link set " + va + " netns " + a_ + " && ip link set " + vb + " netns " + b_;
+    setup += " && ip -n " + a_ + " addr add " + prefix + "1/24 dev " + va;
+    setup += " && ip -n " + b_ + " addr add " + prefix + "2/24 dev " + vb;
+    setup += " && ip -n " + a_ + " link set lo up && ip -n " + b_ + " link set lo up";
+    setup +=
+        " && ip -n " + a_ + " link set " + va + " up && ip -n " + b_ + " link set " + vb + " up";
+    ok_ = geteuid() == 0 && std::system((setup + " 2>/dev/null").c_str()) == 0;
+  }
+  ~TwoNamespaces() {
+    std::system(
+        ("ip netns del " + a_ + " 2>/dev/null; ip netns del " + b_ + " 2>/dev/null").c_str());
+  }
+  bool ok() const { return ok_; }
+  const std::string& a() const { return a_; }
+  const std::string& b() const { return b_; }
+
+ private:
+  std::string a_, b_;
+  bool ok_ = false;
+};
+
 // Two "nodes" on one machine: network namespaces joined by a veth pair. The coordinator and
 // stage 0 (ranks 0, 1) run in one, stage 1 (ranks 2, 3) in the other: the control plane (UCX over
 // TCP) and the pipeline's activations (Gloo) cross the link.
 TEST_F(ClusterTest, TwoNodesInNetworkNamespaces) {
-  const std::string a = "g2a" + std::to_string(getpid()), b = "g2b" + std::to_string(getpid());
-  const std::string va = "g2va" + std::to_string(getpid() % 100000),
-                    vb = "g2vb" + std::to_string(getpid() % 100000);
-  const std::string setup = "ip netns add " + a + " && ip netns add " + b + " && ip link add " +
-                            va + " type veth peer name " + vb + " && ip link set " + va +
-                            " netns " + a + " && ip link set " + vb + " netns " + b + " && ip -n " +
-                            a + " addr add 10.231.0.1/24 dev " + va + " && ip -n " + b +
-                            " addr add 10.231.0.2/24 dev " + vb + " && ip -n " + a +
-                            " link set lo up && ip -n " + b + " link set lo up && ip -n " + a +
-                            " link set " + va + " up && ip -n " + b + " link set " + vb + " up";
-  if (geteuid() != 0 || std::system((setup + " 2>/dev/null").c_str()) != 0) {
-    std::system(("ip netns del " + a + " 2>/dev/null; ip netns del " + b + " 2>/dev/null").c_str());
+  TwoNamespaces ns("t", 231);
+  if (!ns.ok())
     GTEST_SKIP() << "skipped: cannot create network namespaces here (needs root and iproute2)";
-  }
+  const std::string &a = ns.a(), &b = ns.b();
   const RunResult one = Exec("", Args("--max-new-tokens 4 --logits"));
   const RunResult two = Exec("UCX_TLS=tcp ip netns exec " + a,
                              Args("--max-new-tokens 4 --logits --launch local --tp 2 --pp 2 "
                                   "--listen 10.231.0.1 --node-exec 'ip netns exec " +
                                   a + "' --node-address 10.231.0.1 --node-exec 'ip netns exec " +
                                   b + "' --node-address 10.231.0.2"));
-  std::system(("ip netns del " + a + "; ip netns del " + b).c_str());
   ASSERT_EQ(one.code, 0) << one.err;
   ASSERT_EQ(two.code, 0) << two.err;
   const auto want = nlohmann::json::parse(one.out), got = nlohmann::json::parse(two.out);
@@ -333,29 +355,20 @@ namespace {
 // with the shared secret and meet their peers through the control plane's rendezvous. The answer
 // equals the one-process run; SIGTERM on the master stops both nodes (exit 0 each).
 TEST_F(ClusterTest, PerNodeLaunchAcrossNamespaces) {
-  const std::string id = std::to_string(getpid() % 100000);
-  const std::string a = "g2na" + id, b = "g2nb" + id, va = "g2nva" + id, vb = "g2nvb" + id;
-  const std::string setup = "ip netns add " + a + " && ip netns add " + b + " && ip link add " +
-                            va + " type veth peer name " + vb + " && ip link set " + va +
-                            " netns " + a + " && ip link set " + vb + " netns " + b + " && ip -n " +
-                            a + " addr add 10.233.0.1/24 dev " + va + " && ip -n " + b +
-                            " addr add 10.233.0.2/24 dev " + vb + " && ip -n " + a +
-                            " link set lo up && ip -n " + b + " link set lo up && ip -n " + a +
-                            " link set " + va + " up && ip -n " + b + " link set " + vb + " up";
-  if (geteuid() != 0 || std::system((setup + " 2>/dev/null").c_str()) != 0) {
-    std::system(("ip netns del " + a + " 2>/dev/null; ip netns del " + b + " 2>/dev/null").c_str());
+  TwoNamespaces ns("n", 233);
+  if (!ns.ok())
     GTEST_SKIP() << "skipped: cannot create network namespaces here (needs root and iproute2)";
-  }
+  const std::string &a = ns.a(), &b = ns.b();
   const std::string secret = (dir_.path() / "secret").string();
   std::ofstream(secret) << "0123456789abcdef0123456789abcdef";
   const std::string master = "10.233.0.1:" + std::to_string(20000 + getpid() % 20000);
   const std::string common = " --model " + model_.string() + " --tp 2 --nodes 2 --master " +
                              master + " --secret-file " + secret;
-  auto start = [&](const std::string& ns, const std::string& args) {
+  auto start = [&](const std::string& space, const std::string& args) {
     Launched l;
     int fds[2];
     EXPECT_EQ(pipe(fds), 0);
-    const std::string cmd = "UCX_TLS=tcp exec ip netns exec " + ns + " " +
+    const std::string cmd = "UCX_TLS=tcp exec ip netns exec " + space + " " +
                             std::string(GEMMA2_BINARY_DIR) + "/bin/gemma2-launch" + common + args +
                             " 2>&1";
     l.pid = fork();
@@ -399,7 +412,6 @@ TEST_F(ClusterTest, PerNodeLaunchAcrossNamespaces) {
   EXPECT_LT(s0 + s1, 15);
   fclose(node0.out);
   fclose(node1.out);
-  std::system(("ip netns del " + a + "; ip netns del " + b).c_str());
   const RunResult one = Exec("", Args("--max-new-tokens 4"));
   ASSERT_EQ(one.code, 0) << one.err;
   const auto j = nlohmann::json::parse(answer, nullptr, false);
@@ -419,19 +431,10 @@ namespace {
 // `--ssh` (here a stand-in for ssh that enters H1's network namespace and runs the command with
 // sh, as a remote login shell would). Same answer as one process; SIGTERM stops both nodes.
 TEST_F(ClusterTest, FanOutStartsTheOtherNodeOverSsh) {
-  const std::string id = std::to_string(getpid() % 100000);
-  const std::string a = "g2fa" + id, b = "g2fb" + id, va = "g2fva" + id, vb = "g2fvb" + id;
-  const std::string setup = "ip netns add " + a + " && ip netns add " + b + " && ip link add " +
-                            va + " type veth peer name " + vb + " && ip link set " + va +
-                            " netns " + a + " && ip link set " + vb + " netns " + b + " && ip -n " +
-                            a + " addr add 10.234.0.1/24 dev " + va + " && ip -n " + b +
-                            " addr add 10.234.0.2/24 dev " + vb + " && ip -n " + a +
-                            " link set lo up && ip -n " + b + " link set lo up && ip -n " + a +
-                            " link set " + va + " up && ip -n " + b + " link set " + vb + " up";
-  if (geteuid() != 0 || std::system((setup + " 2>/dev/null").c_str()) != 0) {
-    std::system(("ip netns del " + a + " 2>/dev/null; ip netns del " + b + " 2>/dev/null").c_str());
+  TwoNamespaces ns("f", 234);
+  if (!ns.ok())
     GTEST_SKIP() << "skipped: cannot create network namespaces here (needs root and iproute2)";
-  }
+  const std::string &a = ns.a(), &b = ns.b();
   const std::string ssh = (dir_.path() / "fake-ssh").string();
   std::ofstream(ssh)
       << "#!/bin/sh\n# fake-ssh HOST COMMAND: HOST's namespace, COMMAND through a shell\n"
@@ -486,7 +489,6 @@ TEST_F(ClusterTest, FanOutStartsTheOtherNodeOverSsh) {
   EXPECT_EQ(WaitExit(head.pid, &s), 0);
   EXPECT_LT(s, 15);
   fclose(head.out);
-  std::system(("ip netns del " + a + "; ip netns del " + b).c_str());
   const RunResult one = Exec("", Args("--max-new-tokens 4"));
   ASSERT_EQ(one.code, 0) << one.err;
   const auto j = nlohmann::json::parse(answer, nullptr, false);

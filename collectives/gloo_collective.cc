@@ -53,9 +53,8 @@ Result<std::unique_ptr<GlooCollective>> GlooCollective::Create(const GlooOptions
   return c;
 }
 
-Result<std::unique_ptr<GlooCollective>> GlooCollective::CreateWithFileStore(const GlooOptions& opts,
-                                                                            const std::string& dir,
-                                                                            const std::string& prefix) {
+Result<std::unique_ptr<GlooCollective>> GlooCollective::CreateWithFileStore(
+    const GlooOptions& opts, const std::string& dir, const std::string& prefix) {
   try {
     gloo::rendezvous::FileStore files(dir);
     if (prefix.empty()) return Create(opts, files);
@@ -67,8 +66,8 @@ Result<std::unique_ptr<GlooCollective>> GlooCollective::CreateWithFileStore(cons
 }
 
 Status GlooCollective::AllReduceSum(Tensor& t) {
+  if (opts_.size == 1 || t.numel() == 0) return OkStatus();  // the identity, for any dtype
   if (t.dtype != DType::kF32) return Internal(Who(opts_) + ": all-reduce of a non-fp32 tensor");
-  if (opts_.size == 1 || t.numel() == 0) return OkStatus();
   try {
     gloo::AllreduceOptions o(context_);
     o.setOutput(t.as<float>(), static_cast<size_t>(t.numel()));
@@ -89,10 +88,12 @@ Status GlooCollective::AllReduceSum(Tensor& t) {
 
 Status GlooCollective::SendTo(const Tensor& t, int peer) {
   try {
-    auto buf = context_->createUnboundBuffer(t.data, static_cast<size_t>(t.numel()) * DTypeSize(t.dtype));
+    auto buf =
+        context_->createUnboundBuffer(t.data, static_cast<size_t>(t.numel()) * DTypeSize(t.dtype));
     buf->send(peer, tag_++);
     if (!buf->waitSend(opts_.timeout)) {
-      return Status(StatusCode::kDeadlineExceeded, Who(opts_) + ": send to " + std::to_string(peer) + " timed out");
+      return Status(StatusCode::kDeadlineExceeded,
+                    Who(opts_) + ": send to " + std::to_string(peer) + " timed out");
     }
   } catch (const std::exception& e) {
     return FromException(opts_, "send", e);
@@ -102,10 +103,12 @@ Status GlooCollective::SendTo(const Tensor& t, int peer) {
 
 Status GlooCollective::RecvFrom(Tensor& t, int peer) {
   try {
-    auto buf = context_->createUnboundBuffer(t.data, static_cast<size_t>(t.numel()) * DTypeSize(t.dtype));
+    auto buf =
+        context_->createUnboundBuffer(t.data, static_cast<size_t>(t.numel()) * DTypeSize(t.dtype));
     buf->recv(peer, tag_++);
     if (!buf->waitRecv(opts_.timeout)) {
-      return Status(StatusCode::kDeadlineExceeded, Who(opts_) + ": receive from " + std::to_string(peer) + " timed out");
+      return Status(StatusCode::kDeadlineExceeded,
+                    Who(opts_) + ": receive from " + std::to_string(peer) + " timed out");
     }
   } catch (const std::exception& e) {
     return FromException(opts_, "receive", e);

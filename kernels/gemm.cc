@@ -153,7 +153,11 @@ Status Gemm::Run(const void* x, const void* w, void* out, bool out_f32, int64_t 
   s.c = out;
   s.ldc = n;
   s.c_f32 = out_f32;
-  ASSIGN_OR_RETURN(Plan * p, PlanFor(s, /*autotune=*/true));
+  // Timing candidates costs ~24 launches and a sync per new shape. Skinny shapes (few tokens, where
+  // the heuristic's first choice is often slow) and power-of-two token counts are timed; a serving
+  // step's arbitrary token counts take the heuristic's choice instead of stalling on a new shape.
+  const bool autotune = tokens <= 64 || (tokens & (tokens - 1)) == 0;
+  ASSIGN_OR_RETURN(Plan * p, PlanFor(s, autotune));
   return Launch(*p, s);
 }
 

@@ -36,12 +36,27 @@ Result<pid_t> SpawnWorker(const WorkerSpawn& w, int rank) {
         (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "gemma2-worker").string();
   }
   std::vector<std::string> argv_s = w.exec_prefix;
-  for (const std::string& arg :
-       {worker, std::string("--coordinator"), w.coordinator, std::string("--rank"),
-        std::to_string(rank), std::string("--tp"), std::to_string(w.tp), std::string("--pp"),
-        std::to_string(w.pp), std::string("--model"), w.model, std::string("--secret-file"),
-        w.secret_file, std::string("--backend"), w.backend, std::string("--threads"),
-        std::to_string(w.threads), std::string("--address"), w.address}) {
+  for (const std::string& arg : {worker,
+                                 std::string("--coordinator"),
+                                 w.coordinator,
+                                 std::string("--rank"),
+                                 std::to_string(rank),
+                                 std::string("--tp"),
+                                 std::to_string(w.tp),
+                                 std::string("--pp"),
+                                 std::to_string(w.pp),
+                                 std::string("--model"),
+                                 w.model,
+                                 std::string("--secret-file"),
+                                 w.secret_file,
+                                 std::string("--backend"),
+                                 w.backend,
+                                 std::string("--threads"),
+                                 std::to_string(w.threads),
+                                 std::string("--address"),
+                                 w.address,
+                                 std::string("--device"),
+                                 std::to_string(w.device)}) {
     argv_s.push_back(arg);
   }
   if (w.tie_to_parent) {
@@ -121,6 +136,7 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
     w.pp = opts.pp;
     w.threads = opts.threads_per_worker;
     w.exec_prefix = node.exec_prefix;
+    w.device = r - opts.spawn_begin;  // one GPU per local rank
     ASSIGN_OR_RETURN(pid_t pid, SpawnWorker(w, r));
     pids_.push_back(pid);
   }

@@ -29,6 +29,7 @@ struct WorkerSpawn {
   std::string coordinator;    // HOST:PORT of the control plane
   std::string model, backend = "cpu", secret_file, address = "127.0.0.1";
   int tp = 1, pp = 1, threads = 1;
+  int device = 0;                        // the GPU of this rank on its node (cuda backend)
   std::vector<std::string> exec_prefix;  // e.g. {"ip", "netns", "exec", "ns1"}
   bool tie_to_parent = true;             // the worker dies with this process (--parent-pid)
 };

@@ -201,6 +201,8 @@ class CudaBackend final : public Backend {
   }
 
   // Block by block on every layer, on the step stream (ordered before the next step's kernels).
+  void* native_stream() override { return stream_; }
+
   Status CopyKvPrefix(const SequenceKv& src_kv, SequenceKv& dst_kv, int64_t tokens) override {
     const auto& src = static_cast<const CudaSequenceKv&>(src_kv);
     auto& dst = static_cast<CudaSequenceKv&>(dst_kv);

@@ -116,6 +116,7 @@ Status RunNode(const Args& a, int world, const std::string& master) {
     for (const auto& [pid, rank] : ranks) kill(pid, sig);
   };
   for (int r = a.node_rank * per_node; r < (a.node_rank + 1) * per_node; ++r) {
+    w.device = r - a.node_rank * per_node;  // one GPU per local rank
     auto pid = SpawnWorker(w, r);
     if (!pid.ok()) {
       stop_all(SIGKILL);
@@ -337,7 +338,7 @@ int main(int argc, char** argv) {
   app.add_option("--nodes", a.nodes, "nodes (pipeline stages across nodes)")
       ->check(CLI::Range(1, 1024));
   app.add_option("--pp", a.pp, "pipeline stages (default: --nodes)")->check(CLI::Range(0, 1024));
-  app.add_option("--backend", a.backend, "cpu (cuda workers come with the multi-GPU issue)");
+  app.add_option("--backend", a.backend, "cpu or cuda (one GPU per rank, NCCL between GPU ranks: not yet run)");
   app.add_option("--node-rank", a.node_rank,
                  "this node's index with --master (default: $SLURM_NODEID, else 0)");
   app.add_option("--master", a.master,

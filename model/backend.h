@@ -50,6 +50,8 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual std::string_view name() const = 0;
+  // The stream the ops run on (cudaStream_t on cuda; null on cpu): where a GPU collective enqueues.
+  virtual void* native_stream() { return nullptr; }
   // The dtype the loader should hand this backend's weights in.
   virtual DType weight_dtype() const = 0;
   // The dtype activations live in between ops (fp32 on cpu, bf16 on cuda).

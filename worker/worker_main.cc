@@ -27,14 +27,28 @@
 #include "rpc/ucx_channel.h"
 #include "tools/cli_main.h"
 #include "worker/control_plane_store.h"
+#ifdef GEMMA2_HAVE_CUDA
+#include "collectives/nccl_collective.h"
+#endif
 
 namespace gemma2 {
 namespace {
+
+#ifdef GEMMA2_HAVE_CUDA
+using NcclLike = NcclCollective;
+#else
+struct NcclLike {  // without CUDA there are no GPU groups to watch
+  void Arm(std::chrono::milliseconds) {}
+  void Disarm() {}
+};
+#endif
 
 using namespace std::chrono_literals;
 
 struct Args {
   std::string coordinator, model, secret_file, backend = "cpu";
+  int device = 0;  // the GPU (cuda backend)
+  std::chrono::milliseconds step_timeout{60000};
   int rank = 0, tp = 1, pp = 1, threads = 1;  // rank: global, stage * tp + tensor-parallel rank
   int parent_pid = 0;                         // launched locally: the launcher's pid
   std::string address = "127.0.0.1";          // this node's address for the collectives
@@ -63,35 +77,52 @@ Status Serve(const Args& a, rpc::Channel& ch) {
   ASSIGN_OR_RETURN(ShardPlan plan, ShardPlan::Make(ck->config(), a.tp, tp_rank, a.pp, stage));
   EngineOptions eo;
   eo.backend = a.backend;
-  ASSIGN_OR_RETURN(auto backend, MakeBackend(eo, 0, ck->config().max_position_embeddings));
+  ASSIGN_OR_RETURN(auto backend, MakeBackend(eo, a.device, ck->config().max_position_embeddings));
   SetCpuMathThreads(a.threads);
   ASSIGN_OR_RETURN(auto model, RankModel::Load(*ck, plan, *backend));
-  GlooOptions go;
-  go.hostname = a.address;
-  go.rank = tp_rank;
-  go.size = a.tp;
-  go.timeout = 60s;
   // Rendezvous through the coordinator (the control channel), whatever host each rank is on.
   ControlPlaneStore store(ch, 60s);
-  auto group = [&](const GlooOptions& o, const std::string& prefix) {
+  // GPU ranks of a group talk over NCCL on the backend's stream; cpu ranks (and a lone GPU rank,
+  // whose collectives are the identity) over Gloo.
+  const bool gpu_group = a.backend == "cuda" && a.tp * a.pp > 1;
+  std::vector<NcclLike*> watched;
+  auto group = [&](int rank, int size,
+                   const std::string& prefix) -> Result<std::unique_ptr<Collective>> {
+    if (gpu_group) {
+#ifdef GEMMA2_HAVE_CUDA
+      NcclOptions no;
+      no.rank = rank;
+      no.size = size;
+      no.device = a.device;
+      no.stream = backend->native_stream();
+      no.who = "rank " + std::to_string(a.rank) + " (" + prefix + ")";
+      ASSIGN_OR_RETURN(auto c, NcclCollective::Create(no, store, prefix + "/nccl-id"));
+      watched.push_back(c.get());
+      return std::unique_ptr<Collective>(std::move(c));
+#else
+      return Unimplemented("this build has no CUDA");
+#endif
+    }
+    GlooOptions o;
+    o.hostname = a.address;
+    o.rank = rank;
+    o.size = size;
+    o.timeout = 60s;
     gloo::rendezvous::PrefixStore prefixed(prefix, store);
-    return GlooCollective::Create(o, prefixed);
+    ASSIGN_OR_RETURN(auto c, GlooCollective::Create(o, prefixed));
+    return std::unique_ptr<Collective>(std::move(c));
   };
-  ASSIGN_OR_RETURN(auto comm, group(go, "tp-" + std::to_string(stage)));
+  ASSIGN_OR_RETURN(auto comm, group(tp_rank, a.tp, "tp-" + std::to_string(stage)));
   // Links to the neighbouring stages (same tensor-parallel rank): the next link first, so the
   // chain of rendezvous resolves from the last stage back.
-  std::unique_ptr<GlooCollective> next, prev;
-  GlooOptions pair = go;
-  pair.size = 2;
+  std::unique_ptr<Collective> next, prev;
   if (stage + 1 < a.pp) {
-    pair.rank = 0;
     ASSIGN_OR_RETURN(next,
-                     group(pair, "pp-" + std::to_string(stage) + "-" + std::to_string(tp_rank)));
+                     group(0, 2, "pp-" + std::to_string(stage) + "-" + std::to_string(tp_rank)));
   }
   if (stage > 0) {
-    pair.rank = 1;
     ASSIGN_OR_RETURN(
-        prev, group(pair, "pp-" + std::to_string(stage - 1) + "-" + std::to_string(tp_rank)));
+        prev, group(1, 2, "pp-" + std::to_string(stage - 1) + "-" + std::to_string(tp_rank)));
   }
   const PipelineLinks links{prev.get(), next.get()};
   const bool carries_output = stage == a.pp - 1 && tp_rank == 0;
@@ -134,7 +165,11 @@ Status Serve(const Args& a, rpc::Channel& ch) {
       seq_kvs.push_back(kv.get());
     }
     StepOutput out;
-    RETURN_IF_ERROR(model->Forward(p, seq_kvs, *comm, &out, links));  // Run reports it
+    // The step watchdog of GPU collectives: a peer that hangs aborts the communicators.
+    for (auto* n : watched) n->Arm(a.step_timeout);
+    const Status ran = model->Forward(p, seq_kvs, *comm, &out, links);
+    for (auto* n : watched) n->Disarm();
+    RETURN_IF_ERROR(ran);  // Run reports it
     // Every rank answers (so the coordinator hears from each); the last stage's rank 0 carries
     // the output.
     if (!carries_output) out = StepOutput{};
@@ -199,5 +234,6 @@ int main(int argc, char** argv) {
   app.add_option("--threads", a.threads, "math threads");
   app.add_option("--parent-pid", a.parent_pid, "exit with this process (local launch)");
   app.add_option("--address", a.address, "address this node's collectives bind to");
+  app.add_option("--device", a.device, "GPU index on this node (cuda backend)");
   return gemma2::RunTool("gemma2-worker", app, argc, argv, [&] { return gemma2::Run(a); });
 }

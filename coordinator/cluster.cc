@@ -87,7 +87,7 @@ Result<std::unique_ptr<ClusterEngine>> ClusterEngine::LaunchLocal(const ClusterO
 
 Status ClusterEngine::Start(const ClusterOptions& opts) {
   opts_ = opts;
-  ASSIGN_OR_RETURN(auto ck, Checkpoint::Open(opts.model));
+  ASSIGN_OR_RETURN(auto ck, OpenWeightSource(opts.model));  // a directory or random:SHAPE:SEED
   config_ = ck->config();
   const int world = opts.tp * opts.pp;
   for (int r = 0; r < world; ++r) {

@@ -45,7 +45,8 @@ std::vector<int64_t> RandomWeights::ShapeOf(const std::string& name) const {
   if (name == "embed_tokens.weight") return {c.vocab_size, h};
   if (name == "norm.weight") return {h};
   if (name == "score.weight" && c.is_classifier()) return {c.num_labels, h};
-  if (name == "score.bias" && c.architecture == Architecture::kTokenClassification) return {c.num_labels};
+  if (name == "score.bias" && c.architecture == Architecture::kTokenClassification)
+    return {c.num_labels};
   if (name.rfind("layers.", 0) != 0) return {};
   const size_t dot = name.find('.', 7);
   if (dot == std::string::npos) return {};
@@ -54,16 +55,19 @@ std::vector<int64_t> RandomWeights::ShapeOf(const std::string& name) const {
   const std::string rest = name.substr(dot + 1);
   if (rest.find("layernorm.weight") != std::string::npos) return {h};
   if (rest == "self_attn.q_proj.weight") return {c.q_size(), h};
-  if (rest == "self_attn.k_proj.weight" || rest == "self_attn.v_proj.weight") return {c.kv_size(), h};
+  if (rest == "self_attn.k_proj.weight" || rest == "self_attn.v_proj.weight")
+    return {c.kv_size(), h};
   if (rest == "self_attn.o_proj.weight") return {h, c.q_size()};
-  if (rest == "mlp.gate_proj.weight" || rest == "mlp.up_proj.weight") return {c.intermediate_size, h};
+  if (rest == "mlp.gate_proj.weight" || rest == "mlp.up_proj.weight")
+    return {c.intermediate_size, h};
   if (rest == "mlp.down_proj.weight") return {h, c.intermediate_size};
   return {};
 }
 
 bool RandomWeights::Has(const std::string& name) const { return !ShapeOf(name).empty(); }
 
-Status RandomWeights::CheckShape(const std::string& name, const std::vector<int64_t>& expected) const {
+Status RandomWeights::CheckShape(const std::string& name,
+                                 const std::vector<int64_t>& expected) const {
   const auto shape = ShapeOf(name);
   if (shape.empty()) return NotFound("random weights have no tensor '" + name + "'");
   if (shape != expected) return Internal("random weights: shape mismatch for '" + name + "'");
@@ -80,7 +84,8 @@ Status RandomWeights::ReadRegion(const std::string& name, const Region& r, DType
       r.row_begin > r.row_end || r.col_begin > r.col_end) {
     return InvalidArgument("random weights: region outside '" + name + "'");
   }
-  if (out != DType::kF32 && out != DType::kBF16) return Internal("ReadRegion: unsupported output dtype");
+  if (out != DType::kF32 && out != DType::kBF16)
+    return Internal("ReadRegion: unsupported output dtype");
   const uint64_t base = Mix(seed_ ^ HashName(name));
   const float stddev = StdFor(name);
   auto fill_rows = [&](int64_t r0, int64_t r1) {
@@ -111,6 +116,68 @@ Status RandomWeights::ReadRegion(const std::string& name, const Region& r, DType
   }
   for (auto& th : pool) th.join();
   return OkStatus();
+}
+
+}  // namespace gemma2
+
+#include "model/checkpoint.h"
+
+namespace gemma2 {
+
+std::string RandomWeightsSpec(const std::string& shape, uint64_t seed, int64_t layers) {
+  std::string s = "random:";
+  s += shape;
+  s += ':';
+  s += std::to_string(seed);
+  if (layers > 0) {
+    s += ':';
+    s += std::to_string(layers);
+  }
+  return s;
+}
+
+namespace {
+Status BadSpec(const std::string& model, const char* why) {
+  std::string m = "model '";
+  m += model;
+  m += "': ";
+  m += why;
+  return InvalidArgument(m);
+}
+}  // namespace
+
+Result<std::unique_ptr<WeightSource>> OpenWeightSource(const std::string& model) {
+  const std::string prefix = "random:";
+  if (model.rfind(prefix, 0) != 0) {
+    ASSIGN_OR_RETURN(auto ck, Checkpoint::Open(model));
+    return std::unique_ptr<WeightSource>(std::move(ck));
+  }
+  std::vector<std::string> parts;
+  size_t pos = prefix.size();
+  while (pos <= model.size()) {
+    const size_t colon = std::min(model.find(':', pos), model.size());
+    parts.push_back(model.substr(pos, colon - pos));
+    pos = colon + 1;
+  }
+  if (parts.size() < 2 || parts.size() > 3 || parts[0].empty()) {
+    return BadSpec(model, "expected random:SHAPE:SEED[:LAYERS]");
+  }
+  uint64_t seed = 0;
+  int64_t layers = 0;
+  try {
+    seed = std::stoull(parts[1]);
+    if (parts.size() == 3) layers = std::stoll(parts[2]);
+  } catch (...) {
+    return BadSpec(model, "SEED and LAYERS must be numbers");
+  }
+  const bool is_file = parts[0].find('/') != std::string::npos || parts[0].ends_with(".json");
+  ASSIGN_OR_RETURN(ModelConfig c, is_file ? LoadModelConfig(parts[0]) : PresetConfig(parts[0]));
+  if (layers > 0) {
+    if (layers > c.num_layers) return BadSpec(model, "more layers than the shape has");
+    c.num_layers = layers;
+    c.layer_is_sliding.resize(static_cast<size_t>(layers));
+  }
+  return std::unique_ptr<WeightSource>(std::make_unique<RandomWeights>(c, seed));
 }
 
 }  // namespace gemma2

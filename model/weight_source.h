@@ -2,6 +2,7 @@
 // shape (full-size presets without a checkpoint, for benchmarks and scale tests).
 #pragma once
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -49,5 +50,15 @@ class RandomWeights final : public WeightSource {
   ModelConfig config_;
   uint64_t seed_;
 };
+
+}  // namespace gemma2
+
+namespace gemma2 {
+
+// What a cluster's workers load, named by one string they all receive: a checkpoint directory, or
+// "random:SHAPE:SEED[:LAYERS]" — random weights of a preset (2b, 9b, 27b) or of a config.json
+// path, cut to the first LAYERS layers when given (widths exact).
+Result<std::unique_ptr<WeightSource>> OpenWeightSource(const std::string& model);
+std::string RandomWeightsSpec(const std::string& shape, uint64_t seed, int64_t layers);
 
 }  // namespace gemma2

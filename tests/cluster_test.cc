@@ -500,3 +500,32 @@ TEST_F(ClusterTest, FanOutStartsTheOtherNodeOverSsh) {
 
 }  // namespace
 }  // namespace gemma2
+
+namespace gemma2 {
+namespace {
+
+// Random weights named by a spec reach every worker (scale tests without a checkpoint on disk):
+// the cluster prints what the one-process run prints, and a bad spec is one line.
+TEST_F(ClusterTest, RandomWeightsSpecThroughTheCluster) {
+  const std::string spec = "random:" + (model_ / "config.json").string() + ":7:2";
+  const std::string ids = " --prompt-ids 2,5,9,11 --max-new-tokens 5 --logits --ignore-eos";
+  const RunResult one = Exec("", "--model " + spec + ids);
+  const RunResult two = Exec("", "--model " + spec + ids + " --launch local --tp 2 --pp 2");
+  ASSERT_EQ(one.code, 0) << one.err;
+  ASSERT_EQ(two.code, 0) << two.err;
+  const auto want = nlohmann::json::parse(one.out), got = nlohmann::json::parse(two.out);
+  EXPECT_EQ(got["generated_ids"], want["generated_ids"]);
+  for (size_t row = 0; row < want["logits"].size(); ++row) {
+    const auto x = got["logits"][row].get<std::vector<float>>(),
+               y = want["logits"][row].get<std::vector<float>>();
+    EXPECT_LE(testing::RelativeL2(x.data(), y.data(), static_cast<int64_t>(x.size())), 1e-5) << row;
+  }
+  const RunResult bad =
+      Exec("", "--model random:" + (model_ / "config.json").string() + ":7:99 --prompt-ids 2");
+  EXPECT_NE(bad.code, 0);
+  EXPECT_NE(bad.err.find("more layers than the shape has"), std::string::npos) << bad.err;
+  EXPECT_EQ(Alive(model_.string()), 0);
+}
+
+}  // namespace
+}  // namespace gemma2

@@ -52,7 +52,10 @@ Result<std::unique_ptr<WeightSource>> OpenWeights(const Args& a, std::unique_ptr
     }
     return std::unique_ptr<WeightSource>(std::make_unique<RandomWeights>(c, *a.random_weights));
   }
-  if (a.model.empty()) return InvalidArgument("give --model DIR (or --random-weights SEED --preset NAME)");
+  if (a.model.empty())
+    return InvalidArgument("give --model DIR (or --random-weights SEED --preset NAME)");
+  if (a.model.rfind("random:", 0) == 0)
+    return OpenWeightSource(a.model);  // random:SHAPE:SEED[:LAYERS]
   if (!a.preset.empty() || a.layers > 0) {
     return InvalidArgument("--preset and --layers go with --random-weights");
   }
@@ -162,9 +165,10 @@ Status Run(const Args& a) {
   std::unique_ptr<StepExecutor> engine;
   if (a.launch == "local") {
     // The same request through a real local cluster: one worker process per rank.
-    if (!ck) return InvalidArgument("--launch local needs --model (workers read the checkpoint)");
     ClusterOptions co;
-    co.model = a.model;
+    // Workers read the checkpoint, or make the same random weights from the spec.
+    co.model =
+        a.random_weights ? RandomWeightsSpec(a.preset, *a.random_weights, a.layers) : a.model;
     co.tp = a.tp;
     co.pp = a.pp;
     co.listen_host = a.listen;
@@ -180,10 +184,12 @@ Status Run(const Args& a) {
     }
     co.backend = a.backend;
     co.step_timeout = std::chrono::seconds(a.step_timeout_s);
-    if (const char* r = std::getenv("GEMMA2_FAULT_WRONG_SECRET_RANK")) co.wrong_secret_rank = std::atoi(r);
+    if (const char* r = std::getenv("GEMMA2_FAULT_WRONG_SECRET_RANK"))
+      co.wrong_secret_rank = std::atoi(r);
     ASSIGN_OR_RETURN(engine, ClusterEngine::LaunchLocal(co));
   } else {
-    if (a.pp != 1) return InvalidArgument("--pp needs --launch local (pipeline stages are processes)");
+    if (a.pp != 1)
+      return InvalidArgument("--pp needs --launch local (pipeline stages are processes)");
     ASSIGN_OR_RETURN(engine, Engine::Create(weights, eo));
   }
   const ModelConfig& c = engine->config();
@@ -248,9 +254,11 @@ int main(int argc, char** argv) {
   gemma2::Args a;
   CLI::App app{"gemma2-run: run Gemma 2 prompts through one engine and print JSON"};
   app.add_option("--model", a.model, "Hugging Face checkpoint directory");
-  app.add_option("--random-weights", a.random_weights, "deterministic random weights (seed) instead of --model");
+  app.add_option("--random-weights", a.random_weights,
+                 "deterministic random weights (seed) instead of --model");
   app.add_option("--preset", a.preset, "with --random-weights: 2b, 9b or 27b");
-  app.add_option("--layers", a.layers, "with --random-weights: keep the first N layers (widths exact)");
+  app.add_option("--layers", a.layers,
+                 "with --random-weights: keep the first N layers (widths exact)");
   app.add_option("--backend", a.backend, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--kv-cache-gb", a.kv_cache_gb, "cuda: KV cache size (0: 90% of free memory)");
   app.add_option("--tp", a.tp, "tensor-parallel ranks (in-process)")->check(CLI::Range(1, 1024));
@@ -272,14 +280,19 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"json", "text"}));
   app.add_flag("--ignore-eos", a.ignore_eos, "do not stop at end-of-sequence tokens");
   app.add_flag("--progress", a.progress, "show weight loading progress on stderr");
-  app.add_option("--launch", a.launch, "none (one process) or local (coordinator + a worker per rank)")
+  app.add_option("--launch", a.launch,
+                 "none (one process) or local (coordinator + a worker per rank)")
       ->check(CLI::IsMember({"none", "local"}));
-  app.add_option("--step-timeout", a.step_timeout_s, "cluster: seconds before a step counts as hung");
-  app.add_option("--pp", a.pp, "cluster: pipeline stages (contiguous layer ranges)")->check(CLI::Range(1, 1024));
+  app.add_option("--step-timeout", a.step_timeout_s,
+                 "cluster: seconds before a step counts as hung");
+  app.add_option("--pp", a.pp, "cluster: pipeline stages (contiguous layer ranges)")
+      ->check(CLI::Range(1, 1024));
   app.add_option("--listen", a.listen, "cluster: the coordinator's control-plane address");
-  app.add_option("--node-exec", a.node_exec,
-                 "cluster: per node, the command prefix that starts its workers (e.g. \"ip netns exec ns1\"); "
-                 "ranks are split over the nodes in equal blocks");
-  app.add_option("--node-address", a.node_address, "cluster: per node, the address its collectives bind to");
+  app.add_option(
+      "--node-exec", a.node_exec,
+      "cluster: per node, the command prefix that starts its workers (e.g. \"ip netns exec ns1\"); "
+      "ranks are split over the nodes in equal blocks");
+  app.add_option("--node-address", a.node_address,
+                 "cluster: per node, the address its collectives bind to");
   return gemma2::RunTool("gemma2-run", app, argc, argv, [&] { return gemma2::Run(a); });
 }

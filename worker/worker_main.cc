@@ -72,7 +72,7 @@ int64_t EnvInt(const char* name) {
 
 // Everything after the handshake; failures go back to the coordinator before the worker exits.
 Status Serve(const Args& a, rpc::Channel& ch) {
-  ASSIGN_OR_RETURN(auto ck, Checkpoint::Open(a.model));
+  ASSIGN_OR_RETURN(auto ck, OpenWeightSource(a.model));
   const int stage = a.rank / a.tp, tp_rank = a.rank % a.tp;
   ASSIGN_OR_RETURN(ShardPlan plan, ShardPlan::Make(ck->config(), a.tp, tp_rank, a.pp, stage));
   EngineOptions eo;

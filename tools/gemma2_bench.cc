@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include "coordinator/cluster.h"
 #include "model/engine.h"
 #include "model/weight_source.h"
 #include "tools/cli_main.h"
@@ -30,9 +31,13 @@ struct Args {
   std::string model, preset = "27b", backend = "cuda", out;
   uint64_t random_weights = 1;
   int64_t layers = 0, steps = 32, repeat = 3;
-  std::vector<int64_t> batches = {1, 16, 64}, prompts = {128, 2048}, prefills = {128, 512, 2048, 8192};
+  std::vector<int64_t> batches = {1, 16, 64}, prompts = {128, 2048},
+                       prefills = {128, 512, 2048, 8192};
   double hbm_tbps = 4.28, gemm_tflops = 802;  // measured ceilings of the H200 host
   double kv_cache_gb = 0;
+  // A cluster instead of one process: worker processes over the control plane (NCCL on GPUs).
+  std::string launch = "none";
+  int tp = 1, pp = 1;
 };
 
 double Median(std::vector<double> v) {
@@ -42,7 +47,8 @@ double Median(std::vector<double> v) {
 
 int64_t WeightBytes(const ModelConfig& c) {
   const int64_t h = c.hidden_size;
-  const int64_t per_layer = h * c.q_size() * 2 + h * c.kv_size() * 2 + 3 * h * c.intermediate_size + 4 * h;
+  const int64_t per_layer =
+      h * c.q_size() * 2 + h * c.kv_size() * 2 + 3 * h * c.intermediate_size + 4 * h;
   return 2 * (c.vocab_size * h + c.num_layers * per_layer + h);
 }
 
@@ -66,14 +72,14 @@ std::vector<int32_t> RandomTokens(int64_t n, int64_t vocab, uint64_t seed) {
   return t;
 }
 
-Result<double> TimeStep(Engine& e, const StepPlan& plan) {
+Result<double> TimeStep(StepExecutor& e, const StepPlan& plan) {
   const auto t0 = Clock::now();
   ASSIGN_OR_RETURN(StepOutput out, e.Step(plan));
   (void)out;
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
 }
 
-Result<nlohmann::json> Prefill(Engine& e, const Args& a, int64_t len) {
+Result<nlohmann::json> Prefill(StepExecutor& e, const Args& a, int64_t len) {
   const ModelConfig& c = e.config();
   std::vector<double> ms;
   for (int64_t r = 0; r < a.repeat + 1; ++r) {  // the first run warms up
@@ -89,15 +95,19 @@ Result<nlohmann::json> Prefill(Engine& e, const Args& a, int64_t len) {
   const double m = Median(ms);
   double attn = 0;
   for (int64_t l = 0; l < c.num_layers; ++l) {
-    for (int64_t p = 0; p < len; ++p) attn += 4.0 * static_cast<double>(Visible(c, l, p)) * c.head_dim * c.num_heads;
+    for (int64_t p = 0; p < len; ++p)
+      attn += 4.0 * static_cast<double>(Visible(c, l, p)) * c.head_dim * c.num_heads;
   }
   const double flops = 2.0 * static_cast<double>(MatmulParams(c)) * len + attn;
-  const double tflops = flops / (m * 1e-3) / 1e12;
-  return nlohmann::json{{"kind", "prefill"}, {"tokens", len}, {"ms", m}, {"tflops", tflops},
+  const double tflops = flops / (m * 1e-3) / 1e12 / (a.tp * a.pp);  // per GPU
+  return nlohmann::json{{"kind", "prefill"},
+                        {"tokens", len},
+                        {"ms", m},
+                        {"tflops", tflops},
                         {"gemm_ceiling_fraction", tflops / a.gemm_tflops}};
 }
 
-Result<nlohmann::json> Decode(Engine& e, const Args& a, int64_t batch, int64_t prompt) {
+Result<nlohmann::json> Decode(StepExecutor& e, const Args& a, int64_t batch, int64_t prompt) {
   const ModelConfig& c = e.config();
   std::vector<int64_t> ids;
   auto release = [&] {
@@ -107,7 +117,8 @@ Result<nlohmann::json> Decode(Engine& e, const Args& a, int64_t batch, int64_t p
     ids.push_back(e.NewSequence());
     StepPlan plan;
     plan.ids_only = true;
-    plan.sequences.push_back({ids.back(), 0, RandomTokens(prompt, c.vocab_size, 100 + b), {prompt - 1}});
+    plan.sequences.push_back(
+        {ids.back(), 0, RandomTokens(prompt, c.vocab_size, 100 + b), {prompt - 1}});
     auto t = TimeStep(e, plan);
     if (!t.ok()) {
       release();
@@ -119,7 +130,10 @@ Result<nlohmann::json> Decode(Engine& e, const Args& a, int64_t batch, int64_t p
     StepPlan plan;
     plan.ids_only = true;
     for (int64_t b = 0; b < batch; ++b) {
-      plan.sequences.push_back({ids[static_cast<size_t>(b)], prompt + s, {static_cast<int32_t>(5 + (b + s) % 100)}, {0}});
+      plan.sequences.push_back({ids[static_cast<size_t>(b)],
+                                prompt + s,
+                                {static_cast<int32_t>(5 + (b + s) % 100)},
+                                {0}});
     }
     auto t = TimeStep(e, plan);
     if (!t.ok()) {
@@ -132,21 +146,25 @@ Result<nlohmann::json> Decode(Engine& e, const Args& a, int64_t batch, int64_t p
   const double m = Median(ms);
   double kv_bytes = 0;  // K and V of every visible position, bf16
   for (int64_t l = 0; l < c.num_layers; ++l) {
-    kv_bytes += static_cast<double>(batch) * Visible(c, l, prompt + a.steps / 2) * 2 * c.kv_size() * 2;
+    kv_bytes +=
+        static_cast<double>(batch) * Visible(c, l, prompt + a.steps / 2) * 2 * c.kv_size() * 2;
   }
   const double bytes = static_cast<double>(WeightBytes(c)) + kv_bytes;
-  const double tbps = bytes / (m * 1e-3) / 1e12;
-  return nlohmann::json{{"kind", "decode"}, {"batch", batch}, {"prompt", prompt}, {"ms_per_step", m},
-                        {"tokens_per_s", batch * 1000.0 / m}, {"hbm_tb_per_s", tbps},
+  const double tbps = bytes / (m * 1e-3) / 1e12 / a.tp;  // per GPU: the group streams in parallel
+  return nlohmann::json{{"kind", "decode"},
+                        {"batch", batch},
+                        {"prompt", prompt},
+                        {"ms_per_step", m},
+                        {"tokens_per_s", batch * 1000.0 / m},
+                        {"hbm_tb_per_s", tbps},
                         {"hbm_ceiling_fraction", tbps / a.hbm_tbps},
-                        {"floor_ms", bytes / (a.hbm_tbps * 1e12) * 1e3}};
+                        {"floor_ms", bytes / (a.hbm_tbps * 1e12 * a.tp) * 1e3}};
 }
 
 Status Run(const Args& a) {
   std::unique_ptr<WeightSource> weights;
-  std::unique_ptr<Checkpoint> ck;
-  if (!a.model.empty()) {
-    ASSIGN_OR_RETURN(ck, Checkpoint::Open(a.model));
+  if (!a.model.empty()) {  // a checkpoint directory or random:SHAPE:SEED[:LAYERS]
+    ASSIGN_OR_RETURN(weights, OpenWeightSource(a.model));
   } else {
     ASSIGN_OR_RETURN(ModelConfig c, PresetConfig(a.preset));
     if (a.layers > 0) {
@@ -155,31 +173,47 @@ Status Run(const Args& a) {
     }
     weights = std::make_unique<RandomWeights>(c, a.random_weights);
   }
-  const WeightSource& ws = ck ? static_cast<const WeightSource&>(*ck) : *weights;
-  EngineOptions eo;
-  eo.backend = a.backend;
-  eo.kv_cache_bytes = static_cast<int64_t>(a.kv_cache_gb * (1 << 30));
-  eo.progress = StderrLoadProgress("gemma2-bench");
+  const WeightSource& ws = *weights;
   const auto t0 = Clock::now();
-  ASSIGN_OR_RETURN(auto engine, Engine::Create(ws, eo));
+  std::unique_ptr<StepExecutor> engine;
+  if (a.launch == "local") {
+    ClusterOptions co;
+    co.model = a.model.empty() ? RandomWeightsSpec(a.preset, a.random_weights, a.layers) : a.model;
+    co.tp = a.tp;
+    co.pp = a.pp;
+    co.backend = a.backend;
+    ASSIGN_OR_RETURN(engine, ClusterEngine::LaunchLocal(co));
+  } else {
+    if (a.tp != 1 || a.pp != 1)
+      return InvalidArgument("--tp/--pp need --launch local (one process per rank)");
+    EngineOptions eo;
+    eo.backend = a.backend;
+    eo.kv_cache_bytes = static_cast<int64_t>(a.kv_cache_gb * (1 << 30));
+    eo.progress = StderrLoadProgress("gemma2-bench");
+    ASSIGN_OR_RETURN(engine, Engine::Create(ws, eo));
+  }
   const double load_s = std::chrono::duration<double>(Clock::now() - t0).count();
   const ModelConfig& c = engine->config();
-  std::fprintf(stderr, "gemma2-bench: loaded %.2f GB of weights in %.1f s\n", WeightBytes(c) / 1e9, load_s);
+  std::fprintf(stderr, "gemma2-bench: loaded %.2f GB of weights in %.1f s\n", WeightBytes(c) / 1e9,
+               load_s);
 
   nlohmann::json results = nlohmann::json::array();
-  std::printf("%-8s %6s %7s %12s %11s %9s %9s\n", "kind", "batch", "tokens", "ms", "tok/s", "TB/s|TF/s", "of ceil");
+  std::printf("%-8s %6s %7s %12s %11s %9s %9s\n", "kind", "batch", "tokens", "ms", "tok/s",
+              "TB/s|TF/s", "of ceil");
   for (int64_t p : a.prompts) {
     for (int64_t b : a.batches) {
       auto r = Decode(*engine, a, b, p);
       if (!r.ok()) {
-        std::fprintf(stderr, "gemma2-bench: decode batch %ld prompt %ld: %s\n", static_cast<long>(b),
-                     static_cast<long>(p), r.status().message().c_str());
-        results.push_back({{"kind", "decode"}, {"batch", b}, {"prompt", p}, {"error", r.status().message()}});
+        std::fprintf(stderr, "gemma2-bench: decode batch %ld prompt %ld: %s\n",
+                     static_cast<long>(b), static_cast<long>(p), r.status().message().c_str());
+        results.push_back(
+            {{"kind", "decode"}, {"batch", b}, {"prompt", p}, {"error", r.status().message()}});
         continue;
       }
       std::printf("%-8s %6ld %7ld %12.2f %11.1f %9.2f %8.0f%%\n", "decode", static_cast<long>(b),
-                  static_cast<long>(p), (*r)["ms_per_step"].get<double>(), (*r)["tokens_per_s"].get<double>(),
-                  (*r)["hbm_tb_per_s"].get<double>(), 100 * (*r)["hbm_ceiling_fraction"].get<double>());
+                  static_cast<long>(p), (*r)["ms_per_step"].get<double>(),
+                  (*r)["tokens_per_s"].get<double>(), (*r)["hbm_tb_per_s"].get<double>(),
+                  100 * (*r)["hbm_ceiling_fraction"].get<double>());
       std::fflush(stdout);
       results.push_back(*r);
     }
@@ -187,19 +221,25 @@ Status Run(const Args& a) {
   for (int64_t len : a.prefills) {
     auto r = Prefill(*engine, a, len);
     if (!r.ok()) {
-      std::fprintf(stderr, "gemma2-bench: prefill %ld: %s\n", static_cast<long>(len), r.status().message().c_str());
+      std::fprintf(stderr, "gemma2-bench: prefill %ld: %s\n", static_cast<long>(len),
+                   r.status().message().c_str());
       results.push_back({{"kind", "prefill"}, {"tokens", len}, {"error", r.status().message()}});
       continue;
     }
     std::printf("%-8s %6d %7ld %12.2f %11.1f %9.1f %8.0f%%\n", "prefill", 1, static_cast<long>(len),
-                (*r)["ms"].get<double>(), len * 1000.0 / (*r)["ms"].get<double>(), (*r)["tflops"].get<double>(),
-                100 * (*r)["gemm_ceiling_fraction"].get<double>());
+                (*r)["ms"].get<double>(), len * 1000.0 / (*r)["ms"].get<double>(),
+                (*r)["tflops"].get<double>(), 100 * (*r)["gemm_ceiling_fraction"].get<double>());
     std::fflush(stdout);
     results.push_back(*r);
   }
   nlohmann::json doc{{"model", a.model.empty() ? "random " + a.preset : a.model},
-                     {"layers", c.num_layers}, {"backend", a.backend}, {"weight_bytes", WeightBytes(c)},
-                     {"load_s", load_s}, {"ceilings", {{"hbm_tb_per_s", a.hbm_tbps}, {"gemm_tflops", a.gemm_tflops}}},
+                     {"tp", a.tp},
+                     {"pp", a.pp},
+                     {"layers", c.num_layers},
+                     {"backend", a.backend},
+                     {"weight_bytes", WeightBytes(c)},
+                     {"load_s", load_s},
+                     {"ceilings", {{"hbm_tb_per_s", a.hbm_tbps}, {"gemm_tflops", a.gemm_tflops}}},
                      {"results", results}};
   if (!a.out.empty()) {
     std::ofstream(a.out) << doc.dump(2) << "\n";
@@ -224,6 +264,12 @@ int main(int argc, char** argv) {
   app.add_option("--steps", a.steps, "timed decode steps");
   app.add_option("--repeat", a.repeat, "timed prefill runs");
   app.add_option("--kv-cache-gb", a.kv_cache_gb, "KV cache size (0: 90% of free memory)");
+  app.add_option("--launch", a.launch,
+                 "none (one process) or local (a cluster of worker processes)")
+      ->check(CLI::IsMember({"none", "local"}));
+  app.add_option("--tp", a.tp, "tensor-parallel ranks (with --launch local)")
+      ->check(CLI::Range(1, 64));
+  app.add_option("--pp", a.pp, "pipeline stages (with --launch local)")->check(CLI::Range(1, 64));
   app.add_option("--out", a.out, "write the results as JSON here");
   return gemma2::RunTool("gemma2-bench", app, argc, argv, [&] { return gemma2::Run(a); });
 }

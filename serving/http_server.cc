@@ -117,7 +117,18 @@ class HttpServer::Impl {
       parser.header_limit(64 * 1024);
       stream.expires_after(opts_.idle_timeout);
       boost::system::error_code ec;
-      co_await http::async_read(stream, buffer, parser, asio::redirect_error(use_awaitable, ec));
+      co_await http::async_read_header(stream, buffer, parser,
+                                       asio::redirect_error(use_awaitable, ec));
+      // A client that asks before sending a large body (curl does past 1 MB) is told to go on,
+      // instead of waiting out its own timeout; one whose announced body is too large hears so now.
+      if (!ec && beast::iequals(parser.get()[http::field::expect], "100-continue") &&
+          !(parser.content_length() && *parser.content_length() > facts_.limits.max_body_bytes)) {
+        http::response<http::empty_body> go_on{http::status::continue_, 11};
+        co_await http::async_write(stream, go_on, asio::redirect_error(use_awaitable, ec));
+      }
+      if (!ec && !parser.is_done()) {
+        co_await http::async_read(stream, buffer, parser, asio::redirect_error(use_awaitable, ec));
+      }
       if (ec == http::error::body_limit) {
         metrics_.received.fetch_add(1);
         metrics_.End(Outcome::kRejected);

@@ -216,6 +216,17 @@ TEST_F(ServerTest, CurlCompletionsBatchesChatStreamsAndModels) {
   EXPECT_NE(sse.find("\"role\":\"assistant\""), std::string::npos);
   EXPECT_NE(sse.find("\"usage\":{\"completion_tokens\":4"), std::string::npos) << sse;
 
+  // curl announces a large body with "Expect: 100-continue": one over the size cap is refused at
+  // once (413) without being sent, instead of after curl's one-second wait and the upload.
+  const std::string huge = (dir_->path() / "huge.json").string();
+  std::ofstream(huge) << "{\"prompt\": \"" << std::string(5 << 20, 'x') << "\"}";
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string refused = Curl("-w ' %{http_code}' " + url + "/v1/completions --data @" + huge);
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_NE(refused.find("larger than the limit"), std::string::npos) << refused;
+  EXPECT_NE(refused.find(" 413"), std::string::npos) << refused;
+  EXPECT_LT(took, 0.9);
+
   // X-Request-Id is echoed, or made.
   const std::string head = Curl("-i " + url + "/health -H 'X-Request-Id: my-id-7'");
   EXPECT_NE(head.find("X-Request-Id: my-id-7"), std::string::npos) << head;

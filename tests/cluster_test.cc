@@ -71,6 +71,17 @@ class ClusterTest : public ::testing::Test {
       ids_ += std::to_string(id);
     }
   }
+  // A server's completion JSON carries the one-process greedy tokens,
+  // and no process of this test is left.
+  void ExpectOneProcessTokens(const std::string& answer, const std::string& log = "") {
+    const RunResult one = Exec("", Args("--max-new-tokens 4"));
+    ASSERT_EQ(one.code, 0) << one.err;
+    const auto j = nlohmann::json::parse(answer, nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << answer << log;
+    EXPECT_EQ(j["choices"][0]["token_ids"], nlohmann::json::parse(one.out)["generated_ids"])
+        << answer;
+    EXPECT_EQ(Alive(model_.string()), 0);
+  }
   std::string Args(const std::string& extra) const {
     return "--model " + model_.string() + " --prompt-ids " + ids_ + " --ignore-eos " + extra;
   }
@@ -132,6 +143,27 @@ TEST_F(ClusterTest, ClassifierThroughPipelineStages) {
   const auto got = nlohmann::json::parse(r.out)["logits"][0].get<std::vector<float>>();
   ASSERT_EQ(static_cast<int64_t>(got.size()), ref.width);
   EXPECT_LE(testing::RelativeL2(got.data(), ref.logits.data(), ref.width), 1e-4);
+}
+
+// The reference prompt's greedy completion from the server named in `ready_line`, asked with curl
+// from inside namespace `ns` (the server's address is only reachable there).
+std::string CompletionInNamespace(const std::string& ns, const std::string& ready_line,
+                                  const std::string& ids) {
+  const auto at = ready_line.find("http://");
+  if (at == std::string::npos) return "";
+  const std::string url = ready_line.substr(at, ready_line.find_first_of(" \n", at) - at);
+  std::string cmd = "ip netns exec " + ns + " curl -sS --max-time 60 " + url;
+  cmd += "/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": [" + ids;
+  cmd +=
+      "], \"max_tokens\": 4, \"temperature\": 0, \"ignore_eos\": true, \"return_token_ids\": "
+      "true}'";
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string answer;
+  char buf[65536];
+  size_t got;
+  while ((got = fread(buf, 1, sizeof(buf), p)) > 0) answer.append(buf, got);
+  pclose(p);
+  return answer;
 }
 
 // Two "hosts" on this machine: network namespaces joined by a veth pair, 10.NET.0.1 and
@@ -387,24 +419,7 @@ TEST_F(ClusterTest, PerNodeLaunchAcrossNamespaces) {
   const std::string ready = ReadLine(node0.out), started = ReadLine(node1.out);
   EXPECT_NE(ready.find("ready: 4 ranks (tp 2 x pp 2)"), std::string::npos) << ready;
   EXPECT_NE(started.find("node 1 started ranks 2..3"), std::string::npos) << started;
-  const auto at = ready.find("http://");
-  std::string answer;
-  if (at != std::string::npos) {
-    const std::string url = ready.substr(at, ready.find_first_of(" \n", at) - at);
-    std::string ids;
-    for (int32_t t : ref_.prompt_ids) ids += (ids.empty() ? "" : ",") + std::to_string(t);
-    FILE* p =
-        popen(("ip netns exec " + a + " curl -sS --max-time 60 " + url +
-               "/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": [" + ids +
-               "], \"max_tokens\": 4, \"temperature\": 0, \"ignore_eos\": true, "
-               "\"return_token_ids\": true}'")
-                  .c_str(),
-              "r");
-    char buf[65536];
-    size_t got;
-    while ((got = fread(buf, 1, sizeof(buf), p)) > 0) answer.append(buf, got);
-    pclose(p);
-  }
+  const std::string answer = CompletionInNamespace(a, ready, ids_);
   kill(node0.pid, SIGTERM);
   double s0 = 0, s1 = 0;
   EXPECT_EQ(WaitExit(node0.pid, &s0), 0);
@@ -412,13 +427,7 @@ TEST_F(ClusterTest, PerNodeLaunchAcrossNamespaces) {
   EXPECT_LT(s0 + s1, 15);
   fclose(node0.out);
   fclose(node1.out);
-  const RunResult one = Exec("", Args("--max-new-tokens 4"));
-  ASSERT_EQ(one.code, 0) << one.err;
-  const auto j = nlohmann::json::parse(answer, nullptr, false);
-  ASSERT_FALSE(j.is_discarded()) << answer;
-  EXPECT_EQ(j["choices"][0]["token_ids"], nlohmann::json::parse(one.out)["generated_ids"])
-      << answer;
-  EXPECT_EQ(Alive(model_.string()), 0);
+  ExpectOneProcessTokens(answer);
 }
 
 }  // namespace
@@ -468,34 +477,13 @@ TEST_F(ClusterTest, FanOutStartsTheOtherNodeOverSsh) {
     if (line.find("ready") != std::string::npos) ready = line;
   }
   EXPECT_NE(ready.find("ready: 4 ranks (tp 2 x pp 2)"), std::string::npos) << log;
-  std::string answer;
-  const auto at = ready.find("http://");
-  if (at != std::string::npos) {
-    const std::string url = ready.substr(at, ready.find_first_of(" \n", at) - at);
-    FILE* p =
-        popen(("ip netns exec " + a + " curl -sS --max-time 60 " + url +
-               "/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": [" + ids_ +
-               "], \"max_tokens\": 4, \"temperature\": 0, \"ignore_eos\": true, "
-               "\"return_token_ids\": true}'")
-                  .c_str(),
-              "r");
-    char buf[65536];
-    size_t got;
-    while ((got = fread(buf, 1, sizeof(buf), p)) > 0) answer.append(buf, got);
-    pclose(p);
-  }
+  const std::string answer = CompletionInNamespace(a, ready, ids_);
   kill(head.pid, SIGTERM);
   double s = 0;
   EXPECT_EQ(WaitExit(head.pid, &s), 0);
   EXPECT_LT(s, 15);
   fclose(head.out);
-  const RunResult one = Exec("", Args("--max-new-tokens 4"));
-  ASSERT_EQ(one.code, 0) << one.err;
-  const auto j = nlohmann::json::parse(answer, nullptr, false);
-  ASSERT_FALSE(j.is_discarded()) << answer << log;
-  EXPECT_EQ(j["choices"][0]["token_ids"], nlohmann::json::parse(one.out)["generated_ids"])
-      << answer;
-  EXPECT_EQ(Alive(model_.string()), 0);
+  ExpectOneProcessTokens(answer, log);
 }
 
 }  // namespace

@@ -113,8 +113,8 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
     if (secret_text.size() < 16)
       return InvalidArgument("cluster secret in " + secret_file + " is shorter than 16 bytes");
   }
-  const std::string wrong_file = work_dir_ + "/wrong-secret";
-  std::ofstream(wrong_file) << std::string(64, 'x');
+  const std::string wrong_file = work_dir_ + "/wrong-secret";  // tests: a rank that must be refused
+  if (opts.wrong_secret_rank >= 0) std::ofstream(wrong_file) << std::string(64, 'x');
 
   ASSIGN_OR_RETURN(node_, rpc::UcxNode::Create());
   ASSIGN_OR_RETURN(int port, node_->Listen(opts.listen_host, opts.control_port));

@@ -335,10 +335,8 @@ ApiResult<ParsedRequest> ParseCompletions(const json& body, const ModelFacts& fa
       r.gen.logprobs = static_cast<int>(std::clamp<int64_t>(lp->get<int64_t>(), -1, 1 << 20));
       CheckLogprobs(r.gen.logprobs, "logprobs", facts.limits);
     }
-    f.Ignore("echo");  // only echo=false is served
-    if (const json* e = f.Get("echo"); e && e->is_boolean() && e->get<bool>()) {
-      Fail("echo", "'echo' is not supported");
-    }
+    if (f.Bool("echo", false))
+      Fail("echo", "'echo' is not supported");  // only echo=false is served
     CheckContext(r, facts, "max_tokens");
     f.Finish("a completions request");
     return r;

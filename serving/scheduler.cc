@@ -126,7 +126,7 @@ void Scheduler::Expand(std::shared_ptr<RequestHandle> h) {
   const bool classify = p.endpoint == Endpoint::kClassify;
   const int n = classify ? 1 : p.gen.n;
   const uint64_t base_seed =
-      p.gen.seed ? *p.gen.seed : std::random_device{}() * 0x100000001ull + std::random_device{}();
+      p.gen.seed ? *p.gen.seed : seeds_();  // unseeded requests: a fresh seed each
   {
     std::lock_guard<std::mutex> lock(h->mu);
     if (classify)
@@ -186,10 +186,7 @@ void Scheduler::Loop() {
     } catch (const std::exception& e) {  // e.g. out of memory: fail loudly, never hang
       st = Internal(std::string("the scheduler failed: ") + e.what());
     }
-    for (auto& h : touched_) {
-      if (h->notify) h->notify();
-    }
-    touched_.clear();
+    NotifyTouched();
     if (!st.ok()) {
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -326,22 +323,23 @@ bool Scheduler::Donate(Sequence& s) {
   return true;
 }
 
-void Scheduler::Remove(Sequence& s) {
+// The sequence's KV cache, its blocks and any copy planned into it are given back.
+void Scheduler::ReleaseKv(Sequence& s) {
   DropPendingCopy(s.engine_id);
   if (s.engine_id >= 0) executor_.ReleaseSequence(s.engine_id);
   s.engine_id = -1;
   s.computed = 0;
   blocks_.Release(s.blocks);
+}
+
+void Scheduler::Remove(Sequence& s) {
+  ReleaseKv(s);
   s.finished = true;
 }
 
 void Scheduler::Preempt(Sequence& s) {
   // Recompute later: prompt + generated are prefilled again; sampling counters keep draws equal.
-  DropPendingCopy(s.engine_id);
-  if (s.engine_id >= 0) executor_.ReleaseSequence(s.engine_id);
-  s.engine_id = -1;
-  s.computed = 0;
-  blocks_.Release(s.blocks);
+  ReleaseKv(s);
   metrics_.preemptions.fetch_add(1);
 }
 
@@ -512,7 +510,7 @@ void Scheduler::AcceptToken(Sequence& s, int32_t tok, const StepOutput& out, int
     if (!reason.empty()) ch.finish_reason = reason;
   }
   touched_.push_back(s.req->handle);
-  if (!reason.empty()) Finish(s, reason);
+  if (!reason.empty()) Finish(s);
 }
 
 void Scheduler::Classified(Sequence& s) {
@@ -522,10 +520,10 @@ void Scheduler::Classified(Sequence& s) {
     h.classified[static_cast<size_t>(s.index)].logits = std::move(s.class_rows);
   }
   touched_.push_back(s.req->handle);
-  Finish(s, "");
+  Finish(s);
 }
 
-void Scheduler::Finish(Sequence& s, const std::string&) {
+void Scheduler::Finish(Sequence& s) {
   if (!Donate(s)) Remove(s);
   if (--s.req->remaining == 0) CloseRequest(*s.req, Outcome::kSuccess, std::nullopt);
 }
@@ -567,11 +565,19 @@ void Scheduler::FailAll(const ApiError& e) {
   while (EvictCached()) {
   }
   waiting_.clear();
+  NotifyTouched();
+  PublishGauges();
+}
+
+// Each request updated since the last call hears about it once (a step can touch a request of
+// many sequences many times).
+void Scheduler::NotifyTouched() {
+  std::sort(touched_.begin(), touched_.end());
+  touched_.erase(std::unique(touched_.begin(), touched_.end()), touched_.end());
   for (auto& h : touched_) {
     if (h->notify) h->notify();
   }
   touched_.clear();
-  PublishGauges();
 }
 
 void Scheduler::PublishGauges() {

@@ -13,6 +13,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <thread>
 
 #include "model/step_executor.h"
@@ -63,10 +64,11 @@ class Scheduler {
   void Preempt(Sequence& s);
   struct Request;
   void Expand(std::shared_ptr<RequestHandle> h);
-  void Finish(Sequence& s, const std::string& reason);
+  void Finish(Sequence& s);
   void AcceptToken(Sequence& s, int32_t token, const StepOutput& out, int64_t row);
   void Classified(Sequence& s);
   void Remove(Sequence& s);
+  void ReleaseKv(Sequence& s);
   void ReusePrefix(Sequence& s);
   void DropPendingCopy(int64_t engine_id);
   bool EvictCached();
@@ -76,6 +78,7 @@ class Scheduler {
   void FailAll(const ApiError& e);
   void IdleWait();
   void PublishGauges();
+  void NotifyTouched();
 
   StepExecutor& executor_;
   const Tokenizer* tokenizer_;
@@ -99,6 +102,7 @@ class Scheduler {
   std::vector<std::shared_ptr<RequestHandle>> touched_;  // to notify after this step
   std::atomic<int64_t> open_requests_{0};                // submitted and not yet closed
   std::atomic<int64_t> queued_requests_{0};              // submitted, no sequence admitted yet
+  std::mt19937_64 seeds_{std::random_device{}()};        // seeds of unseeded requests, seeded once
   std::thread thread_;
 };
 

@@ -233,9 +233,12 @@ struct Launched {
   FILE* out = nullptr;
 };
 
-Launched StartLauncher(const std::string& model, const std::string& args) {
-  const std::string cmd = "exec " + std::string(GEMMA2_BINARY_DIR) +
-                          "/bin/gemma2-launch --port 0 --model " + model + " " + args + " 2>&1";
+// gemma2-launch with its stdout and stderr in `out`; `wrapper` runs it (e.g. "env UCX_TLS=tcp
+// ip netns exec ns1 ").
+Launched StartLauncher(const std::string& model, const std::string& args,
+                       const std::string& wrapper = "") {
+  std::string cmd = "exec " + wrapper + std::string(GEMMA2_BINARY_DIR);
+  cmd += "/bin/gemma2-launch --port 0 --model " + model + " " + args + " 2>&1";
   int fds[2];
   EXPECT_EQ(pipe(fds), 0);
   Launched l;
@@ -394,27 +397,12 @@ TEST_F(ClusterTest, PerNodeLaunchAcrossNamespaces) {
   const std::string secret = (dir_.path() / "secret").string();
   std::ofstream(secret) << "0123456789abcdef0123456789abcdef";
   const std::string master = "10.233.0.1:" + std::to_string(20000 + getpid() % 20000);
-  const std::string common = " --model " + model_.string() + " --tp 2 --nodes 2 --master " +
-                             master + " --secret-file " + secret;
+  const std::string common = "--tp 2 --nodes 2 --master " + master + " --secret-file " + secret;
   auto start = [&](const std::string& space, const std::string& args) {
-    Launched l;
-    int fds[2];
-    EXPECT_EQ(pipe(fds), 0);
-    const std::string cmd = "UCX_TLS=tcp exec ip netns exec " + space + " " +
-                            std::string(GEMMA2_BINARY_DIR) + "/bin/gemma2-launch" + common + args +
-                            " 2>&1";
-    l.pid = fork();
-    if (l.pid == 0) {
-      dup2(fds[1], 1);
-      close(fds[0]);
-      execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
-      _exit(127);
-    }
-    close(fds[1]);
-    l.out = fdopen(fds[0], "r");
-    return l;
+    return StartLauncher(model_.string(), common + args,
+                         "env UCX_TLS=tcp ip netns exec " + space + " ");
   };
-  Launched node0 = start(a, " --port 0 --host 10.233.0.1");
+  Launched node0 = start(a, " --host 10.233.0.1");
   Launched node1 = start(b, " --node-rank 1 --address 10.233.0.2");
   const std::string ready = ReadLine(node0.out), started = ReadLine(node1.out);
   EXPECT_NE(ready.find("ready: 4 ranks (tp 2 x pp 2)"), std::string::npos) << ready;
@@ -452,23 +440,10 @@ TEST_F(ClusterTest, FanOutStartsTheOtherNodeOverSsh) {
   std::filesystem::permissions(ssh, std::filesystem::perms::owner_all);
   const std::string secret = (dir_.path() / "secret").string();
   std::ofstream(secret) << "fedcba9876543210fedcba9876543210";
-  std::string cmd = "UCX_TLS=tcp exec ip netns exec " + a;
-  cmd += " " + std::string(GEMMA2_BINARY_DIR) + "/bin/gemma2-launch --model " + model_.string();
-  cmd += " --tp 2 --hosts 10.234.0.1,10.234.0.2 --control-port " +
-         std::to_string(20000 + getpid() % 20000);
-  cmd += " --secret-file " + secret + " --ssh " + ssh + " --port 0 --host 10.234.0.1 2>&1";
-  int fds[2];
-  ASSERT_EQ(pipe(fds), 0);
-  Launched head;
-  head.pid = fork();
-  if (head.pid == 0) {
-    dup2(fds[1], 1);
-    close(fds[0]);
-    execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
-    _exit(127);
-  }
-  close(fds[1]);
-  head.out = fdopen(fds[0], "r");
+  std::string args = "--tp 2 --hosts 10.234.0.1,10.234.0.2 --control-port ";
+  args += std::to_string(20000 + getpid() % 20000) + " --secret-file " + secret;
+  args += " --ssh " + ssh + " --host 10.234.0.1";
+  Launched head = StartLauncher(model_.string(), args, "env UCX_TLS=tcp ip netns exec " + a + " ");
   // Node 1's launcher prints its line into the same stream (through the fake ssh); find ready.
   std::string ready, log;
   for (int i = 0; i < 4 && ready.empty(); ++i) {

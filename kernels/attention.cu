@@ -1,106 +1,180 @@
-#include "kernels/attention.h"
+#include <cuda_bf16.h>
 
+#include "kernels/attention.h"
 #include "kernels/device.cuh"
 
 namespace gemma2::kernels {
 namespace {
 
-constexpr int kWarps = 4;  // warps per block, each taking every kWarps-th group of keys
-constexpr int kGroup = 4;  // keys a warp has in flight at once
+// Decode attention reads the whole KV cache every step, so the kernel is built around reading
+// each cached key and value exactly once (GQA: once for all the query heads that share it) with
+// 16-byte loads and many of them in flight.
+//
+// Block (t, bundle, split): token t, `R` query heads that share one kv head, split `split` of the
+// keys visible to t. A key row (HD dims) is spread over HD / 16 lanes, each holding 16 dims (two
+// 16-byte loads), so a warp covers 32 / (HD / 16) keys per load and kWarpKeys keys per iteration.
+// Every lane group keeps an online softmax per head over its keys; groups merge by shuffles, warps
+// through shared memory; the block writes the output (one split) or an unnormalized partial
+// (max, sum, acc[HD]) per head for MergeKernel.
+constexpr int kWarps = 4;
+constexpr int kLaneDims = 16;
+constexpr int kWarpKeys = 8;
 
-// Block (t, head, split) covers split `split` of the keys visible to token t: ceil(visible /
-// splits) keys. Each warp keeps an online softmax over its keys (lane l owns dims [l*E, l*E+E)),
-// the warps merge in shared memory, and the block writes either the output (one split) or an
-// unnormalized partial (max, sum, acc[HD]) for MergeKernel.
-template <int HD>
+__device__ __forceinline__ void Unpack(const uint4& raw, float* f) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = __bfloat1622float2(h[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
+// Weight of a softmax state with maximum m inside a merge with maximum big (0 for an empty one).
+__device__ __forceinline__ float Rescale(float m, float big) {
+  return m == -INFINITY ? 0.0f : __expf(m - big);
+}
+
+template <int HD, int R>
 __global__ void __launch_bounds__(32 * kWarps)
-    SplitKernel(const bf16* __restrict__ q, int64_t row_stride, StepTokens tokens,
-                AttentionShape shape, PagedKv kv, int splits, bf16* __restrict__ out,
-                float* __restrict__ partial) {
-  constexpr int E = HD / 32;
+    DecodeKernel(const bf16* __restrict__ q, int64_t row_stride, StepTokens tokens,
+                 AttentionShape shape, PagedKv kv, int splits, bf16* __restrict__ out,
+                 float* __restrict__ partial) {
+  constexpr int kGroupLanes = HD / kLaneDims;       // lanes sharing a key: 8 or 16
+  constexpr int kKeysPerLoad = 32 / kGroupLanes;    // 4 or 2
+  constexpr int kLoads = kWarpKeys / kKeysPerLoad;  // 2 or 4
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sub = lane % kGroupLanes, group = lane / kGroupLanes;
   const int64_t t = blockIdx.x;
-  const int head = blockIdx.y, split = blockIdx.z;
+  const int split = blockIdx.z;
+  const int head0 = blockIdx.y * R;
+  const int32_t g = head0 / (shape.q_heads / shape.kv_heads);
   const int32_t seq = tokens.token_seq[t], pos = tokens.token_pos[t];
   const int32_t first = shape.window > 0 ? max(0, pos - shape.window + 1) : 0;
   const int32_t visible = pos - first + 1;
   const int32_t chunk = (visible + splits - 1) / splits;
   const int32_t k_begin = first + split * chunk, k_end = min(pos + 1, k_begin + chunk);
-  const int32_t g = head / (shape.q_heads / shape.kv_heads);
-  const bf16* __restrict__ kc = kv.k;
-  const bf16* __restrict__ vc = kv.v;
 
-  float qv[E], acc[E];
-  const bf16* qp = q + t * row_stride + head * HD + lane * E;
+  float qv[R][kLaneDims], acc[R][kLaneDims], m[R], l[R];
 #pragma unroll
-  for (int e = 0; e < E; ++e) {
-    qv[e] = ToF(qp[e]) * shape.scale;
-    acc[e] = 0.0f;
+  for (int r = 0; r < R; ++r) {
+    const bf16* qp = q + t * row_stride + static_cast<int64_t>(head0 + r) * HD + sub * kLaneDims;
+#pragma unroll
+    for (int i = 0; i < kLaneDims; ++i) {
+      qv[r][i] = ToF(qp[i]) * shape.scale;
+      acc[r][i] = 0.0f;
+    }
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
   }
-  float m = -INFINITY, l = 0.0f;
-  for (int32_t k0 = k_begin + warp * kGroup; k0 < k_end; k0 += kWarps * kGroup) {
-    int64_t off[kGroup];
-    float s[kGroup];
+
+  for (int32_t k0 = k_begin + warp * kWarpKeys; k0 < k_end; k0 += kWarps * kWarpKeys) {
+    uint4 kr[kLoads][2], vr[kLoads][2];
 #pragma unroll
-    for (int j = 0; j < kGroup; ++j) {
-      const int32_t k = min(k0 + j, k_end - 1);  // clamp: duplicates are masked below
-      off[j] = KvOffset(kv, seq, k, g, HD) + lane * E;
+    for (int j = 0; j < kLoads; ++j) {
+      const int32_t k = min(k0 + j * kKeysPerLoad + group, k_end - 1);  // masked below
+      const int64_t off = KvOffset(kv, seq, k, g, HD) + sub * kLaneDims;
+      const uint4* kp = reinterpret_cast<const uint4*>(kv.k + off);
+      const uint4* vp = reinterpret_cast<const uint4*>(kv.v + off);
+      kr[j][0] = __ldg(kp);
+      kr[j][1] = __ldg(kp + 1);
+      vr[j][0] = __ldg(vp);
+      vr[j][1] = __ldg(vp + 1);
+    }
+    float s[R][kLoads];
+#pragma unroll
+    for (int j = 0; j < kLoads; ++j) {
+      float kf[kLaneDims];
+      Unpack(kr[j][0], kf);
+      Unpack(kr[j][1], kf + 8);
+      const bool valid = k0 + j * kKeysPerLoad + group < k_end;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kLaneDims; ++i) dot += qv[r][i] * kf[i];
+#pragma unroll
+        for (int o = kGroupLanes / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        if (shape.softcap > 0) dot = tanhf(dot / shape.softcap) * shape.softcap;
+        s[r][j] = valid ? dot : -INFINITY;
+      }
     }
 #pragma unroll
-    for (int j = 0; j < kGroup; ++j) {
-      float dot = 0.0f;
+    for (int r = 0; r < R; ++r) {
+      float m_new = m[r];
 #pragma unroll
-      for (int e = 0; e < E; ++e) dot += qv[e] * ToF(kc[off[j] + e]);
-      s[j] = dot;
+      for (int j = 0; j < kLoads; ++j) m_new = fmaxf(m_new, s[r][j]);
+      if (m_new == -INFINITY) continue;  // this group saw only masked keys so far
+      const float corr = Rescale(m[r], m_new);
+      l[r] *= corr;
+#pragma unroll
+      for (int i = 0; i < kLaneDims; ++i) acc[r][i] *= corr;
+      m[r] = m_new;
     }
-    float m_new = m;
 #pragma unroll
-    for (int j = 0; j < kGroup; ++j) {
-      s[j] = WarpSum(s[j]);
-      if (shape.softcap > 0) s[j] = tanhf(s[j] / shape.softcap) * shape.softcap;
-      if (k0 + j >= k_end) s[j] = -INFINITY;
-      m_new = fmaxf(m_new, s[j]);
+    for (int j = 0; j < kLoads; ++j) {
+      float vf[kLaneDims];
+      Unpack(vr[j][0], vf);
+      Unpack(vr[j][1], vf + 8);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float p = Rescale(s[r][j], m[r]);
+        l[r] += p;
+#pragma unroll
+        for (int i = 0; i < kLaneDims; ++i) acc[r][i] += p * vf[i];
+      }
     }
-    const float corr = __expf(m - m_new);  // m_new is finite: key k0 is always valid
-    l *= corr;
+  }
+
+  // Merge the lane groups of the warp (same dims, different keys).
 #pragma unroll
-    for (int e = 0; e < E; ++e) acc[e] *= corr;
+  for (int o = kGroupLanes; o < 32; o <<= 1) {
 #pragma unroll
-    for (int j = 0; j < kGroup; ++j) {
-      const float p = __expf(s[j] - m_new);
-      l += p;
+    for (int r = 0; r < R; ++r) {
+      const float mo = __shfl_xor_sync(0xffffffffu, m[r], o);
+      const float lo = __shfl_xor_sync(0xffffffffu, l[r], o);
+      const float big = fmaxf(m[r], mo);
+      const float a = Rescale(m[r], big), b = Rescale(mo, big);
+      l[r] = l[r] * a + lo * b;
 #pragma unroll
-      for (int e = 0; e < E; ++e) acc[e] += p * ToF(vc[off[j] + e]);
+      for (int i = 0; i < kLaneDims; ++i) {
+        const float ao = __shfl_xor_sync(0xffffffffu, acc[r][i], o);
+        acc[r][i] = acc[r][i] * a + ao * b;
+      }
+      m[r] = big;
     }
-    m = m_new;
   }
 
   // Merge the warps.
-  __shared__ float sm[kWarps], sl[kWarps], sacc[kWarps][HD];
-  if (lane == 0) {
-    sm[warp] = m;
-    sl[warp] = l;
-  }
+  __shared__ float sm[kWarps][R], sl[kWarps][R], sacc[kWarps][R][HD];
 #pragma unroll
-  for (int e = 0; e < E; ++e) sacc[warp][lane * E + e] = acc[e];
+  for (int r = 0; r < R; ++r) {
+    if (lane == 0) {
+      sm[warp][r] = m[r];
+      sl[warp][r] = l[r];
+    }
+    if (group == 0) {
+#pragma unroll
+      for (int i = 0; i < kLaneDims; ++i) sacc[warp][r][sub * kLaneDims + i] = acc[r][i];
+    }
+  }
   __syncthreads();
-  float big = -INFINITY;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) big = fmaxf(big, sm[w]);
-  float total = 0.0f;
-  float weight[kWarps];
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    weight[w] = sm[w] == -INFINITY ? 0.0f : __expf(sm[w] - big);
-    total += sl[w] * weight[w];
-  }
   const int64_t heads = shape.q_heads;
-  for (int d = threadIdx.x; d < HD; d += blockDim.x) {
-    float a = 0.0f;
+  for (int idx = threadIdx.x; idx < R * HD; idx += blockDim.x) {
+    const int r = idx / HD, d = idx % HD;
+    float big = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) a += sacc[w][d] * weight[w];
+    for (int w = 0; w < kWarps; ++w) big = fmaxf(big, sm[w][r]);
+    float total = 0.0f, a = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float weight = Rescale(sm[w][r], big);
+      total += sl[w][r] * weight;
+      a += sacc[w][r][d] * weight;
+    }
+    const int64_t head = head0 + r;
     if (splits == 1) {
-      out[t * heads * HD + head * HD + d] = ToB(a / total);
+      out[(t * heads + head) * HD + d] = ToB(a / total);
     } else {
       float* p = partial + ((t * heads + head) * splits + split) * (HD + 2);
       p[2 + d] = a;
@@ -120,27 +194,31 @@ __global__ void MergeKernel(const float* __restrict__ partial, int splits, int64
   float big = -INFINITY;
   for (int s = 0; s < splits; ++s) big = fmaxf(big, p[s * (HD + 2)]);
   float total = 0.0f;
-  for (int s = 0; s < splits; ++s) {
-    const float ms = p[s * (HD + 2)];
-    if (ms != -INFINITY) total += p[s * (HD + 2) + 1] * __expf(ms - big);
-  }
+  for (int s = 0; s < splits; ++s) total += p[s * (HD + 2) + 1] * Rescale(p[s * (HD + 2)], big);
   for (int d = threadIdx.x; d < HD; d += blockDim.x) {
     float a = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-      const float ms = p[s * (HD + 2)];
-      if (ms != -INFINITY) a += p[s * (HD + 2) + 2 + d] * __expf(ms - big);
-    }
-    out[t * heads * HD + head * HD + d] = ToB(a / total);
+    for (int s = 0; s < splits; ++s) a += p[s * (HD + 2) + 2 + d] * Rescale(p[s * (HD + 2)], big);
+    out[(t * heads + head) * HD + d] = ToB(a / total);
   }
 }
 
-template <int HD>
+// Query heads per block: the most of 4, 2, 1 that share one kv head (8 would spill registers).
+int HeadsPerBlock(const AttentionShape& shape) {
+  const int ratio = shape.q_heads / shape.kv_heads;
+  for (int r : {4, 2}) {
+    if (ratio % r == 0) return r;
+  }
+  return 1;
+}
+
+template <int HD, int R>
 cudaError_t Launch(const bf16* q, int64_t row_stride, const StepTokens& tokens,
                    const AttentionShape& shape, const PagedKv& kv, int splits, float* partial,
                    bf16* out, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(tokens.count), static_cast<unsigned>(shape.q_heads),
+  const dim3 grid(static_cast<unsigned>(tokens.count), static_cast<unsigned>(shape.q_heads / R),
                   static_cast<unsigned>(splits));
-  SplitKernel<HD><<<grid, 32 * kWarps, 0, stream>>>(q, row_stride, tokens, shape, kv, splits, out, partial);
+  DecodeKernel<HD, R>
+      <<<grid, 32 * kWarps, 0, stream>>>(q, row_stride, tokens, shape, kv, splits, out, partial);
   if (splits > 1) {
     const dim3 mgrid(static_cast<unsigned>(tokens.count), static_cast<unsigned>(shape.q_heads));
     MergeKernel<HD><<<mgrid, HD, 0, stream>>>(partial, splits, shape.q_heads, out);
@@ -148,29 +226,53 @@ cudaError_t Launch(const bf16* q, int64_t row_stride, const StepTokens& tokens,
   return cudaGetLastError();
 }
 
+template <int HD>
+cudaError_t LaunchHeads(const bf16* q, int64_t row_stride, const StepTokens& tokens,
+                        const AttentionShape& shape, const PagedKv& kv, int splits, float* partial,
+                        bf16* out, cudaStream_t stream) {
+  switch (HeadsPerBlock(shape)) {
+    case 4:
+      return Launch<HD, 4>(q, row_stride, tokens, shape, kv, splits, partial, out, stream);
+    case 2:
+      return Launch<HD, 2>(q, row_stride, tokens, shape, kv, splits, partial, out, stream);
+    default:
+      return Launch<HD, 1>(q, row_stride, tokens, shape, kv, splits, partial, out, stream);
+  }
+}
+
+bool ValidShape(const AttentionShape& shape) {
+  return shape.kv_heads > 0 && shape.q_heads % shape.kv_heads == 0;
+}
+
 }  // namespace
 
-int AttentionSplits(int64_t tokens, int32_t q_heads) {
-  // Enough blocks to fill the GPU when few (token, head) pairs exist (decode); none when many.
-  const int64_t pairs = tokens * q_heads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxAttentionSplits, 4096 / pairs)));
+int AttentionSplits(int64_t tokens, const AttentionShape& shape) {
+  // Enough blocks to fill the GPU when few (token, kv head) pairs exist (decode); none when many.
+  const int64_t blocks = tokens * (ValidShape(shape) ? shape.q_heads / HeadsPerBlock(shape) : 1);
+  return static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>(kMaxAttentionSplits, 4096 / std::max<int64_t>(1, blocks))));
 }
 
 size_t AttentionPartialBytes(int64_t tokens, const AttentionShape& shape) {
-  const int splits = AttentionSplits(tokens, shape.q_heads);
-  return splits == 1 ? 0 : static_cast<size_t>(tokens * shape.q_heads * splits * (shape.head_dim + 2)) * 4;
+  const int splits = AttentionSplits(tokens, shape);
+  return splits == 1
+             ? 0
+             : static_cast<size_t>(tokens * shape.q_heads * splits * (shape.head_dim + 2)) * 4;
 }
 
 cudaError_t PagedAttention(const bf16* q, int64_t row_stride, const StepTokens& tokens,
                            const AttentionShape& shape, const PagedKv& kv, float* partial,
                            bf16* out, cudaStream_t stream) {
   if (tokens.count == 0) return cudaSuccess;
-  if (shape.kv_heads <= 0 || shape.q_heads % shape.kv_heads != 0) return cudaErrorInvalidValue;
-  const int splits = AttentionSplits(tokens.count, shape.q_heads);
+  if (!ValidShape(shape)) return cudaErrorInvalidValue;
+  const int splits = AttentionSplits(tokens.count, shape);
   switch (shape.head_dim) {  // the one place a runtime head_dim becomes a compile-time constant
-    case 128: return Launch<128>(q, row_stride, tokens, shape, kv, splits, partial, out, stream);
-    case 256: return Launch<256>(q, row_stride, tokens, shape, kv, splits, partial, out, stream);
-    default: return cudaErrorInvalidValue;
+    case 128:
+      return LaunchHeads<128>(q, row_stride, tokens, shape, kv, splits, partial, out, stream);
+    case 256:
+      return LaunchHeads<256>(q, row_stride, tokens, shape, kv, splits, partial, out, stream);
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 

@@ -18,9 +18,9 @@ struct AttentionShape {
 
 inline constexpr int kMaxAttentionSplits = 32;
 
-// Each (token, head)'s keys are split across this many blocks (decode: many; prefill: one),
+// Each (token, kv head)'s keys are split across this many blocks (decode: many; prefill: one),
 // merged by a second kernel. Depends only on the step's shape, so a captured graph stays valid.
-int AttentionSplits(int64_t tokens, int32_t q_heads);
+int AttentionSplits(int64_t tokens, const AttentionShape& shape);
 // Scratch the split partials need (0 when there is one split).
 size_t AttentionPartialBytes(int64_t tokens, const AttentionShape& shape);
 

@@ -97,8 +97,14 @@ TEST_F(CudaOpsTest, RmsNormAndAddRmsNorm) {
 
 TEST_F(CudaOpsTest, LinearBf16AndFp32OutputsWithBias) {
   EmptyStep(*gpu_);
-  for (auto [t, n, k] : {std::tuple{1, 4608, 4608}, {2, 4608, 36864}, {3, 1001, 72}, {4, 7, 64},
-                        {7, 96, 4608}, {33, 1000, 64}, {5, 3, 72}, {1, 5, 20}}) {
+  for (auto [t, n, k] : {std::tuple{1, 4608, 4608},
+                         {2, 4608, 36864},
+                         {3, 1001, 72},
+                         {4, 7, 64},
+                         {7, 96, 4608},
+                         {33, 1000, 64},
+                         {5, 3, 72},
+                         {1, 5, 20}}) {
     SCOPED_TRACE(std::to_string(t) + "x" + std::to_string(n) + "x" + std::to_string(k));
     const auto x = Rand(t * k, 1.0f, 5), w = Rand(n * k, 0.05f, 6), b = Rand(n, 1.0f, 7);
     Tensor gx = Put(*gpu_, x, t, k), cx = Put(cpu_, x, t, k);
@@ -177,8 +183,10 @@ struct AttnCase {
 };
 
 TEST_F(CudaOpsTest, RopeCacheAndAttentionOverRaggedStepsAndBlocks) {
+  // GQA ratios 1, 2, 3 (one head per block), 4 and 8 (two blocks per kv head).
   const std::vector<AttnCase> cases = {{4, 4, 128, 0}, {4, 2, 128, 21}, {8, 2, 128, 16},
-                                       {2, 1, 256, 5}, {4, 1, 256, 0}};
+                                       {2, 1, 256, 5}, {4, 1, 256, 0},  {6, 2, 128, 33},
+                                       {8, 1, 128, 0}, {8, 1, 256, 19}};
   for (const auto& ac : cases) {
     SCOPED_TRACE("q" + std::to_string(ac.q_heads) + " kv" + std::to_string(ac.kv_heads) + " hd" +
                  std::to_string(ac.head_dim) + " window" + std::to_string(ac.window));
@@ -195,7 +203,8 @@ TEST_F(CudaOpsTest, RopeCacheAndAttentionOverRaggedStepsAndBlocks) {
     p.rope_theta = 10000.0;
     const int64_t width = (ac.q_heads + 2 * ac.kv_heads) * ac.head_dim;
     // Three sequences; steps: ragged prefill, three decode steps, a second prefill chunk.
-    const std::vector<std::vector<int64_t>> steps = {{1, 17, 40}, {1, 1, 1}, {1, 1, 1}, {1, 1, 1}, {5, 0, 300}};
+    const std::vector<std::vector<int64_t>> steps = {
+        {1, 17, 40}, {1, 1, 1}, {1, 1, 1}, {1, 1, 1}, {5, 0, 300}};
     std::vector<std::unique_ptr<SequenceKv>> gk, ck;
     for (int s = 0; s < 3; ++s) {
       gk.push_back(gpu->NewSequenceKv(layers, ac.kv_heads, ac.head_dim));
@@ -218,7 +227,8 @@ TEST_F(CudaOpsTest, RopeCacheAndAttentionOverRaggedStepsAndBlocks) {
       gpu->RopeAndCacheWrite(gq, gs, layer, p);
       cpu_.RopeAndCacheWrite(cq, cs, layer, p);
       ExpectRowsClose(Get(*gpu, gq), Get(cpu_, cq), width, 5e-3, "RoPE");
-      Tensor go = gpu->Alloc(rows, ac.q_heads * ac.head_dim), co = cpu_.Alloc(rows, ac.q_heads * ac.head_dim);
+      Tensor go = gpu->Alloc(rows, ac.q_heads * ac.head_dim),
+             co = cpu_.Alloc(rows, ac.q_heads * ac.head_dim);
       gpu->Attention(gq, gs, layer, p, go);
       cpu_.Attention(cq, cs, layer, p, co);
       ExpectRowsClose(Get(*gpu, go), Get(cpu_, co), ac.q_heads * ac.head_dim, 2e-2, "Attention");
@@ -258,15 +268,16 @@ TEST_F(CudaOpsTest, SamplingMatchesTheSpecification) {
   std::vector<float> logits;
   step(s, StepOutputKind::kSampledIds, &ids, &logits);
   for (int64_t r = 0; r < rows; ++r) {
-    EXPECT_EQ(ids[r], SampleRow({logits.data() + r * vocab, static_cast<size_t>(vocab)}, s[r])) << r;
+    EXPECT_EQ(ids[r], SampleRow({logits.data() + r * vocab, static_cast<size_t>(vocab)}, s[r]))
+        << r;
   }
 }
 
 // Fresh prefills of 64 tokens or more take the tensor-core path (two matrix products per head and a
 // masked softmax); a decode step after them reads the cache those steps wrote.
 TEST_F(CudaOpsTest, FreshPrefillAttentionThroughMatmuls) {
-  const std::vector<AttnCase> cases = {{4, 4, 128, 0}, {4, 2, 128, 21}, {8, 2, 128, 16},
-                                       {2, 1, 256, 70}, {4, 1, 256, 0}};
+  const std::vector<AttnCase> cases = {
+      {4, 4, 128, 0}, {4, 2, 128, 21}, {8, 2, 128, 16}, {2, 1, 256, 70}, {4, 1, 256, 0}};
   for (const auto& ac : cases) {
     SCOPED_TRACE("q" + std::to_string(ac.q_heads) + " kv" + std::to_string(ac.kv_heads) + " hd" +
                  std::to_string(ac.head_dim) + " window" + std::to_string(ac.window));
@@ -304,7 +315,8 @@ TEST_F(CudaOpsTest, FreshPrefillAttentionThroughMatmuls) {
       Tensor gq = Put(*gpu, qkv, rows, width), cq = Put(cpu_, qkv, rows, width);
       gpu->RopeAndCacheWrite(gq, gs, 0, p);
       cpu_.RopeAndCacheWrite(cq, cs, 0, p);
-      Tensor go = gpu->Alloc(rows, ac.q_heads * ac.head_dim), co = cpu_.Alloc(rows, ac.q_heads * ac.head_dim);
+      Tensor go = gpu->Alloc(rows, ac.q_heads * ac.head_dim),
+             co = cpu_.Alloc(rows, ac.q_heads * ac.head_dim);
       gpu->Attention(gq, gs, 0, p, go);
       cpu_.Attention(cq, cs, 0, p, co);
       ExpectRowsClose(Get(*gpu, go), Get(cpu_, co), ac.q_heads * ac.head_dim, 2e-2, "Attention");

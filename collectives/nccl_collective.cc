@@ -52,7 +52,9 @@ Result<std::unique_ptr<NcclCollective>> NcclCollective::Create(const NcclOptions
   // Non-blocking init, so a peer that never arrives is a timeout instead of a hang.
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = 0;
-  RETURN_IF_CUDA_ERROR(ncclCommInitRankConfig(&c->comm_, opts.size, id, opts.rank, &config));
+  // In non-blocking mode the call answers ncclInProgress while the group forms.
+  const ncclResult_t started = ncclCommInitRankConfig(&c->comm_, opts.size, id, opts.rank, &config);
+  if (started != ncclInProgress) RETURN_IF_CUDA_ERROR(started);
   const auto deadline = Clock::now() + opts.init_timeout;
   ncclResult_t state = ncclInProgress;
   while (state == ncclInProgress) {
@@ -129,29 +131,45 @@ void NcclCollective::Watch() {
   }
 }
 
+Status NcclCollective::Settle(ncclResult_t r, const char* what) {
+  while (r == ncclInProgress) {
+    std::this_thread::yield();
+    std::lock_guard<std::mutex> lock(mu_);
+    if (aborted_) break;  // the watchdog gave up on it: Usable() says why
+    ncclCommGetAsyncError(comm_, &r);
+  }
+  RETURN_IF_ERROR(Usable());
+  if (r != ncclSuccess) {
+    return Status(StatusCode::kUnavailable, "NCCL " + opts_.who + ": " + what + ": " +
+                                                ncclGetErrorString(r) + " (" +
+                                                ncclGetLastError(comm_) + ")");
+  }
+  return OkStatus();
+}
+
 Status NcclCollective::AllReduceSum(Tensor& t) {
-  if (opts_.size == 1 || t.numel() == 0) return OkStatus();
+  if (t.numel() == 0) return OkStatus();  // a group of one still goes through NCCL (a no-op there)
   RETURN_IF_ERROR(Usable());
   ASSIGN_OR_RETURN(ncclDataType_t type, NcclType(t.dtype));
-  RETURN_IF_CUDA_ERROR(ncclAllReduce(t.data, t.data, static_cast<size_t>(t.numel()), type, ncclSum,
-                                     comm_, static_cast<cudaStream_t>(opts_.stream)));
-  return OkStatus();
+  return Settle(ncclAllReduce(t.data, t.data, static_cast<size_t>(t.numel()), type, ncclSum, comm_,
+                              static_cast<cudaStream_t>(opts_.stream)),
+                "ncclAllReduce");
 }
 
 Status NcclCollective::SendTo(const Tensor& t, int peer) {
   RETURN_IF_ERROR(Usable());
   ASSIGN_OR_RETURN(ncclDataType_t type, NcclType(t.dtype));
-  RETURN_IF_CUDA_ERROR(ncclSend(t.data, static_cast<size_t>(t.numel()), type, peer, comm_,
-                                static_cast<cudaStream_t>(opts_.stream)));
-  return OkStatus();
+  return Settle(ncclSend(t.data, static_cast<size_t>(t.numel()), type, peer, comm_,
+                         static_cast<cudaStream_t>(opts_.stream)),
+                "ncclSend");
 }
 
 Status NcclCollective::RecvFrom(Tensor& t, int peer) {
   RETURN_IF_ERROR(Usable());
   ASSIGN_OR_RETURN(ncclDataType_t type, NcclType(t.dtype));
-  RETURN_IF_CUDA_ERROR(ncclRecv(t.data, static_cast<size_t>(t.numel()), type, peer, comm_,
-                                static_cast<cudaStream_t>(opts_.stream)));
-  return OkStatus();
+  return Settle(ncclRecv(t.data, static_cast<size_t>(t.numel()), type, peer, comm_,
+                         static_cast<cudaStream_t>(opts_.stream)),
+                "ncclRecv");
 }
 
 }  // namespace gemma2

@@ -62,6 +62,9 @@ class NcclCollective final : public Collective {
  private:
   explicit NcclCollective(const NcclOptions& o) : opts_(o) {}
   Status Usable() const;
+  // A non-blocking communicator may answer a call with ncclInProgress: waits until NCCL settles
+  // it (or the watchdog aborts), then turns the outcome into a Status naming `what`.
+  Status Settle(ncclResult_t r, const char* what);
   void Watch();
 
   NcclOptions opts_;

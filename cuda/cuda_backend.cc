@@ -202,6 +202,13 @@ class CudaBackend final : public Backend {
 
   // Block by block on every layer, on the step stream (ordered before the next step's kernels).
   void* native_stream() override { return stream_; }
+  bool replaying_graph() const override { return replaying_; }
+
+  Status EndGraphSection() override {
+    RETURN_IF_ERROR(FinishGraph());
+    replaying_ = false;  // what follows runs eagerly, in the capturing step as in the replays
+    return error_;
+  }
 
   Status CopyKvPrefix(const SequenceKv& src_kv, SequenceKv& dst_kv, int64_t tokens) override {
     const auto& src = static_cast<const CudaSequenceKv&>(src_kv);

@@ -52,6 +52,12 @@ class Backend {
   virtual std::string_view name() const = 0;
   // The stream the ops run on (cudaStream_t on cuda; null on cpu): where a GPU collective enqueues.
   virtual void* native_stream() { return nullptr; }
+  // Captured decode steps (cuda): while a backend replays one, its ops record nothing, and the
+  // collectives between ranks, captured with them, must not be issued a second time.
+  virtual bool replaying_graph() const { return false; }
+  // Ops after this run eagerly: a capture in progress ends here and what it holds is launched.
+  // Called before work a graph cannot hold (copies to the host mid-step) and where a stage ends.
+  virtual Status EndGraphSection() { return OkStatus(); }
   // The dtype the loader should hand this backend's weights in.
   virtual DType weight_dtype() const = 0;
   // The dtype activations live in between ops (fp32 on cpu, bf16 on cuda).

@@ -222,6 +222,8 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
   }
 
   const bool ids_only = step.ids_only && c.architecture == Architecture::kCausalLM;
+  // Collectives are captured with the ops of a graph step; a replay issues them no second time.
+  auto sum = [&](Tensor& x) { return b.replaying_graph() ? OkStatus() : comm.AllReduceSum(x); };
   const bool greedy = std::all_of(sampling.begin(), sampling.end(),
                                   [](const RowSampling& s) { return s.params.greedy; });
   RETURN_IF_ERROR(b.BeginStep(seqs, !ids_only ? StepOutputKind::kLogits
@@ -235,12 +237,12 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
   Tensor x = b.Alloc(t, h);
   if (plan_.first_stage()) {
     b.Embed(ids, embed_, plan_.vocab_begin, normalizer, x);
-    RETURN_IF_ERROR(comm.AllReduceSum(x));
+    RETURN_IF_ERROR(sum(x));
   } else {
     // The residual stream of the previous stage (its rank 0 of the pair is that stage).
     if (pipe.prev == nullptr)
       return Internal("pipeline stage " + std::to_string(plan_.stage) + " has no previous stage");
-    RETURN_IF_ERROR(pipe.prev->RecvFrom(x, 0));
+    if (!b.replaying_graph()) RETURN_IF_ERROR(pipe.prev->RecvFrom(x, 0));
   }
 
   // Scratch for one layer, reused by every layer (all layers of a rank have the same shapes).
@@ -264,7 +266,7 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
     b.RopeAndCacheWrite(qkv, seqs, static_cast<int64_t>(li), ap);  // caches index local layers
     b.Attention(qkv, seqs, static_cast<int64_t>(li), ap, attn);
     b.Linear(attn, w.o, nullptr, o);
-    RETURN_IF_ERROR(comm.AllReduceSum(o));
+    RETURN_IF_ERROR(sum(o));
     // Post-attention norm applies to the block output before the residual add.
     b.AddRmsNorm(x, o, w.post_attention_norm, &w.pre_feedforward_norm, eps, normed);
 
@@ -272,7 +274,7 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
     b.Linear(normed, w.gate_up, nullptr, gate_up);
     b.GeluTanhMul(gate_up, act);
     b.Linear(act, w.down, nullptr, down);
-    RETURN_IF_ERROR(comm.AllReduceSum(down));
+    RETURN_IF_ERROR(sum(down));
     // The next layer's input norm, the final norm after the last layer, none at a stage boundary.
     const Tensor* next_norm = li + 1 < layers_.size() ? &layers_[li + 1].input_norm
                               : plan_.last_stage()    ? &final_norm_
@@ -282,7 +284,8 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
   if (!plan_.last_stage()) {
     if (pipe.next == nullptr)
       return Internal("pipeline stage " + std::to_string(plan_.stage) + " has no next stage");
-    RETURN_IF_ERROR(pipe.next->SendTo(x, 1));
+    if (!b.replaying_graph()) RETURN_IF_ERROR(pipe.next->SendTo(x, 1));
+    RETURN_IF_ERROR(b.EndGraphSection());
     out->rows = 0;
     out->width = c.output_size();
     return OkStatus();
@@ -304,13 +307,14 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
     b.Linear(sel, lm_head_, nullptr, local);
     if (c.final_logit_softcap > 0) b.Softcap(local, static_cast<float>(c.final_logit_softcap));
     if (ids_only && comm.size() > 1) {
+      RETURN_IF_ERROR(b.EndGraphSection());  // the pick copies candidates to the host
       ASSIGN_OR_RETURN(const bool picked, PickAcrossShards(local, sampling, comm, out));
       if (picked) return OkStatus();
       ++shard_pick_fallbacks_;  // a threshold below what the candidates prove: assemble the rows
     }
     Tensor full = b.AllocOutput(r, c.vocab_size);
     b.ScatterColumns(local, plan_.vocab_begin, full);
-    RETURN_IF_ERROR(comm.AllReduceSum(full));
+    RETURN_IF_ERROR(sum(full));
     if (ids_only) {
       RETURN_IF_ERROR(b.SampleToHost(full, sampling, out->ids.data()));
     } else {

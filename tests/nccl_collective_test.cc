@@ -87,6 +87,63 @@ bool TwoGpus() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n >= 2;
 }
 
+// The path a one-GPU worker takes: a group of one through NCCL, eagerly and inside a captured
+// graph, then an abort that every later call reports.
+TEST(NcclCollectiveTest, AGroupOfOneIsTheIdentityEagerAndCapturedThenAborts) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n < 1) GTEST_SKIP() << "skipped: needs a GPU";
+  ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  testing::TempDir dir;
+  gloo::rendezvous::FileStore store(dir.path().string());
+  NcclOptions o;
+  o.rank = 0;
+  o.size = 1;
+  o.device = 0;
+  o.stream = stream;
+  o.who = "test rank 0";
+  auto c = NcclCollective::Create(o, store, "one");
+  ASSERT_TRUE(c.ok()) << c.status().message();
+  const int64_t count = 1027;
+  std::vector<float> host(static_cast<size_t>(count));
+  for (int64_t i = 0; i < count; ++i) host[static_cast<size_t>(i)] = 0.5f * static_cast<float>(i);
+  float* dev = nullptr;
+  ASSERT_EQ(cudaMalloc(&dev, count * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dev, host.data(), count * sizeof(float), cudaMemcpyHostToDevice),
+            cudaSuccess);
+  Tensor t;
+  t.data = dev;
+  t.rows = 1;
+  t.cols = count;
+  t.dtype = DType::kF32;
+  (*c)->Arm(std::chrono::seconds(30));
+  ASSERT_TRUE((*c)->AllReduceSum(t).ok());
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  const Status captured = (*c)->AllReduceSum(t);
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  ASSERT_TRUE(captured.ok()) << captured.message();
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  for (int i = 0; i < 3; ++i) ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  (*c)->Disarm();
+  std::vector<float> back(static_cast<size_t>(count));
+  ASSERT_EQ(cudaMemcpy(back.data(), dev, count * sizeof(float), cudaMemcpyDeviceToHost),
+            cudaSuccess);
+  EXPECT_EQ(back, host);
+  (*c)->Abort("test abort");
+  (*c)->Abort("second abort");  // idempotent: the first reason stays
+  const Status after = (*c)->AllReduceSum(t);
+  EXPECT_FALSE(after.ok());
+  EXPECT_NE(after.message().find("test abort"), std::string::npos) << after.message();
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaFree(dev);
+  cudaStreamDestroy(stream);
+}
+
 TEST(NcclCollectiveTest, SumsAcrossTwoGpus) {
   if (!TwoGpus()) GTEST_SKIP() << "skipped: needs 2 GPUs";
   RunPair(false);

@@ -82,9 +82,9 @@ Status Serve(const Args& a, rpc::Channel& ch) {
   ASSIGN_OR_RETURN(auto model, RankModel::Load(*ck, plan, *backend));
   // Rendezvous through the coordinator (the control channel), whatever host each rank is on.
   ControlPlaneStore store(ch, 60s);
-  // GPU ranks of a group talk over NCCL on the backend's stream; cpu ranks (and a lone GPU rank,
-  // whose collectives are the identity) over Gloo.
-  const bool gpu_group = a.backend == "cuda" && a.tp * a.pp > 1;
+  // GPU ranks talk over NCCL on the backend's stream (a lone GPU rank too: the same path, whose
+  // sums are the identity); cpu ranks over Gloo.
+  const bool gpu_group = a.backend == "cuda";
   std::vector<NcclLike*> watched;
   auto group = [&](int rank, int size,
                    const std::string& prefix) -> Result<std::unique_ptr<Collective>> {

@@ -162,6 +162,11 @@ class ServerTest : public ::testing::Test {
                                    " --max-body-bytes 65536 --strict-fields");
     ASSERT_TRUE(server_->ok()) << server_->ready_line();
   }
+  // Every test fails at once, with the launcher's words, when the shared server did not start.
+  void SetUp() override {
+    ASSERT_TRUE(server_ != nullptr && server_->ok())
+        << "the shared gemma2-launch did not start: " << (server_ ? server_->ready_line() : "");
+  }
   static void TearDownTestSuite() {
     delete server_;
     delete dir_;
@@ -745,7 +750,7 @@ TEST_F(ServerTest, LostRankEndsStreamsWithAnErrorAndTheLauncherExits) {
   std::filesystem::create_directory_symlink(Lm(), model);
   Server s(model, Ranks() + " --linger-on-loss 3");
   ASSERT_TRUE(s.ok()) << s.ready_line();
-  std::atomic<bool> started{false};
+  std::atomic<bool> started{false}, ended{false};
   bool error_event = false;
   std::thread t([&] {
     HttpCall call{"POST",
@@ -757,8 +762,13 @@ TEST_F(ServerTest, LostRankEndsStreamsWithAnErrorAndTheLauncherExits) {
       error_event |= data.find("\"error\"") != std::string_view::npos;
       return true;
     });
+    ended = true;
   });
-  while (!started) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  while (!started && !ended) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  if (!started) {
+    t.join();
+    FAIL() << "the stream ended before its first event";
+  }
   const std::string victim = Cuda() ? "0" : "1";
   const std::string pid = Shell("pgrep -f -- '[-]-rank " + victim + " .*" + model + "'");
   ASSERT_FALSE(pid.empty());

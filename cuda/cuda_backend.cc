@@ -17,7 +17,6 @@
 #include "kernels/rms_norm.h"
 #include "kernels/rope_kv.h"
 #include "kernels/sample.h"
-#include "kernels/skinny_gemm.h"
 #include "model/rope.h"
 
 namespace gemma2 {
@@ -255,7 +254,6 @@ class CudaBackend final : public Backend {
     pinned_offset_ = 0;
     replaying_ = capturing_ = false;
     attn_partial_ = Tensor{};
-    skinny_scratch_ = Tensor{};
     if (!pool_) return Internal("cuda backend: no KV cache pool (no sequence was created)");
     // Block tables have a fixed stride (a sequence's most blocks), so every kernel argument of a
     // decode step depends only on its batch size: such steps are captured once and replayed.
@@ -323,25 +321,12 @@ class CudaBackend final : public Backend {
   }
 
   void Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& out) override {
-    if (!error_.ok()) return;
+    if (!error_.ok() || replaying_) return;
     const bool f32 = out.dtype == DType::kF32;
-    const bool gemv = kernels::GemvSupports(x.data, w.data, x.rows, x.cols);
-    const bool skinny =
-        !gemv && opts_.skinny_gemm && kernels::SkinnyGemmSupports(x.data, w.data, x.rows, x.cols);
-    if (skinny) {  // in replays too: the arena must hand out the addresses the graph captured
-      const size_t bytes = kernels::SkinnyGemmScratchBytes(x.rows, w.rows, x.cols);
-      if (static_cast<size_t>(skinny_scratch_.numel()) * 4 < bytes)
-        skinny_scratch_ = Scratch(1, static_cast<int64_t>(bytes / 4), DType::kF32);
-    }
-    if (replaying_) return;
-    if (gemv) {  // decode: memory-bound
+    if (kernels::GemvSupports(x.data, w.data, x.rows, x.cols)) {  // decode: memory-bound
       Note(
           kernels::Gemv(x.as<bf16>(), w.as<bf16>(), out.data, f32, x.rows, w.rows, x.cols, stream_),
           "Gemv");
-    } else if (skinny) {
-      Note(kernels::SkinnyGemm(x.as<bf16>(), w.as<bf16>(), out.data, f32, x.rows, w.rows, x.cols,
-                               skinny_scratch_.as<float>(), stream_),
-           "SkinnyGemm");
     } else {
       const Status st = gemm_->Run(x.data, w.data, out.data, f32, x.rows, w.rows, x.cols);
       if (!st.ok()) error_ = st;
@@ -612,8 +597,7 @@ class CudaBackend final : public Backend {
   static constexpr int64_t kMinPrefillTokens = 64;
   static constexpr size_t kPrefillWorkspaceBudget = size_t{2} << 30;
   std::shared_ptr<void> attn_ws_;
-  Tensor attn_partial_;    // decode attention's split partials, this step
-  Tensor skinny_scratch_;  // SkinnyGemm's split partials, this step
+  Tensor attn_partial_;  // decode attention's split partials, this step
   size_t attn_ws_bytes_ = 0;
   // Decode graphs by batch size.
   struct Graph {

@@ -11,11 +11,10 @@ namespace gemma2 {
 
 struct CudaOptions {
   int device = 0;
-  int64_t kv_cache_bytes = 0;   // 0: 95% of the memory free at the first sequence, less 8 GiB
-  int32_t kv_block_size = 16;   // tokens per KV block
-  bool poison_scratch = false;  // tests: fill every scratch tensor with NaN before use
-  bool cuda_graphs = true;      // replay greedy decode steps as CUDA graphs, one per batch size
-  bool skinny_gemm = true;      // 5..32-token projections on the tensor-core kernel (else cuBLASLt)
+  int64_t kv_cache_bytes = 0;  // 0: 95% of the memory free at the first sequence, less 8 GiB
+  int32_t kv_block_size = 16;  // tokens per KV block
+  bool poison_scratch = false; // tests: fill every scratch tensor with NaN before use
+  bool cuda_graphs = true;     // replay greedy decode steps as CUDA graphs, one per batch size
   int64_t max_positions = 8192;  // longest sequence (fixes the block-table stride)
 };
 

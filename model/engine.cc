@@ -36,7 +36,6 @@ Result<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& opts, int rank
     c.kv_cache_bytes = opts.kv_cache_bytes;
     c.poison_scratch = opts.poison_scratch;
     c.cuda_graphs = opts.cuda_graphs;
-    c.skinny_gemm = opts.skinny_gemm;
     c.max_positions = max_positions;
     return MakeCudaBackend(c);
 #else

@@ -21,7 +21,6 @@ struct EngineOptions {
   int64_t kv_cache_bytes = 0;    // cuda: 0 = most of the memory free after the weights
   bool poison_scratch = false;   // cuda tests: NaN-fill scratch so unwritten elements show
   bool cuda_graphs = true;       // cuda: replay greedy decode steps as CUDA graphs
-  bool skinny_gemm = true;       // cuda: 5..32-token projections on tensor cores (else cuBLASLt)
   RankModel::Progress progress;  // weight loading, summed over the ranks
 };
 

@@ -104,15 +104,7 @@ TEST_F(CudaOpsTest, LinearBf16AndFp32OutputsWithBias) {
                          {7, 96, 4608},
                          {33, 1000, 64},
                          {5, 3, 72},
-                         {1, 5, 20},
-                         // tensor-core skinny path: 5..32 tokens, K split over blocks, ragged n
-                         {5, 4624, 4096},
-                         {8, 64, 36864},
-                         {13, 4608, 36864},
-                         {16, 8192, 4608},
-                         {17, 100, 4096},
-                         {24, 33, 512},
-                         {32, 4608, 4096}}) {
+                         {1, 5, 20}}) {
     SCOPED_TRACE(std::to_string(t) + "x" + std::to_string(n) + "x" + std::to_string(k));
     const auto x = Rand(t * k, 1.0f, 5), w = Rand(n * k, 0.05f, 6), b = Rand(n, 1.0f, 7);
     Tensor gx = Put(*gpu_, x, t, k), cx = Put(cpu_, x, t, k);

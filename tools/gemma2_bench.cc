@@ -35,7 +35,6 @@ struct Args {
                        prefills = {128, 512, 2048, 8192};
   double hbm_tbps = 4.28, gemm_tflops = 802;  // measured ceilings of the H200 host
   double kv_cache_gb = 0;
-  bool skinny_gemm = true;
   // A cluster instead of one process: worker processes over the control plane (NCCL on GPUs).
   std::string launch = "none";
   int tp = 1, pp = 1;
@@ -190,7 +189,6 @@ Status Run(const Args& a) {
     EngineOptions eo;
     eo.backend = a.backend;
     eo.kv_cache_bytes = static_cast<int64_t>(a.kv_cache_gb * (1 << 30));
-    eo.skinny_gemm = a.skinny_gemm;
     eo.progress = StderrLoadProgress("gemma2-bench");
     ASSIGN_OR_RETURN(engine, Engine::Create(ws, eo));
   }
@@ -239,7 +237,6 @@ Status Run(const Args& a) {
                      {"pp", a.pp},
                      {"layers", c.num_layers},
                      {"backend", a.backend},
-                     {"skinny_gemm", a.skinny_gemm},
                      {"weight_bytes", WeightBytes(c)},
                      {"load_s", load_s},
                      {"ceilings", {{"hbm_tb_per_s", a.hbm_tbps}, {"gemm_tflops", a.gemm_tflops}}},
@@ -267,9 +264,6 @@ int main(int argc, char** argv) {
   app.add_option("--steps", a.steps, "timed decode steps");
   app.add_option("--repeat", a.repeat, "timed prefill runs");
   app.add_option("--kv-cache-gb", a.kv_cache_gb, "KV cache size (0: 90% of free memory)");
-  app.add_option("--skinny-gemm", a.skinny_gemm,
-                 "cuda, one process: 5..32-token projections on the tensor-core kernel (false: "
-                 "cuBLASLt), to compare the two");
   app.add_option("--launch", a.launch,
                  "none (one process) or local (a cluster of worker processes)")
       ->check(CLI::IsMember({"none", "local"}));

@@ -11,6 +11,7 @@
 #include "kernels/attention.h"
 #include "kernels/elementwise.h"
 #include "kernels/embed.h"
+#include "kernels/flash_attention.h"
 #include "kernels/gemm.h"
 #include "kernels/gemv.h"
 #include "kernels/prefill_attention.h"
@@ -401,6 +402,12 @@ class CudaBackend final : public Backend {
       a.scale = p.scale;
       a.softcap = p.softcap;
       a.window = p.window;
+      if (kernels::FlashPrefillSupports(a)) {
+        Note(kernels::FlashPrefillAttention(qkv.as<bf16>() + seq.row_begin * qkv.cols, a,
+                                            out.as<bf16>() + seq.row_begin * out.cols, stream_),
+             "FlashPrefillAttention");
+        continue;
+      }
       const int64_t chunk = kernels::PrefillAttentionKvChunk(a, kPrefillWorkspaceBudget);
       const size_t bytes = kernels::PrefillAttentionWorkspace(a, chunk);
       if (bytes > attn_ws_bytes_) {  // persistent across layers and steps; grows on demand

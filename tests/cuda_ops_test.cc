@@ -273,11 +273,13 @@ TEST_F(CudaOpsTest, SamplingMatchesTheSpecification) {
   }
 }
 
-// Fresh prefills of 64 tokens or more take the tensor-core path (two matrix products per head and a
-// masked softmax); a decode step after them reads the cache those steps wrote.
-TEST_F(CudaOpsTest, FreshPrefillAttentionThroughMatmuls) {
-  const std::vector<AttnCase> cases = {
-      {4, 4, 128, 0}, {4, 2, 128, 21}, {8, 2, 128, 16}, {2, 1, 256, 70}, {4, 1, 256, 0}};
+// Fresh prefills of 64 tokens or more take the tensor-core paths (head_dim 128: the fused flash
+// kernel; 256: two matrix products per head and a masked softmax); a decode step after them reads
+// the cache those steps wrote. Windows start inside and across 64-key tiles; GQA 1/2/3/4.
+TEST_F(CudaOpsTest, FreshPrefillAttentionOnTensorCores) {
+  const std::vector<AttnCase> cases = {{4, 4, 128, 0},   {4, 2, 128, 21}, {8, 2, 128, 16},
+                                       {6, 2, 128, 100}, {2, 2, 128, 64}, {2, 1, 256, 70},
+                                       {4, 1, 256, 0}};
   for (const auto& ac : cases) {
     SCOPED_TRACE("q" + std::to_string(ac.q_heads) + " kv" + std::to_string(ac.kv_heads) + " hd" +
                  std::to_string(ac.head_dim) + " window" + std::to_string(ac.window));
@@ -295,17 +297,19 @@ TEST_F(CudaOpsTest, FreshPrefillAttentionThroughMatmuls) {
     p.window = ac.window;
     const int64_t width = (ac.q_heads + 2 * ac.kv_heads) * ac.head_dim;
     std::vector<std::unique_ptr<SequenceKv>> gk, ck;
-    for (int s = 0; s < 2; ++s) {
+    for (int s = 0; s < 3; ++s) {
       gk.push_back(gpu->NewSequenceKv(1, ac.kv_heads, ac.head_dim));
       ck.push_back(cpu_.NewSequenceKv(1, ac.kv_heads, ac.head_dim));
     }
-    const std::vector<std::vector<int64_t>> steps = {{64, 131}, {1, 1}};
-    std::vector<int64_t> len(2, 0);
+    // Two fresh prefills in one step, a decode step on both, then a fresh 300-token prefill.
+    const std::vector<std::vector<int64_t>> steps = {{64, 131, 0}, {1, 1, 0}, {0, 0, 300}};
+    std::vector<int64_t> len(3, 0);
     uint64_t seed = 500;
     for (const auto& step : steps) {
       std::vector<SeqSlice> gs, cs;
       int64_t rows = 0;
-      for (int s = 0; s < 2; ++s) {
+      for (int s = 0; s < 3; ++s) {
+        if (step[s] == 0) continue;
         gs.push_back({gk[s].get(), len[s], step[s], rows});
         cs.push_back({ck[s].get(), len[s], step[s], rows});
         rows += step[s];
@@ -320,7 +324,7 @@ TEST_F(CudaOpsTest, FreshPrefillAttentionThroughMatmuls) {
       gpu->Attention(gq, gs, 0, p, go);
       cpu_.Attention(cq, cs, 0, p, co);
       ExpectRowsClose(Get(*gpu, go), Get(cpu_, co), ac.q_heads * ac.head_dim, 2e-2, "Attention");
-      for (int s = 0; s < 2; ++s) len[s] += step[s];
+      for (int s = 0; s < 3; ++s) len[s] += step[s];
     }
   }
 }

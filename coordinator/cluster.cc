@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "common/gpu_inventory.h"
 #include "model/checkpoint.h"
 #include "model/sharding.h"
 #include "rpc/auth.h"
@@ -119,6 +120,16 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
   ASSIGN_OR_RETURN(node_, rpc::UcxNode::Create());
   ASSIGN_OR_RETURN(int port, node_->Listen(opts.listen_host, opts.control_port));
   const int spawn_end = opts.spawn_end < 0 ? world : opts.spawn_end;
+  // Ranks per node: this process's whole range, or equal blocks over the test topology's nodes.
+  const int node_ranks = opts.nodes.size() > 1
+                             ? (world + static_cast<int>(opts.nodes.size()) - 1) /
+                                   static_cast<int>(opts.nodes.size())
+                             : spawn_end - opts.spawn_begin;
+  if (opts.backend == "cuda") {
+    RETURN_IF_ERROR(GpusForNode(0, std::min(node_ranks, spawn_end - opts.spawn_begin),
+                                opts.gpus_per_node)
+                        .status());
+  }
   for (int r = opts.spawn_begin; r < spawn_end; ++r) {
     const ClusterOptions::Node node =
         opts.nodes.empty() ? ClusterOptions::Node{}
@@ -136,7 +147,7 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
     w.pp = opts.pp;
     w.threads = opts.threads_per_worker;
     w.exec_prefix = node.exec_prefix;
-    w.device = r - opts.spawn_begin;  // one GPU per local rank
+    w.device = (r - opts.spawn_begin) % node_ranks;  // one GPU per rank of its node
     ASSIGN_OR_RETURN(pid_t pid, SpawnWorker(w, r));
     pids_.push_back(pid);
   }

@@ -48,6 +48,7 @@ struct ClusterOptions {
   int micro_batches = 0;
   int64_t micro_batch_min_tokens = 256;
   std::string backend = "cpu";
+  int gpus_per_node = 0;  // cuda: one GPU per rank, numbered from 0 on each node (0: detect)
   int threads_per_worker = 1;
   std::string worker_binary;  // gemma2-worker; default: beside /proc/self/exe
   std::chrono::milliseconds startup_timeout{120000};

@@ -21,6 +21,7 @@
 #include <sstream>
 #include <thread>
 
+#include "common/gpu_inventory.h"
 #include "coordinator/cluster.h"
 #include "serving/http_server.h"
 #include "tools/cli_main.h"
@@ -32,8 +33,9 @@ volatile sig_atomic_t g_stop = 0;
 void OnSignal(int) { g_stop = 1; }
 
 struct Args {
-  std::string model, backend = "cpu", host = "127.0.0.1", api_key, api_key_file, served_name;
+  std::string model, backend, host = "127.0.0.1", api_key, api_key_file, served_name;
   int tp = 1, nodes = 1, pp = 0, port = 8000;
+  int gpus_per_node = 0;  // 0: detect
   // Multi-host (per-node mode): every node runs gemma2-launch with the same --master and
   // --secret-file; node 0 is the coordinator, the others start their ranks and supervise them.
   int node_rank = -1;
@@ -103,6 +105,7 @@ Result<std::pair<std::string, int>> HostPort(const std::string& s) {
 // naming the rank when one fails; SIGTERM stops them.
 Status RunNode(const Args& a, int world, const std::string& master) {
   const int per_node = world / a.nodes;
+  if (a.backend == "cuda") RETURN_IF_ERROR(GpusForNode(a.node_rank, per_node, a.gpus_per_node).status());
   WorkerSpawn w;
   w.coordinator = master;
   w.model = a.model;
@@ -177,7 +180,8 @@ Result<pid_t> StartRemoteNode(const Args& a, size_t i) {
   for (const std::string& arg :
        {self, std::string("--model"), std::filesystem::absolute(a.model).string(),
         std::string("--tp"), std::to_string(a.tp), std::string("--nodes"), std::to_string(a.nodes),
-        std::string("--backend"), a.backend, std::string("--node-rank"), std::to_string(i),
+        std::string("--backend"), a.backend, std::string("--gpus-per-node"),
+        std::to_string(a.gpus_per_node), std::string("--node-rank"), std::to_string(i),
         std::string("--master"), a.master, std::string("--secret-file"),
         std::filesystem::absolute(a.secret_file).string(), std::string("--address"), a.hosts[i]}) {
     cmd += " " + Quoted(arg);
@@ -190,7 +194,16 @@ Result<pid_t> StartRemoteNode(const Args& a, size_t i) {
   return SpawnProcess(std::move(argv_s), "node " + std::to_string(i));
 }
 
+// cuda where this build has it and this node shows a GPU, else cpu.
+std::string DefaultBackend() {
+#ifdef GEMMA2_HAVE_CUDA
+  if (VisibleGpuCount() > 0) return "cuda";
+#endif
+  return "cpu";
+}
+
 Status Run(Args a) {
+  if (a.backend.empty()) a.backend = DefaultBackend();
   if (!a.hosts.empty()) {  // fan-out: this is node 0 of hosts[0..N)
     if (!a.master.empty())
       return InvalidArgument("give --hosts (fan-out) or --master (per-node), not both");
@@ -258,6 +271,7 @@ Status Run(Args a) {
     remote.push_back(pid);
   }
   co.backend = a.backend;
+  co.gpus_per_node = a.gpus_per_node;
   co.micro_batches = a.micro_batches;
   co.micro_batch_min_tokens = a.micro_batch_min_tokens;
   co.step_timeout = std::chrono::seconds(a.step_timeout_s);
@@ -338,7 +352,14 @@ int main(int argc, char** argv) {
   app.add_option("--nodes", a.nodes, "nodes (pipeline stages across nodes)")
       ->check(CLI::Range(1, 1024));
   app.add_option("--pp", a.pp, "pipeline stages (default: --nodes)")->check(CLI::Range(0, 1024));
-  app.add_option("--backend", a.backend, "cpu or cuda (one GPU per rank, NCCL between GPU ranks: not yet run)");
+  app.add_option("--backend", a.backend,
+                 "cpu or cuda: one GPU per rank, NCCL between GPU ranks (default: cuda where this "
+                 "node shows a GPU, else cpu)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--gpus-per-node", a.gpus_per_node,
+                 "GPUs each node may use, one per rank (default: detected from "
+                 "CUDA_VISIBLE_DEVICES or /dev/nvidiaN)")
+      ->check(CLI::Range(0, 1024));
   app.add_option("--node-rank", a.node_rank,
                  "this node's index with --master (default: $SLURM_NODEID, else 0)");
   app.add_option("--master", a.master,

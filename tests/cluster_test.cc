@@ -238,7 +238,9 @@ struct Launched {
 Launched StartLauncher(const std::string& model, const std::string& args,
                        const std::string& wrapper = "") {
   std::string cmd = "exec " + wrapper + std::string(GEMMA2_BINARY_DIR);
-  cmd += "/bin/gemma2-launch --port 0 --model " + model + " " + args + " 2>&1";
+  cmd += "/bin/gemma2-launch --port 0 --model " + model + " " + args;
+  if (args.find("--backend") == std::string::npos) cmd += " --backend cpu";  // also on GPU hosts
+  cmd += " 2>&1";
   int fds[2];
   EXPECT_EQ(pipe(fds), 0);
   Launched l;
@@ -331,6 +333,21 @@ TEST_F(ClusterTest, WrongSecretIsRefusedAtStartup) {
             std::string::npos)
       << r.err;
   EXPECT_LT(r.seconds, 20);
+  EXPECT_EQ(Alive(model_.string()), 0);
+}
+
+// More GPU ranks on a node than it has GPUs: refused before any worker starts, naming the node and
+// both counts (no GPU is needed to see it).
+TEST_F(ClusterTest, MoreGpuRanksThanGpusIsRefusedAtLaunch) {
+  Launched l = StartLauncher(model_.string(), "--backend cuda --gpus-per-node 1 --tp 2");
+  const std::string line = ReadLine(l.out);
+  double seconds = 0;
+  EXPECT_EQ(WaitExit(l.pid, &seconds), 1) << line;
+  fclose(l.out);
+  EXPECT_NE(line.find("node 0 runs 2 GPU ranks but has 1 GPU (--gpus-per-node)"),
+            std::string::npos)
+      << line;
+  EXPECT_LT(seconds, 20);
   EXPECT_EQ(Alive(model_.string()), 0);
 }
 

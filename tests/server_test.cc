@@ -36,7 +36,7 @@ bool Cuda() {
   const char* b = std::getenv("GEMMA2_SERVER_BACKEND");
   return b && std::string(b) == "cuda";
 }
-std::string Ranks() { return Cuda() ? "--backend cuda --tp 1" : "--tp 2"; }
+std::string Ranks() { return Cuda() ? "--backend cuda --tp 1" : "--backend cpu --tp 2"; }
 std::string Shape() {
   return Cuda() ? " --hidden 256 --heads 2 --kv-heads 1 --head-dim 128 --intermediate 512" : "";
 }
@@ -393,7 +393,7 @@ TEST_F(ServerTest, PipelineMicroBatchesGiveTheSameAnswers) {
                      {"return_token_ids", true}};
   std::vector<json> answers;
   for (const char* micro : {"--micro-batches 1", "--micro-batches 2", "--micro-batches 3"}) {
-    Server s(Lm(), std::string("--tp 1 --nodes 2 --micro-batch-min-tokens 1 ") + micro);
+    Server s(Lm(), std::string("--backend cpu --tp 1 --nodes 2 --micro-batch-min-tokens 1 ") + micro);
     ASSERT_TRUE(s.ok()) << s.ready_line();
     auto r = s.Call("POST", "/v1/completions", body.dump(), {});
     ASSERT_EQ(r.status, 200) << r.body;

@@ -23,7 +23,7 @@ demo: NOTE — this model has RANDOM weights: the text below is meaningless by d
 MSG
 fi
 log=$build/demo-launch.log
-"$bin/gemma2-launch" --model "$model" --tp 2 --port 0 >"$log" 2>&1 &
+"$bin/gemma2-launch" --model "$model" --backend cpu --tp 2 --port 0 >"$log" 2>&1 &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
 for _ in $(seq 1 1200); do  # up to 120 s for the cluster to load and pass its first generation

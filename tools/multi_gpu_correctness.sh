@@ -2,7 +2,8 @@
 # Issue 6, run 1 on a host with several GPUs: 27B shapes with random weights (first LAYERS layers,
 # widths exact) at tensor parallel 2, 4, 8 through real worker processes over NCCL, against TP 1
 # on the same GPUs: every logits row's relative L2 <= 2e-2 and identical greedy tokens where the
-# top-2 margin exceeds 0.1.
+# top-2 margin exceeds 0.1; then a sequence classifier of the same widths (2 layers, a small
+# vocabulary, random weights written by gemma2-make-checkpoint): its logits, the same bound.
 #
 #   source .gpu/env.sh && tools/multi_gpu_correctness.sh [LAYERS] [OUT_DIR]
 set -euo pipefail
@@ -31,6 +32,26 @@ for i, (r, ta, tb) in enumerate(zip(a["logits"][len(a["prompt_ids"]) - 1:], a["g
         ok = False
         print(f"tp {tp}: token {i} differs ({ta} vs {tb}) with margin {top[0] - top[1]:.3f}")
 print(f"tp {tp}: worst row relative L2 {worst:.2e}, tokens {'equal' if a['generated_ids'] == b['generated_ids'] else 'differ'}: {'PASS' if ok else 'FAIL'}")
+sys.exit(0 if ok else 1)
+PY
+done
+# Classification: the score head on the last stage, its rows against TP 1.
+cls="$out/cls27b"
+[[ -f $cls/config.json ]] || timeout 600 gemma2-make-checkpoint --out "$cls" --arch seqcls --labels 5 \
+  --vocab 1024 --hidden 4608 --layers 2 --heads 32 --kv-heads 16 --head-dim 128 --intermediate 36864 --seed 7
+cls_common=(--model "$cls" --prompt-ids 2,17,301,44,999,5,88,612,7 --backend cuda)
+timeout 600 gemma2-run "${cls_common[@]}" > "$out/cls_tp1.json"
+for tp in 2 4 8; do
+  ((tp <= gpus)) || continue
+  timeout 600 gemma2-run "${cls_common[@]}" --launch local --tp "$tp" > "$out/cls_tp$tp.json" || { status=1; continue; }
+  python3 - "$out/cls_tp1.json" "$out/cls_tp$tp.json" "$tp" <<'PY' || status=1
+import json, math, sys
+a, b, tp = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), sys.argv[3]
+worst = 0.0
+for r, s in zip(a["logits"], b["logits"]):
+    worst = max(worst, math.sqrt(sum((x - y) ** 2 for x, y in zip(r, s)) / sum(x * x for x in r)))
+ok = worst <= 2e-2 and a["labels"] == b["labels"]
+print(f"classifier tp {tp}: worst row relative L2 {worst:.2e}, labels {'equal' if a['labels'] == b['labels'] else 'differ'}: {'PASS' if ok else 'FAIL'}")
 sys.exit(0 if ok else 1)
 PY
 done

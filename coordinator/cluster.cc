@@ -121,14 +121,13 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
   ASSIGN_OR_RETURN(int port, node_->Listen(opts.listen_host, opts.control_port));
   const int spawn_end = opts.spawn_end < 0 ? world : opts.spawn_end;
   // Ranks per node: this process's whole range, or equal blocks over the test topology's nodes.
-  const int node_ranks = opts.nodes.size() > 1
-                             ? (world + static_cast<int>(opts.nodes.size()) - 1) /
-                                   static_cast<int>(opts.nodes.size())
-                             : spawn_end - opts.spawn_begin;
+  const int node_ranks = opts.nodes.size() > 1 ? (world + static_cast<int>(opts.nodes.size()) - 1) /
+                                                     static_cast<int>(opts.nodes.size())
+                                               : spawn_end - opts.spawn_begin;
   if (opts.backend == "cuda") {
-    RETURN_IF_ERROR(GpusForNode(0, std::min(node_ranks, spawn_end - opts.spawn_begin),
-                                opts.gpus_per_node)
-                        .status());
+    RETURN_IF_ERROR(
+        GpusForNode(0, std::min(node_ranks, spawn_end - opts.spawn_begin), opts.gpus_per_node)
+            .status());
   }
   for (int r = opts.spawn_begin; r < spawn_end; ++r) {
     const ClusterOptions::Node node =
@@ -188,9 +187,15 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
   auto ready = CollectAll(opts.startup_timeout, "startup");
   if (!ready.ok()) return ready.status();
   for (int r = 0; r < world; ++r) {
-    if ((*ready)[static_cast<size_t>(r)].type != rpc::MessageType::kHeartbeat) {
+    const rpc::Received& m = (*ready)[static_cast<size_t>(r)];
+    if (m.type != rpc::MessageType::kHeartbeat) {
       return Fail(Internal("startup: rank " + std::to_string(r) + " sent an unexpected message"));
     }
+    auto kv = rpc::DecodeKvCapacity(m.payload);
+    if (!kv.ok()) return Fail(kv.status().WithContext("startup: rank " + std::to_string(r)));
+    if (kv->tokens >= 0 && (kv_capacity_.tokens < 0 || kv->tokens < kv_capacity_.tokens))
+      kv_capacity_.tokens = kv->tokens;
+    kv_capacity_.block_size = std::max(kv_capacity_.block_size, kv->block_size);
   }
   return OkStatus();
 }

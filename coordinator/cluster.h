@@ -92,6 +92,9 @@ class ClusterEngine final : public StepExecutor {
   // something unasked. Returns early (OK) if `stop` becomes true.
   Status Watch(std::chrono::milliseconds duration, const std::atomic<bool>* stop = nullptr);
   int world() const { return static_cast<int>(ranks_.size()); }
+  // The smallest KV cache of any rank (tokens over all sequences; -1: host memory only), and the
+  // largest block size among them: a plan within it never fills a rank's cache.
+  const rpc::KvCapacity& kv_capacity() const { return kv_capacity_; }
 
  private:
   ClusterEngine() = default;
@@ -117,6 +120,7 @@ class ClusterEngine final : public StepExecutor {
   std::vector<int64_t> released_;
   int64_t next_id_ = 1;
   Status down_;  // set once a rank is lost: the cluster runs nothing more
+  rpc::KvCapacity kv_capacity_;
   // Heartbeats asked for and not yet answered, by rank (send time; none outstanding: nullopt).
   std::vector<std::optional<std::chrono::steady_clock::time_point>> heartbeat_sent_;
   std::chrono::steady_clock::time_point last_heartbeat_round_{};

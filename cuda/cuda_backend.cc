@@ -204,6 +204,10 @@ class CudaBackend final : public Backend {
   // Block by block on every layer, on the step stream (ordered before the next step's kernels).
   void* native_stream() override { return stream_; }
   bool replaying_graph() const override { return replaying_; }
+  int64_t kv_capacity_tokens() const override {
+    return pool_ ? pool_->num_blocks * pool_->block_size : -1;
+  }
+  int64_t kv_block_size() const override { return opts_.kv_block_size; }
 
   Status EndGraphSection() override {
     RETURN_IF_ERROR(FinishGraph());

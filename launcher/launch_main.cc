@@ -105,7 +105,8 @@ Result<std::pair<std::string, int>> HostPort(const std::string& s) {
 // naming the rank when one fails; SIGTERM stops them.
 Status RunNode(const Args& a, int world, const std::string& master) {
   const int per_node = world / a.nodes;
-  if (a.backend == "cuda") RETURN_IF_ERROR(GpusForNode(a.node_rank, per_node, a.gpus_per_node).status());
+  if (a.backend == "cuda")
+    RETURN_IF_ERROR(GpusForNode(a.node_rank, per_node, a.gpus_per_node).status());
   WorkerSpawn w;
   w.coordinator = master;
   w.model = a.model;
@@ -280,6 +281,20 @@ Status Run(Args a) {
       std::chrono::milliseconds(static_cast<int64_t>(a.heartbeat_timeout_s * 1000));
   ASSIGN_OR_RETURN(auto cluster, ClusterEngine::LaunchLocal(co));
   const ModelConfig& config = cluster->config();
+  // The scheduler's budget never promises more KV than the smallest rank's cache holds.
+  if (const rpc::KvCapacity& kv = cluster->kv_capacity(); kv.tokens >= 0) {
+    if (a.sched.block_size % kv.block_size != 0) {
+      return InvalidArgument("--block-size " + std::to_string(a.sched.block_size) +
+                             " must be a multiple of the workers' KV block size " +
+                             std::to_string(kv.block_size));
+    }
+    a.sched.kv_blocks = std::min(a.sched.kv_blocks, kv.tokens / a.sched.block_size);
+    if (a.sched.kv_blocks < 1) {
+      return InvalidArgument("the workers' KV caches hold " + std::to_string(kv.tokens) +
+                             " positions, less than one block of " +
+                             std::to_string(a.sched.block_size));
+    }
+  }
 
   std::unique_ptr<Tokenizer> tokenizer;
   const auto tok_file = std::filesystem::path(a.model) / "tokenizer.model";
@@ -304,8 +319,10 @@ Status Run(Args a) {
   RETURN_IF_ERROR(Probe(*scheduler, config));
   server.SetReady(true);
   std::printf(
-      "gemma2-launch: ready: %d ranks (tp %d x pp %d), model %s, serving '%s' on http://%s:%d\n",
-      cluster->world(), co.tp, co.pp, a.model.c_str(), facts.served_name.c_str(), a.host.c_str(),
+      "gemma2-launch: ready: %d ranks (tp %d x pp %d), model %s, KV budget %lld blocks of %lld, "
+      "serving '%s' on http://%s:%d\n",
+      cluster->world(), co.tp, co.pp, a.model.c_str(), static_cast<long long>(a.sched.kv_blocks),
+      static_cast<long long>(a.sched.block_size), facts.served_name.c_str(), a.host.c_str(),
       server.port());
   std::fflush(stdout);
 

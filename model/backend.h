@@ -58,6 +58,10 @@ class Backend {
   // Ops after this run eagerly: a capture in progress ends here and what it holds is launched.
   // Called before work a graph cannot hold (copies to the host mid-step) and where a stage ends.
   virtual Status EndGraphSection() { return OkStatus(); }
+  // Positions the KV cache holds over all sequences together, and its block size: fixed once the
+  // first sequence exists (cuda: a pool sized at that moment). -1: bounded only by host memory.
+  virtual int64_t kv_capacity_tokens() const { return -1; }
+  virtual int64_t kv_block_size() const { return 1; }
   // The dtype the loader should hand this backend's weights in.
   virtual DType weight_dtype() const = 0;
   // The dtype activations live in between ops (fp32 on cpu, bf16 on cuda).

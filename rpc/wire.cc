@@ -262,6 +262,23 @@ Result<StepOutput> DecodeStepOutput(std::span<const uint8_t> payload) {
   return out;
 }
 
+std::vector<uint8_t> EncodeKvCapacity(const KvCapacity& c) {
+  Writer w;
+  w.I64(c.tokens);
+  w.I64(c.block_size);
+  return std::move(w.out());
+}
+
+Result<KvCapacity> DecodeKvCapacity(std::span<const uint8_t> payload) {
+  Reader r(payload);
+  KvCapacity c;
+  RETURN_IF_ERROR(r.I64(&c.tokens));
+  RETURN_IF_ERROR(r.I64(&c.block_size));
+  RETURN_IF_ERROR(r.Done());
+  if (c.tokens < -1 || c.block_size < 1) return InvalidArgument("ready: bad KV capacity");
+  return c;
+}
+
 std::vector<uint8_t> EncodeStatus(const Status& st) {
   Writer w;
   w.U8(static_cast<uint8_t>(st.code()));

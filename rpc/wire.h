@@ -17,7 +17,8 @@
 namespace gemma2::rpc {
 
 inline constexpr uint32_t kMagic = 0x50433247;  // "G2CP" little-endian
-inline constexpr uint16_t kVersion = 3;         // 2: KV prefix copies; 3: the rendezvous store
+inline constexpr uint16_t kVersion =
+    4;  // 2: KV prefix copies; 3: the rendezvous store; 4: KV capacity
 inline constexpr size_t kHeaderBytes = 12;
 inline constexpr uint32_t kMaxPayload = 64u
                                         << 20;  // a step plan of 64 MiB is far past any real one
@@ -94,6 +95,15 @@ Result<StepPlan> DecodeStep(std::span<const uint8_t> payload);
 
 std::vector<uint8_t> EncodeStepOutput(const StepOutput& out);
 Result<StepOutput> DecodeStepOutput(std::span<const uint8_t> payload);
+
+// A worker's ready message: what its KV cache holds (tokens over all sequences; -1: host memory
+// only) and its block size. Between steps a heartbeat carries nothing.
+struct KvCapacity {
+  int64_t tokens = -1;
+  int64_t block_size = 1;
+};
+std::vector<uint8_t> EncodeKvCapacity(const KvCapacity& c);
+Result<KvCapacity> DecodeKvCapacity(std::span<const uint8_t> payload);
 
 std::vector<uint8_t> EncodeStatus(const Status& st);
 // The decoded Status goes to *out; the return value says whether the payload was well formed.

@@ -283,6 +283,8 @@ TEST_F(ClusterTest, LauncherStartsReportsReadyAndStopsOnSigterm) {
   Launched l = StartLauncher(model_.string(), "--tp 2 --nodes 2");
   const std::string line = ReadLine(l.out);
   EXPECT_NE(line.find("gemma2-launch: ready: 4 ranks (tp 2 x pp 2)"), std::string::npos) << line;
+  // cpu ranks keep KV in host memory: the budget is the one asked for (--kv-blocks default)
+  EXPECT_NE(line.find("KV budget 4096 blocks of 16"), std::string::npos) << line;
   EXPECT_EQ(Alive(model_.string()), 5);  // launcher + 4 workers
   kill(l.pid, SIGTERM);
   double s = 0;

@@ -13,6 +13,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (header.ok() && header->type == gemma2::rpc::MessageType::kError) {
     gemma2::Status st;
     (void)gemma2::rpc::DecodeStatus(payload, &st);
+  } else if (header.ok() && header->type == gemma2::rpc::MessageType::kHeartbeat) {
+    (void)gemma2::rpc::DecodeKvCapacity(payload);
   } else {
     (void)gemma2::rpc::DecodeStep(payload);
   }

@@ -125,6 +125,25 @@ TEST(WireTest, StatusRoundTrips) {
   EXPECT_FALSE(DecodeStatus(bytes, &back).ok());
 }
 
+// A worker's ready message: its KV capacity, exactly 16 bytes, values in range.
+TEST(WireTest, KvCapacityRoundTripsAndDamageIsRefused) {
+  const auto bytes = EncodeKvCapacity({123456, 16});
+  auto back = DecodeKvCapacity(bytes);
+  ASSERT_TRUE(back.ok()) << back.status().message();
+  EXPECT_EQ(back->tokens, 123456);
+  EXPECT_EQ(back->block_size, 16);
+  auto unbounded = DecodeKvCapacity(EncodeKvCapacity({}));
+  ASSERT_TRUE(unbounded.ok());
+  EXPECT_EQ(unbounded->tokens, -1);
+  EXPECT_FALSE(DecodeKvCapacity({}).ok());  // a between-steps heartbeat is not a ready message
+  EXPECT_FALSE(DecodeKvCapacity(std::span(bytes).first(15)).ok());
+  auto longer = bytes;
+  longer.push_back(0);
+  EXPECT_FALSE(DecodeKvCapacity(longer).ok());
+  EXPECT_FALSE(DecodeKvCapacity(EncodeKvCapacity({-2, 16})).ok());
+  EXPECT_FALSE(DecodeKvCapacity(EncodeKvCapacity({100, 0})).ok());
+}
+
 TEST(AuthTest, OnlyTheSecretHolderPassesAndAnswersDoNotReplay) {
   const std::string secret_text = "cluster secret 0123456789abcdef";
   const std::span<const uint8_t> secret(reinterpret_cast<const uint8_t*>(secret_text.data()),

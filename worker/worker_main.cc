@@ -126,7 +126,12 @@ Status Serve(const Args& a, rpc::Channel& ch) {
   }
   const PipelineLinks links{prev.get(), next.get()};
   const bool carries_output = stage == a.pp - 1 && tp_rank == 0;
-  RETURN_IF_ERROR(ch.Send(rpc::MessageType::kHeartbeat, {}, 30s));  // ready
+  // Ready, with what this rank's KV cache holds (a first sequence fixes the cuda pool), so the
+  // coordinator never plans past it.
+  model->NewSequenceKv().reset();
+  RETURN_IF_ERROR(ch.Send(
+      rpc::MessageType::kHeartbeat,
+      rpc::EncodeKvCapacity({backend->kv_capacity_tokens(), backend->kv_block_size()}), 30s));
 
   const bool faulty = EnvInt("GEMMA2_FAULT_RANK") == a.rank;
   const int64_t kill_after = faulty ? EnvInt("GEMMA2_FAULT_KILL_AFTER_STEPS") : -1;

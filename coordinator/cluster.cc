@@ -424,8 +424,28 @@ std::vector<StepPlan> ClusterEngine::SplitForPipeline(const StepPlan& plan) cons
   return parts;
 }
 
+int ClusterEngine::pipeline_depth() const {
+  return opts_.pipeline_depth > 0 ? opts_.pipeline_depth : opts_.pp;
+}
+
 Result<StepOutput> ClusterEngine::Step(const StepPlan& plan) {
+  if (!in_flight_.empty()) return Internal("Step while submitted steps are in flight");
+  RETURN_IF_ERROR(Submit(plan));
+  return Collect();
+}
+
+Status ClusterEngine::Submit(const StepPlan& plan) {
   if (!down_.ok()) return down_.WithContext("cluster is down");
+  if (static_cast<int>(in_flight_.size()) >= std::max(1, pipeline_depth()))
+    return Internal("more steps submitted than the pipeline depth");
+  for (const InFlight& f : in_flight_) {  // plans in flight never share a sequence
+    for (const auto& [id, n] : f.grown) {
+      for (const auto& s : plan.sequences) {
+        if (s.sequence_id == id)
+          return Internal("sequence " + std::to_string(id) + " is already in a step in flight");
+      }
+    }
+  }
   RETURN_IF_ERROR(ValidateStep(config_, lengths_, plan));
   std::vector<StepPlan> parts = SplitForPipeline(plan);
   parts.front().released = std::move(released_);  // frees and copies go first
@@ -439,10 +459,23 @@ Result<StepOutput> ClusterEngine::Step(const StepPlan& plan) {
       if (!st.ok()) return Fail(st.WithContext("step: rank " + std::to_string(r) + " lost"));
     }
   }
+  InFlight f;
+  f.kv_copies = plan.kv_copies;
+  for (const auto& s : plan.sequences)
+    f.grown.emplace_back(s.sequence_id, static_cast<int64_t>(s.tokens.size()));
+  f.parts = parts.size();
+  in_flight_.push_back(std::move(f));
+  return OkStatus();
+}
+
+Result<StepOutput> ClusterEngine::Collect() {
+  if (in_flight_.empty()) return Internal("Collect without a submitted step");
+  const InFlight f = std::move(in_flight_.front());
+  in_flight_.pop_front();
   // The last stage's tensor-parallel rank 0 carries the outputs; parts' rows follow plan order.
   const size_t carrier = static_cast<size_t>((opts_.pp - 1) * opts_.tp);
   StepOutput out;
-  for (size_t i = 0; i < parts.size(); ++i) {
+  for (size_t i = 0; i < f.parts; ++i) {
     ASSIGN_OR_RETURN(auto answers, CollectAll(opts_.step_timeout, "step"));
     ASSIGN_OR_RETURN(StepOutput part, rpc::DecodeStepOutput(answers[carrier].payload));
     if (i == 0) {
@@ -454,9 +487,8 @@ Result<StepOutput> ClusterEngine::Step(const StepPlan& plan) {
     out.values.insert(out.values.end(), part.values.begin(), part.values.end());
     out.ids.insert(out.ids.end(), part.ids.begin(), part.ids.end());
   }
-  StepPlan::ApplyCopies(plan.kv_copies, lengths_);
-  for (const auto& s : plan.sequences)
-    lengths_[s.sequence_id] += static_cast<int64_t>(s.tokens.size());
+  StepPlan::ApplyCopies(f.kv_copies, lengths_);
+  for (const auto& [id, n] : f.grown) lengths_[id] += n;
   return out;
 }
 

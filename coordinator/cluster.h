@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <deque>
 #include <map>
 #include <memory>
 #include <optional>
@@ -41,6 +42,9 @@ struct ClusterOptions {
   std::string model;  // checkpoint directory every worker reads its shard from
   int tp = 1;
   int pp = 1;  // pipeline stages; tp * pp worker processes
+  // Decode steps kept in flight at once over disjoint sequences (0: pp; 1: none), so the stages
+  // work on different steps at the same time.
+  int pipeline_depth = 0;
   // A step's sequences go through the pipeline in this many micro-batches (0: pp), so stages
   // work at the same time instead of in turn — when the step has at least
   // `micro_batch_min_tokens` tokens: splitting pays when a stage's time grows with its tokens
@@ -88,6 +92,9 @@ class ClusterEngine final : public StepExecutor {
   void ReleaseSequence(int64_t id) override;
   int64_t SequenceLength(int64_t id) const override;
   Result<StepOutput> Step(const StepPlan& plan) override;
+  int pipeline_depth() const override;
+  Status Submit(const StepPlan& plan) override;
+  Result<StepOutput> Collect() override;
   // Between steps: watches every rank for `duration`; an error names a rank that was lost or sent
   // something unasked. Returns early (OK) if `stop` becomes true.
   Status Watch(std::chrono::milliseconds duration, const std::atomic<bool>* stop = nullptr);
@@ -104,6 +111,14 @@ class ClusterEngine final : public StepExecutor {
                                                 const char* what);
   Status Fail(Status st);
   std::vector<StepPlan> SplitForPipeline(const StepPlan& plan) const;
+  // A submitted plan awaiting its answers: what Collect applies to the lengths, and how many
+  // micro-batches answer.
+  struct InFlight {
+    std::vector<KvCopy> kv_copies;
+    std::vector<std::pair<int64_t, int64_t>> grown;  // sequence id, new tokens
+    size_t parts = 1;
+  };
+  std::deque<InFlight> in_flight_;
   // A rendezvous request (kStoreSet / kStoreGet) from `rank`.
   Status ServeStore(size_t rank, const rpc::Received& m);
 

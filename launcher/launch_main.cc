@@ -44,6 +44,7 @@ struct Args {
   std::vector<std::string> hosts;
   int control_port = 29500;
   int micro_batches = 0;
+  int pipeline_depth = 0;
   int64_t micro_batch_min_tokens = 256;
   std::string ssh = "ssh -o BatchMode=yes";
   int64_t step_timeout_s = 60, startup_timeout_s = 120;
@@ -274,6 +275,7 @@ Status Run(Args a) {
   co.backend = a.backend;
   co.gpus_per_node = a.gpus_per_node;
   co.micro_batches = a.micro_batches;
+  co.pipeline_depth = a.pipeline_depth;
   co.micro_batch_min_tokens = a.micro_batch_min_tokens;
   co.step_timeout = std::chrono::seconds(a.step_timeout_s);
   co.startup_timeout = std::chrono::seconds(a.startup_timeout_s);
@@ -390,6 +392,10 @@ int main(int argc, char** argv) {
   app.add_option("--ssh", a.ssh, "the command that runs a command on another host (--hosts)");
   app.add_option("--address", a.address,
                  "this node's address the collectives bind to (with --master)");
+  app.add_option("--pipeline-depth", a.pipeline_depth,
+                 "steps in flight at once over disjoint sequences, so pipeline stages work on "
+                 "different steps (0: one per stage; 1: one step at a time)")
+      ->check(CLI::Range(0, 64));
   app.add_option("--micro-batches", a.micro_batches,
                  "micro-batches per step through the pipeline stages (0: one per stage)")
       ->check(CLI::Range(0, 1024));

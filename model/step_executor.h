@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <map>
 
 #include "common/status.h"
@@ -21,6 +22,25 @@ class StepExecutor {
   virtual int64_t SequenceLength(int64_t id) const = 0;
   // Validates the plan (ValidateStep), then runs it on every rank.
   virtual Result<StepOutput> Step(const StepPlan& plan) = 0;
+
+  // Pipelined steps ("pipelined generation"): up to pipeline_depth() plans may be in flight at
+  // once, over disjoint sequences, so pipeline stages work on different plans at the same time.
+  // Submit validates and starts a plan; Collect waits for the oldest one's output. By default a
+  // plan runs when it is collected (depth 1).
+  virtual int pipeline_depth() const { return 1; }
+  virtual Status Submit(const StepPlan& plan) {
+    submitted_.push_back(plan);
+    return OkStatus();
+  }
+  virtual Result<StepOutput> Collect() {
+    if (submitted_.empty()) return Internal("Collect without a submitted step");
+    const StepPlan plan = std::move(submitted_.front());
+    submitted_.pop_front();
+    return Step(plan);
+  }
+
+ private:
+  std::deque<StepPlan> submitted_;
 };
 
 // KV copies between known sequences into empty ones; then known sequences, start_pos == cached

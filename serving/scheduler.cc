@@ -39,6 +39,7 @@ struct Scheduler::Sequence {
   std::vector<std::vector<float>> class_rows;
   Clock::time_point last_token{};
   bool finished = false;
+  bool in_flight = false;  // in a submitted step: neither scheduled, preempted nor removed
 
   const GenerationOptions& gen() const { return req->handle->request().gen; }
   bool classify() const { return req->handle->request().endpoint == Endpoint::kClassify; }
@@ -47,6 +48,12 @@ struct Scheduler::Sequence {
     const auto p = static_cast<int64_t>(prompt.size());
     return i < p ? prompt[static_cast<size_t>(i)] : generated[static_cast<size_t>(i - p)];
   }
+};
+
+struct Scheduler::InFlightStep {
+  std::vector<Sequence*> batch;
+  StepPlan plan;
+  std::vector<std::pair<int64_t, KvCopy>> copies;  // prefix copies it carries (entries pinned)
 };
 
 Scheduler::Scheduler(StepExecutor& executor, const Tokenizer* tokenizer, Metrics& metrics,
@@ -176,13 +183,13 @@ void Scheduler::Loop() {
     DropCancelled();
     Admit();
     PublishGauges();
-    if (running_.empty()) {
+    if (running_.empty() && in_flight_.empty()) {
       IdleWait();
       continue;
     }
     Status st;
     try {
-      st = RunStep();
+      st = Advance();
     } catch (const std::exception& e) {  // e.g. out of memory: fail loudly, never hang
       st = Internal(std::string("the scheduler failed: ") + e.what());
     }
@@ -228,10 +235,11 @@ void Scheduler::DropCancelled() {
   Sweep();
 }
 
-// Sequences that finished, or whose request closed (failed, cancelled), leave both lists.
+// Sequences that finished, or whose request closed (failed, cancelled), leave both lists; one in a
+// step in flight leaves once that step is back.
 void Scheduler::Sweep() {
   auto gone = [&](std::unique_ptr<Sequence>& s) {
-    if (!s->finished && !s->req->closed) return false;
+    if (s->in_flight || (!s->finished && !s->req->closed)) return false;
     Remove(*s);
     return true;
   };
@@ -343,17 +351,17 @@ void Scheduler::Preempt(Sequence& s) {
   metrics_.preemptions.fetch_add(1);
 }
 
-void Scheduler::Schedule(std::vector<Sequence*>& batch, StepPlan& plan) {
+void Scheduler::Schedule(std::vector<Sequence*>& batch, StepPlan& plan, size_t most) {
   int64_t budget = opts_.max_step_tokens;
   std::vector<Sequence*> order;
   for (auto& s : running_) {
-    if (s->total() - s->computed == 1) order.push_back(s.get());  // decoding first
+    if (!s->in_flight && s->total() - s->computed == 1) order.push_back(s.get());  // decoding first
   }
   for (auto& s : running_) {
-    if (s->total() - s->computed > 1) order.push_back(s.get());
+    if (!s->in_flight && s->total() - s->computed > 1) order.push_back(s.get());
   }
   for (Sequence* s : order) {
-    if (budget <= 0) break;
+    if (budget <= 0 || batch.size() >= most) break;
     if (s->engine_id < 0 || s->req->closed) continue;  // preempted in this round, or closed
     const int64_t take = std::min(s->total() - s->computed, budget);
     while (!blocks_.Grow(s->blocks, s->computed + take)) {
@@ -362,7 +370,7 @@ void Scheduler::Schedule(std::vector<Sequence*>& batch, StepPlan& plan) {
       Sequence* victim = nullptr;
       for (auto it = running_.rbegin(); it != running_.rend(); ++it) {
         Sequence* v = it->get();
-        if (v != s && v->engine_id >= 0 &&
+        if (v != s && v->engine_id >= 0 && !v->in_flight &&
             std::find(batch.begin(), batch.end(), v) == batch.end()) {
           victim = v;
           break;
@@ -404,25 +412,61 @@ void Scheduler::Schedule(std::vector<Sequence*>& batch, StepPlan& plan) {
   }
 }
 
-Status Scheduler::RunStep() {
-  std::vector<Sequence*> batch;
-  StepPlan plan;
-  Schedule(batch, plan);
-  if (plan.sequences.empty()) return OkStatus();
-  const ModelConfig& c = executor_.config();
-  plan.ids_only = !c.is_classifier();
-  for (size_t m = 0; m < batch.size(); ++m) {
-    if (!plan.sequences[m].output_rows.empty() && !batch[m]->classify() &&
-        batch[m]->gen().needs_logits()) {
-      plan.ids_only = false;
+Status Scheduler::Advance() {
+  // With a pipeline, each step takes an equal share of the sequences not yet in flight, so every
+  // stage has a step to work on; without one (depth 1) a step takes them all.
+  const int depth = std::max(1, executor_.pipeline_depth());
+  while (static_cast<int>(in_flight_.size()) < depth) {
+    size_t ready = 0;
+    for (const auto& s : running_) ready += s->in_flight || s->engine_id < 0 ? 0 : 1;
+    const size_t slots = static_cast<size_t>(depth) - in_flight_.size();
+    InFlightStep f;
+    Schedule(f.batch, f.plan, (ready + slots - 1) / slots);
+    if (f.plan.sequences.empty()) break;
+    const ModelConfig& c = executor_.config();
+    f.plan.ids_only = !c.is_classifier();
+    for (size_t m = 0; m < f.batch.size(); ++m) {
+      if (!f.plan.sequences[m].output_rows.empty() && !f.batch[m]->classify() &&
+          f.batch[m]->gen().needs_logits()) {
+        f.plan.ids_only = false;
+      }
     }
+    // A prefix copy travels with its sequence's first step (later steps check its length).
+    for (auto it = pending_copies_.begin(); it != pending_copies_.end();) {
+      const bool mine = std::any_of(f.batch.begin(), f.batch.end(), [&](const Sequence* s) {
+        return s->engine_id == it->second.dst;
+      });
+      if (!mine) {
+        ++it;
+        continue;
+      }
+      f.plan.kv_copies.push_back(it->second);
+      f.copies.push_back(*it);
+      it = pending_copies_.erase(it);
+    }
+    const Status submitted = executor_.Submit(f.plan);
+    if (!submitted.ok()) {
+      for (const auto& [entry, copy] : f.copies) cache_.Unpin(entry);
+      return submitted;
+    }
+    for (Sequence* s : f.batch) s->in_flight = true;
+    in_flight_.push_back(std::move(f));
   }
-  for (const auto& [entry, copy] : pending_copies_) plan.kv_copies.push_back(copy);
-  auto stepped = executor_.Step(plan);
-  for (const auto& [entry, copy] : pending_copies_) cache_.Unpin(entry);
-  pending_copies_.clear();
+  if (in_flight_.empty()) return OkStatus();
+  InFlightStep f = std::move(in_flight_.front());
+  in_flight_.pop_front();
+  auto stepped = executor_.Collect();
+  for (const auto& [entry, copy] : f.copies) cache_.Unpin(entry);
+  for (Sequence* s : f.batch) s->in_flight = false;
   if (!stepped.ok()) return stepped.status();
-  StepOutput out = std::move(stepped).value();
+  Apply(f, *stepped);
+  Sweep();
+  return OkStatus();
+}
+
+void Scheduler::Apply(InFlightStep& f, const StepOutput& out) {
+  const StepPlan& plan = f.plan;
+  const std::vector<Sequence*>& batch = f.batch;
   metrics_.steps.fetch_add(1);
   int64_t row = 0;
   for (size_t m = 0; m < batch.size(); ++m) {
@@ -448,8 +492,6 @@ Status Scheduler::RunStep() {
     }
     if (s.classify() && s.computed == s.total()) Classified(s);
   }
-  Sweep();
-  return OkStatus();
 }
 
 void Scheduler::AcceptToken(Sequence& s, int32_t tok, const StepOutput& out, int64_t row) {
@@ -559,6 +601,10 @@ void Scheduler::FailAll(const ApiError& e) {
   for (auto& s : running_) reqs.push_back(s->req);
   for (auto& s : waiting_) reqs.push_back(s->req);
   for (auto& r : reqs) CloseRequest(*r, Outcome::kFailed, e);
+  for (InFlightStep& f : in_flight_) {  // the executor is lost: their answers never come
+    for (const auto& [entry, copy] : f.copies) cache_.Unpin(entry);
+  }
+  in_flight_.clear();
   running_.clear();
   for (const auto& [entry, copy] : pending_copies_) cache_.Unpin(entry);
   pending_copies_.clear();

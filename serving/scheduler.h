@@ -57,8 +57,12 @@ class Scheduler {
  private:
   struct Sequence;
   void Loop();
-  void Schedule(std::vector<Sequence*>& batch, StepPlan& plan);
-  Status RunStep();
+  // Builds a plan over running sequences not in flight, at most `most` of them.
+  void Schedule(std::vector<Sequence*>& batch, StepPlan& plan, size_t most);
+  // Keeps up to the executor's pipeline depth of steps in flight, then completes the oldest.
+  Status Advance();
+  struct InFlightStep;
+  void Apply(InFlightStep& f, const StepOutput& out);
   void Admit();
   void DropCancelled();
   void Preempt(Sequence& s);
@@ -88,6 +92,8 @@ class Scheduler {
   PrefixCache cache_;
   // Copies planned at admission, run with the next step: (cache entry, copy).
   std::vector<std::pair<int64_t, KvCopy>> pending_copies_;
+  // Steps submitted and not yet collected, oldest first (more than one: pipelined stages).
+  std::deque<InFlightStep> in_flight_;
 
   mutable std::mutex mu_;  // guards incoming_, draining_, lost_
   std::condition_variable cv_;

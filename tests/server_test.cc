@@ -382,7 +382,8 @@ TEST_F(ServerTest, RepeatedPromptsReuseTheCachedPrefix) {
 }
 
 // Two pipeline stages: a batch goes through in micro-batches (stage 0 runs the second while stage 1
-// runs the first) and gives exactly what one micro-batch per step gives.
+// runs the first), or as two steps in flight over halves of the batch (pipelined decode), and
+// gives exactly what one step at a time in one micro-batch gives.
 TEST_F(ServerTest, PipelineMicroBatchesGiveTheSameAnswers) {
   if (Cuda()) GTEST_SKIP() << "pipeline stages on GPUs need the NCCL workers";
   const json body = {{"prompt", {"The sea", "A cluster of GPUs", "Hello, my name is", "x y z"}},
@@ -392,8 +393,12 @@ TEST_F(ServerTest, PipelineMicroBatchesGiveTheSameAnswers) {
                      {"seed", 5},
                      {"return_token_ids", true}};
   std::vector<json> answers;
-  for (const char* micro : {"--micro-batches 1", "--micro-batches 2", "--micro-batches 3"}) {
-    Server s(Lm(), std::string("--backend cpu --tp 1 --nodes 2 --micro-batch-min-tokens 1 ") + micro);
+  for (const char* micro :
+       {"--micro-batches 1 --pipeline-depth 1", "--micro-batches 2 --pipeline-depth 1",
+        "--micro-batches 3 --pipeline-depth 1", "--micro-batches 1", "--micro-batches 2",
+        "--micro-batches 1 --pipeline-depth 3"}) {
+    Server s(Lm(),
+             std::string("--backend cpu --tp 1 --nodes 2 --micro-batch-min-tokens 1 ") + micro);
     ASSERT_TRUE(s.ok()) << s.ready_line();
     auto r = s.Call("POST", "/v1/completions", body.dump(), {});
     ASSERT_EQ(r.status, 200) << r.body;

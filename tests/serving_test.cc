@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <deque>
+#include <map>
 #include <thread>
 
 #include "model/generate.h"
@@ -286,6 +288,119 @@ TEST_F(SchedulerTest, ContinuousBatchingEqualsTheOfflineLoop) {
 
     EXPECT_EQ(metrics.outcomes[0].load(), reqs.size());
     EXPECT_EQ(metrics.kv_blocks_used.load(), 0);
+  }
+}
+
+// An executor with a pipeline of `depth` steps, as the cluster has with several stages: a plan is
+// checked when submitted (as the cluster checks it, against the lengths of the steps already
+// collected) and runs when collected. Records how many plans were in flight at most and whether
+// two in flight ever shared a sequence.
+class PipelinedEngine final : public StepExecutor {
+ public:
+  PipelinedEngine(Engine& e, int depth) : e_(e), depth_(depth) {}
+  const ModelConfig& config() const override { return e_.config(); }
+  int64_t NewSequence() override { return e_.NewSequence(); }
+  void ReleaseSequence(int64_t id) override { e_.ReleaseSequence(id); }
+  int64_t SequenceLength(int64_t id) const override { return e_.SequenceLength(id); }
+  Result<StepOutput> Step(const StepPlan& plan) override { return e_.Step(plan); }
+  int pipeline_depth() const override { return depth_; }
+  Status Submit(const StepPlan& plan) override {
+    std::map<int64_t, int64_t> lengths;
+    auto know = [&](int64_t id) {
+      if (const int64_t n = e_.SequenceLength(id); n >= 0) lengths[id] = n;
+    };
+    for (const auto& s : plan.sequences) {
+      know(s.sequence_id);
+      for (const StepPlan& other : queue_) {
+        for (const auto& o : other.sequences) shared_ |= o.sequence_id == s.sequence_id;
+      }
+    }
+    for (const KvCopy& k : plan.kv_copies) {
+      know(k.src);
+      know(k.dst);
+    }
+    RETURN_IF_ERROR(ValidateStep(e_.config(), lengths, plan));
+    queue_.push_back(plan);
+    most_ = std::max(most_, static_cast<int>(queue_.size()));
+    return OkStatus();
+  }
+  Result<StepOutput> Collect() override {
+    const StepPlan plan = std::move(queue_.front());
+    queue_.pop_front();
+    return e_.Step(plan);
+  }
+  int most_in_flight() const { return most_; }
+  bool shared() const { return shared_; }
+
+ private:
+  Engine& e_;
+  int depth_;
+  std::deque<StepPlan> queue_;
+  int most_ = 0;
+  bool shared_ = false;
+};
+
+// Steps kept in flight two and three at a time over disjoint sequences (pipelined decode) give
+// the offline loop's tokens, with prefill chunks, preemption and prefix copies in the mix.
+TEST_F(SchedulerTest, PipelinedStepsEqualTheOfflineLoop) {
+  Make(Small());
+  std::vector<ParsedRequest> reqs;
+  for (int i = 0; i < 8; ++i) {
+    reqs.push_back(Completion(Prompt(5 + 7 * i, i % 5), 6 + 3 * i, i % 2 ? 0.8f : 0.0f, 200 + i));
+  }
+  // A second wave shares prompt prefixes with the finished first one: prefix copies travel with
+  // pipelined steps.
+  std::vector<ParsedRequest> wave2;
+  for (int salt = 0; salt < 4; ++salt) wave2.push_back(Completion(Prompt(30, salt), 5, 0.0f));
+  auto offline = [&](const std::vector<ParsedRequest>& rs) {
+    std::vector<std::vector<int32_t>> want;
+    for (const auto& r : rs) {
+      GenerationRequest g;
+      g.prompt = r.prompts[0];
+      g.max_new_tokens = r.gen.max_tokens;
+      g.sampling = r.gen.Sampling(0);
+      g.ignore_eos = true;
+      auto out = Generate(*engine_, {g});
+      EXPECT_TRUE(out.ok()) << out.status().ToString();
+      want.push_back(out.ok() ? (*out)[0].generated : std::vector<int32_t>{});
+    }
+    return want;
+  };
+  const auto expected = offline(reqs), expected2 = offline(wave2);
+  for (int depth : {2, 3}) {
+    for (int64_t kv_blocks : {4096, 24}) {  // 24 blocks of 4: preemptions
+      SCOPED_TRACE("depth " + std::to_string(depth) + " blocks " + std::to_string(kv_blocks));
+      PipelinedEngine pipe(*engine_, depth);
+      Metrics metrics;
+      SchedulerOptions o;
+      o.max_step_tokens = 9;
+      o.kv_blocks = kv_blocks;
+      o.block_size = 4;
+      Scheduler s(pipe, nullptr, metrics, o);
+      std::vector<std::shared_ptr<RequestHandle>> hs;
+      for (const auto& r : reqs) hs.push_back(Submit(s, r));
+      for (size_t i = 0; i < hs.size(); ++i) {
+        WaitDone(*hs[i]);
+        std::lock_guard<std::mutex> lock(hs[i]->mu);
+        ASSERT_FALSE(hs[i]->error) << hs[i]->error->message;
+        EXPECT_EQ(hs[i]->choices[0].token_ids, expected[i]) << "request " << i;
+      }
+      std::vector<std::shared_ptr<RequestHandle>> hs2;
+      for (const auto& r : wave2) hs2.push_back(Submit(s, r));
+      for (size_t i = 0; i < hs2.size(); ++i) {
+        WaitDone(*hs2[i]);
+        std::lock_guard<std::mutex> lock(hs2[i]->mu);
+        ASSERT_FALSE(hs2[i]->error) << hs2[i]->error->message;
+        EXPECT_EQ(hs2[i]->choices[0].token_ids, expected2[i]) << "second wave " << i;
+      }
+      EXPECT_EQ(pipe.most_in_flight(), depth);
+      EXPECT_FALSE(pipe.shared());
+      EXPECT_EQ(metrics.outcomes[0].load(), reqs.size() + wave2.size());
+      EXPECT_EQ(metrics.kv_blocks_used.load(), 0);
+      if (kv_blocks == 4096) {
+        EXPECT_GT(metrics.prefix_hit_tokens.load(), 0u);  // the second wave reused the first's
+      }
+    }
   }
 }
 

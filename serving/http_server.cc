@@ -91,6 +91,7 @@ class HttpServer::Impl {
   void Stop() {
     ioc_.stop();
     if (thread_.joinable()) thread_.join();
+    parse_pool_.join();  // no parse still reads a request a coroutine frame owns
   }
   int port() const { return port_; }
   std::atomic<bool> ready{false};
@@ -295,10 +296,34 @@ class HttpServer::Impl {
     return Admitted{handle, waker};
   }
 
+  // Admit on the parsing pool: a body of megabytes takes a while to parse and tokenize, and the
+  // I/O thread serves every other connection meanwhile. `req` outlives the wait (this frame holds
+  // it), and Stop joins the pool before any frame can go.
+  awaitable<std::variant<Admitted, ApiError>> AdmitOffThread(const Request& req,
+                                                             const std::string& rid,
+                                                             const std::string& path) {
+    auto result = std::make_shared<std::optional<std::variant<Admitted, ApiError>>>();
+    auto done = std::make_shared<asio::steady_timer>(ioc_, asio::steady_timer::time_point::max());
+    asio::post(parse_pool_, [this, result, done, &req, &rid, &path] {
+      try {
+        *result = Admit(req, rid, path);
+      } catch (const std::exception& e) {
+        *result = ApiError{500, std::string("the request could not be parsed: ") + e.what(),
+                           "server_error"};
+      }
+      asio::post(ioc_, [done] { done->cancel(); });
+    });
+    // The pool's cancel is posted to this thread after the result is written, so it runs after
+    // this wait has begun and the result is visible when it ends.
+    boost::system::error_code ec;
+    co_await done->async_wait(asio::redirect_error(use_awaitable, ec));
+    co_return std::move(**result);
+  }
+
   awaitable<bool> Generate(beast::tcp_stream& stream, const Request& req, const std::string& rid,
                            const std::string& path) {
     const bool keep = req.keep_alive();
-    auto admitted = Admit(req, rid, path);
+    auto admitted = co_await AdmitOffThread(req, rid, path);
     if (auto* e = std::get_if<ApiError>(&admitted)) {
       metrics_.End(Outcome::kRejected);
       co_return co_await Send(stream, ErrorResponse(*e, rid, keep));
@@ -415,6 +440,8 @@ class HttpServer::Impl {
   ModelFacts facts_;
   ServerOptions opts_;
   asio::io_context ioc_{1};
+  // Parsing and tokenizing request bodies, off the I/O thread.
+  asio::thread_pool parse_pool_{std::max(1u, std::min(4u, std::thread::hardware_concurrency()))};
   tcp::acceptor acceptor_;
   std::thread thread_;
   int port_ = 0;

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -443,6 +444,36 @@ TEST_F(ServerTest, StreamedTextEqualsTheUnstreamedText) {
 }
 
 // Each bad request gets OpenAI's error body with the right status, and the next request works.
+// A body of megabytes is parsed and tokenized off the I/O thread: while a 3 MB prompt is being
+// tokenized (seconds on a small machine), another connection's /health answers at once.
+TEST_F(ServerTest, AHugePromptDoesNotStallOtherConnections) {
+  Server s(Lm(), Ranks());
+  ASSERT_TRUE(s.ok()) << s.ready_line();
+  std::ifstream corpus(std::string(GEMMA2_SOURCE_DIR) + "/tools/demo_corpus.txt");
+  std::vector<std::string> words{std::istream_iterator<std::string>(corpus), {}};
+  ASSERT_FALSE(words.empty());
+  std::string prompt;
+  for (size_t i = 0; prompt.size() < 3'000'000; ++i) prompt += words[i % words.size()] + " ";
+  const std::string body = json{{"prompt", prompt}, {"max_tokens", 1}}.dump();
+  double big_s = 0;
+  int big_status = 0;
+  std::thread big([&] {
+    const auto t0 = std::chrono::steady_clock::now();
+    big_status = s.Call("POST", "/v1/completions", body, {}).status;
+    big_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the body is in by now
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto health = s.Call("GET", "/health", "", {});
+  const double health_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  big.join();
+  EXPECT_EQ(health.status, 200);
+  EXPECT_EQ(big_status, 400);  // far longer than the context
+  ASSERT_GT(big_s, 0.6) << "tokenizing took too little time to show a stall";
+  EXPECT_LT(health_s, big_s / 4) << "health " << health_s << " s during a " << big_s << " s parse";
+}
+
 TEST_F(ServerTest, EveryBadInputIsAnErrorAndTheServerKeepsServing) {
   const std::string big(70000, ' ');
   struct Case {

@@ -242,6 +242,22 @@ std::vector<int32_t> Prompt(int n, int salt) {
   return p;
 }
 
+// What the offline loop (Generate, one request at a time) produces for each request.
+std::vector<std::vector<int32_t>> Offline(StepExecutor& e, const std::vector<ParsedRequest>& rs) {
+  std::vector<std::vector<int32_t>> want;
+  for (const auto& r : rs) {
+    GenerationRequest g;
+    g.prompt = r.prompts[0];
+    g.max_new_tokens = r.gen.max_tokens;
+    g.sampling = r.gen.Sampling(0);
+    g.ignore_eos = true;
+    auto out = Generate(e, {g});
+    EXPECT_TRUE(out.ok()) << out.status().ToString();
+    want.push_back(out.ok() ? (*out)[0].generated : std::vector<int32_t>{});
+  }
+  return want;
+}
+
 // Chunked prefill, a batch that changes every step, and preemption under a tiny KV budget all give
 // the tokens of the offline loop (greedy and seeded sampling).
 TEST_F(SchedulerTest, ContinuousBatchingEqualsTheOfflineLoop) {
@@ -250,17 +266,7 @@ TEST_F(SchedulerTest, ContinuousBatchingEqualsTheOfflineLoop) {
   for (int i = 0; i < 6; ++i) {
     reqs.push_back(Completion(Prompt(5 + 9 * i, i), 6 + 3 * i, i % 2 ? 0.8f : 0.0f, 100 + i));
   }
-  std::vector<std::vector<int32_t>> expected;
-  for (const auto& r : reqs) {
-    GenerationRequest g;
-    g.prompt = r.prompts[0];
-    g.max_new_tokens = r.gen.max_tokens;
-    g.sampling = r.gen.Sampling(0);
-    g.ignore_eos = true;
-    auto out = Generate(*engine_, {g});
-    ASSERT_TRUE(out.ok()) << out.status().ToString();
-    expected.push_back((*out)[0].generated);
-  }
+  const auto expected = Offline(*engine_, reqs);
   struct Setting {
     int64_t step_tokens, kv_blocks;
   };
@@ -352,21 +358,7 @@ TEST_F(SchedulerTest, PipelinedStepsEqualTheOfflineLoop) {
   // pipelined steps.
   std::vector<ParsedRequest> wave2;
   for (int salt = 0; salt < 4; ++salt) wave2.push_back(Completion(Prompt(30, salt), 5, 0.0f));
-  auto offline = [&](const std::vector<ParsedRequest>& rs) {
-    std::vector<std::vector<int32_t>> want;
-    for (const auto& r : rs) {
-      GenerationRequest g;
-      g.prompt = r.prompts[0];
-      g.max_new_tokens = r.gen.max_tokens;
-      g.sampling = r.gen.Sampling(0);
-      g.ignore_eos = true;
-      auto out = Generate(*engine_, {g});
-      EXPECT_TRUE(out.ok()) << out.status().ToString();
-      want.push_back(out.ok() ? (*out)[0].generated : std::vector<int32_t>{});
-    }
-    return want;
-  };
-  const auto expected = offline(reqs), expected2 = offline(wave2);
+  const auto expected = Offline(*engine_, reqs), expected2 = Offline(*engine_, wave2);
   for (int depth : {2, 3}) {
     for (int64_t kv_blocks : {4096, 24}) {  // 24 blocks of 4: preemptions
       SCOPED_TRACE("depth " + std::to_string(depth) + " blocks " + std::to_string(kv_blocks));

@@ -3,7 +3,8 @@
 # widths exact) at tensor parallel 2, 4, 8 through real worker processes over NCCL, against TP 1
 # on the same GPUs: every logits row's relative L2 <= 2e-2 and identical greedy tokens where the
 # top-2 margin exceeds 0.1; then a sequence classifier of the same widths (2 layers, a small
-# vocabulary, random weights written by gemma2-make-checkpoint): its logits, the same bound.
+# vocabulary, random weights written by gemma2-make-checkpoint): its logits, the same bound, and
+# the same labels.
 #
 #   source .gpu/env.sh && tools/multi_gpu_correctness.sh [LAYERS] [OUT_DIR]
 set -euo pipefail
@@ -11,48 +12,43 @@ layers=${1:-4}
 out=${2:-${OUT:-/tmp}/multi_gpu_correctness}
 mkdir -p "$out"
 gpus=$(nvidia-smi -L | wc -l)
-model="random:27b:1:$layers"
-ids=2,651,6037,576,573,1370,4376,235336,109,1596,603,476
-common=(--model "$model" --prompt-ids "$ids" --max-new-tokens 16 --ignore-eos --logits --backend cuda)
-timeout 600 gemma2-run "${common[@]}" > "$out/tp1.json"
-status=0
-for tp in 2 4 8; do
-  ((tp <= gpus)) || { echo "tp $tp: skipped ($gpus GPUs)"; continue; }
-  timeout 600 gemma2-run "${common[@]}" --launch local --tp "$tp" > "$out/tp$tp.json" || { status=1; continue; }
-  python3 - "$out/tp1.json" "$out/tp$tp.json" "$tp" <<'PY' || status=1
+# compare.py TP1.json TPN.json TP: rows within 2e-2; tokens (generation) or labels (classifier).
+cat > "$out/compare.py" <<'PY'
 import json, math, sys
 a, b, tp = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), sys.argv[3]
-worst = 0.0
-for r, s in zip(a["logits"], b["logits"]):
-    worst = max(worst, math.sqrt(sum((x - y) ** 2 for x, y in zip(r, s)) / sum(x * x for x in r)))
+worst = max(math.sqrt(sum((x - y) ** 2 for x, y in zip(r, s)) / sum(x * x for x in r))
+            for r, s in zip(a["logits"], b["logits"]))
 ok = worst <= 2e-2
-for i, (r, ta, tb) in enumerate(zip(a["logits"][len(a["prompt_ids"]) - 1:], a["generated_ids"], b["generated_ids"])):
-    top = sorted(r, reverse=True)
-    if top[0] - top[1] > 0.1 and ta != tb:
-        ok = False
-        print(f"tp {tp}: token {i} differs ({ta} vs {tb}) with margin {top[0] - top[1]:.3f}")
-print(f"tp {tp}: worst row relative L2 {worst:.2e}, tokens {'equal' if a['generated_ids'] == b['generated_ids'] else 'differ'}: {'PASS' if ok else 'FAIL'}")
+if "labels" in a:
+    same = a["labels"] == b["labels"]
+    ok = ok and same
+    what = f"classifier tp {tp}: labels {'equal' if same else 'differ'}"
+else:
+    rows = a["logits"][len(a["prompt_ids"]) - 1:]
+    for i, (r, ta, tb) in enumerate(zip(rows, a["generated_ids"], b["generated_ids"])):
+        top = sorted(r, reverse=True)
+        if top[0] - top[1] > 0.1 and ta != tb:
+            ok = False
+            print(f"tp {tp}: token {i} differs ({ta} vs {tb}) with margin {top[0] - top[1]:.3f}")
+    what = f"tp {tp}: tokens {'equal' if a['generated_ids'] == b['generated_ids'] else 'differ'}"
+print(f"{what}, worst row relative L2 {worst:.2e}: {'PASS' if ok else 'FAIL'}")
 sys.exit(0 if ok else 1)
 PY
-done
-# Classification: the score head on the last stage, its rows against TP 1.
+status=0
+# run NAME ARGS...: TP 1, then each TP the host allows, each against TP 1.
+run() {
+  local name=$1; shift
+  timeout 600 gemma2-run "$@" > "$out/${name}_tp1.json"
+  for tp in 2 4 8; do
+    ((tp <= gpus)) || { echo "$name tp $tp: skipped ($gpus GPUs)"; continue; }
+    timeout 600 gemma2-run "$@" --launch local --tp "$tp" > "$out/${name}_tp$tp.json" || { status=1; continue; }
+    python3 "$out/compare.py" "$out/${name}_tp1.json" "$out/${name}_tp$tp.json" "$tp" || status=1
+  done
+}
+run lm --model "random:27b:1:$layers" --prompt-ids 2,651,6037,576,573,1370,4376,235336,109,1596,603,476 \
+  --max-new-tokens 16 --ignore-eos --logits --backend cuda
 cls="$out/cls27b"
 [[ -f $cls/config.json ]] || timeout 600 gemma2-make-checkpoint --out "$cls" --arch seqcls --labels 5 \
   --vocab 1024 --hidden 4608 --layers 2 --heads 32 --kv-heads 16 --head-dim 128 --intermediate 36864 --seed 7
-cls_common=(--model "$cls" --prompt-ids 2,17,301,44,999,5,88,612,7 --backend cuda)
-timeout 600 gemma2-run "${cls_common[@]}" > "$out/cls_tp1.json"
-for tp in 2 4 8; do
-  ((tp <= gpus)) || continue
-  timeout 600 gemma2-run "${cls_common[@]}" --launch local --tp "$tp" > "$out/cls_tp$tp.json" || { status=1; continue; }
-  python3 - "$out/cls_tp1.json" "$out/cls_tp$tp.json" "$tp" <<'PY' || status=1
-import json, math, sys
-a, b, tp = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), sys.argv[3]
-worst = 0.0
-for r, s in zip(a["logits"], b["logits"]):
-    worst = max(worst, math.sqrt(sum((x - y) ** 2 for x, y in zip(r, s)) / sum(x * x for x in r)))
-ok = worst <= 2e-2 and a["labels"] == b["labels"]
-print(f"classifier tp {tp}: worst row relative L2 {worst:.2e}, labels {'equal' if a['labels'] == b['labels'] else 'differ'}: {'PASS' if ok else 'FAIL'}")
-sys.exit(0 if ok else 1)
-PY
-done
+run cls --model "$cls" --prompt-ids 2,17,301,44,999,5,88,612,7 --backend cuda
 exit $status

@@ -193,6 +193,7 @@ void Scheduler::Loop() {
     } catch (const std::exception& e) {  // e.g. out of memory: fail loudly, never hang
       st = Internal(std::string("the scheduler failed: ") + e.what());
     }
+    PublishGauges();  // before anyone hears of this step's outcomes
     NotifyTouched();
     if (!st.ok()) {
       {

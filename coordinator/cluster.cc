@@ -438,13 +438,10 @@ Status ClusterEngine::Submit(const StepPlan& plan) {
   if (!down_.ok()) return down_.WithContext("cluster is down");
   if (static_cast<int>(in_flight_.size()) >= std::max(1, pipeline_depth()))
     return Internal("more steps submitted than the pipeline depth");
-  for (const InFlight& f : in_flight_) {  // plans in flight never share a sequence
-    for (const auto& [id, n] : f.grown) {
-      for (const auto& s : plan.sequences) {
-        if (s.sequence_id == id)
-          return Internal("sequence " + std::to_string(id) + " is already in a step in flight");
-      }
-    }
+  for (const auto& s : plan.sequences) {  // plans in flight never share a sequence
+    if (in_flight_ids_.count(s.sequence_id))
+      return Internal("sequence " + std::to_string(s.sequence_id) +
+                      " is already in a step in flight");
   }
   RETURN_IF_ERROR(ValidateStep(config_, lengths_, plan));
   std::vector<StepPlan> parts = SplitForPipeline(plan);
@@ -464,6 +461,7 @@ Status ClusterEngine::Submit(const StepPlan& plan) {
   for (const auto& s : plan.sequences)
     f.grown.emplace_back(s.sequence_id, static_cast<int64_t>(s.tokens.size()));
   f.parts = parts.size();
+  for (const auto& [id, n] : f.grown) in_flight_ids_.insert(id);
   in_flight_.push_back(std::move(f));
   return OkStatus();
 }
@@ -472,6 +470,7 @@ Result<StepOutput> ClusterEngine::Collect() {
   if (in_flight_.empty()) return Internal("Collect without a submitted step");
   const InFlight f = std::move(in_flight_.front());
   in_flight_.pop_front();
+  for (const auto& [id, n] : f.grown) in_flight_ids_.erase(id);
   // The last stage's tensor-parallel rank 0 carries the outputs; parts' rows follow plan order.
   const size_t carrier = static_cast<size_t>((opts_.pp - 1) * opts_.tp);
   StepOutput out;

@@ -15,6 +15,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -119,6 +120,7 @@ class ClusterEngine final : public StepExecutor {
     size_t parts = 1;
   };
   std::deque<InFlight> in_flight_;
+  std::set<int64_t> in_flight_ids_;  // the sequences of the plans in in_flight_
   // A rendezvous request (kStoreSet / kStoreGet) from `rank`.
   Status ServeStore(size_t rank, const rpc::Received& m);
 

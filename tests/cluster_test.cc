@@ -338,6 +338,34 @@ TEST_F(ClusterTest, WrongSecretIsRefusedAtStartup) {
   EXPECT_EQ(Alive(model_.string()), 0);
 }
 
+// The KV budget follows the workers' reported capacity (a small one stands in for a GPU's pool):
+// lowered to what the smallest rank holds, a block size the workers' blocks do not divide
+// refused, and a cache smaller than one block refused, each with the reason.
+TEST_F(ClusterTest, KvBudgetFollowsTheWorkersCapacity) {
+  const std::string small = "env GEMMA2_TEST_KV_CAPACITY_TOKENS=1600 GEMMA2_TEST_KV_BLOCK_SIZE=16 ";
+  Launched l = StartLauncher(model_.string(), "--tp 2 --kv-blocks 4096", small);
+  std::string line = ReadLine(l.out);
+  EXPECT_NE(line.find("KV budget 100 blocks of 16"), std::string::npos) << line;
+  kill(l.pid, SIGTERM);
+  double s = 0;
+  EXPECT_EQ(WaitExit(l.pid, &s), 0);
+  fclose(l.out);
+  l = StartLauncher(model_.string(), "--tp 2 --block-size 8", small);
+  line = ReadLine(l.out);
+  EXPECT_EQ(WaitExit(l.pid, &s), 1) << line;
+  fclose(l.out);
+  EXPECT_NE(line.find("--block-size 8 must be a multiple of the workers' KV block size 16"),
+            std::string::npos)
+      << line;
+  l = StartLauncher(model_.string(), "--tp 2",
+                    "env GEMMA2_TEST_KV_CAPACITY_TOKENS=8 GEMMA2_TEST_KV_BLOCK_SIZE=16 ");
+  line = ReadLine(l.out);
+  EXPECT_EQ(WaitExit(l.pid, &s), 1) << line;
+  fclose(l.out);
+  EXPECT_NE(line.find("hold 8 positions, less than one block of 16"), std::string::npos) << line;
+  EXPECT_EQ(Alive(model_.string()), 0);
+}
+
 // More GPU ranks on a node than it has GPUs: refused before any worker starts, naming the node and
 // both counts (no GPU is needed to see it).
 TEST_F(ClusterTest, MoreGpuRanksThanGpusIsRefusedAtLaunch) {
@@ -346,8 +374,7 @@ TEST_F(ClusterTest, MoreGpuRanksThanGpusIsRefusedAtLaunch) {
   double seconds = 0;
   EXPECT_EQ(WaitExit(l.pid, &seconds), 1) << line;
   fclose(l.out);
-  EXPECT_NE(line.find("node 0 runs 2 GPU ranks but has 1 GPU (--gpus-per-node)"),
-            std::string::npos)
+  EXPECT_NE(line.find("node 0 runs 2 GPU ranks but has 1 GPU (--gpus-per-node)"), std::string::npos)
       << line;
   EXPECT_LT(seconds, 20);
   EXPECT_EQ(Alive(model_.string()), 0);

@@ -50,6 +50,23 @@ TEST(GpuInventoryTest, RanksMustFitTheNodesGpus) {
   ASSERT_FALSE(short_node.ok());
   EXPECT_EQ(short_node.status().message(),
             "node 1 runs 4 GPU ranks but has 2 GPUs (--gpus-per-node)");
+  // Detection that finds nothing refuses nothing (the ranks' own CUDA errors say more).
+  const char* saved = std::getenv("CUDA_VISIBLE_DEVICES");
+  const std::string keep = saved ? saved : "";
+  setenv("CUDA_VISIBLE_DEVICES", "", 1);
+  auto unknown = GpusForNode(0, 4, 0);
+  ASSERT_TRUE(unknown.ok()) << unknown.status().message();
+  EXPECT_EQ(*unknown, 0);
+  setenv("CUDA_VISIBLE_DEVICES", "0,1", 1);
+  auto detected = GpusForNode(0, 4, 0);
+  ASSERT_FALSE(detected.ok());
+  EXPECT_NE(detected.status().message().find("has 2 GPUs (detected;"), std::string::npos)
+      << detected.status().message();
+  if (saved) {
+    setenv("CUDA_VISIBLE_DEVICES", keep.c_str(), 1);
+  } else {
+    unsetenv("CUDA_VISIBLE_DEVICES");
+  }
 }
 
 }  // namespace

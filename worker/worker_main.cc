@@ -129,9 +129,11 @@ Status Serve(const Args& a, rpc::Channel& ch) {
   // Ready, with what this rank's KV cache holds (a first sequence fixes the cuda pool), so the
   // coordinator never plans past it.
   model->NewSequenceKv().reset();
-  RETURN_IF_ERROR(ch.Send(
-      rpc::MessageType::kHeartbeat,
-      rpc::EncodeKvCapacity({backend->kv_capacity_tokens(), backend->kv_block_size()}), 30s));
+  rpc::KvCapacity capacity{backend->kv_capacity_tokens(), backend->kv_block_size()};
+  if (const int64_t t = EnvInt("GEMMA2_TEST_KV_CAPACITY_TOKENS"); t >= 0) {  // tests: a small cache
+    capacity = {t, std::max<int64_t>(1, EnvInt("GEMMA2_TEST_KV_BLOCK_SIZE"))};
+  }
+  RETURN_IF_ERROR(ch.Send(rpc::MessageType::kHeartbeat, rpc::EncodeKvCapacity(capacity), 30s));
 
   const bool faulty = EnvInt("GEMMA2_FAULT_RANK") == a.rank;
   const int64_t kill_after = faulty ? EnvInt("GEMMA2_FAULT_KILL_AFTER_STEPS") : -1;

@@ -4,6 +4,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 
@@ -439,7 +440,8 @@ Status ClusterEngine::Submit(const StepPlan& plan) {
   if (static_cast<int>(in_flight_.size()) >= std::max(1, pipeline_depth()))
     return Internal("more steps submitted than the pipeline depth");
   for (const auto& s : plan.sequences) {  // plans in flight never share a sequence
-    if (in_flight_ids_.count(s.sequence_id))
+    const auto has = [&](const InFlight& f) { return f.grown.count(s.sequence_id) > 0; };
+    if (std::any_of(in_flight_.begin(), in_flight_.end(), has))
       return Internal("sequence " + std::to_string(s.sequence_id) +
                       " is already in a step in flight");
   }
@@ -459,9 +461,8 @@ Status ClusterEngine::Submit(const StepPlan& plan) {
   InFlight f;
   f.kv_copies = plan.kv_copies;
   for (const auto& s : plan.sequences)
-    f.grown.emplace_back(s.sequence_id, static_cast<int64_t>(s.tokens.size()));
+    f.grown[s.sequence_id] = static_cast<int64_t>(s.tokens.size());
   f.parts = parts.size();
-  for (const auto& [id, n] : f.grown) in_flight_ids_.insert(id);
   in_flight_.push_back(std::move(f));
   return OkStatus();
 }
@@ -470,7 +471,6 @@ Result<StepOutput> ClusterEngine::Collect() {
   if (in_flight_.empty()) return Internal("Collect without a submitted step");
   const InFlight f = std::move(in_flight_.front());
   in_flight_.pop_front();
-  for (const auto& [id, n] : f.grown) in_flight_ids_.erase(id);
   // The last stage's tensor-parallel rank 0 carries the outputs; parts' rows follow plan order.
   const size_t carrier = static_cast<size_t>((opts_.pp - 1) * opts_.tp);
   StepOutput out;

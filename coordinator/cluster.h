@@ -15,7 +15,6 @@
 #include <map>
 #include <memory>
 #include <optional>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -116,11 +115,10 @@ class ClusterEngine final : public StepExecutor {
   // micro-batches answer.
   struct InFlight {
     std::vector<KvCopy> kv_copies;
-    std::vector<std::pair<int64_t, int64_t>> grown;  // sequence id, new tokens
+    std::map<int64_t, int64_t> grown;  // sequence id -> new tokens
     size_t parts = 1;
   };
   std::deque<InFlight> in_flight_;
-  std::set<int64_t> in_flight_ids_;  // the sequences of the plans in in_flight_
   // A rendezvous request (kStoreSet / kStoreGet) from `rank`.
   Status ServeStore(size_t rank, const rpc::Received& m);
 

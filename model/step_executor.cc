@@ -1,5 +1,6 @@
 #include "model/step_executor.h"
 
+#include <set>
 #include <string>
 
 namespace gemma2 {
@@ -20,10 +21,13 @@ Status ValidateStep(const ModelConfig& c, const std::map<int64_t, int64_t>& cach
     }
     dst->second = k.tokens;
   }
+  std::set<int64_t> named;
   for (const StepSequence& s : plan.sequences) {
     const std::string who = "sequence " + std::to_string(s.sequence_id);
     auto it = lengths.find(s.sequence_id);
     if (it == lengths.end()) return InvalidArgument(who + " does not exist");
+    if (!named.insert(s.sequence_id).second)
+      return InvalidArgument(who + " appears twice in one step");
     if (s.start_pos != it->second) {
       return InvalidArgument(who + ": start_pos " + std::to_string(s.start_pos) +
                              " but the cache holds " + std::to_string(it->second) + " tokens");

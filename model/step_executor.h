@@ -43,7 +43,8 @@ class StepExecutor {
   std::deque<StepPlan> submitted_;
 };
 
-// KV copies between known sequences into empty ones; then known sequences, start_pos == cached
+// KV copies between known sequences into empty ones; then known sequences, each at most once,
+// start_pos == cached
 // length (after the copies), token ids inside the vocabulary, positions below
 // max_position_embeddings, output rows in range. `cached` maps sequence id -> cached tokens.
 Status ValidateStep(const ModelConfig& c, const std::map<int64_t, int64_t>& cached,

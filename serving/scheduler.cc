@@ -53,7 +53,7 @@ struct Scheduler::Sequence {
 struct Scheduler::InFlightStep {
   std::vector<Sequence*> batch;
   StepPlan plan;
-  std::vector<std::pair<int64_t, KvCopy>> copies;  // prefix copies it carries (entries pinned)
+  std::vector<int64_t> pinned;  // cache entries whose prefix copies it carries (in plan.kv_copies)
 };
 
 Scheduler::Scheduler(StepExecutor& executor, const Tokenizer* tokenizer, Metrics& metrics,
@@ -442,12 +442,12 @@ Status Scheduler::Advance() {
         continue;
       }
       f.plan.kv_copies.push_back(it->second);
-      f.copies.push_back(*it);
+      f.pinned.push_back(it->first);
       it = pending_copies_.erase(it);
     }
     const Status submitted = executor_.Submit(f.plan);
     if (!submitted.ok()) {
-      for (const auto& [entry, copy] : f.copies) cache_.Unpin(entry);
+      for (int64_t entry : f.pinned) cache_.Unpin(entry);
       return submitted;
     }
     for (Sequence* s : f.batch) s->in_flight = true;
@@ -457,7 +457,7 @@ Status Scheduler::Advance() {
   InFlightStep f = std::move(in_flight_.front());
   in_flight_.pop_front();
   auto stepped = executor_.Collect();
-  for (const auto& [entry, copy] : f.copies) cache_.Unpin(entry);
+  for (int64_t entry : f.pinned) cache_.Unpin(entry);
   for (Sequence* s : f.batch) s->in_flight = false;
   if (!stepped.ok()) return stepped.status();
   Apply(f, *stepped);
@@ -603,7 +603,7 @@ void Scheduler::FailAll(const ApiError& e) {
   for (auto& s : waiting_) reqs.push_back(s->req);
   for (auto& r : reqs) CloseRequest(*r, Outcome::kFailed, e);
   for (InFlightStep& f : in_flight_) {  // the executor is lost: their answers never come
-    for (const auto& [entry, copy] : f.copies) cache_.Unpin(entry);
+    for (int64_t entry : f.pinned) cache_.Unpin(entry);
   }
   in_flight_.clear();
   running_.clear();

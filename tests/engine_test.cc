@@ -190,6 +190,10 @@ TEST_F(EngineTest, RefusesBadPlans) {
   EXPECT_NE(step(id, 3, {2}).message().find("cache holds 0"), std::string::npos);
   EXPECT_NE(step(999, 0, {2}).message().find("does not exist"), std::string::npos);
   EXPECT_FALSE(step(id, 0, {}).ok());
+  StepPlan twice;
+  twice.sequences = {{id, 0, {2}, {0}}, {id, 0, {3}, {0}}};
+  EXPECT_NE(engine->Step(twice).status().message().find("appears twice in one step"),
+            std::string::npos);
   EXPECT_NE(step(id, 0, std::vector<int32_t>(65, 3)).message().find("max_position_embeddings 64"),
             std::string::npos);
   EXPECT_TRUE(step(id, 0, {2, 3}).ok());  // the engine is still usable

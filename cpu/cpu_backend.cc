@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "model/rope.h"
+#include "model/shard_pick.h"
 
 namespace gemma2 {
 namespace {
@@ -253,6 +254,22 @@ void CpuBackend::ScatterColumns(const Tensor& src, int64_t col_offset, Tensor& d
     std::memcpy(dst.as<float>() + r * dst.cols + col_offset, src.as<float>() + r * src.cols,
                 static_cast<size_t>(src.cols) * sizeof(float));
   }
+}
+
+void CpuBackend::ShardBestScores(const Tensor& local, std::span<const RowSampling> rows,
+                                 int64_t vocab_begin, int rank, int tp, Tensor& exchange) {
+  std::span<float> ex(exchange.as<float>(), static_cast<size_t>(exchange.numel()));
+  std::fill(ex.begin(), ex.end(), 0.0f);
+  FillShardPick({local.as<float>(), static_cast<size_t>(local.numel())}, local.rows, local.cols,
+                vocab_begin, rows, rank, tp, /*width=*/2, ex);
+}
+
+Status CpuBackend::ShardPickToHost(const Tensor& exchange, int tp, int32_t* ids) {
+  // Width 2 holds only greedy / temperature-only rows, which never need the assembled row.
+  const std::vector<RowSampling> any(static_cast<size_t>(exchange.rows));
+  DecideShardPick({exchange.as<float>(), static_cast<size_t>(exchange.numel())}, exchange.rows, tp,
+                  /*width=*/2, /*vocab=*/0, any, ids);
+  return OkStatus();
 }
 
 }  // namespace gemma2

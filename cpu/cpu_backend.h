@@ -45,6 +45,9 @@ class CpuBackend final : public Backend {
   void Softcap(Tensor& x, float cap) override;
   void GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) override;
   void ScatterColumns(const Tensor& src, int64_t col_offset, Tensor& dst) override;
+  void ShardBestScores(const Tensor& local, std::span<const RowSampling> rows, int64_t vocab_begin,
+                       int rank, int tp, Tensor& exchange) override;
+  Status ShardPickToHost(const Tensor& exchange, int tp, int32_t* ids) override;
 
  private:
   const std::vector<float>& InvFreq(int64_t head_dim, double theta);

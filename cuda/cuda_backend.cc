@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/cuda_check.h"
+#include "cuda/peer_group.h"
 #include "kernels/attention.h"
 #include "kernels/elementwise.h"
 #include "kernels/embed.h"
@@ -18,6 +19,7 @@
 #include "kernels/rms_norm.h"
 #include "kernels/rope_kv.h"
 #include "kernels/sample.h"
+#include "kernels/shard_pick.h"
 #include "model/rope.h"
 
 namespace gemma2 {
@@ -167,18 +169,11 @@ class CudaBackend final : public Backend {
       scratch = Scratch(1, static_cast<int64_t>(kernels::ArgmaxScratchBytes(logits.rows) / 4),
                         DType::kF32);
     } else {
-      std::vector<kernels::DeviceSampling> dp(rows.size());
-      for (size_t r = 0; r < rows.size(); ++r) {
-        const SamplingParams& p = rows[r].params;
-        dp[r] = {p.greedy ? 1 : 0, p.temperature, p.top_p, 0, p.top_k, p.seed, rows[r].counter};
-      }
-      params = Stage(dp.data(), dp.size() * sizeof(kernels::DeviceSampling));
+      params = StageSampling(rows);
       scratch = Scratch(
           1, static_cast<int64_t>(kernels::SampleScratchBytes(logits.rows, logits.cols) / 4),
           DType::kF32);
     }
-    // The ids land in the pinned area after this step's staged inputs.
-    auto* staged = reinterpret_cast<int32_t*>(static_cast<char*>(pinned_) + pinned_offset_);
     if (!replaying_) {
       if (greedy) {
         Note(kernels::ArgmaxRows(logits.as<float>(), logits.rows, logits.cols, scratch.data,
@@ -190,15 +185,52 @@ class CudaBackend final : public Backend {
                                  scratch.data, d.as<int32_t>(), stream_),
              "SampleRows");
       }
-      Note(cudaMemcpyAsync(staged, d.data, static_cast<size_t>(logits.rows) * 4,
-                           cudaMemcpyDeviceToHost, stream_),
-           "cudaMemcpyAsync(ids)");
     }
-    RETURN_IF_ERROR(FinishGraph());
-    RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream_));
-    RETURN_IF_ERROR(error_);
-    std::memcpy(ids, staged, static_cast<size_t>(logits.rows) * 4);
-    return OkStatus();
+    return IdsToHost(d, ids);
+  }
+
+  Status ConnectPeers(int rank, int size, int64_t hidden, const PeerExchange& exchange) override {
+    if (!pool_ && !peers_) {
+      ASSIGN_OR_RETURN(peers_,
+                       PeerGroup::Create(rank, size, opts_.peer_max_rows, hidden, exchange));
+      return OkStatus();
+    }
+    return Internal("cuda backend: ConnectPeers after the KV cache or twice");
+  }
+
+  bool AllReduceAddRmsNorm(Tensor& residual, const Tensor& delta, const Tensor& post_w,
+                           const Tensor* next_w, float eps, Tensor& normed) override {
+    if (!peers_ || delta.rows > peers_->view().max_rows || delta.cols != peers_->view().hidden)
+      return false;
+    if (replaying_) return true;
+    Note(kernels::PeerAllReduceAddRmsNorm(
+             peers_->view(), residual.as<bf16>(), delta.as<bf16>(), post_w.as<bf16>(),
+             next_w ? next_w->as<bf16>() : nullptr, delta.rows, eps, normed.as<bf16>(),
+             static_cast<uint64_t>(opts_.peer_timeout_s) * 1000000000ull, stream_),
+         "PeerAllReduceAddRmsNorm");
+    return true;
+  }
+
+  void ShardBestScores(const Tensor& local, std::span<const RowSampling> rows, int64_t vocab_begin,
+                       int rank, int tp, Tensor& exchange) override {
+    const Tensor params = StageSampling(rows);
+    const Tensor scratch = Scratch(
+        1, static_cast<int64_t>(kernels::ShardBestScratchBytes(local.rows) / 4), DType::kF32);
+    if (replaying_) return;
+    Note(kernels::ShardBestRows(local.as<float>(), local.rows, local.cols, vocab_begin,
+                                static_cast<const kernels::DeviceSampling*>(params.data), rank, tp,
+                                scratch.data, exchange.as<float>(), stream_),
+         "ShardBestRows");
+  }
+
+  Status ShardPickToHost(const Tensor& exchange, int tp, int32_t* ids) override {
+    Tensor d = Scratch(1, exchange.rows, DType::kI32);
+    if (!replaying_) {
+      Note(kernels::DecideShardRows(exchange.as<float>(), exchange.rows, tp, d.as<int32_t>(),
+                                    stream_),
+           "DecideShardRows");
+    }
+    return IdsToHost(d, ids);
   }
 
   // Block by block on every layer, on the step stream (ordered before the next step's kernels).
@@ -486,6 +518,32 @@ class CudaBackend final : public Backend {
     return OkStatus();
   }
 
+  // Each row's sampling request on the device (staged: a replayed graph reads this step's).
+  Tensor StageSampling(std::span<const RowSampling> rows) {
+    std::vector<kernels::DeviceSampling> dp(rows.size());
+    for (size_t r = 0; r < rows.size(); ++r) {
+      const SamplingParams& p = rows[r].params;
+      dp[r] = {p.greedy ? 1 : 0, p.temperature, p.top_p, 0, p.top_k, p.seed, rows[r].counter};
+    }
+    return Stage(dp.data(), dp.size() * sizeof(kernels::DeviceSampling));
+  }
+
+  // Ends the step: the int32 ids in `d` (one per column) reach `ids` through the pinned area
+  // after this step's staged inputs, after a captured or replayed graph has run.
+  Status IdsToHost(const Tensor& d, int32_t* ids) {
+    auto* staged = reinterpret_cast<int32_t*>(static_cast<char*>(pinned_) + pinned_offset_);
+    const size_t bytes = static_cast<size_t>(d.cols) * 4;
+    if (!replaying_) {
+      Note(cudaMemcpyAsync(staged, d.data, bytes, cudaMemcpyDeviceToHost, stream_),
+           "cudaMemcpyAsync(ids)");
+    }
+    RETURN_IF_ERROR(FinishGraph());
+    RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream_));
+    RETURN_IF_ERROR(error_);
+    std::memcpy(ids, staged, bytes);
+    return OkStatus();
+  }
+
   void Note(cudaError_t e, const char* what) {
     if (e != cudaSuccess && error_.ok()) error_ = cuda_detail::Check(e, what, __FILE__, __LINE__);
   }
@@ -591,6 +649,7 @@ class CudaBackend final : public Backend {
   const CudaOptions opts_;
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<kernels::Gemm> gemm_;
+  std::unique_ptr<PeerGroup> peers_;  // the fused all-reduce's buffers (ConnectPeers)
   Status error_;  // first failure of any op; sticky (the device may be unusable after it)
   // Scratch arena (reset by BeginStep).
   std::vector<std::shared_ptr<void>> chunks_;

@@ -11,11 +11,15 @@ namespace gemma2 {
 
 struct CudaOptions {
   int device = 0;
-  int64_t kv_cache_bytes = 0;  // 0: 95% of the memory free at the first sequence, less 8 GiB
-  int32_t kv_block_size = 16;  // tokens per KV block
-  bool poison_scratch = false; // tests: fill every scratch tensor with NaN before use
-  bool cuda_graphs = true;     // replay greedy decode steps as CUDA graphs, one per batch size
+  int64_t kv_cache_bytes = 0;    // 0: 95% of the memory free at the first sequence, less 8 GiB
+  int32_t kv_block_size = 16;    // tokens per KV block
+  bool poison_scratch = false;   // tests: fill every scratch tensor with NaN before use
+  bool cuda_graphs = true;       // replay greedy decode steps as CUDA graphs, one per batch size
   int64_t max_positions = 8192;  // longest sequence (fixes the block-table stride)
+  // The fused one-shot all-reduce (ConnectPeers): steps of at most this many tokens use it; a
+  // peer that does not arrive within peer_timeout_s fails the step instead of hanging it.
+  int64_t peer_max_rows = 256;
+  int64_t peer_timeout_s = 30;
 };
 
 Result<std::unique_ptr<Backend>> MakeCudaBackend(const CudaOptions& options);

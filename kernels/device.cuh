@@ -28,10 +28,44 @@ __device__ __forceinline__ float BlockSum(float v) {
   return WarpSum(total);
 }
 
+// AddRmsNorm's arithmetic on one row held in registers, value i of each thread at column
+// threadIdx.x + i * kThreads (dv: the delta, rv: the residual; zeros past `hidden`):
+// res = bf16(rv + bf16(RmsNorm(dv, post_w))); then, if next_w: out = RmsNorm(res, next_w).
+// Rounds where transformers' bf16 model rounds: the post-norm output, then the sum.
+template <int kThreads, int kPer>
+__device__ __forceinline__ void AddRmsNormRow(const float (&dv)[kPer], float (&rv)[kPer],
+                                              int64_t hidden, float eps, const bf16* post_w,
+                                              const bf16* next_w, bf16* res, bf16* out) {
+  float ss = 0;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) ss += dv[i] * dv[i];
+  const float scale = rsqrtf(BlockSum(ss) / static_cast<float>(hidden) + eps);
+  float ss2 = 0;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int64_t j = threadIdx.x + static_cast<int64_t>(i) * kThreads;
+    if (j >= hidden) continue;
+    const float n = ToF(ToB(dv[i] * scale * (1.0f + ToF(post_w[j]))));
+    const bf16 sum = ToB(rv[i] + n);
+    res[j] = sum;
+    rv[i] = ToF(sum);
+    ss2 += rv[i] * rv[i];
+  }
+  if (next_w == nullptr) return;
+  const float scale2 = rsqrtf(BlockSum(ss2) / static_cast<float>(hidden) + eps);
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int64_t j = threadIdx.x + static_cast<int64_t>(i) * kThreads;
+    if (j < hidden) out[j] = ToB(rv[i] * scale2 * (1.0f + ToF(next_w[j])));
+  }
+}
+
 __device__ __forceinline__ int64_t KvOffset(const PagedKv& kv, int32_t seq, int32_t pos,
                                             int32_t kv_head, int32_t head_dim) {
-  const int32_t block = kv.block_tables[static_cast<int64_t>(seq) * kv.table_stride + pos / kv.block_size];
-  return ((static_cast<int64_t>(block) * kv.kv_heads + kv_head) * kv.block_size + pos % kv.block_size) *
+  const int32_t block =
+      kv.block_tables[static_cast<int64_t>(seq) * kv.table_stride + pos / kv.block_size];
+  return ((static_cast<int64_t>(block) * kv.kv_heads + kv_head) * kv.block_size +
+          pos % kv.block_size) *
          head_dim;
 }
 

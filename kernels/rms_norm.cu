@@ -1,6 +1,5 @@
-#include "kernels/rms_norm.h"
-
 #include "kernels/device.cuh"
+#include "kernels/rms_norm.h"
 
 namespace gemma2::kernels {
 namespace {
@@ -30,34 +29,14 @@ __global__ void __launch_bounds__(kThreads)
   const bf16* d = delta + blockIdx.x * hidden;
   bf16* res = residual + blockIdx.x * hidden;
   float dv[kPer], rv[kPer];
-  float ss = 0;
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int64_t j = threadIdx.x + static_cast<int64_t>(i) * kThreads;
     dv[i] = j < hidden ? ToF(d[j]) : 0.0f;
     rv[i] = j < hidden ? ToF(res[j]) : 0.0f;
-    ss += dv[i] * dv[i];
   }
-  const float scale = rsqrtf(BlockSum(ss) / static_cast<float>(hidden) + eps);
-  float ss2 = 0;
-#pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    const int64_t j = threadIdx.x + static_cast<int64_t>(i) * kThreads;
-    if (j >= hidden) continue;
-    const float n = ToF(ToB(dv[i] * scale * (1.0f + ToF(post_w[j]))));
-    const bf16 sum = ToB(rv[i] + n);
-    res[j] = sum;
-    rv[i] = ToF(sum);
-    ss2 += rv[i] * rv[i];
-  }
-  if (next_w == nullptr) return;
-  const float scale2 = rsqrtf(BlockSum(ss2) / static_cast<float>(hidden) + eps);
-  bf16* out = normed + blockIdx.x * hidden;
-#pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    const int64_t j = threadIdx.x + static_cast<int64_t>(i) * kThreads;
-    if (j < hidden) out[j] = ToB(rv[i] * scale2 * (1.0f + ToF(next_w[j])));
-  }
+  AddRmsNormRow<kThreads, kPer>(dv, rv, hidden, eps, post_w, next_w, res,
+                                next_w ? normed + blockIdx.x * hidden : nullptr);
 }
 
 }  // namespace

@@ -5,9 +5,12 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
+#include <string>
 #include <string_view>
+#include <vector>
 
 #include "common/status.h"
 #include "common/tensor.h"
@@ -45,6 +48,11 @@ struct AttentionParams {
 // How a step's outputs leave the backend: logits rows (ToHost) or only token ids (SampleToHost),
 // all greedy or some sampled.
 enum class StepOutputKind : uint8_t { kLogits, kGreedyIds, kSampledIds };
+
+// Publishes this rank's bytes under `key` and returns every rank's, in rank order: a rendezvous
+// of a tensor-parallel group that the caller provides (the workers' control-plane store).
+using PeerExchange = std::function<Result<std::vector<std::string>>(const std::string& key,
+                                                                    const std::string& mine)>;
 
 class Backend {
  public:
@@ -119,6 +127,30 @@ class Backend {
   virtual void GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) = 0;
   // dst = 0, then dst[:, col_offset : col_offset + src.cols] = src (fp32 output tensors).
   virtual void ScatterColumns(const Tensor& src, int64_t col_offset, Tensor& dst) = 0;
+
+  // --- the sum across tensor-parallel ranks fused with the residual step (cuda, one host) ---
+  // Sets up the fused path for this rank of a group of `size` (rows of `hidden`); every rank calls
+  // it alike, before the first sequence.
+  // kUnavailable (every rank alike) where the ranks cannot share memory: the fused op then
+  // declines and the model sums through its Collective.
+  virtual Status ConnectPeers(int rank, int size, int64_t hidden, const PeerExchange& exchange) {
+    return Status(StatusCode::kUnavailable, "this backend has no peer all-reduce");
+  }
+  // AddRmsNorm(residual, sum over the group's ranks of delta, ...) in one op; false (nothing done)
+  // when this backend cannot for this step (no peers, too many rows), on every rank alike.
+  virtual bool AllReduceAddRmsNorm(Tensor& residual, const Tensor& delta, const Tensor& post_w,
+                                   const Tensor* next_w, float eps, Tensor& normed) {
+    return false;
+  }
+
+  // --- the vocab-parallel pick (model/shard_pick.h), rows greedy or temperature-only ---
+  // exchange [rows, tp * 2] = FillShardPick of `local` (this rank's softcapped logits columns,
+  // global ids from vocab_begin) with slot width 2: zeros but this rank's [best score, id].
+  virtual void ShardBestScores(const Tensor& local, std::span<const RowSampling> rows,
+                               int64_t vocab_begin, int rank, int tp, Tensor& exchange) = 0;
+  // After the exchange is summed across ranks: ids as DecideShardPick gives them; like
+  // SampleToHost, only the ids leave the device.
+  virtual Status ShardPickToHost(const Tensor& exchange, int tp, int32_t* ids) = 0;
 };
 
 }  // namespace gemma2

@@ -266,20 +266,25 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
     b.RopeAndCacheWrite(qkv, seqs, static_cast<int64_t>(li), ap);  // caches index local layers
     b.Attention(qkv, seqs, static_cast<int64_t>(li), ap, attn);
     b.Linear(attn, w.o, nullptr, o);
-    RETURN_IF_ERROR(sum(o));
-    // Post-attention norm applies to the block output before the residual add.
-    b.AddRmsNorm(x, o, w.post_attention_norm, &w.pre_feedforward_norm, eps, normed);
+    // Post-attention norm applies to the block output before the residual add. The sum across
+    // ranks and this step are one op where the backend can (cuda ranks of one host, decode).
+    if (!b.AllReduceAddRmsNorm(x, o, w.post_attention_norm, &w.pre_feedforward_norm, eps, normed)) {
+      RETURN_IF_ERROR(sum(o));
+      b.AddRmsNorm(x, o, w.post_attention_norm, &w.pre_feedforward_norm, eps, normed);
+    }
 
     // MLP block: down(gelu_tanh(gate(x)) * up(x)) over this rank's columns, then a sum.
     b.Linear(normed, w.gate_up, nullptr, gate_up);
     b.GeluTanhMul(gate_up, act);
     b.Linear(act, w.down, nullptr, down);
-    RETURN_IF_ERROR(sum(down));
     // The next layer's input norm, the final norm after the last layer, none at a stage boundary.
     const Tensor* next_norm = li + 1 < layers_.size() ? &layers_[li + 1].input_norm
                               : plan_.last_stage()    ? &final_norm_
                                                       : nullptr;
-    b.AddRmsNorm(x, down, w.post_feedforward_norm, next_norm, eps, normed);
+    if (!b.AllReduceAddRmsNorm(x, down, w.post_feedforward_norm, next_norm, eps, normed)) {
+      RETURN_IF_ERROR(sum(down));
+      b.AddRmsNorm(x, down, w.post_feedforward_norm, next_norm, eps, normed);
+    }
   }
   if (!plan_.last_stage()) {
     if (pipe.next == nullptr)
@@ -304,10 +309,19 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
     // Vocab-parallel LM head: this rank's columns of the logits, final softcap, then a sum that
     // assembles the full rows (other ranks contribute zeros there).
     Tensor local = b.AllocOutput(r, lm_head_.rows);
+    const int tp_size = static_cast<int>(comm.size());
     b.Linear(sel, lm_head_, nullptr, local);
     if (c.final_logit_softcap > 0) b.Softcap(local, static_cast<float>(c.final_logit_softcap));
+    if (ids_only && comm.size() > 1 && ShardPickSlotWidth(sampling) == 2) {
+      // Greedy / temperature-only rows: each rank's best, summed, decided on the device (inside
+      // a decode graph); only the ids leave.
+      Tensor exchange = b.AllocOutput(r, 2 * tp_size);
+      b.ShardBestScores(local, sampling, plan_.vocab_begin, comm.rank(), tp_size, exchange);
+      RETURN_IF_ERROR(sum(exchange));
+      return b.ShardPickToHost(exchange, tp_size, out->ids.data());
+    }
     if (ids_only && comm.size() > 1) {
-      RETURN_IF_ERROR(b.EndGraphSection());  // the pick copies candidates to the host
+      RETURN_IF_ERROR(b.EndGraphSection());  // the pick copies top-k / top-p candidates to the host
       ASSIGN_OR_RETURN(const bool picked, PickAcrossShards(local, sampling, comm, out));
       if (picked) return OkStatus();
       ++shard_pick_fallbacks_;  // a threshold below what the candidates prove: assemble the rows

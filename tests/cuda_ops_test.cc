@@ -178,6 +178,67 @@ TEST_F(CudaOpsTest, EmbedVocabShardGeluSoftcapScatterGatherArgmax) {
   }
 }
 
+// The vocab-parallel pick on the device equals FillShardPick / DecideShardPick (model/shard_pick.h)
+// and, through them, SampleRow on the assembled row: three ranks' shards of an odd width (1001
+// columns, not a multiple of the kernel's chunks), greedy and temperature-only rows, one maximum
+// repeated across chunks and ranks (the lowest id wins), one row of -inf.
+TEST_F(CudaOpsTest, ShardPickMatchesTheSpecification) {
+  const int tp = 3;
+  const int64_t rows = 6, shard = 1001;
+  std::vector<RowSampling> s(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    s[r].params.greedy = r % 2 == 0;
+    s[r].params.temperature = 0.7f + 0.2f * static_cast<float>(r);
+    s[r].params.seed = 77 + static_cast<uint64_t>(r);
+    s[r].counter = 5 * static_cast<uint64_t>(r);
+  }
+  std::vector<std::vector<float>> logits;
+  for (int k = 0; k < tp; ++k) logits.push_back(Rand(rows * shard, 3.0f, 40 + k));
+  logits[1][2 * shard + 10] = logits[1][2 * shard + 900] = logits[2][2 * shard + 3] = 50.0f;
+  for (auto& l : logits) std::fill_n(l.begin() + 4 * shard, shard, -INFINITY);
+  std::vector<float> gsum(rows * tp * 2, 0.0f), csum(rows * tp * 2, 0.0f);
+  for (int k = 0; k < tp; ++k) {
+    SCOPED_TRACE("rank " + std::to_string(k));
+    EmptyStep(*gpu_);
+    auto gl = gpu_->OutputFromHost(logits[k].data(), rows, shard);
+    auto cl = cpu_.OutputFromHost(logits[k].data(), rows, shard);
+    ASSERT_TRUE(gl.ok() && cl.ok());
+    Tensor ge = gpu_->AllocOutput(rows, 2 * tp), ce = cpu_.AllocOutput(rows, 2 * tp);
+    gpu_->ShardBestScores(*gl, s, k * shard, k, tp, ge);
+    cpu_.ShardBestScores(*cl, s, k * shard, k, tp, ce);
+    const auto g = Get(*gpu_, ge), c = Get(cpu_, ce);
+    for (size_t i = 0; i < g.size(); i += 2) {
+      EXPECT_EQ(g[i + 1], c[i + 1]) << "id of slot " << i / 2;
+      // Temperature rows add Gumbel noise through logf, which may differ in an ulp on the device.
+      if (std::isinf(c[i])) {
+        EXPECT_EQ(g[i], c[i]) << "slot " << i / 2;
+      } else {
+        EXPECT_NEAR(g[i], c[i], 1e-5 * std::abs(c[i])) << "slot " << i / 2;
+      }
+      gsum[i] += g[i];
+      gsum[i + 1] += g[i + 1];
+      csum[i] += c[i];
+      csum[i + 1] += c[i + 1];
+    }
+  }
+  EmptyStep(*gpu_);
+  auto ge = gpu_->OutputFromHost(gsum.data(), rows, 2 * tp);
+  auto ce = cpu_.OutputFromHost(csum.data(), rows, 2 * tp);
+  ASSERT_TRUE(ge.ok() && ce.ok());
+  std::vector<int32_t> gids(rows), cids(rows);
+  ASSERT_TRUE(gpu_->ShardPickToHost(*ge, tp, gids.data()).ok());
+  ASSERT_TRUE(cpu_.ShardPickToHost(*ce, tp, cids.data()).ok());
+  EXPECT_EQ(gids, cids);
+  EXPECT_EQ(gids[2], shard + 10);
+  EXPECT_EQ(gids[4], 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::vector<float> row;
+    for (const auto& l : logits)
+      row.insert(row.end(), l.begin() + r * shard, l.begin() + (r + 1) * shard);
+    EXPECT_EQ(gids[r], SampleRow(row, s[r])) << "row " << r;
+  }
+}
+
 struct AttnCase {
   int64_t q_heads, kv_heads, head_dim, window;
 };

@@ -10,6 +10,12 @@
 #   bench       gemma2-bench, 27B shapes, random weights, every row
 #   clusterbench  the same through a coordinator and one NCCL worker process
 #   side8       ours, Hugging Face eager and Hugging Face compiled at 27B widths, 8 layers
+# Issue 6, on a host with several GPUs (each uses every GPU the host shows):
+#   mgcorrect   tools/multi_gpu_correctness.sh (TP 2/4/8 against TP 1, 4 layers, and a classifier)
+#   allreduce   gemma2-allreduce-bench, eager and in CUDA graphs, 1..2048 tokens x 4608
+#   mgscale     tools/multi_gpu_scaling.sh (gemma2-bench at TP 1, 2, 4, 8; table and SVG)
+#   tp2peer     gemma2-bench at TP 2 with GEMMA2_PEER_ALLREDUCE=1 (the fused one-shot all-reduce)
+#   mgpipeline  tools/multi_gpu_pipeline.sh (TP 4 x PP 2 against TP 4; needs 8 GPUs)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gemma2-gpu-out}
@@ -22,6 +28,7 @@ if [ "$R" != /work/main ]; then rm -rf /work/main; mkdir -p /work; ln -sfn "$R" 
 rm -rf build; ln -s .gpu build
 export GEMMA2_TEST_BIN=$R/.gpu/bin/tests
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/env.txt" 2>&1
+nvidia-smi topo -m >> "$OUT/env.txt" 2>&1
 step() {
   local name=$1 limit=$2; shift 2
   local t0; t0=$(date +%s)
@@ -43,6 +50,26 @@ for s in "$@"; do
       step ours8 120 $bench --preset 27b --random-weights 1 --layers 8 --batches 1 16 --prompts 128 --prefills 2048 --out "$OUT/ours8.json"
       step hfeager8 200 $hf --preset 27b --layers 8 --batches 1,16 --prompt 128 --new-tokens 32 --repeat 2 --out "$OUT/hf_eager8.json"
       step hfcompiled8 240 $hf --preset 27b --layers 8 --batches 1,16 --prompt 128 --new-tokens 32 --repeat 2 --compile --out "$OUT/hf_compiled8.json" ;;
+    mgcorrect) step mgcorrect 300 tools/multi_gpu_correctness.sh 4 "$OUT/multi_gpu_correctness" ;;
+    allreduce) step allreduce 150 .gpu/bin/gemma2-allreduce-bench --gpus "$(nvidia-smi -L | wc -l)" \
+      --out "$OUT/allreduce.json" ;;
+    mgscale) step mgscale 590 tools/multi_gpu_scaling.sh "$OUT/multi_gpu_scaling" ;;
+    tp2peer)  # TP 2 with the fused one-shot all-reduce on (GEMMA2_PEER_ALLREDUCE=1), for the A/B
+      step tp2peer 200 env GEMMA2_PEER_ALLREDUCE=1 $bench --preset 27b --random-weights 1 \
+        --launch local --tp 2 --batches 1,16,64 --prompts 128 --prefills 2048 --out "$OUT/tp2_peer.json" ;;
+    mgpipeline) step mgpipeline 590 tools/multi_gpu_pipeline.sh "$OUT/multi_gpu_pipeline" ;;
+    ncu16)  # per-kernel device time of 27B-width decode at batch 16 (8 layers) under Nsight Compute:
+      # the first 1700 launches are the 16 prompts' prefills and the eager first step; then decode
+      step ncu16 300 ncu --clock-control none --metrics gpu__time_duration.sum --launch-skip 1700 \
+        --launch-count 400 \
+        --csv --log-file "$OUT/ncu16.csv" $bench --preset 27b --random-weights 1 --layers 8 \
+        --batches 16 --prompts 128 --prefills 128 ;;
     *) echo "unknown step: $s" >&2; exit 2 ;;
   esac
 done
+# Everything in one archive (only a few files of at most 16 MiB travel back), the summary beside
+# it; the full-vocabulary logits of the correctness runs (tens of MB each) stay behind.
+grep -hE "FAILED|Failure|PASS|FAIL|^\| |skipped" "$OUT"/*.log 2>/dev/null | head -150
+tar -C "$OUT" -czf /tmp/gemma2-results.tgz --exclude='lm_tp*.json' . &&
+  find "$OUT" -mindepth 1 -not -name summary.txt -delete &&
+  mv /tmp/gemma2-results.tgz "$OUT/results.tgz"

@@ -12,6 +12,8 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
@@ -70,6 +72,49 @@ int64_t EnvInt(const char* name) {
   return v ? std::atoll(v) : -1;
 }
 
+// Every rank's bytes under prefix/key, in rank order, through the control-plane store.
+PeerExchange StoreExchange(gloo::rendezvous::Store& store, const std::string& prefix, int rank,
+                           int size) {
+  return [&store, prefix, rank, size](const std::string& key,
+                                      const std::string& mine) -> Result<std::vector<std::string>> {
+    try {
+      store.set(prefix + "/" + key + "/" + std::to_string(rank),
+                std::vector<char>(mine.begin(), mine.end()));
+      std::vector<std::string> all;
+      for (int k = 0; k < size; ++k) {
+        const std::vector<char> v = store.get(prefix + "/" + key + "/" + std::to_string(k));
+        all.emplace_back(v.begin(), v.end());
+      }
+      return all;
+    } catch (const std::exception& e) {
+      return Status(StatusCode::kUnavailable,
+                    "rendezvous '" + prefix + "/" + key + "': " + e.what());
+    }
+  };
+}
+
+// The fused one-shot all-reduce where the group's GPUs share a host (cuda only), when every
+// rank's GEMMA2_PEER_ALLREDUCE=1 (the ranks agree first, so all take the same path). Off by
+// default: on two H200s it measured slower than NCCL plus AddRmsNorm (bench/results/
+// 2026-11-29-tp2-h200.txt). Where the ranks cannot map each other's memory, NCCL stays, with a
+// line on stderr saying why.
+Status ConnectPeers(Backend& backend, gloo::rendezvous::Store& store, const std::string& prefix,
+                    int tp_rank, int tp, int64_t hidden, int global_rank) {
+  const PeerExchange exchange = StoreExchange(store, prefix, tp_rank, tp);
+  const char* env = std::getenv("GEMMA2_PEER_ALLREDUCE");
+  const bool wanted = env != nullptr && std::string(env) == "1";
+  ASSIGN_OR_RETURN(const std::vector<std::string> votes,
+                   exchange("peer-wanted", wanted ? "1" : "0"));
+  if (std::count(votes.begin(), votes.end(), "1") != tp) return OkStatus();
+  const Status st = backend.ConnectPeers(tp_rank, tp, hidden, exchange);
+  if (st.code() == StatusCode::kUnavailable) {
+    std::fprintf(stderr, "gemma2-worker rank %d: all-reduce through NCCL only: %s\n", global_rank,
+                 st.message().c_str());
+    return OkStatus();
+  }
+  return st;
+}
+
 // Everything after the handshake; failures go back to the coordinator before the worker exits.
 Status Serve(const Args& a, rpc::Channel& ch) {
   ASSIGN_OR_RETURN(auto ck, OpenWeightSource(a.model));
@@ -113,6 +158,10 @@ Status Serve(const Args& a, rpc::Channel& ch) {
     return std::unique_ptr<Collective>(std::move(c));
   };
   ASSIGN_OR_RETURN(auto comm, group(tp_rank, a.tp, "tp-" + std::to_string(stage)));
+  if (gpu_group && a.tp > 1) {
+    RETURN_IF_ERROR(ConnectPeers(*backend, store, "tp-" + std::to_string(stage), tp_rank, a.tp,
+                                 ck->config().hidden_size, a.rank));
+  }
   // Links to the neighbouring stages (same tensor-parallel rank): the next link first, so the
   // chain of rendezvous resolves from the last stage back.
   std::unique_ptr<Collective> next, prev;

@@ -96,8 +96,8 @@ PeerExchange StoreExchange(gloo::rendezvous::Store& store, const std::string& pr
 // The fused one-shot all-reduce where the group's GPUs share a host (cuda only), when every
 // rank's GEMMA2_PEER_ALLREDUCE=1 (the ranks agree first, so all take the same path). Off by
 // default: on two H200s it measured slower than NCCL plus AddRmsNorm (bench/results/
-// 2026-11-29-tp2-h200.txt). Where the ranks cannot map each other's memory, NCCL stays, with a
-// line on stderr saying why.
+// 2026-11-29-27b-h200x2-tp2.txt). Where the ranks cannot map each other's memory, NCCL stays, with
+// a line on stderr saying why.
 Status ConnectPeers(Backend& backend, gloo::rendezvous::Store& store, const std::string& prefix,
                     int tp_rank, int tp, int64_t hidden, int global_rank) {
   const PeerExchange exchange = StoreExchange(store, prefix, tp_rank, tp);

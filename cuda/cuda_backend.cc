@@ -160,7 +160,9 @@ class CudaBackend final : public Backend {
     Tensor d = Scratch(1, logits.rows, DType::kI32);
     const bool greedy =
         std::all_of(rows.begin(), rows.end(), [](const RowSampling& r) { return r.params.greedy; });
-    if (greedy != (output_ != StepOutputKind::kSampledIds)) {
+    const bool sampled_kind =
+        output_ == StepOutputKind::kSampledIds || output_ == StepOutputKind::kSampledIdsHostPick;
+    if (greedy == sampled_kind) {
       return Internal("cuda backend: SampleToHost disagrees with the step's output kind");
     }
     Tensor scratch;

@@ -45,9 +45,11 @@ struct AttentionParams {
   double rope_theta = 10000;
 };
 
-// How a step's outputs leave the backend: logits rows (ToHost) or only token ids (SampleToHost),
-// all greedy or some sampled.
-enum class StepOutputKind : uint8_t { kLogits, kGreedyIds, kSampledIds };
+// How a step's outputs leave the backend: logits rows (ToHost) or only token ids (SampleToHost,
+// ShardPickToHost), all greedy or some sampled; kSampledIdsHostPick: tensor parallel with a
+// top-k / top-p row, whose pick runs on the host after the graph section ends. A backend keeps
+// its decode graphs per kind, so a graph replays the ops it captured (with or without the pick).
+enum class StepOutputKind : uint8_t { kLogits, kGreedyIds, kSampledIds, kSampledIdsHostPick };
 
 // Publishes this rank's bytes under `key` and returns every rank's, in rank order: a rendezvous
 // of a tensor-parallel group that the caller provides (the workers' control-plane store).

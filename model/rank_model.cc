@@ -226,9 +226,12 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
   auto sum = [&](Tensor& x) { return b.replaying_graph() ? OkStatus() : comm.AllReduceSum(x); };
   const bool greedy = std::all_of(sampling.begin(), sampling.end(),
                                   [](const RowSampling& s) { return s.params.greedy; });
-  RETURN_IF_ERROR(b.BeginStep(seqs, !ids_only ? StepOutputKind::kLogits
-                                    : greedy  ? StepOutputKind::kGreedyIds
-                                              : StepOutputKind::kSampledIds));
+  // Vocab-parallel picks of greedy / temperature-only rows run on the backend; others on the host.
+  const bool host_pick = comm.size() > 1 && ShardPickSlotWidth(sampling) != 2;
+  RETURN_IF_ERROR(b.BeginStep(seqs, !ids_only   ? StepOutputKind::kLogits
+                                    : greedy    ? StepOutputKind::kGreedyIds
+                                    : host_pick ? StepOutputKind::kSampledIdsHostPick
+                                                : StepOutputKind::kSampledIds));
 
   // Embedding × sqrt(hidden), the normalizer rounded to the activation dtype as the reference
   // does (bf16: 68.0 for 27B, not 67.88). Vocab-parallel: each rank fills its rows, then a sum.
@@ -312,7 +315,7 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
     const int tp_size = static_cast<int>(comm.size());
     b.Linear(sel, lm_head_, nullptr, local);
     if (c.final_logit_softcap > 0) b.Softcap(local, static_cast<float>(c.final_logit_softcap));
-    if (ids_only && comm.size() > 1 && ShardPickSlotWidth(sampling) == 2) {
+    if (ids_only && comm.size() > 1 && !host_pick) {
       // Greedy / temperature-only rows: each rank's best, summed, decided on the device (inside
       // a decode graph); only the ids leave.
       Tensor exchange = b.AllocOutput(r, 2 * tp_size);
@@ -320,7 +323,7 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
       RETURN_IF_ERROR(sum(exchange));
       return b.ShardPickToHost(exchange, tp_size, out->ids.data());
     }
-    if (ids_only && comm.size() > 1) {
+    if (ids_only && host_pick) {
       RETURN_IF_ERROR(b.EndGraphSection());  // the pick copies top-k / top-p candidates to the host
       ASSIGN_OR_RETURN(const bool picked, PickAcrossShards(local, sampling, comm, out));
       if (picked) return OkStatus();

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One batched session on the GPU host (see tools/gpu_pack.sh): unpacks the bundle, then runs the
 # named steps in order, each bounded by a timeout, each writing $OUT/<step>.log and a line to
-# $OUT/summary.txt. Every GPU figure in bench/results/ and in the issues' notes of 2026-11-29
-# (second session) came from these steps.
+# $OUT/summary.txt. Every GPU figure in bench/results/ and in the issues' notes since the second
+# session of 2026-11-29 came from these steps.
 #   tests       tools/gpu_tests.sh (gpu_smoke, cuda_ops, reference_cuda, nccl_collective)
 #   server      server_test against one GPU worker (GEMMA2_SERVER_BACKEND=cuda)
 #   sanitize    compute-sanitizer memcheck over cuda_ops_test
@@ -10,6 +10,7 @@
 #   bench       gemma2-bench, 27B shapes, random weights, every row
 #   clusterbench  the same through a coordinator and one NCCL worker process
 #   side8       ours, Hugging Face eager and Hugging Face compiled at 27B widths, 8 layers
+#   ncu16       Nsight Compute: per-kernel time of one batch-16 decode step (27B widths, 8 layers)
 # Issue 6, on a host with several GPUs (each uses every GPU the host shows):
 #   mgcorrect   tools/multi_gpu_correctness.sh (TP 2/4/8 against TP 1, 4 layers, and a classifier)
 #   allreduce   gemma2-allreduce-bench, eager and in CUDA graphs, 1..2048 tokens x 4608

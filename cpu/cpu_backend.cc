@@ -265,10 +265,8 @@ void CpuBackend::ShardBestScores(const Tensor& local, std::span<const RowSamplin
 }
 
 Status CpuBackend::ShardPickToHost(const Tensor& exchange, int tp, int32_t* ids) {
-  // Width 2 holds only greedy / temperature-only rows, which never need the assembled row.
-  const std::vector<RowSampling> any(static_cast<size_t>(exchange.rows));
-  DecideShardPick({exchange.as<float>(), static_cast<size_t>(exchange.numel())}, exchange.rows, tp,
-                  /*width=*/2, /*vocab=*/0, any, ids);
+  DecideShardBest({exchange.as<float>(), static_cast<size_t>(exchange.numel())}, exchange.rows, tp,
+                  ids);
   return OkStatus();
 }
 

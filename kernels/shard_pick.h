@@ -1,5 +1,5 @@
 // The vocab-parallel pick on the device, for rows that are greedy or temperature-only: twins of
-// FillShardPick / DecideShardPick (model/shard_pick.h) with their 2-float slot [score, global id].
+// FillShardPick (slot width 2: [score, global id]) and DecideShardBest (model/shard_pick.h).
 // Each rank scores its columns, the exchange [rows, tp * 2] is summed across ranks (zeros in the
 // other ranks' slots), and every rank decides alike, so only ids leave the GPU.
 #pragma once

@@ -150,7 +150,7 @@ class Backend {
   // global ids from vocab_begin) with slot width 2: zeros but this rank's [best score, id].
   virtual void ShardBestScores(const Tensor& local, std::span<const RowSampling> rows,
                                int64_t vocab_begin, int rank, int tp, Tensor& exchange) = 0;
-  // After the exchange is summed across ranks: ids as DecideShardPick gives them; like
+  // After the exchange is summed across ranks: ids as DecideShardBest gives them; like
   // SampleToHost, only the ids leave the device.
   virtual Status ShardPickToHost(const Tensor& exchange, int tp, int32_t* ids) = 0;
 };

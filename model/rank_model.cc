@@ -258,6 +258,15 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
   Tensor act = b.Alloc(t, first.gate_up.rows / 2);
   Tensor down = b.Alloc(t, h);
 
+  // A block's output summed across ranks, post-normed into the residual stream x, and the next
+  // norm into `normed`: one op where the backend can (cuda ranks of one host, decode steps).
+  auto sum_add_norm = [&](Tensor& delta, const Tensor& post_w, const Tensor* next_w) -> Status {
+    if (b.AllReduceAddRmsNorm(x, delta, post_w, next_w, eps, normed)) return OkStatus();
+    RETURN_IF_ERROR(sum(delta));
+    b.AddRmsNorm(x, delta, post_w, next_w, eps, normed);
+    return OkStatus();
+  };
+
   b.RmsNorm(x, first.input_norm, eps, normed);
   for (size_t li = 0; li < layers_.size(); ++li) {
     const LayerWeights& w = layers_[li];
@@ -269,12 +278,8 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
     b.RopeAndCacheWrite(qkv, seqs, static_cast<int64_t>(li), ap);  // caches index local layers
     b.Attention(qkv, seqs, static_cast<int64_t>(li), ap, attn);
     b.Linear(attn, w.o, nullptr, o);
-    // Post-attention norm applies to the block output before the residual add. The sum across
-    // ranks and this step are one op where the backend can (cuda ranks of one host, decode).
-    if (!b.AllReduceAddRmsNorm(x, o, w.post_attention_norm, &w.pre_feedforward_norm, eps, normed)) {
-      RETURN_IF_ERROR(sum(o));
-      b.AddRmsNorm(x, o, w.post_attention_norm, &w.pre_feedforward_norm, eps, normed);
-    }
+    // Post-attention norm applies to the block output before the residual add.
+    RETURN_IF_ERROR(sum_add_norm(o, w.post_attention_norm, &w.pre_feedforward_norm));
 
     // MLP block: down(gelu_tanh(gate(x)) * up(x)) over this rank's columns, then a sum.
     b.Linear(normed, w.gate_up, nullptr, gate_up);
@@ -284,10 +289,7 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
     const Tensor* next_norm = li + 1 < layers_.size() ? &layers_[li + 1].input_norm
                               : plan_.last_stage()    ? &final_norm_
                                                       : nullptr;
-    if (!b.AllReduceAddRmsNorm(x, down, w.post_feedforward_norm, next_norm, eps, normed)) {
-      RETURN_IF_ERROR(sum(down));
-      b.AddRmsNorm(x, down, w.post_feedforward_norm, next_norm, eps, normed);
-    }
+    RETURN_IF_ERROR(sum_add_norm(down, w.post_feedforward_norm, next_norm));
   }
   if (!plan_.last_stage()) {
     if (pipe.next == nullptr)

@@ -19,7 +19,27 @@ struct Candidate {
   int64_t id;
 };
 
+// The best-scoring slot's id of one summed exchange row (shards in vocabulary order: ties keep the
+// lowest id, as SampleRow); 0 when no slot offers one.
+int32_t BestSlot(const float* row, int tp, int64_t width) {
+  float best = -INFINITY;
+  int64_t best_id = -1;
+  for (int k = 0; k < tp; ++k) {
+    const float* slot = row + k * width;
+    if (slot[1] < 0) continue;
+    if (best_id < 0 || slot[0] > best) {
+      best = slot[0];
+      best_id = static_cast<int64_t>(slot[1]);
+    }
+  }
+  return static_cast<int32_t>(best_id < 0 ? 0 : best_id);
+}
+
 }  // namespace
+
+void DecideShardBest(std::span<const float> exchange, int64_t rows, int tp, int32_t* ids) {
+  for (int64_t i = 0; i < rows; ++i) ids[i] = BestSlot(exchange.data() + i * tp * 2, tp, 2);
+}
 
 int64_t ShardPickSlotWidth(std::span<const RowSampling> sampling) {
   const bool any_top = std::any_of(sampling.begin(), sampling.end(),
@@ -86,18 +106,8 @@ bool DecideShardPick(std::span<const float> exchange, int64_t rows, int tp, int6
   for (int64_t i = 0; i < rows; ++i) {
     const SamplingParams& p = sampling[static_cast<size_t>(i)].params;
     const float* row = exchange.data() + i * tp * width;
-    if (!Top(p)) {  // shards in vocabulary order: ties keep the lowest id, as SampleRow
-      float best = -INFINITY;
-      int64_t best_id = -1;
-      for (int k = 0; k < tp; ++k) {
-        const float* slot = row + k * width;
-        if (slot[1] < 0) continue;
-        if (best_id < 0 || slot[0] > best) {
-          best = slot[0];
-          best_id = static_cast<int64_t>(slot[1]);
-        }
-      }
-      out[static_cast<size_t>(i)] = static_cast<int32_t>(best_id < 0 ? 0 : best_id);
+    if (!Top(p)) {
+      out[static_cast<size_t>(i)] = BestSlot(row, tp, width);
       continue;
     }
     // The global maximum, normalizer, candidates, and the largest value any rank left out.

@@ -28,6 +28,10 @@ void FillShardPick(std::span<const float> local, int64_t rows, int64_t shard, in
                    std::span<const RowSampling> sampling, int rank, int tp, int64_t width,
                    std::span<float> exchange);
 
+// DecideShardPick when every row is greedy or temperature-only (slot width 2): each row's best
+// slot's id, never undecided.
+void DecideShardBest(std::span<const float> exchange, int64_t rows, int tp, int32_t* ids);
+
 // After the sum over ranks: every row's token, or false when some row's threshold cannot be
 // decided from the candidates (then no id is written and the rows must be assembled).
 bool DecideShardPick(std::span<const float> exchange, int64_t rows, int tp, int64_t width,

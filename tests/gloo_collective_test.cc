@@ -3,6 +3,7 @@
 // timeout (never a hang), and a tp-sharded forward across processes equals the one-process run.
 #include "collectives/gloo_collective.h"
 
+#include <gloo/rendezvous/file_store.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -11,7 +12,9 @@
 #include <chrono>
 #include <fstream>
 #include <functional>
+#include <stdexcept>
 
+#include "collectives/store_exchange.h"
 #include "cpu/cpu_backend.h"
 #include "model/generate.h"
 #include "tests/reference_util.h"
@@ -107,13 +110,43 @@ TEST(GlooCollectiveTest, AbsentPeerFailsToConnectWithinTheTimeout) {
   auto c = GlooCollective::CreateWithFileStore(Opts(0, 2, 1500), store.path().string());
   const double s = std::chrono::duration<double>(Clock::now() - start).count();
   ASSERT_FALSE(c.ok());
-  EXPECT_NE(c.status().message().find("connecting to the group"), std::string::npos) << c.status().message();
+  EXPECT_NE(c.status().message().find("connecting to the group"), std::string::npos)
+      << c.status().message();
   EXPECT_LT(s, 10.0);
+}
+
+// A store whose waits always time out (as a real one does when a peer never publishes).
+class TimedOutStore final : public gloo::rendezvous::Store {
+ public:
+  void set(const std::string&, const std::vector<char>&) override {}
+  std::vector<char> get(const std::string& key) override {
+    throw std::runtime_error("timed out waiting for " + key);
+  }
+  void wait(const std::vector<std::string>&) override {}
+};
+
+// Three processes trade strings through a file store: each gets all three in rank order; a store
+// that gives up is kUnavailable naming the key.
+TEST(GlooCollectiveTest, ExchangeThroughStoreGathersInRankOrder) {
+  testing::TempDir dir;
+  const auto codes = RunRanks(3, [&](int rank) {
+    gloo::rendezvous::FileStore store(dir.path().string());
+    auto all = ExchangeThroughStore(store, "k", rank, 3, std::string(rank + 1, 'a' + rank));
+    return all.ok() && *all == std::vector<std::string>{"a", "bb", "ccc"} ? 0 : 1;
+  });
+  EXPECT_EQ(codes, (std::vector<int>{0, 0, 0}));
+  TimedOutStore store;
+  auto lone = ExchangeThroughStore(store, "lone", 0, 2, "x");
+  ASSERT_FALSE(lone.ok());
+  EXPECT_EQ(lone.status().code(), StatusCode::kUnavailable);
+  EXPECT_NE(lone.status().message().find("rendezvous 'lone'"), std::string::npos)
+      << lone.status().message();
 }
 
 // Each process loads only its shard and runs the forward; rank 0 writes what it got.
 TEST(GlooCollectiveTest, TensorParallelProcessesEqualOneProcess) {
-  const auto dir = std::filesystem::path(GEMMA2_SOURCE_DIR) / "tests/data/references/gqa4_window_published";
+  const auto dir =
+      std::filesystem::path(GEMMA2_SOURCE_DIR) / "tests/data/references/gqa4_window_published";
   const auto ref = testing::LoadReference(dir);
   auto ck = Checkpoint::Open(dir);
   ASSERT_TRUE(ck.ok()) << ck.status().ToString();
@@ -142,7 +175,8 @@ TEST(GlooCollectiveTest, TensorParallelProcessesEqualOneProcess) {
       auto model = RankModel::Load(**local_ck, *plan, backend);
       if (!model.ok()) return 2;
       std::filesystem::create_directories(work.path() / "store");
-      auto comm = GlooCollective::CreateWithFileStore(Opts(rank, tp, 30000), (work.path() / "store").string());
+      auto comm = GlooCollective::CreateWithFileStore(Opts(rank, tp, 30000),
+                                                      (work.path() / "store").string());
       if (!comm.ok()) return 3;
       auto kv = (*model)->NewSequenceKv();
       SequenceKv* kvs[] = {kv.get()};
@@ -154,7 +188,8 @@ TEST(GlooCollectiveTest, TensorParallelProcessesEqualOneProcess) {
         StepSequence s;
         s.start_pos = pos;
         s.tokens = step == 0 ? tokens : std::vector<int32_t>{tokens.back()};
-        for (int64_t i = 0; i < static_cast<int64_t>(s.tokens.size()); ++i) s.output_rows.push_back(i);
+        for (int64_t i = 0; i < static_cast<int64_t>(s.tokens.size()); ++i)
+          s.output_rows.push_back(i);
         pos += static_cast<int64_t>(s.tokens.size());
         p.sequences.push_back(s);
         StepOutput out;
@@ -164,7 +199,8 @@ TEST(GlooCollectiveTest, TensorParallelProcessesEqualOneProcess) {
       }
       if (rank == 0) {
         std::ofstream f(out_file, std::ios::binary);
-        f.write(reinterpret_cast<const char*>(rows.data()), static_cast<std::streamsize>(rows.size() * 4));
+        f.write(reinterpret_cast<const char*>(rows.data()),
+                static_cast<std::streamsize>(rows.size() * 4));
         f.write(reinterpret_cast<const char*>(tokens.data() + ref.prompt_ids.size()), 4 * 4);
       }
       return 0;
@@ -179,7 +215,9 @@ TEST(GlooCollectiveTest, TensorParallelProcessesEqualOneProcess) {
     ASSERT_TRUE(f.good());
     EXPECT_EQ(gen, want.generated);
     for (int64_t r = 0; r < nrows; ++r) {
-      EXPECT_LE(testing::RelativeL2(rows.data() + r * width, want.logits[static_cast<size_t>(r)].data(), width), 1e-5)
+      EXPECT_LE(testing::RelativeL2(rows.data() + r * width,
+                                    want.logits[static_cast<size_t>(r)].data(), width),
+                1e-5)
           << "row " << r;
     }
   }

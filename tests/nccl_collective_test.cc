@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "collectives/store_exchange.h"
 #include "model/engine.h"
 #include "tests/test_files.h"
 
@@ -98,15 +99,8 @@ int RunPeerRank(int rank, const std::string& dir) {
   if (!b.ok()) return 30;
   Backend& be = **b;
   gloo::rendezvous::FileStore store(dir);
-  const PeerExchange exchange = [&](const std::string& key,
-                                    const std::string& mine) -> Result<std::vector<std::string>> {
-    store.set(key + "/" + std::to_string(rank), std::vector<char>(mine.begin(), mine.end()));
-    std::vector<std::string> all;
-    for (int k = 0; k < 2; ++k) {
-      const auto v = store.get(key + "/" + std::to_string(k));
-      all.emplace_back(v.begin(), v.end());
-    }
-    return all;
+  const PeerExchange exchange = [&](const std::string& key, const std::string& mine) {
+    return ExchangeThroughStore(store, key, rank, 2, mine);
   };
   const int64_t hidden = 4608;
   if (!be.ConnectPeers(rank, 2, hidden, exchange).ok()) return 31;

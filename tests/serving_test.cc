@@ -219,6 +219,18 @@ class SchedulerTest : public ::testing::Test {
     }
     FAIL() << "request did not finish";
   }
+  // Submits `reqs` together, waits for each, and compares its tokens with `expected`.
+  void ExpectTokens(Scheduler& s, const std::vector<ParsedRequest>& reqs,
+                    const std::vector<std::vector<int32_t>>& expected, const std::string& what) {
+    std::vector<std::shared_ptr<RequestHandle>> hs;
+    for (const auto& r : reqs) hs.push_back(Submit(s, r));
+    for (size_t i = 0; i < hs.size(); ++i) {
+      WaitDone(*hs[i]);
+      std::lock_guard<std::mutex> lock(hs[i]->mu);
+      ASSERT_FALSE(hs[i]->error) << hs[i]->error->message;
+      EXPECT_EQ(hs[i]->choices[0].token_ids, expected[i]) << what << " " << i;
+    }
+  }
   std::unique_ptr<testing::TempDir> dir_;
   std::unique_ptr<Checkpoint> ck_;
   std::unique_ptr<Engine> engine_;
@@ -377,22 +389,8 @@ TEST_F(SchedulerTest, PipelinedStepsEqualTheOfflineLoop) {
       o.kv_blocks = kv_blocks;
       o.block_size = 4;
       Scheduler s(pipe, nullptr, metrics, o);
-      std::vector<std::shared_ptr<RequestHandle>> hs;
-      for (const auto& r : reqs) hs.push_back(Submit(s, r));
-      for (size_t i = 0; i < hs.size(); ++i) {
-        WaitDone(*hs[i]);
-        std::lock_guard<std::mutex> lock(hs[i]->mu);
-        ASSERT_FALSE(hs[i]->error) << hs[i]->error->message;
-        EXPECT_EQ(hs[i]->choices[0].token_ids, expected[i]) << "request " << i;
-      }
-      std::vector<std::shared_ptr<RequestHandle>> hs2;
-      for (const auto& r : wave2) hs2.push_back(Submit(s, r));
-      for (size_t i = 0; i < hs2.size(); ++i) {
-        WaitDone(*hs2[i]);
-        std::lock_guard<std::mutex> lock(hs2[i]->mu);
-        ASSERT_FALSE(hs2[i]->error) << hs2[i]->error->message;
-        EXPECT_EQ(hs2[i]->choices[0].token_ids, expected2[i]) << "second wave " << i;
-      }
+      ExpectTokens(s, reqs, expected, "request");
+      ExpectTokens(s, wave2, expected2, "second wave");
       EXPECT_EQ(pipe.most_in_flight(), depth);
       EXPECT_FALSE(pipe.shared());
       EXPECT_EQ(metrics.outcomes[0].load(), reqs.size() + wave2.size());

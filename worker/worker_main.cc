@@ -21,6 +21,7 @@
 #include <sstream>
 
 #include "collectives/gloo_collective.h"
+#include "collectives/store_exchange.h"
 #include "cpu/cpu_backend.h"
 #include "model/checkpoint.h"
 #include "model/engine.h"
@@ -72,27 +73,6 @@ int64_t EnvInt(const char* name) {
   return v ? std::atoll(v) : -1;
 }
 
-// Every rank's bytes under prefix/key, in rank order, through the control-plane store.
-PeerExchange StoreExchange(gloo::rendezvous::Store& store, const std::string& prefix, int rank,
-                           int size) {
-  return [&store, prefix, rank, size](const std::string& key,
-                                      const std::string& mine) -> Result<std::vector<std::string>> {
-    try {
-      store.set(prefix + "/" + key + "/" + std::to_string(rank),
-                std::vector<char>(mine.begin(), mine.end()));
-      std::vector<std::string> all;
-      for (int k = 0; k < size; ++k) {
-        const std::vector<char> v = store.get(prefix + "/" + key + "/" + std::to_string(k));
-        all.emplace_back(v.begin(), v.end());
-      }
-      return all;
-    } catch (const std::exception& e) {
-      return Status(StatusCode::kUnavailable,
-                    "rendezvous '" + prefix + "/" + key + "': " + e.what());
-    }
-  };
-}
-
 // The fused one-shot all-reduce where the group's GPUs share a host (cuda only), when every
 // rank's GEMMA2_PEER_ALLREDUCE=1 (the ranks agree first, so all take the same path). Off by
 // default: on two H200s it measured slower than NCCL plus AddRmsNorm (bench/results/
@@ -100,7 +80,9 @@ PeerExchange StoreExchange(gloo::rendezvous::Store& store, const std::string& pr
 // a line on stderr saying why.
 Status ConnectPeers(Backend& backend, gloo::rendezvous::Store& store, const std::string& prefix,
                     int tp_rank, int tp, int64_t hidden, int global_rank) {
-  const PeerExchange exchange = StoreExchange(store, prefix, tp_rank, tp);
+  const PeerExchange exchange = [&](const std::string& key, const std::string& mine) {
+    return ExchangeThroughStore(store, prefix + "/" + key, tp_rank, tp, mine);
+  };
   const char* env = std::getenv("GEMMA2_PEER_ALLREDUCE");
   const bool wanted = env != nullptr && std::string(env) == "1";
   ASSIGN_OR_RETURN(const std::vector<std::string> votes,

@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <vector>
 
@@ -37,9 +38,16 @@ struct Args {
 // Milliseconds of `iters` all-reduces of `t`, issued eagerly (graph == false) or captured once
 // into a graph and replayed.
 Result<double> Time(NcclCollective& comm, Tensor& t, int iters, bool graph, cudaStream_t stream) {
-  cudaEvent_t start, stop;
-  RETURN_IF_CUDA_ERROR(cudaEventCreate(&start));
-  RETURN_IF_CUDA_ERROR(cudaEventCreate(&stop));
+  // Every handle is released on every path (RAII), errors included.
+  using Event = std::unique_ptr<CUevent_st, decltype(&cudaEventDestroy)>;
+  using Exec = std::unique_ptr<CUgraphExec_st, decltype(&cudaGraphExecDestroy)>;
+  cudaEvent_t raw_start = nullptr, raw_stop = nullptr;
+  RETURN_IF_CUDA_ERROR(cudaEventCreate(&raw_start));
+  Event start_owner(raw_start, &cudaEventDestroy);
+  RETURN_IF_CUDA_ERROR(cudaEventCreate(&raw_stop));
+  Event stop_owner(raw_stop, &cudaEventDestroy);
+  cudaEvent_t start = raw_start, stop = raw_stop;
+  Exec exec_owner(nullptr, &cudaGraphExecDestroy);
   cudaGraphExec_t exec = nullptr;
   if (graph) {
     cudaGraph_t g = nullptr;
@@ -47,9 +55,10 @@ Result<double> Time(NcclCollective& comm, Tensor& t, int iters, bool graph, cuda
     Status captured;
     for (int i = 0; i < iters && captured.ok(); ++i) captured = comm.AllReduceSum(t);
     RETURN_IF_CUDA_ERROR(cudaStreamEndCapture(stream, &g));
+    std::unique_ptr<CUgraph_st, decltype(&cudaGraphDestroy)> g_owner(g, &cudaGraphDestroy);
     RETURN_IF_ERROR(captured);
     RETURN_IF_CUDA_ERROR(cudaGraphInstantiate(&exec, g, 0));
-    cudaGraphDestroy(g);
+    exec_owner.reset(exec);
     RETURN_IF_CUDA_ERROR(cudaGraphLaunch(exec, stream));  // warm
   } else {
     for (int i = 0; i < 5; ++i) RETURN_IF_ERROR(comm.AllReduceSum(t));  // warm
@@ -64,9 +73,6 @@ Result<double> Time(NcclCollective& comm, Tensor& t, int iters, bool graph, cuda
   RETURN_IF_CUDA_ERROR(cudaEventSynchronize(stop));
   float ms = 0;
   RETURN_IF_CUDA_ERROR(cudaEventElapsedTime(&ms, start, stop));
-  if (exec) cudaGraphExecDestroy(exec);
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
   return static_cast<double>(ms);
 }
 

@@ -36,6 +36,14 @@ template <int kThreads, int kPer>
 __device__ __forceinline__ void AddRmsNormRow(const float (&dv)[kPer], float (&rv)[kPer],
                                               int64_t hidden, float eps, const bf16* post_w,
                                               const bf16* next_w, bf16* res, bf16* out) {
+  // Both weights are loaded before the first reduction, so their latency overlaps it.
+  float pw[kPer], nw[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int64_t j = threadIdx.x + static_cast<int64_t>(i) * kThreads;
+    pw[i] = j < hidden ? ToF(post_w[j]) : 0.0f;
+    nw[i] = next_w != nullptr && j < hidden ? ToF(next_w[j]) : 0.0f;
+  }
   float ss = 0;
 #pragma unroll
   for (int i = 0; i < kPer; ++i) ss += dv[i] * dv[i];
@@ -45,7 +53,7 @@ __device__ __forceinline__ void AddRmsNormRow(const float (&dv)[kPer], float (&r
   for (int i = 0; i < kPer; ++i) {
     const int64_t j = threadIdx.x + static_cast<int64_t>(i) * kThreads;
     if (j >= hidden) continue;
-    const float n = ToF(ToB(dv[i] * scale * (1.0f + ToF(post_w[j]))));
+    const float n = ToF(ToB(dv[i] * scale * (1.0f + pw[i])));
     const bf16 sum = ToB(rv[i] + n);
     res[j] = sum;
     rv[i] = ToF(sum);
@@ -56,7 +64,7 @@ __device__ __forceinline__ void AddRmsNormRow(const float (&dv)[kPer], float (&r
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int64_t j = threadIdx.x + static_cast<int64_t>(i) * kThreads;
-    if (j < hidden) out[j] = ToB(rv[i] * scale2 * (1.0f + ToF(next_w[j])));
+    if (j < hidden) out[j] = ToB(rv[i] * scale2 * (1.0f + nw[i]));
   }
 }
 

@@ -20,9 +20,12 @@ __global__ void RmsNormKernel(const bf16* x, const bf16* w, int64_t hidden, floa
   }
 }
 
-// Values a thread owns stay in registers between the passes (hidden <= kThreads * kPer).
-constexpr int kPer = 16;
+// Values a thread owns stay in registers between the passes (hidden <= kThreads * kPer). kPer is
+// the smallest instance that holds the row, so the registers (four arrays of kPer) stay few
+// enough for two blocks per SM when a prefill's thousands of rows need the occupancy.
+constexpr int kMaxPer = 16;
 
+template <int kPer>
 __global__ void __launch_bounds__(kThreads)
     AddRmsNormKernel(bf16* residual, const bf16* delta, const bf16* post_w, const bf16* next_w,
                      int64_t hidden, float eps, bf16* normed) {
@@ -51,10 +54,17 @@ cudaError_t RmsNorm(const bf16* x, const bf16* w, int64_t rows, int64_t hidden, 
 cudaError_t AddRmsNorm(bf16* residual, const bf16* delta, const bf16* post_w, const bf16* next_w,
                        int64_t rows, int64_t hidden, float eps, bf16* normed, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  if (hidden > int64_t{kThreads} * kPer) return cudaErrorInvalidValue;
-  AddRmsNormKernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-      residual, delta, post_w, next_w, hidden, eps, normed);
-  return cudaGetLastError();
+  const int64_t per = (hidden + kThreads - 1) / kThreads;
+  const auto launch = [&](auto kernel) {
+    kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(residual, delta, post_w, next_w,
+                                                                 hidden, eps, normed);
+    return cudaGetLastError();
+  };
+  if (per <= 5) return launch(AddRmsNormKernel<5>);  // 2B: 2304
+  if (per <= 7) return launch(AddRmsNormKernel<7>);  // 9B: 3584
+  if (per <= 9) return launch(AddRmsNormKernel<9>);  // 27B: 4608
+  if (per <= kMaxPer) return launch(AddRmsNormKernel<kMaxPer>);
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace gemma2::kernels

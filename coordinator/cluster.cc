@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 
 #include "common/gpu_inventory.h"
 #include "model/checkpoint.h"
@@ -95,6 +96,13 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
   for (int r = 0; r < world; ++r) {
     RETURN_IF_ERROR(ShardPlan::Make(config_, opts.tp, r % opts.tp, opts.pp, r / opts.tp).status());
   }
+  if (opts.kv_block_size < 1 || opts.kv_block_size > rpc::kMaxKvBlockSize || opts.kv_blocks < 0) {
+    return InvalidArgument("KV cache: block size " + std::to_string(opts.kv_block_size) + " (1.." +
+                           std::to_string(rpc::kMaxKvBlockSize) + ") and " +
+                           std::to_string(opts.kv_blocks) + " blocks (0: what memory allows)");
+  }
+  // What every rank's pool is asked for, read from the rendezvous store before it reports ready.
+  store_["kv-cache"] = rpc::EncodeKvCapacity({opts.kv_blocks, opts.kv_block_size});
   // A private directory for a fresh secret (0600).
   char tmpl[] = "/tmp/gemma2-cluster-XXXXXX";
   if (!mkdtemp(tmpl)) return Internal("cannot create a working directory in /tmp");
@@ -187,6 +195,7 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
   // Each rank loads its shard and joins the collective, then reports ready (or why not).
   auto ready = CollectAll(opts.startup_timeout, "startup");
   if (!ready.ok()) return ready.status();
+  int64_t blocks = std::numeric_limits<int64_t>::max();
   for (int r = 0; r < world; ++r) {
     const rpc::Received& m = (*ready)[static_cast<size_t>(r)];
     if (m.type != rpc::MessageType::kHeartbeat) {
@@ -194,10 +203,9 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
     }
     auto kv = rpc::DecodeKvCapacity(m.payload);
     if (!kv.ok()) return Fail(kv.status().WithContext("startup: rank " + std::to_string(r)));
-    if (kv->tokens >= 0 && (kv_capacity_.tokens < 0 || kv->tokens < kv_capacity_.tokens))
-      kv_capacity_.tokens = kv->tokens;
-    kv_capacity_.block_size = std::max(kv_capacity_.block_size, kv->block_size);
+    blocks = std::min(blocks, kv->blocks);
   }
+  kv_ = std::make_unique<KvBlockTables>(KvLayout::For(config_, opts.kv_block_size), blocks);
   return OkStatus();
 }
 
@@ -391,7 +399,9 @@ int64_t ClusterEngine::NewSequence() {
 }
 
 void ClusterEngine::ReleaseSequence(int64_t id) {
-  if (lengths_.erase(id)) released_.push_back(id);  // the ranks free it with the next step
+  if (!lengths_.erase(id)) return;
+  kv_->Release(id);
+  released_.push_back(id);  // the ranks free it with the next step
 }
 
 int64_t ClusterEngine::SequenceLength(int64_t id) const {
@@ -446,8 +456,11 @@ Status ClusterEngine::Submit(const StepPlan& plan) {
                       " is already in a step in flight");
   }
   RETURN_IF_ERROR(ValidateStep(config_, lengths_, plan));
-  std::vector<StepPlan> parts = SplitForPipeline(plan);
-  parts.front().released = std::move(released_);  // frees and copies go first
+  StepPlan assigned = plan;
+  RETURN_IF_ERROR(kv_->Plan(assigned, lengths_));
+  std::vector<StepPlan> parts = SplitForPipeline(assigned);
+  parts.front().released = std::move(released_);  // frees, blocks and copies go first
+  parts.front().kv_assign = std::move(assigned.kv_assign);
   released_.clear();
   // Every part goes out before any answer is awaited: while the last stage works on part i, the
   // first stage already runs part i + 1 (ranks take their steps in order).

@@ -54,6 +54,10 @@ struct ClusterOptions {
   std::string backend = "cpu";
   int gpus_per_node = 0;  // cuda: one GPU per rank, numbered from 0 on each node (0: detect)
   int threads_per_worker = 1;
+  // Every rank's KV pool: positions per block, and blocks (0: what each rank's memory allows;
+  // the coordinator then assigns below the smallest).
+  int64_t kv_block_size = 16;
+  int64_t kv_blocks = 0;
   std::string worker_binary;  // gemma2-worker; default: beside /proc/self/exe
   std::chrono::milliseconds startup_timeout{120000};
   std::chrono::milliseconds step_timeout{60000};  // the step watchdog
@@ -91,6 +95,9 @@ class ClusterEngine final : public StepExecutor {
   int64_t NewSequence() override;
   void ReleaseSequence(int64_t id) override;
   int64_t SequenceLength(int64_t id) const override;
+  const KvLayout& kv_layout() const override { return kv_->layout(); }
+  int64_t kv_blocks() const override { return kv_->num_blocks(); }
+  int64_t KvCopyFloor(int64_t id) const override { return kv_->CopyFloor(id); }
   Result<StepOutput> Step(const StepPlan& plan) override;
   int pipeline_depth() const override;
   Status Submit(const StepPlan& plan) override;
@@ -99,9 +106,6 @@ class ClusterEngine final : public StepExecutor {
   // something unasked. Returns early (OK) if `stop` becomes true.
   Status Watch(std::chrono::milliseconds duration, const std::atomic<bool>* stop = nullptr);
   int world() const { return static_cast<int>(ranks_.size()); }
-  // The smallest KV cache of any rank (tokens over all sequences; -1: host memory only), and the
-  // largest block size among them: a plan within it never fills a rank's cache.
-  const rpc::KvCapacity& kv_capacity() const { return kv_capacity_; }
 
  private:
   ClusterEngine() = default;
@@ -135,7 +139,9 @@ class ClusterEngine final : public StepExecutor {
   std::vector<int64_t> released_;
   int64_t next_id_ = 1;
   Status down_;  // set once a rank is lost: the cluster runs nothing more
-  rpc::KvCapacity kv_capacity_;
+  // The block tables of every rank's KV cache, over the smallest rank's pool: the coordinator
+  // assigns, the ranks apply (StepPlan::kv_assign).
+  std::unique_ptr<KvBlockTables> kv_;
   // Heartbeats asked for and not yet answered, by rank (send time; none outstanding: nullopt).
   std::vector<std::optional<std::chrono::steady_clock::time_point>> heartbeat_sent_;
   std::chrono::steady_clock::time_point last_heartbeat_round_{};

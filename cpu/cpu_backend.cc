@@ -13,30 +13,6 @@
 namespace gemma2 {
 namespace {
 
-// Per layer: k and v as [position][kv_heads * head_dim], appended step by step.
-class CpuSequenceKv final : public SequenceKv {
- public:
-  CpuSequenceKv(int64_t layers, int64_t width) : width_(width), k_(layers), v_(layers) {}
-  int64_t length() const override { return static_cast<int64_t>(k_[0].size()) / width_; }
-  int64_t length(int64_t layer) const { return static_cast<int64_t>(k_[layer].size()) / width_; }
-  void Append(int64_t layer, const float* k, const float* v) {
-    k_[layer].insert(k_[layer].end(), k, k + width_);
-    v_[layer].insert(v_[layer].end(), v, v + width_);
-  }
-  const float* k(int64_t layer, int64_t pos) const { return k_[layer].data() + pos * width_; }
-  void CopyPrefixOf(const CpuSequenceKv& src, int64_t tokens) {
-    for (size_t l = 0; l < k_.size(); ++l) {
-      k_[l].assign(src.k_[l].begin(), src.k_[l].begin() + tokens * width_);
-      v_[l].assign(src.v_[l].begin(), src.v_[l].begin() + tokens * width_);
-    }
-  }
-  const float* v(int64_t layer, int64_t pos) const { return v_[layer].data() + pos * width_; }
-
- private:
-  int64_t width_;
-  std::vector<std::vector<float>> k_, v_;
-};
-
 float RmsScale(const float* x, int64_t n, float eps) {
   double ss = 0;  // fp64 sum: the fp32 reference is within its rounding of this
   for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
@@ -92,15 +68,49 @@ Status CpuBackend::SampleToHost(const Tensor& logits, std::span<const RowSamplin
   return OkStatus();
 }
 
-Status CpuBackend::CopyKvPrefix(const SequenceKv& src, SequenceKv& dst, int64_t tokens) {
-  if (dst.length() != 0 || tokens > src.length()) return Internal("CopyKvPrefix: bad lengths");
-  static_cast<CpuSequenceKv&>(dst).CopyPrefixOf(static_cast<const CpuSequenceKv&>(src), tokens);
+Result<int64_t> CpuBackend::CreateKvPool(std::span<const KvGroup> layer_groups, int64_t kv_heads,
+                                         int64_t head_dim, int64_t block_size, int64_t blocks) {
+  if (kv_.blocks > 0) return Internal("cpu backend: the KV pool exists already");
+  if (block_size <= 0) return InvalidArgument("KV block size must be positive");
+  KvPool& p = kv_;
+  p.layers = KvLayerSlots(layer_groups);
+  p.width = kv_heads * head_dim;
+  p.block_size = block_size;
+  p.blocks = blocks > 0 ? blocks : kCpuDefaultKvBlocks;  // host memory: taken as blocks are used
+  p.k.resize(static_cast<size_t>(p.blocks));
+  p.v.resize(static_cast<size_t>(p.blocks));
+  return p.blocks;
+}
+
+Status CpuBackend::BeginStep(std::span<const SeqSlice> seqs, StepOutputKind) {
+  if (kv_.blocks == 0 && !seqs.empty()) return Internal("cpu backend: no KV pool");
+  return CheckNewPositionsMapped(seqs, kv_.layers.group, kv_.block_size, kv_.blocks);
+}
+
+Status CpuBackend::CopyKvBlocks(std::span<const int32_t> from, std::span<const int32_t> to) {
+  for (size_t i = 0; i < from.size(); ++i) {
+    for (auto* side : {&kv_.k, &kv_.v}) {
+      std::vector<float>& dst = (*side)[static_cast<size_t>(to[i])];
+      const std::vector<float>& src = (*side)[static_cast<size_t>(from[i])];
+      if (src.empty()) {
+        dst.clear();
+      } else {
+        dst = src;
+      }
+    }
+  }
   return OkStatus();
 }
 
-std::unique_ptr<SequenceKv> CpuBackend::NewSequenceKv(int64_t layers, int64_t kv_heads,
-                                                      int64_t head_dim) {
-  return std::make_unique<CpuSequenceKv>(layers, kv_heads * head_dim);
+float* CpuBackend::KvRow(bool v, int64_t layer, const SeqSlice& s, int64_t pos) {
+  const KvGroup g = kv_.layers.group[static_cast<size_t>(layer)];
+  const int32_t block = s.blocks[static_cast<size_t>(g)][static_cast<size_t>(pos / kv_.block_size)];
+  std::vector<float>& mem = (v ? kv_.v : kv_.k)[static_cast<size_t>(block)];
+  if (mem.empty()) {
+    mem.assign(static_cast<size_t>(kv_.layers.slots * kv_.block_size * kv_.width), 0.0f);
+  }
+  const int64_t slot = kv_.layers.slot[static_cast<size_t>(layer)];
+  return mem.data() + (slot * kv_.block_size + pos % kv_.block_size) * kv_.width;
 }
 
 void CpuBackend::Embed(std::span<const int32_t> ids, const Tensor& table, int64_t vocab_begin,
@@ -155,7 +165,6 @@ void CpuBackend::RopeAndCacheWrite(Tensor& qkv, std::span<const SeqSlice> seqs, 
   const std::vector<float>& inv_freq = InvFreq(hd, p.rope_theta);
   std::vector<float> cos_t(static_cast<size_t>(hd / 2)), sin_t(static_cast<size_t>(hd / 2));
   for (const SeqSlice& s : seqs) {
-    auto* kv = static_cast<CpuSequenceKv*>(s.kv);
     for (int64_t t = 0; t < s.num_tokens; ++t) {
       const float pos = static_cast<float>(s.start_pos + t);
       for (size_t i = 0; i < inv_freq.size(); ++i) {
@@ -167,7 +176,9 @@ void CpuBackend::RopeAndCacheWrite(Tensor& qkv, std::span<const SeqSlice> seqs, 
       for (int64_t h = 0; h < p.q_heads + p.kv_heads; ++h) {
         Rotate(row + h * hd, hd, cos_t.data(), sin_t.data());  // q heads then k heads
       }
-      kv->Append(layer, row + q_width, row + q_width + kv_width);
+      std::copy(row + q_width, row + q_width + kv_width, KvRow(false, layer, s, s.start_pos + t));
+      std::copy(row + q_width + kv_width, row + q_width + 2 * kv_width,
+                KvRow(true, layer, s, s.start_pos + t));
     }
   }
 }
@@ -184,7 +195,6 @@ void CpuBackend::Attention(const Tensor& qkv, std::span<const SeqSlice> seqs, in
   const int64_t hd = p.head_dim, group = p.q_heads / p.kv_heads;
   std::vector<float> scores;
   for (const SeqSlice& s : seqs) {
-    const auto* kv = static_cast<const CpuSequenceKv*>(s.kv);
     for (int64_t t = 0; t < s.num_tokens; ++t) {
       const int64_t pos = s.start_pos + t;
       const int64_t first = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0;
@@ -196,7 +206,7 @@ void CpuBackend::Attention(const Tensor& qkv, std::span<const SeqSlice> seqs, in
         const int64_t g = h / group;
         float max_s = -INFINITY;
         for (int64_t k = first; k <= pos; ++k) {
-          const float* key = kv->k(layer, k) + g * hd;
+          const float* key = KvRow(false, layer, s, k) + g * hd;
           float dot = 0;
           for (int64_t d = 0; d < hd; ++d) dot += q[d] * key[d];
           float sc = dot * p.scale;
@@ -213,7 +223,7 @@ void CpuBackend::Attention(const Tensor& qkv, std::span<const SeqSlice> seqs, in
         std::fill(o, o + hd, 0.0f);
         for (int64_t k = first; k <= pos; ++k) {
           const float w = static_cast<float>(scores[static_cast<size_t>(k - first)] / denom);
-          const float* val = kv->v(layer, k) + g * hd;
+          const float* val = KvRow(true, layer, s, k) + g * hd;
           for (int64_t d = 0; d < hd; ++d) o[d] += w * val[d];
         }
       }

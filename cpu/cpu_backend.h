@@ -9,6 +9,9 @@
 
 namespace gemma2 {
 
+// KV blocks a cpu pool offers when none are asked for (host memory is taken as blocks are used).
+inline constexpr int64_t kCpuDefaultKvBlocks = int64_t{1} << 16;
+
 class CpuBackend final : public Backend {
  public:
   std::string_view name() const override { return "cpu"; }
@@ -26,10 +29,10 @@ class CpuBackend final : public Backend {
   Status ToHost(const Tensor& t, float* host) override;
   Status SampleToHost(const Tensor& logits, std::span<const RowSampling> rows,
                       int32_t* ids) override;
-  Status BeginStep(std::span<const SeqSlice>, StepOutputKind) override { return OkStatus(); }
-  Status CopyKvPrefix(const SequenceKv& src, SequenceKv& dst, int64_t tokens) override;
-  std::unique_ptr<SequenceKv> NewSequenceKv(int64_t layers, int64_t kv_heads,
-                                            int64_t head_dim) override;
+  Status BeginStep(std::span<const SeqSlice> seqs, StepOutputKind) override;
+  Result<int64_t> CreateKvPool(std::span<const KvGroup> layer_groups, int64_t kv_heads,
+                               int64_t head_dim, int64_t block_size, int64_t blocks) override;
+  Status CopyKvBlocks(std::span<const int32_t> from, std::span<const int32_t> to) override;
 
   void Embed(std::span<const int32_t> ids, const Tensor& table, int64_t vocab_begin, float scale,
              Tensor& out) override;
@@ -51,6 +54,17 @@ class CpuBackend final : public Backend {
 
  private:
   const std::vector<float>& InvFreq(int64_t head_dim, double theta);
+  // Row [kv_heads * head_dim] of k (or v) at `pos` of local layer `layer` of a sequence.
+  float* KvRow(bool v, int64_t layer, const SeqSlice& s, int64_t pos);
+
+  // The paged cache: block b holds, per layer slot of its group, k and v as
+  // [slot position][kv_heads * head_dim]; a block's memory is allocated when first touched.
+  struct KvPool {
+    KvLayerSlots layers;
+    int64_t width = 0, block_size = 0, blocks = 0;
+    std::vector<std::vector<float>> k, v;  // per block
+  };
+  KvPool kv_;
   std::map<std::pair<int64_t, double>, std::vector<float>> inv_freq_;  // RoPE, computed once
 };
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <tuple>
 #include <vector>
 
 #include "common/cuda_check.h"
@@ -38,42 +39,17 @@ std::shared_ptr<void> DeviceAlloc(size_t bytes, Status* st) {
   return std::shared_ptr<void>(p, [](void* q) { cudaFree(q); });
 }
 
-// Blocks of KV cache for every layer; sequences take and return block indices.
+// The paged KV cache: for each layer slot of a group (a layer's index among its group's layers on
+// this rank), num_blocks blocks of [kv_head][slot][head_dim] bf16, k and v apart.
 struct KvPool {
-  int64_t layers = 0, kv_heads = 0, head_dim = 0, block_size = 0, num_blocks = 0;
-  std::shared_ptr<void> k, v;  // [layer][block][kv_head][slot][head_dim] bf16
-  std::vector<int32_t> free;
-  int64_t layer_elems() const { return num_blocks * kv_heads * block_size * head_dim; }
-  bf16* k_layer(int64_t l) const { return static_cast<bf16*>(k.get()) + l * layer_elems(); }
-  bf16* v_layer(int64_t l) const { return static_cast<bf16*>(v.get()) + l * layer_elems(); }
-};
-
-class CudaSequenceKv final : public SequenceKv {
- public:
-  explicit CudaSequenceKv(std::shared_ptr<KvPool> pool) : pool_(std::move(pool)) {}
-  ~CudaSequenceKv() override {
-    pool_->free.insert(pool_->free.end(), blocks_.begin(), blocks_.end());
-  }
-  int64_t length() const override { return length_; }
-  // Makes room for positions [0, tokens); false when the pool is exhausted (nothing taken).
-  bool Reserve(int64_t tokens) {
-    const int64_t need = (tokens + pool_->block_size - 1) / pool_->block_size;
-    const int64_t more = need - static_cast<int64_t>(blocks_.size());
-    if (more <= 0) return true;
-    if (more > static_cast<int64_t>(pool_->free.size())) return false;
-    for (int64_t i = 0; i < more; ++i) {
-      blocks_.push_back(pool_->free.back());
-      pool_->free.pop_back();
-    }
-    return true;
-  }
-  void set_length(int64_t n) { length_ = n; }
-  const std::vector<int32_t>& blocks() const { return blocks_; }
-
- private:
-  std::shared_ptr<KvPool> pool_;
-  std::vector<int32_t> blocks_;
-  int64_t length_ = 0;
+  KvLayerSlots layers;
+  int64_t kv_heads = 0, head_dim = 0, block_size = 0, num_blocks = 0, max_blocks = 0;
+  std::shared_ptr<void> k, v;
+  int64_t block_elems() const { return kv_heads * block_size * head_dim; }
+  int64_t slot_elems() const { return num_blocks * block_elems(); }
+  bf16* k_layer(int64_t l) const { return static_cast<bf16*>(k.get()) + Slot(l) * slot_elems(); }
+  bf16* v_layer(int64_t l) const { return static_cast<bf16*>(v.get()) + Slot(l) * slot_elems(); }
+  int64_t Slot(int64_t l) const { return layers.slot[static_cast<size_t>(l)]; }
 };
 
 class CudaBackend final : public Backend {
@@ -238,10 +214,6 @@ class CudaBackend final : public Backend {
   // Block by block on every layer, on the step stream (ordered before the next step's kernels).
   void* native_stream() override { return stream_; }
   bool replaying_graph() const override { return replaying_; }
-  int64_t kv_capacity_tokens() const override {
-    return pool_ ? pool_->num_blocks * pool_->block_size : -1;
-  }
-  int64_t kv_block_size() const override { return opts_.kv_block_size; }
 
   Status EndGraphSection() override {
     RETURN_IF_ERROR(FinishGraph());
@@ -249,39 +221,56 @@ class CudaBackend final : public Backend {
     return error_;
   }
 
-  Status CopyKvPrefix(const SequenceKv& src_kv, SequenceKv& dst_kv, int64_t tokens) override {
-    const auto& src = static_cast<const CudaSequenceKv&>(src_kv);
-    auto& dst = static_cast<CudaSequenceKv&>(dst_kv);
-    if (dst.length() != 0 || tokens > src.length()) return Internal("CopyKvPrefix: bad lengths");
-    if (!dst.Reserve(tokens)) {
-      return Status(StatusCode::kUnavailable, "KV cache full: copying a " + std::to_string(tokens) +
-                                                  "-token prefix needs more than the " +
-                                                  std::to_string(pool_->free.size()) +
-                                                  " free blocks");
-    }
-    const int64_t blocks = (tokens + pool_->block_size - 1) / pool_->block_size;
-    const int64_t block_elems = pool_->kv_heads * pool_->block_size * pool_->head_dim;
-    const size_t bytes = static_cast<size_t>(block_elems) * sizeof(bf16);
-    for (int64_t l = 0; l < pool_->layers; ++l) {
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t from = src.blocks()[static_cast<size_t>(b)] * block_elems;
-        const int64_t to = dst.blocks()[static_cast<size_t>(b)] * block_elems;
-        Note(cudaMemcpyAsync(pool_->k_layer(l) + to, pool_->k_layer(l) + from, bytes,
-                             cudaMemcpyDeviceToDevice, stream_),
-             "cudaMemcpyAsync (KV prefix)");
-        Note(cudaMemcpyAsync(pool_->v_layer(l) + to, pool_->v_layer(l) + from, bytes,
-                             cudaMemcpyDeviceToDevice, stream_),
-             "cudaMemcpyAsync (KV prefix)");
+  // Block by block on every layer slot, on the step stream (ordered before the next step's
+  // kernels).
+  Status CopyKvBlocks(std::span<const int32_t> from, std::span<const int32_t> to) override {
+    if (!pool_) return Internal("cuda backend: no KV pool");
+    const int64_t e = pool_->block_elems();
+    const size_t bytes = static_cast<size_t>(e) * sizeof(bf16);
+    for (int64_t slot = 0; slot < pool_->layers.slots; ++slot) {
+      for (size_t i = 0; i < from.size(); ++i) {
+        for (const auto& base : {pool_->k, pool_->v}) {
+          bf16* p = static_cast<bf16*>(base.get()) + slot * pool_->slot_elems();
+          Note(cudaMemcpyAsync(p + to[i] * e, p + from[i] * e, bytes, cudaMemcpyDeviceToDevice,
+                               stream_),
+               "cudaMemcpyAsync (KV blocks)");
+        }
       }
     }
-    dst.set_length(tokens);
     return error_;
   }
 
-  std::unique_ptr<SequenceKv> NewSequenceKv(int64_t layers, int64_t kv_heads,
-                                            int64_t head_dim) override {
-    if (!pool_) CreatePool(layers, kv_heads, head_dim);
-    return std::make_unique<CudaSequenceKv>(pool_);
+  Result<int64_t> CreateKvPool(std::span<const KvGroup> layer_groups, int64_t kv_heads,
+                               int64_t head_dim, int64_t block_size, int64_t blocks) override {
+    if (pool_) return Internal("cuda backend: the KV pool exists already");
+    if (block_size <= 0) return InvalidArgument("KV block size must be positive");
+    auto pool = std::make_shared<KvPool>();
+    pool->layers = KvLayerSlots(layer_groups);
+    pool->kv_heads = kv_heads;
+    pool->head_dim = head_dim;
+    pool->block_size = block_size;
+    pool->max_blocks = (opts_.max_positions + block_size - 1) / block_size;
+    const int64_t per_block = 2 * pool->layers.slots * pool->block_elems() * 2;  // k+v, bf16
+    if (blocks <= 0) {
+      int64_t bytes = opts_.kv_cache_bytes;
+      if (bytes <= 0) {
+        size_t free_b = 0, total = 0;
+        RETURN_IF_CUDA_ERROR(cudaMemGetInfo(&free_b, &total));
+        // Leave room for a long prefill's activations (8192 tokens of 27B need about 3 GiB); on a
+        // GPU that another process already fills, a quarter of what is left.
+        bytes =
+            std::max(static_cast<int64_t>(static_cast<double>(free_b) * 0.95) - (int64_t{8} << 30),
+                     static_cast<int64_t>(free_b / 4));
+      }
+      blocks = bytes / per_block;
+    }
+    if (blocks < 1) return Status(StatusCode::kUnavailable, "no device memory left for a KV cache");
+    pool->num_blocks = blocks;
+    pool->k = DeviceAlloc(static_cast<size_t>(blocks * per_block / 2), &error_);
+    pool->v = DeviceAlloc(static_cast<size_t>(blocks * per_block / 2), &error_);
+    RETURN_IF_ERROR(error_);
+    pool_ = std::move(pool);
+    return blocks;
   }
 
   Status BeginStep(std::span<const SeqSlice> seqs, StepOutputKind output) override {
@@ -293,41 +282,40 @@ class CudaBackend final : public Backend {
     pinned_offset_ = 0;
     replaying_ = capturing_ = false;
     attn_partial_ = Tensor{};
-    if (!pool_) return Internal("cuda backend: no KV cache pool (no sequence was created)");
+    if (!seqs.empty()) {
+      if (!pool_) return Internal("cuda backend: no KV pool");
+      RETURN_IF_ERROR(
+          CheckNewPositionsMapped(seqs, pool_->layers.group, pool_->block_size, pool_->num_blocks));
+    }
     // Block tables have a fixed stride (a sequence's most blocks), so every kernel argument of a
     // decode step depends only on its batch size: such steps are captured once and replayed.
-    const size_t max_blocks =
-        static_cast<size_t>((opts_.max_positions + pool_->block_size - 1) / pool_->block_size);
+    // Staged as [group][sequence][logical block]; unmapped entries (-1) are never read.
+    const size_t max_blocks = pool_ ? static_cast<size_t>(pool_->max_blocks) : 0;
     std::vector<int32_t> token_seq, token_pos;
+    std::vector<int32_t> tables(kKvGroups * seqs.size() * max_blocks, -1);
+    max_context_ = 0;
     for (size_t s = 0; s < seqs.size(); ++s) {
-      auto* kv = static_cast<CudaSequenceKv*>(seqs[s].kv);
-      const int64_t end = seqs[s].start_pos + seqs[s].num_tokens;
-      if (!kv->Reserve(end)) {
-        return Status(StatusCode::kUnavailable,
-                      "KV cache full: sequence needs " + std::to_string(end) + " tokens, " +
-                          std::to_string(pool_->free.size()) + " free blocks of " +
-                          std::to_string(pool_->block_size) + " tokens");
-      }
-      if (kv->blocks().size() > max_blocks) {
-        return InvalidArgument("sequence of " + std::to_string(end) +
-                               " tokens exceeds max_positions " +
-                               std::to_string(opts_.max_positions));
-      }
-      kv->set_length(end);
+      max_context_ = std::max(max_context_, seqs[s].start_pos + seqs[s].num_tokens);
       for (int64_t t = 0; t < seqs[s].num_tokens; ++t) {
         token_seq.push_back(static_cast<int32_t>(s));
         token_pos.push_back(static_cast<int32_t>(seqs[s].start_pos + t));
       }
+      for (size_t g = 0; g < kKvGroups; ++g) {
+        const std::span<const int32_t> b = seqs[s].blocks[g];
+        if (b.size() > max_blocks) return InvalidArgument("a KV block table is too long");
+        std::copy(b.begin(), b.end(),
+                  tables.begin() + static_cast<std::ptrdiff_t>((g * seqs.size() + s) * max_blocks));
+      }
     }
-    std::vector<int32_t> tables(seqs.size() * max_blocks, 0);
-    for (size_t s = 0; s < seqs.size(); ++s) {
-      const auto& b = static_cast<CudaSequenceKv*>(seqs[s].kv)->blocks();
-      std::copy(b.begin(), b.end(), tables.begin() + static_cast<std::ptrdiff_t>(s * max_blocks));
-    }
+    tables_per_group_ = seqs.size() * max_blocks;
     step_tokens_.count = static_cast<int64_t>(token_seq.size());
     const bool decode = output != StepOutputKind::kLogits && opts_.cuda_graphs && !seqs.empty() &&
                         step_tokens_.count == static_cast<int64_t>(seqs.size());
-    if (decode) RETURN_IF_ERROR(StartGraph({seqs.size(), output}));
+    // A decode graph holds attention's split count, which follows the context's bucket.
+    if (decode) {
+      RETURN_IF_ERROR(
+          StartGraph({seqs.size(), output, kernels::AttentionContextBucket(max_context_)}));
+    }
     step_tokens_.token_seq = Stage(token_seq.data(), token_seq.size() * 4).as<int32_t>();
     step_tokens_.token_pos = Stage(token_pos.data(), token_pos.size() * 4).as<int32_t>();
     block_tables_ = Stage(tables.data(), tables.size() * 4).as<int32_t>();
@@ -399,7 +387,8 @@ class CudaBackend final : public Backend {
     s.softcap = p.softcap;
     s.window = static_cast<int32_t>(p.window);
     // One buffer per step: the layers run one after another on the stream.
-    const size_t partial_bytes = kernels::AttentionPartialBytes(step_tokens_.count, s);
+    const size_t partial_bytes =
+        kernels::AttentionPartialBytes(step_tokens_.count, s, max_context_);
     if (partial_bytes > 0 &&
         (attn_partial_.empty() || static_cast<size_t>(attn_partial_.numel()) * 4 < partial_bytes)) {
       attn_partial_ = Scratch(1, static_cast<int64_t>(partial_bytes / 4), DType::kF32);
@@ -407,7 +396,7 @@ class CudaBackend final : public Backend {
     const Tensor& partial = attn_partial_;
     if (replaying_) return;
     const cudaError_t e =
-        kernels::PagedAttention(qkv.as<bf16>(), qkv.cols, step_tokens_, s, Kv(layer),
+        kernels::PagedAttention(qkv.as<bf16>(), qkv.cols, step_tokens_, max_context_, s, Kv(layer),
                                 partial.as<float>(), out.as<bf16>(), stream_);
     if (e == cudaErrorInvalidValue && error_.ok()) {
       error_ = Unimplemented("cuda attention supports head_dim 128 and 256, not " +
@@ -488,9 +477,11 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  // Decode steps of batch size B: the first runs eagerly (creating GEMM plans and scratch), the
-  // second is captured into a graph, later ones replay it with fresh inputs in the pinned area.
-  Status StartGraph(std::pair<size_t, StepOutputKind> key) {
+  // Decode steps of one key (batch size, output kind, context bucket): the first runs eagerly
+  // (creating GEMM plans and scratch), the second is captured into a graph, later ones replay it
+  // with fresh inputs in the pinned area.
+  using GraphKey = std::tuple<size_t, StepOutputKind, int>;
+  Status StartGraph(GraphKey key) {
     current_graph_ = key;
     auto& g = graphs_[key];
     if (g.exec) {
@@ -603,33 +594,13 @@ class CudaBackend final : public Backend {
     return t;
   }
 
-  void CreatePool(int64_t layers, int64_t kv_heads, int64_t head_dim) {
-    auto pool = std::make_shared<KvPool>();
-    pool->layers = layers;
-    pool->kv_heads = kv_heads;
-    pool->head_dim = head_dim;
-    pool->block_size = opts_.kv_block_size;
-    int64_t bytes = opts_.kv_cache_bytes;
-    if (bytes <= 0) {
-      size_t free_b = 0, total = 0;
-      Note(cudaMemGetInfo(&free_b, &total), "cudaMemGetInfo");
-      // Leave room for a long prefill's activations (8192 tokens of 27B need about 3 GiB).
-      bytes = static_cast<int64_t>(static_cast<double>(free_b) * 0.95) - (int64_t{8} << 30);
-    }
-    const int64_t per_block = 2 * layers * kv_heads * pool->block_size * head_dim * 2;  // k+v, bf16
-    pool->num_blocks = std::max<int64_t>(1, bytes / per_block);
-    pool->k = DeviceAlloc(static_cast<size_t>(pool->num_blocks * per_block / 2), &error_);
-    pool->v = DeviceAlloc(static_cast<size_t>(pool->num_blocks * per_block / 2), &error_);
-    for (int64_t b = pool->num_blocks - 1; b >= 0; --b)
-      pool->free.push_back(static_cast<int32_t>(b));
-    pool_ = std::move(pool);
-  }
-
   kernels::PagedKv Kv(int64_t layer) const {
     kernels::PagedKv kv;
     kv.k = pool_->k_layer(layer);
     kv.v = pool_->v_layer(layer);
-    kv.block_tables = block_tables_;
+    kv.block_tables =
+        block_tables_ +
+        static_cast<size_t>(pool_->layers.group[static_cast<size_t>(layer)]) * tables_per_group_;
     kv.table_stride = table_stride_;
     kv.block_size = static_cast<int32_t>(pool_->block_size);
     kv.kv_heads = static_cast<int32_t>(pool_->kv_heads);
@@ -662,7 +633,8 @@ class CudaBackend final : public Backend {
   // KV cache and this step's metadata.
   std::shared_ptr<KvPool> pool_;
   kernels::StepTokens step_tokens_;
-  const int32_t* block_tables_ = nullptr;
+  const int32_t* block_tables_ = nullptr;  // [group][sequence][logical block]
+  size_t tables_per_group_ = 0;
   int32_t table_stride_ = 0;
   std::map<std::pair<int64_t, double>, std::shared_ptr<void>> inv_freq_;
   // Scores and probabilities of fresh prefills (PrefillAttention).
@@ -676,8 +648,9 @@ class CudaBackend final : public Backend {
     bool warm = false;
     cudaGraphExec_t exec = nullptr;
   };
-  std::map<std::pair<size_t, StepOutputKind>, Graph> graphs_;  // by batch size and output kind
-  std::pair<size_t, StepOutputKind> current_graph_{};
+  std::map<GraphKey, Graph> graphs_;  // by batch size, output kind and context bucket
+  GraphKey current_graph_{};
+  int64_t max_context_ = 0;  // this step's largest position + 1
   StepOutputKind output_ = StepOutputKind::kLogits;
   bool capturing_ = false, replaying_ = false;
 };

@@ -11,8 +11,9 @@ namespace gemma2 {
 
 struct CudaOptions {
   int device = 0;
-  int64_t kv_cache_bytes = 0;    // 0: 95% of the memory free at the first sequence, less 8 GiB
-  int32_t kv_block_size = 16;    // tokens per KV block
+  // CreateKvPool without a block count: these bytes; 0: 95% of the memory free then less 8 GiB,
+  // or a quarter of it on a GPU another process already fills.
+  int64_t kv_cache_bytes = 0;
   bool poison_scratch = false;   // tests: fill every scratch tensor with NaN before use
   bool cuda_graphs = true;       // replay greedy decode steps as CUDA graphs, one per batch size
   int64_t max_positions = 8192;  // longest sequence (fixes the block-table stride)

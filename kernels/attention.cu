@@ -19,6 +19,22 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kLaneDims = 16;
 constexpr int kWarpKeys = 8;
+// A split covers at least this many keys (eight rounds of the block's warps): a block's fixed
+// cost (its query, the merge of its warps, a partial written and merged again) is paid for a
+// useful amount of keys, and contexts up to this length need no merge kernel at all. Splits
+// past the keys of a shorter query exit at once and the merge skips them.
+constexpr int kMinSplitKeys = 8 * kWarps * kWarpKeys;
+
+// The keys visible to a query at `pos` ([first, pos]) and how many of `splits` cover them.
+struct SplitRange {
+  int32_t first, chunk, busy;
+};
+__device__ __forceinline__ SplitRange SplitKeys(int32_t pos, int32_t window, int splits) {
+  const int32_t first = window > 0 ? max(0, pos - window + 1) : 0;
+  const int32_t visible = pos - first + 1;
+  const int32_t chunk = max((visible + splits - 1) / splits, kMinSplitKeys);
+  return {first, chunk, (visible + chunk - 1) / chunk};
+}
 
 __device__ __forceinline__ void Unpack(const uint4& raw, float* f) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
@@ -50,10 +66,10 @@ __global__ void __launch_bounds__(32 * kWarps)
   const int head0 = blockIdx.y * R;
   const int32_t g = head0 / (shape.q_heads / shape.kv_heads);
   const int32_t seq = tokens.token_seq[t], pos = tokens.token_pos[t];
-  const int32_t first = shape.window > 0 ? max(0, pos - shape.window + 1) : 0;
-  const int32_t visible = pos - first + 1;
-  const int32_t chunk = (visible + splits - 1) / splits;
-  const int32_t k_begin = first + split * chunk, k_end = min(pos + 1, k_begin + chunk);
+  const SplitRange range = SplitKeys(pos, shape.window, splits);
+  if (split >= range.busy) return;  // the whole block: MergeKernel reads only busy splits
+  const int32_t k_begin = range.first + split * range.chunk;
+  const int32_t k_end = min(pos + 1, k_begin + range.chunk);
 
   float qv[R][kLaneDims], acc[R][kLaneDims], m[R], l[R];
 #pragma unroll
@@ -179,7 +195,7 @@ __global__ void __launch_bounds__(32 * kWarps)
       float* p = partial + ((t * heads + head) * splits + split) * (HD + 2);
       p[2 + d] = a;
       if (d == 0) {
-        p[0] = big;  // -inf for an empty split
+        p[0] = big;
         p[1] = total;
       }
     }
@@ -187,17 +203,18 @@ __global__ void __launch_bounds__(32 * kWarps)
 }
 
 template <int HD>
-__global__ void MergeKernel(const float* __restrict__ partial, int splits, int64_t heads,
-                            bf16* __restrict__ out) {
+__global__ void MergeKernel(const float* __restrict__ partial, StepTokens tokens, int32_t window,
+                            int splits, int64_t heads, bf16* __restrict__ out) {
   const int64_t t = blockIdx.x, head = blockIdx.y;
+  const int busy = SplitKeys(tokens.token_pos[t], window, splits).busy;
   const float* p = partial + (t * heads + head) * splits * (HD + 2);
   float big = -INFINITY;
-  for (int s = 0; s < splits; ++s) big = fmaxf(big, p[s * (HD + 2)]);
+  for (int s = 0; s < busy; ++s) big = fmaxf(big, p[s * (HD + 2)]);
   float total = 0.0f;
-  for (int s = 0; s < splits; ++s) total += p[s * (HD + 2) + 1] * Rescale(p[s * (HD + 2)], big);
+  for (int s = 0; s < busy; ++s) total += p[s * (HD + 2) + 1] * Rescale(p[s * (HD + 2)], big);
   for (int d = threadIdx.x; d < HD; d += blockDim.x) {
     float a = 0.0f;
-    for (int s = 0; s < splits; ++s) a += p[s * (HD + 2) + 2 + d] * Rescale(p[s * (HD + 2)], big);
+    for (int s = 0; s < busy; ++s) a += p[s * (HD + 2) + 2 + d] * Rescale(p[s * (HD + 2)], big);
     out[(t * heads + head) * HD + d] = ToB(a / total);
   }
 }
@@ -221,7 +238,8 @@ cudaError_t Launch(const bf16* q, int64_t row_stride, const StepTokens& tokens,
       <<<grid, 32 * kWarps, 0, stream>>>(q, row_stride, tokens, shape, kv, splits, out, partial);
   if (splits > 1) {
     const dim3 mgrid(static_cast<unsigned>(tokens.count), static_cast<unsigned>(shape.q_heads));
-    MergeKernel<HD><<<mgrid, HD, 0, stream>>>(partial, splits, shape.q_heads, out);
+    MergeKernel<HD>
+        <<<mgrid, HD, 0, stream>>>(partial, tokens, shape.window, splits, shape.q_heads, out);
   }
   return cudaGetLastError();
 }
@@ -246,26 +264,34 @@ bool ValidShape(const AttentionShape& shape) {
 
 }  // namespace
 
-int AttentionSplits(int64_t tokens, const AttentionShape& shape) {
-  // Enough blocks to fill the GPU when few (token, kv head) pairs exist (decode); none when many.
-  const int64_t blocks = tokens * (ValidShape(shape) ? shape.q_heads / HeadsPerBlock(shape) : 1);
-  return static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>(kMaxAttentionSplits, 4096 / std::max<int64_t>(1, blocks))));
+int AttentionContextBucket(int64_t max_context) {
+  return static_cast<int>(
+      std::min<int64_t>((max_context + kMinSplitKeys - 1) / kMinSplitKeys, kMaxAttentionSplits));
 }
 
-size_t AttentionPartialBytes(int64_t tokens, const AttentionShape& shape) {
-  const int splits = AttentionSplits(tokens, shape);
+int AttentionSplits(int64_t tokens, const AttentionShape& shape, int64_t max_context) {
+  // Enough blocks to fill the GPU when few (token, kv head) pairs exist (decode); none when many;
+  // no more than the longest visible range fills at kMinSplitKeys keys each.
+  const int64_t blocks = tokens * (ValidShape(shape) ? shape.q_heads / HeadsPerBlock(shape) : 1);
+  int64_t busy = AttentionContextBucket(max_context);
+  if (shape.window > 0) busy = std::min<int64_t>(busy, AttentionContextBucket(shape.window));
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(busy, 4096 / std::max<int64_t>(1, blocks))));
+}
+
+size_t AttentionPartialBytes(int64_t tokens, const AttentionShape& shape, int64_t max_context) {
+  const int splits = AttentionSplits(tokens, shape, max_context);
   return splits == 1
              ? 0
              : static_cast<size_t>(tokens * shape.q_heads * splits * (shape.head_dim + 2)) * 4;
 }
 
 cudaError_t PagedAttention(const bf16* q, int64_t row_stride, const StepTokens& tokens,
-                           const AttentionShape& shape, const PagedKv& kv, float* partial,
-                           bf16* out, cudaStream_t stream) {
+                           int64_t max_context, const AttentionShape& shape, const PagedKv& kv,
+                           float* partial, bf16* out, cudaStream_t stream) {
   if (tokens.count == 0) return cudaSuccess;
   if (!ValidShape(shape)) return cudaErrorInvalidValue;
-  const int splits = AttentionSplits(tokens.count, shape);
+  const int splits = AttentionSplits(tokens.count, shape, max_context);
   switch (shape.head_dim) {  // the one place a runtime head_dim becomes a compile-time constant
     case 128:
       return LaunchHeads<128>(q, row_stride, tokens, shape, kv, splits, partial, out, stream);

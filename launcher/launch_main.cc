@@ -45,6 +45,7 @@ struct Args {
   int control_port = 29500;
   int micro_batches = 0;
   int pipeline_depth = 0;
+  int64_t kv_blocks = 0, kv_block_size = 16;
   int64_t micro_batch_min_tokens = 256;
   std::string ssh = "ssh -o BatchMode=yes";
   int64_t step_timeout_s = 60, startup_timeout_s = 120;
@@ -273,6 +274,8 @@ Status Run(Args a) {
     remote.push_back(pid);
   }
   co.backend = a.backend;
+  co.kv_blocks = a.kv_blocks;
+  co.kv_block_size = a.kv_block_size;
   co.gpus_per_node = a.gpus_per_node;
   co.micro_batches = a.micro_batches;
   co.pipeline_depth = a.pipeline_depth;
@@ -283,20 +286,6 @@ Status Run(Args a) {
       std::chrono::milliseconds(static_cast<int64_t>(a.heartbeat_timeout_s * 1000));
   ASSIGN_OR_RETURN(auto cluster, ClusterEngine::LaunchLocal(co));
   const ModelConfig& config = cluster->config();
-  // The scheduler's budget never promises more KV than the smallest rank's cache holds.
-  if (const rpc::KvCapacity& kv = cluster->kv_capacity(); kv.tokens >= 0) {
-    if (a.sched.block_size % kv.block_size != 0) {
-      return InvalidArgument("--block-size " + std::to_string(a.sched.block_size) +
-                             " must be a multiple of the workers' KV block size " +
-                             std::to_string(kv.block_size));
-    }
-    a.sched.kv_blocks = std::min(a.sched.kv_blocks, kv.tokens / a.sched.block_size);
-    if (a.sched.kv_blocks < 1) {
-      return InvalidArgument("the workers' KV caches hold " + std::to_string(kv.tokens) +
-                             " positions, less than one block of " +
-                             std::to_string(a.sched.block_size));
-    }
-  }
 
   std::unique_ptr<Tokenizer> tokenizer;
   const auto tok_file = std::filesystem::path(a.model) / "tokenizer.model";
@@ -323,9 +312,9 @@ Status Run(Args a) {
   std::printf(
       "gemma2-launch: ready: %d ranks (tp %d x pp %d), model %s, KV budget %lld blocks of %lld, "
       "serving '%s' on http://%s:%d\n",
-      cluster->world(), co.tp, co.pp, a.model.c_str(), static_cast<long long>(a.sched.kv_blocks),
-      static_cast<long long>(a.sched.block_size), facts.served_name.c_str(), a.host.c_str(),
-      server.port());
+      cluster->world(), co.tp, co.pp, a.model.c_str(), static_cast<long long>(cluster->kv_blocks()),
+      static_cast<long long>(cluster->kv_layout().block_size), facts.served_name.c_str(),
+      a.host.c_str(), server.port());
   std::fflush(stdout);
 
   while (!g_stop) {
@@ -425,10 +414,11 @@ int main(int argc, char** argv) {
   app.add_option("--max-step-tokens", a.sched.max_step_tokens,
                  "tokens per step (decode + prefill chunks)")
       ->check(CLI::Range(1, 1 << 20));
-  app.add_option("--kv-blocks", a.sched.kv_blocks, "KV-cache budget in blocks")
-      ->check(CLI::Range(1, 1 << 30));
-  app.add_option("--block-size", a.sched.block_size, "positions per KV block")
-      ->check(CLI::Range(1, 4096));
+  app.add_option("--kv-blocks", a.kv_blocks,
+                 "KV-cache blocks of every rank (0: what each GPU's memory allows; cpu: 65536)")
+      ->check(CLI::Range(0, 1 << 30));
+  app.add_option("--block-size", a.kv_block_size, "positions per KV block")
+      ->check(CLI::Range(int64_t{1}, gemma2::rpc::kMaxKvBlockSize));
   app.add_option("--prefix-cache-entries", a.sched.prefix_cache_entries,
                  "finished prompts kept as reusable KV prefixes (0: no prefix caching)");
   app.add_option("--max-body-bytes", a.limits.max_body_bytes, "largest request body");

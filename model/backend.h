@@ -4,6 +4,7 @@
 // checked by the caller (the forward pass); ops run on the backend's own stream, in order.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -14,26 +15,47 @@
 
 #include "common/status.h"
 #include "common/tensor.h"
+#include "model/kv_blocks.h"
 #include "model/sampling.h"
 
 namespace gemma2 {
 
-// One sequence's KV cache on one rank (all layers, this rank's kv heads). Backend-specific.
-class SequenceKv {
- public:
-  virtual ~SequenceKv() = default;
-  virtual int64_t length() const = 0;  // tokens cached so far
-};
-
 // One sequence's part of a step: rows [row_begin, row_begin + num_tokens) of the activations are
-// its new tokens at positions start_pos, start_pos + 1, ...; `kv` already holds positions
-// [0, start_pos).
+// its new tokens at positions start_pos, start_pos + 1, ...; its KV cache already holds positions
+// [0, start_pos) (sliding-window layers: those a query of this step can see) in the blocks its
+// tables name (model/kv_blocks.h), and the blocks for the new positions are mapped too.
 struct SeqSlice {
-  SequenceKv* kv = nullptr;
+  std::array<std::span<const int32_t>, kKvGroups> blocks;  // per KvGroup: logical -> physical
   int64_t start_pos = 0;
   int64_t num_tokens = 0;
   int64_t row_begin = 0;
 };
+
+// BeginStep's check, for every backend: each new position of each sequence lies in a mapped
+// block below `blocks` of each group the local layers use.
+inline Status CheckNewPositionsMapped(std::span<const SeqSlice> seqs,
+                                      std::span<const KvGroup> layer_groups, int64_t block_size,
+                                      int64_t blocks) {
+  std::array<bool, kKvGroups> used{};
+  for (KvGroup g : layer_groups) used[static_cast<size_t>(g)] = true;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const SeqSlice& s = seqs[i];
+    for (int g = 0; g < kKvGroups; ++g) {
+      if (!used[static_cast<size_t>(g)]) continue;
+      const std::span<const int32_t> t = s.blocks[static_cast<size_t>(g)];
+      for (int64_t b = s.start_pos / block_size;
+           b <= (s.start_pos + s.num_tokens - 1) / block_size && s.num_tokens > 0; ++b) {
+        if (b >= static_cast<int64_t>(t.size()) || t[static_cast<size_t>(b)] < 0 ||
+            t[static_cast<size_t>(b)] >= blocks) {
+          return InvalidArgument("step sequence " + std::to_string(i) + ": logical KV block " +
+                                 std::to_string(b) + " of group " + std::to_string(g) +
+                                 " is not mapped");
+        }
+      }
+    }
+  }
+  return OkStatus();
+}
 
 struct AttentionParams {
   int64_t q_heads = 0;   // this rank's query heads
@@ -68,10 +90,6 @@ class Backend {
   // Ops after this run eagerly: a capture in progress ends here and what it holds is launched.
   // Called before work a graph cannot hold (copies to the host mid-step) and where a stage ends.
   virtual Status EndGraphSection() { return OkStatus(); }
-  // Positions the KV cache holds over all sequences together, and its block size: fixed once the
-  // first sequence exists (cuda: a pool sized at that moment). -1: bounded only by host memory.
-  virtual int64_t kv_capacity_tokens() const { return -1; }
-  virtual int64_t kv_block_size() const { return 1; }
   // The dtype the loader should hand this backend's weights in.
   virtual DType weight_dtype() const = 0;
   // The dtype activations live in between ops (fp32 on cpu, bf16 on cuda).
@@ -92,14 +110,20 @@ class Backend {
   // SampleRow(row r, rows[r]) specifies (model/sampling.h).
   virtual Status SampleToHost(const Tensor& logits, std::span<const RowSampling> rows,
                               int32_t* ids) = 0;
-  // Starts a step over `seqs`: resets scratch, grows each sequence's KV cache to hold its new
-  // tokens, and stages per-token metadata for the ops. Fails (nothing run) when the cache is full.
+  // Starts a step over `seqs`: resets scratch and stages per-token metadata and the block tables
+  // for the ops. Fails (nothing run) on a table that does not map a new position.
   // `output`: how the step will end (a backend may replay id-only decode steps as captured graphs).
   virtual Status BeginStep(std::span<const SeqSlice> seqs, StepOutputKind output) = 0;
-  // dst (empty) receives positions [0, tokens) of src on every layer, in stream order.
-  virtual Status CopyKvPrefix(const SequenceKv& src, SequenceKv& dst, int64_t tokens) = 0;
-  virtual std::unique_ptr<SequenceKv> NewSequenceKv(int64_t layers, int64_t kv_heads,
-                                                    int64_t head_dim) = 0;
+
+  // --- the paged KV cache ---
+  // Creates the pool, once, before the first step: local layer l (of this rank's stage) belongs
+  // to group layer_groups[l]; a block holds `block_size` positions of one group's layers.
+  // `blocks` > 0: that many; 0: as many as the backend's memory allows (cuda: most of what is
+  // free then). Returns the number of blocks (every id below it is valid in a table).
+  virtual Result<int64_t> CreateKvPool(std::span<const KvGroup> layer_groups, int64_t kv_heads,
+                                       int64_t head_dim, int64_t block_size, int64_t blocks) = 0;
+  // Block to[i] receives the contents of block from[i] (every layer of the block), in stream order.
+  virtual Status CopyKvBlocks(std::span<const int32_t> from, std::span<const int32_t> to) = 0;
 
   // --- ops ---
   // out[i] = table[ids[i] - vocab_begin] * scale for ids inside this rank's rows, else 0.

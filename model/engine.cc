@@ -16,7 +16,6 @@ struct Engine::Rank {
   std::unique_ptr<Backend> backend;
   std::unique_ptr<RankModel> model;
   std::unique_ptr<Collective> comm;
-  std::map<int64_t, std::unique_ptr<SequenceKv>> kvs;
 };
 
 Engine::~Engine() = default;
@@ -86,6 +85,12 @@ Result<std::unique_ptr<Engine>> Engine::Create(const WeightSource& ck, const Eng
     }
     e->ranks_.push_back(std::move(rank));
   }
+  // Every rank's pool holds as many blocks as the first one's.
+  int64_t blocks = opts.kv_blocks;
+  for (auto& rank : e->ranks_) {
+    ASSIGN_OR_RETURN(blocks, rank->model->CreateKvPool(opts.kv_block_size, blocks));
+  }
+  e->kv_ = std::make_unique<KvBlockTables>(KvLayout::For(e->config_, opts.kv_block_size), blocks);
   return e;
 }
 
@@ -107,13 +112,12 @@ RankModel::Progress StderrLoadProgress(std::string name) {
 
 int64_t Engine::NewSequence() {
   const int64_t id = next_id_++;
-  for (auto& r : ranks_) r->kvs[id] = r->model->NewSequenceKv();
   lengths_[id] = 0;
   return id;
 }
 
 void Engine::ReleaseSequence(int64_t id) {
-  for (auto& r : ranks_) r->kvs.erase(id);
+  kv_->Release(id);
   lengths_.erase(id);
 }
 
@@ -122,20 +126,20 @@ int64_t Engine::SequenceLength(int64_t id) const {
   return it == lengths_.end() ? -1 : it->second;
 }
 
-Result<StepOutput> Engine::Step(const StepPlan& plan) {
-  RETURN_IF_ERROR(ValidateStep(config_, lengths_, plan));
+Result<StepOutput> Engine::Step(const StepPlan& given) {
+  RETURN_IF_ERROR(ValidateStep(config_, lengths_, given));
+  StepPlan plan = given;
+  RETURN_IF_ERROR(kv_->Plan(plan, lengths_));
   const size_t n = ranks_.size();
   std::vector<StepOutput> outs(n);
   std::vector<Status> statuses(n);
   auto run_rank = [&](size_t r) {
     Rank& rank = *ranks_[r];
     for (const KvCopy& k : plan.kv_copies) {
-      statuses[r] = rank.model->CopyKvPrefix(*rank.kvs.at(k.src), *rank.kvs.at(k.dst), k.tokens);
+      statuses[r] = rank.model->CopyKv(*kv_, k);
       if (!statuses[r].ok()) return;  // every rank fails alike: no collective is left waiting
     }
-    std::vector<SequenceKv*> kvs;
-    for (const auto& s : plan.sequences) kvs.push_back(rank.kvs.at(s.sequence_id).get());
-    statuses[r] = rank.model->Forward(plan, kvs, *rank.comm, &outs[r]);
+    statuses[r] = rank.model->Forward(plan, *kv_, *rank.comm, &outs[r]);
   };
   if (n == 1) {
     run_rank(0);

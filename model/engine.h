@@ -19,6 +19,8 @@ struct EngineOptions {
   int tp = 1;
   int threads = 0;               // cpu: math threads in all; 0: all cores
   int64_t kv_cache_bytes = 0;    // cuda: 0 = most of the memory free after the weights
+  int64_t kv_blocks = 0;         // KV blocks per rank; 0: what kv_cache_bytes (cuda) gives
+  int64_t kv_block_size = 16;    // positions per KV block
   bool poison_scratch = false;   // cuda tests: NaN-fill scratch so unwritten elements show
   bool cuda_graphs = true;       // cuda: replay greedy decode steps as CUDA graphs
   RankModel::Progress progress;  // weight loading, summed over the ranks
@@ -44,6 +46,9 @@ class Engine final : public StepExecutor {
   int64_t NewSequence() override;
   void ReleaseSequence(int64_t id) override;
   int64_t SequenceLength(int64_t id) const override;
+  const KvLayout& kv_layout() const override { return kv_->layout(); }
+  int64_t kv_blocks() const override { return kv_->num_blocks(); }
+  int64_t KvCopyFloor(int64_t id) const override { return kv_->CopyFloor(id); }
 
   // Validates the plan (known sequences, start_pos == cached length, token ids inside the
   // vocabulary, positions below max_position_embeddings, output rows in range), then runs it.
@@ -56,6 +61,7 @@ class Engine final : public StepExecutor {
   ModelConfig config_;
   std::vector<std::unique_ptr<Rank>> ranks_;
   std::map<int64_t, int64_t> lengths_;  // sequence id -> cached tokens
+  std::unique_ptr<KvBlockTables> kv_;   // every rank's block tables (this process owns them)
   int64_t next_id_ = 1;
 };
 

@@ -8,10 +8,18 @@
 
 namespace gemma2 {
 
-std::unique_ptr<SequenceKv> RankModel::NewSequenceKv() {
+Result<int64_t> RankModel::CreateKvPool(int64_t block_size, int64_t blocks) {
   // Caches for this stage's layers only, indexed from the stage's first layer.
-  return backend_.NewSequenceKv(plan_.layer_end - plan_.layer_begin, plan_.kv_heads(),
-                                config_.head_dim);
+  std::vector<KvGroup> groups;
+  for (int64_t l = plan_.layer_begin; l < plan_.layer_end; ++l)
+    groups.push_back(KvLayout::GroupOf(config_, l));
+  return backend_.CreateKvPool(groups, plan_.kv_heads(), config_.head_dim, block_size, blocks);
+}
+
+Status RankModel::CopyKv(const KvBlockTables& kv, const KvCopy& c) {
+  std::vector<int32_t> from, to;
+  RETURN_IF_ERROR(kv.CopyPairs(c.src, c.dst, c.tokens, &from, &to));
+  return backend_.CopyKvBlocks(from, to);
 }
 
 Result<std::unique_ptr<RankModel>> RankModel::Load(const WeightSource& ck, const ShardPlan& plan,
@@ -199,7 +207,7 @@ AttentionParams RankModel::AttentionFor(int64_t layer) const {
   return a;
 }
 
-Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs, Collective& comm,
+Status RankModel::Forward(const StepPlan& step, const KvBlockTables& kv, Collective& comm,
                           StepOutput* out, const PipelineLinks& pipe) {
   const ModelConfig& c = config_;
   Backend& b = backend_;
@@ -213,7 +221,11 @@ Status RankModel::Forward(const StepPlan& step, std::span<SequenceKv* const> kvs
   for (size_t i = 0; i < step.sequences.size(); ++i) {
     const StepSequence& s = step.sequences[i];
     const int64_t row0 = static_cast<int64_t>(ids.size());
-    seqs.push_back({kvs[i], s.start_pos, static_cast<int64_t>(s.tokens.size()), row0});
+    seqs.push_back(
+        {{kv.table(s.sequence_id, KvGroup::kFull), kv.table(s.sequence_id, KvGroup::kSliding)},
+         s.start_pos,
+         static_cast<int64_t>(s.tokens.size()),
+         row0});
     ids.insert(ids.end(), s.tokens.begin(), s.tokens.end());
     for (int64_t r : s.output_rows) {
       out_rows.push_back(row0 + r);

@@ -41,20 +41,20 @@ class RankModel {
   const ModelConfig& config() const { return config_; }
   const ShardPlan& plan() const { return plan_; }
   Backend& backend() { return backend_; }
-  std::unique_ptr<SequenceKv> NewSequenceKv();
+  // The backend's KV pool for this stage's layers (Backend::CreateKvPool); returns its blocks.
+  Result<int64_t> CreateKvPool(int64_t block_size, int64_t blocks);
   // Steps whose sampled rows had to be assembled across ranks (top-k/top-p not decided by the
   // shards' candidates).
   int64_t shard_pick_fallbacks() const { return shard_pick_fallbacks_; }
-  Status CopyKvPrefix(const SequenceKv& src, SequenceKv& dst, int64_t tokens) {
-    return backend_.CopyKvPrefix(src, dst, tokens);
-  }
+  // The plan's KvCopy `c`, block by block through `kv` (assignments applied already).
+  Status CopyKv(const KvBlockTables& kv, const KvCopy& c);
 
-  // Runs `step` with kvs[i] the cache of step.sequences[i]. Every rank of the group calls it with
-  // the same plan; every rank gets the same output.
+  // Runs `step` over the caches `kv` maps (its assignments, copies and releases applied). Every
+  // rank of the group calls it with the same plan; every rank gets the same output.
   // Pipeline stages: every stage but the first receives the residual stream from `pipe.prev`, every
   // stage but the last sends it on through `pipe.next` and produces no output rows.
-  Status Forward(const StepPlan& step, std::span<SequenceKv* const> kvs, Collective& comm,
-                 StepOutput* out, const PipelineLinks& pipe = {});
+  Status Forward(const StepPlan& step, const KvBlockTables& kv, Collective& comm, StepOutput* out,
+                 const PipelineLinks& pipe = {});
 
  private:
   RankModel(const ModelConfig& c, const ShardPlan& p, Backend& b)

@@ -5,6 +5,7 @@
 #include <map>
 #include <vector>
 
+#include "model/kv_blocks.h"
 #include "model/sampling.h"
 
 namespace gemma2 {
@@ -25,8 +26,11 @@ struct KvCopy {
 
 struct StepPlan {
   std::vector<StepSequence> sequences;
-  // Applied in order after `released` and before `sequences`.
+  // Applied in order after `released` and `kv_assign`, before `sequences`.
   std::vector<KvCopy> kv_copies;
+  // The owner's block assignments for this step (KvBlockTables::Plan), applied after `released`:
+  // every rank's tables then map each sequence's positions alike.
+  std::vector<KvAssign> kv_assign;
   // Sample on the backend: only each output row's token id leaves it (causal LM only).
   bool ids_only = false;
   // Sequences whose KV caches the ranks free before this step (the cluster's way to release).

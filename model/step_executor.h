@@ -20,6 +20,11 @@ class StepExecutor {
   virtual int64_t NewSequence() = 0;
   virtual void ReleaseSequence(int64_t id) = 0;
   virtual int64_t SequenceLength(int64_t id) const = 0;
+  // The KV cache the executor's block tables (model/kv_blocks.h) cover: its layout and blocks.
+  virtual const KvLayout& kv_layout() const = 0;
+  virtual int64_t kv_blocks() const = 0;
+  // The shortest prefix of sequence `id` a KvCopy may take (sliding windows drop old blocks).
+  virtual int64_t KvCopyFloor(int64_t id) const = 0;
   // Validates the plan (ValidateStep), then runs it on every rank.
   virtual Result<StepOutput> Step(const StepPlan& plan) = 0;
 

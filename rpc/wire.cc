@@ -131,6 +131,13 @@ std::vector<uint8_t> EncodeStep(const StepPlan& plan) {
     w.I64(k.dst);
     w.I64(k.tokens);
   }
+  w.U32(static_cast<uint32_t>(plan.kv_assign.size()));
+  for (const KvAssign& a : plan.kv_assign) {
+    w.I64(a.sequence_id);
+    w.U8(a.group);
+    w.U32(static_cast<uint32_t>(a.logical));
+    w.U32(static_cast<uint32_t>(a.physical));
+  }
   w.U32(static_cast<uint32_t>(plan.sequences.size()));
   for (const StepSequence& s : plan.sequences) {
     w.I64(s.sequence_id);
@@ -175,6 +182,22 @@ Result<StepPlan> DecodeStep(std::span<const uint8_t> payload) {
     RETURN_IF_ERROR(r.I64(&k.dst));
     RETURN_IF_ERROR(r.I64(&k.tokens));
     if (k.tokens <= 0) return InvalidArgument("step plan: KV copy of no tokens");
+  }
+  uint32_t na;
+  RETURN_IF_ERROR(r.U32(&na));
+  // 17 bytes each: a count past what is left cannot be real (no allocation first).
+  if (na > kMaxTokensPerStep || static_cast<uint64_t>(na) * 17 > payload.size()) {
+    return InvalidArgument("step plan: KV block assignments over the cap or past the payload");
+  }
+  plan.kv_assign.resize(na);
+  for (auto& a : plan.kv_assign) {
+    uint32_t logical, physical;
+    RETURN_IF_ERROR(r.I64(&a.sequence_id));
+    RETURN_IF_ERROR(r.U8(&a.group));
+    RETURN_IF_ERROR(r.U32(&logical));
+    RETURN_IF_ERROR(r.U32(&physical));
+    a.logical = static_cast<int32_t>(logical);
+    a.physical = static_cast<int32_t>(physical);  // ranges: KvBlockTables::Apply
   }
   uint32_t n;
   RETURN_IF_ERROR(r.U32(&n));
@@ -264,7 +287,7 @@ Result<StepOutput> DecodeStepOutput(std::span<const uint8_t> payload) {
 
 std::vector<uint8_t> EncodeKvCapacity(const KvCapacity& c) {
   Writer w;
-  w.I64(c.tokens);
+  w.I64(c.blocks);
   w.I64(c.block_size);
   return std::move(w.out());
 }
@@ -272,10 +295,11 @@ std::vector<uint8_t> EncodeKvCapacity(const KvCapacity& c) {
 Result<KvCapacity> DecodeKvCapacity(std::span<const uint8_t> payload) {
   Reader r(payload);
   KvCapacity c;
-  RETURN_IF_ERROR(r.I64(&c.tokens));
+  RETURN_IF_ERROR(r.I64(&c.blocks));
   RETURN_IF_ERROR(r.I64(&c.block_size));
   RETURN_IF_ERROR(r.Done());
-  if (c.tokens < -1 || c.block_size < 1) return InvalidArgument("ready: bad KV capacity");
+  if (c.blocks < 0 || c.block_size < 1 || c.block_size > kMaxKvBlockSize)
+    return InvalidArgument("bad KV cache size");
   return c;
 }
 

@@ -17,8 +17,8 @@
 namespace gemma2::rpc {
 
 inline constexpr uint32_t kMagic = 0x50433247;  // "G2CP" little-endian
-inline constexpr uint16_t kVersion =
-    4;  // 2: KV prefix copies; 3: the rendezvous store; 4: KV capacity
+// 2: KV prefix copies; 3: the rendezvous store; 4: KV capacity; 5: KV block tables
+inline constexpr uint16_t kVersion = 5;
 inline constexpr size_t kHeaderBytes = 12;
 inline constexpr uint32_t kMaxPayload = 64u
                                         << 20;  // a step plan of 64 MiB is far past any real one
@@ -96,11 +96,13 @@ Result<StepPlan> DecodeStep(std::span<const uint8_t> payload);
 std::vector<uint8_t> EncodeStepOutput(const StepOutput& out);
 Result<StepOutput> DecodeStepOutput(std::span<const uint8_t> payload);
 
-// A worker's ready message: what its KV cache holds (tokens over all sequences; -1: host memory
-// only) and its block size. Between steps a heartbeat carries nothing.
+// A KV pool's size: the coordinator's request (the store's "kv-cache" key; 0 blocks: what memory
+// allows) and a worker's ready message (the blocks its pool got). Between steps a heartbeat
+// carries nothing.
+inline constexpr int64_t kMaxKvBlockSize = 1024;
 struct KvCapacity {
-  int64_t tokens = -1;
-  int64_t block_size = 1;
+  int64_t blocks = 0;
+  int64_t block_size = 16;
 };
 std::vector<uint8_t> EncodeKvCapacity(const KvCapacity& c);
 Result<KvCapacity> DecodeKvCapacity(std::span<const uint8_t> payload);

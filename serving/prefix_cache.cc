@@ -26,13 +26,14 @@ PrefixCache::Match PrefixCache::Find(const std::vector<int32_t>& tokens, int64_t
     const int64_t n = (b + 1) * block_size_;
     // A hash is a claim; the tokens are the proof.
     if (!std::equal(tokens.begin(), tokens.begin() + n, e.tokens.begin())) break;
-    best = {it->second.first, n};
+    if (n >= e.min_tokens) best = {it->second.first, n};
   }
   if (best.entry >= 0) entries_.at(best.entry).last_use = ++clock_;
   return best;
 }
 
-bool PrefixCache::Add(int64_t engine_id, std::vector<int32_t> tokens, int64_t blocks) {
+bool PrefixCache::Add(int64_t engine_id, std::vector<int32_t> tokens, int64_t blocks,
+                      int64_t min_tokens) {
   if (!enabled()) return false;
   const int64_t whole = static_cast<int64_t>(tokens.size()) / block_size_;
   if (whole == 0 || Find(tokens, whole * block_size_).tokens == whole * block_size_) return false;
@@ -44,7 +45,7 @@ bool PrefixCache::Add(int64_t engine_id, std::vector<int32_t> tokens, int64_t bl
     by_hash_[h] = {id, b + 1};  // the newest holder of a prefix answers for it
   }
   blocks_ += blocks;
-  entries_[id] = Entry{engine_id, std::move(tokens), blocks, ++clock_, 0};
+  entries_[id] = Entry{engine_id, std::move(tokens), blocks, min_tokens, ++clock_, 0};
   return true;
 }
 

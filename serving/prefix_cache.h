@@ -3,8 +3,9 @@
 // with a cached prefix gets those positions copied (StepPlan::kv_copies) instead of recomputed.
 //
 // Every layer's KV is copied, sliding-window layers included: a reused prefix is exactly what a
-// recomputation would have produced, whatever the window. A backend that evicts positions outside
-// the window would have to keep the last `sliding_window` positions of a cached prefix.
+// recomputation would have produced, whatever the window. Sliding-window layers give back blocks
+// below the window (model/kv_blocks.h), so an entry serves only prefixes long enough that their
+// window is still held (its min_tokens, StepExecutor::KvCopyFloor).
 #pragma once
 
 #include <cstdint>
@@ -21,6 +22,7 @@ class PrefixCache {
     int64_t engine_id = -1;       // the executor sequence that holds the KV
     std::vector<int32_t> tokens;  // the positions it holds
     int64_t blocks = 0;           // KV blocks it holds (BlockManager's unit)
+    int64_t min_tokens = 0;       // shorter prefixes are not copyable from it
     uint64_t last_use = 0;
     int pins = 0;  // copies from it planned but not yet run: not evictable
   };
@@ -33,11 +35,12 @@ class PrefixCache {
       : block_size_(block_size), max_entries_(max_entries) {}
   bool enabled() const { return max_entries_ > 0; }
   bool full() const { return entries_.size() >= max_entries_; }
-  // The longest cached prefix of `tokens` in whole blocks, at most `limit` tokens.
+  // The longest cached prefix of `tokens` in whole blocks, at most `limit` tokens, that its
+  // entry can give (at least the entry's min_tokens).
   Match Find(const std::vector<int32_t>& tokens, int64_t limit);
   // Keeps a finished sequence's KV; false (nothing kept) when it adds no new whole block or the
   // cache is full (EvictOne first). The caller then releases it.
-  bool Add(int64_t engine_id, std::vector<int32_t> tokens, int64_t blocks);
+  bool Add(int64_t engine_id, std::vector<int32_t> tokens, int64_t blocks, int64_t min_tokens);
   const Entry& entry(int64_t id) const { return entries_.at(id); }
   void Pin(int64_t id) { ++entries_.at(id).pins; }
   void Unpin(int64_t id) {

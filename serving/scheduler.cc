@@ -62,8 +62,9 @@ Scheduler::Scheduler(StepExecutor& executor, const Tokenizer* tokenizer, Metrics
       tokenizer_(tokenizer),
       metrics_(metrics),
       opts_(std::move(opts)),
-      blocks_(opts_.kv_blocks, opts_.block_size),
-      cache_(opts_.block_size, opts_.prefix_cache_entries) {
+      blocks_(std::min(opts_.kv_blocks, executor.kv_blocks()), executor.kv_layout(),
+              opts_.max_step_tokens),
+      cache_(executor.kv_layout().block_size, opts_.prefix_cache_entries) {
   PublishGauges();
   thread_ = std::thread([this] { Loop(); });
 }
@@ -94,8 +95,7 @@ std::optional<ApiError> Scheduler::Submit(std::shared_ptr<RequestHandle> request
         return ApiError{400,
                         "prompt + max_tokens = " + std::to_string(tokens) + " tokens need " +
                             std::to_string(blocks_.BlocksFor(tokens)) +
-                            " KV blocks; the server has " + std::to_string(blocks_.total()) +
-                            " (--kv-blocks)",
+                            " KV blocks; the server has " + std::to_string(blocks_.total()),
                         "invalid_request_error", "max_tokens", ""};
       }
     }
@@ -320,11 +320,12 @@ bool Scheduler::EvictCached() {
 
 // A finished sequence's cache stays as a reusable prefix when it adds whole blocks.
 bool Scheduler::Donate(Sequence& s) {
-  if (!cache_.enabled() || s.engine_id < 0 || s.computed < opts_.block_size) return false;
+  if (!cache_.enabled() || s.engine_id < 0 || s.computed < blocks_.block_size()) return false;
   if (cache_.full()) EvictCached();
   std::vector<int32_t> tokens;
   for (int64_t i = 0; i < s.computed; ++i) tokens.push_back(s.token(i));
-  if (!cache_.Add(s.engine_id, std::move(tokens), s.blocks)) return false;
+  if (!cache_.Add(s.engine_id, std::move(tokens), s.blocks, executor_.KvCopyFloor(s.engine_id)))
+    return false;
   s.engine_id = -1;  // the cache owns the executor sequence and its blocks now
   s.blocks = 0;
   s.computed = 0;

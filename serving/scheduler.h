@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <deque>
 #include <functional>
+#include <limits>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -30,8 +31,8 @@ struct SchedulerOptions {
   int max_running = 64;           // sequences in the running batch
   int max_queue = 256;            // requests waiting; past it, Submit answers 429
   int64_t max_step_tokens = 256;  // tokens per step (decode tokens + prefill chunks)
-  int64_t kv_blocks = 4096;       // the KV budget, in blocks of `block_size` positions
-  int64_t block_size = 16;
+  // The KV budget in the executor's blocks: all it has, or fewer (tests).
+  int64_t kv_blocks = std::numeric_limits<int64_t>::max();
   // Finished sequences kept as reusable prompt prefixes (0: no prefix caching). They hold KV
   // blocks until evicted (least recently used first) for admissions or growth.
   size_t prefix_cache_entries = 256;

@@ -284,7 +284,7 @@ TEST_F(ClusterTest, LauncherStartsReportsReadyAndStopsOnSigterm) {
   const std::string line = ReadLine(l.out);
   EXPECT_NE(line.find("gemma2-launch: ready: 4 ranks (tp 2 x pp 2)"), std::string::npos) << line;
   // cpu ranks keep KV in host memory: the budget is the one asked for (--kv-blocks default)
-  EXPECT_NE(line.find("KV budget 4096 blocks of 16"), std::string::npos) << line;
+  EXPECT_NE(line.find("KV budget 65536 blocks of 16"), std::string::npos) << line;
   EXPECT_EQ(Alive(model_.string()), 5);  // launcher + 4 workers
   kill(l.pid, SIGTERM);
   double s = 0;
@@ -338,31 +338,23 @@ TEST_F(ClusterTest, WrongSecretIsRefusedAtStartup) {
   EXPECT_EQ(Alive(model_.string()), 0);
 }
 
-// The KV budget follows the workers' reported capacity (a small one stands in for a GPU's pool):
-// lowered to what the smallest rank holds, a block size the workers' blocks do not divide
-// refused, and a cache smaller than one block refused, each with the reason.
-TEST_F(ClusterTest, KvBudgetFollowsTheWorkersCapacity) {
-  const std::string small = "env GEMMA2_TEST_KV_CAPACITY_TOKENS=1600 GEMMA2_TEST_KV_BLOCK_SIZE=16 ";
-  Launched l = StartLauncher(model_.string(), "--tp 2 --kv-blocks 4096", small);
+// The coordinator's block tables cover the smallest rank's pool: workers whose pools got fewer
+// blocks than asked (GEMMA2_TEST_KV_BLOCKS stands in for a GPU's memory) lower the budget; the
+// block size asked for is every pool's. A block size out of range is refused with the reason.
+TEST_F(ClusterTest, KvBudgetFollowsTheWorkersPools) {
+  Launched l = StartLauncher(model_.string(), "--tp 2 --kv-blocks 4096 --block-size 8",
+                             "env GEMMA2_TEST_KV_BLOCKS=100 ");
   std::string line = ReadLine(l.out);
-  EXPECT_NE(line.find("KV budget 100 blocks of 16"), std::string::npos) << line;
+  EXPECT_NE(line.find("KV budget 100 blocks of 8"), std::string::npos) << line;
   kill(l.pid, SIGTERM);
   double s = 0;
   EXPECT_EQ(WaitExit(l.pid, &s), 0);
   fclose(l.out);
-  l = StartLauncher(model_.string(), "--tp 2 --block-size 8", small);
+  l = StartLauncher(model_.string(), "--tp 2 --block-size 0");
   line = ReadLine(l.out);
-  EXPECT_EQ(WaitExit(l.pid, &s), 1) << line;
+  EXPECT_NE(WaitExit(l.pid, &s), 0) << line;
   fclose(l.out);
-  EXPECT_NE(line.find("--block-size 8 must be a multiple of the workers' KV block size 16"),
-            std::string::npos)
-      << line;
-  l = StartLauncher(model_.string(), "--tp 2",
-                    "env GEMMA2_TEST_KV_CAPACITY_TOKENS=8 GEMMA2_TEST_KV_BLOCK_SIZE=16 ");
-  line = ReadLine(l.out);
-  EXPECT_EQ(WaitExit(l.pid, &s), 1) << line;
-  fclose(l.out);
-  EXPECT_NE(line.find("hold 8 positions, less than one block of 16"), std::string::npos) << line;
+  EXPECT_NE(line.find("--block-size"), std::string::npos) << line;
   EXPECT_EQ(Alive(model_.string()), 0);
 }
 

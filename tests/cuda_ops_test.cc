@@ -65,18 +65,69 @@ class CudaOpsTest : public ::testing::Test {
     }
   }
   // Starts a step with no sequences (for ops that need no KV cache).
-  void EmptyStep(Backend& b) {
-    if (!dummy_kv_) dummy_kv_ = b.NewSequenceKv(1, 1, 128);
-    ASSERT_TRUE(b.BeginStep({}, StepOutputKind::kLogits).ok());
-  }
+  void EmptyStep(Backend& b) { ASSERT_TRUE(b.BeginStep({}, StepOutputKind::kLogits).ok()); }
   std::unique_ptr<Backend> gpu_;
   CpuBackend cpu_;
-  std::unique_ptr<SequenceKv> dummy_kv_;
+};
+
+// One owner's block tables over a gpu and a cpu pool of the same shape: `layers` local layers,
+// the last one sliding-window when window > 0 (its blocks below the window are given back and
+// reused by the other sequences). Few blocks, so reuse happens.
+struct SharedKv {
+  static constexpr int64_t kBlockSize = 16, kBlocks = 64;
+  SharedKv(Backend& gpu, Backend& cpu, int64_t layers, int64_t kv_heads, int64_t head_dim,
+           int64_t window)
+      : tables(Layout(layers, window), kBlocks) {
+    std::vector<KvGroup> groups(static_cast<size_t>(layers), KvGroup::kFull);
+    if (window > 0) groups.back() = KvGroup::kSliding;
+    for (Backend* b : {&gpu, &cpu}) {
+      auto made = b->CreateKvPool(groups, kv_heads, head_dim, kBlockSize, kBlocks);
+      EXPECT_TRUE(made.ok() && *made == kBlocks) << made.status().ToString();
+    }
+  }
+  static KvLayout Layout(int64_t layers, int64_t window) {
+    KvLayout l;
+    l.block_size = kBlockSize;
+    l.window = window;
+    l.max_blocks = 8192 / kBlockSize;  // the backends' max_positions
+    l.present[static_cast<size_t>(KvGroup::kFull)] = window == 0 || layers > 1;
+    l.present[static_cast<size_t>(KvGroup::kSliding)] = window > 0;
+    return l;
+  }
+  // Plans a step: step[s] new positions for sequence s (0: not in it). Slices in sequence order.
+  std::vector<SeqSlice> Step(const std::vector<int64_t>& step, int64_t* rows) {
+    StepPlan plan;
+    for (size_t s = 0; s < step.size(); ++s) {
+      if (step[s] == 0) continue;
+      StepSequence q;
+      q.sequence_id = static_cast<int64_t>(s);
+      q.start_pos = len[q.sequence_id];
+      q.tokens.assign(static_cast<size_t>(step[s]), 0);
+      plan.sequences.push_back(q);
+    }
+    const Status st = tables.Plan(plan, len);
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    std::vector<SeqSlice> slices;
+    *rows = 0;
+    for (const StepSequence& q : plan.sequences) {
+      const int64_t n = static_cast<int64_t>(q.tokens.size());
+      slices.push_back({{tables.table(q.sequence_id, KvGroup::kFull),
+                         tables.table(q.sequence_id, KvGroup::kSliding)},
+                        q.start_pos,
+                        n,
+                        *rows});
+      *rows += n;
+      len[q.sequence_id] += n;
+    }
+    return slices;
+  }
+  KvBlockTables tables;
+  std::map<int64_t, int64_t> len;
 };
 
 TEST_F(CudaOpsTest, RmsNormAndAddRmsNorm) {
   EmptyStep(*gpu_);
-  for (auto [rows, hidden] : {std::pair{1, 4608}, {3, 2304}, {17, 100}, {2, 3584}}) {
+  for (auto [rows, hidden] : {std::pair{1, 4608}, {3, 2304}, {17, 100}, {2, 3584}, {2, 6000}}) {
     SCOPED_TRACE(std::to_string(rows) + "x" + std::to_string(hidden));
     const auto x = Rand(rows * hidden, 3.0f, 1), d = Rand(rows * hidden, 5.0f, 2);
     const auto w1 = Rand(hidden, 0.1f, 3), w2 = Rand(hidden, 0.1f, 4);
@@ -252,6 +303,7 @@ TEST_F(CudaOpsTest, RopeCacheAndAttentionOverRaggedStepsAndBlocks) {
     SCOPED_TRACE("q" + std::to_string(ac.q_heads) + " kv" + std::to_string(ac.kv_heads) + " hd" +
                  std::to_string(ac.head_dim) + " window" + std::to_string(ac.window));
     auto gpu = NewGpu();
+    CpuBackend cpu;  // a pool per case
     ASSERT_NE(gpu, nullptr);
     const int64_t layers = 2, layer = 1;
     AttentionParams p;
@@ -263,39 +315,34 @@ TEST_F(CudaOpsTest, RopeCacheAndAttentionOverRaggedStepsAndBlocks) {
     p.window = ac.window;
     p.rope_theta = 10000.0;
     const int64_t width = (ac.q_heads + 2 * ac.kv_heads) * ac.head_dim;
-    // Three sequences; steps: ragged prefill, three decode steps, a second prefill chunk.
-    const std::vector<std::vector<int64_t>> steps = {
-        {1, 17, 40}, {1, 1, 1}, {1, 1, 1}, {1, 1, 1}, {5, 0, 300}};
-    std::vector<std::unique_ptr<SequenceKv>> gk, ck;
-    for (int s = 0; s < 3; ++s) {
-      gk.push_back(gpu->NewSequenceKv(layers, ac.kv_heads, ac.head_dim));
-      ck.push_back(cpu_.NewSequenceKv(layers, ac.kv_heads, ac.head_dim));
-    }
-    std::vector<int64_t> len(3, 0);
+    // Three sequences; steps: ragged prefill, three decode steps, a second prefill chunk, and a
+    // decode step whose 341-key context spreads over several attention splits (merged).
+    const std::vector<std::vector<int64_t>> steps = {{1, 17, 40}, {1, 1, 1},   {1, 1, 1},
+                                                     {1, 1, 1},   {5, 0, 300}, {1, 1, 1}};
+    SharedKv kv(*gpu, cpu, layers, ac.kv_heads, ac.head_dim, ac.window);
     uint64_t seed = 100;
     for (const auto& step : steps) {
-      std::vector<SeqSlice> gs, cs;
       int64_t rows = 0;
-      for (int s = 0; s < 3; ++s) {
-        if (step[s] == 0) continue;
-        gs.push_back({gk[s].get(), len[s], step[s], rows});
-        cs.push_back({ck[s].get(), len[s], step[s], rows});
-        rows += step[s];
-      }
+      const std::vector<SeqSlice> gs = kv.Step(step, &rows), cs = gs;
       ASSERT_TRUE(gpu->BeginStep(gs, StepOutputKind::kLogits).ok());
       const auto qkv = Rand(rows * width, 1.0f, ++seed);
-      Tensor gq = Put(*gpu, qkv, rows, width), cq = Put(cpu_, qkv, rows, width);
+      Tensor gq = Put(*gpu, qkv, rows, width), cq = Put(cpu, qkv, rows, width);
       gpu->RopeAndCacheWrite(gq, gs, layer, p);
-      cpu_.RopeAndCacheWrite(cq, cs, layer, p);
-      ExpectRowsClose(Get(*gpu, gq), Get(cpu_, cq), width, 5e-3, "RoPE");
+      cpu.RopeAndCacheWrite(cq, cs, layer, p);
+      ExpectRowsClose(Get(*gpu, gq), Get(cpu, cq), width, 5e-3, "RoPE");
       Tensor go = gpu->Alloc(rows, ac.q_heads * ac.head_dim),
-             co = cpu_.Alloc(rows, ac.q_heads * ac.head_dim);
+             co = cpu.Alloc(rows, ac.q_heads * ac.head_dim);
       gpu->Attention(gq, gs, layer, p, go);
-      cpu_.Attention(cq, cs, layer, p, co);
-      ExpectRowsClose(Get(*gpu, go), Get(cpu_, co), ac.q_heads * ac.head_dim, 2e-2, "Attention");
-      for (int s = 0; s < 3; ++s) len[s] += step[s];
+      cpu.Attention(cq, cs, layer, p, co);
+      ExpectRowsClose(Get(*gpu, go), Get(cpu, co), ac.q_heads * ac.head_dim, 2e-2, "Attention");
     }
-    EXPECT_EQ(gk[2]->length(), 343);
+    EXPECT_EQ(kv.len[2], 344);
+    // The sliding-window layer holds only the blocks the last step's query (at 343) could reach.
+    if (ac.window > 0) {
+      const auto t = kv.tables.table(2, KvGroup::kSliding);
+      EXPECT_EQ(std::count_if(t.begin(), t.end(), [](int32_t b) { return b >= 0; }),
+                343 / 16 - (343 - ac.window + 1) / 16 + 1);
+    }
   }
 }
 
@@ -315,7 +362,6 @@ TEST_F(CudaOpsTest, SamplingMatchesTheSpecification) {
     ids->resize(rows);
     ASSERT_TRUE(gpu_->SampleToHost(gl, s, ids->data()).ok());
   };
-  if (!dummy_kv_) dummy_kv_ = gpu_->NewSequenceKv(1, 1, 128);
   std::vector<RowSampling> s(rows);
   for (int64_t r = 0; r < rows; ++r) {
     s[r].counter = static_cast<uint64_t>(r * 7);
@@ -345,6 +391,7 @@ TEST_F(CudaOpsTest, FreshPrefillAttentionOnTensorCores) {
     SCOPED_TRACE("q" + std::to_string(ac.q_heads) + " kv" + std::to_string(ac.kv_heads) + " hd" +
                  std::to_string(ac.head_dim) + " window" + std::to_string(ac.window));
     auto gpu = NewGpu();
+    CpuBackend cpu;  // a pool per case
     ASSERT_NE(gpu, nullptr);
     AttentionParams p;
     p.q_heads = ac.q_heads;
@@ -357,52 +404,54 @@ TEST_F(CudaOpsTest, FreshPrefillAttentionOnTensorCores) {
     p.softcap = 5.0f;
     p.window = ac.window;
     const int64_t width = (ac.q_heads + 2 * ac.kv_heads) * ac.head_dim;
-    std::vector<std::unique_ptr<SequenceKv>> gk, ck;
-    for (int s = 0; s < 3; ++s) {
-      gk.push_back(gpu->NewSequenceKv(1, ac.kv_heads, ac.head_dim));
-      ck.push_back(cpu_.NewSequenceKv(1, ac.kv_heads, ac.head_dim));
-    }
+    SharedKv kv(*gpu, cpu, 1, ac.kv_heads, ac.head_dim, ac.window);
     // Two fresh prefills in one step, a decode step on both, then a fresh 300-token prefill.
     const std::vector<std::vector<int64_t>> steps = {{64, 131, 0}, {1, 1, 0}, {0, 0, 300}};
-    std::vector<int64_t> len(3, 0);
     uint64_t seed = 500;
     for (const auto& step : steps) {
-      std::vector<SeqSlice> gs, cs;
       int64_t rows = 0;
-      for (int s = 0; s < 3; ++s) {
-        if (step[s] == 0) continue;
-        gs.push_back({gk[s].get(), len[s], step[s], rows});
-        cs.push_back({ck[s].get(), len[s], step[s], rows});
-        rows += step[s];
-      }
+      const std::vector<SeqSlice> gs = kv.Step(step, &rows), cs = gs;
       ASSERT_TRUE(gpu->BeginStep(gs, StepOutputKind::kLogits).ok());
       const auto qkv = Rand(rows * width, 1.0f, ++seed);
-      Tensor gq = Put(*gpu, qkv, rows, width), cq = Put(cpu_, qkv, rows, width);
+      Tensor gq = Put(*gpu, qkv, rows, width), cq = Put(cpu, qkv, rows, width);
       gpu->RopeAndCacheWrite(gq, gs, 0, p);
-      cpu_.RopeAndCacheWrite(cq, cs, 0, p);
+      cpu.RopeAndCacheWrite(cq, cs, 0, p);
       Tensor go = gpu->Alloc(rows, ac.q_heads * ac.head_dim),
-             co = cpu_.Alloc(rows, ac.q_heads * ac.head_dim);
+             co = cpu.Alloc(rows, ac.q_heads * ac.head_dim);
       gpu->Attention(gq, gs, 0, p, go);
-      cpu_.Attention(cq, cs, 0, p, co);
-      ExpectRowsClose(Get(*gpu, go), Get(cpu_, co), ac.q_heads * ac.head_dim, 2e-2, "Attention");
-      for (int s = 0; s < 3; ++s) len[s] += step[s];
+      cpu.Attention(cq, cs, 0, p, co);
+      ExpectRowsClose(Get(*gpu, go), Get(cpu, co), ac.q_heads * ac.head_dim, 2e-2, "Attention");
     }
   }
 }
 
-TEST_F(CudaOpsTest, KvCacheExhaustionIsAnErrorNotACrash) {
+// A pool sized in bytes (4 blocks of 16 positions, 2 layers); a step whose new position has no
+// block in its table, or a block past the pool, is refused before any kernel runs.
+TEST_F(CudaOpsTest, UnmappedKvPositionsAreAnErrorNotACrash) {
   EngineOptions o;
   o.backend = "cuda";
-  o.kv_cache_bytes = 2 * 2 * 1 * 16 * 128 * 2 * 4;  // 4 blocks of 16 tokens, 2 layers
+  o.kv_cache_bytes = 2 * 2 * 1 * 16 * 128 * 2 * 4;
   auto b = MakeBackend(o, 0);
   ASSERT_TRUE(b.ok());
-  auto kv = (*b)->NewSequenceKv(2, 1, 128);
-  std::vector<SeqSlice> s = {{kv.get(), 0, 64, 0}};
+  const std::vector<KvGroup> groups = {KvGroup::kFull, KvGroup::kFull};
+  auto made = (*b)->CreateKvPool(groups, 1, 128, 16, 0);
+  ASSERT_TRUE(made.ok()) << made.status().ToString();
+  EXPECT_EQ(*made, 4);
+  std::vector<int32_t> table(512, -1);
+  table[0] = 3;
+  table[1] = 0;
+  table[2] = 1;
+  table[3] = 2;
+  std::vector<SeqSlice> s = {{{table, {}}, 0, 64, 0}};
   EXPECT_TRUE((*b)->BeginStep(s, StepOutputKind::kLogits).ok());
-  s = {{kv.get(), 64, 1, 0}};
-  const Status st = (*b)->BeginStep(s, StepOutputKind::kLogits);
+  s = {{{table, {}}, 64, 1, 0}};
+  Status st = (*b)->BeginStep(s, StepOutputKind::kLogits);
   ASSERT_FALSE(st.ok());
-  EXPECT_NE(st.message().find("KV cache full"), std::string::npos) << st.message();
+  EXPECT_NE(st.message().find("logical KV block 4 of group 0 is not mapped"), std::string::npos)
+      << st.message();
+  table[4] = 4;  // past the pool
+  st = (*b)->BeginStep(s, StepOutputKind::kLogits);
+  EXPECT_FALSE(st.ok());
 }
 
 }  // namespace

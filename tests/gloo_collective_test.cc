@@ -178,8 +178,11 @@ TEST(GlooCollectiveTest, TensorParallelProcessesEqualOneProcess) {
       auto comm = GlooCollective::CreateWithFileStore(Opts(rank, tp, 30000),
                                                       (work.path() / "store").string());
       if (!comm.ok()) return 3;
-      auto kv = (*model)->NewSequenceKv();
-      SequenceKv* kvs[] = {kv.get()};
+      const int64_t block_size = 16;
+      auto blocks = (*model)->CreateKvPool(block_size, 64);
+      if (!blocks.ok()) return 5;
+      KvBlockTables kv(KvLayout::For((*local_ck)->config(), block_size), *blocks);
+      std::map<int64_t, int64_t> lengths = {{0, 0}};
       std::vector<float> rows;
       std::vector<int32_t> tokens = ref.prompt_ids;
       int64_t pos = 0;
@@ -193,7 +196,9 @@ TEST(GlooCollectiveTest, TensorParallelProcessesEqualOneProcess) {
         pos += static_cast<int64_t>(s.tokens.size());
         p.sequences.push_back(s);
         StepOutput out;
-        if (!(*model)->Forward(p, kvs, **comm, &out).ok()) return 4;
+        if (!kv.Plan(p, lengths).ok()) return 6;
+        lengths[0] = pos;
+        if (!(*model)->Forward(p, kv, **comm, &out).ok()) return 4;
         rows.insert(rows.end(), out.values.begin(), out.values.end());
         tokens.push_back(SampleRow({out.row(out.rows - 1), static_cast<size_t>(out.width)}, {}));
       }

@@ -14,6 +14,7 @@ StepPlan SamplePlan() {
   p.ids_only = true;
   p.released = {3, 5};
   p.kv_copies = {{9, 7, 64}};
+  p.kv_assign = {{9, 1, 3, -1}, {7, 0, 0, 12}, {7, 1, 511, 70000}};
   StepSequence a;
   a.sequence_id = 7;
   a.start_pos = 0;
@@ -46,6 +47,13 @@ TEST(WireTest, StepPlanRoundTrips) {
   EXPECT_EQ(back->kv_copies[0].src, 9);
   EXPECT_EQ(back->kv_copies[0].dst, 7);
   EXPECT_EQ(back->kv_copies[0].tokens, 64);
+  ASSERT_EQ(back->kv_assign.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(back->kv_assign[i].sequence_id, p.kv_assign[i].sequence_id);
+    EXPECT_EQ(back->kv_assign[i].group, p.kv_assign[i].group);
+    EXPECT_EQ(back->kv_assign[i].logical, p.kv_assign[i].logical);
+    EXPECT_EQ(back->kv_assign[i].physical, p.kv_assign[i].physical);
+  }
   EXPECT_EQ(back->sequences[0].tokens, p.sequences[0].tokens);
   EXPECT_EQ(back->sequences[1].start_pos, 4096);
   EXPECT_EQ(back->sequences[1].sampling.params.top_k, 40);
@@ -70,11 +78,21 @@ TEST(WireTest, CorruptFieldsAreRefusedBeforeAllocating) {
   w.U8(0);
   w.U32(0);  // released
   w.U32(0);  // KV copies
+  w.U32(0);  // KV block assignments
   w.U32(1);
   w.I64(1);
   w.I64(0);
   w.U32(0x80000000u);
-  EXPECT_FALSE(DecodeStep(w.out()).ok());
+  EXPECT_NE(DecodeStep(w.out()).status().message().find("token count"), std::string::npos);
+  // 2^31 block assignments: likewise.
+  Writer a;
+  a.U8(0);
+  a.U32(0);
+  a.U32(0);
+  a.U32(0x80000000u);
+  a.I64(1);
+  EXPECT_NE(DecodeStep(a.out()).status().message().find("KV block assignments over the cap"),
+            std::string::npos);
   // Output row past the tokens; a NaN temperature; a negative position; too many sequences.
   StepPlan p = SamplePlan();
   p.sequences[0].output_rows = {4};
@@ -125,22 +143,24 @@ TEST(WireTest, StatusRoundTrips) {
   EXPECT_FALSE(DecodeStatus(bytes, &back).ok());
 }
 
-// A worker's ready message: its KV capacity, exactly 16 bytes, values in range.
+// A KV pool's size (the coordinator's request, a worker's ready message): exactly 16 bytes,
+// values in range.
 TEST(WireTest, KvCapacityRoundTripsAndDamageIsRefused) {
   const auto bytes = EncodeKvCapacity({123456, 16});
   auto back = DecodeKvCapacity(bytes);
   ASSERT_TRUE(back.ok()) << back.status().message();
-  EXPECT_EQ(back->tokens, 123456);
+  EXPECT_EQ(back->blocks, 123456);
   EXPECT_EQ(back->block_size, 16);
-  auto unbounded = DecodeKvCapacity(EncodeKvCapacity({}));
-  ASSERT_TRUE(unbounded.ok());
-  EXPECT_EQ(unbounded->tokens, -1);
+  auto memory = DecodeKvCapacity(EncodeKvCapacity({}));
+  ASSERT_TRUE(memory.ok());
+  EXPECT_EQ(memory->blocks, 0);  // as many as memory allows
+  EXPECT_FALSE(DecodeKvCapacity(EncodeKvCapacity({1, kMaxKvBlockSize + 1})).ok());
   EXPECT_FALSE(DecodeKvCapacity({}).ok());  // a between-steps heartbeat is not a ready message
   EXPECT_FALSE(DecodeKvCapacity(std::span(bytes).first(15)).ok());
   auto longer = bytes;
   longer.push_back(0);
   EXPECT_FALSE(DecodeKvCapacity(longer).ok());
-  EXPECT_FALSE(DecodeKvCapacity(EncodeKvCapacity({-2, 16})).ok());
+  EXPECT_FALSE(DecodeKvCapacity(EncodeKvCapacity({-1, 16})).ok());
   EXPECT_FALSE(DecodeKvCapacity(EncodeKvCapacity({100, 0})).ok());
 }
 

@@ -189,6 +189,7 @@ TEST(LogitsProcessingTest, PenaltiesMinPAndLogprobsFollowTheirDefinitions) {
 
 class SchedulerTest : public ::testing::Test {
  protected:
+  void SharedPrefixCase(const ModelConfig& c);
   void Make(const ModelConfig& c) {
     RandomCheckpointOptions o;
     o.seed = 5;
@@ -200,7 +201,9 @@ class SchedulerTest : public ::testing::Test {
     auto ck = Checkpoint::Open(dir_->path());
     ASSERT_TRUE(ck.ok()) << ck.status().ToString();
     ck_ = std::move(ck).value();
-    auto e = Engine::Create(*ck_, {"cpu", 2, 1});
+    EngineOptions eo{"cpu", 2, 1};
+    eo.kv_block_size = 4;
+    auto e = Engine::Create(*ck_, eo);
     ASSERT_TRUE(e.ok()) << e.status().ToString();
     engine_ = std::move(e).value();
   }
@@ -290,13 +293,13 @@ TEST_F(SchedulerTest, ContinuousBatchingEqualsTheOfflineLoop) {
   struct Setting {
     int64_t step_tokens, kv_blocks;
   };
-  // 20 blocks of 4: each request fits alone (at most 71 tokens), all six together do not.
-  for (const Setting& st : {Setting{256, 4096}, Setting{7, 4096}, Setting{16, 20}}) {
+  // 40 blocks of 4 (two per 4 positions: the full and the sliding-window layers): each request
+  // fits alone (at most 71 tokens), all six together do not.
+  for (const Setting& st : {Setting{256, 4096}, Setting{7, 4096}, Setting{16, 40}}) {
     Metrics metrics;
     SchedulerOptions o;
     o.max_step_tokens = st.step_tokens;
     o.kv_blocks = st.kv_blocks;
-    o.block_size = 4;
     Scheduler s(*engine_, nullptr, metrics, o);
     std::vector<std::shared_ptr<RequestHandle>> hs;
     for (size_t i = 0; i < reqs.size(); ++i) {
@@ -328,6 +331,9 @@ class PipelinedEngine final : public StepExecutor {
   int64_t NewSequence() override { return e_.NewSequence(); }
   void ReleaseSequence(int64_t id) override { e_.ReleaseSequence(id); }
   int64_t SequenceLength(int64_t id) const override { return e_.SequenceLength(id); }
+  const KvLayout& kv_layout() const override { return e_.kv_layout(); }
+  int64_t kv_blocks() const override { return e_.kv_blocks(); }
+  int64_t KvCopyFloor(int64_t id) const override { return e_.KvCopyFloor(id); }
   Result<StepOutput> Step(const StepPlan& plan) override { return e_.Step(plan); }
   int pipeline_depth() const override { return depth_; }
   Status Submit(const StepPlan& plan) override {
@@ -367,9 +373,12 @@ class PipelinedEngine final : public StepExecutor {
 };
 
 // Steps kept in flight two and three at a time over disjoint sequences (pipelined decode) give
-// the offline loop's tokens, with prefill chunks, preemption and prefix copies in the mix.
+// the offline loop's tokens, with prefill chunks, preemption and prefix copies in the mix (a
+// window of 48, so finished prompts keep the sliding-window blocks a copy needs).
 TEST_F(SchedulerTest, PipelinedStepsEqualTheOfflineLoop) {
-  Make(Small());
+  ModelConfig c = Small();
+  c.sliding_window = 48;
+  Make(c);
   std::vector<ParsedRequest> reqs;
   for (int i = 0; i < 8; ++i) {
     reqs.push_back(Completion(Prompt(5 + 7 * i, i % 5), 6 + 3 * i, i % 2 ? 0.8f : 0.0f, 200 + i));
@@ -380,14 +389,13 @@ TEST_F(SchedulerTest, PipelinedStepsEqualTheOfflineLoop) {
   for (int salt = 0; salt < 4; ++salt) wave2.push_back(Completion(Prompt(30, salt), 5, 0.0f));
   const auto expected = Offline(*engine_, reqs), expected2 = Offline(*engine_, wave2);
   for (int depth : {2, 3}) {
-    for (int64_t kv_blocks : {4096, 24}) {  // 24 blocks of 4: preemptions
+    for (int64_t kv_blocks : {4096, 48}) {  // 48 blocks of 4: preemptions
       SCOPED_TRACE("depth " + std::to_string(depth) + " blocks " + std::to_string(kv_blocks));
       PipelinedEngine pipe(*engine_, depth);
       Metrics metrics;
       SchedulerOptions o;
       o.max_step_tokens = 9;
       o.kv_blocks = kv_blocks;
-      o.block_size = 4;
       Scheduler s(pipe, nullptr, metrics, o);
       ExpectTokens(s, reqs, expected, "request");
       ExpectTokens(s, wave2, expected2, "second wave");
@@ -407,11 +415,11 @@ TEST_F(SchedulerTest, PipelinedStepsEqualTheOfflineLoop) {
 TEST_F(SchedulerTest, PreemptedSequencesAreRecomputedToTheSameTokens) {
   Make(Small());
   SchedulerOptions o;
-  o.block_size = 4;
-  o.kv_blocks = 14;  // 56 positions; each request alone needs 40
+  o.kv_blocks = 28;  // 56 positions (both layer groups); each request alone needs 40
   Scheduler s(*engine_, nullptr, metrics_, o);
   std::vector<std::shared_ptr<RequestHandle>> hs;
   for (int i = 0; i < 4; ++i) hs.push_back(Submit(s, Completion(Prompt(10, i), 30, 0.7f, 9 + i)));
+
   for (auto& h : hs) WaitDone(*h);  // the scheduler is idle before the test uses the engine
   for (int i = 0; i < 4; ++i) {
     GenerationRequest g;
@@ -430,8 +438,19 @@ TEST_F(SchedulerTest, PreemptedSequencesAreRecomputedToTheSameTokens) {
 
 // A second request that shares a prompt prefix with a finished one copies the prefix's KV instead
 // of computing it, and still gets the offline loop's tokens; with prefix caching off it computes.
+// With a sliding window of 6 the finished sequence no longer holds the window of a 36-token
+// prefix (its sliding-window blocks were given back): it is recomputed, to the same tokens.
 TEST_F(SchedulerTest, SharedPrefixesAreCopiedNotRecomputed) {
-  Make(Small());
+  for (int64_t window : {48, 6}) {
+    SCOPED_TRACE("window " + std::to_string(window));
+    ModelConfig c = Small();
+    c.sliding_window = window;
+    SharedPrefixCase(c);
+  }
+}
+
+void SchedulerTest::SharedPrefixCase(const ModelConfig& c) {
+  Make(c);
   std::vector<int32_t> shared = Prompt(37, 4);
   std::vector<int32_t> second = shared;
   second.insert(second.end(), {5, 6, 7});
@@ -444,7 +463,6 @@ TEST_F(SchedulerTest, SharedPrefixesAreCopiedNotRecomputed) {
   for (size_t entries : {size_t{256}, size_t{0}}) {
     Metrics metrics;
     SchedulerOptions o;
-    o.block_size = 4;
     o.prefix_cache_entries = entries;
     Scheduler s(*engine_, nullptr, metrics, o);
     auto first = Submit(s, Completion(shared, 3));
@@ -454,7 +472,7 @@ TEST_F(SchedulerTest, SharedPrefixesAreCopiedNotRecomputed) {
     WaitDone(*h);
     std::lock_guard<std::mutex> lock(h->mu);
     EXPECT_EQ(h->choices[0].token_ids, (*want)[0].generated);
-    if (entries > 0) {
+    if (entries > 0 && c.sliding_window > 40) {
       EXPECT_EQ(metrics.prefix_hit_tokens.load(), 36u);  // 9 whole blocks of the 39 cached tokens
       EXPECT_EQ(metrics.prompt_tokens.load() - computed_before, second.size() - 36);
       EXPECT_GT(metrics.kv_blocks_cached.load(), 0);
@@ -468,7 +486,6 @@ TEST_F(SchedulerTest, SharedPrefixesAreCopiedNotRecomputed) {
 TEST_F(SchedulerTest, CancelledRequestsFreeTheirBlocksAndCountOnce) {
   Make(Small());
   SchedulerOptions o;
-  o.block_size = 4;
   o.kv_blocks = 64;
   Scheduler s(*engine_, nullptr, metrics_, o);
   auto h = Submit(s, Completion(Prompt(20, 1), 70));

@@ -157,19 +157,26 @@ Status Serve(const Args& a, rpc::Channel& ch) {
   }
   const PipelineLinks links{prev.get(), next.get()};
   const bool carries_output = stage == a.pp - 1 && tp_rank == 0;
-  // Ready, with what this rank's KV cache holds (a first sequence fixes the cuda pool), so the
-  // coordinator never plans past it.
-  model->NewSequenceKv().reset();
-  rpc::KvCapacity capacity{backend->kv_capacity_tokens(), backend->kv_block_size()};
-  if (const int64_t t = EnvInt("GEMMA2_TEST_KV_CAPACITY_TOKENS"); t >= 0) {  // tests: a small cache
-    capacity = {t, std::max<int64_t>(1, EnvInt("GEMMA2_TEST_KV_BLOCK_SIZE"))};
+  // The KV pool as the coordinator asks (its store's "kv-cache": block size and blocks, 0: what
+  // memory allows); ready, with the blocks it got, so the coordinator never assigns past them.
+  std::vector<uint8_t> spec;
+  try {
+    const std::vector<char> v = store.get("kv-cache");
+    spec.assign(v.begin(), v.end());
+  } catch (const std::exception& e) {
+    return Status(StatusCode::kUnavailable, std::string("reading the KV cache spec: ") + e.what());
   }
-  RETURN_IF_ERROR(ch.Send(rpc::MessageType::kHeartbeat, rpc::EncodeKvCapacity(capacity), 30s));
+  ASSIGN_OR_RETURN(const rpc::KvCapacity asked, rpc::DecodeKvCapacity(spec));
+  int64_t blocks = asked.blocks;
+  if (const int64_t t = EnvInt("GEMMA2_TEST_KV_BLOCKS"); t > 0) blocks = t;  // tests: a small pool
+  ASSIGN_OR_RETURN(blocks, model->CreateKvPool(asked.block_size, blocks));
+  KvBlockTables kv(KvLayout::For(ck->config(), asked.block_size), blocks);
+  RETURN_IF_ERROR(ch.Send(rpc::MessageType::kHeartbeat,
+                          rpc::EncodeKvCapacity({blocks, asked.block_size}), 30s));
 
   const bool faulty = EnvInt("GEMMA2_FAULT_RANK") == a.rank;
   const int64_t kill_after = faulty ? EnvInt("GEMMA2_FAULT_KILL_AFTER_STEPS") : -1;
   const int64_t stop_after = faulty ? EnvInt("GEMMA2_FAULT_STOP_AFTER_STEPS") : -1;
-  std::map<int64_t, std::unique_ptr<SequenceKv>> kvs;
   for (int64_t step = 0;;) {
     // The coordinator may be idle for a long time; its death shows up as a broken channel.
     auto m = ch.Receive(std::chrono::hours(24 * 365));
@@ -187,25 +194,13 @@ Status Serve(const Args& a, rpc::Channel& ch) {
     if (step == stop_after) raise(SIGSTOP);
     ++step;
     ASSIGN_OR_RETURN(StepPlan p, rpc::DecodeStep(m->payload));
-    for (int64_t id : p.released) kvs.erase(id);
-    for (const KvCopy& k : p.kv_copies) {
-      auto src = kvs.find(k.src);
-      if (src == kvs.end())
-        return InvalidArgument("KV copy from unknown sequence " + std::to_string(k.src));
-      auto& dst = kvs[k.dst];
-      if (!dst) dst = model->NewSequenceKv();
-      RETURN_IF_ERROR(model->CopyKvPrefix(*src->second, *dst, k.tokens));
-    }
-    std::vector<SequenceKv*> seq_kvs;
-    for (const auto& s : p.sequences) {
-      auto& kv = kvs[s.sequence_id];
-      if (!kv) kv = model->NewSequenceKv();
-      seq_kvs.push_back(kv.get());
-    }
+    for (int64_t id : p.released) kv.Release(id);
+    RETURN_IF_ERROR(kv.Apply(p.kv_assign).WithContext("step plan"));
+    for (const KvCopy& k : p.kv_copies) RETURN_IF_ERROR(model->CopyKv(kv, k));
     StepOutput out;
     // The step watchdog of GPU collectives: a peer that hangs aborts the communicators.
     for (auto* n : watched) n->Arm(a.step_timeout);
-    const Status ran = model->Forward(p, seq_kvs, *comm, &out, links);
+    const Status ran = model->Forward(p, kv, *comm, &out, links);
     for (auto* n : watched) n->Disarm();
     RETURN_IF_ERROR(ran);  // Run reports it
     // Every rank answers (so the coordinator hears from each); the last stage's rank 0 carries

@@ -133,7 +133,7 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
   const int node_ranks = opts.nodes.size() > 1 ? (world + static_cast<int>(opts.nodes.size()) - 1) /
                                                      static_cast<int>(opts.nodes.size())
                                                : spawn_end - opts.spawn_begin;
-  if (opts.backend == "cuda") {
+  if (opts.backend == "cuda" && spawn_end > opts.spawn_begin) {
     RETURN_IF_ERROR(
         GpusForNode(0, std::min(node_ranks, spawn_end - opts.spawn_begin), opts.gpus_per_node)
             .status());

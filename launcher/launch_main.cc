@@ -7,6 +7,9 @@
 //
 //   gemma2-launch --model DIR --tp 4 --nodes 2 --port 8000   # tp 4 per node, 2 pipeline stages
 //
+// Built a second time as gemma2-coordinator (GEMMA2_COORDINATOR_ONLY): the same coordinator and
+// server, no local workers; every rank's gemma2-worker is started elsewhere and joins at --master.
+//
 // This machine only for now: nodes are pipeline stages of local processes (--node-exec/--listen of
 // gemma2-run describe namespaced test nodes).
 #include <signal.h>
@@ -39,6 +42,10 @@ struct Args {
   // Multi-host (per-node mode): every node runs gemma2-launch with the same --master and
   // --secret-file; node 0 is the coordinator, the others start their ranks and supervise them.
   int node_rank = -1;
+  // gemma2-coordinator: start no worker; every rank's gemma2-worker is started by someone else
+  // (a job scheduler, an operator) and joins at --master with the secret.
+  bool external_workers = false;
+  const char* tool = "gemma2-launch";
   std::string master, secret_file, address;
   // Fan-out from the head node: one node launcher per further host, started over ssh.
   std::vector<std::string> hosts;
@@ -228,6 +235,7 @@ Status Run(Args a) {
   if (const char* id = std::getenv("SLURM_NODEID"); id && a.node_rank < 0)
     a.node_rank = std::atoi(id);
   if (a.node_rank < 0) a.node_rank = 0;
+  if (a.external_workers) a.node_rank = 0;
   ASSIGN_OR_RETURN(std::string key, ApiKey(a));
   struct sigaction sa {};
   sa.sa_handler = OnSignal;
@@ -258,7 +266,7 @@ Status Run(Args a) {
     co.control_port = hp.second;
     co.secret_file = a.secret_file;
     co.spawn_begin = 0;
-    co.spawn_end = world / a.nodes;
+    co.spawn_end = a.external_workers ? 0 : world / a.nodes;
     co.nodes = {ClusterOptions::Node{{}, a.address}};
   }
   std::vector<pid_t> remote;  // ssh sessions of the other nodes (fan-out)
@@ -310,9 +318,10 @@ Status Run(Args a) {
   RETURN_IF_ERROR(Probe(*scheduler, config));
   server.SetReady(true);
   std::printf(
-      "gemma2-launch: ready: %d ranks (tp %d x pp %d), model %s, KV budget %lld blocks of %lld, "
+      "%s: ready: %d ranks (tp %d x pp %d), model %s, KV budget %lld blocks of %lld, "
       "serving '%s' on http://%s:%d\n",
-      cluster->world(), co.tp, co.pp, a.model.c_str(), static_cast<long long>(cluster->kv_blocks()),
+      a.tool, cluster->world(), co.tp, co.pp, a.model.c_str(),
+      static_cast<long long>(cluster->kv_blocks()),
       static_cast<long long>(cluster->kv_layout().block_size), facts.served_name.c_str(),
       a.host.c_str(), server.port());
   std::fflush(stdout);
@@ -328,7 +337,7 @@ Status Run(Args a) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  std::printf("gemma2-launch: draining on signal\n");
+  std::printf("%s: draining on signal\n", a.tool);
   std::fflush(stdout);
   server.StopAccepting();
   scheduler->BeginDrain();
@@ -341,7 +350,7 @@ Status Run(Args a) {
   const bool drained = scheduler->Idle();
   scheduler.reset();  // requests still open end with 503
   server.Stop();
-  std::printf("gemma2-launch: stopped (%s)\n",
+  std::printf("%s: stopped (%s)\n", a.tool,
               drained ? "drained" : "drain timeout: open requests failed");
   std::fflush(stdout);
   return OkStatus();  // the cluster's destructor stops every worker
@@ -352,9 +361,18 @@ Status Run(Args a) {
 
 int main(int argc, char** argv) {
   gemma2::Args a;
+#ifdef GEMMA2_COORDINATOR_ONLY
+  a.external_workers = true;
+  a.tool = "gemma2-coordinator";
+  CLI::App app{
+      "gemma2-coordinator: the coordinator of a gemma2 cluster whose workers are started elsewhere "
+      "(gemma2-worker --coordinator HOST:PORT --rank R ... with the same --secret-file); serves "
+      "it over HTTP once every rank has joined"};
+#else
   CLI::App app{
       "gemma2-launch: start a gemma2 cluster (coordinator + one worker per rank) and serve it over "
       "HTTP"};
+#endif
   app.add_option("--model", a.model, "Hugging Face checkpoint directory")->required();
   app.add_option("--tp", a.tp, "tensor-parallel ranks per node")->check(CLI::Range(1, 1024));
   app.add_option("--nodes", a.nodes, "nodes (pipeline stages across nodes)")
@@ -424,5 +442,11 @@ int main(int argc, char** argv) {
   app.add_option("--max-body-bytes", a.limits.max_body_bytes, "largest request body");
   app.add_flag("--strict-fields", a.limits.strict_fields,
                "unknown request fields are an error (400)");
-  return gemma2::RunTool("gemma2-launch", app, argc, argv, [&] { return gemma2::Run(a); });
+  if (a.external_workers) {
+    app.get_option("--master")
+        ->required()
+        ->description("HOST:PORT the control plane listens on; every worker connects there");
+    app.get_option("--secret-file")->required();
+  }
+  return gemma2::RunTool(a.tool, app, argc, argv, [&] { return gemma2::Run(a); });
 }

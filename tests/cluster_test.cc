@@ -152,7 +152,8 @@ std::string CompletionInNamespace(const std::string& ns, const std::string& read
   const auto at = ready_line.find("http://");
   if (at == std::string::npos) return "";
   const std::string url = ready_line.substr(at, ready_line.find_first_of(" \n", at) - at);
-  std::string cmd = "ip netns exec " + ns + " curl -sS --max-time 60 " + url;
+  std::string cmd =
+      (ns.empty() ? "" : "ip netns exec " + ns + " ") + "curl -sS --max-time 60 " + url;
   cmd += "/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": [" + ids;
   cmd +=
       "], \"max_tokens\": 4, \"temperature\": 0, \"ignore_eos\": true, \"return_token_ids\": "
@@ -236,9 +237,10 @@ struct Launched {
 // gemma2-launch with its stdout and stderr in `out`; `wrapper` runs it (e.g. "env UCX_TLS=tcp
 // ip netns exec ns1 ").
 Launched StartLauncher(const std::string& model, const std::string& args,
-                       const std::string& wrapper = "") {
+                       const std::string& wrapper = "",
+                       const std::string& program = "gemma2-launch") {
   std::string cmd = "exec " + wrapper + std::string(GEMMA2_BINARY_DIR);
-  cmd += "/bin/gemma2-launch --port 0 --model " + model + " " + args;
+  cmd += "/bin/" + program + " --port 0 --model " + model + " " + args;
   if (args.find("--backend") == std::string::npos) cmd += " --backend cpu";  // also on GPU hosts
   cmd += " 2>&1";
   int fds[2];
@@ -292,6 +294,39 @@ TEST_F(ClusterTest, LauncherStartsReportsReadyAndStopsOnSigterm) {
   EXPECT_LT(s, 10);
   fclose(l.out);
   EXPECT_EQ(Alive(model_.string()), 0);
+}
+
+// gemma2-coordinator starts no worker: both ranks' gemma2-worker processes are started by hand,
+// as a job scheduler starts one per GPU — here before the coordinator listens, so they keep
+// trying — join with the secret, and the coordinator serves the one-process tokens. SIGTERM
+// stops it and the workers with it.
+TEST_F(ClusterTest, CoordinatorServesWorkersStartedElsewhere) {
+  const std::string secret = (dir_.path() / "secret").string();
+  std::ofstream(secret) << "0123456789abcdef0123456789abcdef";
+  const std::string master = "127.0.0.1:" + std::to_string(20000 + (getpid() + 7919) % 20000);
+  for (int r = 0; r < 2; ++r) {
+    std::string cmd = std::string(GEMMA2_BINARY_DIR) + "/bin/gemma2-worker --coordinator " +
+                      master + " --rank " + std::to_string(r) + " --tp 2 --model " +
+                      model_.string() + " --secret-file " + secret +
+                      " --backend cpu --connect-timeout 30 > /dev/null 2>&1 &";
+    ASSERT_EQ(std::system(cmd.c_str()), 0);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  Launched c =
+      StartLauncher(model_.string(), "--tp 2 --master " + master + " --secret-file " + secret, "",
+                    "gemma2-coordinator");
+  const std::string ready = ReadLine(c.out);
+  EXPECT_NE(ready.find("gemma2-coordinator: ready: 2 ranks (tp 2 x pp 1)"), std::string::npos)
+      << ready;
+  const std::string answer = CompletionInNamespace("", ready, ids_);
+  kill(c.pid, SIGTERM);
+  double s = 0;
+  EXPECT_EQ(WaitExit(c.pid, &s), 0);
+  fclose(c.out);
+  for (int i = 0; i < 100 && Alive(model_.string()) > 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ExpectOneProcessTokens(answer);
 }
 
 TEST_F(ClusterTest, LauncherEndsWhenAWorkerDies) {

@@ -19,6 +19,7 @@
 #include <iostream>
 #include <map>
 #include <sstream>
+#include <thread>
 
 #include "collectives/gloo_collective.h"
 #include "collectives/store_exchange.h"
@@ -55,6 +56,9 @@ struct Args {
   int rank = 0, tp = 1, pp = 1, threads = 1;  // rank: global, stage * tp + tensor-parallel rank
   int parent_pid = 0;                         // launched locally: the launcher's pid
   std::string address = "127.0.0.1";          // this node's address for the collectives
+  // How long to keep trying to reach the coordinator (a worker started by a job scheduler may
+  // come up before the coordinator listens).
+  std::chrono::milliseconds connect_timeout{60000};
 };
 
 Result<std::vector<uint8_t>> ReadSecret(const std::string& path) {
@@ -225,8 +229,21 @@ Status Run(const Args& a) {
   const int port = std::atoi(a.coordinator.c_str() + colon + 1);
   ASSIGN_OR_RETURN(auto secret, ReadSecret(a.secret_file));
   ASSIGN_OR_RETURN(auto node, rpc::UcxNode::Create());
-  ASSIGN_OR_RETURN(auto ch, node->Connect(host, port));
-  ASSIGN_OR_RETURN(rpc::Received hello, ch->Receive(30s));
+  std::unique_ptr<rpc::Channel> ch;
+  rpc::Received hello;
+  for (const auto deadline = std::chrono::steady_clock::now() + a.connect_timeout;;) {
+    auto c = node->Connect(host, port);
+    Result<rpc::Received> h = c.ok() ? (*c)->Receive(30s) : Result<rpc::Received>(c.status());
+    if (h.ok()) {
+      ch = std::move(c).value();
+      hello = std::move(h).value();
+      break;
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      return h.status().WithContext("reaching the coordinator at " + a.coordinator);
+    }
+    std::this_thread::sleep_for(250ms);
+  }
   if (hello.type != rpc::MessageType::kHello || hello.payload.size() != sizeof(rpc::Nonce)) {
     return InvalidArgument("coordinator did not open with a nonce");
   }
@@ -268,5 +285,11 @@ int main(int argc, char** argv) {
   app.add_option("--parent-pid", a.parent_pid, "exit with this process (local launch)");
   app.add_option("--address", a.address, "address this node's collectives bind to");
   app.add_option("--device", a.device, "GPU index on this node (cuda backend)");
+  double connect_s = 60;
+  app.add_option("--connect-timeout", connect_s, "seconds to keep trying to reach the coordinator")
+      ->check(CLI::Range(0.0, 86400.0));
+  app.callback([&] {
+    a.connect_timeout = std::chrono::milliseconds(static_cast<int64_t>(connect_s * 1000));
+  });
   return gemma2::RunTool("gemma2-worker", app, argc, argv, [&] { return gemma2::Run(a); });
 }

@@ -303,7 +303,8 @@ TEST_F(ClusterTest, LauncherStartsReportsReadyAndStopsOnSigterm) {
 TEST_F(ClusterTest, CoordinatorServesWorkersStartedElsewhere) {
   const std::string secret = (dir_.path() / "secret").string();
   std::ofstream(secret) << "0123456789abcdef0123456789abcdef";
-  const std::string master = "127.0.0.1:" + std::to_string(20000 + (getpid() + 7919) % 20000);
+  // Below the ephemeral range (32768 and up), where the workers' own connections take ports.
+  const std::string master = "127.0.0.1:" + std::to_string(21000 + (getpid() * 7) % 11000);
   for (int r = 0; r < 2; ++r) {
     std::string cmd = std::string(GEMMA2_BINARY_DIR) + "/bin/gemma2-worker --coordinator " +
                       master + " --rank " + std::to_string(r) + " --tp 2 --model " +

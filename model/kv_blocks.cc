@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <string>
+#include <tuple>
 
 #include "model/step.h"
 
@@ -188,27 +189,26 @@ Status KvBlockTables::Plan(StepPlan& plan, const std::map<int64_t, int64_t>& len
     }
   }
   // Give-backs first (blocks below a range), then what is missing inside the ranges; a sequence
-  // that appears twice (a copy, then its step) is handled by its later, larger range.
+  // that appears twice (a copy, then its step) is handled by its later, larger range. `planned`
+  // holds the entries this plan changed, over the tables as they are. What a sequence holds of a
+  // group is one run of blocks (plans give back from its bottom and add at its top), so both
+  // scans stop at the run's edge: a step costs the blocks it changes, not the sequence's length.
   std::vector<KvAssign> back, take;
-  std::map<std::pair<int64_t, int>, std::vector<int32_t>> after;  // the tables as planned
+  std::map<std::tuple<int64_t, int, int64_t>, bool> planned;  // (id, group, block) -> held
   for (const Need& n : needs) {
-    auto& t = after[{n.id, n.g}];
-    if (t.empty()) {
-      const std::span<const int32_t> now = table(n.id, static_cast<KvGroup>(n.g));
-      t.assign(now.begin(), now.end());
-      t.resize(static_cast<size_t>(layout_.max_blocks), -1);
+    const std::span<const int32_t> now = table(n.id, static_cast<KvGroup>(n.g));
+    const auto held = [&](int64_t b) {
+      const auto it = planned.find({n.id, n.g, b});
+      if (it != planned.end()) return it->second;
+      return b < static_cast<int64_t>(now.size()) && now[static_cast<size_t>(b)] >= 0;
+    };
+    for (int64_t b = n.first - 1; b >= 0 && held(b); --b) {
+      back.push_back({n.id, static_cast<uint8_t>(n.g), static_cast<int32_t>(b), -1});
+      planned[{n.id, n.g, b}] = false;
     }
-    for (int64_t b = 0; b < n.first; ++b) {
-      if (t[static_cast<size_t>(b)] >= 0) {
-        back.push_back({n.id, static_cast<uint8_t>(n.g), static_cast<int32_t>(b), -1});
-        t[static_cast<size_t>(b)] = -1;
-      }
-    }
-    for (int64_t b = n.first; b < n.end; ++b) {
-      if (t[static_cast<size_t>(b)] < 0) {
-        take.push_back({n.id, static_cast<uint8_t>(n.g), static_cast<int32_t>(b), 0});
-        t[static_cast<size_t>(b)] = 0;  // taken below
-      }
+    for (int64_t b = n.end - 1; b >= n.first && !held(b); --b) {
+      take.push_back({n.id, static_cast<uint8_t>(n.g), static_cast<int32_t>(b), 0});
+      planned[{n.id, n.g, b}] = true;  // its block is taken below
     }
   }
   if (static_cast<int64_t>(take.size()) > free_count_ + static_cast<int64_t>(back.size())) {

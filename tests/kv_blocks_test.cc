@@ -83,6 +83,31 @@ TEST(KvBlockTablesTest, SlidingBlocksAreGivenBackAndReused) {
   EXPECT_EQ(rank.free_blocks(), 40 - 4);
 }
 
+// Gemma 2 27B's layout (23 sliding-window layers with a window of 4096, 23 full ones; blocks of
+// 16): a sequence prefilled in chunks of 256 and decoded to 8192 positions holds every block of
+// its full layers and only the window's of the others: 512 + 257 blocks, 75% of a plain cache's
+// 1024 (8192 is Gemma 2's longest context; the share falls toward 50% as contexts outgrow the
+// window).
+TEST(KvBlockTablesTest, TwentySevenBLayoutAtEightThousandPositions) {
+  ModelConfig c;
+  c.num_layers = 46;
+  c.sliding_window = 4096;
+  c.max_position_embeddings = 8192;
+  for (int l = 0; l < 46; ++l) c.layer_is_sliding.push_back(l % 2 == 0);
+  const KvLayout layout = KvLayout::For(c, 16);
+  KvBlockTables t(layout, 2048);
+  std::map<int64_t, int64_t> len = {{1, 0}};
+  while (len[1] < 8191) {
+    StepPlan p = StepOf(1, len[1], len[1] + 256 <= 8000 ? 256 : 1);
+    ASSERT_TRUE(t.Plan(p, len).ok()) << len[1];
+    len[1] += static_cast<int64_t>(p.sequences[0].tokens.size());
+  }
+  EXPECT_EQ(len[1], 8191);
+  EXPECT_EQ(Held(t, 1, KvGroup::kFull), 512);
+  EXPECT_EQ(Held(t, 1, KvGroup::kSliding), 257);  // a query at 8190 sees 4095..8190
+  EXPECT_EQ(t.free_blocks(), 2048 - 769);
+}
+
 // Too few blocks: kUnavailable naming the shortfall, and nothing changed.
 TEST(KvBlockTablesTest, AFullCacheRefusesThePlanAndKeepsTheTables) {
   KvBlockTables t(Layout(0), 5);

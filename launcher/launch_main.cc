@@ -226,9 +226,6 @@ Status Run(Args a) {
     a.node_rank = 0;
     if (a.address.empty()) a.address = a.hosts[0];
   }
-  if (a.pp > 0 && a.nodes > 1 && a.pp != a.nodes) {
-    return InvalidArgument("--pp and --nodes disagree (each node is one pipeline stage here)");
-  }
   // Slurm: one gemma2-launch per node, its node rank and the node count from the environment.
   if (const char* n = std::getenv("SLURM_NNODES"); n && a.nodes == 1 && !a.master.empty())
     a.nodes = std::atoi(n);
@@ -377,7 +374,11 @@ int main(int argc, char** argv) {
   app.add_option("--tp", a.tp, "tensor-parallel ranks per node")->check(CLI::Range(1, 1024));
   app.add_option("--nodes", a.nodes, "nodes (pipeline stages across nodes)")
       ->check(CLI::Range(1, 1024));
-  app.add_option("--pp", a.pp, "pipeline stages (default: --nodes)")->check(CLI::Range(0, 1024));
+  app.add_option("--pp", a.pp,
+                 "pipeline stages (default: --nodes); the tp x pp ranks split evenly over the "
+                 "nodes in rank order, so --pp 1 --nodes 2 runs one tensor-parallel group across "
+                 "both nodes")
+      ->check(CLI::Range(0, 1024));
   app.add_option("--backend", a.backend,
                  "cpu or cuda: one GPU per rank, NCCL between GPU ranks (default: cuda where this "
                  "node shows a GPU, else cpu)")

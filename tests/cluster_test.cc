@@ -460,9 +460,11 @@ namespace gemma2 {
 namespace {
 
 // Per-node mode across two "hosts" (network namespaces joined by veth): node 0's gemma2-launch is
-// the coordinator and starts stage 0; node 1's starts stage 1, whose ranks connect to the master
-// with the shared secret and meet their peers through the control plane's rendezvous. The answer
-// equals the one-process run; SIGTERM on the master stops both nodes (exit 0 each).
+// the coordinator and starts the first half of the ranks; node 1's starts the rest, which connect
+// to the master with the shared secret and meet their peers through the control plane's
+// rendezvous. Two layouts: a pipeline stage per node (--tp 2 --nodes 2), and one tensor-parallel
+// group across both nodes (--tp 2 --pp 1 --nodes 2: every all-reduce crosses the link). The
+// answer equals the one-process run; SIGTERM on the master stops both nodes (exit 0 each).
 TEST_F(ClusterTest, PerNodeLaunchAcrossNamespaces) {
   TwoNamespaces ns("n", 233);
   if (!ns.ok())
@@ -470,26 +472,35 @@ TEST_F(ClusterTest, PerNodeLaunchAcrossNamespaces) {
   const std::string &a = ns.a(), &b = ns.b();
   const std::string secret = (dir_.path() / "secret").string();
   std::ofstream(secret) << "0123456789abcdef0123456789abcdef";
-  const std::string master = "10.233.0.1:" + std::to_string(20000 + getpid() % 20000);
-  const std::string common = "--tp 2 --nodes 2 --master " + master + " --secret-file " + secret;
-  auto start = [&](const std::string& space, const std::string& args) {
-    return StartLauncher(model_.string(), common + args,
-                         "env UCX_TLS=tcp ip netns exec " + space + " ");
+  struct Layout {
+    std::string args, ready, node1;
   };
-  Launched node0 = start(a, " --host 10.233.0.1");
-  Launched node1 = start(b, " --node-rank 1 --address 10.233.0.2");
-  const std::string ready = ReadLine(node0.out), started = ReadLine(node1.out);
-  EXPECT_NE(ready.find("ready: 4 ranks (tp 2 x pp 2)"), std::string::npos) << ready;
-  EXPECT_NE(started.find("node 1 started ranks 2..3"), std::string::npos) << started;
-  const std::string answer = CompletionInNamespace(a, ready, ids_);
-  kill(node0.pid, SIGTERM);
-  double s0 = 0, s1 = 0;
-  EXPECT_EQ(WaitExit(node0.pid, &s0), 0);
-  EXPECT_EQ(WaitExit(node1.pid, &s1), 0);
-  EXPECT_LT(s0 + s1, 15);
-  fclose(node0.out);
-  fclose(node1.out);
-  ExpectOneProcessTokens(answer);
+  int port = 20000 + getpid() % 20000;
+  for (const Layout& l :
+       {Layout{"--tp 2 --nodes 2", "ready: 4 ranks (tp 2 x pp 2)", "ranks 2..3"},
+        Layout{"--tp 2 --pp 1 --nodes 2", "ready: 2 ranks (tp 2 x pp 1)", "ranks 1..1"}}) {
+    SCOPED_TRACE(l.args);
+    const std::string master = "10.233.0.1:" + std::to_string(port++);
+    const std::string common = l.args + " --master " + master + " --secret-file " + secret;
+    auto start = [&](const std::string& space, const std::string& args) {
+      return StartLauncher(model_.string(), common + args,
+                           "env UCX_TLS=tcp ip netns exec " + space + " ");
+    };
+    Launched node0 = start(a, " --host 10.233.0.1");
+    Launched node1 = start(b, " --node-rank 1 --address 10.233.0.2");
+    const std::string ready = ReadLine(node0.out), started = ReadLine(node1.out);
+    EXPECT_NE(ready.find(l.ready), std::string::npos) << ready;
+    EXPECT_NE(started.find("node 1 started " + l.node1), std::string::npos) << started;
+    const std::string answer = CompletionInNamespace(a, ready, ids_);
+    kill(node0.pid, SIGTERM);
+    double s0 = 0, s1 = 0;
+    EXPECT_EQ(WaitExit(node0.pid, &s0), 0);
+    EXPECT_EQ(WaitExit(node1.pid, &s1), 0);
+    EXPECT_LT(s0 + s1, 15);
+    fclose(node0.out);
+    fclose(node1.out);
+    ExpectOneProcessTokens(answer);
+  }
 }
 
 }  // namespace

@@ -456,11 +456,11 @@ Status ClusterEngine::Submit(const StepPlan& plan) {
                       " is already in a step in flight");
   }
   RETURN_IF_ERROR(ValidateStep(config_, lengths_, plan));
-  StepPlan assigned = plan;
-  RETURN_IF_ERROR(kv_->Plan(assigned, lengths_));
-  std::vector<StepPlan> parts = SplitForPipeline(assigned);
+  std::vector<KvAssign> assigns;
+  RETURN_IF_ERROR(kv_->Plan(plan, &assigns));
+  std::vector<StepPlan> parts = SplitForPipeline(plan);
   parts.front().released = std::move(released_);  // frees, blocks and copies go first
-  parts.front().kv_assign = std::move(assigned.kv_assign);
+  parts.front().kv_assign = std::move(assigns);
   released_.clear();
   // Every part goes out before any answer is awaited: while the last stage works on part i, the
   // first stage already runs part i + 1 (ranks take their steps in order).

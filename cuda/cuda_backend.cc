@@ -211,7 +211,6 @@ class CudaBackend final : public Backend {
     return IdsToHost(d, ids);
   }
 
-  // Block by block on every layer, on the step stream (ordered before the next step's kernels).
   void* native_stream() override { return stream_; }
   bool replaying_graph() const override { return replaying_; }
 
@@ -291,8 +290,12 @@ class CudaBackend final : public Backend {
     // decode step depends only on its batch size: such steps are captured once and replayed.
     // Staged as [group][sequence][logical block]; unmapped entries (-1) are never read.
     const size_t max_blocks = pool_ ? static_cast<size_t>(pool_->max_blocks) : 0;
-    std::vector<int32_t> token_seq, token_pos;
-    std::vector<int32_t> tables(kKvGroups * seqs.size() * max_blocks, -1);
+    std::vector<int32_t>& token_seq = host_token_seq_;  // host buffers kept across steps
+    std::vector<int32_t>& token_pos = host_token_pos_;
+    std::vector<int32_t>& tables = host_tables_;
+    token_seq.clear();
+    token_pos.clear();
+    tables.assign(kKvGroups * seqs.size() * max_blocks, -1);
     max_context_ = 0;
     for (size_t s = 0; s < seqs.size(); ++s) {
       max_context_ = std::max(max_context_, seqs[s].start_pos + seqs[s].num_tokens);
@@ -633,6 +636,7 @@ class CudaBackend final : public Backend {
   // KV cache and this step's metadata.
   std::shared_ptr<KvPool> pool_;
   kernels::StepTokens step_tokens_;
+  std::vector<int32_t> host_token_seq_, host_token_pos_, host_tables_;  // BeginStep's, staged
   const int32_t* block_tables_ = nullptr;  // [group][sequence][logical block]
   size_t tables_per_group_ = 0;
   int32_t table_stride_ = 0;

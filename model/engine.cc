@@ -126,10 +126,10 @@ int64_t Engine::SequenceLength(int64_t id) const {
   return it == lengths_.end() ? -1 : it->second;
 }
 
-Result<StepOutput> Engine::Step(const StepPlan& given) {
-  RETURN_IF_ERROR(ValidateStep(config_, lengths_, given));
-  StepPlan plan = given;
-  RETURN_IF_ERROR(kv_->Plan(plan, lengths_));
+Result<StepOutput> Engine::Step(const StepPlan& plan) {
+  RETURN_IF_ERROR(ValidateStep(config_, lengths_, plan));
+  std::vector<KvAssign> applied;  // every rank reads the one set of tables: nothing to send
+  RETURN_IF_ERROR(kv_->Plan(plan, &applied));
   const size_t n = ranks_.size();
   std::vector<StepOutput> outs(n);
   std::vector<Status> statuses(n);

@@ -152,7 +152,7 @@ Status KvBlockTables::CopyPairs(int64_t src, int64_t dst, int64_t tokens,
   return OkStatus();
 }
 
-Status KvBlockTables::Plan(StepPlan& plan, const std::map<int64_t, int64_t>& lengths) {
+Status KvBlockTables::Plan(const StepPlan& plan, std::vector<KvAssign>* assigns) {
   // What each touched sequence must hold after the plan: [first, end) per group.
   struct Need {
     int64_t id;
@@ -160,7 +160,6 @@ Status KvBlockTables::Plan(StepPlan& plan, const std::map<int64_t, int64_t>& len
     int64_t first, end;
   };
   std::vector<Need> needs;
-  std::map<int64_t, int64_t> length = lengths;
   for (const KvCopy& c : plan.kv_copies) {
     if (c.tokens < CopyFloor(c.src)) {
       return InvalidArgument("KV copy of " + std::to_string(c.tokens) +
@@ -168,7 +167,6 @@ Status KvBlockTables::Plan(StepPlan& plan, const std::map<int64_t, int64_t>& len
                              ": its sliding window only holds prefixes of " +
                              std::to_string(CopyFloor(c.src)) + " positions or more");
     }
-    length[c.dst] = c.tokens;
     for (int g = 0; g < kKvGroups; ++g) {
       if (!layout_.present[static_cast<size_t>(g)]) continue;
       const auto [first, end] = layout_.Held(static_cast<KvGroup>(g), c.tokens, 0);
@@ -179,7 +177,7 @@ Status KvBlockTables::Plan(StepPlan& plan, const std::map<int64_t, int64_t>& len
     const int64_t n = static_cast<int64_t>(s.tokens.size());
     for (int g = 0; g < kKvGroups; ++g) {
       if (!layout_.present[static_cast<size_t>(g)]) continue;
-      const auto [first, end] = layout_.Held(static_cast<KvGroup>(g), length[s.sequence_id], n);
+      const auto [first, end] = layout_.Held(static_cast<KvGroup>(g), s.start_pos, n);
       if (end > layout_.max_blocks) {
         return InvalidArgument("sequence " + std::to_string(s.sequence_id) + " needs " +
                                std::to_string(end) + " KV blocks, past a sequence's " +
@@ -229,8 +227,8 @@ Status KvBlockTables::Plan(StepPlan& plan, const std::map<int64_t, int64_t>& len
     free_.pop_back();
   }
   RETURN_IF_ERROR(Apply(take).WithContext("KV plan (internal)"));
-  plan.kv_assign.insert(plan.kv_assign.end(), back.begin(), back.end());
-  plan.kv_assign.insert(plan.kv_assign.end(), take.begin(), take.end());
+  assigns->insert(assigns->end(), back.begin(), back.end());
+  assigns->insert(assigns->end(), take.begin(), take.end());
   return OkStatus();
 }
 

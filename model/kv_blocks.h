@@ -75,11 +75,12 @@ class KvBlockTables {
   int64_t num_blocks() const { return static_cast<int64_t>(owner_.size()); }
   int64_t free_blocks() const { return free_count_; }
 
-  // The owner: assigns the blocks `plan` needs (copies into empty sequences, then each
-  // sequence's new positions; sliding blocks out of every later query's window given back first)
-  // and appends them to plan.kv_assign. `lengths`: cached positions before the plan. All or
-  // nothing: kUnavailable ("KV cache full") when too few blocks are free.
-  Status Plan(StepPlan& plan, const std::map<int64_t, int64_t>& lengths);
+  // The owner: assigns the blocks `plan` (already through ValidateStep, so each sequence's
+  // start_pos is its cached length) needs — copies into empty sequences, then each sequence's
+  // new positions; sliding blocks out of every later query's window given back first — applies
+  // them here and appends them to *assigns for the ranks. All or nothing: kUnavailable ("KV cache
+  // full") when too few blocks are free.
+  Status Plan(const StepPlan& plan, std::vector<KvAssign>* assigns);
   // The shortest prefix of sequence `id` a KvCopy may take: its sliding window is still held.
   int64_t CopyFloor(int64_t id) const;
 

@@ -105,7 +105,7 @@ struct SharedKv {
       q.tokens.assign(static_cast<size_t>(step[s]), 0);
       plan.sequences.push_back(q);
     }
-    const Status st = tables.Plan(plan, len);
+    const Status st = tables.Plan(plan, &plan.kv_assign);
     EXPECT_TRUE(st.ok()) << st.ToString();
     std::vector<SeqSlice> slices;
     *rows = 0;

@@ -182,7 +182,6 @@ TEST(GlooCollectiveTest, TensorParallelProcessesEqualOneProcess) {
       auto blocks = (*model)->CreateKvPool(block_size, 64);
       if (!blocks.ok()) return 5;
       KvBlockTables kv(KvLayout::For((*local_ck)->config(), block_size), *blocks);
-      std::map<int64_t, int64_t> lengths = {{0, 0}};
       std::vector<float> rows;
       std::vector<int32_t> tokens = ref.prompt_ids;
       int64_t pos = 0;
@@ -196,8 +195,7 @@ TEST(GlooCollectiveTest, TensorParallelProcessesEqualOneProcess) {
         pos += static_cast<int64_t>(s.tokens.size());
         p.sequences.push_back(s);
         StepOutput out;
-        if (!kv.Plan(p, lengths).ok()) return 6;
-        lengths[0] = pos;
+        if (!kv.Plan(p, &p.kv_assign).ok()) return 6;
         if (!(*model)->Forward(p, kv, **comm, &out).ok()) return 4;
         rows.insert(rows.end(), out.values.begin(), out.values.end());
         tokens.push_back(SampleRow({out.row(out.rows - 1), static_cast<size_t>(out.width)}, {}));

@@ -46,7 +46,7 @@ TEST(KvBlockTablesTest, SlidingBlocksAreGivenBackAndReused) {
   size_t takes = 0;
   for (int64_t n : {10, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 5}) {  // prefill, decode, a chunk
     StepPlan p = StepOf(1, len[1], n);
-    ASSERT_TRUE(owner.Plan(p, len).ok());
+    ASSERT_TRUE(owner.Plan(p, &p.kv_assign).ok());
     for (const KvAssign& a : p.kv_assign) {
       if (a.physical < 0) continue;
       ever.insert(a.physical);
@@ -68,13 +68,12 @@ TEST(KvBlockTablesTest, SlidingBlocksAreGivenBackAndReused) {
   EXPECT_LE(11, owner.layout().BudgetFor(25, 5));
   EXPECT_LT(ever.size(), takes);  // blocks given back were taken again
   // The given-back blocks serve the next sequence.
-  len[2] = 0;
   StepPlan p = StepOf(2, 0, 8);
   std::set<int32_t> held;
   for (int g = 0; g < kKvGroups; ++g) {
     for (int32_t b : owner.table(1, static_cast<KvGroup>(g))) held.insert(b);
   }
-  ASSERT_TRUE(owner.Plan(p, len).ok());
+  ASSERT_TRUE(owner.Plan(p, &p.kv_assign).ok());
   for (const KvAssign& a : p.kv_assign) EXPECT_EQ(held.count(a.physical), 0u) << a.physical;
   ASSERT_TRUE(rank.Apply(p.kv_assign).ok());
   owner.Release(1);
@@ -99,7 +98,7 @@ TEST(KvBlockTablesTest, TwentySevenBLayoutAtEightThousandPositions) {
   std::map<int64_t, int64_t> len = {{1, 0}};
   while (len[1] < 8191) {
     StepPlan p = StepOf(1, len[1], len[1] + 256 <= 8000 ? 256 : 1);
-    ASSERT_TRUE(t.Plan(p, len).ok()) << len[1];
+    ASSERT_TRUE(t.Plan(p, &p.kv_assign).ok()) << len[1];
     len[1] += static_cast<int64_t>(p.sequences[0].tokens.size());
   }
   EXPECT_EQ(len[1], 8191);
@@ -111,12 +110,10 @@ TEST(KvBlockTablesTest, TwentySevenBLayoutAtEightThousandPositions) {
 // Too few blocks: kUnavailable naming the shortfall, and nothing changed.
 TEST(KvBlockTablesTest, AFullCacheRefusesThePlanAndKeepsTheTables) {
   KvBlockTables t(Layout(0), 5);
-  std::map<int64_t, int64_t> len = {{1, 0}, {2, 0}};
   StepPlan p = StepOf(1, 0, 16);
-  ASSERT_TRUE(t.Plan(p, len).ok());
-  len[1] = 16;
+  ASSERT_TRUE(t.Plan(p, &p.kv_assign).ok());
   StepPlan q = StepOf(2, 0, 8);
-  const Status st = t.Plan(q, len);
+  const Status st = t.Plan(q, &q.kv_assign);
   EXPECT_EQ(st.code(), StatusCode::kUnavailable);
   EXPECT_NE(st.message().find("KV cache full: the step needs 2 more blocks"), std::string::npos)
       << st.message();
@@ -124,7 +121,7 @@ TEST(KvBlockTablesTest, AFullCacheRefusesThePlanAndKeepsTheTables) {
   EXPECT_EQ(t.free_blocks(), 1);
   EXPECT_TRUE(t.table(2, KvGroup::kFull).empty());
   StepPlan far = StepOf(1, 16, 64 * 4);  // past a sequence's 64 blocks
-  EXPECT_EQ(t.Plan(far, len).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(t.Plan(far, &far.kv_assign).code(), StatusCode::kInvalidArgument);
 }
 
 // A rank refuses what would corrupt another sequence's cache, naming the assignment.
@@ -147,19 +144,16 @@ TEST(KvBlockTablesTest, BadAssignmentsAreRefused) {
 // back is refused (the scheduler's prefix cache asks CopyFloor first).
 TEST(KvBlockTablesTest, PrefixCopiesNeedTheWindowStillHeld) {
   KvBlockTables t(Layout(6), 64);
-  std::map<int64_t, int64_t> len = {{1, 0}, {2, 0}, {3, 0}};
   StepPlan p = StepOf(1, 0, 20);
-  ASSERT_TRUE(t.Plan(p, len).ok());
-  len[1] = 20;
+  ASSERT_TRUE(t.Plan(p, &p.kv_assign).ok());
   p = StepOf(1, 20, 1);  // its query at 20 sees 15..20: sliding blocks 0..2 given back
-  ASSERT_TRUE(t.Plan(p, len).ok());
-  len[1] = 21;
+  ASSERT_TRUE(t.Plan(p, &p.kv_assign).ok());
   EXPECT_EQ(t.CopyFloor(1), 3 * 4 + 6 - 1);
   StepPlan c;
   c.kv_copies = {{1, 2, 16}};
-  EXPECT_NE(t.Plan(c, len).message().find("only holds prefixes of 17"), std::string::npos);
+  EXPECT_NE(t.Plan(c, &c.kv_assign).message().find("only holds prefixes of 17"), std::string::npos);
   c.kv_copies = {{1, 3, 20}};
-  ASSERT_TRUE(t.Plan(c, len).ok());
+  ASSERT_TRUE(t.Plan(c, &c.kv_assign).ok());
   std::vector<int32_t> from, to;
   ASSERT_TRUE(t.CopyPairs(1, 3, 20, &from, &to).ok());
   EXPECT_EQ(from.size(), 5u + 2u);  // full 0..4; sliding 3..4 (a query at 20 sees 15..)
@@ -197,7 +191,7 @@ TEST(KvBlockTablesTest, RandomTrafficKeepsOwnerAndRankInStep) {
       s.tokens.assign(static_cast<size_t>(take), 0);
       p.sequences.push_back(s);
     }
-    if (!owner.Plan(p, len).ok()) continue;  // full: try other traffic
+    if (!owner.Plan(p, &p.kv_assign).ok()) continue;  // full: try other traffic
     for (int64_t id : released) rank.Release(id);
     released.clear();
     const Status applied = rank.Apply(p.kv_assign);

@@ -28,7 +28,7 @@ int main(int argc, char** argv) {
     q.tokens.assign(static_cast<size_t>(context), 0);
     p.sequences.push_back(q);
     lengths[s] = 0;
-    if (!tables.Plan(p, lengths).ok()) return 1;
+    if (!tables.Plan(p, &p.kv_assign).ok()) return 1;
     lengths[s] = context;
   }
   const auto start = std::chrono::steady_clock::now();
@@ -41,7 +41,7 @@ int main(int argc, char** argv) {
       q.tokens = {0};
       p.sequences.push_back(std::move(q));
     }
-    if (!tables.Plan(p, lengths).ok()) return 2;
+    if (!tables.Plan(p, &p.kv_assign).ok()) return 2;
     for (auto& [id, n] : lengths) ++n;
   }
   const double us =

@@ -43,6 +43,14 @@ Result<Tensor> CpuBackend::Upload(const void* host, DType dtype, int64_t rows, i
   return t;
 }
 
+Result<Tensor> CpuBackend::UploadRows(DType dtype, int64_t rows, int64_t cols,
+                                      const RowFiller& fill) {
+  if (dtype != DType::kF32) return Backend::UploadRows(dtype, rows, cols, fill);
+  Tensor t = Alloc(rows, cols);  // filled in place
+  RETURN_IF_ERROR(fill(0, rows, t.data));
+  return t;
+}
+
 Tensor CpuBackend::Alloc(int64_t rows, int64_t cols) {
   Tensor t;
   const size_t n = static_cast<size_t>(std::max<int64_t>(1, rows * cols));

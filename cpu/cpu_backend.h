@@ -19,6 +19,8 @@ class CpuBackend final : public Backend {
   DType activation_dtype() const override { return DType::kF32; }
 
   Result<Tensor> Upload(const void* host, DType dtype, int64_t rows, int64_t cols) override;
+  Result<Tensor> UploadRows(DType dtype, int64_t rows, int64_t cols,
+                            const RowFiller& fill) override;
   Tensor Alloc(int64_t rows, int64_t cols) override;
   Tensor AllocOutput(int64_t rows, int64_t cols) override { return Alloc(rows, cols); }
   Result<Tensor> OutputFromHost(const float* host, int64_t rows, int64_t cols) override {

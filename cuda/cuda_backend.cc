@@ -10,6 +10,7 @@
 
 #include "common/cuda_check.h"
 #include "cuda/peer_group.h"
+#include "cuda/weight_stager.h"
 #include "kernels/attention.h"
 #include "kernels/elementwise.h"
 #include "kernels/embed.h"
@@ -61,6 +62,7 @@ class CudaBackend final : public Backend {
       if (g.exec) cudaGraphExecDestroy(g.exec);
     }
     gemm_.reset();
+    stager_.reset();
     if (pinned_) cudaFreeHost(pinned_);
     if (stream_) cudaStreamDestroy(stream_);
   }
@@ -99,6 +101,32 @@ class CudaBackend final : public Backend {
       RETURN_IF_CUDA_ERROR(cudaMemcpy(t.data, b.data(), bytes, cudaMemcpyHostToDevice));
     }
     return t;
+  }
+
+  Result<Tensor> UploadRows(DType dtype, int64_t rows, int64_t cols,
+                            const RowFiller& fill) override {
+    if (dtype != DType::kBF16) return Backend::UploadRows(dtype, rows, cols, fill);
+    Tensor t;
+    t.rows = rows;
+    t.cols = cols;
+    t.dtype = DType::kBF16;
+    Status st;
+    t.storage = DeviceAlloc(static_cast<size_t>(rows * cols) * 2, &st);
+    RETURN_IF_ERROR(st.WithContext("uploading a " + std::to_string(rows) + "x" +
+                                   std::to_string(cols) + " weight"));
+    t.data = t.storage.get();
+    if (!stager_) {
+      ASSIGN_OR_RETURN(stager_, WeightStager::Create());
+    }
+    RETURN_IF_ERROR(stager_->Copy(t.data, rows, cols * 2, fill));
+    return t;
+  }
+
+  Status FinishUploads() override {
+    if (!stager_) return OkStatus();
+    Status st = stager_->Finish();
+    stager_.reset();
+    return st;
   }
 
   Tensor Alloc(int64_t rows, int64_t cols) override { return Scratch(rows, cols, DType::kBF16); }
@@ -632,6 +660,8 @@ class CudaBackend final : public Backend {
   std::vector<size_t> chunk_bytes_;
   size_t arena_chunk_ = 0, arena_offset_ = 0;
   void* pinned_ = nullptr;
+  // While weights load (UploadRows .. FinishUploads).
+  std::unique_ptr<WeightStager> stager_;
   size_t pinned_bytes_ = 0, pinned_offset_ = 0;
   // KV cache and this step's metadata.
   std::shared_ptr<KvPool> pool_;

@@ -98,6 +98,21 @@ class Backend {
   // --- memory ---
   // Copies a weight to the backend in weight_dtype(); fails (e.g. out of memory) with a Status.
   virtual Result<Tensor> Upload(const void* host, DType dtype, int64_t rows, int64_t cols) = 0;
+  // Writes rows [row_begin, row_end) of a weight, dense and row-major, into dst.
+  using RowFiller = std::function<Status(int64_t row_begin, int64_t row_end, void* dst)>;
+  // Like Upload, but `fill` writes the weight (rows x cols of `dtype`) in row ranges into memory
+  // the backend picks: cuda hands out pinned staging buffers whose copies to the device overlap the
+  // next fill. The weight may still be in flight on return; FinishUploads waits for all of them.
+  virtual Result<Tensor> UploadRows(DType dtype, int64_t rows, int64_t cols,
+                                    const RowFiller& fill) {
+    std::unique_ptr<uint8_t[]> host(
+        new uint8_t[static_cast<size_t>(rows * cols * DTypeSize(dtype))]);
+    RETURN_IF_ERROR(fill(0, rows, host.get()));
+    return Upload(host.get(), dtype, rows, cols);
+  }
+  // Waits until every weight of UploadRows is in place and frees what uploading held; reports
+  // the first failure among them. Loading calls it once, before the first step.
+  virtual Status FinishUploads() { return OkStatus(); }
   // Scratch for this step, valid until the next BeginStep; contents undefined.
   virtual Tensor Alloc(int64_t rows, int64_t cols) = 0;        // activation dtype
   virtual Tensor AllocOutput(int64_t rows, int64_t cols) = 0;  // fp32: logits and scores

@@ -1,5 +1,7 @@
 #include "model/checkpoint.h"
 
+#include <algorithm>
+#include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -125,6 +127,18 @@ Status Checkpoint::CheckShape(const std::string& name, const std::vector<int64_t
   return OkStatus();
 }
 
+void Checkpoint::WillRead(const std::string& name, const Region& r) const {
+  const Entry* e = Lookup(name);
+  if (!e || e->info->shape.empty() || e->info->shape.size() > 2) return;
+  // The rows the region spans, whole: a column slice needs bytes from every one of them.
+  const int64_t rows = e->info->shape.size() == 2 ? e->info->shape[0] : 1;
+  const int64_t row_bytes = (e->info->end - e->info->begin) / std::max<int64_t>(rows, 1);
+  const int64_t r0 = std::clamp<int64_t>(r.row_begin, 0, rows);
+  const int64_t r1 = std::clamp<int64_t>(r.row_end, r0, rows);
+  read_ahead_.Add(e->file->path(), e->file->TensorOffset(*e->info) + r0 * row_bytes,
+                  (r1 - r0) * row_bytes);
+}
+
 Status Checkpoint::ReadRegion(const std::string& name, const Region& r, DType out,
                               void* dst) const {
   const Entry* e = Lookup(name);
@@ -146,6 +160,10 @@ Status Checkpoint::ReadRegion(const std::string& name, const Region& r, DType ou
   const int64_t esize = DTypeSize(t.dtype);
   const uint8_t* base = e->file->TensorData(t);
   const int64_t n = r.cols();
+  if (n == cols && out == t.dtype && (out == DType::kF32 || out == DType::kBF16)) {  // as stored
+    std::memcpy(dst, base + r.row_begin * cols * esize, static_cast<size_t>(r.rows() * n * esize));
+    return OkStatus();
+  }
   std::vector<float> tmp;
   for (int64_t row = r.row_begin; row < r.row_end; ++row) {
     const uint8_t* src = base + (row * cols + r.col_begin) * esize;

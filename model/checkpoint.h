@@ -12,6 +12,7 @@
 #include "common/dtype.h"
 #include "common/status.h"
 #include "model/config.h"
+#include "model/read_ahead.h"
 #include "model/safetensors.h"
 #include "model/weight_source.h"
 
@@ -30,6 +31,8 @@ class Checkpoint final : public WeightSource {
   Status CheckShape(const std::string& name, const std::vector<int64_t>& expected) const override;
   Status ReadRegion(const std::string& name, const Region& region, DType out,
                     void* dst) const override;
+  void WillRead(const std::string& name, const Region& region) const override;
+  ReadAhead& read_ahead() const { return read_ahead_; }  // what WillRead queued (tests, stats)
 
  private:
   struct Entry {
@@ -45,6 +48,7 @@ class Checkpoint final : public WeightSource {
   ModelConfig config_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, Entry> tensors_;
+  mutable ReadAhead read_ahead_;
 };
 
 }  // namespace gemma2

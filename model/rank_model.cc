@@ -64,37 +64,59 @@ void RankModel::Loaded(const Tensor& t) {
   if (progress_) progress_(loaded_bytes_, total_bytes_, loaded_tensors_, total_tensors_);
 }
 
-// Reads `region` of `name` (checked against `full_shape`) in the backend's weight dtype.
 Result<Tensor> RankModel::Read(const WeightSource& ck, const std::string& name,
                                const std::vector<int64_t>& full_shape, const Region& region) {
-  RETURN_IF_ERROR(ck.CheckShape(name, full_shape));
+  return ReadStacked(ck, {{name, full_shape, region}});
+}
+
+Result<Tensor> RankModel::ReadStacked(const WeightSource& ck,
+                                      const std::vector<WeightPart>& parts) {
+  int64_t rows = 0, cols = -1;
+  for (const WeightPart& p : parts) {
+    RETURN_IF_ERROR(ck.CheckShape(p.name, p.full_shape));
+    if (cols >= 0 && p.region.cols() != cols)
+      return Internal("stacking weights of different widths: " + p.name);
+    rows += p.region.rows();
+    cols = p.region.cols();
+  }
   const DType dt = backend_.weight_dtype();
-  std::vector<uint8_t> host(static_cast<size_t>(region.rows() * region.cols() * DTypeSize(dt)));
-  RETURN_IF_ERROR(ck.ReadRegion(name, region, dt, host.data()));
-  ASSIGN_OR_RETURN(Tensor t, backend_.Upload(host.data(), dt, region.rows(), region.cols()));
+  auto fill = [&](int64_t r0, int64_t r1, void* dst) {
+    return ReadStackedRows(ck, parts, dt, r0, r1, dst);
+  };
+  ASSIGN_OR_RETURN(Tensor t, backend_.UploadRows(dt, rows, cols, fill));
   Loaded(t);
   return t;
 }
 
-// Stacks row regions of several tensors into one weight (q|k|v, gate|up).
-static Result<std::vector<uint8_t>> StackRows(
-    const WeightSource& ck, DType dt,
-    const std::vector<std::tuple<std::string, std::vector<int64_t>, Region>>& parts,
-    int64_t* rows_out) {
-  int64_t rows = 0, cols = -1;
-  for (const auto& [name, shape, region] : parts) {
-    RETURN_IF_ERROR(ck.CheckShape(name, shape));
-    rows += region.rows();
-    cols = region.cols();
-  }
-  std::vector<uint8_t> host(static_cast<size_t>(rows * cols * DTypeSize(dt)));
-  int64_t offset = 0;
-  for (const auto& [name, shape, region] : parts) {
-    RETURN_IF_ERROR(ck.ReadRegion(name, region, dt, host.data() + offset));
-    offset += region.rows() * cols * DTypeSize(dt);
-  }
-  *rows_out = rows;
-  return host;
+// Where each weight of layer l comes from, in load order: the four norms, q|k|v, o, gate|up, down.
+std::array<std::vector<WeightPart>, 8> RankModel::LayerParts(int64_t l) const {
+  const ModelConfig& c = config_;
+  const ShardPlan& p = plan_;
+  const int64_t h = c.hidden_size, hd = c.head_dim;
+  const std::string pre = "layers." + std::to_string(l) + ".";
+  auto rows = [](int64_t r0, int64_t r1, int64_t cols) { return Region{r0, r1, 0, cols}; };
+  auto cols = [](int64_t rows_n, int64_t c0, int64_t c1) { return Region{0, rows_n, c0, c1}; };
+  auto norm = [&](const char* name) {
+    return std::vector<WeightPart>{{pre + name + ".weight", {h}, cols(1, 0, h)}};
+  };
+  const Region q = rows(p.q_head_begin * hd, p.q_head_end * hd, h);
+  const Region kv = rows(p.kv_head_begin * hd, p.kv_head_end * hd, h);
+  const Region inter = rows(p.inter_begin, p.inter_end, h);
+  return {norm("input_layernorm"),
+          norm("post_attention_layernorm"),
+          norm("pre_feedforward_layernorm"),
+          norm("post_feedforward_layernorm"),
+          {{pre + "self_attn.q_proj.weight", {c.q_size(), h}, q},
+           {pre + "self_attn.k_proj.weight", {c.kv_size(), h}, kv},
+           {pre + "self_attn.v_proj.weight", {c.kv_size(), h}, kv}},
+          {{pre + "self_attn.o_proj.weight",
+            {h, c.q_size()},
+            cols(h, p.q_head_begin * hd, p.q_head_end * hd)}},
+          {{pre + "mlp.gate_proj.weight", {c.intermediate_size, h}, inter},
+           {pre + "mlp.up_proj.weight", {c.intermediate_size, h}, inter}},
+          {{pre + "mlp.down_proj.weight",
+            {h, c.intermediate_size},
+            cols(h, p.inter_begin, p.inter_end)}}};
 }
 
 Status RankModel::LoadWeights(const WeightSource& ck, const Progress& progress) {
@@ -102,28 +124,36 @@ Status RankModel::LoadWeights(const WeightSource& ck, const Progress& progress) 
   std::tie(total_bytes_, total_tensors_) = LoadSize();
   const ModelConfig& c = config_;
   const ShardPlan& p = plan_;
-  const int64_t h = c.hidden_size, hd = c.head_dim;
-  const DType dt = backend_.weight_dtype();
+  const int64_t h = c.hidden_size;
   auto rows = [](int64_t r0, int64_t r1, int64_t cols) { return Region{r0, r1, 0, cols}; };
   auto cols = [](int64_t rows_n, int64_t c0, int64_t c1) { return Region{0, rows_n, c0, c1}; };
+  // A checkpoint reads one layer ahead of the copies in the background (WillRead).
+  auto will_read = [&](int64_t l) {
+    if (l >= p.layer_end) return;
+    for (const auto& parts : LayerParts(l)) {
+      for (const WeightPart& part : parts) ck.WillRead(part.name, part.region);
+    }
+  };
 
   // The embedding lives on the first stage (and on the last when tied to the LM head); the final
   // norm and the heads on the last stage.
   const bool tied_head = c.architecture == Architecture::kCausalLM &&
                          (c.tie_word_embeddings || !ck.Has("lm_head.weight"));
-  if (p.first_stage() || (p.last_stage() && tied_head)) {
-    ASSIGN_OR_RETURN(embed_, Read(ck, "embed_tokens.weight", {c.vocab_size, h},
-                                  rows(p.vocab_begin, p.vocab_end, h)));
+  const Region vocab_rows = rows(p.vocab_begin, p.vocab_end, h);
+  const bool has_embed = p.first_stage() || (p.last_stage() && tied_head);
+  if (has_embed) ck.WillRead("embed_tokens.weight", vocab_rows);
+  will_read(p.layer_begin);
+  if (has_embed) {
+    ASSIGN_OR_RETURN(embed_, Read(ck, "embed_tokens.weight", {c.vocab_size, h}, vocab_rows));
   }
   if (!p.last_stage()) {
     // no head on this stage
   } else if (c.architecture == Architecture::kCausalLM) {
     ASSIGN_OR_RETURN(final_norm_, Read(ck, "norm.weight", {h}, cols(1, 0, h)));
-    if (c.tie_word_embeddings || !ck.Has("lm_head.weight")) {
+    if (tied_head) {
       lm_head_ = embed_;
     } else {
-      ASSIGN_OR_RETURN(lm_head_, Read(ck, "lm_head.weight", {c.vocab_size, h},
-                                      rows(p.vocab_begin, p.vocab_end, h)));
+      ASSIGN_OR_RETURN(lm_head_, Read(ck, "lm_head.weight", {c.vocab_size, h}, vocab_rows));
     }
   } else {
     ASSIGN_OR_RETURN(final_norm_, Read(ck, "norm.weight", {h}, cols(1, 0, h)));
@@ -135,46 +165,23 @@ Status RankModel::LoadWeights(const WeightSource& ck, const Progress& progress) 
   }
 
   for (int64_t l = p.layer_begin; l < p.layer_end; ++l) {
-    const std::string pre = "layers." + std::to_string(l) + ".";
+    will_read(l + 1);
+    const auto parts = LayerParts(l);
     LayerWeights w;
-    ASSIGN_OR_RETURN(w.input_norm, Read(ck, pre + "input_layernorm.weight", {h}, cols(1, 0, h)));
-    ASSIGN_OR_RETURN(w.post_attention_norm,
-                     Read(ck, pre + "post_attention_layernorm.weight", {h}, cols(1, 0, h)));
-    ASSIGN_OR_RETURN(w.pre_feedforward_norm,
-                     Read(ck, pre + "pre_feedforward_layernorm.weight", {h}, cols(1, 0, h)));
-    ASSIGN_OR_RETURN(w.post_feedforward_norm,
-                     Read(ck, pre + "post_feedforward_layernorm.weight", {h}, cols(1, 0, h)));
-    int64_t n = 0;
-    ASSIGN_OR_RETURN(auto qkv, StackRows(ck, dt,
-                                         {{pre + "self_attn.q_proj.weight",
-                                           {c.q_size(), h},
-                                           rows(p.q_head_begin * hd, p.q_head_end * hd, h)},
-                                          {pre + "self_attn.k_proj.weight",
-                                           {c.kv_size(), h},
-                                           rows(p.kv_head_begin * hd, p.kv_head_end * hd, h)},
-                                          {pre + "self_attn.v_proj.weight",
-                                           {c.kv_size(), h},
-                                           rows(p.kv_head_begin * hd, p.kv_head_end * hd, h)}},
-                                         &n));
-    ASSIGN_OR_RETURN(w.qkv, backend_.Upload(qkv.data(), dt, n, h));
-    Loaded(w.qkv);
-    ASSIGN_OR_RETURN(w.o, Read(ck, pre + "self_attn.o_proj.weight", {h, c.q_size()},
-                               cols(h, p.q_head_begin * hd, p.q_head_end * hd)));
-    ASSIGN_OR_RETURN(auto gate_up, StackRows(ck, dt,
-                                             {{pre + "mlp.gate_proj.weight",
-                                               {c.intermediate_size, h},
-                                               rows(p.inter_begin, p.inter_end, h)},
-                                              {pre + "mlp.up_proj.weight",
-                                               {c.intermediate_size, h},
-                                               rows(p.inter_begin, p.inter_end, h)}},
-                                             &n));
-    ASSIGN_OR_RETURN(w.gate_up, backend_.Upload(gate_up.data(), dt, n, h));
-    Loaded(w.gate_up);
-    ASSIGN_OR_RETURN(w.down, Read(ck, pre + "mlp.down_proj.weight", {h, c.intermediate_size},
-                                  cols(h, p.inter_begin, p.inter_end)));
+    Tensor* dst[] = {&w.input_norm,
+                     &w.post_attention_norm,
+                     &w.pre_feedforward_norm,
+                     &w.post_feedforward_norm,
+                     &w.qkv,
+                     &w.o,
+                     &w.gate_up,
+                     &w.down};
+    for (size_t i = 0; i < parts.size(); ++i) {
+      ASSIGN_OR_RETURN(*dst[i], ReadStacked(ck, parts[i]));
+    }
     layers_.push_back(std::move(w));
   }
-  return OkStatus();
+  return backend_.FinishUploads();
 }
 
 Result<bool> RankModel::PickAcrossShards(const Tensor& local, std::span<const RowSampling> rows,

@@ -2,9 +2,11 @@
 // backends and all tp degrees. Ops come from a Backend, sums across ranks from a Collective.
 #pragma once
 
+#include <array>
 #include <functional>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "collectives/collective.h"
@@ -62,6 +64,9 @@ class RankModel {
   Status LoadWeights(const WeightSource& ck, const Progress& progress);
   // Bytes (in the backend's weight dtype) and tensors this rank loads.
   std::pair<int64_t, int64_t> LoadSize() const;
+  std::array<std::vector<WeightPart>, 8> LayerParts(int64_t layer) const;
+  // One weight in the backend's weight dtype: the parts' regions stacked by rows (q|k|v, gate|up).
+  Result<Tensor> ReadStacked(const WeightSource& ck, const std::vector<WeightPart>& parts);
   Result<Tensor> Read(const WeightSource& ck, const std::string& name,
                       const std::vector<int64_t>& full_shape, const Region& region);
   AttentionParams AttentionFor(int64_t layer) const;

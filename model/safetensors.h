@@ -54,6 +54,8 @@ class SafetensorsFile {
   const uint8_t* TensorData(const TensorInfo& t) const {
     return base_ + header_.data_offset + t.begin;
   }
+  // Where `t`'s data starts in the file.
+  int64_t TensorOffset(const TensorInfo& t) const { return header_.data_offset + t.begin; }
 
  private:
   SafetensorsFile() = default;

@@ -1,5 +1,6 @@
 #include "model/weight_source.h"
 
+#include <algorithm>
 #include <cmath>
 #include <thread>
 
@@ -145,6 +146,24 @@ Status BadSpec(const std::string& model, const char* why) {
   return InvalidArgument(m);
 }
 }  // namespace
+
+Status ReadStackedRows(const WeightSource& source, std::span<const WeightPart> parts, DType out,
+                       int64_t row_begin, int64_t row_end, void* dst) {
+  int64_t start = 0;  // the stack's row where the current part begins
+  for (const WeightPart& p : parts) {
+    const int64_t lo = std::max(row_begin, start), hi = std::min(row_end, start + p.region.rows());
+    if (lo < hi) {
+      Region sub = p.region;
+      sub.row_begin = p.region.row_begin + (lo - start);
+      sub.row_end = p.region.row_begin + (hi - start);
+      RETURN_IF_ERROR(source.ReadRegion(
+          p.name, sub, out,
+          static_cast<uint8_t*>(dst) + (lo - row_begin) * p.region.cols() * DTypeSize(out)));
+    }
+    start += p.region.rows();
+  }
+  return OkStatus();
+}
 
 Result<std::unique_ptr<WeightSource>> OpenWeightSource(const std::string& model) {
   const std::string prefix = "random:";

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -32,7 +33,22 @@ class WeightSource {
   // Copies `region` of `name`, converted to `out` (F32 or BF16), densely row-major into dst.
   virtual Status ReadRegion(const std::string& name, const Region& region, DType out,
                             void* dst) const = 0;
+  // A hint: `region` of `name` will be read soon (a checkpoint starts reading it from disk in the
+  // background). Unknown names and bad regions are ignored here; ReadRegion reports them.
+  virtual void WillRead(const std::string& name, const Region& region) const {}
 };
+
+// A part of a weight: `region` of tensor `name`, whose shape must be `full_shape`. A weight of
+// several parts stacks their regions by rows (q|k|v, gate|up); all have the same width.
+struct WeightPart {
+  std::string name;
+  std::vector<int64_t> full_shape;
+  Region region;
+};
+
+// Rows [row_begin, row_end) of the stack of `parts`, converted to `out`, densely into dst.
+Status ReadStackedRows(const WeightSource& source, std::span<const WeightPart> parts, DType out,
+                       int64_t row_begin, int64_t row_end, void* dst);
 
 // Deterministic random weights for `config`: element i of tensor `name` depends only on (seed,
 // name, i), so every tensor-parallel slicing of the model sees the same numbers.

@@ -114,6 +114,63 @@ TEST(CheckpointTest, RejectsBadIndexAndMissingFiles) {
   EXPECT_FALSE(Checkpoint::Open(dir.path() / "absent").ok());
 }
 
+TEST(CheckpointTest, StackedRowsReadInAnyChunksEqualTheWholeRead) {
+  testing::TempDir dir;
+  ASSERT_TRUE(WriteRandomCheckpoint(Tiny(), dir.path(), {}).ok());
+  auto ck = Checkpoint::Open(dir.path());
+  ASSERT_TRUE(ck.ok());
+  // q rows 4..12 | k rows 2..6 | v rows 0..8, columns 2..7: 20 rows of 5, as a tensor-parallel
+  // rank stacks them (a column slice too, to cover the strided path).
+  const std::vector<WeightPart> parts = {
+      {"layers.0.self_attn.q_proj.weight", {16, 8}, {4, 12, 2, 7}},
+      {"layers.0.self_attn.k_proj.weight", {8, 8}, {2, 6, 2, 7}},
+      {"layers.0.self_attn.v_proj.weight", {8, 8}, {0, 8, 2, 7}}};
+  std::vector<float> whole(20 * 5, -1.0f);
+  ASSERT_TRUE(ReadStackedRows(**ck, parts, DType::kF32, 0, 20, whole.data()).ok());
+  std::vector<float> part(8 * 5);
+  ASSERT_TRUE((*ck)->ReadRegion(parts[1].name, parts[1].region, DType::kF32, part.data()).ok());
+  for (int i = 0; i < 4 * 5; ++i) ASSERT_EQ(whole[8 * 5 + i], part[i]);  // k follows q's 8 rows
+  for (int64_t chunk : {1, 3, 7, 19}) {
+    std::vector<float> pieces(20 * 5, -2.0f);
+    for (int64_t r0 = 0; r0 < 20; r0 += chunk) {
+      const int64_t r1 = std::min<int64_t>(20, r0 + chunk);
+      ASSERT_TRUE(ReadStackedRows(**ck, parts, DType::kF32, r0, r1, pieces.data() + r0 * 5).ok());
+    }
+    EXPECT_EQ(pieces, whole) << "chunks of " << chunk;
+  }
+  const std::vector<WeightPart> absent = {{"layers.0.nope", {8, 8}, {0, 8, 0, 8}}};
+  EXPECT_FALSE(ReadStackedRows(**ck, absent, DType::kF32, 0, 8, part.data()).ok());
+}
+
+TEST(CheckpointTest, WillReadPullsTheRegionsRowsAndIgnoresUnknownNames) {
+  testing::TempDir dir;
+  ASSERT_TRUE(WriteRandomCheckpoint(Tiny(), dir.path(), {}).ok());  // bf16
+  auto ck = Checkpoint::Open(dir.path());
+  ASSERT_TRUE(ck.ok());
+  (*ck)->WillRead("layers.1.mlp.down_proj.weight", {2, 5, 4, 9});  // 3 whole rows of 12 bf16
+  (*ck)->WillRead("layers.7.absent", {0, 1, 0, 1});
+  (*ck)->WillRead("norm.weight", {0, 1, 0, 8});  // 1-D: one row of 8
+  (*ck)->WillRead("norm.weight", {0, 9, 0, 8});  // rows past the end are not read
+  (*ck)->read_ahead().WaitIdle();
+  EXPECT_EQ((*ck)->read_ahead().bytes_read(), 3 * 12 * 2 + 8 * 2 + 8 * 2);
+}
+
+TEST(ReadAheadTest, ReadsEveryQueuedRangeAndSkipsWhatItCannotRead) {
+  testing::TempDir dir;
+  const auto file = dir.path() / "data";
+  testing::WriteFile(file, std::string(100000, 'x'));
+  ReadAhead ra(/*threads=*/3, /*chunk_bytes=*/4096);
+  ra.Add(file.string(), 1000, 50000);
+  ra.Add((dir.path() / "absent").string(), 0, 100);
+  ra.Add(file.string(), 90000, 20000);  // 10000 bytes lie past the end
+  ra.Add(file.string(), 5, 0);
+  ra.WaitIdle();
+  EXPECT_EQ(ra.bytes_read(), 50000 + 10000);
+  ra.Add(file.string(), 0, 100000);  // after idle, the threads take work again
+  ra.WaitIdle();
+  EXPECT_EQ(ra.bytes_read(), 160000);
+}
+
 TEST(ShardingTest, SplitsReplicatesOrRefuses) {
   ModelConfig c = Tiny();  // 4 q heads, 2 kv heads, intermediate 12
   auto p = ShardPlan::Make(c, 2, 1);

@@ -11,6 +11,7 @@
 #include <random>
 
 #include "cpu/cpu_backend.h"
+#include "cuda/weight_stager.h"
 #include "model/engine.h"
 #include "tests/gpu_util.h"
 #include "tests/reference_util.h"
@@ -452,6 +453,60 @@ TEST_F(CudaOpsTest, UnmappedKvPositionsAreAnErrorNotACrash) {
   table[4] = 4;  // past the pool
   st = (*b)->BeginStep(s, StepOutputKind::kLogits);
   EXPECT_FALSE(st.ok());
+}
+
+TEST_F(CudaOpsTest, WeightStagerStreamsRowsThroughItsBuffersInOrder) {
+  // Buffers of 4 KB hold 40 rows of 100 bytes: 1000 rows take 25 fills over 3 buffers.
+  auto stager = WeightStager::Create(4096);
+  ASSERT_TRUE(stager.ok()) << stager.status().ToString();
+  constexpr int64_t kRows = 1000, kRowBytes = 100;
+  void* dev = nullptr;
+  ASSERT_EQ(cudaMalloc(&dev, 2 * kRows * kRowBytes), cudaSuccess);
+  ASSERT_EQ(cudaMemset(dev, 0xff, 2 * kRows * kRowBytes), cudaSuccess);  // poison
+  auto byte = [](int64_t row, int64_t i, int weight) {
+    return static_cast<uint8_t>((row * 7 + i * 3 + weight * 11) % 251);
+  };
+  int64_t next_row = 0, fills = 0;
+  for (int weight = 0; weight < 2; ++weight) {
+    next_row = 0;
+    const Status st = (*stager)->Copy(
+        static_cast<uint8_t*>(dev) + weight * kRows * kRowBytes, kRows, kRowBytes,
+        [&](int64_t r0, int64_t r1, void* dst) {
+          EXPECT_EQ(r0, next_row);  // consecutive ranges, each within one buffer
+          EXPECT_LE((r1 - r0) * kRowBytes, 4096);
+          next_row = r1;
+          ++fills;
+          for (int64_t r = r0; r < r1; ++r) {
+            for (int64_t i = 0; i < kRowBytes; ++i)
+              static_cast<uint8_t*>(dst)[(r - r0) * kRowBytes + i] = byte(r, i, weight);
+          }
+          return OkStatus();
+        });
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    EXPECT_EQ(next_row, kRows);
+  }
+  ASSERT_TRUE((*stager)->Finish().ok());
+  EXPECT_EQ(fills, 50);
+  std::vector<uint8_t> host(2 * kRows * kRowBytes);
+  ASSERT_EQ(cudaMemcpy(host.data(), dev, host.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+  int64_t wrong = 0;
+  for (int weight = 0; weight < 2; ++weight) {
+    for (int64_t r = 0; r < kRows; ++r) {
+      for (int64_t i = 0; i < kRowBytes; ++i)
+        wrong += host[(weight * kRows + r) * kRowBytes + i] != byte(r, i, weight);
+    }
+  }
+  EXPECT_EQ(wrong, 0);
+
+  // A failing fill stops the copy with its own error; a row wider than a buffer is refused.
+  const Status failed = (*stager)->Copy(dev, kRows, kRowBytes, [](int64_t, int64_t, void*) {
+    return DataLoss("shard 3 is truncated");
+  });
+  EXPECT_NE(failed.message().find("shard 3 is truncated"), std::string::npos) << failed.ToString();
+  const Status wide =
+      (*stager)->Copy(dev, 1, 5000, [](int64_t, int64_t, void*) { return OkStatus(); });
+  EXPECT_EQ(wide.code(), StatusCode::kInvalidArgument) << wide.ToString();
+  ASSERT_EQ(cudaFree(dev), cudaSuccess);
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #   clusterbench  the same through a coordinator and one NCCL worker process
 #   side8       ours, Hugging Face eager and Hugging Face compiled at 27B widths, 8 layers
 #   ncu16       Nsight Compute: per-kernel time of one batch-16 decode step (27B widths, 8 layers)
+#   load        tools/load_speed.sh 9b: loading a 9B checkpoint from a cold page cache against dd
 # Issue 6, on a host with several GPUs (each uses every GPU the host shows):
 #   mgcorrect   tools/multi_gpu_correctness.sh (TP 2/4/8 against TP 1, 4 layers, and a classifier)
 #   allreduce   gemma2-allreduce-bench, eager and in CUDA graphs, 1..2048 tokens x 4608
@@ -51,6 +52,7 @@ for s in "$@"; do
       step ours8 120 $bench --preset 27b --random-weights 1 --layers 8 --batches 1 16 --prompts 128 --prefills 2048 --out "$OUT/ours8.json"
       step hfeager8 200 $hf --preset 27b --layers 8 --batches 1,16 --prompt 128 --new-tokens 32 --repeat 2 --out "$OUT/hf_eager8.json"
       step hfcompiled8 240 $hf --preset 27b --layers 8 --batches 1,16 --prompt 128 --new-tokens 32 --repeat 2 --compile --out "$OUT/hf_compiled8.json" ;;
+    load) step load 400 env PATH="$R/.gpu/bin:$PATH" tools/load_speed.sh 9b "$OUT/load_speed" ;;
     mgcorrect) step mgcorrect 300 tools/multi_gpu_correctness.sh 4 "$OUT/multi_gpu_correctness" ;;
     allreduce) step allreduce 150 .gpu/bin/gemma2-allreduce-bench --gpus "$(nvidia-smi -L | wc -l)" \
       --out "$OUT/allreduce.json" ;;

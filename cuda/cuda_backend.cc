@@ -17,6 +17,7 @@
 #include "kernels/flash_attention.h"
 #include "kernels/gemm.h"
 #include "kernels/gemv.h"
+#include "kernels/kv_copy.h"
 #include "kernels/prefill_attention.h"
 #include "kernels/rms_norm.h"
 #include "kernels/rope_kv.h"
@@ -248,22 +249,38 @@ class CudaBackend final : public Backend {
     return error_;
   }
 
-  // Block by block on every layer slot, on the step stream (ordered before the next step's
-  // kernels).
+  // One kernel over every pair and layer slot, on the step stream (ordered before the next
+  // step's kernels). Between steps only: never inside a captured one.
   Status CopyKvBlocks(std::span<const int32_t> from, std::span<const int32_t> to) override {
     if (!pool_) return Internal("cuda backend: no KV pool");
-    const int64_t e = pool_->block_elems();
-    const size_t bytes = static_cast<size_t>(e) * sizeof(bf16);
-    for (int64_t slot = 0; slot < pool_->layers.slots; ++slot) {
-      for (size_t i = 0; i < from.size(); ++i) {
-        for (const auto& base : {pool_->k, pool_->v}) {
-          bf16* p = static_cast<bf16*>(base.get()) + slot * pool_->slot_elems();
-          Note(cudaMemcpyAsync(p + to[i] * e, p + from[i] * e, bytes, cudaMemcpyDeviceToDevice,
-                               stream_),
-               "cudaMemcpyAsync (KV blocks)");
-        }
-      }
+    if (capturing_) return Internal("cuda backend: CopyKvBlocks inside a graph capture");
+    if (from.size() != to.size()) return InvalidArgument("CopyKvBlocks: unpaired blocks");
+    if (from.empty()) return error_;
+    std::vector<int32_t> pairs(2 * from.size());
+    for (size_t i = 0; i < from.size(); ++i) {
+      if (from[i] < 0 || from[i] >= pool_->num_blocks || to[i] < 0 || to[i] >= pool_->num_blocks)
+        return InvalidArgument("CopyKvBlocks: block out of range");
+      pairs[2 * i] = from[i];
+      pairs[2 * i + 1] = to[i];
     }
+    const size_t bytes = pairs.size() * sizeof(int32_t);
+    if (bytes > kv_copy_pairs_bytes_) {
+      Note(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");  // the old list is unused
+      Status st;
+      kv_copy_pairs_ = DeviceAlloc(bytes, &st);
+      RETURN_IF_ERROR(st);
+      kv_copy_pairs_bytes_ = bytes;
+    }
+    // From pageable memory: returns once `pairs` is staged, ordered on the stream.
+    Note(
+        cudaMemcpyAsync(kv_copy_pairs_.get(), pairs.data(), bytes, cudaMemcpyHostToDevice, stream_),
+        "cudaMemcpyAsync (KV block pairs)");
+    Note(kernels::CopyKvBlocks(static_cast<bf16*>(pool_->k.get()),
+                               static_cast<bf16*>(pool_->v.get()), pool_->layers.slots,
+                               pool_->slot_elems(), pool_->block_elems(),
+                               static_cast<const int32_t*>(kv_copy_pairs_.get()),
+                               static_cast<int64_t>(from.size()), stream_),
+         "CopyKvBlocks");
     return error_;
   }
 
@@ -662,6 +679,9 @@ class CudaBackend final : public Backend {
   void* pinned_ = nullptr;
   // While weights load (UploadRows .. FinishUploads).
   std::unique_ptr<WeightStager> stager_;
+  // CopyKvBlocks' (from, to) list on the device.
+  std::shared_ptr<void> kv_copy_pairs_;
+  size_t kv_copy_pairs_bytes_ = 0;
   size_t pinned_bytes_ = 0, pinned_offset_ = 0;
   // KV cache and this step's metadata.
   std::shared_ptr<KvPool> pool_;

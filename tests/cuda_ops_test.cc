@@ -96,8 +96,13 @@ struct SharedKv {
     return l;
   }
   // Plans a step: step[s] new positions for sequence s (0: not in it). Slices in sequence order.
-  std::vector<SeqSlice> Step(const std::vector<int64_t>& step, int64_t* rows) {
+  // `copies` run first, on both backends (a copy's destination starts at its `tokens`).
+  std::vector<SeqSlice> Step(const std::vector<int64_t>& step, int64_t* rows,
+                             const std::vector<KvCopy>& copies = {}, Backend* gpu = nullptr,
+                             Backend* cpu = nullptr) {
     StepPlan plan;
+    plan.kv_copies = copies;
+    for (const KvCopy& c : copies) len[c.dst] = c.tokens;
     for (size_t s = 0; s < step.size(); ++s) {
       if (step[s] == 0) continue;
       StepSequence q;
@@ -108,6 +113,14 @@ struct SharedKv {
     }
     const Status st = tables.Plan(plan, &plan.kv_assign);
     EXPECT_TRUE(st.ok()) << st.ToString();
+    for (const KvCopy& c : copies) {
+      std::vector<int32_t> from, to;
+      EXPECT_TRUE(tables.CopyPairs(c.src, c.dst, c.tokens, &from, &to).ok());
+      for (Backend* b : {gpu, cpu}) {
+        const Status copied = b->CopyKvBlocks(from, to);
+        EXPECT_TRUE(copied.ok()) << copied.ToString();
+      }
+    }
     std::vector<SeqSlice> slices;
     *rows = 0;
     for (const StepSequence& q : plan.sequences) {
@@ -344,6 +357,53 @@ TEST_F(CudaOpsTest, RopeCacheAndAttentionOverRaggedStepsAndBlocks) {
       EXPECT_EQ(std::count_if(t.begin(), t.end(), [](int32_t b) { return b >= 0; }),
                 343 / 16 - (343 - ac.window + 1) / 16 + 1);
     }
+  }
+}
+
+// Prefix copies (one kernel over every block and layer slot) leave the cache as the cpu's block by
+// block copies do: new sequences that start from copied prefixes attend like the specification.
+TEST_F(CudaOpsTest, KvBlockCopiesMatchTheSpecification) {
+  for (int64_t window : {0, 21}) {
+    SCOPED_TRACE("window " + std::to_string(window));
+    auto gpu = NewGpu();
+    CpuBackend cpu;
+    ASSERT_NE(gpu, nullptr);
+    AttentionParams p;
+    p.q_heads = 4;
+    p.kv_heads = 2;
+    p.head_dim = 128;
+    p.scale = 1.0f / std::sqrt(128.0f);
+    p.softcap = 50.0f;
+    p.rope_theta = 10000.0;
+    const int64_t layers = 2, width = (p.q_heads + 2 * p.kv_heads) * p.head_dim;
+    SharedKv kv(*gpu, cpu, layers, p.kv_heads, p.head_dim, window);
+    uint64_t seed = 500;
+    // Sequences 0 and 1 fill their caches; then 2 and 3 start from copies of their prefixes
+    // (37 positions: two whole blocks and part of a third; 16: exactly one block).
+    const std::vector<KvCopy> copies = {{0, 2, 37}, {1, 3, 16}};
+    for (int step = 0; step < 2; ++step) {
+      int64_t rows = 0;
+      const std::vector<SeqSlice> gs = step == 0
+                                           ? kv.Step({40, 23}, &rows)
+                                           : kv.Step({1, 0, 1, 2}, &rows, copies, gpu.get(), &cpu);
+      const std::vector<SeqSlice> cs = gs;
+      ASSERT_TRUE(gpu->BeginStep(gs, StepOutputKind::kLogits).ok());
+      for (int64_t layer = 0; layer < layers; ++layer) {
+        p.window = layer == layers - 1 ? window : 0;
+        const auto qkv = Rand(rows * width, 1.0f, ++seed);
+        Tensor gq = Put(*gpu, qkv, rows, width), cq = Put(cpu, qkv, rows, width);
+        gpu->RopeAndCacheWrite(gq, gs, layer, p);
+        cpu.RopeAndCacheWrite(cq, cs, layer, p);
+        Tensor go = gpu->Alloc(rows, p.q_heads * p.head_dim),
+               co = cpu.Alloc(rows, p.q_heads * p.head_dim);
+        gpu->Attention(gq, gs, layer, p, go);
+        cpu.Attention(cq, cs, layer, p, co);
+        ExpectRowsClose(Get(*gpu, go), Get(cpu, co), p.q_heads * p.head_dim, 2e-2,
+                        "step " + std::to_string(step) + " layer " + std::to_string(layer));
+      }
+    }
+    EXPECT_EQ(kv.len[2], 38);
+    EXPECT_EQ(kv.len[3], 18);
   }
 }
 

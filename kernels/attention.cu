@@ -1,5 +1,7 @@
 #include <cuda_bf16.h>
 
+#include <type_traits>
+
 #include "kernels/attention.h"
 #include "kernels/device.cuh"
 
@@ -16,6 +18,13 @@ namespace {
 // Every lane group keeps an online softmax per head over its keys; groups merge by shuffles, warps
 // through shared memory; the block writes the output (one split) or an unnormalized partial
 // (max, sum, acc[HD]) per head for MergeKernel.
+// Each warp loads its next round of keys before it computes the current one, so a warp has two
+// rounds in flight — when the grid fits the GPU in one wave (kPrefetchWaveBlocksPerSm blocks per
+// SM), where occupancy is not the limit: prefetching costs registers (27B's instance: 165 against
+// 127), so larger grids (batch 64) keep the instance with more blocks per SM. Only instances
+// whose registers allow it prefetch (head_dim x heads per block <= 512).
+// Four warps, not eight: with the registers prefetching takes eight-warp blocks fit one per SM,
+// and batch 16's 256 blocks would run in two waves.
 constexpr int kWarps = 4;
 constexpr int kLaneDims = 16;
 constexpr int kWarpKeys = 8;
@@ -24,6 +33,7 @@ constexpr int kWarpKeys = 8;
 // useful amount of keys, and contexts up to this length need no merge kernel at all. Splits
 // past the keys of a shorter query exit at once and the merge skips them.
 constexpr int kMinSplitKeys = 8 * kWarps * kWarpKeys;
+constexpr int kPrefetchWaveBlocksPerSm = 3;
 
 // The keys visible to a query at `pos` ([first, pos]) and how many of `splits` cover them.
 struct SplitRange {
@@ -51,7 +61,81 @@ __device__ __forceinline__ float Rescale(float m, float big) {
   return m == -INFINITY ? 0.0f : __expf(m - big);
 }
 
-template <int HD, int R>
+// One round of a lane's keys: kLoads keys (clamped to the last valid one; masked by the caller),
+// 2 x 16 bytes of k and of v each.
+template <int HD, int kLoads>
+__device__ __forceinline__ void LoadRound(const PagedKv& kv, int32_t seq, int32_t g, int32_t k0,
+                                          int32_t k_end, int group, int sub, uint4 (&kr)[kLoads][2],
+                                          uint4 (&vr)[kLoads][2]) {
+  constexpr int kKeysPerLoad = 32 / (HD / kLaneDims);
+#pragma unroll
+  for (int j = 0; j < kLoads; ++j) {
+    const int32_t k = min(k0 + j * kKeysPerLoad + group, k_end - 1);
+    const int64_t off = KvOffset(kv, seq, k, g, HD) + sub * kLaneDims;
+    const uint4* kp = reinterpret_cast<const uint4*>(kv.k + off);
+    const uint4* vp = reinterpret_cast<const uint4*>(kv.v + off);
+    kr[j][0] = __ldg(kp);
+    kr[j][1] = __ldg(kp + 1);
+    vr[j][0] = __ldg(vp);
+    vr[j][1] = __ldg(vp + 1);
+  }
+}
+
+// One round of a lane group's keys k0 + [0, kWarpKeys) (those >= k_end masked) folded into its
+// online softmax: scores with softcap, then the rescaled accumulation of the values.
+template <int HD, int R, int kLoads>
+__device__ __forceinline__ void Round(const AttentionShape& shape, int32_t k0, int32_t k_end,
+                                      int group, const float (&qv)[R][kLaneDims],
+                                      const uint4 (&kr)[kLoads][2], const uint4 (&vr)[kLoads][2],
+                                      float (&m)[R], float (&l)[R], float (&acc)[R][kLaneDims]) {
+  constexpr int kGroupLanes = HD / kLaneDims;
+  constexpr int kKeysPerLoad = 32 / kGroupLanes;
+  float s[R][kLoads];
+#pragma unroll
+  for (int j = 0; j < kLoads; ++j) {
+    float kf[kLaneDims];
+    Unpack(kr[j][0], kf);
+    Unpack(kr[j][1], kf + 8);
+    const bool valid = k0 + j * kKeysPerLoad + group < k_end;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float dot = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kLaneDims; ++i) dot += qv[r][i] * kf[i];
+#pragma unroll
+      for (int o = kGroupLanes / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+      if (shape.softcap > 0) dot = tanhf(dot / shape.softcap) * shape.softcap;
+      s[r][j] = valid ? dot : -INFINITY;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float m_new = m[r];
+#pragma unroll
+    for (int j = 0; j < kLoads; ++j) m_new = fmaxf(m_new, s[r][j]);
+    if (m_new == -INFINITY) continue;  // this group saw only masked keys so far
+    const float corr = Rescale(m[r], m_new);
+    l[r] *= corr;
+#pragma unroll
+    for (int i = 0; i < kLaneDims; ++i) acc[r][i] *= corr;
+    m[r] = m_new;
+  }
+#pragma unroll
+  for (int j = 0; j < kLoads; ++j) {
+    float vf[kLaneDims];
+    Unpack(vr[j][0], vf);
+    Unpack(vr[j][1], vf + 8);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float p = Rescale(s[r][j], m[r]);
+      l[r] += p;
+#pragma unroll
+      for (int i = 0; i < kLaneDims; ++i) acc[r][i] += p * vf[i];
+    }
+  }
+}
+
+template <int HD, int R, bool kPrefetch>
 __global__ void __launch_bounds__(32 * kWarps)
     DecodeKernel(const bf16* __restrict__ q, int64_t row_stride, StepTokens tokens,
                  AttentionShape shape, PagedKv kv, int splits, bf16* __restrict__ out,
@@ -84,61 +168,26 @@ __global__ void __launch_bounds__(32 * kWarps)
     l[r] = 0.0f;
   }
 
-  for (int32_t k0 = k_begin + warp * kWarpKeys; k0 < k_end; k0 += kWarps * kWarpKeys) {
-    uint4 kr[kLoads][2], vr[kLoads][2];
+  constexpr int32_t kStride = kWarps * kWarpKeys;
+  uint4 kr[kLoads][2], vr[kLoads][2];
+  int32_t k0 = k_begin + warp * kWarpKeys;
+  if (kPrefetch && k0 < k_end) LoadRound<HD>(kv, seq, g, k0, k_end, group, sub, kr, vr);
+  for (; k0 < k_end; k0 += kStride) {
+    if constexpr (kPrefetch) {
+      uint4 kn[kLoads][2], vn[kLoads][2];
+      if (k0 + kStride < k_end) LoadRound<HD>(kv, seq, g, k0 + kStride, k_end, group, sub, kn, vn);
+      Round<HD, R, kLoads>(shape, k0, k_end, group, qv, kr, vr, m, l, acc);
 #pragma unroll
-    for (int j = 0; j < kLoads; ++j) {
-      const int32_t k = min(k0 + j * kKeysPerLoad + group, k_end - 1);  // masked below
-      const int64_t off = KvOffset(kv, seq, k, g, HD) + sub * kLaneDims;
-      const uint4* kp = reinterpret_cast<const uint4*>(kv.k + off);
-      const uint4* vp = reinterpret_cast<const uint4*>(kv.v + off);
-      kr[j][0] = __ldg(kp);
-      kr[j][1] = __ldg(kp + 1);
-      vr[j][0] = __ldg(vp);
-      vr[j][1] = __ldg(vp + 1);
-    }
-    float s[R][kLoads];
+      for (int j = 0; j < kLoads; ++j) {
 #pragma unroll
-    for (int j = 0; j < kLoads; ++j) {
-      float kf[kLaneDims];
-      Unpack(kr[j][0], kf);
-      Unpack(kr[j][1], kf + 8);
-      const bool valid = k0 + j * kKeysPerLoad + group < k_end;
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        float dot = 0.0f;
-#pragma unroll
-        for (int i = 0; i < kLaneDims; ++i) dot += qv[r][i] * kf[i];
-#pragma unroll
-        for (int o = kGroupLanes / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-        if (shape.softcap > 0) dot = tanhf(dot / shape.softcap) * shape.softcap;
-        s[r][j] = valid ? dot : -INFINITY;
+        for (int h = 0; h < 2; ++h) {
+          kr[j][h] = kn[j][h];
+          vr[j][h] = vn[j][h];
+        }
       }
-    }
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      float m_new = m[r];
-#pragma unroll
-      for (int j = 0; j < kLoads; ++j) m_new = fmaxf(m_new, s[r][j]);
-      if (m_new == -INFINITY) continue;  // this group saw only masked keys so far
-      const float corr = Rescale(m[r], m_new);
-      l[r] *= corr;
-#pragma unroll
-      for (int i = 0; i < kLaneDims; ++i) acc[r][i] *= corr;
-      m[r] = m_new;
-    }
-#pragma unroll
-    for (int j = 0; j < kLoads; ++j) {
-      float vf[kLaneDims];
-      Unpack(vr[j][0], vf);
-      Unpack(vr[j][1], vf + 8);
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float p = Rescale(s[r][j], m[r]);
-        l[r] += p;
-#pragma unroll
-        for (int i = 0; i < kLaneDims; ++i) acc[r][i] += p * vf[i];
-      }
+    } else {
+      LoadRound<HD>(kv, seq, g, k0, k_end, group, sub, kr, vr);
+      Round<HD, R, kLoads>(shape, k0, k_end, group, qv, kr, vr, m, l, acc);
     }
   }
 
@@ -234,8 +283,26 @@ cudaError_t Launch(const bf16* q, int64_t row_stride, const StepTokens& tokens,
                    bf16* out, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(tokens.count), static_cast<unsigned>(shape.q_heads / R),
                   static_cast<unsigned>(splits));
-  DecodeKernel<HD, R>
-      <<<grid, 32 * kWarps, 0, stream>>>(q, row_stride, tokens, shape, kv, splits, out, partial);
+  static const int sms = [] {
+    int device = 0, n = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+    return n;
+  }();
+  const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
+  auto launch = [&](auto prefetch) {
+    DecodeKernel<HD, R, decltype(prefetch)::value>
+        <<<grid, 32 * kWarps, 0, stream>>>(q, row_stride, tokens, shape, kv, splits, out, partial);
+  };
+  if constexpr (HD * R <= 512) {
+    if (blocks <= int64_t{kPrefetchWaveBlocksPerSm} * sms) {
+      launch(std::true_type{});
+    } else {
+      launch(std::false_type{});
+    }
+  } else {
+    launch(std::false_type{});
+  }
   if (splits > 1) {
     const dim3 mgrid(static_cast<unsigned>(tokens.count), static_cast<unsigned>(shape.q_heads));
     MergeKernel<HD>

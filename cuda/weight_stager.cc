@@ -1,7 +1,9 @@
 #include "cuda/weight_stager.h"
 
 #include <algorithm>
+#include <future>
 #include <string>
+#include <vector>
 
 #include "common/cuda_check.h"
 
@@ -41,13 +43,34 @@ Status WeightStager::Copy(void* device_dst, int64_t rows, int64_t row_bytes,
     const int i = next_;
     next_ = (next_ + 1) % kBuffers;
     RETURN_IF_CUDA_ERROR(cudaEventSynchronize(copied_[i]));  // its previous copy is done
-    RETURN_IF_ERROR(fill(r0, r1, buffers_[i]));
+    RETURN_IF_ERROR(ParallelFill(fill, r0, r1, row_bytes, buffers_[i]));
     RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(dst + r0 * row_bytes, buffers_[i],
                                          static_cast<size_t>((r1 - r0) * row_bytes),
                                          cudaMemcpyHostToDevice, stream_));
     RETURN_IF_CUDA_ERROR(cudaEventRecord(copied_[i], stream_));
   }
   return OkStatus();
+}
+
+Status WeightStager::ParallelFill(const Backend::RowFiller& fill, int64_t r0, int64_t r1,
+                                  int64_t row_bytes, void* dst) {
+  // Pieces of at least 1 MiB: below that a thread costs more than the copy it takes over.
+  const int64_t min_rows = std::max<int64_t>(1, (int64_t{1} << 20) / row_bytes);
+  const int64_t pieces = std::clamp<int64_t>((r1 - r0) / min_rows, 1, kFillThreads);
+  const int64_t per = (r1 - r0 + pieces - 1) / pieces;
+  std::vector<std::future<Status>> helpers;
+  for (int64_t a = r0 + per; a < r1; a += per) {
+    const int64_t b = std::min(r1, a + per);
+    helpers.push_back(std::async(std::launch::async, [&fill, a, b, r0, row_bytes, dst] {
+      return fill(a, b, static_cast<uint8_t*>(dst) + (a - r0) * row_bytes);
+    }));
+  }
+  Status st = fill(r0, std::min(r1, r0 + per), dst);
+  for (auto& h : helpers) {
+    Status s = h.get();  // every helper is joined before the buffer is touched again
+    if (st.ok()) st = std::move(s);
+  }
+  return st;
 }
 
 Status WeightStager::Finish() {

@@ -1,6 +1,6 @@
 // Weights to the device through pinned staging buffers: the host fills one buffer (reading the
-// checkpoint) while the copies out of the others run, so reading and the PCIe copy overlap and no
-// pageable copy (the driver's own bounce buffer) is paid.
+// checkpoint, kFillThreads threads over disjoint rows) while the copies out of the others run, so
+// reading and the PCIe copy overlap and no pageable copy (the driver's own bounce buffer) is paid.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -29,6 +29,10 @@ class WeightStager {
 
  private:
   static constexpr int kBuffers = 3;
+  static constexpr int kFillThreads = 4;
+  // fill(r0, r1) split over kFillThreads threads; the first failure.
+  static Status ParallelFill(const Backend::RowFiller& fill, int64_t r0, int64_t r1,
+                             int64_t row_bytes, void* dst);
   WeightStager() = default;
   size_t buffer_bytes_ = 0;
   cudaStream_t stream_ = nullptr;

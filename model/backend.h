@@ -98,7 +98,8 @@ class Backend {
   // --- memory ---
   // Copies a weight to the backend in weight_dtype(); fails (e.g. out of memory) with a Status.
   virtual Result<Tensor> Upload(const void* host, DType dtype, int64_t rows, int64_t cols) = 0;
-  // Writes rows [row_begin, row_end) of a weight, dense and row-major, into dst.
+  // Writes rows [row_begin, row_end) of a weight, dense and row-major, into dst. May be called
+  // from several threads at once, for disjoint row ranges.
   using RowFiller = std::function<Status(int64_t row_begin, int64_t row_end, void* dst)>;
   // Like Upload, but `fill` writes the weight (rows x cols of `dtype`) in row ranges into memory
   // the backend picks: cuda hands out pinned staging buffers whose copies to the device overlap the

@@ -8,7 +8,12 @@
 // only in summation order (1e-4).
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <cstring>
+#include <mutex>
 #include <random>
+#include <set>
+#include <thread>
 
 #include "cpu/cpu_backend.h"
 #include "cuda/weight_stager.h"
@@ -566,6 +571,42 @@ TEST_F(CudaOpsTest, WeightStagerStreamsRowsThroughItsBuffersInOrder) {
   const Status wide =
       (*stager)->Copy(dev, 1, 5000, [](int64_t, int64_t, void*) { return OkStatus(); });
   EXPECT_EQ(wide.code(), StatusCode::kInvalidArgument) << wide.ToString();
+  ASSERT_EQ(cudaFree(dev), cudaSuccess);
+}
+
+TEST_F(CudaOpsTest, WeightStagerFillsLargeRowsFromSeveralThreads) {
+  // Rows of 1 MiB in buffers of 8: each buffer's fill is split over threads; every row must be
+  // written exactly once and land where it belongs.
+  auto stager = WeightStager::Create(size_t{8} << 20);
+  ASSERT_TRUE(stager.ok()) << stager.status().ToString();
+  constexpr int64_t kRows = 40, kRowBytes = int64_t{1} << 20;
+  void* dev = nullptr;
+  ASSERT_EQ(cudaMalloc(&dev, kRows * kRowBytes), cudaSuccess);
+  std::vector<std::atomic<int>> written(kRows);
+  std::mutex mu;
+  std::set<std::thread::id> threads;
+  const Status st = (*stager)->Copy(dev, kRows, kRowBytes, [&](int64_t r0, int64_t r1, void* dst) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      threads.insert(std::this_thread::get_id());
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      written[static_cast<size_t>(r)]++;
+      std::memset(static_cast<uint8_t*>(dst) + (r - r0) * kRowBytes, static_cast<int>(r + 1),
+                  kRowBytes);
+    }
+    return OkStatus();
+  });
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  ASSERT_TRUE((*stager)->Finish().ok());
+  EXPECT_GT(threads.size(), 1u);
+  std::vector<uint8_t> host(kRows * kRowBytes);
+  ASSERT_EQ(cudaMemcpy(host.data(), dev, host.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+  for (int64_t r = 0; r < kRows; ++r) {
+    EXPECT_EQ(written[static_cast<size_t>(r)].load(), 1) << "row " << r;
+    const uint8_t* row = host.data() + r * kRowBytes;
+    EXPECT_EQ(std::count(row, row + kRowBytes, static_cast<uint8_t>(r + 1)), kRowBytes) << r;
+  }
   ASSERT_EQ(cudaFree(dev), cudaSuccess);
 }
 

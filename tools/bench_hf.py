@@ -6,6 +6,7 @@ token = (time(generate N new) - time(generate 1 new)) / (N - 1), median of --rep
 
   python3 tools/bench_hf.py --preset 27b --batches 1,16 --prompt 128 --out hf.json
   python3 tools/bench_hf.py --preset 27b --batches 1,16 --prompt 128 --compile   # static cache, compiled by generate()
+  python3 tools/bench_hf.py --preset 27b --shapes 1x128,16x128,64x512          # batch x prompt pairs
 """
 import argparse
 import json
@@ -40,6 +41,7 @@ def main():
     ap.add_argument("--layers", type=int, default=0)
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--shapes", default="", help="BATCHxPROMPT,... (instead of --batches/--prompt)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="static cache (generate() compiles the forward)")
@@ -59,8 +61,12 @@ def main():
         # compiling model.forward on top of that fails on the graphs' reused outputs.
         gen_kw["cache_implementation"] = "static"
     results = []
-    for b in [int(x) for x in args.batches.split(",")]:
-        ids = torch.randint(4, 256000, (b, args.prompt), device="cuda")
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    else:
+        shapes = [(int(b), args.prompt) for b in args.batches.split(",")]
+    for b, prompt in shapes:
+        ids = torch.randint(4, 256000, (b, prompt), device="cuda")
         ids[:, 0] = 2
         with torch.no_grad():
             # Warm-up as long as the timed runs: generate() compiles its decoding forward lazily,
@@ -71,9 +77,9 @@ def main():
         ms = (statistics.median(full) - statistics.median(one)) / (args.new_tokens - 1)
         graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
         path = "eager" if not args.compile else "static+compile" if graphs else "static (not compiled)"
-        r = {"kind": "decode", "batch": b, "prompt": args.prompt, "ms_per_step": ms, "path": path,
+        r = {"kind": "decode", "batch": b, "prompt": prompt, "ms_per_step": ms, "path": path,
              "dynamo_graphs": graphs, "prefill_ms": statistics.median(one)}
-        print(f"hf {r['path']:15s} batch {b:3d} prompt {args.prompt}: {ms:.2f} ms/step", flush=True)
+        print(f"hf {r['path']:15s} batch {b:3d} prompt {prompt}: {ms:.2f} ms/step", flush=True)
         results.append(r)
     doc = {"transformers": __import__("transformers").__version__, "torch": torch.__version__,
            "preset": args.preset, "layers": cfg.num_hidden_layers, "results": results}

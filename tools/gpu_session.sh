@@ -10,6 +10,10 @@
 #   bench       gemma2-bench, 27B shapes, random weights, every row
 #   clusterbench  the same through a coordinator and one NCCL worker process
 #   side8       ours, Hugging Face eager and Hugging Face compiled at 27B widths, 8 layers
+#   side        ours, Hugging Face eager and Hugging Face compiled, full 46 layers, one call, and
+#               side_by_side.md (tools/side_by_side.py) with the ratios
+#   large       the 27B shape cut to 2 layers (widths exact) against transformers: references made
+#               there by tools/make_references.py (gigabytes, not committed), then reference_cuda_test
 #   ncu16       Nsight Compute: per-kernel time of one batch-16 decode step (27B widths, 8 layers)
 #   load        tools/load_speed.sh 9b: loading a 9B checkpoint from a cold page cache against dd
 # Issue 6, on a host with several GPUs (each uses every GPU the host shows):
@@ -53,6 +57,16 @@ for s in "$@"; do
       step hfeager8 200 $hf --preset 27b --layers 8 --batches 1,16 --prompt 128 --new-tokens 32 --repeat 2 --out "$OUT/hf_eager8.json"
       step hfcompiled8 240 $hf --preset 27b --layers 8 --batches 1,16 --prompt 128 --new-tokens 32 --repeat 2 --compile --out "$OUT/hf_compiled8.json" ;;
     load) step load 400 env PATH="$R/.gpu/bin:$PATH" tools/load_speed.sh 9b "$OUT/load_speed" ;;
+    side)
+      step ours 240 $bench --preset 27b --random-weights 1 --prompts 128,512,2048 --out "$OUT/ours.json"
+      step hfeager 200 $hf --preset 27b --shapes 1x128,16x128,64x512,1x2048 --new-tokens 16 --repeat 3 \
+        --out "$OUT/hf_eager.json"
+      step hfcompiled 420 $hf --preset 27b --shapes 1x128,16x128 --new-tokens 16 --repeat 3 --compile \
+        --out "$OUT/hf_compiled.json"
+      python3 tools/side_by_side.py "$OUT/ours.json" "$OUT/hf_eager.json" "$OUT/hf_compiled.json" \
+        > "$OUT/side_by_side.md" 2>&1; cat "$OUT/side_by_side.md" ;;
+    large) step large 300 bash -c "python3 tools/make_references.py --out /tmp/gemma2-large \
+      --only 27b_shape_2layers && GEMMA2_REFERENCE_DIRS=/tmp/gemma2-large .gpu/bin/tests/reference_cuda_test" ;;
     mgcorrect) step mgcorrect 300 tools/multi_gpu_correctness.sh 4 "$OUT/multi_gpu_correctness" ;;
     allreduce) step allreduce 150 .gpu/bin/gemma2-allreduce-bench --gpus "$(nvidia-smi -L | wc -l)" \
       --out "$OUT/allreduce.json" ;;

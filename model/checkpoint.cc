@@ -157,30 +157,34 @@ Status Checkpoint::ReadRegion(const std::string& name, const Region& r, DType ou
         " has no region rows [" + std::to_string(r.row_begin) + ", " + std::to_string(r.row_end) +
         ") cols [" + std::to_string(r.col_begin) + ", " + std::to_string(r.col_end) + ")");
   }
-  const int64_t esize = DTypeSize(t.dtype);
-  const uint8_t* base = e->file->TensorData(t);
-  const int64_t n = r.cols();
-  if (n == cols && out == t.dtype && (out == DType::kF32 || out == DType::kBF16)) {  // as stored
-    std::memcpy(dst, base + r.row_begin * cols * esize, static_cast<size_t>(r.rows() * n * esize));
-    return OkStatus();
+  if (out != DType::kF32 && out != DType::kBF16) {
+    return Internal("ReadRegion: unsupported output dtype");
   }
+  // pread, not the map: a failing disk or a file cut short mid-load is an error, not a SIGBUS.
+  const int64_t esize = DTypeSize(t.dtype), out_size = DTypeSize(out);
+  const int64_t base = e->file->TensorOffset(t);
+  const int64_t n = r.cols();
+  auto* d = static_cast<uint8_t*>(dst);
+  if (out == t.dtype && n == cols) {  // whole rows as stored: one read
+    return e->file->ReadAt(base + r.row_begin * cols * esize, r.rows() * n * esize, d);
+  }
+  std::vector<uint8_t> raw(out == t.dtype ? 0 : static_cast<size_t>(n * esize));
   std::vector<float> tmp;
   for (int64_t row = r.row_begin; row < r.row_end; ++row) {
-    const uint8_t* src = base + (row * cols + r.col_begin) * esize;
-    const int64_t dst_row = row - r.row_begin;
+    const int64_t at = base + (row * cols + r.col_begin) * esize;
+    uint8_t* drow = d + (row - r.row_begin) * n * out_size;
+    if (out == t.dtype) {
+      RETURN_IF_ERROR(e->file->ReadAt(at, n * esize, drow));
+      continue;
+    }
+    RETURN_IF_ERROR(e->file->ReadAt(at, n * esize, raw.data()));
     if (out == DType::kF32) {
-      ConvertToF32(t.dtype, src, static_cast<float*>(dst) + dst_row * n, n);
-    } else if (out == DType::kBF16) {
-      auto* d = static_cast<uint16_t*>(dst) + dst_row * n;
-      if (t.dtype == DType::kBF16) {
-        std::memcpy(d, src, static_cast<size_t>(n) * 2);
-      } else {
-        tmp.resize(static_cast<size_t>(n));
-        ConvertToF32(t.dtype, src, tmp.data(), n);
-        for (int64_t i = 0; i < n; ++i) d[i] = F32ToBf16(tmp[static_cast<size_t>(i)]);
-      }
+      ConvertToF32(t.dtype, raw.data(), reinterpret_cast<float*>(drow), n);
     } else {
-      return Internal("ReadRegion: unsupported output dtype");
+      tmp.resize(static_cast<size_t>(n));
+      ConvertToF32(t.dtype, raw.data(), tmp.data(), n);
+      auto* b = reinterpret_cast<uint16_t*>(drow);
+      for (int64_t i = 0; i < n; ++i) b[i] = F32ToBf16(tmp[static_cast<size_t>(i)]);
     }
   }
   return OkStatus();

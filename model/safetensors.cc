@@ -178,13 +178,46 @@ Result<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::filesy
     }
     f->base_ = static_cast<const uint8_t*>(m);
   }
-  ::close(fd);
-  ASSIGN_OR_RETURN(f->header_, ParseSafetensorsHeader(f->base_, f->size_, f->size_, p));
+  f->fd_ = fd;
+  // The header through ReadAt too: a file that shrinks now is an error, not a SIGBUS.
+  std::vector<uint8_t> head(static_cast<size_t>(std::min<int64_t>(f->size_, 8)));
+  RETURN_IF_ERROR(f->ReadAt(0, static_cast<int64_t>(head.size()), head.data()));
+  if (head.size() == 8) {
+    uint64_t n = 0;
+    for (int i = 0; i < 8; ++i) n |= static_cast<uint64_t>(head[static_cast<size_t>(i)]) << (8 * i);
+    if (n <= static_cast<uint64_t>(kMaxSafetensorsHeader)) {  // else the parser refuses it
+      const int64_t want = std::min<int64_t>(f->size_, 8 + static_cast<int64_t>(n));
+      head.resize(static_cast<size_t>(want));
+      RETURN_IF_ERROR(f->ReadAt(0, want, head.data()));
+    }
+  }
+  ASSIGN_OR_RETURN(f->header_, ParseSafetensorsHeader(
+                                   head.data(), static_cast<int64_t>(head.size()), f->size_, p));
   return f;
 }
 
 SafetensorsFile::~SafetensorsFile() {
   if (base_) ::munmap(const_cast<uint8_t*>(base_), static_cast<size_t>(size_));
+  if (fd_ >= 0) ::close(fd_);
+}
+
+Status SafetensorsFile::ReadAt(int64_t offset, int64_t bytes, void* dst) const {
+  int64_t done = 0;
+  while (done < bytes) {
+    const ssize_t n = ::pread(fd_, static_cast<uint8_t*>(dst) + done,
+                              static_cast<size_t>(bytes - done), static_cast<off_t>(offset + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      return DataLoss(path_ + ": read of " + std::to_string(bytes) + " bytes at offset " +
+                      std::to_string(offset) + " failed: " + std::strerror(errno));
+    }
+    if (n == 0) {
+      return DataLoss(path_ + ": the file ends before byte " + std::to_string(offset + bytes) +
+                      " (it was " + std::to_string(size_) + " bytes when opened)");
+    }
+    done += n;
+  }
+  return OkStatus();
 }
 
 Status WriteSafetensors(const std::filesystem::path& path,

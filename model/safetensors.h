@@ -40,7 +40,9 @@ inline constexpr int64_t kMaxSafetensorsHeader = 100'000'000;
 Result<SafetensorsHeader> ParseSafetensorsHeader(const uint8_t* data, int64_t available,
                                                  int64_t file_size, const std::string& file);
 
-// A safetensors file mapped read-only. Move-only; unmaps on destruction.
+// A safetensors file: its header validated, its data read with ReadAt (the loader: an I/O error or
+// a file cut short after Open is a Status) or through a read-only map (TensorData: small files,
+// tests). Not copyable; closes and unmaps on destruction.
 class SafetensorsFile {
  public:
   static Result<std::unique_ptr<SafetensorsFile>> Open(const std::filesystem::path& path);
@@ -56,10 +58,13 @@ class SafetensorsFile {
   }
   // Where `t`'s data starts in the file.
   int64_t TensorOffset(const TensorInfo& t) const { return header_.data_offset + t.begin; }
+  // Copies bytes [offset, offset + bytes) of the file into dst; safe from several threads.
+  Status ReadAt(int64_t offset, int64_t bytes, void* dst) const;
 
  private:
   SafetensorsFile() = default;
   std::string path_;
+  int fd_ = -1;
   const uint8_t* base_ = nullptr;
   int64_t size_ = 0;
   SafetensorsHeader header_;

@@ -96,6 +96,25 @@ TEST(CheckpointTest, ErrorsNameTheFileAndTensor) {
       << trunc.status().message();
 }
 
+TEST(CheckpointTest, AFileCutShortAfterOpeningIsAnErrorNotACrash) {
+  testing::TempDir dir;
+  ASSERT_TRUE(WriteRandomCheckpoint(Tiny(), dir.path(), {}).ok());
+  auto ck = Checkpoint::Open(dir.path());
+  ASSERT_TRUE(ck.ok());
+  // Another process truncates the weights while this one loads them (through a map, reading
+  // the lost pages would raise SIGBUS).
+  const auto file = dir.path() / "model.safetensors";
+  std::filesystem::resize_file(file, 64);
+  std::vector<float> out(size_t{8} * 12);
+  for (const Region& r : {Region{0, 8, 0, 12}, Region{0, 8, 4, 9}}) {
+    const Status st =
+        (*ck)->ReadRegion("layers.1.mlp.down_proj.weight", r, DType::kF32, out.data());
+    EXPECT_EQ(st.code(), StatusCode::kDataLoss) << st.ToString();
+    EXPECT_NE(st.message().find("model.safetensors: the file ends before byte"), std::string::npos)
+        << st.message();
+  }
+}
+
 TEST(CheckpointTest, RejectsBadIndexAndMissingFiles) {
   testing::TempDir dir;
   RandomCheckpointOptions o;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <future>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include "common/cuda_check.h"
@@ -58,14 +59,22 @@ Status WeightStager::ParallelFill(const Backend::RowFiller& fill, int64_t r0, in
   const int64_t min_rows = std::max<int64_t>(1, (int64_t{1} << 20) / row_bytes);
   const int64_t pieces = std::clamp<int64_t>((r1 - r0) / min_rows, 1, kFillThreads);
   const int64_t per = (r1 - r0 + pieces - 1) / pieces;
+  auto piece = [&fill, r0, row_bytes, dst](int64_t a, int64_t b) {
+    return fill(a, b, static_cast<uint8_t*>(dst) + (a - r0) * row_bytes);
+  };
   std::vector<std::future<Status>> helpers;
+  Status st;
   for (int64_t a = r0 + per; a < r1; a += per) {
     const int64_t b = std::min(r1, a + per);
-    helpers.push_back(std::async(std::launch::async, [&fill, a, b, r0, row_bytes, dst] {
-      return fill(a, b, static_cast<uint8_t*>(dst) + (a - r0) * row_bytes);
-    }));
+    try {
+      helpers.push_back(std::async(std::launch::async, piece, a, b));
+    } catch (const std::system_error&) {  // no thread to be had: this one does the piece
+      Status s = piece(a, b);
+      if (st.ok()) st = std::move(s);
+    }
   }
-  Status st = fill(r0, std::min(r1, r0 + per), dst);
+  Status first = piece(r0, std::min(r1, r0 + per));
+  if (st.ok()) st = std::move(first);
   for (auto& h : helpers) {
     Status s = h.get();  // every helper is joined before the buffer is touched again
     if (st.ok()) st = std::move(s);

@@ -1,6 +1,8 @@
 #include "kernels/gemm.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "common/cuda_check.h"
@@ -115,6 +117,8 @@ Result<Gemm::Plan*> Gemm::PlanFor(const MatmulSpec& s, bool autotune) {
     RETURN_IF_CUDA_ERROR(cudaEventCreate(&start));
     RETURN_IF_CUDA_ERROR(cudaEventCreate(&stop));
     float best = 1e30f;
+    int best_index = 0;
+    std::string timings;  // for GEMMA2_GEMM_LOG
     cublasLtMatmulAlgo_t best_algo = results[0].algo;
     for (int i = 0; i < found; ++i) {
       p->algo = results[i].algo;
@@ -130,10 +134,23 @@ Result<Gemm::Plan*> Gemm::PlanFor(const MatmulSpec& s, bool autotune) {
         cudaEventElapsedTime(&t, start, stop);
         if (rep > 0) ms = std::min(ms, t);
       }
+      char one[32];
+      std::snprintf(one, sizeof(one), ok ? "%s%.1f" : "%sx", i ? " " : "", ms * 1e3f);
+      timings += one;
       if (ok && ms < best) {
         best = ms;
+        best_index = i;
         best_algo = results[i].algo;
       }
+    }
+    static const bool log = [] {
+      const char* v = std::getenv("GEMMA2_GEMM_LOG");
+      return v && *v && std::string(v) != "0";
+    }();
+    if (log) {
+      std::fprintf(stderr, "gemm autotune m=%ld n=%ld k=%ld: candidates [%s] us, picked #%d\n",
+                   static_cast<long>(s.m), static_cast<long>(s.n), static_cast<long>(s.k),
+                   timings.c_str(), best_index);
     }
     p->algo = best_algo;
     cudaEventDestroy(start);

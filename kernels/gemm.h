@@ -37,7 +37,8 @@ class Gemm {
 
   // Projections: out[t][n] = sum_k x[t][k] * w[n][k] (x: [tokens, k], w: [n, k] as Hugging Face
   // stores weights, out: [tokens, n]). The algorithm is the fastest of the heuristic's candidates,
-  // timed on the first call of each shape.
+  // timed on the first call of each shape; with GEMMA2_GEMM_LOG=1 in the environment every timed
+  // shape's candidates and pick are printed to stderr (to compare picks between runs).
   Status Run(const void* x, const void* w, void* out, bool out_f32, int64_t tokens, int64_t n,
              int64_t k);
   // Any layout; the heuristic's first algorithm (no timing: shapes vary with prompt length).

@@ -50,7 +50,7 @@ for s in "$@"; do
     server) step server 200 env GEMMA2_SERVER_BACKEND=cuda GEMMA2_LEDGER_SECONDS=10 .gpu/bin/tests/server_test ;;
     sanitize) step sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/tests/cuda_ops_test ;;
     racecheck) step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 .gpu/bin/tests/cuda_ops_test --gtest_filter='*FreshPrefill*' ;;
-    bench) step bench 300 $bench --preset 27b --random-weights 1 --out "$OUT/bench.json" ;;
+    bench) step bench 300 env GEMMA2_GEMM_LOG=1 $bench --preset 27b --random-weights 1 --out "$OUT/bench.json" ;;
     clusterbench) step clusterbench 300 $bench --launch local --tp 1 --preset 27b --random-weights 1 --batches 1 16 64 --prompts 128 --prefills 2048 --out "$OUT/bench_cluster.json" ;;
     side8)
       step ours8 120 $bench --preset 27b --random-weights 1 --layers 8 --batches 1 16 --prompts 128 --prefills 2048 --out "$OUT/ours8.json"

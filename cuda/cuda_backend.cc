@@ -82,16 +82,8 @@ class CudaBackend final : public Backend {
   DType activation_dtype() const override { return DType::kBF16; }
 
   Result<Tensor> Upload(const void* host, DType dtype, int64_t rows, int64_t cols) override {
-    Tensor t;
-    t.rows = rows;
-    t.cols = cols;
-    t.dtype = DType::kBF16;
+    ASSIGN_OR_RETURN(Tensor t, NewWeight(rows, cols));
     const size_t bytes = static_cast<size_t>(rows * cols) * 2;
-    Status st;
-    t.storage = DeviceAlloc(bytes, &st);
-    RETURN_IF_ERROR(st.WithContext("uploading a " + std::to_string(rows) + "x" +
-                                   std::to_string(cols) + " weight"));
-    t.data = t.storage.get();
     if (dtype == DType::kBF16) {
       RETURN_IF_CUDA_ERROR(cudaMemcpy(t.data, host, bytes, cudaMemcpyHostToDevice));
     } else {
@@ -107,15 +99,7 @@ class CudaBackend final : public Backend {
   Result<Tensor> UploadRows(DType dtype, int64_t rows, int64_t cols,
                             const RowFiller& fill) override {
     if (dtype != DType::kBF16) return Backend::UploadRows(dtype, rows, cols, fill);
-    Tensor t;
-    t.rows = rows;
-    t.cols = cols;
-    t.dtype = DType::kBF16;
-    Status st;
-    t.storage = DeviceAlloc(static_cast<size_t>(rows * cols) * 2, &st);
-    RETURN_IF_ERROR(st.WithContext("uploading a " + std::to_string(rows) + "x" +
-                                   std::to_string(cols) + " weight"));
-    t.data = t.storage.get();
+    ASSIGN_OR_RETURN(Tensor t, NewWeight(rows, cols));
     if (!stager_) {
       ASSIGN_OR_RETURN(stager_, WeightStager::Create());
     }
@@ -557,6 +541,20 @@ class CudaBackend final : public Backend {
     }
     if (replaying_) RETURN_IF_CUDA_ERROR(cudaGraphLaunch(graphs_[current_graph_].exec, stream_));
     return OkStatus();
+  }
+
+  // Device memory for a rows x cols bf16 weight (contents undefined).
+  static Result<Tensor> NewWeight(int64_t rows, int64_t cols) {
+    Tensor t;
+    t.rows = rows;
+    t.cols = cols;
+    t.dtype = DType::kBF16;
+    Status st;
+    t.storage = DeviceAlloc(static_cast<size_t>(rows * cols) * 2, &st);
+    RETURN_IF_ERROR(st.WithContext("uploading a " + std::to_string(rows) + "x" +
+                                   std::to_string(cols) + " weight"));
+    t.data = t.storage.get();
+    return t;
   }
 
   // Each row's sampling request on the device (staged: a replayed graph reads this step's).

@@ -67,33 +67,34 @@ void KvBlockTables::Free(int32_t block) {
 
 Status KvBlockTables::Apply(std::span<const KvAssign> assigns) {
   for (const KvAssign& a : assigns) {
-    const std::string what = "KV block assignment (sequence " + std::to_string(a.sequence_id) +
+    // Only a refused assignment pays for its message (this runs every step on every rank).
+    const auto refuse = [&a](const std::string& why) {
+      return InvalidArgument("KV block assignment (sequence " + std::to_string(a.sequence_id) +
                              ", group " + std::to_string(a.group) + ", logical block " +
                              std::to_string(a.logical) + ", block " + std::to_string(a.physical) +
-                             "): ";
-    if (a.group >= kKvGroups) return InvalidArgument(what + "no such group");
+                             "): " + why);
+    };
+    if (a.group >= kKvGroups) return refuse("no such group");
     if (a.logical < 0 || a.logical >= layout_.max_blocks) {
-      return InvalidArgument(what + "logical block outside a sequence's " +
-                             std::to_string(layout_.max_blocks));
+      return refuse("logical block outside a sequence's " + std::to_string(layout_.max_blocks));
     }
     if (a.physical < -1 || a.physical >= num_blocks()) {
-      return InvalidArgument(what + "no such block (the cache has " + std::to_string(num_blocks()) +
-                             ")");
+      return refuse("no such block (the cache has " + std::to_string(num_blocks()) + ")");
     }
     Tables& t = seqs_[a.sequence_id];
     std::vector<int32_t>& table = t[a.group];
     if (table.empty()) table.assign(static_cast<size_t>(layout_.max_blocks), -1);
     int32_t& slot = table[static_cast<size_t>(a.logical)];
     if (a.physical < 0) {
-      if (slot < 0) return InvalidArgument(what + "gives back a block it does not hold");
+      if (slot < 0) return refuse("gives back a block it does not hold");
       Free(slot);
       slot = -1;
       continue;
     }
-    if (slot >= 0) return InvalidArgument(what + "already holds block " + std::to_string(slot));
+    if (slot >= 0) return refuse("already holds block " + std::to_string(slot));
     const int64_t holder = owner_[static_cast<size_t>(a.physical)];
     if (holder >= 0) {
-      return InvalidArgument(what + "the block is held by sequence " + std::to_string(holder));
+      return refuse("the block is held by sequence " + std::to_string(holder));
     }
     owner_[static_cast<size_t>(a.physical)] = a.sequence_id;
     --free_count_;

@@ -32,7 +32,7 @@ Result<std::unique_ptr<RankModel>> RankModel::Load(const WeightSource& ck, const
 std::pair<int64_t, int64_t> RankModel::LoadSize() const {
   const ModelConfig& c = config_;
   const ShardPlan& p = plan_;
-  const int64_t h = c.hidden_size, hd = c.head_dim;
+  const int64_t h = c.hidden_size;
   int64_t elems = 0, tensors = 0;
   const bool tied = c.architecture == Architecture::kCausalLM && c.tie_word_embeddings;
   if (p.first_stage() || (p.last_stage() && tied)) {
@@ -47,14 +47,20 @@ std::pair<int64_t, int64_t> RankModel::LoadSize() const {
       ++tensors;
     }
     if (c.is_classifier()) {
-      elems += c.num_labels * (h + 1);
-      tensors += 2;
+      elems += c.num_labels * h;
+      ++tensors;
+    }
+    if (c.architecture == Architecture::kTokenClassification) {
+      elems += c.num_labels;  // score.bias
+      ++tensors;
     }
   }
-  const int64_t per_layer =
-      4 * h + (p.q_heads() + 2 * p.kv_heads()) * hd * h + h * p.q_heads() * hd + 3 * p.inter() * h;
-  elems += (p.layer_end - p.layer_begin) * per_layer;
-  tensors += (p.layer_end - p.layer_begin) * 8;
+  for (int64_t l = p.layer_begin; l < p.layer_end; ++l) {
+    for (const auto& parts : LayerParts(l)) {
+      for (const WeightPart& part : parts) elems += part.region.rows() * part.region.cols();
+      ++tensors;
+    }
+  }
   return {elems * DTypeSize(backend_.weight_dtype()), tensors};
 }
 

@@ -109,6 +109,14 @@ Status Reader::Bytes(std::vector<uint8_t>* b, uint32_t max_len) {
   pos_ += n;
   return OkStatus();
 }
+Status Reader::Count(uint32_t* n, uint32_t cap, size_t bytes_each, const char* what) {
+  RETURN_IF_ERROR(U32(n));
+  if (*n > cap || static_cast<uint64_t>(*n) * bytes_each > in_.size() - pos_) {
+    return InvalidArgument(std::string(what) + " over the cap or past the payload");
+  }
+  return OkStatus();
+}
+
 Status Reader::Str(std::string* s, uint32_t max_len) {
   std::vector<uint8_t> b;
   RETURN_IF_ERROR(Bytes(&b, max_len));
@@ -165,17 +173,11 @@ Result<StepPlan> DecodeStep(std::span<const uint8_t> payload) {
   if (flag > 1) return InvalidArgument("step plan: bad ids_only flag");
   plan.ids_only = flag == 1;
   uint32_t nr;
-  RETURN_IF_ERROR(r.U32(&nr));
-  if (nr > kMaxSequencesPerStep * 16u || static_cast<uint64_t>(nr) * 8 > payload.size()) {
-    return InvalidArgument("step plan: released list over the cap");
-  }
+  RETURN_IF_ERROR(r.Count(&nr, kMaxSequencesPerStep * 16u, 8, "step plan: released list"));
   plan.released.resize(nr);
   for (auto& id : plan.released) RETURN_IF_ERROR(r.I64(&id));
   uint32_t nc;
-  RETURN_IF_ERROR(r.U32(&nc));
-  if (nc > kMaxSequencesPerStep || static_cast<uint64_t>(nc) * 24 > payload.size()) {
-    return InvalidArgument("step plan: KV copy list over the cap");
-  }
+  RETURN_IF_ERROR(r.Count(&nc, kMaxSequencesPerStep, 24, "step plan: KV copy list"));
   plan.kv_copies.resize(nc);
   for (auto& k : plan.kv_copies) {
     RETURN_IF_ERROR(r.I64(&k.src));
@@ -184,11 +186,7 @@ Result<StepPlan> DecodeStep(std::span<const uint8_t> payload) {
     if (k.tokens <= 0) return InvalidArgument("step plan: KV copy of no tokens");
   }
   uint32_t na;
-  RETURN_IF_ERROR(r.U32(&na));
-  // 17 bytes each: a count past what is left cannot be real (no allocation first).
-  if (na > kMaxTokensPerStep || static_cast<uint64_t>(na) * 17 > payload.size()) {
-    return InvalidArgument("step plan: KV block assignments over the cap or past the payload");
-  }
+  RETURN_IF_ERROR(r.Count(&na, kMaxTokensPerStep, 17, "step plan: KV block assignments"));
   plan.kv_assign.resize(na);
   for (auto& a : plan.kv_assign) {
     uint32_t logical, physical;

@@ -76,6 +76,9 @@ class Reader {
   Status F32(float* v);
   Status Bytes(std::vector<uint8_t>* b, uint32_t max_len);
   Status Str(std::string* s, uint32_t max_len);
+  // A u32 element count, refused (before the caller allocates) over `cap` or when `n` elements of
+  // `bytes_each` could not fit in what is left ("<what> over the cap or past the payload").
+  Status Count(uint32_t* n, uint32_t cap, size_t bytes_each, const char* what);
   // The payload must be consumed exactly.
   Status Done() const;
 

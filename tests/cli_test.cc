@@ -6,6 +6,7 @@
 #include <array>
 #include <cstdio>
 #include <nlohmann/json.hpp>
+#include <regex>
 
 #include "tests/reference_util.h"
 #include "tests/test_files.h"
@@ -50,6 +51,10 @@ class CliTest : public ::testing::Test {
     const ProcessResult c = Exec("gemma2-make-checkpoint --out " + (dir_->path() / "cls").string() +
                                  " --vocab 50 --arch tokcls --labels 3");
     ASSERT_EQ(c.code, 0) << c.err;
+    const ProcessResult s =
+        Exec("gemma2-make-checkpoint --out " + (dir_->path() / "seqcls").string() +
+             " --vocab 50 --arch seqcls --labels 2");
+    ASSERT_EQ(s.code, 0) << s.err;
   }
   static void TearDownTestSuite() { delete dir_; }
   static std::string Model(const char* name) {
@@ -119,6 +124,13 @@ TEST_F(CliTest, TokenIdsWithoutTokenizerAndClassifier) {
   EXPECT_EQ(p.err.back(), '\n');
   const ProcessResult c = Exec("gemma2-run" + Model("cls") + " --prompt-ids 2,5,9,11");
   ASSERT_EQ(c.code, 0) << c.err;
+  // A sequence classifier has no score.bias: its progress still ends at every tensor counted.
+  const ProcessResult s = Exec("gemma2-run" + Model("seqcls") + " --prompt-ids 2,5,9 --progress");
+  ASSERT_EQ(s.code, 0) << s.err;
+  std::smatch done;
+  ASSERT_TRUE(std::regex_search(s.err, done, std::regex(R"((\d+) / (\d+) tensors[^\r]*\n$)")))
+      << s.err;
+  EXPECT_EQ(done[1], done[2]) << s.err;
   auto k = nlohmann::json::parse(c.out);
   EXPECT_EQ(k["logits"].size(), 4u);
   EXPECT_EQ(k["logits"][0].size(), 3u);

@@ -1,10 +1,12 @@
 #include "coordinator/cluster.h"
 
+#include <linux/close_range.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -13,6 +15,7 @@
 #include "model/checkpoint.h"
 #include "model/sharding.h"
 #include "rpc/auth.h"
+#include "rpc/bootstrap.h"
 
 namespace gemma2 {
 namespace {
@@ -76,6 +79,8 @@ Result<pid_t> SpawnProcess(std::vector<std::string> argv_s, const std::string& w
     std::vector<char*> argv;
     for (auto& a : argv_s) argv.push_back(a.data());
     argv.push_back(nullptr);
+    // Nothing this process holds open (listening sockets, UCX's descriptors) reaches the child.
+    close_range(3, ~0U, 0);
     execvp(argv[0], argv.data());
     _exit(127);
   }
@@ -126,8 +131,17 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
   const std::string wrong_file = work_dir_ + "/wrong-secret";  // tests: a rank that must be refused
   if (opts.wrong_secret_rank >= 0) std::ofstream(wrong_file) << std::string(64, 'x');
 
-  ASSIGN_OR_RETURN(node_, rpc::UcxNode::Create());
-  ASSIGN_OR_RETURN(int port, node_->Listen(opts.listen_host, opts.control_port));
+  ASSIGN_OR_RETURN(node_, rpc::UcxNode::Create(opts.listen_host));
+  const std::vector<uint8_t> secret_bytes(secret_text.begin(), secret_text.end());
+  rpc::BootstrapListener::Options lo;
+  lo.host = opts.listen_host;
+  lo.port = opts.control_port;
+  lo.secret = secret_bytes;
+  lo.world = static_cast<uint32_t>(world);
+  lo.ucx_address = node_->address();
+  lo.log = [](const std::string& line) { std::fprintf(stderr, "gemma2 coordinator: %s\n", line.c_str()); };
+  ASSIGN_OR_RETURN(auto listener, rpc::BootstrapListener::Listen(std::move(lo)));
+  const int port = listener->port();
   const int spawn_end = opts.spawn_end < 0 ? world : opts.spawn_end;
   // Ranks per node: this process's whole range, or equal blocks over the test topology's nodes.
   const int node_ranks = opts.nodes.size() > 1 ? (world + static_cast<int>(opts.nodes.size()) - 1) /
@@ -158,40 +172,35 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
     w.device = (r - opts.spawn_begin) % node_ranks;  // one GPU per rank of its node
     ASSIGN_OR_RETURN(pid_t pid, SpawnWorker(w, r));
     pids_.push_back(pid);
+    pid_ranks_.push_back(r);
   }
-  // Handshakes: every connection gets a fresh nonce and must answer with its rank's MAC.
-  const std::vector<uint8_t> secret_bytes(secret_text.begin(), secret_text.end());
+  // Handshakes (rpc/bootstrap.h): a peer that fails one is refused alone and startup goes on; a
+  // worker this process started that exits first ends the startup at once, naming it.
   ranks_.resize(static_cast<size_t>(world));
+  std::vector<bool> joined(static_cast<size_t>(world), false);
   const auto deadline = Clock::now() + opts.startup_timeout;
-  for (int accepted = 0; accepted < world; ++accepted) {
-    const auto left =
-        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-    auto ch = node_->Accept(std::max(left, 1ms));
-    if (!ch.ok()) {
-      return Fail(ch.status().WithContext("startup: " + std::to_string(world - accepted) +
-                                          " rank(s) never connected"));
+  for (int accepted = 0; accepted < world;) {
+    RETURN_IF_ERROR(Fail(CheckChildren("startup")));
+    if (Clock::now() > deadline) {
+      std::string missing;
+      for (int r = 0; r < world; ++r) {
+        if (!joined[static_cast<size_t>(r)]) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+      }
+      return Fail(Status(StatusCode::kDeadlineExceeded,
+                         "startup: rank(s) " + missing + " never joined within " +
+                             std::to_string(opts.startup_timeout.count()) + " ms"));
     }
-    ASSIGN_OR_RETURN(rpc::Nonce nonce, rpc::FreshNonce());
-    RETURN_IF_ERROR(Fail((*ch)->Send(rpc::MessageType::kHello, nonce, 10s)));
-    auto auth = (*ch)->Receive(30s);
-    if (!auth.ok()) return Fail(auth.status().WithContext("startup handshake"));
-    rpc::Reader rd(auth->payload);
-    uint32_t rank = 0;
-    const bool shaped = auth->type == rpc::MessageType::kAuth && rd.U32(&rank).ok() &&
-                        auth->payload.size() == 4 + sizeof(rpc::Mac) &&
-                        rank < static_cast<uint32_t>(world);
-    if (!shaped ||
-        !rpc::VerifyAuth(secret_bytes, nonce, rank, {auth->payload.data() + 4, sizeof(rpc::Mac)})) {
-      const Status refused(StatusCode::kUnavailable, "wrong or missing cluster secret");
-      (void)(*ch)->Send(rpc::MessageType::kError, rpc::EncodeStatus(refused), 5s);
-      return Fail(refused.WithContext("startup: connection from " + (*ch)->peer() +
-                                      " claiming rank " + std::to_string(rank) + " refused"));
-    }
-    if (ranks_[rank])
-      return Fail(InvalidArgument("startup: rank " + std::to_string(rank) + " connected twice"));
-    RETURN_IF_ERROR(Fail((*ch)->Send(rpc::MessageType::kAuthOk, {}, 10s)));
-    ranks_[rank] = std::move(ch).value();
+    auto next = listener->Next(200ms, joined);
+    if (!next.ok()) return Fail(next.status().WithContext("startup"));
+    if (!next->has_value()) continue;
+    const rpc::Joined& j = **next;
+    auto ch = node_->ConnectTo(j.ucx_address, j.peer);
+    if (!ch.ok()) return Fail(ch.status().WithContext("startup: rank " + std::to_string(j.rank)));
+    ranks_[j.rank] = std::move(ch).value();
+    joined[j.rank] = true;
+    ++accepted;
   }
+  listener.reset();  // nobody else may join: the port closes
   // Each rank loads its shard and joins the collective, then reports ready (or why not).
   auto ready = CollectAll(opts.startup_timeout, "startup");
   if (!ready.ok()) return ready.status();
@@ -206,6 +215,22 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
     blocks = std::min(blocks, kv->blocks);
   }
   kv_ = std::make_unique<KvBlockTables>(KvLayout::For(config_, opts.kv_block_size), blocks);
+  return OkStatus();
+}
+
+Status ClusterEngine::CheckChildren(const char* what) {
+  for (size_t i = 0; i < pids_.size(); ++i) {
+    if (pids_[i] <= 0) continue;
+    int status = 0;
+    if (waitpid(pids_[i], &status, WNOHANG) != pids_[i]) continue;
+    const pid_t pid = pids_[i];
+    pids_[i] = -1;  // reaped
+    const std::string how = WIFEXITED(status)     ? "exited with status " + std::to_string(WEXITSTATUS(status))
+                            : WIFSIGNALED(status) ? "was killed by signal " + std::to_string(WTERMSIG(status))
+                                                  : "stopped";
+    return Status(StatusCode::kUnavailable, std::string(what) + ": rank " + std::to_string(pid_ranks_[i]) +
+                                                " (pid " + std::to_string(pid) + ") " + how);
+  }
   return OkStatus();
 }
 
@@ -329,6 +354,7 @@ ClusterEngine::~ClusterEngine() {
   // Give workers a moment to exit on their own, then make sure.
   const auto deadline = Clock::now() + 3s;
   for (pid_t pid : pids_) {
+    if (pid <= 0) continue;  // already reaped
     int status = 0;
     while (waitpid(pid, &status, WNOHANG) == 0) {
       if (Clock::now() > deadline) {

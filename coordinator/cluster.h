@@ -114,6 +114,8 @@ class ClusterEngine final : public StepExecutor {
   Result<std::vector<rpc::Received>> CollectAll(std::chrono::milliseconds timeout,
                                                 const char* what);
   Status Fail(Status st);
+  // An error naming the first worker this process started that has exited (and reaps it).
+  Status CheckChildren(const char* what);
   std::vector<StepPlan> SplitForPipeline(const StepPlan& plan) const;
   // A submitted plan awaiting its answers: what Collect applies to the lengths, and how many
   // micro-batches answer.
@@ -131,7 +133,8 @@ class ClusterEngine final : public StepExecutor {
   std::string work_dir_;
   std::unique_ptr<rpc::UcxNode> node_;
   std::vector<std::unique_ptr<rpc::Channel>> ranks_;  // index = rank
-  std::vector<pid_t> pids_;
+  std::vector<pid_t> pids_;      // workers this process started (-1 once reaped)
+  std::vector<int> pid_ranks_;   // their ranks
   std::map<int64_t, int64_t> lengths_;
   // The collectives' rendezvous store and the ranks waiting for a key.
   std::map<std::string, std::vector<uint8_t>> store_;

@@ -1,12 +1,15 @@
 #include "rpc/ucx_channel.h"
 
 #include <arpa/inet.h>
-#include <netdb.h>
+#include <fcntl.h>
+#include <ifaddrs.h>
 #include <poll.h>
 #include <ucp/api/ucp.h>
 
+#include <cstdlib>
 #include <cstring>
-#include <deque>
+
+#include "rpc/bootstrap.h"
 
 namespace gemma2::rpc {
 namespace {
@@ -17,19 +20,22 @@ Status UcxError(const std::string& what, ucs_status_t st) {
   return Status(StatusCode::kUnavailable, what + ": " + ucs_status_string(st));
 }
 
-Result<sockaddr_in> Resolve(const std::string& host, int port) {
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  if (inet_pton(AF_INET, host.c_str(), &a.sin_addr) == 1) return a;
-  addrinfo hints{}, *res = nullptr;
-  hints.ai_family = AF_INET;
-  if (getaddrinfo(host.c_str(), nullptr, &hints, &res) != 0 || res == nullptr) {
-    return InvalidArgument("cannot resolve host '" + host + "'");
+// The name of the interface holding IPv4 address `ip` ("" when none does).
+std::string InterfaceOf(const std::string& ip) {
+  in_addr want{};
+  if (inet_pton(AF_INET, ip.c_str(), &want) != 1) return "";
+  ifaddrs* all = nullptr;
+  if (getifaddrs(&all) != 0) return "";
+  std::string name;
+  for (ifaddrs* i = all; i != nullptr; i = i->ifa_next) {
+    if (i->ifa_addr == nullptr || i->ifa_addr->sa_family != AF_INET) continue;
+    if (reinterpret_cast<sockaddr_in*>(i->ifa_addr)->sin_addr.s_addr == want.s_addr) {
+      name = i->ifa_name;
+      break;
+    }
   }
-  a.sin_addr = reinterpret_cast<sockaddr_in*>(res->ai_addr)->sin_addr;
-  freeaddrinfo(res);
-  return a;
+  freeifaddrs(all);
+  return name;
 }
 
 }  // namespace
@@ -43,16 +49,11 @@ struct Channel::State {
 struct UcxNode::Impl {
   ucp_context_h context = nullptr;
   ucp_worker_h worker = nullptr;
-  ucp_listener_h listener = nullptr;
-  std::deque<ucp_conn_request_h> pending;
+  std::vector<uint8_t> address;
   int event_fd = -1;  // readable when the worker has something to progress
 };
 
 namespace {
-
-void OnConnRequest(ucp_conn_request_h request, void* arg) {
-  static_cast<UcxNode::Impl*>(arg)->pending.push_back(request);
-}
 
 void OnEpError(void* arg, ucp_ep_h, ucs_status_t status) {
   auto* st = static_cast<Channel::State*>(arg);
@@ -65,22 +66,32 @@ void OnEpError(void* arg, ucp_ep_h, ucs_status_t status) {
 UcxNode::UcxNode() : impl_(std::make_unique<Impl>()) {}
 
 UcxNode::~UcxNode() {
-  if (impl_->listener) {
-    for (auto r : impl_->pending) ucp_listener_reject(impl_->listener, r);  // before the listener goes
-    ucp_listener_destroy(impl_->listener);
-  }
   if (impl_->worker) ucp_worker_destroy(impl_->worker);
   if (impl_->context) ucp_cleanup(impl_->context);
 }
 
-Result<std::unique_ptr<UcxNode>> UcxNode::Create() {
+Result<std::unique_ptr<UcxNode>> UcxNode::Create(const std::string& bind_host) {
   std::unique_ptr<UcxNode> n(new UcxNode());
+  std::string dev;
+  if (!bind_host.empty() && bind_host != "0.0.0.0" && std::getenv("UCX_NET_DEVICES") == nullptr) {
+    ASSIGN_OR_RETURN(const std::string ip, ResolveIpv4(bind_host));
+    dev = InterfaceOf(ip);
+    if (dev.empty()) return InvalidArgument("no network interface of this host has the address " + ip);
+  }
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES;
   params.features = UCP_FEATURE_STREAM | UCP_FEATURE_WAKEUP;
   ucp_config_t* cfg = nullptr;
   ucs_status_t st = ucp_config_read(nullptr, nullptr, &cfg);
   if (st != UCS_OK) return UcxError("reading the UCX configuration", st);
+  // UCX's TCP transport listens on every interface it uses: keep it to the cluster's own.
+  if (!dev.empty()) {
+    st = ucp_config_modify(cfg, "NET_DEVICES", dev.c_str());
+    if (st != UCS_OK) {
+      ucp_config_release(cfg);
+      return UcxError("confining UCX to " + dev, st);
+    }
+  }
   st = ucp_init(&params, cfg, &n->impl_->context);
   ucp_config_release(cfg);
   if (st != UCS_OK) return UcxError("initializing UCX", st);
@@ -91,6 +102,16 @@ Result<std::unique_ptr<UcxNode>> UcxNode::Create() {
   if (st != UCS_OK) return UcxError("creating a UCX worker", st);
   st = ucp_worker_get_efd(n->impl_->worker, &n->impl_->event_fd);
   if (st != UCS_OK) return UcxError("getting the UCX worker's event descriptor", st);
+  // UCX opens descriptors of its own (the event fd, transport sockets): none may leak into the
+  // processes this one starts.
+  fcntl(n->impl_->event_fd, F_SETFD, FD_CLOEXEC);
+  ucp_address_t* addr = nullptr;
+  size_t len = 0;
+  st = ucp_worker_get_address(n->impl_->worker, &addr, &len);
+  if (st != UCS_OK) return UcxError("getting the UCX worker's address", st);
+  const auto* bytes = reinterpret_cast<const uint8_t*>(addr);
+  n->impl_->address.assign(bytes, bytes + len);
+  ucp_worker_release_address(n->impl_->worker, addr);
   return n;
 }
 
@@ -109,70 +130,21 @@ void UcxNode::WaitForEvents(std::chrono::microseconds max) {
   ppoll(&pfd, 1, &ts, nullptr);
 }
 
-Result<int> UcxNode::Listen(const std::string& host, int port) {
-  ASSIGN_OR_RETURN(sockaddr_in addr, Resolve(host, port));
-  ucp_listener_params_t lp{};
-  lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
-  lp.sockaddr.addr = reinterpret_cast<const sockaddr*>(&addr);
-  lp.sockaddr.addrlen = sizeof(addr);
-  lp.conn_handler.cb = OnConnRequest;
-  lp.conn_handler.arg = impl_.get();
-  const ucs_status_t st = ucp_listener_create(impl_->worker, &lp, &impl_->listener);
-  if (st != UCS_OK) {
-    return UcxError("listening on " + host + ":" + std::to_string(port), st);
-  }
-  ucp_listener_attr_t attr{};
-  attr.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
-  ucp_listener_query(impl_->listener, &attr);
-  return static_cast<int>(ntohs(reinterpret_cast<sockaddr_in*>(&attr.sockaddr)->sin_port));
-}
+const std::vector<uint8_t>& UcxNode::address() const { return impl_->address; }
 
-Result<std::unique_ptr<Channel>> UcxNode::Accept(std::chrono::milliseconds timeout) {
-  const auto deadline = Clock::now() + timeout;
-  while (impl_->pending.empty()) {
-    if (Clock::now() > deadline) return Status(StatusCode::kDeadlineExceeded, "no connection arrived in time");
-    WaitForEvents(std::chrono::milliseconds(1));
-  }
-  ucp_conn_request_h req = impl_->pending.front();
-  impl_->pending.pop_front();
-  ucp_conn_request_attr_t ra{};
-  ra.field_mask = UCP_CONN_REQUEST_ATTR_FIELD_CLIENT_ADDR;
-  std::string peer = "?";
-  if (ucp_conn_request_query(req, &ra) == UCS_OK) {
-    char buf[64];
-    const auto* sin = reinterpret_cast<const sockaddr_in*>(&ra.client_address);
-    peer = std::string(inet_ntop(AF_INET, &sin->sin_addr, buf, sizeof(buf))) + ":" +
-           std::to_string(ntohs(sin->sin_port));
-  }
+Result<std::unique_ptr<Channel>> UcxNode::ConnectTo(std::span<const uint8_t> address,
+                                                   std::string peer) {
   auto state = std::make_shared<Channel::State>();
   ucp_ep_params_t ep{};
-  ep.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLER |
+  ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLER |
                   UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
-  ep.conn_request = req;
+  ep.address = reinterpret_cast<const ucp_address_t*>(address.data());
   ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
   ep.err_handler.cb = OnEpError;
   ep.err_handler.arg = state.get();
-  const ucs_status_t st = ucp_ep_create(impl_->worker, &ep, &state->ep);
-  if (st != UCS_OK) return UcxError("accepting a connection from " + peer, st);
-  return std::unique_ptr<Channel>(new Channel(this, state, peer));
-}
-
-Result<std::unique_ptr<Channel>> UcxNode::Connect(const std::string& host, int port) {
-  ASSIGN_OR_RETURN(sockaddr_in addr, Resolve(host, port));
-  auto state = std::make_shared<Channel::State>();
-  ucp_ep_params_t ep{};
-  ep.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
-                  UCP_EP_PARAM_FIELD_ERR_HANDLER | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
-  ep.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
-  ep.sockaddr.addr = reinterpret_cast<const sockaddr*>(&addr);
-  ep.sockaddr.addrlen = sizeof(addr);
-  ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-  ep.err_handler.cb = OnEpError;
-  ep.err_handler.arg = state.get();
-  const std::string peer = host + ":" + std::to_string(port);
   const ucs_status_t st = ucp_ep_create(impl_->worker, &ep, &state->ep);
   if (st != UCS_OK) return UcxError("connecting to " + peer, st);
-  return std::unique_ptr<Channel>(new Channel(this, state, peer));
+  return std::unique_ptr<Channel>(new Channel(this, state, std::move(peer)));
 }
 
 Channel::Channel(UcxNode* node, std::shared_ptr<State> state, std::string peer)

@@ -17,11 +17,6 @@ namespace gemma2::rpc {
 
 class UcxNode;
 
-struct Received {
-  MessageType type;
-  std::vector<uint8_t> payload;
-};
-
 class Channel {
  public:
   ~Channel();
@@ -65,21 +60,24 @@ class Channel {
   Received frame_{};
 };
 
-// One UCX context + worker. Listens (server side) or connects (client side).
+// One UCX context + worker. UCX never listens on a socket address here: peers first meet over
+// the authenticated bootstrap (rpc/bootstrap.h), exchange worker addresses there, and each side
+// connects an endpoint to the other's address (UCX pairs the two).
 class UcxNode {
  public:
-  static Result<std::unique_ptr<UcxNode>> Create();
+  // `bind_host`: the cluster's address on this node; UCX's network transports are confined to the
+  // interface that holds it (unless UCX_NET_DEVICES says otherwise). Empty or 0.0.0.0: any.
+  static Result<std::unique_ptr<UcxNode>> Create(const std::string& bind_host = "127.0.0.1");
   ~UcxNode();
   UcxNode(const UcxNode&) = delete;
   UcxNode& operator=(const UcxNode&) = delete;
 
-  // Listens on host:port (port 0: any); returns the port chosen.
-  Result<int> Listen(const std::string& host, int port);
-  // The next incoming connection, waiting at most `timeout`.
-  Result<std::unique_ptr<Channel>> Accept(std::chrono::milliseconds timeout);
-  // Creates the endpoint; the connection completes with the first exchange, whose own deadline
-  // (Send/Receive) bounds the wait for an unreachable peer.
-  Result<std::unique_ptr<Channel>> Connect(const std::string& host, int port);
+  // This worker's address, to hand to a peer over the bootstrap.
+  const std::vector<uint8_t>& address() const;
+  // An endpoint to the peer whose worker address is `address` (the peer connects to ours too);
+  // the connection completes with the first exchange, whose own deadline (Send/Receive) bounds
+  // the wait for an unreachable peer. `peer` names it in errors.
+  Result<std::unique_ptr<Channel>> ConnectTo(std::span<const uint8_t> address, std::string peer);
   void Progress();
   // Progresses, and when nothing was pending sleeps until the worker has events or `max` passes
   // (the node's event descriptor): waiting costs no CPU, which matters when ranks share cores.

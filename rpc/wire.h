@@ -45,6 +45,12 @@ struct FrameHeader {
   uint32_t payload_bytes;
 };
 
+// A whole frame as it arrived.
+struct Received {
+  MessageType type;
+  std::vector<uint8_t> payload;
+};
+
 // Parses and checks the 12 header bytes (magic, version, known type, length <= kMaxPayload).
 Result<FrameHeader> ParseHeader(std::span<const uint8_t> bytes);
 // Header + payload in one buffer.

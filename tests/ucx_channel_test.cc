@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <vector>
 
 namespace gemma2::rpc {
 namespace {
@@ -16,10 +17,12 @@ namespace {
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 
-// A server child: listens, reports its port through a pipe, accepts one channel and runs `serve`.
+// A server child: swaps UCX worker addresses with the parent through pipes (the bootstrap's part,
+// tested in bootstrap_test), connects to the parent's and runs `serve` on that channel.
 struct ServerChild {
   pid_t pid = -1;
-  int port = 0;
+  std::vector<uint8_t> address;  // the child's worker address
+  int to_child = -1;             // where the parent's address goes
   ~ServerChild() {
     if (pid > 0) {
       kill(pid, SIGKILL);
@@ -28,30 +31,60 @@ struct ServerChild {
   }
 };
 
+void WriteAddress(int fd, const std::vector<uint8_t>& a) {
+  const uint32_t n = static_cast<uint32_t>(a.size());
+  if (write(fd, &n, 4) != 4 || write(fd, a.data(), n) != static_cast<ssize_t>(n)) _exit(3);
+}
+
+std::vector<uint8_t> ReadAddress(int fd) {
+  uint32_t n = 0;
+  if (read(fd, &n, 4) != 4 || n > 65536) return {};
+  std::vector<uint8_t> a(n);
+  size_t got = 0;
+  while (got < n) {
+    const ssize_t r = read(fd, a.data() + got, n - got);
+    if (r <= 0) return {};
+    got += static_cast<size_t>(r);
+  }
+  return a;
+}
+
+// Forks first: UCX state must not cross a fork (the parent's node is made after it).
 template <typename Serve>
 ServerChild StartServer(Serve serve) {
-  int fds[2];
-  EXPECT_EQ(pipe(fds), 0);
+  int up[2], down[2];
+  EXPECT_EQ(pipe(up), 0);
+  EXPECT_EQ(pipe(down), 0);
   ServerChild s;
   s.pid = fork();
   if (s.pid == 0) {
-    close(fds[0]);
+    close(up[0]);
+    close(down[1]);
     auto node = UcxNode::Create();
     if (!node.ok()) _exit(1);
-    auto port = (*node)->Listen("127.0.0.1", 0);
-    if (!port.ok()) _exit(2);
-    const int p = *port;
-    if (write(fds[1], &p, sizeof(p)) != sizeof(p)) _exit(3);
-    auto ch = (*node)->Accept(10s);
+    WriteAddress(up[1], (*node)->address());
+    const std::vector<uint8_t> theirs = ReadAddress(down[0]);
+    if (theirs.empty()) _exit(2);
+    auto ch = (*node)->ConnectTo(theirs, "parent");
     if (!ch.ok()) _exit(4);
     const int code = serve(**ch);
     ch->reset();  // closes with a flush: what was sent arrives before the process ends
     _exit(code);
   }
-  close(fds[1]);
-  EXPECT_EQ(read(fds[0], &s.port, sizeof(s.port)), static_cast<ssize_t>(sizeof(s.port)));
-  close(fds[0]);
+  close(up[1]);
+  close(down[0]);
+  s.address = ReadAddress(up[0]);
+  close(up[0]);
+  s.to_child = down[1];
   return s;
+}
+
+// The parent's endpoint to the child; the child connects to `parent` as it gets its address.
+Result<std::unique_ptr<Channel>> ConnectToChild(UcxNode& parent, ServerChild& s) {
+  WriteAddress(s.to_child, parent.address());
+  close(s.to_child);
+  s.to_child = -1;
+  return parent.ConnectTo(s.address, "server");
 }
 
 int ExitCode(ServerChild& s) {
@@ -79,7 +112,7 @@ TEST(UcxChannelTest, FramesRoundTripBetweenProcesses) {
   });
   auto node = UcxNode::Create();
   ASSERT_TRUE(node.ok());
-  auto ch = (*node)->Connect("127.0.0.1", server.port);
+  auto ch = ConnectToChild(**node, server);
   ASSERT_TRUE(ch.ok()) << ch.status().ToString();
   for (size_t size : {size_t{0}, size_t{17}, size_t{3} << 20}) {
     std::vector<uint8_t> payload(size);
@@ -103,7 +136,7 @@ TEST(UcxChannelTest, KilledPeerIsAnErrorNotAHang) {
   });
   auto node = UcxNode::Create();
   ASSERT_TRUE(node.ok());
-  auto ch = (*node)->Connect("127.0.0.1", server.port);
+  auto ch = ConnectToChild(**node, server);
   ASSERT_TRUE(ch.ok());
   ASSERT_TRUE((*ch)->Send(MessageType::kHeartbeat, {}, 10s).ok());
   kill(server.pid, SIGKILL);
@@ -121,7 +154,8 @@ TEST(UcxChannelTest, SilentPeerTimesOut) {
     return 0;
   });
   auto node = UcxNode::Create();
-  auto ch = (*node)->Connect("127.0.0.1", server.port);
+  ASSERT_TRUE(node.ok());
+  auto ch = ConnectToChild(**node, server);
   ASSERT_TRUE(ch.ok());
   const auto start = Clock::now();
   auto r = (*ch)->Receive(1500ms);
@@ -139,7 +173,8 @@ TEST(UcxChannelTest, ForeignHeaderIsRefusedAndClosesTheChannel) {
     return ch.broken() ? 0 : 12;
   });
   auto node = UcxNode::Create();
-  auto ch = (*node)->Connect("127.0.0.1", server.port);
+  ASSERT_TRUE(node.ok());
+  auto ch = ConnectToChild(**node, server);
   ASSERT_TRUE(ch.ok());
   // Twelve bytes that are not a frame header.
   const std::vector<uint8_t> junk = {'G', 'E', 'T', ' ', '/', ' ', 'H', 'T', 'T', 'P', '/', '1'};

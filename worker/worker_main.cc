@@ -27,7 +27,7 @@
 #include "model/checkpoint.h"
 #include "model/engine.h"
 #include "model/rank_model.h"
-#include "rpc/auth.h"
+#include "rpc/bootstrap.h"
 #include "rpc/ucx_channel.h"
 #include "tools/cli_main.h"
 #include "worker/control_plane_store.h"
@@ -228,40 +228,26 @@ Status Run(const Args& a) {
   const std::string host = a.coordinator.substr(0, colon);
   const int port = std::atoi(a.coordinator.c_str() + colon + 1);
   ASSIGN_OR_RETURN(auto secret, ReadSecret(a.secret_file));
-  ASSIGN_OR_RETURN(auto node, rpc::UcxNode::Create());
-  std::unique_ptr<rpc::Channel> ch;
-  rpc::Received hello;
+  ASSIGN_OR_RETURN(auto node, rpc::UcxNode::Create(a.address));
+  // The bootstrap (rpc/bootstrap.h): prove the secret, check the coordinator's proof, swap UCX
+  // addresses; retried while nobody listens yet or the coordinator is busy.
+  std::vector<uint8_t> coordinator_address;
   for (const auto deadline = std::chrono::steady_clock::now() + a.connect_timeout;;) {
-    auto c = node->Connect(host, port);
-    Result<rpc::Received> h = c.ok() ? (*c)->Receive(30s) : Result<rpc::Received>(c.status());
-    if (h.ok()) {
-      ch = std::move(c).value();
-      hello = std::move(h).value();
+    auto joined = rpc::JoinCluster(host, port, static_cast<uint32_t>(a.rank), secret,
+                                   node->address(), 30s);
+    if (joined.ok()) {
+      coordinator_address = std::move(joined).value();
       break;
     }
-    if (std::chrono::steady_clock::now() > deadline) {
-      return h.status().WithContext("reaching the coordinator at " + a.coordinator);
+    const bool transient = joined.status().code() == StatusCode::kUnavailable ||
+                           joined.status().code() == StatusCode::kDeadlineExceeded;
+    if (!transient || std::chrono::steady_clock::now() > deadline) {
+      return joined.status().WithContext("rank " + std::to_string(a.rank) + " joining the cluster at " +
+                                         a.coordinator);
     }
     std::this_thread::sleep_for(250ms);
   }
-  if (hello.type != rpc::MessageType::kHello || hello.payload.size() != sizeof(rpc::Nonce)) {
-    return InvalidArgument("coordinator did not open with a nonce");
-  }
-  rpc::Nonce nonce;
-  std::copy(hello.payload.begin(), hello.payload.end(), nonce.begin());
-  rpc::Writer w;
-  w.U32(static_cast<uint32_t>(a.rank));
-  const rpc::Mac mac = rpc::AuthMac(secret, nonce, static_cast<uint32_t>(a.rank));
-  w.out().insert(w.out().end(), mac.begin(), mac.end());
-  RETURN_IF_ERROR(ch->Send(rpc::MessageType::kAuth, w.out(), 30s));
-  ASSIGN_OR_RETURN(rpc::Received ok, ch->Receive(30s));
-  if (ok.type == rpc::MessageType::kError) {
-    Status remote;
-    RETURN_IF_ERROR(rpc::DecodeStatus(ok.payload, &remote));
-    return remote.WithContext("coordinator refused rank " + std::to_string(a.rank));
-  }
-  if (ok.type != rpc::MessageType::kAuthOk)
-    return InvalidArgument("coordinator did not accept the handshake");
+  ASSIGN_OR_RETURN(auto ch, node->ConnectTo(coordinator_address, "coordinator " + a.coordinator));
   const Status st = Serve(a, *ch);
   if (!st.ok() && !ch->broken())
     (void)ch->Send(rpc::MessageType::kError, rpc::EncodeStatus(st), 10s);

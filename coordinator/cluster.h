@@ -99,6 +99,7 @@ class ClusterEngine final : public StepExecutor {
   int64_t kv_blocks() const override { return kv_->num_blocks(); }
   int64_t KvCopyFloor(int64_t id) const override { return kv_->CopyFloor(id); }
   Result<StepOutput> Step(const StepPlan& plan) override;
+  Status health() const override { return down_; }
   int pipeline_depth() const override;
   Status Submit(const StepPlan& plan) override;
   Result<StepOutput> Collect() override;

@@ -57,6 +57,8 @@ struct Args {
   std::string ssh = "ssh -o BatchMode=yes";
   int64_t step_timeout_s = 60, startup_timeout_s = 120;
   double heartbeat_timeout_s = 10, drain_timeout_s = 30, linger_on_loss_s = 1;
+  int64_t write_timeout_s = 30;
+  int max_connections = 0;  // 0: from the descriptor limit
   serving::SchedulerOptions sched;
   serving::Limits limits;
 };
@@ -310,7 +312,13 @@ Status Run(Args a) {
       a.limits};
   if (facts.served_name.empty())
     facts.served_name = std::filesystem::path(a.model).parent_path().filename();
-  serving::HttpServer server(*scheduler, metrics, facts, {a.host, a.port, key});
+  serving::ServerOptions so;
+  so.host = a.host;
+  so.port = a.port;
+  so.api_key = key;
+  so.write_timeout = std::chrono::seconds(a.write_timeout_s);
+  so.max_connections = a.max_connections;
+  serving::HttpServer server(*scheduler, metrics, facts, so);
   RETURN_IF_ERROR(server.Start());
   RETURN_IF_ERROR(Probe(*scheduler, config));
   server.SetReady(true);
@@ -420,6 +428,13 @@ int main(int argc, char** argv) {
                  "require 'Authorization: Bearer KEY' (all routes but /health, /ready)");
   app.add_option("--api-key-file", a.api_key_file,
                  "read the API key from the first line of this file");
+  app.add_option("--write-timeout", a.write_timeout_s,
+                 "seconds a client may leave a response or stream chunk unread before it is cut")
+      ->check(CLI::Range(int64_t{1}, int64_t{86400}));
+  app.add_option("--max-connections", a.max_connections,
+                 "open HTTP connections at most; past it 503 at once (0: the descriptor limit "
+                 "less 128)")
+      ->check(CLI::Range(0, 1 << 24));
   app.add_option("--served-model-name", a.served_name,
                  "the model name clients send (default: the directory name)");
   app.add_option("--drain-timeout", a.drain_timeout_s,

@@ -127,6 +127,7 @@ int64_t Engine::SequenceLength(int64_t id) const {
 }
 
 Result<StepOutput> Engine::Step(const StepPlan& plan) {
+  if (!down_.ok()) return down_;
   RETURN_IF_ERROR(ValidateStep(config_, lengths_, plan));
   std::vector<KvAssign> applied;  // every rank reads the one set of tables: nothing to send
   RETURN_IF_ERROR(kv_->Plan(plan, &applied));
@@ -149,7 +150,7 @@ Result<StepOutput> Engine::Step(const StepPlan& plan) {
     for (auto& th : threads) th.join();
   }
   for (size_t r = 0; r < n; ++r) {
-    if (!statuses[r].ok()) return statuses[r].WithContext("rank " + std::to_string(r));
+    if (!statuses[r].ok()) return down_ = statuses[r].WithContext("rank " + std::to_string(r));
   }
   StepPlan::ApplyCopies(plan.kv_copies, lengths_);
   for (const auto& s : plan.sequences)

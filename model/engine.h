@@ -53,6 +53,7 @@ class Engine final : public StepExecutor {
   // Validates the plan (known sequences, start_pos == cached length, token ids inside the
   // vocabulary, positions below max_position_embeddings, output rows in range), then runs it.
   Result<StepOutput> Step(const StepPlan& plan) override;
+  Status health() const override { return down_; }
 
  private:
   struct Rank;
@@ -63,6 +64,7 @@ class Engine final : public StepExecutor {
   std::map<int64_t, int64_t> lengths_;  // sequence id -> cached tokens
   std::unique_ptr<KvBlockTables> kv_;   // every rank's block tables (this process owns them)
   int64_t next_id_ = 1;
+  Status down_;  // a rank failed mid-step: its caches may disagree with the others'
 };
 
 }  // namespace gemma2

@@ -39,7 +39,10 @@ struct KvLayout {
                ? KvGroup::kSliding
                : KvGroup::kFull;
   }
-  int64_t BlocksOf(int64_t tokens) const { return (tokens + block_size - 1) / block_size; }
+  // Rounded up without overflow (tokens may be as large as INT64_MAX).
+  int64_t BlocksOf(int64_t tokens) const {
+    return tokens / block_size + (tokens % block_size != 0 ? 1 : 0);
+  }
   // The logical blocks of group g a sequence holds while it computes positions
   // [start, start + n): [first, end). Full: from 0. Sliding: from the block of the first key its
   // first query sees. n = 0: what a prefix copy of `start` positions holds.

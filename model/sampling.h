@@ -9,6 +9,11 @@
 
 namespace gemma2 {
 
+// Temperatures in (0, kMinSamplingTemperature) sample greedily, as vLLM's do: logits / 1e-40 would
+// overflow a float, and at such temperatures the draw is the argmax but for near-exact ties.
+inline constexpr float kMinSamplingTemperature = 1e-5f;
+inline bool SamplesGreedily(float temperature) { return temperature < kMinSamplingTemperature; }
+
 struct SamplingParams {
   bool greedy = true;        // argmax; the other fields are ignored
   float temperature = 1.0f;  // > 0

@@ -27,6 +27,10 @@ class StepExecutor {
   virtual int64_t KvCopyFloor(int64_t id) const = 0;
   // Validates the plan (ValidateStep), then runs it on every rank.
   virtual Result<StepOutput> Step(const StepPlan& plan) = 0;
+  // OK while steps can run. A plan refused before any rank ran it (ValidateStep, the block
+  // tables) leaves it OK: only that plan's sequences fail. Once a rank failed mid-step, lost or
+  // hung, it holds why and no step runs again.
+  virtual Status health() const { return OkStatus(); }
 
   // Pipelined steps ("pipelined generation"): up to pipeline_depth() plans may be in flight at
   // once, over disjoint sequences, so pipeline stages work on different plans at the same time.

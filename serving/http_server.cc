@@ -2,6 +2,7 @@
 
 #include <openssl/crypto.h>
 #include <openssl/sha.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 
 #include <atomic>
@@ -9,6 +10,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <cerrno>
+#include <list>
 #include <random>
 #include <thread>
 
@@ -57,12 +59,29 @@ bool SameKey(const std::string& given, const std::string& expected) {
   return CRYPTO_memcmp(a, b, sizeof(a)) == 0;  // constant time in the key's contents
 }
 
+// "Bearer" is a case-insensitive scheme name (RFC 7235); the key after it is exact.
+std::optional<std::string> BearerToken(std::string_view auth) {
+  constexpr std::string_view kScheme = "bearer ";
+  if (auth.size() < kScheme.size() || !beast::iequals(beast::string_view(auth.data(), kScheme.size()),
+                                                      beast::string_view(kScheme.data(), kScheme.size())))
+    return std::nullopt;
+  return std::string(auth.substr(kScheme.size()));
+}
+
 }  // namespace
+
+int DefaultMaxConnections() {
+  rlimit r{};
+  if (getrlimit(RLIMIT_NOFILE, &r) != 0 || r.rlim_cur == RLIM_INFINITY) return 65536;
+  return static_cast<int>(std::max<rlim_t>(16, r.rlim_cur > 144 ? r.rlim_cur - 128 : 16));
+}
 
 class HttpServer::Impl {
  public:
   Impl(Scheduler& s, Metrics& m, ModelFacts f, ServerOptions o)
-      : scheduler_(s), metrics_(m), facts_(std::move(f)), opts_(std::move(o)), acceptor_(ioc_) {}
+      : scheduler_(s), metrics_(m), facts_(std::move(f)), opts_(std::move(o)), acceptor_(ioc_) {
+    if (opts_.max_connections <= 0) opts_.max_connections = DefaultMaxConnections();
+  }
 
   Status Start() {
     boost::system::error_code ec;
@@ -98,19 +117,81 @@ class HttpServer::Impl {
 
  private:
   awaitable<void> Accept() {
+    asio::steady_timer backoff(ioc_);
     while (acceptor_.is_open()) {
       boost::system::error_code ec;
       tcp::socket socket = co_await acceptor_.async_accept(asio::redirect_error(use_awaitable, ec));
       if (ec) {
         if (ec == asio::error::operation_aborted) co_return;
-        continue;  // e.g. too many open files: keep serving the connections we have
+        // Out of descriptors (or another transient failure): the pending connection stays in the
+        // backlog, so retrying at once would spin. Serve the connections we have for a while.
+        if (ec == asio::error::no_descriptors || ec.value() == ENFILE ||
+            ec == asio::error::no_buffer_space || ec == asio::error::no_memory) {
+          backoff.expires_after(std::chrono::milliseconds(50));
+          co_await backoff.async_wait(asio::redirect_error(use_awaitable, ec));
+        }
+        continue;
+      }
+      if (sessions_ >= opts_.max_connections && !EvictIdle()) {
+        RefuseAtCapacity(socket);
+        continue;
       }
       socket.set_option(tcp::no_delay(true), ec);  // stream chunks leave at once (no Nagle delay)
       asio::co_spawn(ioc_, Session(beast::tcp_stream(std::move(socket))), asio::detached);
     }
   }
 
+  // Past --max-connections: a 503 written without waiting (a fresh socket's buffer takes it), then
+  // the connection closes. Costs the I/O thread no wait and the process no lasting descriptor.
+  void RefuseAtCapacity(tcp::socket& socket) {
+    metrics_.refused_connections.fetch_add(1);
+    const std::string body = ErrorBody(ApiError{503,
+                                                "the server is at its limit of " +
+                                                    std::to_string(opts_.max_connections) +
+                                                    " open connections; retry later",
+                                                "server_error", "", "too_many_connections"})
+                                 .dump();
+    const std::string res = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                            "Retry-After: 1\r\nConnection: close\r\nContent-Length: " +
+                            std::to_string(body.size()) + "\r\n\r\n" + body;
+    boost::system::error_code ec;
+    socket.non_blocking(true, ec);
+    socket.write_some(asio::buffer(res), ec);
+    socket.shutdown(tcp::socket::shutdown_both, ec);
+    socket.close(ec);
+  }
+
+  // At the cap, a connection waiting for its next request (keep-alive, or one that never sent
+  // one) gives way to the new one, longest waiting first, as HTTP lets a server close an idle
+  // connection at any time. False when every connection is busy with a request.
+  bool EvictIdle() {
+    if (idle_.empty()) return false;
+    IdleMark* oldest = idle_.front();
+    idle_.pop_front();
+    oldest->listed = false;
+    boost::system::error_code ec;
+    oldest->stream->socket().shutdown(tcp::socket::shutdown_both, ec);
+    oldest->stream->socket().close(ec);  // its pending read ends with operation_aborted
+    metrics_.evicted_connections.fetch_add(1);
+    return true;
+  }
+
+  // A session while it waits for a request header (I/O thread only).
+  struct IdleMark {
+    beast::tcp_stream* stream;
+    std::list<IdleMark*>::iterator pos;
+    bool listed = false;
+  };
+
+  // Counts the open sessions (the I/O thread's only: no lock).
+  struct SessionCount {
+    int& n;
+    explicit SessionCount(int& count) : n(count) { ++n; }
+    ~SessionCount() { --n; }
+  };
+
   awaitable<void> Session(beast::tcp_stream stream) {
+    const SessionCount counted(sessions_);
     beast::flat_buffer buffer;
     while (true) {
       http::request_parser<http::string_body> parser;
@@ -118,8 +199,12 @@ class HttpServer::Impl {
       parser.header_limit(64 * 1024);
       stream.expires_after(opts_.idle_timeout);
       boost::system::error_code ec;
+      IdleMark mark{&stream};
+      mark.pos = idle_.insert(idle_.end(), &mark);
+      mark.listed = true;
       co_await http::async_read_header(stream, buffer, parser,
                                        asio::redirect_error(use_awaitable, ec));
+      if (mark.listed) idle_.erase(mark.pos);
       // A client that asks before sending a large body (curl does past 1 MB) is told to go on,
       // instead of waiting out its own timeout; one whose announced body is too large hears so now.
       if (!ec && beast::iequals(parser.get()[http::field::expect], "100-continue") &&
@@ -188,7 +273,9 @@ class HttpServer::Impl {
   awaitable<bool> Send(beast::tcp_stream& stream, Response res) {
     res.prepare_payload();
     boost::system::error_code ec;
+    stream.expires_after(opts_.write_timeout);  // a client that stops reading is cut
     co_await http::async_write(stream, res, asio::redirect_error(use_awaitable, ec));
+    stream.expires_never();
     co_return !ec && res.keep_alive();
   }
 
@@ -216,9 +303,7 @@ class HttpServer::Impl {
   std::optional<ApiError> Authorize(const Request& req) const {
     if (opts_.api_key.empty()) return std::nullopt;
     const std::string auth(req[http::field::authorization]);
-    const std::string prefix = "Bearer ";
-    if (auth.compare(0, prefix.size(), prefix) == 0 &&
-        SameKey(auth.substr(prefix.size()), opts_.api_key)) {
+    if (const auto token = BearerToken(auth); token && SameKey(*token, opts_.api_key)) {
       return std::nullopt;
     }
     return ApiError{
@@ -390,7 +475,11 @@ class HttpServer::Impl {
     res.chunked(true);
     http::response_serializer<http::empty_body> sr{res};
     boost::system::error_code ec;
+    // Every write of the stream has --write-timeout: a client that stops reading while tokens
+    // keep coming is cut (its request cancelled, its KV blocks freed) instead of holding them.
+    stream.expires_after(opts_.write_timeout);
     co_await http::async_write_header(stream, sr, asio::redirect_error(use_awaitable, ec));
+    stream.expires_never();
     if (ec) {
       h.Cancel();
       co_return false;
@@ -415,16 +504,20 @@ class HttpServer::Impl {
             "data: " + ErrorBody(*error).dump(-1, ' ', false, json::error_handler_t::replace) +
             "\n\n";
       if (!events.empty()) {
+        stream.expires_after(opts_.write_timeout);
         co_await asio::async_write(stream, http::make_chunk(asio::buffer(events)),
                                    asio::redirect_error(use_awaitable, ec));
+        stream.expires_never();
         if (ec) {
           h.Cancel();
           co_return false;
         }
       }
       if (done) {
+        stream.expires_after(opts_.write_timeout);
         co_await asio::async_write(stream, http::make_chunk_last(),
                                    asio::redirect_error(use_awaitable, ec));
+        stream.expires_never();
         co_return !ec && !error && keep;  // after an error event the stream is closed
       }
       if (ClientGone(stream.socket())) {
@@ -445,6 +538,8 @@ class HttpServer::Impl {
   tcp::acceptor acceptor_;
   std::thread thread_;
   int port_ = 0;
+  int sessions_ = 0;  // open connections (I/O thread only)
+  std::list<IdleMark*> idle_;  // sessions waiting for a request header, longest waiting first
   int64_t created_ = std::chrono::duration_cast<std::chrono::seconds>(
                          std::chrono::system_clock::now().time_since_epoch())
                          .count();

@@ -24,7 +24,17 @@ struct ServerOptions {
   int port = 8000;                         // 0: any free port (see HttpServer::port)
   std::string api_key;                     // empty: no key required
   std::chrono::seconds idle_timeout{120};  // a connection that sends nothing this long is closed
+  // A client that stops reading (a response or a stream's next chunk not taken) is cut after
+  // this long.
+  std::chrono::seconds write_timeout{30};
+  // Open connections at most. Past it the connection idle longest (waiting for a request) is
+  // closed to make room, or, when every one is busy with a request, the new one is answered 503
+  // and closed at once. 0: the process's descriptor limit less a reserve (DefaultMaxConnections).
+  int max_connections = 0;
 };
+
+// The soft RLIMIT_NOFILE less 128 descriptors for everything else (at least 16).
+int DefaultMaxConnections();
 
 class HttpServer {
  public:

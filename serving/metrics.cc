@@ -77,6 +77,12 @@ std::string Metrics::Render() const {
        static_cast<double>(preemptions.load()));
   Line(out, "gemma2_steps_total", "counter", "forward steps run",
        static_cast<double>(steps.load()));
+  Line(out, "gemma2_connections_evicted_total", "counter",
+       "idle connections closed to admit a new one at --max-connections",
+       static_cast<double>(evicted_connections.load()));
+  Line(out, "gemma2_connections_refused_total", "counter",
+       "connections answered 503 at once: every connection was busy at --max-connections",
+       static_cast<double>(refused_connections.load()));
   ttft.Render(out, "gemma2_time_to_first_token_seconds", "arrival to first generated token");
   itl.Render(out, "gemma2_inter_token_latency_seconds",
              "time between consecutive tokens of a sequence");

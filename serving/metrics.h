@@ -36,6 +36,9 @@ struct Metrics {
   std::atomic<int64_t> queue_depth{0}, running{0}, kv_blocks_used{0}, kv_blocks_free{0},
       kv_blocks_cached{0};
   std::atomic<uint64_t> prefix_hit_tokens{0};
+  // At --max-connections: idle connections closed to admit new ones, and new ones refused (503)
+  // because every open one was busy with a request.
+  std::atomic<uint64_t> evicted_connections{0}, refused_connections{0};
   Histogram ttft{{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}};
   Histogram itl{{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5}};
 

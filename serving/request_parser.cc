@@ -59,6 +59,15 @@ class Fields {
     if (!std::isfinite(d)) Fail(name, "'" + name + "' must be finite");
     return d;
   }
+  // A number the workers take as a 32-bit float: the rule is checked on the float, so a finite
+  // double beyond float range (1e39 -> inf) or one that rounds to another class (1e-46 -> 0) is
+  // judged as what the workers would see.
+  float Float(const std::string& name, double fallback) {
+    const double d = Number(name, fallback);
+    const float f = static_cast<float>(d);
+    if (!std::isfinite(f)) Fail(name, "'" + name + "' is beyond the range of a 32-bit float");
+    return f;
+  }
   std::string String(const std::string& name, const std::string& fallback) {
     const json* v = Get(name);
     if (!v) return fallback;
@@ -155,26 +164,26 @@ std::vector<std::vector<int32_t>> Prompts(const json& v, const std::string& para
 
 // Fields shared by completions and chat.
 void ParseGeneration(Fields& f, GenerationOptions& g, const Limits& lim, int64_t vocab) {
-  g.temperature = static_cast<float>(f.Number("temperature", 1.0));
+  g.temperature = f.Float("temperature", 1.0);
   if (g.temperature < 0) Fail("temperature", "'temperature' must be >= 0");
-  g.top_p = static_cast<float>(f.Number("top_p", 1.0));
+  g.top_p = f.Float("top_p", 1.0);
   if (!(g.top_p > 0 && g.top_p <= 1)) Fail("top_p", "'top_p' must be in (0, 1]");
   g.top_k = f.Int("top_k", -1);
   if (g.top_k < -1) Fail("top_k", "'top_k' must be -1 (off) or >= 0");
-  g.min_p = static_cast<float>(f.Number("min_p", 0.0));
+  g.min_p = f.Float("min_p", 0.0);
   if (g.min_p < 0 || g.min_p > 1) Fail("min_p", "'min_p' must be in [0, 1]");
   if (const json* s = f.Get("seed")) {
     if (!s->is_number_integer()) Fail("seed", "'seed' must be an integer");
     g.seed =
         s->is_number_unsigned() ? s->get<uint64_t>() : static_cast<uint64_t>(s->get<int64_t>());
   }
-  g.presence_penalty = static_cast<float>(f.Number("presence_penalty", 0.0));
+  g.presence_penalty = f.Float("presence_penalty", 0.0);
   if (std::abs(g.presence_penalty) > 2)
     Fail("presence_penalty", "'presence_penalty' must be in [-2, 2]");
-  g.frequency_penalty = static_cast<float>(f.Number("frequency_penalty", 0.0));
+  g.frequency_penalty = f.Float("frequency_penalty", 0.0);
   if (std::abs(g.frequency_penalty) > 2)
     Fail("frequency_penalty", "'frequency_penalty' must be in [-2, 2]");
-  g.repetition_penalty = static_cast<float>(f.Number("repetition_penalty", 1.0));
+  g.repetition_penalty = f.Float("repetition_penalty", 1.0);
   if (!(g.repetition_penalty > 0) || g.repetition_penalty > 10) {
     Fail("repetition_penalty", "'repetition_penalty' must be in (0, 10]");
   }
@@ -238,11 +247,13 @@ void CheckContext(const ParsedRequest& r, const ModelFacts& facts, const char* p
       Fail("prompt", "the prompt is " + std::to_string(len) + " tokens; this model's context is " +
                          std::to_string(context) + " tokens, which leaves no room to generate");
     }
-    if (len + r.gen.max_tokens > context) {
+    if (r.gen.max_tokens > context - len) {  // not len + max_tokens > context: it may overflow
+      const bool overflows = r.gen.max_tokens > INT64_MAX - len;
       Fail(param, "this model's context is " + std::to_string(context) + " tokens, but " +
                       std::to_string(len) + " prompt tokens + " + param + " " +
                       std::to_string(r.gen.max_tokens) + " = " +
-                      std::to_string(len + r.gen.max_tokens) + " tokens were requested");
+                      (overflows ? "more than 2^63" : std::to_string(len + r.gen.max_tokens)) +
+                      " tokens were requested");
     }
   }
 }
@@ -283,7 +294,7 @@ int64_t RestOfContext(const ParsedRequest& r, const ModelFacts& facts) {
 
 SamplingParams GenerationOptions::Sampling(int choice) const {
   SamplingParams p;
-  p.greedy = temperature == 0;
+  p.greedy = SamplesGreedily(temperature);  // temperature >= 0 (ParseGeneration)
   p.temperature = p.greedy ? 1.0f : temperature;
   p.top_k = top_k > 0 ? top_k : 0;
   p.top_p = top_p;

@@ -89,8 +89,10 @@ std::optional<ApiError> Scheduler::Submit(std::shared_ptr<RequestHandle> request
     if (draining_ || stop_) return ServerError(503, "the server is shutting down", "server_error");
     const ParsedRequest& p = request->request();
     for (const auto& prompt : p.prompts) {  // one that can never fit is refused now, not midway
-      const int64_t tokens = static_cast<int64_t>(prompt.size()) +
-                             (p.endpoint == Endpoint::kClassify ? 0 : p.gen.max_tokens);
+      // Saturating: max_tokens may be anything up to INT64_MAX here.
+      const int64_t asked = p.endpoint == Endpoint::kClassify ? 0 : p.gen.max_tokens;
+      const int64_t len = static_cast<int64_t>(prompt.size());
+      const int64_t tokens = asked > INT64_MAX - len ? INT64_MAX : len + asked;
       if (blocks_.BlocksFor(tokens) > blocks_.total()) {
         return ApiError{400,
                         "prompt + max_tokens = " + std::to_string(tokens) + " tokens need " +
@@ -449,7 +451,9 @@ Status Scheduler::Advance() {
     const Status submitted = executor_.Submit(f.plan);
     if (!submitted.ok()) {
       for (int64_t entry : f.pinned) cache_.Unpin(entry);
-      return submitted;
+      if (!executor_.health().ok()) return submitted;
+      FailRefused(f, submitted);  // refused before any rank ran it: those requests only
+      continue;
     }
     for (Sequence* s : f.batch) s->in_flight = true;
     in_flight_.push_back(std::move(f));
@@ -460,10 +464,21 @@ Status Scheduler::Advance() {
   auto stepped = executor_.Collect();
   for (int64_t entry : f.pinned) cache_.Unpin(entry);
   for (Sequence* s : f.batch) s->in_flight = false;
-  if (!stepped.ok()) return stepped.status();
+  if (!stepped.ok()) {
+    if (!executor_.health().ok()) return stepped.status();
+    FailRefused(f, stepped.status());
+    return OkStatus();
+  }
   Apply(f, *stepped);
   Sweep();
   return OkStatus();
+}
+
+void Scheduler::FailRefused(const InFlightStep& f, const Status& why) {
+  const ApiError e = ServerError(500, "the step of this request was refused: " + why.message(),
+                                 "server_error");
+  for (Sequence* s : f.batch) CloseRequest(*s->req, Outcome::kFailed, e);
+  Sweep();
 }
 
 void Scheduler::Apply(InFlightStep& f, const StepOutput& out) {

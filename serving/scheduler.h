@@ -63,6 +63,9 @@ class Scheduler {
   // Keeps up to the executor's pipeline depth of steps in flight, then completes the oldest.
   Status Advance();
   struct InFlightStep;
+  // A step the executor refused without running it (it stays healthy): its requests fail, with
+  // the reason; every other request goes on.
+  void FailRefused(const InFlightStep& f, const Status& why);
   void Apply(InFlightStep& f, const StepOutput& out);
   void Admit();
   void DropCancelled();

@@ -2,8 +2,12 @@
 // real clients — curl, the official openai npm package, and gemma2-client — on loopback. Bad input
 // is answered with OpenAI's error body and the server keeps serving; a ledger of many concurrent
 // streams reconciles with /metrics; disconnects free their KV blocks; SIGTERM drains.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -17,6 +21,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "serving/http_client.h"
@@ -59,11 +64,12 @@ std::string Shell(const std::string& cmd, int* code = nullptr) {
 // One gemma2-launch process; its ready line names the port.
 class Server {
  public:
-  Server(const std::string& model, const std::string& args) {
+  // `shell_prefix` runs first in the launcher's shell (e.g. "ulimit -n 1024; ").
+  Server(const std::string& model, const std::string& args, const std::string& shell_prefix = "") {
     int fds[2];
     EXPECT_EQ(pipe(fds), 0);
-    const std::string cmd =
-        "exec " + Bin("gemma2-launch") + " --model " + model + " --port 0 " + args + " 2>&1";
+    const std::string cmd = shell_prefix + "exec " + Bin("gemma2-launch") + " --model " + model +
+                            " --port 0 " + args + " 2>&1";
     pid_ = fork();
     if (pid_ == 0) {
       dup2(fds[1], 1);
@@ -298,7 +304,8 @@ TEST_F(ServerTest, ClassifyServesASequenceClassifier) {
 TEST_F(ServerTest, GreedyThroughTheServerEqualsGemma2Run) {
   std::ifstream prompts(std::string(GEMMA2_SOURCE_DIR) + "/tools/demo_prompts.txt");
   std::string prompt;
-  int checked = 0;
+  int checked = 0, echoes = 0;
+  std::set<std::string> distinct;
   while (std::getline(prompts, prompt)) {
     int code = 0;
     const json offline = json::parse(Shell(Bin("gemma2-run") + RunBackend() + " --model " + Lm() +
@@ -314,8 +321,16 @@ TEST_F(ServerTest, GreedyThroughTheServerEqualsGemma2Run) {
     EXPECT_EQ(c["text"], offline["text"]) << prompt;
     EXPECT_EQ(c["finish_reason"], offline["finish_reason"]) << prompt;
     ++checked;
+    distinct.insert(offline["generated_ids"].dump());
+    // The test model must not answer every prompt by repeating its last token (token equality
+    // would then prove nothing).
+    const json& gen = offline["generated_ids"];
+    if (std::all_of(gen.begin(), gen.end(), [&](const json& t) { return t == offline["prompt_ids"].back(); }))
+      ++echoes;
   }
   EXPECT_GE(checked, 4);
+  EXPECT_EQ(distinct.size(), static_cast<size_t>(checked)) << "greedy outputs must vary with the prompt";
+  EXPECT_EQ(echoes, 0);
 }
 
 // Chat with n > 1 and logprobs, streamed and not: OpenAI's shapes, the same tokens either way.
@@ -535,6 +550,234 @@ TEST_F(ServerTest, EveryBadInputIsAnErrorAndTheServerKeepsServing) {
   EXPECT_EQ(server_->Call("GET", "/metrics", "", {}).status, 401);
   EXPECT_EQ(server_->Call("GET", "/v1/models", "", {}).status, 401);
   EXPECT_EQ(server_->Call("GET", "/v1/completions", "").status, 405);
+  // The scheme name is case-insensitive (RFC 7235); the key is not.
+  EXPECT_EQ(server_->Call("GET", "/v1/models", "", {{"Authorization", "bearer " + kKey}}).status, 200);
+  EXPECT_EQ(server_->Call("GET", "/v1/models", "", {{"Authorization", "BEARER " + kKey}}).status, 200);
+  std::string upper = kKey;
+  for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  EXPECT_EQ(server_->Call("GET", "/v1/models", "", {{"Authorization", "Bearer " + upper}}).status, 401);
+}
+
+// Every numeric field at and past the edges of float32, int32 and int64 (subnormals, negative
+// zero, huge and tiny magnitudes): each is a 400 naming that field or a well-formed answer, and
+// afterwards the server still gives the same greedy tokens as before. Tiny temperatures sample
+// as greedy (kMinSamplingTemperature), never as a wrong token.
+TEST_F(ServerTest, NumericEdgesAreRefusedByNameOrServedAndNothingBreaks) {
+  const json probe = {{"prompt", "Hello, my name is"}, {"max_tokens", 6}, {"temperature", 0},
+                      {"return_token_ids", true}};
+  const json before = server_->Post("/v1/completions", probe)["choices"][0]["token_ids"];
+  ASSERT_EQ(before.size(), 6u);
+  const std::vector<std::string> floats = {
+      "0",     "-0.0",    "1e-46", "4.9e-324", "1e-40", "1e-38", "1.17549435e-38", "3.4e38",
+      "3.5e38", "1e39",   "1e308", "-1e39",    "-1",    "1",     "0.5",            "2",
+      "10",    "10.0001", "-2.0000001"};
+  const std::vector<std::string> ints = {"0",          "-1",          "1",
+                                         "2147483647", "2147483648",  "-2147483649",
+                                         "4294967296", "9223372036854775807",
+                                         "-9223372036854775808", "18446744073709551615",
+                                         "1.5",        "1e3"};
+  struct Field {
+    std::string name, route;
+    const std::vector<std::string>* values;
+    std::string wrap = "";  // "list": the value inside a list
+  };
+  const std::vector<Field> fields = {
+      {"temperature", "/v1/completions", &floats},
+      {"top_p", "/v1/completions", &floats},
+      {"min_p", "/v1/completions", &floats},
+      {"presence_penalty", "/v1/completions", &floats},
+      {"frequency_penalty", "/v1/completions", &floats},
+      {"repetition_penalty", "/v1/completions", &floats},
+      {"top_k", "/v1/completions", &ints},
+      {"seed", "/v1/completions", &ints},
+      {"max_tokens", "/v1/completions", &ints},
+      {"n", "/v1/completions", &ints},
+      {"logprobs", "/v1/completions", &ints},
+      {"top_logprobs", "/v1/chat/completions", &ints},
+      {"max_completion_tokens", "/v1/chat/completions", &ints},
+      {"stop_token_ids", "/v1/completions", &ints, "list"},
+      {"prompt", "/v1/completions", &ints, "list"},
+  };
+  int refused = 0, served = 0;
+  for (const Field& f : fields) {
+    for (const std::string& v : *f.values) {
+      const std::string value = f.wrap == "list" ? "[" + v + "]" : v;
+      std::string body = f.route == "/v1/completions"
+                             ? R"({"max_tokens": 2, "prompt": "x")"
+                             : R"({"max_tokens": 2, "messages": [{"role": "user", "content": "x"}])";
+      if (f.name == "top_logprobs") body += R"(, "logprobs": true)";
+      if (f.name == "max_tokens" || f.name == "max_completion_tokens" || f.name == "prompt") {
+        body = f.route == "/v1/completions" ? "{" : R"({"messages": [{"role": "user", "content": "x"}])";
+        if (f.name != "prompt" && f.route == "/v1/completions") body += R"("prompt": "x")";
+        if (f.name == "prompt") body += R"("max_tokens": 2)";
+      }
+      body += ", \"" + f.name + "\": " + value + "}";
+      const auto r = server_->Call("POST", f.route, body);
+      const json j = json::parse(r.body, nullptr, false);
+      ASSERT_FALSE(j.is_discarded()) << body << " -> " << r.body;
+      if (r.status == 400) {
+        ++refused;
+        // Numbers beyond what JSON parsing keeps exactly may fail as malformed JSON (no field);
+        // everything else names the field.
+        const json& param = j["error"]["param"];
+        if (!(param.is_string() && param == f.name)) {
+          EXPECT_NE(r.body.find("malformed JSON"), std::string::npos) << body << " -> " << r.body;
+        }
+        continue;
+      }
+      EXPECT_EQ(r.status, 200) << body << " -> " << r.body;
+      if (r.status != 200) continue;
+      ++served;
+      ASSERT_TRUE(j["choices"].is_array()) << body << " -> " << r.body;
+      for (const auto& c : j["choices"]) {
+        EXPECT_TRUE(c["finish_reason"] == "length" || c["finish_reason"] == "stop")
+            << body << " -> " << r.body;
+      }
+    }
+  }
+  EXPECT_GT(refused, 50);
+  EXPECT_GT(served, 50);
+  // Tiny temperatures are greedy draws, whatever the seed.
+  for (const double t : {1e-38, 1e-40, 1e-6}) {
+    json p = probe;
+    p["temperature"] = t;
+    p["seed"] = 11;
+    EXPECT_EQ(server_->Post("/v1/completions", p)["choices"][0]["token_ids"], before) << t;
+  }
+  EXPECT_EQ(server_->Post("/v1/completions", probe)["choices"][0]["token_ids"], before);
+  EXPECT_EQ(server_->Call("GET", "/ready", "", {}).status, 200);
+}
+
+int DialLoopback(int port, int rcvbuf = 0) {
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (rcvbuf > 0) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+double ProcessCpuSeconds(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), {});
+  std::istringstream rest(stat.substr(stat.rfind(')') + 2));
+  std::string field;
+  double ticks = 0;
+  for (int i = 3; i <= 15 && rest >> field; ++i) {
+    if (i == 14 || i == 15) ticks += std::atof(field.c_str());  // utime, stime
+  }
+  return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+// 2000 idle connections against a launcher limited to 1024 descriptors: past --max-connections
+// (by default that limit less 128) the connections idle longest are closed to admit new ones;
+// /health answers within 1 s throughout, the launcher stays nearly idle, no descriptor runs out,
+// and afterwards it serves as before.
+TEST_F(ServerTest, ConnectionFloodIsCappedAndHealthStaysFast) {
+  rlimit lim{};
+  getrlimit(RLIMIT_NOFILE, &lim);
+  lim.rlim_cur = std::min<rlim_t>(lim.rlim_max, 8192);
+  setrlimit(RLIMIT_NOFILE, &lim);
+  if (lim.rlim_cur < 2200) GTEST_SKIP() << "skipped: this process may open only " << lim.rlim_cur << " descriptors";
+  Server s(Lm(), Ranks(), "ulimit -n 1024; ");
+  ASSERT_TRUE(s.ok()) << s.ready_line();
+  std::vector<int> held;
+  auto health_ms = [&] {
+    const auto t0 = Clock::now();
+    EXPECT_EQ(s.Call("GET", "/health", "", {}).status, 200);
+    return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+  };
+  double worst = 0;
+  for (int i = 0; i < 2000; ++i) {
+    const int fd = DialLoopback(s.url().port);
+    ASSERT_GE(fd, 0) << "connection " << i;
+    held.push_back(fd);
+    if (i % 250 == 0) worst = std::max(worst, health_ms());
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  int closed = 0;  // by the server: EOF
+  for (int fd : held) {
+    char buf[64] = {};
+    if (recv(fd, buf, sizeof(buf) - 1, MSG_DONTWAIT) == 0) ++closed;
+  }
+  const double cpu0 = ProcessCpuSeconds(s.pid());
+  for (int i = 0; i < 8; ++i) {
+    worst = std::max(worst, health_ms());
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+  }
+  const double cpu = ProcessCpuSeconds(s.pid()) - cpu0;
+  std::printf("2000 connections: %d closed by the server, worst /health %.1f ms, launcher CPU %.2f s in ~2 s\n",
+              closed, worst, cpu);
+  EXPECT_GE(closed, 2000 - (1024 - 128));
+  EXPECT_LE(closed, 2000 - 700);  // the cap's worth stays open
+  EXPECT_LT(worst, 1000);
+  EXPECT_LT(cpu, 0.4);  // < 20% of one core
+  for (int fd : held) close(fd);
+  EXPECT_GT(s.Metrics()["gemma2_connections_evicted_total"], 1000);
+  const json ok = s.Post("/v1/completions", {{"prompt", "ok"}, {"max_tokens", 2}});
+  EXPECT_EQ(ok["choices"].size(), 1u);
+}
+
+// When every connection is busy with a request, a new one is answered 503 at once.
+TEST_F(ServerTest, PastTheConnectionCapWithEveryConnectionBusyIs503) {
+  Server s(Lm(), Ranks() + " --max-connections 2");
+  ASSERT_TRUE(s.ok()) << s.ready_line();
+  std::vector<int> busy;
+  const std::string body = json{{"prompt", "busy"}, {"max_tokens", 4000}, {"ignore_eos", true},
+                                {"stream", true}}.dump();
+  for (int i = 0; i < 2; ++i) {
+    const int fd = DialLoopback(s.url().port);
+    const std::string req = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+    ASSERT_EQ(send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
+    char buf[16];
+    ASSERT_GT(recv(fd, buf, sizeof(buf), 0), 0);  // its stream has started
+    busy.push_back(fd);
+  }
+  const int third = DialLoopback(s.url().port);
+  std::string got(256, '\0');
+  timeval tv{5, 0};
+  setsockopt(third, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  const ssize_t n = recv(third, got.data(), got.size(), 0);
+  ASSERT_GT(n, 0);
+  got.resize(static_cast<size_t>(n));
+  EXPECT_EQ(got.rfind("HTTP/1.1 503", 0), 0u) << got;
+  close(third);
+  for (int fd : busy) close(fd);
+}
+
+// A streaming client that never reads: once the server's writes stall for --write-timeout, the
+// connection is cut, the request cancelled and its sequences freed; others are served meanwhile.
+TEST_F(ServerTest, AClientThatStopsReadingIsCutAfterTheWriteTimeout) {
+  Server s(Lm(), Ranks() + " --write-timeout 2");
+  ASSERT_TRUE(s.ok()) << s.ready_line();
+  const int fd = DialLoopback(s.url().port, 4096);
+  ASSERT_GE(fd, 0);
+  const std::string body = json{{"prompt", "never read"}, {"max_tokens", 4000}, {"n", 4},
+                                {"logprobs", 20}, {"ignore_eos", true}, {"stream", true}}
+                               .dump();
+  const std::string req = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+  ASSERT_EQ(send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
+  const auto t0 = Clock::now();
+  double cancelled = 0;
+  while (Clock::now() - t0 < std::chrono::seconds(60)) {
+    cancelled = s.Metrics()["gemma2_requests_total{outcome=\"cancelled\"}"];
+    if (cancelled >= 1) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  EXPECT_EQ(cancelled, 1);
+  for (int i = 0; i < 50 && s.Metrics()["gemma2_running_sequences"] > 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_EQ(s.Metrics()["gemma2_running_sequences"], 0);
+  close(fd);
+  const json ok = s.Post("/v1/completions", {{"prompt", "ok"}, {"max_tokens", 2}});
+  EXPECT_EQ(ok["choices"].size(), 1u);
 }
 
 TEST_F(ServerTest, OfficialOpenAiNodePackage) {

@@ -95,6 +95,7 @@ Result<SamplingParams> MakeSampling(const Args& a) {
   if (a.greedy && any) return InvalidArgument("--greedy cannot be combined with sampling flags");
   s.greedy = !any;
   if (a.temperature) s.temperature = *a.temperature;
+  if (a.temperature && s.temperature > 0 && SamplesGreedily(s.temperature)) s.greedy = true;
   if (a.top_k) s.top_k = *a.top_k;
   if (a.top_p) s.top_p = *a.top_p;
   if (a.seed) s.seed = *a.seed;

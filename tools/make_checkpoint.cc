@@ -5,6 +5,7 @@
 #include <sentencepiece_trainer.h>
 
 #include <CLI/CLI.hpp>
+#include <cmath>
 #include <filesystem>
 #include <iostream>
 
@@ -20,7 +21,10 @@ struct Args {
   int64_t vocab = 512, hidden = 64, layers = 4, heads = 4, kv_heads = 2, head_dim = 16;
   int64_t intermediate = 128, window = 32, labels = 3, max_positions = 8192;
   int shards = 1;
-  float weight_std = 0.02f, embed_std = 1.0f;
+  // Defaults for which greedy output follows the prompt: with a unit-scale embedding the tied
+  // head's largest logit is the current token's own row, and every prompt repeats its last token.
+  float weight_std = 0;  // 0: 2.4 / sqrt(hidden) (0.3 at the default hidden 64)
+  float embed_std = 0.02f;
 };
 
 // Trains a byte-fallback BPE tokenizer with Gemma's special ids; returns its vocabulary size.
@@ -73,7 +77,8 @@ Status Run(const Args& a) {
   RandomCheckpointOptions o;
   o.seed = a.seed;
   o.shards = a.shards;
-  o.weight_std = a.weight_std;
+  o.weight_std = a.weight_std > 0 ? a.weight_std
+                                  : 2.4f / std::sqrt(static_cast<float>(c.hidden_size));
   o.embed_std = a.embed_std;
   if (a.dtype == "f32")
     o.dtype = DType::kF32;
@@ -115,7 +120,8 @@ int main(int argc, char** argv) {
   app.add_option("--window", a.window, "sliding window");
   app.add_option("--labels", a.labels, "classifier labels");
   app.add_option("--shards", a.shards, "safetensors shards");
-  app.add_option("--weight-std", a.weight_std, "stddev of projection weights");
+  app.add_option("--weight-std", a.weight_std,
+                 "stddev of projection weights (0: 2.4 / sqrt(hidden))");
   app.add_option("--embed-std", a.embed_std, "stddev of the embedding");
   return gemma2::RunTool("gemma2-make-checkpoint", app, argc, argv, [&] { return gemma2::Run(a); });
 }

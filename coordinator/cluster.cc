@@ -1,7 +1,10 @@
 #include "coordinator/cluster.h"
 
 #include <linux/close_range.h>
+#include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
+#include <sys/eventfd.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -65,6 +68,13 @@ Result<pid_t> SpawnWorker(const WorkerSpawn& w, int rank) {
                                  std::to_string(w.device)}) {
     argv_s.push_back(arg);
   }
+  const auto seconds = [](std::chrono::milliseconds d) { return std::to_string(d.count() / 1000.0); };
+  for (const auto& [flag, d] : {std::pair{"--step-timeout", w.step_timeout},
+                                {"--startup-timeout", w.startup_timeout},
+                                {"--heartbeat-timeout", w.heartbeat_timeout}}) {
+    argv_s.push_back(flag);
+    argv_s.push_back(seconds(d));
+  }
   if (w.tie_to_parent) {
     argv_s.push_back("--parent-pid");
     argv_s.push_back(std::to_string(getpid()));
@@ -72,10 +82,31 @@ Result<pid_t> SpawnWorker(const WorkerSpawn& w, int rank) {
   return SpawnProcess(std::move(argv_s), "rank " + std::to_string(rank));
 }
 
-Result<pid_t> SpawnProcess(std::vector<std::string> argv_s, const std::string& what) {
+Result<pid_t> SpawnProcess(std::vector<std::string> argv_s, const std::string& what,
+                           int* stderr_pipe) {
+  int err[2] = {-1, -1};
+  if (stderr_pipe && pipe2(err, O_CLOEXEC) != 0) return Internal("pipe for " + what + "'s stderr");
+  // Signals stay blocked across fork, so none reaches the child while it still runs this process's
+  // handlers (a SIGTERM then would be taken by them and lost); the child resets every handler
+  // before it unblocks, as posix_spawn's SETSIGDEF does.
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, &old);
   const pid_t pid = fork();
-  if (pid < 0) return Internal("fork failed while starting " + what);
+  if (pid != 0) pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  if (pid < 0) {
+    if (stderr_pipe) {
+      close(err[0]);
+      close(err[1]);
+    }
+    return Internal("fork failed while starting " + what);
+  }
   if (pid == 0) {
+    for (int sig = 1; sig < NSIG; ++sig) signal(sig, SIG_DFL);
+    sigset_t none;
+    sigemptyset(&none);
+    pthread_sigmask(SIG_SETMASK, &none, nullptr);
+    if (stderr_pipe) dup2(err[1], 2);
     std::vector<char*> argv;
     for (auto& a : argv_s) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -83,6 +114,10 @@ Result<pid_t> SpawnProcess(std::vector<std::string> argv_s, const std::string& w
     close_range(3, ~0U, 0);
     execvp(argv[0], argv.data());
     _exit(127);
+  }
+  if (stderr_pipe) {
+    close(err[1]);
+    *stderr_pipe = err[0];
   }
   return pid;
 }
@@ -95,6 +130,8 @@ Result<std::unique_ptr<ClusterEngine>> ClusterEngine::LaunchLocal(const ClusterO
 
 Status ClusterEngine::Start(const ClusterOptions& opts) {
   opts_ = opts;
+  wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (wake_fd_ < 0) return Internal("eventfd for the coordinator's idle wait");
   ASSIGN_OR_RETURN(auto ck, OpenWeightSource(opts.model));  // a directory or random:SHAPE:SEED
   config_ = ck->config();
   const int world = opts.tp * opts.pp;
@@ -170,8 +207,12 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
     w.threads = opts.threads_per_worker;
     w.exec_prefix = node.exec_prefix;
     w.device = (r - opts.spawn_begin) % node_ranks;  // one GPU per rank of its node
+    w.step_timeout = opts.step_timeout;
+    w.startup_timeout = opts.startup_timeout;
+    w.heartbeat_timeout = opts.heartbeat_timeout;
     ASSIGN_OR_RETURN(pid_t pid, SpawnWorker(w, r));
     pids_.push_back(pid);
+    pid_names_.push_back("rank " + std::to_string(r));
     pid_ranks_.push_back(r);
   }
   // Handshakes (rpc/bootstrap.h): a peer that fails one is refused alone and startup goes on; a
@@ -219,23 +260,37 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
 }
 
 Status ClusterEngine::CheckChildren(const char* what) {
-  for (size_t i = 0; i < pids_.size(); ++i) {
-    if (pids_[i] <= 0) continue;
-    int status = 0;
-    if (waitpid(pids_[i], &status, WNOHANG) != pids_[i]) continue;
-    const pid_t pid = pids_[i];
-    pids_[i] = -1;  // reaped
-    const std::string how = WIFEXITED(status)     ? "exited with status " + std::to_string(WEXITSTATUS(status))
-                            : WIFSIGNALED(status) ? "was killed by signal " + std::to_string(WTERMSIG(status))
-                                                  : "stopped";
-    return Status(StatusCode::kUnavailable, std::string(what) + ": rank " + std::to_string(pid_ranks_[i]) +
-                                                " (pid " + std::to_string(pid) + ") " + how);
-  }
+  // Own workers are reaped here; the caller's watched processes are only looked at (WNOWAIT):
+  // their owner reaps them.
+  auto check = [&](pid_t& pid, const std::string& name, bool reap) -> Status {
+    siginfo_t info{};
+    if (pid <= 0 || waitid(P_PID, static_cast<id_t>(pid), &info,
+                           WEXITED | WNOHANG | (reap ? 0 : WNOWAIT)) != 0 ||
+        info.si_pid != pid) {
+      return OkStatus();
+    }
+    const pid_t was = pid;
+    pid = -1;  // ended: not looked at again
+    const std::string how = info.si_code == CLD_EXITED
+                                ? "exited with status " + std::to_string(info.si_status)
+                                : "was killed by signal " + std::to_string(info.si_status);
+    return Status(StatusCode::kUnavailable,
+                  std::string(what) + ": " + name + " (pid " + std::to_string(was) + ") " + how);
+  };
+  for (size_t i = 0; i < pids_.size(); ++i) RETURN_IF_ERROR(check(pids_[i], pid_names_[i], true));
+  for (auto& [pid, name] : opts_.watched) RETURN_IF_ERROR(check(pid, name, false));
   return OkStatus();
 }
 
 Status ClusterEngine::Fail(Status st) {
-  if (!st.ok() && down_.ok()) down_ = st;
+  if (!st.ok() && down_.ok()) {
+    down_ = st;
+    // The survivors stop now rather than at their heartbeat timeout (this process may stay up a
+    // while to answer its clients).
+    for (auto& ch : ranks_) {
+      if (ch && !ch->broken()) (void)ch->Send(rpc::MessageType::kShutdown, {}, 200ms);
+    }
+  }
   return st;
 }
 
@@ -250,7 +305,16 @@ Result<std::vector<rpc::Received>> ClusterEngine::CollectAll(std::chrono::millis
   std::vector<bool> done(n, false);
   size_t remaining = n;
   const auto deadline = Clock::now() + timeout;
+  // During a step every rank's control thread still answers heartbeats, so one that stopped is
+  // found within the heartbeat timeout and named. Not during startup: ranks load their shards on
+  // that thread (the startup timeout bounds it).
+  const bool startup = std::string(what) == "startup";
   while (remaining > 0) {
+    if (!startup) {
+      std::vector<bool> waiting(n);
+      for (size_t r = 0; r < n; ++r) waiting[r] = !done[r];
+      RETURN_IF_ERROR(Heartbeats(waiting, what));
+    }
     const size_t remaining_before = remaining;
     for (size_t r = 0; r < n; ++r) {
       if (done[r]) continue;
@@ -271,7 +335,7 @@ Result<std::vector<rpc::Received>> ClusterEngine::CollectAll(std::chrono::millis
           return Fail(st.WithContext(std::string(what) + ": rank " + std::to_string(r)));
         continue;
       }
-      if (got[r].type == rpc::MessageType::kHeartbeat && what != std::string("startup")) {
+      if (got[r].type == rpc::MessageType::kHeartbeat && !startup) {
         // A late answer to a heartbeat asked between steps: the step's answer follows.
         heartbeat_sent_[r].reset();
         const Status st = ranks_[r]->StartReceive();
@@ -303,6 +367,7 @@ Result<std::vector<rpc::Received>> ClusterEngine::CollectAll(std::chrono::millis
       }
       done[r] = true;
       --remaining;
+      if (r < heartbeat_sent_.size()) heartbeat_sent_[r].reset();  // its answer is read later
     }
     // Nothing arrived this round: sleep on the node's events instead of spinning.
     if (remaining == remaining_before) node_->WaitForEvents(std::chrono::milliseconds(1));
@@ -348,8 +413,14 @@ Status ClusterEngine::ServeStore(size_t rank, const rpc::Received& m) {
 }
 
 ClusterEngine::~ClusterEngine() {
+  if (wake_fd_ >= 0) close(wake_fd_);
   for (auto& ch : ranks_) {
     if (ch && !ch->broken()) (void)ch->Send(rpc::MessageType::kShutdown, {}, 2s);
+  }
+  // A worker that never joined cannot be told: it is stopped at once.
+  for (size_t i = 0; i < pids_.size(); ++i) {
+    const size_t rank = static_cast<size_t>(pid_ranks_[i]);
+    if (pids_[i] > 0 && (rank >= ranks_.size() || !ranks_[rank])) kill(pids_[i], SIGTERM);
   }
   // Give workers a moment to exit on their own, then make sure.
   const auto deadline = Clock::now() + 3s;
@@ -373,30 +444,48 @@ ClusterEngine::~ClusterEngine() {
   }
 }
 
+Status ClusterEngine::Heartbeats(const std::vector<bool>& awaited, const char* what) {
+  const size_t n = ranks_.size();
+  heartbeat_sent_.resize(n);
+  heartbeat_last_.resize(n);
+  const auto now = Clock::now();
+  for (size_t r = 0; r < n; ++r) {
+    // Every rank hears from this process each interval (a worker leaves after heartbeat_timeout of
+    // silence); one whose answers are read now gets the next only once it answered.
+    const bool due = now - heartbeat_last_[r] >= opts_.heartbeat_interval;
+    if (due && !(awaited[r] && heartbeat_sent_[r])) {
+      const Status st = ranks_[r]->Send(rpc::MessageType::kHeartbeat, {}, opts_.heartbeat_timeout);
+      if (!st.ok()) return Fail(st.WithContext(std::string(what) + ": rank " + std::to_string(r) + " lost"));
+      heartbeat_last_[r] = now;
+      if (!heartbeat_sent_[r]) heartbeat_sent_[r] = now;
+    }
+    if (awaited[r] && heartbeat_sent_[r] && now - *heartbeat_sent_[r] > opts_.heartbeat_timeout) {
+      return Fail(Status(StatusCode::kDeadlineExceeded,
+                         std::string(what) + ": rank " + std::to_string(r) +
+                             " has not answered a heartbeat for " +
+                             std::to_string(opts_.heartbeat_timeout.count()) +
+                             " ms (stopped, hung or unreachable)"));
+    }
+  }
+  return OkStatus();
+}
+
+void ClusterEngine::Wake() {
+  const uint64_t one = 1;
+  if (wake_fd_ >= 0) (void)!write(wake_fd_, &one, sizeof(one));
+}
+
 Status ClusterEngine::Watch(std::chrono::milliseconds duration, const std::atomic<bool>* stop) {
   if (!down_.ok()) return down_;
   for (size_t r = 0; r < ranks_.size(); ++r) {
     const Status st = ranks_[r]->StartReceive();
     if (!st.ok()) return Fail(st.WithContext("rank " + std::to_string(r) + " lost"));
   }
-  heartbeat_sent_.resize(ranks_.size());
+  const std::vector<bool> all(ranks_.size(), true);
   const auto deadline = Clock::now() + duration;
   while (Clock::now() < deadline && !(stop && *stop)) {
-    const auto now = Clock::now();
-    const bool round = now - last_heartbeat_round_ >= opts_.heartbeat_interval;
-    if (round) last_heartbeat_round_ = now;
+    RETURN_IF_ERROR(Heartbeats(all, "idle"));
     for (size_t r = 0; r < ranks_.size(); ++r) {
-      if (round && !heartbeat_sent_[r]) {
-        const Status st =
-            ranks_[r]->Send(rpc::MessageType::kHeartbeat, {}, opts_.heartbeat_timeout);
-        if (!st.ok()) return Fail(st.WithContext("rank " + std::to_string(r) + " lost"));
-        heartbeat_sent_[r] = now;
-      }
-      if (heartbeat_sent_[r] && now - *heartbeat_sent_[r] > opts_.heartbeat_timeout) {
-        return Fail(Status(StatusCode::kDeadlineExceeded,
-                           "rank " + std::to_string(r) + " has not answered a heartbeat for " +
-                               std::to_string(opts_.heartbeat_timeout.count()) + " ms (hung?)"));
-      }
       auto ready = ranks_[r]->Poll();
       if (!ready.ok())
         return Fail(ready.status().WithContext("rank " + std::to_string(r) + " lost"));
@@ -413,7 +502,15 @@ Status ClusterEngine::Watch(std::chrono::milliseconds duration, const std::atomi
       return Fail(Status(StatusCode::kInternal,
                          "rank " + std::to_string(r) + " failed: " + remote.message()));
     }
-    node_->WaitForEvents(std::chrono::milliseconds(2));
+    // Asleep until a frame arrives, Wake() is called, the next heartbeat round or the deadline.
+    auto until = deadline;
+    for (const auto& last : heartbeat_last_) until = std::min(until, last + opts_.heartbeat_interval);
+    const auto nap = std::chrono::duration_cast<std::chrono::microseconds>(until - Clock::now());
+    node_->WaitForEvents(std::clamp(nap, std::chrono::microseconds(100),
+                                    std::chrono::microseconds(100000)),
+                         wake_fd_);
+    uint64_t drained;
+    (void)!read(wake_fd_, &drained, sizeof(drained));
   }
   return OkStatus();
 }

@@ -33,10 +33,16 @@ struct WorkerSpawn {
   int device = 0;                        // the GPU of this rank on its node (cuda backend)
   std::vector<std::string> exec_prefix;  // e.g. {"ip", "netns", "exec", "ns1"}
   bool tie_to_parent = true;             // the worker dies with this process (--parent-pid)
+  // The worker's --step-timeout, --startup-timeout and --heartbeat-timeout (the coordinator's
+  // silence after which it leaves).
+  std::chrono::milliseconds step_timeout{60000}, startup_timeout{120000}, heartbeat_timeout{10000};
 };
 Result<pid_t> SpawnWorker(const WorkerSpawn& w, int rank);
-// Forks and runs argv (argv[0] found through PATH); a child that cannot exec exits 127.
-Result<pid_t> SpawnProcess(std::vector<std::string> argv, const std::string& what);
+// Forks and runs argv (argv[0] found through PATH); a child that cannot exec exits 127. The child
+// holds no descriptor of this process but 0-2; with `stderr_pipe`, its stderr is a pipe whose
+// reading end (close-on-exec) is put there.
+Result<pid_t> SpawnProcess(std::vector<std::string> argv, const std::string& what,
+                           int* stderr_pipe = nullptr);
 
 struct ClusterOptions {
   std::string model;  // checkpoint directory every worker reads its shard from
@@ -83,6 +89,9 @@ struct ClusterOptions {
     std::string address = "127.0.0.1";
   };
   std::vector<Node> nodes;  // empty: one node, loopback
+  // Processes the caller started that must outlive the startup (e.g. the ssh sessions of the
+  // other nodes), with a name for errors: one that exits ends the startup at once.
+  std::vector<std::pair<pid_t, std::string>> watched;
 };
 
 class ClusterEngine final : public StepExecutor {
@@ -106,6 +115,8 @@ class ClusterEngine final : public StepExecutor {
   // Between steps: watches every rank for `duration`; an error names a rank that was lost or sent
   // something unasked. Returns early (OK) if `stop` becomes true.
   Status Watch(std::chrono::milliseconds duration, const std::atomic<bool>* stop = nullptr);
+  // Ends a Watch early (from any thread): new work arrived.
+  void Wake();
   int world() const { return static_cast<int>(ranks_.size()); }
 
  private:
@@ -115,6 +126,9 @@ class ClusterEngine final : public StepExecutor {
   Result<std::vector<rpc::Received>> CollectAll(std::chrono::milliseconds timeout,
                                                 const char* what);
   Status Fail(Status st);
+  // Sends each rank its heartbeat when due (every interval); an error names a rank in `awaited`
+  // (those whose answers are being read) that left one unanswered for heartbeat_timeout.
+  Status Heartbeats(const std::vector<bool>& awaited, const char* what);
   // An error naming the first worker this process started that has exited (and reaps it).
   Status CheckChildren(const char* what);
   std::vector<StepPlan> SplitForPipeline(const StepPlan& plan) const;
@@ -135,7 +149,8 @@ class ClusterEngine final : public StepExecutor {
   std::unique_ptr<rpc::UcxNode> node_;
   std::vector<std::unique_ptr<rpc::Channel>> ranks_;  // index = rank
   std::vector<pid_t> pids_;      // workers this process started (-1 once reaped)
-  std::vector<int> pid_ranks_;   // their ranks
+  std::vector<std::string> pid_names_;  // "rank R", for errors
+  std::vector<int> pid_ranks_;
   std::map<int64_t, int64_t> lengths_;
   // The collectives' rendezvous store and the ranks waiting for a key.
   std::map<std::string, std::vector<uint8_t>> store_;
@@ -146,9 +161,11 @@ class ClusterEngine final : public StepExecutor {
   // The block tables of every rank's KV cache, over the smallest rank's pool: the coordinator
   // assigns, the ranks apply (StepPlan::kv_assign).
   std::unique_ptr<KvBlockTables> kv_;
-  // Heartbeats asked for and not yet answered, by rank (send time; none outstanding: nullopt).
+  // Heartbeats asked for and not yet answered, by rank (the oldest's send time; none: nullopt),
+  // and when each rank was last sent one.
   std::vector<std::optional<std::chrono::steady_clock::time_point>> heartbeat_sent_;
-  std::chrono::steady_clock::time_point last_heartbeat_round_{};
+  std::vector<std::chrono::steady_clock::time_point> heartbeat_last_;
+  int wake_fd_ = -1;  // an eventfd: Wake() ends Watch's sleep
 };
 
 }  // namespace gemma2

@@ -96,6 +96,16 @@ Status CpuBackend::BeginStep(std::span<const SeqSlice> seqs, StepOutputKind) {
 }
 
 Status CpuBackend::CopyKvBlocks(std::span<const int32_t> from, std::span<const int32_t> to) {
+  // The ids come from the rank's checked block tables; the op checks them again, as the cuda twin
+  // does, so no caller can reach past the pool.
+  const auto in_pool = [&](int32_t b) { return b >= 0 && static_cast<size_t>(b) < kv_.k.size(); };
+  if (from.size() != to.size()) return InvalidArgument("KV block copy: unequal block lists");
+  for (size_t i = 0; i < from.size(); ++i) {
+    if (!in_pool(from[i]) || !in_pool(to[i])) {
+      return InvalidArgument("KV block copy: block " + std::to_string(in_pool(from[i]) ? to[i] : from[i]) +
+                             " is outside the pool of " + std::to_string(kv_.k.size()));
+    }
+  }
   for (size_t i = 0; i < from.size(); ++i) {
     for (auto* side : {&kv_.k, &kv_.v}) {
       std::vector<float>& dst = (*side)[static_cast<size_t>(to[i])];

@@ -20,7 +20,10 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <deque>
 #include <map>
+#include <mutex>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -33,6 +36,8 @@ namespace gemma2 {
 namespace {
 
 volatile sig_atomic_t g_stop = 0;
+// How long a rank told to stop (SIGTERM) may take before it is killed.
+constexpr auto kStopGrace = std::chrono::seconds(3);
 void OnSignal(int) { g_stop = 1; }
 
 struct Args {
@@ -126,6 +131,10 @@ Status RunNode(const Args& a, int world, const std::string& master) {
   w.address = a.address;
   w.tp = a.tp;
   w.pp = world / a.tp;
+  w.step_timeout = std::chrono::seconds(a.step_timeout_s);
+  w.startup_timeout = std::chrono::seconds(a.startup_timeout_s);
+  w.heartbeat_timeout =
+      std::chrono::milliseconds(static_cast<int64_t>(a.heartbeat_timeout_s * 1000));
   std::map<pid_t, int> ranks;
   auto stop_all = [&](int sig) {
     for (const auto& [pid, rank] : ranks) kill(pid, sig);
@@ -144,11 +153,18 @@ Status RunNode(const Args& a, int world, const std::string& master) {
               master.c_str());
   std::fflush(stdout);
   Status result;
+  // Ranks told to stop get SIGKILL after a grace period: a stopped process never acts on SIGTERM.
+  std::optional<std::chrono::steady_clock::time_point> kill_at;
+  const auto stop_gracefully = [&] {
+    stop_all(SIGTERM);
+    if (!kill_at) kill_at = std::chrono::steady_clock::now() + kStopGrace;
+  };
   while (!ranks.empty()) {
     if (g_stop) {
-      stop_all(SIGTERM);
+      stop_gracefully();
       g_stop = 0;
     }
+    if (kill_at && std::chrono::steady_clock::now() > *kill_at) stop_all(SIGKILL);
     int status = 0;
     const pid_t pid = waitpid(-1, &status, WNOHANG);
     if (pid <= 0) {
@@ -164,7 +180,7 @@ Status RunNode(const Args& a, int world, const std::string& master) {
                  "rank " + std::to_string(it->second) + " on node " + std::to_string(a.node_rank) +
                      (WIFSIGNALED(status) ? " killed by signal " + std::to_string(WTERMSIG(status))
                                           : " exited with " + std::to_string(WEXITSTATUS(status))));
-      stop_all(SIGTERM);  // the rest of this node goes too
+      stop_gracefully();  // the rest of this node goes too
     }
     ranks.erase(it);
   }
@@ -179,7 +195,7 @@ std::string Quoted(const std::string& s) {
 
 // Starts node i's gemma2-launch on hosts[i] through `ssh HOST 'command'` (same paths on every
 // host: this program, the model, the secret file). UCX_/NCCL_/GLOO_ settings travel along.
-Result<pid_t> StartRemoteNode(const Args& a, size_t i) {
+Result<pid_t> StartRemoteNode(const Args& a, size_t i, int* stderr_pipe) {
   std::string cmd = "exec";
   for (char** e = environ; *e; ++e) {
     const std::string kv = *e;
@@ -203,8 +219,48 @@ Result<pid_t> StartRemoteNode(const Args& a, size_t i) {
   for (std::string w; words >> w;) argv_s.push_back(w);
   argv_s.push_back(a.hosts[i]);
   argv_s.push_back(cmd);
-  return SpawnProcess(std::move(argv_s), "node " + std::to_string(i));
+  return SpawnProcess(std::move(argv_s), "node " + std::to_string(i), stderr_pipe);
 }
+
+// A remote node's stderr (its ssh session): forwarded line by line to ours, prefixed with the
+// node, and its last lines kept for an error that names the node.
+class NodeOutput {
+ public:
+  NodeOutput(int fd, std::string node) : fd_(fd), node_(std::move(node)) {
+    thread_ = std::thread([this] { Forward(); });
+  }
+  ~NodeOutput() {
+    thread_.join();  // ends when the session closes its stderr (it is stopped first)
+    close(fd_);
+  }
+  std::string Tail() {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::string t;
+    for (const auto& l : tail_) t += (t.empty() ? "" : " | ") + l;
+    return t;
+  }
+
+ private:
+  void Forward() {
+    FILE* in = fdopen(dup(fd_), "r");
+    if (!in) return;
+    char buf[4096];
+    while (fgets(buf, sizeof(buf), in)) {
+      std::string line(buf);
+      if (!line.empty() && line.back() == '\n') line.pop_back();
+      std::fprintf(stderr, "[%s] %s\n", node_.c_str(), line.c_str());
+      std::lock_guard<std::mutex> lock(mu_);
+      tail_.push_back(line);
+      if (tail_.size() > 3) tail_.pop_front();
+    }
+    fclose(in);
+  }
+  int fd_;
+  std::string node_;
+  std::mutex mu_;
+  std::deque<std::string> tail_;
+  std::thread thread_;
+};
 
 // cuda where this build has it and this node shows a GPU, else cpu.
 std::string DefaultBackend() {
@@ -269,16 +325,23 @@ Status Run(Args a) {
     co.nodes = {ClusterOptions::Node{{}, a.address}};
   }
   std::vector<pid_t> remote;  // ssh sessions of the other nodes (fan-out)
+  std::vector<std::unique_ptr<NodeOutput>> remote_output;
   struct RemoteReaper {
     std::vector<pid_t>& pids;
+    std::vector<std::unique_ptr<NodeOutput>>& outputs;
     ~RemoteReaper() {
       for (pid_t p : pids) kill(p, SIGTERM);
       for (pid_t p : pids) waitpid(p, nullptr, 0);
+      outputs.clear();  // after the sessions ended: their stderr is closed
     }
-  } reaper{remote};
+  } reaper{remote, remote_output};
   for (size_t i = 1; i < a.hosts.size(); ++i) {
-    ASSIGN_OR_RETURN(pid_t pid, StartRemoteNode(a, i));
+    int err = -1;
+    ASSIGN_OR_RETURN(pid_t pid, StartRemoteNode(a, i, &err));
     remote.push_back(pid);
+    const std::string name = "node " + std::to_string(i) + " (" + a.hosts[i] + ")";
+    remote_output.push_back(std::make_unique<NodeOutput>(err, name));
+    co.watched.emplace_back(pid, name + "'s session (" + a.ssh + ")");
   }
   co.backend = a.backend;
   co.kv_blocks = a.kv_blocks;
@@ -291,7 +354,17 @@ Status Run(Args a) {
   co.startup_timeout = std::chrono::seconds(a.startup_timeout_s);
   co.heartbeat_timeout =
       std::chrono::milliseconds(static_cast<int64_t>(a.heartbeat_timeout_s * 1000));
-  ASSIGN_OR_RETURN(auto cluster, ClusterEngine::LaunchLocal(co));
+  auto launched = ClusterEngine::LaunchLocal(co);
+  if (!launched.ok()) {
+    // A remote node's own words (ssh's refusal, its launcher's error) say more than a timeout.
+    std::string said;
+    for (size_t i = 0; i < remote_output.size(); ++i) {
+      if (const std::string t = remote_output[i]->Tail(); !t.empty())
+        said += "; node " + std::to_string(i + 1) + " said: " + t;
+    }
+    return Status(launched.status().code(), launched.status().message() + said);
+  }
+  auto cluster = std::move(launched).value();
   const ModelConfig& config = cluster->config();
 
   std::unique_ptr<Tokenizer> tokenizer;
@@ -304,6 +377,7 @@ Status Run(Args a) {
   a.sched.idle_watch = [&](std::chrono::milliseconds d, const std::atomic<bool>* wake) {
     return cluster->Watch(d, wake);
   };
+  a.sched.idle_wake = [&] { cluster->Wake(); };
   auto scheduler =
       std::make_unique<serving::Scheduler>(*cluster, tokenizer.get(), metrics, a.sched);
   serving::ModelFacts facts{

@@ -117,7 +117,7 @@ Result<std::unique_ptr<UcxNode>> UcxNode::Create(const std::string& bind_host) {
 
 void UcxNode::Progress() { ucp_worker_progress(impl_->worker); }
 
-void UcxNode::WaitForEvents(std::chrono::microseconds max) {
+void UcxNode::WaitForEvents(std::chrono::microseconds max, int also) {
   if (ucp_worker_progress(impl_->worker) != 0) return;
   const ucs_status_t st = ucp_worker_arm(impl_->worker);
   if (st == UCS_ERR_BUSY) return;  // events arrived meanwhile: progress them
@@ -125,9 +125,9 @@ void UcxNode::WaitForEvents(std::chrono::microseconds max) {
     usleep(static_cast<useconds_t>(std::min<int64_t>(max.count(), 100)));
     return;
   }
-  pollfd pfd{impl_->event_fd, POLLIN, 0};
+  pollfd pfd[2] = {{impl_->event_fd, POLLIN, 0}, {also, POLLIN, 0}};
   const timespec ts{static_cast<time_t>(max.count() / 1000000), static_cast<long>((max.count() % 1000000) * 1000)};
-  ppoll(&pfd, 1, &ts, nullptr);
+  ppoll(pfd, also >= 0 ? 2 : 1, &ts, nullptr);
 }
 
 const std::vector<uint8_t>& UcxNode::address() const { return impl_->address; }
@@ -168,6 +168,11 @@ Channel::~Channel() {
 }
 
 bool Channel::broken() const { return state_->broken; }
+
+void Channel::Abandon(const std::string& why) {
+  state_->broken = true;
+  state_->error = why;
+}
 
 Status Channel::Wait(void* request, Clock::time_point deadline, const char* what) {
   if (request == nullptr) return OkStatus();

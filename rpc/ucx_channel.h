@@ -36,6 +36,8 @@ class Channel {
   Received Take();
   // True once the peer closed or failed (also discovered by Send/Receive).
   bool broken() const;
+  // Gives up on a peer that stopped answering: nothing more is sent, and closing does not wait.
+  void Abandon(const std::string& why);
   const std::string& peer() const { return peer_; }
 
  private:
@@ -79,9 +81,10 @@ class UcxNode {
   // the wait for an unreachable peer. `peer` names it in errors.
   Result<std::unique_ptr<Channel>> ConnectTo(std::span<const uint8_t> address, std::string peer);
   void Progress();
-  // Progresses, and when nothing was pending sleeps until the worker has events or `max` passes
-  // (the node's event descriptor): waiting costs no CPU, which matters when ranks share cores.
-  void WaitForEvents(std::chrono::microseconds max);
+  // Progresses, and when nothing was pending sleeps until the worker has events, `also` (another
+  // descriptor, -1: none) is readable, or `max` passes: waiting costs no CPU, which matters when
+  // ranks share cores.
+  void WaitForEvents(std::chrono::microseconds max, int also = -1);
 
   struct Impl;  // shared with the UCX connection callback
 

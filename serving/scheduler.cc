@@ -76,6 +76,7 @@ Scheduler::~Scheduler() {
   }
   wake_ = true;
   cv_.notify_all();
+  if (opts_.idle_wake) opts_.idle_wake();
   thread_.join();
   FailAll(ServerError(503, "the server is shutting down", "server_error"));
 }
@@ -113,6 +114,7 @@ std::optional<ApiError> Scheduler::Submit(std::shared_ptr<RequestHandle> request
   }
   wake_ = true;
   cv_.notify_all();
+  if (opts_.idle_wake) opts_.idle_wake();
   return std::nullopt;
 }
 

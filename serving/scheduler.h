@@ -39,6 +39,8 @@ struct SchedulerOptions {
   // Between steps: how the executor is watched while idle (the cluster's heartbeats). Returns
   // early when *wake turns true; an error means the executor is lost.
   std::function<Status(std::chrono::milliseconds, const std::atomic<bool>* wake)> idle_watch;
+  // Called (from any thread) when work arrives, to end an idle_watch's sleep at once.
+  std::function<void()> idle_wake;
 };
 
 class Scheduler {

@@ -5,7 +5,8 @@
 //
 // Fault injection for tests (environment), on the rank named by GEMMA2_FAULT_RANK only:
 // GEMMA2_FAULT_KILL_AFTER_STEPS=N kills it with SIGKILL when step N arrives;
-// GEMMA2_FAULT_STOP_AFTER_STEPS=N stops it (SIGSTOP), a hang.
+// GEMMA2_FAULT_STOP_AFTER_STEPS=N stops it (SIGSTOP), a hang;
+// GEMMA2_FAULT_KILL_BEFORE_JOIN=1 kills it before it reaches the coordinator.
 #include <gloo/rendezvous/prefix_store.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -31,6 +32,7 @@
 #include "rpc/ucx_channel.h"
 #include "tools/cli_main.h"
 #include "worker/control_plane_store.h"
+#include "worker/step_thread.h"
 #ifdef GEMMA2_HAVE_CUDA
 #include "collectives/nccl_collective.h"
 #endif
@@ -53,6 +55,10 @@ struct Args {
   std::string coordinator, model, secret_file, backend = "cpu";
   int device = 0;  // the GPU (cuda backend)
   std::chrono::milliseconds step_timeout{60000};
+  // Silence from the coordinator after which this rank leaves: before its first word, the
+  // startup timeout; after, the heartbeat timeout.
+  std::chrono::milliseconds startup_timeout{120000};
+  std::chrono::milliseconds heartbeat_timeout{10000};
   int rank = 0, tp = 1, pp = 1, threads = 1;  // rank: global, stage * tp + tensor-parallel rank
   int parent_pid = 0;                         // launched locally: the launcher's pid
   std::string address = "127.0.0.1";          // this node's address for the collectives
@@ -101,8 +107,61 @@ Status ConnectPeers(Backend& backend, gloo::rendezvous::Store& store, const std:
   return st;
 }
 
+// The control thread once the rank is ready: steps go to the step thread, their answers back in
+// order; heartbeats are answered at once. Returns OK on shutdown; an error when the channel
+// fails, a step fails, or the coordinator says nothing for --heartbeat-timeout (it sends a
+// heartbeat every second between and during steps), so a rank never outlives a coordinator it can
+// no longer hear (a crash, a partition).
+Status ControlLoop(const Args& a, rpc::Channel& ch, rpc::UcxNode& node, StepThread& steps) {
+  const bool faulty = EnvInt("GEMMA2_FAULT_RANK") == a.rank;
+  const int64_t kill_after = faulty ? EnvInt("GEMMA2_FAULT_KILL_AFTER_STEPS") : -1;
+  const int64_t stop_after = faulty ? EnvInt("GEMMA2_FAULT_STOP_AFTER_STEPS") : -1;
+  using Clock = std::chrono::steady_clock;
+  // Until the coordinator's first word the rest of the cluster may still be starting.
+  auto silence_limit = a.startup_timeout;
+  auto last_heard = Clock::now();
+  RETURN_IF_ERROR(ch.StartReceive().WithContext("control channel"));
+  for (int64_t step = 0;;) {
+    while (auto answer = steps.TakeDone()) {
+      if (!answer->ok()) return answer->status();
+      RETURN_IF_ERROR(ch.Send(rpc::MessageType::kStepResult, **answer, a.step_timeout));
+    }
+    auto got = ch.Poll();
+    if (!got.ok()) return got.status().WithContext("control channel");
+    if (*got) {
+      last_heard = Clock::now();
+      silence_limit = a.heartbeat_timeout;
+      rpc::Received m = ch.Take();
+      if (m.type == rpc::MessageType::kShutdown) return OkStatus();
+      if (m.type == rpc::MessageType::kHeartbeat) {
+        RETURN_IF_ERROR(ch.Send(rpc::MessageType::kHeartbeat, {}, a.heartbeat_timeout));
+      } else if (m.type == rpc::MessageType::kStep) {
+        if (step == kill_after) raise(SIGKILL);
+        if (step == stop_after) raise(SIGSTOP);
+        ++step;
+        steps.Push(std::move(m.payload));
+      } else {
+        return InvalidArgument("unexpected control message type " +
+                               std::to_string(static_cast<int>(m.type)));
+      }
+      RETURN_IF_ERROR(ch.StartReceive().WithContext("control channel"));
+      continue;
+    }
+    const auto silent = Clock::now() - last_heard;
+    if (silent > silence_limit) {
+      ch.Abandon("no word from the coordinator");  // nothing more is sent, closing does not wait
+      return Status(StatusCode::kUnavailable,
+                    "no word from the coordinator " + a.coordinator + " for " +
+                        std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(silent).count()) +
+                        " ms (crashed or unreachable): leaving");
+    }
+    // Sleeps until a frame or a step's answer arrives (a bounded nap, not a poll loop).
+    node.WaitForEvents(std::chrono::milliseconds(100), steps.ready_fd());
+  }
+}
+
 // Everything after the handshake; failures go back to the coordinator before the worker exits.
-Status Serve(const Args& a, rpc::Channel& ch) {
+Status Serve(const Args& a, rpc::Channel& ch, rpc::UcxNode& node) {
   ASSIGN_OR_RETURN(auto ck, OpenWeightSource(a.model));
   const int stage = a.rank / a.tp, tp_rank = a.rank % a.tp;
   ASSIGN_OR_RETURN(ShardPlan plan, ShardPlan::Make(ck->config(), a.tp, tp_rank, a.pp, stage));
@@ -178,26 +237,10 @@ Status Serve(const Args& a, rpc::Channel& ch) {
   RETURN_IF_ERROR(ch.Send(rpc::MessageType::kHeartbeat,
                           rpc::EncodeKvCapacity({blocks, asked.block_size}), 30s));
 
-  const bool faulty = EnvInt("GEMMA2_FAULT_RANK") == a.rank;
-  const int64_t kill_after = faulty ? EnvInt("GEMMA2_FAULT_KILL_AFTER_STEPS") : -1;
-  const int64_t stop_after = faulty ? EnvInt("GEMMA2_FAULT_STOP_AFTER_STEPS") : -1;
-  for (int64_t step = 0;;) {
-    // The coordinator may be idle for a long time; its death shows up as a broken channel.
-    auto m = ch.Receive(std::chrono::hours(24 * 365));
-    if (!m.ok()) return m.status().WithContext("control channel");
-    if (m->type == rpc::MessageType::kShutdown) return OkStatus();
-    if (m->type == rpc::MessageType::kHeartbeat) {  // between steps: prove this rank still runs
-      RETURN_IF_ERROR(ch.Send(rpc::MessageType::kHeartbeat, {}, 10s));
-      continue;
-    }
-    if (m->type != rpc::MessageType::kStep) {
-      return InvalidArgument("unexpected control message type " +
-                             std::to_string(static_cast<int>(m->type)));
-    }
-    if (step == kill_after) raise(SIGKILL);
-    if (step == stop_after) raise(SIGSTOP);
-    ++step;
-    ASSIGN_OR_RETURN(StepPlan p, rpc::DecodeStep(m->payload));
+  // Steps run on their own thread (worker/step_thread.h); this thread keeps the control channel,
+  // answering heartbeats at once even mid-step, and watches for a silent coordinator.
+  StepThread steps([&](const std::vector<uint8_t>& payload) -> Result<std::vector<uint8_t>> {
+    ASSIGN_OR_RETURN(StepPlan p, rpc::DecodeStep(payload));
     for (int64_t id : p.released) kv.Release(id);
     RETURN_IF_ERROR(kv.Apply(p.kv_assign).WithContext("step plan"));
     for (const KvCopy& k : p.kv_copies) RETURN_IF_ERROR(model->CopyKv(kv, k));
@@ -206,12 +249,24 @@ Status Serve(const Args& a, rpc::Channel& ch) {
     for (auto* n : watched) n->Arm(a.step_timeout);
     const Status ran = model->Forward(p, kv, *comm, &out, links);
     for (auto* n : watched) n->Disarm();
-    RETURN_IF_ERROR(ran);  // Run reports it
+    RETURN_IF_ERROR(ran);
     // Every rank answers (so the coordinator hears from each); the last stage's rank 0 carries
     // the output.
     if (!carries_output) out = StepOutput{};
-    RETURN_IF_ERROR(ch.Send(rpc::MessageType::kStepResult, rpc::EncodeStepOutput(out), 60s));
+    return rpc::EncodeStepOutput(out);
+  });
+  const Status st = ControlLoop(a, ch, node, steps);
+  if (steps.busy()) {
+    // The step thread still uses this frame's model and collectives (perhaps waiting on a peer
+    // that is gone): leave at once, saying why (to the coordinator too, when it can still hear).
+    if (!st.ok()) {
+      if (!ch.broken()) (void)ch.Send(rpc::MessageType::kError, rpc::EncodeStatus(st), 2s);
+      std::fprintf(stderr, "gemma2-worker: error: rank %d: %s\n", a.rank, st.ToString().c_str());
+    }
+    std::fflush(stderr);
+    std::_Exit(st.ok() ? 0 : 1);
   }
+  return st;
 }
 
 Status Run(const Args& a) {
@@ -228,6 +283,8 @@ Status Run(const Args& a) {
   const std::string host = a.coordinator.substr(0, colon);
   const int port = std::atoi(a.coordinator.c_str() + colon + 1);
   ASSIGN_OR_RETURN(auto secret, ReadSecret(a.secret_file));
+  if (EnvInt("GEMMA2_FAULT_RANK") == a.rank && EnvInt("GEMMA2_FAULT_KILL_BEFORE_JOIN") == 1)
+    raise(SIGKILL);
   ASSIGN_OR_RETURN(auto node, rpc::UcxNode::Create(a.address));
   // The bootstrap (rpc/bootstrap.h): prove the secret, check the coordinator's proof, swap UCX
   // addresses; retried while nobody listens yet or the coordinator is busy.
@@ -248,7 +305,7 @@ Status Run(const Args& a) {
     std::this_thread::sleep_for(250ms);
   }
   ASSIGN_OR_RETURN(auto ch, node->ConnectTo(coordinator_address, "coordinator " + a.coordinator));
-  const Status st = Serve(a, *ch);
+  const Status st = Serve(a, *ch, *node);
   if (!st.ok() && !ch->broken())
     (void)ch->Send(rpc::MessageType::kError, rpc::EncodeStatus(st), 10s);
   return st.WithContext("rank " + std::to_string(a.rank));
@@ -271,11 +328,22 @@ int main(int argc, char** argv) {
   app.add_option("--parent-pid", a.parent_pid, "exit with this process (local launch)");
   app.add_option("--address", a.address, "address this node's collectives bind to");
   app.add_option("--device", a.device, "GPU index on this node (cuda backend)");
-  double connect_s = 60;
+  double connect_s = 60, heartbeat_s = 10, startup_s = 120, step_s = 60;
+  app.add_option("--heartbeat-timeout", heartbeat_s,
+                 "seconds of silence from the coordinator after which this rank leaves")
+      ->check(CLI::Range(0.1, 86400.0));
+  app.add_option("--startup-timeout", startup_s,
+                 "seconds to wait for the coordinator's first step or heartbeat once ready")
+      ->check(CLI::Range(0.1, 86400.0));
+  app.add_option("--step-timeout", step_s, "seconds a step's answer may take to send")
+      ->check(CLI::Range(0.1, 86400.0));
   app.add_option("--connect-timeout", connect_s, "seconds to keep trying to reach the coordinator")
       ->check(CLI::Range(0.0, 86400.0));
   app.callback([&] {
     a.connect_timeout = std::chrono::milliseconds(static_cast<int64_t>(connect_s * 1000));
+    a.heartbeat_timeout = std::chrono::milliseconds(static_cast<int64_t>(heartbeat_s * 1000));
+    a.startup_timeout = std::chrono::milliseconds(static_cast<int64_t>(startup_s * 1000));
+    a.step_timeout = std::chrono::milliseconds(static_cast<int64_t>(step_s * 1000));
   });
   return gemma2::RunTool("gemma2-worker", app, argc, argv, [&] { return gemma2::Run(a); });
 }

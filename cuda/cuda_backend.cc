@@ -78,6 +78,10 @@ class CudaBackend final : public Backend {
   }
 
   std::string_view name() const override { return "cuda"; }
+  Status BindThread() override {
+    RETURN_IF_CUDA_ERROR(cudaSetDevice(opts_.device));
+    return OkStatus();
+  }
   DType weight_dtype() const override { return DType::kBF16; }
   DType activation_dtype() const override { return DType::kBF16; }
 

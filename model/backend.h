@@ -84,6 +84,9 @@ class Backend {
   virtual std::string_view name() const = 0;
   // The stream the ops run on (cudaStream_t on cuda; null on cpu): where a GPU collective enqueues.
   virtual void* native_stream() { return nullptr; }
+  // Readies the calling thread to run this backend's ops (cuda: selects the backend's device,
+  // a per-thread setting). A thread other than the creating one calls it before its first op.
+  virtual Status BindThread() { return OkStatus(); }
   // Captured decode steps (cuda): while a backend replays one, its ops record nothing, and the
   // collectives between ranks, captured with them, must not be issued a second time.
   virtual bool replaying_graph() const { return false; }

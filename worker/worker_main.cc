@@ -240,6 +240,7 @@ Status Serve(const Args& a, rpc::Channel& ch, rpc::UcxNode& node) {
   // Steps run on their own thread (worker/step_thread.h); this thread keeps the control channel,
   // answering heartbeats at once even mid-step, and watches for a silent coordinator.
   StepThread steps([&](const std::vector<uint8_t>& payload) -> Result<std::vector<uint8_t>> {
+    RETURN_IF_ERROR(backend->BindThread());  // cuda: this thread's device is the rank's GPU
     ASSIGN_OR_RETURN(StepPlan p, rpc::DecodeStep(payload));
     for (int64_t id : p.released) kv.Release(id);
     RETURN_IF_ERROR(kv.Apply(p.kv_assign).WithContext("step plan"));

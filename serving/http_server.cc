@@ -1,5 +1,6 @@
 #include "serving/http_server.h"
 
+#include <fcntl.h>
 #include <openssl/crypto.h>
 #include <openssl/sha.h>
 #include <sys/resource.h>
@@ -92,6 +93,7 @@ class HttpServer::Impl {
     if (!ec) acceptor_.set_option(asio::socket_base::reuse_address(true), ec);
     if (!ec) acceptor_.bind(ep, ec);
     if (!ec) acceptor_.listen(asio::socket_base::max_listen_connections, ec);
+    if (!ec) fcntl(acceptor_.native_handle(), F_SETFD, FD_CLOEXEC);  // no child inherits it
     if (ec) {
       return Status(StatusCode::kUnavailable, "cannot listen on " + opts_.host + ":" +
                                                   std::to_string(opts_.port) + ": " + ec.message());

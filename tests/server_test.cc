@@ -758,7 +758,9 @@ TEST_F(ServerTest, AClientThatStopsReadingIsCutAfterTheWriteTimeout) {
   ASSERT_TRUE(s.ok()) << s.ready_line();
   const int fd = DialLoopback(s.url().port, 4096);
   ASSERT_GE(fd, 0);
-  const std::string body = json{{"prompt", "never read"}, {"max_tokens", 4000}, {"n", 4},
+  // Far more than any socket buffer holds (16 x 8000 events of ~2 KB; a GPU makes them in
+  // seconds, and some hosts buffer tens of MB per socket).
+  const std::string body = json{{"prompt", "never read"}, {"max_tokens", 8000}, {"n", 16},
                                 {"logprobs", 20}, {"ignore_eos", true}, {"stream", true}}
                                .dump();
   const std::string req = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

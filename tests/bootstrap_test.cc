@@ -19,6 +19,7 @@
 
 #include "rpc/auth.h"
 #include "rpc/wire.h"
+#include "tests/cluster_util.h"
 
 namespace gemma2::rpc {
 namespace {
@@ -44,19 +45,6 @@ double CpuSeconds() {
   getrusage(RUSAGE_SELF, &u);
   return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
          static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec) * 1e-6;
-}
-
-int Dial(int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
-    close(fd);
-    return -1;
-  }
-  return fd;
 }
 
 // Reads whatever the listener sends until it closes the connection (or 5 s pass).
@@ -195,7 +183,7 @@ TEST_F(BootstrapTest, HostileBytesAreRefusedAndTheListenerStaysIdle) {
   std::thread attacker([&] {
     std::mt19937 rng(5);
     auto send_and_close = [&](const std::vector<uint8_t>& bytes, bool wait_for_close) {
-      const int fd = Dial(listener_->port());
+      const int fd = DialLoopback(listener_->port());
       ASSERT_GE(fd, 0);
       (void)!send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
       if (wait_for_close) DrainUntilClosed(fd);
@@ -222,7 +210,7 @@ TEST_F(BootstrapTest, HostileBytesAreRefusedAndTheListenerStaysIdle) {
     send_and_close({'G', '2'}, true);
     // 500 connect-and-close.
     for (int i = 0; i < 500; ++i) {
-      const int fd = Dial(listener_->port());
+      const int fd = DialLoopback(listener_->port());
       if (fd >= 0) close(fd);
     }
     done = true;
@@ -251,7 +239,7 @@ TEST_F(BootstrapTest, HostileBytesAreRefusedAndTheListenerStaysIdle) {
 // real rank that tries meanwhile is told to come back (kUnavailable), not hung.
 TEST_F(BootstrapTest, TooManySilentConnectionsAreRefusedNotQueued) {
   std::vector<int> silent;
-  for (int i = 0; i < 70; ++i) silent.push_back(Dial(listener_->port()));
+  for (int i = 0; i < 70; ++i) silent.push_back(DialLoopback(listener_->port()));
   (void)Serve(300ms);
   Status st;
   std::thread worker(
@@ -276,7 +264,7 @@ TEST(BootstrapListenTest, RebindsAtOnceAndOnlyOnTheGivenAddress) {
   ASSERT_TRUE(a.ok());
   const int port = (*a)->port();
   // A connection left in TIME_WAIT by the listener's side closing first.
-  const int fd = Dial(port);
+  const int fd = DialLoopback(port);
   ASSERT_GE(fd, 0);
   (void)(*a)->Next(100ms, {});
   a->reset();

@@ -2,7 +2,10 @@
 // and watched, their workers found, network namespaces as hosts.
 #pragma once
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -11,11 +14,61 @@
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
+#include <sstream>
 #include <string>
 
 #include <gtest/gtest.h>
 
 namespace gemma2 {
+
+// What `cmd` prints on stdout (its exit status in *code when asked).
+inline std::string Shell(const std::string& cmd, int* code = nullptr) {
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[4096];
+  size_t got;
+  while ((got = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, got);
+  const int status = pclose(p);
+  if (code) *code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return out;
+}
+
+// A TCP connection to 127.0.0.1:port (rcvbuf > 0: that receive buffer, set before connecting);
+// -1 when nobody listens.
+inline int DialLoopback(int port, int rcvbuf = 0) {
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (rcvbuf > 0) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// CPU seconds (user + system) process `pid` has used; 0 once it is gone.
+inline double ProcessCpuSeconds(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), {});
+  if (stat.empty()) return 0;
+  std::istringstream rest(stat.substr(stat.rfind(')') + 2));
+  std::string field;
+  double ticks = 0;
+  for (int i = 3; i <= 15 && rest >> field; ++i) {
+    if (i == 14 || i == 15) ticks += std::atof(field.c_str());  // utime, stime
+  }
+  return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+// The server URL a launcher's ready line names ("" when none).
+inline std::string UrlOf(const std::string& ready_line) {
+  const auto at = ready_line.find("http://");
+  if (at == std::string::npos) return "";
+  return ready_line.substr(at, ready_line.find_first_of(" \n", at) - at);
+}
 
 struct RunResult {
   int code = -1;
@@ -57,22 +110,15 @@ inline int Alive(const std::string& marker) {
 // from inside namespace `ns` (the server's address is only reachable there).
 inline std::string CompletionInNamespace(const std::string& ns, const std::string& ready_line,
                                   const std::string& ids) {
-  const auto at = ready_line.find("http://");
-  if (at == std::string::npos) return "";
-  const std::string url = ready_line.substr(at, ready_line.find_first_of(" \n", at) - at);
+  const std::string url = UrlOf(ready_line);
+  if (url.empty()) return "";
   std::string cmd =
       (ns.empty() ? "" : "ip netns exec " + ns + " ") + "curl -sS --max-time 60 " + url;
   cmd += "/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": [" + ids;
   cmd +=
       "], \"max_tokens\": 4, \"temperature\": 0, \"ignore_eos\": true, \"return_token_ids\": "
       "true}'";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string answer;
-  char buf[65536];
-  size_t got;
-  while ((got = fread(buf, 1, sizeof(buf), p)) > 0) answer.append(buf, got);
-  pclose(p);
-  return answer;
+  return Shell(cmd);
 }
 
 // Two "hosts" on this machine: network namespaces joined by a veth pair, 10.NET.0.1 and

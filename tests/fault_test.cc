@@ -26,16 +26,6 @@ using namespace std::chrono_literals;
 
 std::string Bin(const std::string& name) { return std::string(GEMMA2_BINARY_DIR) + "/bin/" + name; }
 
-std::string Shell(const std::string& cmd) {
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t got;
-  while ((got = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, got);
-  pclose(p);
-  return out;
-}
-
 // TCP ports process `pid` listens on (ss), any address.
 std::set<int> ListeningPorts(pid_t pid) {
   std::set<int> ports;
@@ -62,19 +52,6 @@ int FdCount(pid_t pid) {
   return n;
 }
 
-double CpuSeconds(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  std::string stat((std::istreambuf_iterator<char>(in)), {});
-  if (stat.empty()) return 0;
-  std::istringstream rest(stat.substr(stat.rfind(')') + 2));
-  std::string field;
-  double ticks = 0;
-  for (int i = 3; i <= 15 && rest >> field; ++i) {
-    if (i == 14 || i == 15) ticks += std::atof(field.c_str());
-  }
-  return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
-}
-
 // Alive and not a zombie.
 bool Running(pid_t pid) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
@@ -86,15 +63,8 @@ bool Running(pid_t pid) {
 
 // Connects to 127.0.0.1:port, sends `bytes`, waits `linger`, closes. False if nobody listens.
 bool Hit(int port, const std::vector<uint8_t>& bytes, std::chrono::milliseconds linger = 20ms) {
-  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
-    close(fd);
-    return false;
-  }
+  const int fd = DialLoopback(port);
+  if (fd < 0) return false;
   if (!bytes.empty()) (void)!send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
   std::this_thread::sleep_for(linger);
   close(fd);
@@ -180,9 +150,9 @@ TEST_F(FaultTest, HostileBytesOnEveryListeningPortLeaveTheClusterServing) {
   // Idle within 2 s: over the next second the three processes use under 0.1 s of CPU.
   std::this_thread::sleep_for(2s);
   double cpu0 = 0, cpu1 = 0;
-  for (pid_t p : pids) cpu0 += CpuSeconds(p);
+  for (pid_t p : pids) cpu0 += ProcessCpuSeconds(p);
   std::this_thread::sleep_for(1s);
-  for (pid_t p : pids) cpu1 += CpuSeconds(p);
+  for (pid_t p : pids) cpu1 += ProcessCpuSeconds(p);
   EXPECT_LT(cpu1 - cpu0, 0.1);
   for (pid_t p : pids) EXPECT_EQ(FdCount(p), fds[p]) << "pid " << p << " kept a descriptor";
   kill(l.pid, SIGTERM);
@@ -261,8 +231,7 @@ TEST_F(FaultTest, ARankStoppedMidStreamIsNamedWithinTheHeartbeatTimeout) {
   Launched l = StartLauncher(model_, "--tp 2");
   const std::string ready = ReadLine(l.out);
   ASSERT_NE(ready.find("ready"), std::string::npos) << ready;
-  const auto at = ready.find("http://");
-  const std::string url = ready.substr(at, ready.find_first_of(" \n", at) - at);
+  const std::string url = UrlOf(ready);
   FILE* stream = popen(("curl -sN --max-time 60 " + url +
                         "/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": "
                         "[5, 17], \"max_tokens\": 8000, \"ignore_eos\": true, \"stream\": true}'")
@@ -375,8 +344,7 @@ TEST_F(FaultTest, PartitionsEndBothNodesCleanlyAndTheClusterRelaunchesAtOnce) {
     ASSERT_NE(ready.find("ready: 4 ranks"), std::string::npos) << ready;
     // Relaunched on the same control port right after the last round's processes ended.
     EXPECT_LT(std::chrono::duration<double>(Clock::now() - launched).count(), 15.0);
-    const auto at = ready.find("http://");
-    const std::string url = ready.substr(at, ready.find_first_of(" \n", at) - at);
+    const std::string url = UrlOf(ready);
     FILE* stream = nullptr;
     if (mid_stream) {
       stream = popen((curl(url, "/v1/completions") +

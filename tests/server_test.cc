@@ -25,6 +25,7 @@
 #include <thread>
 
 #include "serving/http_client.h"
+#include "tests/cluster_util.h"
 #include "tests/test_files.h"
 
 namespace gemma2 {
@@ -49,17 +50,6 @@ std::string Shape() {
 std::string RunBackend() { return Cuda() ? " --backend cuda" : ""; }
 
 std::string Bin(const std::string& name) { return std::string(GEMMA2_BINARY_DIR) + "/bin/" + name; }
-
-std::string Shell(const std::string& cmd, int* code = nullptr) {
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t got;
-  while ((got = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, got);
-  const int status = pclose(p);
-  if (code) *code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return out;
-}
 
 // One gemma2-launch process; its ready line names the port.
 class Server {
@@ -646,32 +636,6 @@ TEST_F(ServerTest, NumericEdgesAreRefusedByNameOrServedAndNothingBreaks) {
   }
   EXPECT_EQ(server_->Post("/v1/completions", probe)["choices"][0]["token_ids"], before);
   EXPECT_EQ(server_->Call("GET", "/ready", "", {}).status, 200);
-}
-
-int DialLoopback(int port, int rcvbuf = 0) {
-  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (rcvbuf > 0) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf));
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
-    close(fd);
-    return -1;
-  }
-  return fd;
-}
-
-double ProcessCpuSeconds(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  std::string stat((std::istreambuf_iterator<char>(in)), {});
-  std::istringstream rest(stat.substr(stat.rfind(')') + 2));
-  std::string field;
-  double ticks = 0;
-  for (int i = 3; i <= 15 && rest >> field; ++i) {
-    if (i == 14 || i == 15) ticks += std::atof(field.c_str());  // utime, stime
-  }
-  return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
 }
 
 // 2000 idle connections against a launcher limited to 1024 descriptors: past --max-connections

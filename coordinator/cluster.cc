@@ -596,6 +596,7 @@ Status ClusterEngine::Submit(const StepPlan& plan) {
   }
   InFlight f;
   f.kv_copies = plan.kv_copies;
+  f.output_rows = plan.total_outputs();
   for (const auto& s : plan.sequences)
     f.grown[s.sequence_id] = static_cast<int64_t>(s.tokens.size());
   f.parts = parts.size();
@@ -608,7 +609,11 @@ Result<StepOutput> ClusterEngine::Collect() {
   const InFlight f = std::move(in_flight_.front());
   in_flight_.pop_front();
   // The last stage's tensor-parallel rank 0 carries the outputs; parts' rows follow plan order.
+  // Logits rows may pass the frame size (150 rows of a 256000 vocabulary: 154 MB) and come in
+  // pieces, up to what the plan asked for.
   const size_t carrier = static_cast<size_t>((opts_.pp - 1) * opts_.tp);
+  const size_t width = static_cast<size_t>(std::max<int64_t>(config_.vocab_size, config_.num_labels));
+  ranks_[carrier]->ExpectUpTo(static_cast<size_t>(f.output_rows) * (width + 1) * sizeof(float) + (1 << 20));
   StepOutput out;
   for (size_t i = 0; i < f.parts; ++i) {
     ASSIGN_OR_RETURN(auto answers, CollectAll(opts_.step_timeout, "step"));

@@ -138,6 +138,7 @@ class ClusterEngine final : public StepExecutor {
     std::vector<KvCopy> kv_copies;
     std::map<int64_t, int64_t> grown;  // sequence id -> new tokens
     size_t parts = 1;
+    int64_t output_rows = 0;  // rows the answers carry (bounds their size)
   };
   std::deque<InFlight> in_flight_;
   // A rendezvous request (kStoreSet / kStoreGet) from `rank`.

@@ -208,7 +208,27 @@ Status Channel::Wait(void* request, Clock::time_point deadline, const char* what
 
 Status Channel::Send(MessageType type, std::span<const uint8_t> payload,
                      std::chrono::milliseconds timeout) {
+  while (payload.size() > kMaxPayload) {
+    RETURN_IF_ERROR(SendBytes(Frame(MessageType::kPart, payload.first(kMaxPayload)), timeout));
+    payload = payload.subspan(kMaxPayload);
+  }
   return SendBytes(Frame(type, payload), timeout);
+}
+
+Result<bool> Channel::Assemble(Received& frame) {
+  if (frame.type != MessageType::kPart && pieces_.empty()) return true;
+  if (pieces_.size() + frame.payload.size() > expect_up_to_) {
+    state_->broken = true;  // the stream can no longer be trusted
+    return Status(StatusCode::kInvalidArgument,
+                  "a message from " + peer_ + " in pieces grew past the " +
+                      std::to_string(expect_up_to_) + " bytes expected");
+  }
+  pieces_.insert(pieces_.end(), frame.payload.begin(), frame.payload.end());
+  if (frame.type == MessageType::kPart) return false;
+  frame.payload = std::move(pieces_);
+  pieces_.clear();
+  expect_up_to_ = kMaxPayload;  // an allowance for one message in pieces
+  return true;
 }
 
 Status Channel::SendBytes(std::span<const uint8_t> bytes, std::chrono::milliseconds timeout) {
@@ -223,15 +243,19 @@ Status Channel::StartReceive() {
   if (state_->broken) return Status(StatusCode::kUnavailable, "receiving from " + peer_ + ": connection lost");
   posted_ = true;
   in_payload_ = false;
-  ucp_request_param_t p{};
-  p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-  p.flags = UCP_STREAM_RECV_FLAG_WAITALL;
-  pending_ = ucp_stream_recv_nbx(state_->ep, header_, sizeof(header_), &got_, &p);
+  pending_ = PostHeaderReceive();
   if (UCS_PTR_IS_ERR(pending_)) {
     state_->broken = true;
     return UcxError("receiving from " + peer_, UCS_PTR_STATUS(pending_));
   }
   return OkStatus();
+}
+
+void* Channel::PostHeaderReceive() {
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  p.flags = UCP_STREAM_RECV_FLAG_WAITALL;
+  return ucp_stream_recv_nbx(state_->ep, header_, sizeof(header_), &got_, &p);
 }
 
 Result<bool> Channel::Poll() {
@@ -252,7 +276,18 @@ Result<bool> Channel::Poll() {
         return UcxError("receiving from " + peer_, st);
       }
     }
-    if (in_payload_) return true;
+    if (in_payload_) {
+      ASSIGN_OR_RETURN(const bool whole, Assemble(frame_));
+      if (whole) return true;
+      // A piece: receive the next frame's header.
+      in_payload_ = false;
+      pending_ = PostHeaderReceive();
+      if (UCS_PTR_IS_ERR(pending_)) {
+        state_->broken = true;
+        return UcxError("receiving from " + peer_, UCS_PTR_STATUS(pending_));
+      }
+      continue;
+    }
     auto h = ParseHeader(header_);
     if (!h.ok()) {
       state_->broken = true;
@@ -260,7 +295,7 @@ Result<bool> Channel::Poll() {
     }
     frame_ = Received{h->type, std::vector<uint8_t>(h->payload_bytes)};
     in_payload_ = true;
-    if (frame_.payload.empty()) return true;
+    if (frame_.payload.empty()) continue;  // complete: assembled above
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
     p.flags = UCP_STREAM_RECV_FLAG_WAITALL;
@@ -289,16 +324,19 @@ Result<Received> Channel::Receive(std::chrono::milliseconds timeout) {
     void* req = ucp_stream_recv_nbx(state_->ep, buf, n, &got, &p);
     return Wait(req, deadline, "receiving from");
   };
-  uint8_t header[kHeaderBytes];
-  RETURN_IF_ERROR(read_exact(header, sizeof(header)));
-  auto h = ParseHeader(header);
-  if (!h.ok()) {
-    state_->broken = true;  // the stream can no longer be trusted: close it
-    return h.status().WithContext("from " + peer_);
+  while (true) {
+    uint8_t header[kHeaderBytes];
+    RETURN_IF_ERROR(read_exact(header, sizeof(header)));
+    auto h = ParseHeader(header);
+    if (!h.ok()) {
+      state_->broken = true;  // the stream can no longer be trusted: close it
+      return h.status().WithContext("from " + peer_);
+    }
+    Received r{h->type, std::vector<uint8_t>(h->payload_bytes)};
+    RETURN_IF_ERROR(read_exact(r.payload.data(), r.payload.size()));
+    ASSIGN_OR_RETURN(const bool whole, Assemble(r));
+    if (whole) return r;
   }
-  Received r{h->type, std::vector<uint8_t>(h->payload_bytes)};
-  RETURN_IF_ERROR(read_exact(r.payload.data(), r.payload.size()));
-  return r;
 }
 
 }  // namespace gemma2::rpc

@@ -5,6 +5,7 @@
 // Threading: a Channel and the UcxNode it came from belong to one thread (UCX single-thread mode).
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <string>
@@ -23,7 +24,12 @@ class Channel {
   Channel(const Channel&) = delete;
   Channel& operator=(const Channel&) = delete;
 
+  // A payload over kMaxPayload goes as kPart frames and a last frame of `type`; the receiver
+  // reassembles it (up to what it expects, ExpectUpTo).
   Status Send(MessageType type, std::span<const uint8_t> payload, std::chrono::milliseconds timeout);
+  // The largest payload the next message in pieces may have; it falls back to kMaxPayload once
+  // that message is whole (a peer cannot make this process allocate more than it expects).
+  void ExpectUpTo(size_t bytes) { expect_up_to_ = std::max<size_t>(bytes, kMaxPayload); }
   // Bytes as they are, unframed: what a broken or hostile peer would send (tests use it).
   Status SendBytes(std::span<const uint8_t> bytes, std::chrono::milliseconds timeout);
   // The next frame, checked by ParseHeader; kDeadlineExceeded when none arrives in time.
@@ -49,6 +55,10 @@ class Channel {
  private:
   Channel(UcxNode* node, std::shared_ptr<State> state, std::string peer);
   Status Wait(void* request, std::chrono::steady_clock::time_point deadline, const char* what);
+  void* PostHeaderReceive();  // the next frame's header into header_ (a UCX request or null)
+  // Takes a complete frame: a kPart piece is kept (false); the frame that ends a message gets the
+  // pieces in front of its payload (true). An error when the pieces outgrow expect_up_to_.
+  Result<bool> Assemble(Received& frame);
 
   UcxNode* node_;
   std::shared_ptr<State> state_;
@@ -60,6 +70,8 @@ class Channel {
   uint8_t header_[kHeaderBytes] = {};
   size_t got_ = 0;
   Received frame_{};
+  std::vector<uint8_t> pieces_;  // kPart payloads of the message being received
+  size_t expect_up_to_ = kMaxPayload;
 };
 
 // One UCX context + worker. UCX never listens on a socket address here: peers first meet over

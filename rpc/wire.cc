@@ -11,7 +11,7 @@ uint32_t LoadU32(const uint8_t* p) {
          static_cast<uint32_t>(p[2]) << 16 | static_cast<uint32_t>(p[3]) << 24;
 }
 
-bool KnownType(uint16_t t) { return t >= 1 && t <= 11; }
+bool KnownType(uint16_t t) { return t >= 1 && t <= 12; }
 
 }  // namespace
 

@@ -17,8 +17,9 @@
 namespace gemma2::rpc {
 
 inline constexpr uint32_t kMagic = 0x50433247;  // "G2CP" little-endian
-// 2: KV prefix copies; 3: the rendezvous store; 4: KV capacity; 5: KV block tables
-inline constexpr uint16_t kVersion = 5;
+// 2: KV prefix copies; 3: the rendezvous store; 4: KV capacity; 5: KV block tables;
+// 6: the bootstrap handshake (both ways) and kPart
+inline constexpr uint16_t kVersion = 6;
 inline constexpr size_t kHeaderBytes = 12;
 inline constexpr uint32_t kMaxPayload = 64u
                                         << 20;  // a step plan of 64 MiB is far past any real one
@@ -36,6 +37,10 @@ enum class MessageType : uint16_t {
   kStoreSet = 9,     // worker -> coordinator: key, value
   kStoreGet = 10,    // worker -> coordinator: key; answered once the key is set
   kStoreValue = 11,  // coordinator -> worker: key, value
+  // A piece of a message larger than kMaxPayload: the pieces' payloads, in order, then the
+  // frame that ends the message (its own type, the last piece of the payload). A receiver takes
+  // pieces only up to the size it expects (Channel::ExpectUpTo).
+  kPart = 12,
 };
 
 inline constexpr uint32_t kMaxStoreKey = 256;

@@ -412,6 +412,36 @@ TEST_F(ClusterTest, FanOutStartsTheOtherNodeOverSsh) {
 namespace gemma2 {
 namespace {
 
+// Logits rows past the control plane's frame cap (420 rows x 40000 = 67.2 MB > 64 MiB) cross the
+// cluster in pieces and equal the one-process rows.
+TEST_F(ClusterTest, LogitsPastTheFrameCapCrossTheCluster) {
+  const std::string model = (dir_.path() / "wide").string();
+  ASSERT_EQ(std::system((std::string(GEMMA2_BINARY_DIR) + "/bin/gemma2-make-checkpoint --out " +
+                         model + " --vocab 40000 --hidden 32 --layers 1 --intermediate 64 --heads 2 " +
+                         "--kv-heads 1 --head-dim 16 --seed 2 > /dev/null 2>&1")
+                            .c_str()),
+            0);
+  std::string ids;
+  for (int i = 0; i < 420; ++i) {
+    if (i > 0) ids += ',';
+    ids += std::to_string((i * 7919) % 40000);
+  }
+  const std::string args = "--model " + model + " --prompt-ids " + ids + " --max-new-tokens 1 --logits";
+  const RunResult one = Exec("", args);
+  const RunResult two = Exec("", args + " --launch local --tp 1");
+  ASSERT_EQ(one.code, 0) << one.err;
+  ASSERT_EQ(two.code, 0) << two.err;
+  const auto want = nlohmann::json::parse(one.out), got = nlohmann::json::parse(two.out);
+  ASSERT_EQ(got["logits"].size(), 420u);
+  for (size_t row : {size_t{0}, size_t{211}, size_t{419}}) {
+    const auto x = got["logits"][row].get<std::vector<float>>(),
+               y = want["logits"][row].get<std::vector<float>>();
+    ASSERT_EQ(x.size(), 40000u);
+    EXPECT_LE(testing::RelativeL2(x.data(), y.data(), static_cast<int64_t>(x.size())), 1e-5) << row;
+  }
+  EXPECT_EQ(Alive(model), 0);
+}
+
 // Random weights named by a spec reach every worker (scale tests without a checkpoint on disk):
 // the cluster prints what the one-process run prints, and a bad spec is one line.
 TEST_F(ClusterTest, RandomWeightsSpecThroughTheCluster) {

@@ -15,6 +15,7 @@
 #include <set>
 #include <thread>
 
+#include "rpc/wire.h"
 #include "tests/cluster_util.h"
 #include "tests/test_files.h"
 
@@ -80,7 +81,7 @@ std::vector<std::vector<uint8_t>> Attacks() {
     return v;
   };
   auto header = [](uint32_t len) {  // a control-frame header: "G2CP", version, kAuth, length
-    std::vector<uint8_t> h = {'G', '2', 'C', 'P', 5, 0, 2, 0};
+    std::vector<uint8_t> h = {'G', '2', 'C', 'P', static_cast<uint8_t>(rpc::kVersion), 0, 2, 0};
     for (int i = 0; i < 4; ++i) h.push_back(static_cast<uint8_t>(len >> (8 * i)));
     return h;
   };

@@ -128,6 +128,33 @@ TEST(UcxChannelTest, FramesRoundTripBetweenProcesses) {
   EXPECT_EQ(ExitCode(server), 0);
 }
 
+// A payload past the frame cap travels as kPart pieces and arrives whole where the receiver
+// expects that much; where it does not, the pieces are refused once they pass what it expects.
+TEST(UcxChannelTest, MessagesPastTheFrameCapArriveInPieces) {
+  const size_t big = size_t{kMaxPayload} * 2 + 12345;
+  auto server = StartServer([big](Channel& ch) {
+    ch.ExpectUpTo(big);
+    auto m = ch.Receive(30s);
+    if (!m.ok() || m->type != MessageType::kStepResult || m->payload.size() != big) return 10;
+    for (size_t i = 0; i < big; i += 4099) {
+      if (m->payload[i] != static_cast<uint8_t>(i * 7)) return 11;
+    }
+    // Not raised again: the next message of that size is refused in pieces.
+    auto refused = ch.Receive(30s);
+    if (refused.ok() || refused.status().message().find("grew past") == std::string::npos) return 12;
+    return 0;
+  });
+  auto node = UcxNode::Create();
+  ASSERT_TRUE(node.ok());
+  auto ch = ConnectToChild(**node, server);
+  ASSERT_TRUE(ch.ok());
+  std::vector<uint8_t> payload(big);
+  for (size_t i = 0; i < big; i += 4099) payload[i] = static_cast<uint8_t>(i * 7);
+  ASSERT_TRUE((*ch)->Send(MessageType::kStepResult, payload, 30s).ok());
+  (void)(*ch)->Send(MessageType::kStepResult, payload, 30s);
+  EXPECT_EQ(ExitCode(server), 0) << "10: not whole, 11: damaged, 12: the second not refused";
+}
+
 TEST(UcxChannelTest, KilledPeerIsAnErrorNotAHang) {
   auto server = StartServer([](Channel& ch) {
     (void)ch.Receive(30s);

@@ -530,8 +530,11 @@ int main(int argc, char** argv) {
   app.add_option("--prefix-cache-entries", a.sched.prefix_cache_entries,
                  "finished prompts kept as reusable KV prefixes (0: no prefix caching)");
   app.add_option("--max-body-bytes", a.limits.max_body_bytes, "largest request body");
-  app.add_flag("--strict-fields", a.limits.strict_fields,
-               "unknown request fields are an error (400)");
+  bool lenient = false, strict_compat = false;
+  app.add_flag("--lenient-fields", lenient,
+               "ignore request fields this server does not honour (default: a 400 naming them)");
+  app.add_flag("--strict-fields", strict_compat, "the default; kept for older command lines");
+  app.callback([&] { a.limits.strict_fields = !lenient; });
   if (a.external_workers) {
     app.get_option("--master")
         ->required()

@@ -30,7 +30,10 @@ struct Limits {
   int max_stop_strings = 16;
   size_t max_stop_string_bytes = 256;
   int max_prompts = 1024;      // batched prompts in one request
-  bool strict_fields = false;  // unknown fields are an error (otherwise ignored)
+  // A field this server does not honour is a 400 naming it (OpenAI's answer to an unrecognized
+  // argument), except those on the allow-list of fields harmless to ignore (request_parser.cc);
+  // false (--lenient-fields): every unknown field is ignored.
+  bool strict_fields = true;
 };
 
 // How the tokens of one choice are picked. Temperature 0 means greedy.
@@ -51,6 +54,7 @@ struct GenerationOptions {
   int logprobs = -1;  // -1: none; k >= 0: the chosen token's log-probability and the top k
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage
+  bool continuous_usage = false;  // stream_options.continuous_usage_stats: usage in every chunk
   bool return_token_ids = false;
 
   // Penalties, min_p and log-probabilities need the logits row on the coordinator.

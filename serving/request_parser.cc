@@ -74,12 +74,25 @@ class Fields {
     if (!v->is_string()) Fail(name, "'" + name + "' must be a string, not " + TypeName(*v));
     return v->get<std::string>();
   }
-  // Unknown fields: an error in strict mode, otherwise ignored.
+  // Unknown fields: an error in strict mode (the default), except the harmless ones; otherwise
+  // ignored. A field sent as null counts as absent (OpenAI's clients send them).
   void Finish(const std::string& where) {
     if (!strict_) return;
     for (auto it = obj_.begin(); it != obj_.end(); ++it) {
-      if (!seen_.count(it.key())) Fail(it.key(), "unknown field '" + it.key() + "' in " + where);
+      if (seen_.count(it.key()) || it->is_null() || IgnoredHarmlessly(it.key())) continue;
+      Fail(it.key(), "unknown field '" + it.key() + "' in " + where +
+                         ": this server does not honour it, so it is refused rather than ignored "
+                         "(--lenient-fields ignores unknown fields)",
+           400, "unsupported_field");
     }
+  }
+  // Fields that change nothing about the answer: identification and bookkeeping for the caller's
+  // side (OpenAI's user, metadata, store, service_tier; vLLM's request_id, priority hints).
+  static bool IgnoredHarmlessly(const std::string& name) {
+    static const std::set<std::string> kHarmless = {
+        "user", "metadata", "store", "service_tier", "request_id", "safety_identifier",
+        "prompt_cache_key"};
+    return kHarmless.count(name) > 0;
   }
 
  private:
@@ -223,11 +236,10 @@ void ParseGeneration(Fields& f, GenerationOptions& g, const Limits& lim, int64_t
   if (const json* so = f.Get("stream_options")) {
     Fields o(*so, lim.strict_fields);
     g.include_usage = o.Bool("include_usage", false);
-    o.Ignore("continuous_usage_stats");
+    g.continuous_usage = o.Bool("continuous_usage_stats", false);  // usage in every chunk (vLLM)
     o.Finish("stream_options");
   }
   g.return_token_ids = f.Bool("return_token_ids", false);
-  f.Ignore("user");
 }
 
 void CheckLogprobs(int64_t k, const char* param, const Limits& lim) {
@@ -388,7 +400,12 @@ ApiResult<ParsedRequest> ParseChat(const json& body, const ModelFacts& facts) {
       } else {
         Fail("messages", "'content' must be a string or a list of text parts");
       }
-      mf.Ignore("name");
+      // OpenAI: "an optional name for the participant". Gemma's template has no place for it, so
+      // the turn says who speaks: "NAME: content".
+      const std::string name = mf.String("name", "");
+      if (name.size() > 256 || name.find('\n') != std::string::npos)
+        Fail("messages", "a message 'name' must be one line of at most 256 bytes");
+      if (!name.empty()) cm.content = name + ": " + cm.content;
       mf.Finish("a message");
       chat.push_back(std::move(cm));
     }
@@ -435,7 +452,6 @@ ApiResult<ParsedRequest> ParseClassify(const json& body, const ModelFacts& facts
                           " tokens");
       }
     }
-    f.Ignore("user");
     f.Finish("a classify request");
     return r;
   });

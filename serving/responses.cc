@@ -213,6 +213,7 @@ std::string StreamEvents(const ResponseContext& ctx, const RequestHandle& h, Str
                   {"created", ctx.created},
                   {"model", ctx.model},
                   {"choices", json::array({c})}};
+    if (r.gen.continuous_usage) chunk["usage"] = Usage(h);  // the request's usage so far
     out += "data: " + Dump(chunk) + "\n\n";
     cur.text_bytes[i] = ch.text.size();
     cur.tokens[i] = ch.token_ids.size();

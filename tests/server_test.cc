@@ -746,6 +746,35 @@ TEST_F(ServerTest, AClientThatStopsReadingIsCutAfterTheWriteTimeout) {
   EXPECT_EQ(ok["choices"].size(), 1u);
 }
 
+// A message's name is honoured (the turn says who speaks: "NAME: content"), not dropped; and
+// stream_options.continuous_usage_stats puts the usage so far in every chunk.
+TEST_F(ServerTest, MessageNamesAndContinuousUsageAreHonoured) {
+  auto chat = [&](json message) {
+    return server_->Post("/v1/chat/completions",
+                         {{"messages", json::array({message})}, {"max_tokens", 2}, {"temperature", 0}});
+  };
+  const json plain = chat({{"role", "user"}, {"content", "Hi"}});
+  const json named = chat({{"role", "user"}, {"content", "Hi"}, {"name", "Ann"}});
+  EXPECT_GT(named["usage"]["prompt_tokens"].get<int>(), plain["usage"]["prompt_tokens"].get<int>());
+  const json tokenized = chat({{"role", "user"}, {"content", "Ann: Hi"}});
+  EXPECT_EQ(named["usage"]["prompt_tokens"], tokenized["usage"]["prompt_tokens"]);
+  const std::string sse = Curl(
+      "-N " + server_->base() +
+      "/v1/completions -d '{\"prompt\": \"Hello\", \"max_tokens\": 4, \"ignore_eos\": true, "
+      "\"stream\": true, \"stream_options\": {\"continuous_usage_stats\": true}}'");
+  std::istringstream lines(sse);
+  std::vector<int> completion;
+  for (std::string line; std::getline(lines, line);) {
+    if (line.rfind("data: {", 0) != 0) continue;
+    const json chunk = json::parse(line.substr(6));
+    ASSERT_TRUE(chunk.contains("usage")) << line;
+    completion.push_back(chunk["usage"]["completion_tokens"].get<int>());
+  }
+  ASSERT_FALSE(completion.empty()) << sse;
+  EXPECT_TRUE(std::is_sorted(completion.begin(), completion.end()));
+  EXPECT_EQ(completion.back(), 4) << sse;
+}
+
 TEST_F(ServerTest, OfficialOpenAiNodePackage) {
   const std::string js = std::string(GEMMA2_SOURCE_DIR) + "/tests/js";
   if (Shell("command -v node").empty() || !std::filesystem::exists(js + "/node_modules/openai")) {

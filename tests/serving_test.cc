@@ -104,6 +104,42 @@ TEST(RequestParserTest, EveryBadInputIsAClearError) {
   EXPECT_EQ(std::get<ParsedRequest>(ok).gen.max_tokens, 3);
 }
 
+// By default a field the server does not honour is refused by name (OpenAI's answer to an
+// unrecognized argument), never ignored; fields harmless to ignore and nulls pass;
+// --lenient-fields (strict_fields false) ignores them all.
+TEST(RequestParserTest, UnsupportedFieldsAreRefusedByNameHarmlessOnesPass) {
+  const ModelConfig c = Small();
+  ModelFacts facts{&c, nullptr, "m", Limits{}};
+  ASSERT_TRUE(facts.limits.strict_fields);  // the default
+  const std::vector<std::string> refused = {
+      "response_format", "tools", "tool_choice", "logit_bias", "suffix", "min_tokens",
+      "prompt_logprobs", "truncate_prompt_tokens", "add_generation_prompt",
+      "chat_template_kwargs", "guided_json", "structured_outputs", "frobnicate"};
+  for (const std::string& field : refused) {
+    json body = {{"prompt", {5}}, {"max_tokens", 2}};
+    body[field] = json{{"x", 1}};
+    auto r = ParseCompletions(body, facts);
+    ASSERT_TRUE(std::holds_alternative<ApiError>(r)) << field;
+    const ApiError& e = std::get<ApiError>(r);
+    EXPECT_EQ(e.http_status, 400);
+    EXPECT_EQ(e.param, field);
+    EXPECT_EQ(e.code, "unsupported_field");
+    EXPECT_NE(e.message.find("unknown field '" + field + "'"), std::string::npos) << e.message;
+  }
+  json harmless = {{"prompt", {5}},          {"user", "u-1"},       {"metadata", {{"k", "v"}}},
+                   {"store", false},         {"service_tier", "auto"}, {"logit_bias", nullptr},
+                   {"stream_options", nullptr}};
+  EXPECT_TRUE(std::holds_alternative<ParsedRequest>(ParseCompletions(harmless, facts)));
+  json stream = {{"prompt", {5}}, {"stream", true},
+                 {"stream_options", {{"include_usage", true}, {"continuous_usage_stats", true}}}};
+  auto s = ParseCompletions(stream, facts);
+  ASSERT_TRUE(std::holds_alternative<ParsedRequest>(s));
+  EXPECT_TRUE(std::get<ParsedRequest>(s).gen.continuous_usage);
+  facts.limits.strict_fields = false;
+  EXPECT_TRUE(std::holds_alternative<ParsedRequest>(
+      ParseCompletions(json{{"prompt", {5}}, {"tools", json::array()}}, facts)));
+}
+
 TEST(RequestParserTest, MalformedJsonDeepNestingAndBadUtf8) {
   auto expect = [](const std::string& body, const std::string& code) {
     auto r = ParseJsonBody(body, 8);

@@ -64,6 +64,7 @@ struct Args {
   double heartbeat_timeout_s = 10, drain_timeout_s = 30, linger_on_loss_s = 1;
   int64_t write_timeout_s = 30;
   int max_connections = 0;  // 0: from the descriptor limit
+  bool metrics_open = false;
   serving::SchedulerOptions sched;
   serving::Limits limits;
 };
@@ -392,17 +393,18 @@ Status Run(Args a) {
   so.api_key = key;
   so.write_timeout = std::chrono::seconds(a.write_timeout_s);
   so.max_connections = a.max_connections;
+  so.metrics_open = a.metrics_open;
   serving::HttpServer server(*scheduler, metrics, facts, so);
   RETURN_IF_ERROR(server.Start());
   RETURN_IF_ERROR(Probe(*scheduler, config));
   server.SetReady(true);
   std::printf(
       "%s: ready: %d ranks (tp %d x pp %d), model %s, KV budget %lld blocks of %lld, "
-      "serving '%s' on http://%s:%d\n",
+      "serving '%s' on http://%s:%d (version %s)\n",
       a.tool, cluster->world(), co.tp, co.pp, a.model.c_str(),
       static_cast<long long>(cluster->kv_blocks()),
       static_cast<long long>(cluster->kv_layout().block_size), facts.served_name.c_str(),
-      a.host.c_str(), server.port());
+      a.host.c_str(), server.port(), VersionLine().c_str());
   std::fflush(stdout);
 
   while (!g_stop) {
@@ -509,6 +511,8 @@ int main(int argc, char** argv) {
                  "open HTTP connections at most; past it 503 at once (0: the descriptor limit "
                  "less 128)")
       ->check(CLI::Range(0, 1 << 24));
+  app.add_flag("--metrics-open", a.metrics_open,
+               "serve /metrics without the API key (for a Prometheus scraper)");
   app.add_option("--served-model-name", a.served_name,
                  "the model name clients send (default: the directory name)");
   app.add_option("--drain-timeout", a.drain_timeout_s,

@@ -15,6 +15,7 @@
 #include <random>
 #include <thread>
 
+#include "common/version.h"
 #include "serving/responses.h"
 
 namespace gemma2::serving {
@@ -290,6 +291,10 @@ class HttpServer::Impl {
     const std::string rid = UsableId(given_id) ? given_id : NewRequestId();
     std::string path(req.target());
     if (auto q = path.find('?'); q != std::string::npos) path.resize(q);
+    if (path == "/classify") path = "/v1/classify";  // vLLM's name for it
+    if ((path == "/tokenize" || path == "/detokenize") && req.method() == http::verb::post) {
+      co_return co_await TokenizeRoute(stream, req, rid, path);
+    }
     if (IsApi(path) && req.method() == http::verb::post) {
       metrics_.received.fetch_add(1);
       std::optional<ApiError> unauthorized = Authorize(req);
@@ -329,12 +334,21 @@ class HttpServer::Impl {
       return JsonResponse(http::status::service_unavailable,
                           json{{"ready", false}, {"reason", why}}, rid, keep);
     }
+    if (path == "/version" && get) {
+      return JsonResponse(http::status::ok, json{{"version", Version()}, {"commit", GitCommit()}},
+                          rid, keep);
+    }
+    const std::string models = "/v1/models/";
     const bool known = IsApi(path) || path == "/health" || path == "/ready" || path == "/metrics" ||
-                       path == "/v1/models";
+                       path == "/v1/models" || path.rfind(models, 0) == 0 || path == "/tokenize" ||
+                       path == "/detokenize";
     if (!known)
       return ErrorResponse(
           ApiError{404, "no route " + path, "invalid_request_error", "", "not_found"}, rid, keep);
-    if (auto e = Authorize(req)) return ErrorResponse(*e, rid, keep);
+    const bool open_metrics = path == "/metrics" && opts_.metrics_open;  // Prometheus without the key
+    if (!open_metrics) {
+      if (auto e = Authorize(req)) return ErrorResponse(*e, rid, keep);
+    }
     if (path == "/metrics" && get) {
       Response res{http::status::ok, 11};
       res.set(http::field::content_type, "text/plain; version=0.0.4");
@@ -343,14 +357,24 @@ class HttpServer::Impl {
       res.body() = metrics_.Render();
       return res;
     }
+    const json model = {{"id", facts_.served_name},
+                        {"object", "model"},
+                        {"created", created_},
+                        {"owned_by", "gemma2-cluster"},
+                        {"max_model_len", facts_.config->max_position_embeddings}};
     if (path == "/v1/models" && get) {
-      json model = {{"id", facts_.served_name},
-                    {"object", "model"},
-                    {"created", created_},
-                    {"owned_by", "gemma2-cluster"},
-                    {"max_model_len", facts_.config->max_position_embeddings}};
       return JsonResponse(http::status::ok,
                           json{{"object", "list"}, {"data", json::array({model})}}, rid, keep);
+    }
+    if (path.rfind(models, 0) == 0 && get) {
+      if (path.substr(models.size()) == facts_.served_name)
+        return JsonResponse(http::status::ok, model, rid, keep);
+      return ErrorResponse(ApiError{404,
+                                    "the model '" + path.substr(models.size()) +
+                                        "' does not exist; this server serves '" +
+                                        facts_.served_name + "'",
+                                    "invalid_request_error", "model", "model_not_found"},
+                           rid, keep);
     }
     return ErrorResponse(
         ApiError{405, "method " + std::string(req.method_string()) + " is not allowed on " + path},
@@ -383,17 +407,17 @@ class HttpServer::Impl {
     return Admitted{handle, waker};
   }
 
-  // Admit on the parsing pool: a body of megabytes takes a while to parse and tokenize, and the
-  // I/O thread serves every other connection meanwhile. `req` outlives the wait (this frame holds
-  // it), and Stop joins the pool before any frame can go.
-  awaitable<std::variant<Admitted, ApiError>> AdmitOffThread(const Request& req,
-                                                             const std::string& rid,
-                                                             const std::string& path) {
-    auto result = std::make_shared<std::optional<std::variant<Admitted, ApiError>>>();
+  // Runs `fn` on the parsing pool: a body of megabytes takes a while to parse and tokenize, and
+  // the I/O thread serves every other connection meanwhile. What `fn` reads outlives the wait
+  // (the calling frame holds it), and Stop joins the pool before any frame can go. An exception
+  // becomes a 500 for that request.
+  template <typename T, typename Fn>
+  awaitable<std::variant<T, ApiError>> OffThread(Fn fn) {
+    auto result = std::make_shared<std::optional<std::variant<T, ApiError>>>();
     auto done = std::make_shared<asio::steady_timer>(ioc_, asio::steady_timer::time_point::max());
-    asio::post(parse_pool_, [this, result, done, &req, &rid, &path] {
+    asio::post(parse_pool_, [this, result, done, &fn] {
       try {
-        *result = Admit(req, rid, path);
+        *result = fn();
       } catch (const std::exception& e) {
         *result = ApiError{500, std::string("the request could not be parsed: ") + e.what(),
                            "server_error"};
@@ -407,10 +431,28 @@ class HttpServer::Impl {
     co_return std::move(**result);
   }
 
+  // POST /tokenize and /detokenize (vLLM's shapes), off the I/O thread.
+  awaitable<bool> TokenizeRoute(beast::tcp_stream& stream, const Request& req,
+                                const std::string& rid, const std::string& path) {
+    const bool keep = req.keep_alive();
+    if (auto e = Authorize(req)) co_return co_await Send(stream, ErrorResponse(*e, rid, keep));
+    auto answer = co_await OffThread<json>([&]() -> std::variant<json, ApiError> {
+      auto body = ParseJsonBody(req.body(), facts_.limits.max_json_depth);
+      if (auto* e = std::get_if<ApiError>(&body)) return *e;
+      auto r = path == "/tokenize" ? ParseTokenize(std::get<json>(body), facts_)
+                                   : ParseDetokenize(std::get<json>(body), facts_);
+      if (auto* e = std::get_if<ApiError>(&r)) return *e;
+      return std::get<json>(std::move(r));
+    });
+    if (auto* e = std::get_if<ApiError>(&answer))
+      co_return co_await Send(stream, ErrorResponse(*e, rid, keep));
+    co_return co_await Send(stream, JsonResponse(http::status::ok, std::get<json>(answer), rid, keep));
+  }
+
   awaitable<bool> Generate(beast::tcp_stream& stream, const Request& req, const std::string& rid,
                            const std::string& path) {
     const bool keep = req.keep_alive();
-    auto admitted = co_await AdmitOffThread(req, rid, path);
+    auto admitted = co_await OffThread<Admitted>([&] { return Admit(req, rid, path); });
     if (auto* e = std::get_if<ApiError>(&admitted)) {
       metrics_.End(Outcome::kRejected);
       co_return co_await Send(stream, ErrorResponse(*e, rid, keep));

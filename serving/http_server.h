@@ -3,9 +3,11 @@
 //
 //   GET  /health                 the process is up (no key needed)
 //   GET  /ready                  200 once SetReady(true) and no rank lost, else 503 (no key needed)
-//   GET  /metrics                Prometheus text
-//   GET  /v1/models
-//   POST /v1/completions, /v1/chat/completions, /v1/classify
+//   GET  /version                version and git commit (no key needed)
+//   GET  /metrics                Prometheus text (no key with ServerOptions::metrics_open)
+//   GET  /v1/models, /v1/models/{id}
+//   POST /v1/completions, /v1/chat/completions, /v1/classify (also /classify)
+//   POST /tokenize, /detokenize  vLLM's shapes
 #pragma once
 
 #include <chrono>
@@ -31,6 +33,7 @@ struct ServerOptions {
   // closed to make room, or, when every one is busy with a request, the new one is answered 503
   // and closed at once. 0: the process's descriptor limit less a reserve (DefaultMaxConnections).
   int max_connections = 0;
+  bool metrics_open = false;  // /metrics without the API key (for a Prometheus scraper)
 };
 
 // The soft RLIMIT_NOFILE less 128 descriptors for everything else (at least 16).

@@ -80,9 +80,10 @@ class Fields {
     if (!strict_) return;
     for (auto it = obj_.begin(); it != obj_.end(); ++it) {
       if (seen_.count(it.key()) || it->is_null() || IgnoredHarmlessly(it.key())) continue;
-      Fail(it.key(), "unknown field '" + it.key() + "' in " + where +
-                         ": this server does not honour it, so it is refused rather than ignored "
-                         "(--lenient-fields ignores unknown fields)",
+      Fail(it.key(),
+           "unknown field '" + it.key() + "' in " + where +
+               ": this server does not honour it, so it is refused rather than ignored "
+               "(--lenient-fields ignores unknown fields)",
            400, "unsupported_field");
     }
   }
@@ -90,8 +91,8 @@ class Fields {
   // side (OpenAI's user, metadata, store, service_tier; vLLM's request_id, priority hints).
   static bool IgnoredHarmlessly(const std::string& name) {
     static const std::set<std::string> kHarmless = {
-        "user", "metadata", "store", "service_tier", "request_id", "safety_identifier",
-        "prompt_cache_key"};
+        "user",       "metadata",          "store",           "service_tier",
+        "request_id", "safety_identifier", "prompt_cache_key"};
     return kHarmless.count(name) > 0;
   }
 
@@ -173,6 +174,44 @@ std::vector<std::vector<int32_t>> Prompts(const json& v, const std::string& para
          "'" + param + "' must be a string, a list of strings or token ids, not " + TypeName(v));
   }
   return out;
+}
+
+// Chat messages as the template takes them: text content (a string or text parts), the
+// "developer" role as "system" (OpenAI's newer name), a participant's name as "NAME: content".
+std::vector<ChatMessage> ChatMessages(const json& messages, const Limits& limits) {
+  const bool strict = limits.strict_fields;
+  std::vector<ChatMessage> chat;
+  for (const auto& m : messages) {
+    Fields mf(m, strict);
+    ChatMessage cm;
+    cm.role = mf.String("role", "");
+    if (cm.role == "developer") cm.role = "system";
+    if (cm.role.empty()) Fail("messages", "every message needs a 'role'");
+    const json* content = mf.Get("content");
+    if (!content) Fail("messages", "every message needs 'content'");
+    if (content->is_string()) {
+      cm.content = content->get<std::string>();
+    } else if (content->is_array()) {  // [{"type": "text", "text": ...}, ...]
+      for (const auto& part : *content) {
+        Fields pf(part, strict);
+        if (pf.String("type", "") != "text")
+          Fail("messages", "only text content parts are supported");
+        cm.content += pf.String("text", "");
+        pf.Finish("a content part");
+      }
+    } else {
+      Fail("messages", "'content' must be a string or a list of text parts");
+    }
+    // OpenAI: "an optional name for the participant". Gemma's template has no place for it, so
+    // the turn says who speaks: "NAME: content".
+    const std::string name = mf.String("name", "");
+    if (name.size() > 256 || name.find('\n') != std::string::npos)
+      Fail("messages", "a message 'name' must be one line of at most 256 bytes");
+    if (!name.empty()) cm.content = name + ": " + cm.content;
+    mf.Finish("a message");
+    chat.push_back(std::move(cm));
+  }
+  return chat;
 }
 
 // Fields shared by completions and chat.
@@ -379,36 +418,7 @@ ApiResult<ParsedRequest> ParseChat(const json& body, const ModelFacts& facts) {
     if (!messages) Fail("messages", "'messages' is required");
     if (!messages->is_array()) Fail("messages", "'messages' must be a list");
     if (messages->empty()) Fail("messages", "'messages' is empty");
-    std::vector<ChatMessage> chat;
-    for (const auto& m : *messages) {
-      Fields mf(m, facts.limits.strict_fields);
-      ChatMessage cm;
-      cm.role = mf.String("role", "");
-      if (cm.role.empty()) Fail("messages", "every message needs a 'role'");
-      const json* content = mf.Get("content");
-      if (!content) Fail("messages", "every message needs 'content'");
-      if (content->is_string()) {
-        cm.content = content->get<std::string>();
-      } else if (content->is_array()) {  // [{"type": "text", "text": ...}, ...]
-        for (const auto& part : *content) {
-          Fields pf(part, facts.limits.strict_fields);
-          if (pf.String("type", "") != "text")
-            Fail("messages", "only text content parts are supported");
-          cm.content += pf.String("text", "");
-          pf.Finish("a content part");
-        }
-      } else {
-        Fail("messages", "'content' must be a string or a list of text parts");
-      }
-      // OpenAI: "an optional name for the participant". Gemma's template has no place for it, so
-      // the turn says who speaks: "NAME: content".
-      const std::string name = mf.String("name", "");
-      if (name.size() > 256 || name.find('\n') != std::string::npos)
-        Fail("messages", "a message 'name' must be one line of at most 256 bytes");
-      if (!name.empty()) cm.content = name + ": " + cm.content;
-      mf.Finish("a message");
-      chat.push_back(std::move(cm));
-    }
+    const std::vector<ChatMessage> chat = ChatMessages(*messages, facts.limits);
     auto ids = facts.tokenizer->EncodeChat(chat);
     if (!ids.ok()) Fail("messages", ids.status().message());
     r.prompts.push_back(*ids);
@@ -455,6 +465,66 @@ ApiResult<ParsedRequest> ParseClassify(const json& body, const ModelFacts& facts
     f.Finish("a classify request");
     return r;
   });
+}
+
+ApiResult<json> ParseTokenize(const json& body, const ModelFacts& facts) {
+  try {
+    Fields f(body, facts.limits.strict_fields);
+    CheckModel(f, facts);
+    if (!facts.tokenizer) Fail("prompt", "this model has no tokenizer.model");
+    std::vector<int32_t> ids;
+    const json* messages = f.Get("messages");
+    if (messages) {
+      if (!messages->is_array() || messages->empty())
+        Fail("messages", "'messages' must be a non-empty list");
+      if (!f.Bool("add_generation_prompt", true))
+        Fail("add_generation_prompt", "only add_generation_prompt true is supported");
+      if (f.Bool("continue_final_message", false))
+        Fail("continue_final_message", "continue_final_message is not supported");
+      auto r = facts.tokenizer->EncodeChat(ChatMessages(*messages, facts.limits));
+      if (!r.ok()) Fail("messages", r.status().message());
+      ids = std::move(r).value();
+    } else {
+      const json* prompt = f.Get("prompt");
+      if (!prompt || !prompt->is_string())
+        Fail("prompt", "'prompt' (a string) or 'messages' is required");
+      const bool special = f.Bool("add_special_tokens", true);  // <bos> first, as vLLM
+      auto r = facts.tokenizer->Encode(prompt->get<std::string>(), special);
+      if (!r.ok()) Fail("prompt", r.status().message());
+      ids = std::move(r).value();
+    }
+    if (f.Bool("return_token_strs", false))
+      Fail("return_token_strs", "return_token_strs is not supported");
+    f.Finish("a tokenize request");
+    return json{{"count", ids.size()},
+                {"max_model_len", facts.config->max_position_embeddings},
+                {"tokens", ids}};
+  } catch (const Reject& r) {
+    return r.error;
+  } catch (const json::exception& e) {
+    return ApiError{400, std::string("invalid request: ") + e.what()};
+  }
+}
+
+ApiResult<json> ParseDetokenize(const json& body, const ModelFacts& facts) {
+  try {
+    Fields f(body, facts.limits.strict_fields);
+    CheckModel(f, facts);
+    if (!facts.tokenizer) Fail("tokens", "this model has no tokenizer.model");
+    const json* tokens = f.Get("tokens");
+    if (!tokens || !tokens->is_array())
+      Fail("tokens", "'tokens' (a list of token ids) is required");
+    std::vector<int32_t> ids;
+    for (const auto& t : *tokens) ids.push_back(TokenId(t, "tokens", facts.config->vocab_size));
+    f.Finish("a detokenize request");
+    auto text = facts.tokenizer->Decode(ids);
+    if (!text.ok()) Fail("tokens", text.status().message());
+    return json{{"prompt", *text}};
+  } catch (const Reject& r) {
+    return r.error;
+  } catch (const json::exception& e) {
+    return ApiError{400, std::string("invalid request: ") + e.what()};
+  }
 }
 
 }  // namespace gemma2::serving

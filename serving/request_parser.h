@@ -30,5 +30,9 @@ ApiResult<nlohmann::json> ParseJsonBody(std::string_view body, int max_depth);
 ApiResult<ParsedRequest> ParseCompletions(const nlohmann::json& body, const ModelFacts& facts);
 ApiResult<ParsedRequest> ParseChat(const nlohmann::json& body, const ModelFacts& facts);
 ApiResult<ParsedRequest> ParseClassify(const nlohmann::json& body, const ModelFacts& facts);
+// vLLM's POST /tokenize ({prompt, add_special_tokens} or {messages, add_generation_prompt}) and
+// /detokenize ({tokens}): their whole answers, {count, max_model_len, tokens} and {prompt}.
+ApiResult<nlohmann::json> ParseTokenize(const nlohmann::json& body, const ModelFacts& facts);
+ApiResult<nlohmann::json> ParseDetokenize(const nlohmann::json& body, const ModelFacts& facts);
 
 }  // namespace gemma2::serving

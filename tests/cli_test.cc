@@ -196,3 +196,27 @@ TEST_F(CliTest, BadInputEndsInOneLine) {
 
 }  // namespace
 }  // namespace gemma2
+
+namespace gemma2 {
+namespace {
+
+// Every program answers --version with its name, the version and the commit it was built from,
+// and its --help shows the defaults.
+TEST(CliVersionTest, EveryProgramSaysItsVersionAndShowsDefaults) {
+  for (const std::string program :
+       {"gemma2-run", "gemma2-launch", "gemma2-coordinator", "gemma2-worker", "gemma2-bench",
+        "gemma2-client", "gemma2-make-checkpoint"}) {
+    const ProcessResult v = Exec(program + " --version");
+    EXPECT_EQ(v.code, 0) << program << v.err;
+    EXPECT_TRUE(std::regex_search(v.out, std::regex("^" + program + " " + GEMMA2_VERSION_FOR_TESTS +
+                                                     R"( \(commit ([0-9a-f]{12}(-dirty)?|unknown)\))")))
+        << v.out;
+    const ProcessResult h = Exec(program + " --help");
+    EXPECT_EQ(h.code, 0) << program;
+    EXPECT_NE(h.out.find("--version"), std::string::npos) << program;
+  }
+  EXPECT_NE(Exec("gemma2-launch --help").out.find("--control-port INT=29500"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace gemma2

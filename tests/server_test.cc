@@ -775,6 +775,59 @@ TEST_F(ServerTest, MessageNamesAndContinuousUsageAreHonoured) {
   EXPECT_EQ(completion.back(), 4) << sse;
 }
 
+// vLLM's /tokenize and /detokenize round-trip Gemma's real vocabulary (../shared/tokenizers) on a
+// tiny model that carries it; chat tokenization counts what a chat completion's usage counts.
+// Also /version, /v1/models/{id}, /classify (the alias) and --metrics-open.
+TEST_F(ServerTest, TokenizeDetokenizeVersionAndModelRoutes) {
+  const std::filesystem::path vocab =
+      std::filesystem::path(GEMMA2_SOURCE_DIR) / "../shared/tokenizers/gemma2-tokenizer.model";
+  if (!std::filesystem::exists(vocab))
+    GTEST_SKIP() << "skipped: Gemma's tokenizer is not in ../shared/tokenizers";
+  const std::string model = (dir_->path() / "gemma-vocab").string();
+  int code = 0;
+  Shell(Bin("gemma2-make-checkpoint") + " --out " + model +
+            " --vocab 256000 --hidden 32 --layers 1 --heads 2 --kv-heads 1 --head-dim 16"
+            " --intermediate 64 --seed 4 2>&1",
+        &code);
+  ASSERT_EQ(code, 0);
+  std::filesystem::copy_file(vocab, std::filesystem::path(model) / "tokenizer.model");
+  Server s(model, Ranks() + " --api-key-file " + (dir_->path() / "key").string() + " --metrics-open");
+  ASSERT_TRUE(s.ok()) << s.ready_line();
+  EXPECT_NE(s.ready_line().find("(version " + std::string(GEMMA2_VERSION_FOR_TESTS)), std::string::npos)
+      << s.ready_line();
+  for (const std::string text : {"Hello, world!", "Ünïcödé — 日本語 🙂 ﷽", "  two spaces\ttab\nnewline",
+                                 "for (int i = 0; i < n; ++i) { x[i] *= 2; }"}) {
+    const json t = s.Post("/tokenize", {{"prompt", text}});
+    ASSERT_TRUE(t["tokens"].is_array()) << t;
+    EXPECT_EQ(t["count"], t["tokens"].size());
+    EXPECT_EQ(t["tokens"][0], 2) << "<bos> first";
+    EXPECT_EQ(t["max_model_len"], 8192);
+    const json bare = s.Post("/tokenize", {{"prompt", text}, {"add_special_tokens", false}});
+    EXPECT_EQ(bare["count"].get<int>(), t["count"].get<int>() - 1);
+    EXPECT_EQ(s.Post("/detokenize", {{"tokens", t["tokens"]}})["prompt"], text);
+  }
+  const json messages = json::array({{{"role", "developer"}, {"content", "Be brief."}},
+                                     {{"role", "user"}, {"content", "Hi there"}}});
+  const json counted = s.Post("/tokenize", {{"messages", messages}});
+  const json chat = s.Post("/v1/chat/completions", {{"messages", messages}, {"max_tokens", 1}});
+  EXPECT_EQ(counted["count"], chat["usage"]["prompt_tokens"]);
+  EXPECT_EQ(s.Post("/detokenize", {{"tokens", {2, 256000}}}, 400)["error"]["param"], "tokens");
+  // /version (no key), /v1/models/{id}, /metrics open, the rest still keyed.
+  const auto version = json::parse(s.Call("GET", "/version", "", {}).body);
+  EXPECT_EQ(version["version"], GEMMA2_VERSION_FOR_TESTS);
+  EXPECT_EQ(version["commit"].get<std::string>().size() >= 7, true);
+  EXPECT_EQ(json::parse(s.Call("GET", "/v1/models/gemma-vocab", "").body)["id"], "gemma-vocab");
+  EXPECT_EQ(s.Call("GET", "/v1/models/other", "").status, 404);
+  EXPECT_EQ(s.Call("GET", "/metrics", "", {}).status, 200);
+  EXPECT_EQ(s.Call("GET", "/v1/models", "", {}).status, 401);
+  EXPECT_EQ(s.Call("POST", "/tokenize", R"({"prompt": "x"})", {}).status, 401);
+  // The shared server: /classify is /v1/classify (a causal LM refuses it the same way).
+  const auto alias = server_->Call("POST", "/classify", R"({"input": "x"})");
+  const auto full = server_->Call("POST", "/v1/classify", R"({"input": "x"})");
+  EXPECT_EQ(alias.status, full.status);
+  EXPECT_EQ(json::parse(alias.body)["error"]["message"], json::parse(full.body)["error"]["message"]);
+}
+
 TEST_F(ServerTest, OfficialOpenAiNodePackage) {
   const std::string js = std::string(GEMMA2_SOURCE_DIR) + "/tests/js";
   if (Shell("command -v node").empty() || !std::filesystem::exists(js + "/node_modules/openai")) {

@@ -1,5 +1,6 @@
 // The shared ending of every tool's main(): parse the flags, run, and turn any failure into one
 // line on stderr — "NAME: error: ..." — with exit code 2 for bad flags and 1 for everything else.
+// Every tool also gets --version (version and git commit) and its defaults shown in --help.
 #pragma once
 
 #include <CLI/CLI.hpp>
@@ -8,14 +9,21 @@
 #include <iostream>
 
 #include "common/status.h"
+#include "common/version.h"
 
 namespace gemma2 {
 
 inline int RunTool(const char* name, CLI::App& app, int argc, char** argv,
                    const std::function<Status()>& run) {
+  app.set_version_flag("--version", std::string(name) + " " + VersionLine());
+  for (CLI::Option* o : app.get_options()) {
+    if (o->get_default_str().empty()) o->capture_default_str();  // --help shows each default
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
     std::cerr << name << ": error: " << e.what() << "\n";

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model/sampling.h"
@@ -49,7 +50,11 @@ struct GenerationOptions {
   float repetition_penalty = 1.0f;
   std::vector<std::string> stop;
   std::vector<int32_t> stop_token_ids;
+  bool include_stop_str_in_output = false;
   bool ignore_eos = false;
+  int64_t min_tokens = 0;  // EOS and stop_token_ids are suppressed until this many were generated
+  std::vector<std::pair<int32_t, float>> logit_bias;  // added to the token's logit, [-100, 100]
+  std::vector<int32_t> allowed_token_ids;             // non-empty: only these may be drawn
   int n = 1;
   int logprobs = -1;  // -1: none; k >= 0: the chosen token's log-probability and the top k
   bool stream = false;
@@ -57,10 +62,12 @@ struct GenerationOptions {
   bool continuous_usage = false;  // stream_options.continuous_usage_stats: usage in every chunk
   bool return_token_ids = false;
 
-  // Penalties, min_p and log-probabilities need the logits row on the coordinator.
+  // Penalties, min_p, biases, token limits and log-probabilities need the logits row on the
+  // coordinator.
   bool needs_logits() const {
     return logprobs >= 0 || presence_penalty != 0 || frequency_penalty != 0 ||
-           repetition_penalty != 1 || min_p > 0;
+           repetition_penalty != 1 || min_p > 0 || min_tokens > 0 || !logit_bias.empty() ||
+           !allowed_token_ids.empty();
   }
   // The sampler's parameters for one choice; choices of one seeded request draw from seed + index.
   SamplingParams Sampling(int choice) const;

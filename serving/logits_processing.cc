@@ -58,4 +58,35 @@ TokenLogprobs Logprobs(std::span<const float> logits, int32_t chosen, int k) {
   return out;
 }
 
+void ApplyTokenRules(std::span<float> logits, const GenerationOptions& g, int64_t generated,
+                     const std::vector<int64_t>& eos_ids) {
+  const auto in_row = [&](int32_t id) {
+    return id >= 0 && static_cast<size_t>(id) < logits.size();
+  };
+  for (const auto& [id, bias] : g.logit_bias) {
+    if (in_row(id)) logits[static_cast<size_t>(id)] += bias;
+  }
+  if (!g.allowed_token_ids.empty()) {
+    std::vector<float> kept(g.allowed_token_ids.size());
+    for (size_t i = 0; i < kept.size(); ++i) {
+      const int32_t id = g.allowed_token_ids[i];
+      kept[i] = in_row(id) ? logits[static_cast<size_t>(id)] : -INFINITY;
+    }
+    std::fill(logits.begin(), logits.end(), -INFINITY);
+    for (size_t i = 0; i < kept.size(); ++i) {
+      if (in_row(g.allowed_token_ids[i]))
+        logits[static_cast<size_t>(g.allowed_token_ids[i])] = kept[i];
+    }
+  }
+  if (generated < g.min_tokens) {
+    for (int64_t id : eos_ids) {  // with ignore_eos, EOS ends nothing: left as it is
+      if (!g.ignore_eos && id >= 0 && static_cast<size_t>(id) < logits.size())
+        logits[static_cast<size_t>(id)] = -INFINITY;
+    }
+    for (int32_t id : g.stop_token_ids) {
+      if (in_row(id)) logits[static_cast<size_t>(id)] = -INFINITY;
+    }
+  }
+}
+
 }  // namespace gemma2::serving

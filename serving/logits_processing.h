@@ -21,6 +21,11 @@ using TokenCounts = std::unordered_map<int32_t, int32_t>;
 void ApplyPenalties(std::span<float> logits, const GenerationOptions& g,
                     const std::vector<int32_t>& prompt, const TokenCounts& output);
 
+// OpenAI's logit_bias (added), vLLM's allowed_token_ids (every other token -inf) and min_tokens
+// (EOS and stop_token_ids -inf while fewer than min_tokens were generated).
+void ApplyTokenRules(std::span<float> logits, const GenerationOptions& g, int64_t generated,
+                     const std::vector<int64_t>& eos_ids);
+
 // Removes (-inf) every token whose probability at `temperature` is below min_p times the largest.
 void ApplyMinP(std::span<float> logits, float min_p, float temperature);
 

@@ -2,6 +2,8 @@
 // it. The scheduler appends under `mu` and then calls `notify`; the session reads what is new.
 #pragma once
 
+#include <nlohmann/json.hpp>
+
 #include <atomic>
 #include <chrono>
 #include <functional>
@@ -24,6 +26,9 @@ struct ChoiceProgress {
   std::vector<int32_t> token_ids;
   std::vector<TokenLogprobs> logprobs;  // one per token when asked for
   std::string finish_reason;            // "" while running; then "stop" or "length"
+  // What stopped it (vLLM's stop_reason): the matched stop string or stop token id; null for
+  // EOS and length.
+  nlohmann::json stop_reason;
 };
 
 // One classification input: one row (sequence classifier) or one row per token.

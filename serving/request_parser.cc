@@ -1,5 +1,6 @@
 #include "serving/request_parser.h"
 
+#include <algorithm>
 #include <cmath>
 #include <set>
 
@@ -266,6 +267,32 @@ void ParseGeneration(Fields& f, GenerationOptions& g, const Limits& lim, int64_t
     if (!s->is_array()) Fail("stop_token_ids", "'stop_token_ids' must be a list of token ids");
     for (const auto& e : *s) g.stop_token_ids.push_back(TokenId(e, "stop_token_ids", vocab));
   }
+  g.include_stop_str_in_output = f.Bool("include_stop_str_in_output", false);
+  g.min_tokens = f.Int("min_tokens", 0);
+  if (g.min_tokens < 0) Fail("min_tokens", "'min_tokens' must be >= 0");
+  if (const json* b = f.Get("logit_bias")) {  // OpenAI: {"token id": bias in [-100, 100]}
+    if (!b->is_object()) Fail("logit_bias", "'logit_bias' must be an object of token id -> bias");
+    if (b->size() > static_cast<size_t>(vocab))
+      Fail("logit_bias", "'logit_bias' has more entries than the vocabulary");
+    for (auto it = b->begin(); it != b->end(); ++it) {
+      const std::string& key = it.key();
+      const bool digits =
+          !key.empty() && key.size() <= 10 &&
+          std::all_of(key.begin(), key.end(), [](char c) { return c >= '0' && c <= '9'; });
+      if (!digits) Fail("logit_bias", "'logit_bias' keys must be token ids, not '" + key + "'");
+      const int32_t id = TokenId(json(std::stoll(key)), "logit_bias", vocab);
+      if (!it->is_number()) Fail("logit_bias", "'logit_bias' values must be numbers");
+      const double bias = it->get<double>();
+      if (!(bias >= -100 && bias <= 100))
+        Fail("logit_bias", "'logit_bias' values must be in [-100, 100]");
+      g.logit_bias.emplace_back(id, static_cast<float>(bias));
+    }
+  }
+  if (const json* a = f.Get("allowed_token_ids")) {
+    if (!a->is_array() || a->empty())
+      Fail("allowed_token_ids", "'allowed_token_ids' must be a non-empty list of token ids");
+    for (const auto& e : *a) g.allowed_token_ids.push_back(TokenId(e, "allowed_token_ids", vocab));
+  }
   g.ignore_eos = f.Bool("ignore_eos", false);
   g.n = static_cast<int>(std::clamp<int64_t>(f.Int("n", 1), -1, 1 << 20));
   if (g.n < 1) Fail("n", "'n' must be >= 1");
@@ -313,6 +340,13 @@ int64_t MaxTokens(Fields& f, const char* name, int64_t fallback) {
   const int64_t m = f.Int(name, fallback);
   if (m <= 0) Fail(name, std::string("'") + name + "' must be >= 1");
   return m;
+}
+
+void CheckMinTokens(const GenerationOptions& g, const char* budget) {
+  if (g.min_tokens > g.max_tokens) {
+    Fail("min_tokens", "'min_tokens' (" + std::to_string(g.min_tokens) + ") exceeds '" + budget +
+                           "' (" + std::to_string(g.max_tokens) + ")");
+  }
 }
 
 void RequireCausal(const ModelFacts& facts, const char* route) {
@@ -392,6 +426,7 @@ ApiResult<ParsedRequest> ParseCompletions(const json& body, const ModelFacts& fa
     r.prompts = Prompts(*prompt, "prompt", facts);
     ParseGeneration(f, r.gen, facts.limits, facts.config->vocab_size);
     r.gen.max_tokens = MaxTokens(f, "max_tokens", 16);
+    CheckMinTokens(r.gen, "max_tokens");
     if (const json* lp = f.Get("logprobs")) {
       if (!lp->is_number_integer()) Fail("logprobs", "'logprobs' must be an integer (top-k)");
       r.gen.logprobs = static_cast<int>(std::clamp<int64_t>(lp->get<int64_t>(), -1, 1 << 20));
@@ -433,6 +468,7 @@ ApiResult<ParsedRequest> ParseChat(const json& body, const ModelFacts& facts) {
     const char* budget = f.Get("max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
     f.Ignore("max_tokens");
     r.gen.max_tokens = MaxTokens(f, budget, RestOfContext(r, facts));
+    CheckMinTokens(r.gen, budget);
     CheckContext(r, facts, budget);
     f.Finish("a chat request");
     return r;

@@ -89,6 +89,7 @@ json CompletionBody(const ResponseContext& ctx, const RequestHandle& h) {
     json c = {{"index", i},
               {"text", ch.text},
               {"finish_reason", NullOr(ch.finish_reason)},
+              {"stop_reason", ch.stop_reason},
               {"logprobs", g.logprobs >= 0 ? CompletionLogprobs(ctx, ch, 0, ch.token_ids.size(), 0)
                                            : json(nullptr)}};
     if (g.return_token_ids) {
@@ -109,6 +110,7 @@ json ChatBody(const ResponseContext& ctx, const RequestHandle& h) {
     json c = {{"index", i},
               {"message", {{"role", "assistant"}, {"content", ch.text}}},
               {"finish_reason", NullOr(ch.finish_reason)},
+              {"stop_reason", ch.stop_reason},
               {"logprobs",
                r.chat_logprobs ? ChatLogprobs(ctx, ch, 0, ch.token_ids.size()) : json(nullptr)}};
     if (r.gen.return_token_ids) {
@@ -189,7 +191,8 @@ std::string StreamEvents(const ResponseContext& ctx, const RequestHandle& h, Str
     }
     if (!fresh_text && !fresh_tokens && !ending) continue;
     const std::string delta = ch.text.substr(cur.text_bytes[i]);
-    json c = {{"index", i}, {"finish_reason", NullOr(ch.finish_reason)}};
+    json c = {
+        {"index", i}, {"finish_reason", NullOr(ch.finish_reason)}, {"stop_reason", ch.stop_reason}};
     const bool want_lp = chat ? r.chat_logprobs : r.gen.logprobs >= 0;
     json lp = nullptr;
     if (want_lp && fresh_tokens) {

@@ -166,7 +166,8 @@ void Scheduler::Expand(std::shared_ptr<RequestHandle> h) {
       } else {
         s->sampling.params = p.gen.Sampling(j);
         s->sampling.params.seed = base_seed + static_cast<uint64_t>(j);
-        s->text = std::make_unique<TextOutput>(tokenizer_, p.gen.stop);
+        s->text =
+            std::make_unique<TextOutput>(tokenizer_, p.gen.stop, p.gen.include_stop_str_in_output);
       }
       ++req->remaining;
       waiting_.push_back(std::move(s));
@@ -477,8 +478,8 @@ Status Scheduler::Advance() {
 }
 
 void Scheduler::FailRefused(const InFlightStep& f, const Status& why) {
-  const ApiError e = ServerError(500, "the step of this request was refused: " + why.message(),
-                                 "server_error");
+  const ApiError e =
+      ServerError(500, "the step of this request was refused: " + why.message(), "server_error");
   for (Sequence* s : f.batch) CloseRequest(*s->req, Outcome::kFailed, e);
   Sweep();
 }
@@ -519,6 +520,8 @@ void Scheduler::AcceptToken(Sequence& s, int32_t tok, const StepOutput& out, int
   if (tok < 0) {  // the row came back: penalties, min_p and log-probabilities happen here
     std::span<const float> raw(out.row(row), static_cast<size_t>(out.width));
     std::vector<float> v(raw.begin(), raw.end());
+    ApplyTokenRules(v, g, static_cast<int64_t>(s.generated.size()),
+                    executor_.config().eos_token_ids);
     ApplyPenalties(v, g, s.prompt, s.counts);
     if (!s.sampling.params.greedy) ApplyMinP(v, g.min_p, s.sampling.params.temperature);
     RowSampling rs = s.sampling;
@@ -543,8 +546,10 @@ void Scheduler::AcceptToken(Sequence& s, int32_t tok, const StepOutput& out, int
       (Contains(c.eos_token_ids, tok) && !g.ignore_eos) || Contains(g.stop_token_ids, tok);
   TextOutput::Piece piece;
   std::string reason;
+  nlohmann::json stop_reason;  // vLLM: the stop token id or string; null for EOS and length
   if (stop_token) {
     reason = "stop";  // the stop token's own text is not part of the answer
+    if (Contains(g.stop_token_ids, tok)) stop_reason = tok;
   } else {
     auto p = s.text->Push(tok);
     if (!p.ok()) {
@@ -553,7 +558,10 @@ void Scheduler::AcceptToken(Sequence& s, int32_t tok, const StepOutput& out, int
       return;
     }
     piece = std::move(*p);
-    if (piece.hit_stop) reason = "stop";
+    if (piece.hit_stop) {
+      reason = "stop";
+      stop_reason = piece.stop;
+    }
   }
   if (reason.empty() && static_cast<int64_t>(s.generated.size()) >= g.max_tokens) reason = "length";
   if (!reason.empty() && !piece.hit_stop) {
@@ -568,7 +576,10 @@ void Scheduler::AcceptToken(Sequence& s, int32_t tok, const StepOutput& out, int
     if (lp) ch.logprobs.push_back(std::move(*lp));
     ch.text += piece.text;
     ++h.completion_tokens;
-    if (!reason.empty()) ch.finish_reason = reason;
+    if (!reason.empty()) {
+      ch.finish_reason = reason;
+      ch.stop_reason = stop_reason;
+    }
   }
   touched_.push_back(s.req->handle);
   if (!reason.empty()) Finish(s);

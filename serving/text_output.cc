@@ -4,8 +4,8 @@
 
 namespace gemma2::serving {
 
-TextOutput::TextOutput(const Tokenizer* tok, std::vector<std::string> stop)
-    : stop_(std::move(stop)) {
+TextOutput::TextOutput(const Tokenizer* tok, std::vector<std::string> stop, bool include_stop)
+    : stop_(std::move(stop)), include_stop_(include_stop) {
   if (tok) detok_.emplace(*tok);
 }
 
@@ -14,10 +14,18 @@ TextOutput::Piece TextOutput::Feed(std::string more) {
   Piece p;
   // The earliest stop string wins; the text before it is released, the rest dropped.
   size_t cut = std::string::npos;
-  for (const auto& s : stop_) cut = std::min(cut, held_.find(s));
-  if (cut != std::string::npos) {
-    p.text = held_.substr(0, cut);
+  const std::string* matched = nullptr;
+  for (const auto& s : stop_) {
+    const size_t at = held_.find(s);
+    if (at < cut) {
+      cut = at;
+      matched = &s;
+    }
+  }
+  if (matched) {
+    p.text = held_.substr(0, cut + (include_stop_ ? matched->size() : 0));
     p.hit_stop = true;
+    p.stop = *matched;
     held_.clear();
     return p;
   }

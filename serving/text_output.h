@@ -13,10 +13,12 @@ namespace gemma2::serving {
 
 class TextOutput {
  public:
-  TextOutput(const Tokenizer* tok, std::vector<std::string> stop);
+  // include_stop: the matched stop string stays in the text (vLLM's include_stop_str_in_output).
+  TextOutput(const Tokenizer* tok, std::vector<std::string> stop, bool include_stop = false);
   struct Piece {
     std::string text;       // newly released
     bool hit_stop = false;  // a stop string matched: the choice ends here
+    std::string stop;       // which one
   };
   // Feeds one generated id (control tokens add no text).
   Result<Piece> Push(int32_t id);
@@ -28,6 +30,7 @@ class TextOutput {
  private:
   std::optional<IncrementalDetokenizer> detok_;
   std::vector<std::string> stop_;
+  bool include_stop_ = false;
   std::string held_;  // decoded text not yet released (could start a stop string)
 };
 

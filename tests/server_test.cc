@@ -422,7 +422,7 @@ TEST_F(ServerTest, PipelineMicroBatchesGiveTheSameAnswers) {
 TEST_F(ServerTest, StreamedTextEqualsTheUnstreamedText) {
   for (const json& extra : {json::object(), json{{"stop", {"e", "th"}}}, json{{"logprobs", 2}}}) {
     json body = {{"prompt", "The quick brown fox"}, {"max_tokens", 24}, {"temperature", 0}};
-    body.update(extra);
+    if (extra.is_object()) body.update(extra);
     const json whole = server_->Post("/v1/completions", body);
     body["stream"] = true;
     HttpCall call{"POST", "/v1/completions", body.dump(), {{"Authorization", "Bearer " + kKey}}};
@@ -826,6 +826,60 @@ TEST_F(ServerTest, TokenizeDetokenizeVersionAndModelRoutes) {
   const auto full = server_->Call("POST", "/v1/classify", R"({"input": "x"})");
   EXPECT_EQ(alias.status, full.status);
   EXPECT_EQ(json::parse(alias.body)["error"]["message"], json::parse(full.body)["error"]["message"]);
+}
+
+// vLLM's sampling fields, each with an assertion on its effect: logit_bias forces and forbids
+// tokens, allowed_token_ids restricts the draw, min_tokens holds EOS back, stop_reason names the
+// stop token or string (null for EOS and length), include_stop_str_in_output keeps the string.
+TEST_F(ServerTest, LogitBiasMinTokensAllowedIdsAndStopReasons) {
+  auto complete = [&](json extra) {
+    json body = {{"prompt", "Hello, my name is"}, {"max_tokens", 6}, {"temperature", 0},
+                 {"return_token_ids", true}};
+    if (extra.is_object()) body.update(extra);
+    return server_->Post("/v1/completions", body)["choices"][0];
+  };
+  const json plain = complete(json::object());
+  EXPECT_EQ(plain["stop_reason"], nullptr);
+  EXPECT_EQ(plain["finish_reason"], "length");
+  const json forced = complete({{"logit_bias", {{"42", 100}}}});
+  EXPECT_EQ(forced["token_ids"], json(std::vector<int>(6, 42)));
+  const int first = plain["token_ids"][0];
+  const json banned = complete({{"logit_bias", {{std::to_string(first), -100}}}});
+  EXPECT_NE(banned["token_ids"][0], first);
+  const json allowed = complete({{"allowed_token_ids", {5, 6}}, {"temperature", 1}, {"seed", 3}});
+  for (const auto& t : allowed["token_ids"]) EXPECT_TRUE(t == 5 || t == 6) << allowed;
+  // EOS (id 1) made the likeliest: it ends the choice at once, or after min_tokens.
+  const json eos = complete({{"logit_bias", {{"1", 100}}}});
+  EXPECT_EQ(eos["finish_reason"], "stop");
+  EXPECT_EQ(eos["token_ids"].size(), 1u);
+  EXPECT_EQ(eos["stop_reason"], nullptr);
+  const json held = complete({{"logit_bias", {{"1", 100}}}, {"min_tokens", 3}});
+  EXPECT_EQ(held["finish_reason"], "stop");
+  EXPECT_EQ(held["token_ids"].size(), 4u) << held;
+  const json by_id = complete({{"logit_bias", {{"42", 100}}}, {"stop_token_ids", {42}}});
+  EXPECT_EQ(by_id["stop_reason"], 42);
+  EXPECT_EQ(by_id["finish_reason"], "stop");
+  // A stop string taken from the greedy text itself: its 2nd and 3rd characters (whole UTF-8).
+  const std::string text = plain["text"];
+  std::vector<size_t> starts;
+  for (size_t i = 0; i < text.size(); ++i) {
+    if ((static_cast<unsigned char>(text[i]) & 0xC0) != 0x80) starts.push_back(i);
+  }
+  ASSERT_GE(starts.size(), 4u) << text;
+  const std::string stop = text.substr(starts[1], starts[3] - starts[1]);
+  const json by_string = complete({{"stop", {stop}}});
+  EXPECT_EQ(by_string["stop_reason"], stop);
+  EXPECT_EQ(by_string["text"], text.substr(0, text.find(stop)));
+  const json kept = complete({{"stop", {stop}}, {"include_stop_str_in_output", true}});
+  EXPECT_EQ(kept["text"], text.substr(0, text.find(stop)) + stop);
+  // Bad values are refused by name.
+  for (const auto& [field, value] : std::vector<std::pair<std::string, json>>{
+           {"logit_bias", {{"x", 1}}}, {"logit_bias", {{"5", 101}}}, {"logit_bias", {{"99999", 1}}},
+           {"allowed_token_ids", json::array()}, {"min_tokens", -1}, {"min_tokens", 7}}) {
+    json body = {{"prompt", "x"}, {"max_tokens", 6}};
+    body[field] = value;
+    EXPECT_EQ(server_->Post("/v1/completions", body, 400)["error"]["param"], field) << value;
+  }
 }
 
 TEST_F(ServerTest, OfficialOpenAiNodePackage) {

@@ -112,7 +112,7 @@ TEST(RequestParserTest, UnsupportedFieldsAreRefusedByNameHarmlessOnesPass) {
   ModelFacts facts{&c, nullptr, "m", Limits{}};
   ASSERT_TRUE(facts.limits.strict_fields);  // the default
   const std::vector<std::string> refused = {
-      "response_format", "tools", "tool_choice", "logit_bias", "suffix", "min_tokens",
+      "response_format", "tools", "tool_choice", "suffix", "bad_words",
       "prompt_logprobs", "truncate_prompt_tokens", "add_generation_prompt",
       "chat_template_kwargs", "guided_json", "structured_outputs", "frobnicate"};
   for (const std::string& field : refused) {

@@ -82,6 +82,7 @@ struct ParsedRequest {
   std::vector<std::vector<int32_t>> prompts;  // completions/classify: one or many; chat: one
   GenerationOptions gen;
   bool chat_logprobs = false;  // chat: `logprobs: true` (top_logprobs in gen.logprobs)
+  bool echo = false;           // completions: the prompt's text in front of each choice's text
 };
 
 }  // namespace gemma2::serving

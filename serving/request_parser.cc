@@ -132,24 +132,25 @@ std::vector<int32_t> TokenList(const json& v, const std::string& param, int64_t 
 }
 
 std::vector<int32_t> EncodeText(const std::string& text, const std::string& param,
-                                const ModelFacts& facts) {
+                                const ModelFacts& facts, bool add_bos = true) {
   if (text.empty()) Fail(param, "empty prompt");
   if (!facts.tokenizer) {
     Fail(param, "this model has no tokenizer.model: send token ids instead of text");
   }
-  auto ids = facts.tokenizer->Encode(text);
+  auto ids = facts.tokenizer->Encode(text, add_bos);
   if (!ids.ok()) Fail(param, ids.status().message());
+  if (ids->empty()) Fail(param, "the prompt encodes to no tokens");
   return *ids;
 }
 
 // A prompt or classification input: a string, a list of strings, a list of token ids, or a list
 // of lists of token ids.
 std::vector<std::vector<int32_t>> Prompts(const json& v, const std::string& param,
-                                          const ModelFacts& facts) {
+                                          const ModelFacts& facts, bool add_bos = true) {
   const int64_t vocab = facts.config->vocab_size;
   std::vector<std::vector<int32_t>> out;
   if (v.is_string()) {
-    out.push_back(EncodeText(v.get<std::string>(), param, facts));
+    out.push_back(EncodeText(v.get<std::string>(), param, facts, add_bos));
   } else if (v.is_array()) {
     if (v.empty()) Fail(param, "empty prompt: '" + param + "' is an empty list");
     if (static_cast<int64_t>(v.size()) > facts.limits.max_prompts && !v[0].is_number()) {
@@ -161,7 +162,7 @@ std::vector<std::vector<int32_t>> Prompts(const json& v, const std::string& para
     } else {
       for (const auto& e : v) {
         if (e.is_string()) {
-          out.push_back(EncodeText(e.get<std::string>(), param, facts));
+          out.push_back(EncodeText(e.get<std::string>(), param, facts, add_bos));
         } else if (e.is_array()) {
           out.push_back(TokenList(e, param, vocab));
         } else {
@@ -342,6 +343,17 @@ int64_t MaxTokens(Fields& f, const char* name, int64_t fallback) {
   return m;
 }
 
+// vLLM's truncate_prompt_tokens: each prompt keeps its last k tokens (k >= 1).
+void TruncatePrompts(Fields& f, ParsedRequest& r) {
+  const int64_t k = f.Int("truncate_prompt_tokens", 0);
+  if (f.Get("truncate_prompt_tokens") && k < 1)
+    Fail("truncate_prompt_tokens", "'truncate_prompt_tokens' must be >= 1");
+  if (k < 1) return;
+  for (auto& p : r.prompts) {
+    if (static_cast<int64_t>(p.size()) > k) p.erase(p.begin(), p.end() - k);
+  }
+}
+
 void CheckMinTokens(const GenerationOptions& g, const char* budget) {
   if (g.min_tokens > g.max_tokens) {
     Fail("min_tokens", "'min_tokens' (" + std::to_string(g.min_tokens) + ") exceeds '" + budget +
@@ -423,7 +435,9 @@ ApiResult<ParsedRequest> ParseCompletions(const json& body, const ModelFacts& fa
     r.model = facts.served_name;
     const json* prompt = f.Get("prompt");
     if (!prompt) Fail("prompt", "'prompt' is required");
-    r.prompts = Prompts(*prompt, "prompt", facts);
+    // Text prompts begin with <bos> unless add_special_tokens is false; token ids go as given.
+    r.prompts = Prompts(*prompt, "prompt", facts, f.Bool("add_special_tokens", true));
+    TruncatePrompts(f, r);
     ParseGeneration(f, r.gen, facts.limits, facts.config->vocab_size);
     r.gen.max_tokens = MaxTokens(f, "max_tokens", 16);
     CheckMinTokens(r.gen, "max_tokens");
@@ -432,8 +446,11 @@ ApiResult<ParsedRequest> ParseCompletions(const json& body, const ModelFacts& fa
       r.gen.logprobs = static_cast<int>(std::clamp<int64_t>(lp->get<int64_t>(), -1, 1 << 20));
       CheckLogprobs(r.gen.logprobs, "logprobs", facts.limits);
     }
-    if (f.Bool("echo", false))
-      Fail("echo", "'echo' is not supported");  // only echo=false is served
+    r.echo = f.Bool("echo", false);  // the prompt's text in front of each choice's
+    if (r.echo && r.gen.logprobs >= 0)
+      Fail("echo", "'echo' with 'logprobs' would need the prompt's log-probabilities: not supported");
+    if (r.echo && !facts.tokenizer)
+      Fail("echo", "'echo' needs the model's tokenizer.model to give the prompt's text");
     CheckContext(r, facts, "max_tokens");
     f.Finish("a completions request");
     return r;
@@ -457,6 +474,10 @@ ApiResult<ParsedRequest> ParseChat(const json& body, const ModelFacts& facts) {
     auto ids = facts.tokenizer->EncodeChat(chat);
     if (!ids.ok()) Fail("messages", ids.status().message());
     r.prompts.push_back(*ids);
+    if (f.Bool("add_special_tokens", false))  // vLLM's default for chat: the template has them
+      Fail("add_special_tokens", "the chat template already begins with <bos>: add_special_tokens "
+                                 "must be false for chat");
+    TruncatePrompts(f, r);
     ParseGeneration(f, r.gen, facts.limits, facts.config->vocab_size);
     r.chat_logprobs = f.Bool("logprobs", false);
     const int64_t top = f.Int("top_logprobs", 0);

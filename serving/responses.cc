@@ -81,13 +81,20 @@ json ErrorBody(const ApiError& e) {
             {"code", NullOr(e.code)}}}};
 }
 
+// echo: the prompt as text (control tokens such as <bos> left out, as in any decoded text).
+std::string EchoedPrompt(const ResponseContext& ctx, const RequestHandle& h, size_t choice) {
+  if (!h.request().echo || !ctx.tokenizer) return "";
+  auto text = ctx.tokenizer->Decode(h.request().prompts[PromptOf(h, choice)]);
+  return text.ok() ? *text : "";
+}
+
 json CompletionBody(const ResponseContext& ctx, const RequestHandle& h) {
   const GenerationOptions& g = h.request().gen;
   json choices = json::array();
   for (size_t i = 0; i < h.choices.size(); ++i) {
     const ChoiceProgress& ch = h.choices[i];
     json c = {{"index", i},
-              {"text", ch.text},
+              {"text", EchoedPrompt(ctx, h, i) + ch.text},
               {"finish_reason", NullOr(ch.finish_reason)},
               {"stop_reason", ch.stop_reason},
               {"logprobs", g.logprobs >= 0 ? CompletionLogprobs(ctx, ch, 0, ch.token_ids.size(), 0)
@@ -190,7 +197,8 @@ std::string StreamEvents(const ResponseContext& ctx, const RequestHandle& h, Str
       cur.started[i] = true;
     }
     if (!fresh_text && !fresh_tokens && !ending) continue;
-    const std::string delta = ch.text.substr(cur.text_bytes[i]);
+    std::string delta = ch.text.substr(cur.text_bytes[i]);
+    if (!chat && cur.tokens[i] == 0 && cur.text_bytes[i] == 0) delta = EchoedPrompt(ctx, h, i) + delta;
     json c = {
         {"index", i}, {"finish_reason", NullOr(ch.finish_reason)}, {"stop_reason", ch.stop_reason}};
     const bool want_lp = chat ? r.chat_logprobs : r.gen.logprobs >= 0;

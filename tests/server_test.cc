@@ -882,6 +882,48 @@ TEST_F(ServerTest, LogitBiasMinTokensAllowedIdsAndStopReasons) {
   }
 }
 
+// echo returns the prompt's text in front of the completion (streamed alike); add_special_tokens
+// false leaves <bos> out; truncate_prompt_tokens keeps the prompt's last k tokens.
+TEST_F(ServerTest, EchoSpecialTokensAndPromptTruncation) {
+  const json base = {{"prompt", "Hello, my name is"}, {"max_tokens", 4}, {"temperature", 0},
+                     {"return_token_ids", true}};
+  const json plain = server_->Post("/v1/completions", base)["choices"][0];
+  json echo = base;
+  echo["echo"] = true;
+  const json echoed = server_->Post("/v1/completions", echo)["choices"][0];
+  EXPECT_EQ(echoed["text"], "Hello, my name is" + plain["text"].get<std::string>());
+  EXPECT_EQ(echoed["token_ids"], plain["token_ids"]);
+  echo["stream"] = true;
+  std::string streamed;
+  HttpCall call{"POST", "/v1/completions", echo.dump(), {{"Authorization", "Bearer " + kKey}},
+                std::chrono::seconds(60)};
+  auto r = serving::HttpStream(server_->url(), call, [&](std::string_view data) {
+    if (data != "[DONE]") streamed += json::parse(data)["choices"][0]["text"].get<std::string>();
+    return true;
+  });
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(streamed, echoed["text"]);
+  json bare = base;
+  bare["add_special_tokens"] = false;
+  const json no_bos = server_->Post("/v1/completions", bare)["choices"][0];
+  EXPECT_EQ(no_bos["prompt_token_ids"].size() + 1, plain["prompt_token_ids"].size());
+  EXPECT_NE(no_bos["prompt_token_ids"][0], 2);
+  json cut = base;
+  cut["truncate_prompt_tokens"] = 2;
+  const json truncated = server_->Post("/v1/completions", cut)["choices"][0];
+  const auto& full = plain["prompt_token_ids"];
+  EXPECT_EQ(truncated["prompt_token_ids"], json({full[full.size() - 2], full[full.size() - 1]}));
+  json both = base;
+  both["echo"] = true;
+  both["logprobs"] = 1;
+  EXPECT_EQ(server_->Post("/v1/completions", both, 400)["error"]["param"], "echo");
+  EXPECT_EQ(server_->Post("/v1/chat/completions",
+                          {{"messages", {{{"role", "user"}, {"content", "Hi"}}}},
+                           {"add_special_tokens", true}},
+                          400)["error"]["param"],
+            "add_special_tokens");
+}
+
 TEST_F(ServerTest, OfficialOpenAiNodePackage) {
   const std::string js = std::string(GEMMA2_SOURCE_DIR) + "/tests/js";
   if (Shell("command -v node").empty() || !std::filesystem::exists(js + "/node_modules/openai")) {

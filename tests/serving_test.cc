@@ -113,7 +113,7 @@ TEST(RequestParserTest, UnsupportedFieldsAreRefusedByNameHarmlessOnesPass) {
   ASSERT_TRUE(facts.limits.strict_fields);  // the default
   const std::vector<std::string> refused = {
       "response_format", "tools", "tool_choice", "suffix", "bad_words",
-      "prompt_logprobs", "truncate_prompt_tokens", "add_generation_prompt",
+      "prompt_logprobs", "add_generation_prompt",
       "chat_template_kwargs", "guided_json", "structured_outputs", "frobnicate"};
   for (const std::string& field : refused) {
     json body = {{"prompt", {5}}, {"max_tokens", 2}};

@@ -354,7 +354,7 @@ class HttpServer::Impl {
       res.set(http::field::content_type, "text/plain; version=0.0.4");
       res.set("X-Request-Id", rid);
       res.keep_alive(keep);
-      res.body() = metrics_.Render();
+      res.body() = metrics_.Render(facts_.served_name);
       return res;
     }
     const json model = {{"id", facts_.served_name},

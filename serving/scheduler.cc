@@ -22,6 +22,8 @@ struct Scheduler::Request {
   std::shared_ptr<RequestHandle> handle;
   int remaining = 0;
   bool admitted = false, first_token = false, closed = false;
+  // When it was admitted into the running batch and gave its first token (the metrics' phases).
+  std::chrono::steady_clock::time_point admitted_at{}, first_token_at{};
 };
 
 // One prompt's choice (generation) or one input (classification).
@@ -275,6 +277,7 @@ void Scheduler::Admit() {
     }
     if (!s.req->admitted) {
       s.req->admitted = true;
+      s.req->admitted_at = Clock::now();
       --queued_requests_;
     }
     s.engine_id = executor_.NewSequence();
@@ -296,6 +299,7 @@ void Scheduler::ReusePrefix(Sequence& s) {
   std::vector<int32_t> tokens;
   for (int64_t i = 0; i < s.total(); ++i) tokens.push_back(s.token(i));
   const PrefixCache::Match m = cache_.Find(tokens, limit);
+  metrics_.prefix_query_tokens.fetch_add(static_cast<uint64_t>(std::max<int64_t>(0, limit)));
   if (m.tokens <= 0) return;
   cache_.Pin(m.entry);
   pending_copies_.push_back(
@@ -532,6 +536,7 @@ void Scheduler::AcceptToken(Sequence& s, int32_t tok, const StepOutput& out, int
   const auto now = Clock::now();
   if (!s.req->first_token) {
     s.req->first_token = true;
+    s.req->first_token_at = now;
     metrics_.ttft.Observe(std::chrono::duration<double>(now - s.req->handle->arrival()).count());
   } else if (s.last_token != Clock::time_point{}) {
     metrics_.itl.Observe(std::chrono::duration<double>(now - s.last_token).count());
@@ -579,6 +584,7 @@ void Scheduler::AcceptToken(Sequence& s, int32_t tok, const StepOutput& out, int
     if (!reason.empty()) {
       ch.finish_reason = reason;
       ch.stop_reason = stop_reason;
+      (reason == "stop" ? metrics_.finished_stop : metrics_.finished_length).fetch_add(1);
     }
   }
   touched_.push_back(s.req->handle);
@@ -614,9 +620,27 @@ void Scheduler::CloseRequest(Request& r, Outcome o, std::optional<ApiError> erro
     h.done = true;
   }
   if (h.counted) metrics_.End(o);
+  if (o == Outcome::kSuccess && h.request().endpoint != Endpoint::kClassify) ObservePhases(r);
   --open_requests_;
   touched_.push_back(r.handle);
   // Sibling sequences of a failed or cancelled request leave with it at the next Sweep.
+}
+
+void Scheduler::ObservePhases(const Request& r) {
+  const auto now = Clock::now();
+  const auto arrival = r.handle->arrival();
+  const auto seconds = [](auto d) { return std::chrono::duration<double>(d).count(); };
+  metrics_.e2e.Observe(seconds(now - arrival));
+  if (r.admitted_at != Clock::time_point{}) {
+    metrics_.queue_time.Observe(seconds(r.admitted_at - arrival));
+    if (r.first_token_at != Clock::time_point{}) {
+      metrics_.prefill_time.Observe(seconds(r.first_token_at - r.admitted_at));
+      metrics_.decode_time.Observe(seconds(now - r.first_token_at));
+    }
+  }
+  std::lock_guard<std::mutex> lock(r.handle->mu);
+  metrics_.prompt_tokens_per_request.Observe(static_cast<double>(r.handle->prompt_tokens));
+  metrics_.generation_tokens_per_request.Observe(static_cast<double>(r.handle->completion_tokens));
 }
 
 void Scheduler::FailAll(const ApiError& e) {

@@ -85,6 +85,8 @@ class Scheduler {
   bool Donate(Sequence& s);
   void Sweep();
   void CloseRequest(Request& r, Outcome o, std::optional<ApiError> error);
+  // A successful generation's latency phases and token counts into the metrics.
+  void ObservePhases(const Request& r);
   void FailAll(const ApiError& e);
   void IdleWait();
   void PublishGauges();

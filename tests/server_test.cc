@@ -20,6 +20,7 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <regex>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -121,6 +122,7 @@ class Server {
     EXPECT_EQ(r.status, want) << path << " " << body.dump() << " -> " << r.body;
     return json::parse(r.body, nullptr, false);
   }
+  // Samples by name and labels; every series' model_name label is checked and left out of the key.
   std::map<std::string, double> Metrics() {
     std::map<std::string, double> m;
     std::istringstream in(Call("GET", "/metrics", "").body);
@@ -128,7 +130,15 @@ class Server {
     while (std::getline(in, line)) {
       if (line.empty() || line[0] == '#') continue;
       const auto sp = line.rfind(' ');
-      m[line.substr(0, sp)] = std::atof(line.c_str() + sp + 1);
+      std::string key = line.substr(0, sp);
+      const auto label = key.find("model_name=\"");
+      EXPECT_NE(label, std::string::npos) << line;
+      if (label != std::string::npos) {
+        const auto close = key.find('"', label + 12);
+        const bool alone = key[close + 1] == '}';
+        key.erase(label - (alone ? 1 : 0), close + 1 - label + (alone ? 2 : 1));
+      }
+      m[key] = std::atof(line.c_str() + sp + 1);
     }
     return m;
   }
@@ -922,6 +932,48 @@ TEST_F(ServerTest, EchoSpecialTokensAndPromptTruncation) {
                            {"add_special_tokens", true}},
                           400)["error"]["param"],
             "add_special_tokens");
+}
+
+// The metrics operators alert on (vLLM's set, docs/metrics.md): per-request latency phases and
+// token counts, finished reasons, KV usage as a ratio, prefix-cache queries beside hits, and a
+// model_name label on every series (checked by Metrics()).
+TEST_F(ServerTest, RequestPhasesFinishReasonsAndKvUsageAreMeasured) {
+  const auto m0 = server_->Metrics();
+  for (int i = 0; i < 3; ++i) {
+    server_->Post("/v1/completions", {{"prompt", "metrics " + std::to_string(i)},
+                                      {"max_tokens", 3}, {"n", 2}, {"ignore_eos", true}});
+  }
+  const auto m1 = server_->Metrics();
+  auto delta = [&](const std::string& k) { return m1.at(k) - (m0.count(k) ? m0.at(k) : 0.0); };
+  EXPECT_EQ(delta("gemma2_request_success_total{finished_reason=\"length\"}"), 6);
+  for (const char* h : {"gemma2_e2e_request_latency_seconds", "gemma2_request_queue_time_seconds",
+                        "gemma2_request_prefill_time_seconds", "gemma2_request_decode_time_seconds",
+                        "gemma2_request_prompt_tokens", "gemma2_request_generation_tokens"}) {
+    EXPECT_EQ(delta(std::string(h) + "_count"), 3) << h;
+  }
+  EXPECT_EQ(delta("gemma2_request_generation_tokens_sum"), 18);
+  EXPECT_GE(m1.at("gemma2_kv_cache_usage"), 0.0);
+  EXPECT_LE(m1.at("gemma2_kv_cache_usage"), 1.0);
+  EXPECT_GE(m1.at("gemma2_prefix_cache_queries_total"), m1.at("gemma2_prefix_cache_hit_tokens_total"));
+  EXPECT_GT(delta("gemma2_prefix_cache_queries_total"), 0);
+  // Every series docs/grafana-dashboard.json queries is served.
+  const std::string body = server_->Call("GET", "/metrics", "").body;
+  std::ifstream dash(std::string(GEMMA2_SOURCE_DIR) + "/docs/grafana-dashboard.json");
+  const std::string dashboard((std::istreambuf_iterator<char>(dash)), {});
+  const std::regex series("gemma2_[a-z_]+");
+  int queried = 0;
+  for (auto it = std::sregex_iterator(dashboard.begin(), dashboard.end(), series);
+       it != std::sregex_iterator(); ++it, ++queried) {
+    EXPECT_NE(body.find("\n" + it->str()), std::string::npos) << it->str();
+  }
+  EXPECT_GT(queried, 10);
+  // Every sample line is valid Prometheus text: name{labels} value.
+  std::istringstream text(body);
+  const std::regex sample(R"(^[a-zA-Z_:][a-zA-Z0-9_:]*\{([a-zA-Z_][a-zA-Z0-9_]*="[^"]*",?)+\} [-+0-9.eE]+$)");
+  for (std::string line; std::getline(text, line);) {
+    if (line.empty() || line[0] == '#') continue;
+    EXPECT_TRUE(std::regex_match(line, sample)) << line;
+  }
 }
 
 TEST_F(ServerTest, OfficialOpenAiNodePackage) {

@@ -15,6 +15,7 @@
 #include <limits>
 
 #include "common/gpu_inventory.h"
+#include "common/log.h"
 #include "model/checkpoint.h"
 #include "model/sharding.h"
 #include "rpc/auth.h"
@@ -176,7 +177,7 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
   lo.secret = secret_bytes;
   lo.world = static_cast<uint32_t>(world);
   lo.ucx_address = node_->address();
-  lo.log = [](const std::string& line) { std::fprintf(stderr, "gemma2 coordinator: %s\n", line.c_str()); };
+  lo.log = [](const std::string& line) { log::Warn(line); };  // a refused peer: warn, go on
   ASSIGN_OR_RETURN(auto listener, rpc::BootstrapListener::Listen(std::move(lo)));
   const int port = listener->port();
   const int spawn_end = opts.spawn_end < 0 ? world : opts.spawn_end;

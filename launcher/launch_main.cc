@@ -28,6 +28,7 @@
 #include <thread>
 
 #include "common/gpu_inventory.h"
+#include "common/log.h"
 #include "coordinator/cluster.h"
 #include "serving/http_server.h"
 #include "tools/cli_main.h"
@@ -249,7 +250,7 @@ class NodeOutput {
     while (fgets(buf, sizeof(buf), in)) {
       std::string line(buf);
       if (!line.empty() && line.back() == '\n') line.pop_back();
-      std::fprintf(stderr, "[%s] %s\n", node_.c_str(), line.c_str());
+      log::Info(line, {{"node", node_}});  // the remote node's own words
       std::lock_guard<std::mutex> lock(mu_);
       tail_.push_back(line);
       if (tail_.size() > 3) tail_.pop_front();
@@ -406,10 +407,15 @@ Status Run(Args a) {
       static_cast<long long>(cluster->kv_layout().block_size), facts.served_name.c_str(),
       a.host.c_str(), server.port(), VersionLine().c_str());
   std::fflush(stdout);
+  log::Info("ready", {{"url", "http://" + a.host + ":" + std::to_string(server.port())},
+                      {"ranks", std::to_string(cluster->world())},
+                      {"model", facts.served_name},
+                      {"version", VersionLine()}});
 
   while (!g_stop) {
     if (auto lost = scheduler->lost()) {
       server.SetReady(false);
+      log::Error("cluster lost: " + lost->message());
       // Failed requests get their answers and probes see /ready false before the process goes.
       std::this_thread::sleep_for(
           std::chrono::milliseconds(static_cast<int64_t>(a.linger_on_loss_s * 1000)));
@@ -419,6 +425,7 @@ Status Run(Args a) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   std::printf("%s: draining on signal\n", a.tool);
+  log::Info("draining on signal", {{"timeout_s", std::to_string(a.drain_timeout_s)}});
   std::fflush(stdout);
   server.StopAccepting();
   scheduler->BeginDrain();
@@ -431,6 +438,7 @@ Status Run(Args a) {
   const bool drained = scheduler->Idle();
   scheduler.reset();  // requests still open end with 503
   server.Stop();
+  log::Info(drained ? "stopped (drained)" : "stopped (drain timeout: open requests failed)");
   std::printf("%s: stopped (%s)\n", a.tool,
               drained ? "drained" : "drain timeout: open requests failed");
   std::fflush(stdout);

@@ -15,6 +15,7 @@
 #include <random>
 #include <thread>
 
+#include "common/log.h"
 #include "common/version.h"
 #include "serving/responses.h"
 
@@ -449,19 +450,52 @@ class HttpServer::Impl {
     co_return co_await Send(stream, JsonResponse(http::status::ok, std::get<json>(answer), rid, keep));
   }
 
+  // One access-log line per API request, when it ends (common/log.h; a field per fact).
+  static void AccessLog(beast::tcp_stream& stream, const std::string& rid, const std::string& path,
+                        int status, const RequestHandle* h, const std::string& error) {
+    boost::system::error_code ec;
+    const auto peer = stream.socket().remote_endpoint(ec);
+    log::Fields f = {{"request_id", rid},
+                     {"route", path},
+                     {"status", std::to_string(status)},
+                     {"client", ec ? "?" : peer.address().to_string() + ":" + std::to_string(peer.port())}};
+    if (h) {
+      std::lock_guard<std::mutex> lock(const_cast<RequestHandle*>(h)->mu);
+      const auto ms = [&](auto d) {
+        return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count());
+      };
+      std::string reasons;
+      for (const auto& c : h->choices) {
+        if (!c.finish_reason.empty() && reasons.find(c.finish_reason) == std::string::npos)
+          reasons += (reasons.empty() ? "" : ",") + c.finish_reason;
+      }
+      f.push_back({"prompt_tokens", std::to_string(h->prompt_tokens)});
+      f.push_back({"completion_tokens", std::to_string(h->completion_tokens)});
+      if (h->first_token_at) f.push_back({"ttft_ms", ms(*h->first_token_at - h->arrival())});
+      f.push_back({"duration_ms", ms(std::chrono::steady_clock::now() - h->arrival())});
+      f.push_back({"finish_reason", reasons.empty() ? "-" : reasons});
+      if (h->error) f.push_back({"error", h->error->message});
+    }
+    if (!error.empty()) f.push_back({"error", error});
+    log::Info("request", f);
+  }
+
   awaitable<bool> Generate(beast::tcp_stream& stream, const Request& req, const std::string& rid,
                            const std::string& path) {
     const bool keep = req.keep_alive();
     auto admitted = co_await OffThread<Admitted>([&] { return Admit(req, rid, path); });
     if (auto* e = std::get_if<ApiError>(&admitted)) {
       metrics_.End(Outcome::kRejected);
+      AccessLog(stream, rid, path, e->http_status, nullptr, e->message);
       co_return co_await Send(stream, ErrorResponse(*e, rid, keep));
     }
     auto [handle, waker] = std::get<Admitted>(std::move(admitted));
     const ParsedRequest& pr = handle->request();
     const ResponseContext ctx = Context(pr, rid);
     if (pr.gen.stream && pr.endpoint != Endpoint::kClassify) {
-      co_return co_await Stream(stream, *handle, *waker, ctx, rid, keep);
+      const bool kept = co_await Stream(stream, *handle, *waker, ctx, rid, keep);
+      AccessLog(stream, rid, path, 200, handle.get(), handle->cancelled() ? "client gone" : "");
+      co_return kept;
     }
     while (true) {
       std::optional<Response> res;
@@ -469,9 +503,15 @@ class HttpServer::Impl {
         std::lock_guard<std::mutex> lock(handle->mu);
         if (handle->done) res = Final(*handle, ctx, rid, keep);
       }
-      if (res) co_return co_await Send(stream, std::move(*res));
+      if (res) {
+        const int status = static_cast<int>(res->result_int());
+        const bool kept = co_await Send(stream, std::move(*res));
+        AccessLog(stream, rid, path, status, handle.get(), "");
+        co_return kept;
+      }
       if (ClientGone(stream.socket())) {
         handle->Cancel();
+        AccessLog(stream, rid, path, 499, handle.get(), "client gone");
         co_return false;
       }
       co_await Wait(*waker);

@@ -55,6 +55,7 @@ class RequestHandle {
   std::optional<ApiError> error;            // set once: the request failed
   bool done = false;                        // every choice finished (or error set)
   int64_t prompt_tokens = 0, completion_tokens = 0;
+  std::optional<Clock::time_point> first_token_at;  // when the first token of any choice came
   // Set by the session before submitting; called by the scheduler after each update.
   std::function<void()> notify;
   // Counted in the request metrics (the launcher's readiness probe is not).

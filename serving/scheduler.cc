@@ -577,6 +577,7 @@ void Scheduler::AcceptToken(Sequence& s, int32_t tok, const StepOutput& out, int
   {
     std::lock_guard<std::mutex> lock(h.mu);
     ChoiceProgress& ch = h.choices[static_cast<size_t>(s.index)];
+    if (!h.first_token_at) h.first_token_at = now;
     ch.token_ids.push_back(tok);
     if (lp) ch.logprobs.push_back(std::move(*lp));
     ch.text += piece.text;

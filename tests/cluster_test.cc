@@ -194,7 +194,7 @@ TEST_F(ClusterTest, LauncherEndsWhenAWorkerDies) {
   const int worker = WorkerPid(1, model_.string());
   ASSERT_GT(worker, 0);
   kill(worker, SIGKILL);
-  const std::string err = ReadLine(l.out);
+  const std::string err = ReadUntil(l.out, "gemma2-launch: error:");
   double s = 0;
   EXPECT_EQ(WaitExit(l.pid, &s), 1);
   EXPECT_LT(s, 5);
@@ -211,7 +211,7 @@ TEST_F(ClusterTest, LauncherFindsAHungIdleWorkerThroughHeartbeats) {
   const int worker = WorkerPid(1, model_.string());
   ASSERT_GT(worker, 0);
   kill(worker, SIGSTOP);
-  const std::string err = ReadLine(l.out);
+  const std::string err = ReadUntil(l.out, "gemma2-launch: error:");
   double s = 0;
   EXPECT_EQ(WaitExit(l.pid, &s), 1);
   EXPECT_LT(s, 10);  // 1.5 s heartbeat timeout, then the shutdown grace

@@ -194,6 +194,18 @@ inline Launched StartLauncher(const std::string& model, const std::string& args,
   return l;
 }
 
+// Lines from `f` until one holds `needle` (or `max_lines` went by, or the stream ended): all of
+// them, so a failure shows what came instead (log lines come between the ones a test awaits).
+inline std::string ReadUntil(FILE* f, const std::string& needle, int max_lines = 64) {
+  std::string all;
+  char buf[4096];
+  for (int i = 0; i < max_lines && fgets(buf, sizeof(buf), f); ++i) {
+    all += buf;
+    if (std::string(buf).find(needle) != std::string::npos) break;
+  }
+  return all;
+}
+
 inline std::string ReadLine(FILE* f) {
   char buf[4096];
   return fgets(buf, sizeof(buf), f) ? std::string(buf) : std::string();

@@ -72,6 +72,15 @@ class Server {
     out_ = fdopen(fds[0], "r");
     char buf[4096];
     ready_line_ = fgets(buf, sizeof(buf), out_) ? buf : "";
+    // Everything after the ready line (log lines: one per request) is read as it comes, so the
+    // launcher never blocks on a full pipe; Rest() returns it.
+    drain_ = std::thread([this] {
+      char line[4096];
+      while (fgets(line, sizeof(line), out_)) {
+        std::lock_guard<std::mutex> lock(rest_mu_);
+        rest_ += line;
+      }
+    });
     const auto at = ready_line_.rfind(':');
     if (ready_line_.find("ready") != std::string::npos && at != std::string::npos) {
       url_.host = "127.0.0.1";
@@ -83,6 +92,7 @@ class Server {
       kill(pid_, SIGTERM);
       Wait();
     }
+    if (drain_.joinable()) drain_.join();
     if (out_) fclose(out_);
   }
   bool ok() const { return url_.port > 0; }
@@ -97,10 +107,9 @@ class Server {
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   }
   std::string Rest() {  // what it printed after the ready line (once it exited)
-    std::string s;
-    char buf[4096];
-    while (fgets(buf, sizeof(buf), out_)) s += buf;
-    return s;
+    if (drain_.joinable()) drain_.join();
+    std::lock_guard<std::mutex> lock(rest_mu_);
+    return rest_;
   }
 
   serving::HttpResponse Call(const std::string& method, const std::string& path,
@@ -146,6 +155,9 @@ class Server {
  private:
   pid_t pid_ = -1;
   FILE* out_ = nullptr;
+  std::thread drain_;
+  std::mutex rest_mu_;
+  std::string rest_;
   std::string ready_line_;
   serving::Url url_;
 };
@@ -974,6 +986,42 @@ TEST_F(ServerTest, RequestPhasesFinishReasonsAndKvUsageAreMeasured) {
     if (line.empty() || line[0] == '#') continue;
     EXPECT_TRUE(std::regex_match(line, sample)) << line;
   }
+}
+
+// The log of a short run (--log-format json: one object a line on stderr): the ready line, one
+// access line per request with its facts, a refused request with its status, the drain.
+TEST_F(ServerTest, JsonLogHasReadyAccessLinesAndTheDrain) {
+  Server s(Lm(), Ranks() + " --log-format json");
+  ASSERT_TRUE(s.ok()) << s.ready_line();
+  s.Post("/v1/completions", {{"prompt", "log me"}, {"max_tokens", 3}, {"ignore_eos", true}});
+  s.Post("/v1/completions", {{"prompt", "x"}, {"top_p", 7}}, 400);
+  kill(s.pid(), SIGTERM);
+  EXPECT_EQ(s.Wait(), 0);
+  std::istringstream lines(s.Rest());
+  std::vector<json> records;
+  for (std::string line; std::getline(lines, line);) {
+    if (line.empty() || line[0] != '{') continue;  // stdout's plain lines ride the same pipe
+    const json j = json::parse(line, nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << line;
+    for (const char* k : {"time", "level", "program", "msg"}) EXPECT_TRUE(j.contains(k)) << line;
+    records.push_back(j);
+  }
+  auto find = [&](auto pred) {
+    for (const auto& r : records) if (pred(r)) return r;
+    return json();
+  };
+  const json ready = find([](const json& r) { return r["msg"] == "ready"; });
+  EXPECT_EQ(ready["level"], "info");
+  EXPECT_NE(ready["version"].get<std::string>().find(GEMMA2_VERSION_FOR_TESTS), std::string::npos);
+  const json ok = find([](const json& r) { return r["msg"] == "request" && r["status"] == "200"; });
+  EXPECT_EQ(ok["route"], "/v1/completions");
+  EXPECT_EQ(ok["completion_tokens"], "3");
+  EXPECT_EQ(ok["finish_reason"], "length");
+  for (const char* k : {"request_id", "client", "prompt_tokens", "ttft_ms", "duration_ms"})
+    EXPECT_TRUE(ok.contains(k)) << ok;
+  const json bad = find([](const json& r) { return r["msg"] == "request" && r["status"] == "400"; });
+  EXPECT_NE(bad["error"].get<std::string>().find("top_p"), std::string::npos) << bad;
+  EXPECT_FALSE(find([](const json& r) { return r["msg"] == "draining on signal"; }).is_null());
 }
 
 TEST_F(ServerTest, OfficialOpenAiNodePackage) {

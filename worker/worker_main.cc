@@ -24,6 +24,7 @@
 
 #include "collectives/gloo_collective.h"
 #include "collectives/store_exchange.h"
+#include "common/log.h"
 #include "cpu/cpu_backend.h"
 #include "model/checkpoint.h"
 #include "model/engine.h"
@@ -100,8 +101,7 @@ Status ConnectPeers(Backend& backend, gloo::rendezvous::Store& store, const std:
   if (std::count(votes.begin(), votes.end(), "1") != tp) return OkStatus();
   const Status st = backend.ConnectPeers(tp_rank, tp, hidden, exchange);
   if (st.code() == StatusCode::kUnavailable) {
-    std::fprintf(stderr, "gemma2-worker rank %d: all-reduce through NCCL only: %s\n", global_rank,
-                 st.message().c_str());
+    log::Warn("all-reduce through NCCL only: " + st.message());
     return OkStatus();
   }
   return st;
@@ -262,7 +262,7 @@ Status Serve(const Args& a, rpc::Channel& ch, rpc::UcxNode& node) {
     // that is gone): leave at once, saying why (to the coordinator too, when it can still hear).
     if (!st.ok()) {
       if (!ch.broken()) (void)ch.Send(rpc::MessageType::kError, rpc::EncodeStatus(st), 2s);
-      std::fprintf(stderr, "gemma2-worker: error: rank %d: %s\n", a.rank, st.ToString().c_str());
+      log::Error(st.ToString());
     }
     std::fflush(stderr);
     std::_Exit(st.ok() ? 0 : 1);
@@ -271,6 +271,7 @@ Status Serve(const Args& a, rpc::Channel& ch, rpc::UcxNode& node) {
 }
 
 Status Run(const Args& a) {
+  log::SetProgram("gemma2-worker[rank " + std::to_string(a.rank) + "]");
   // A peer that dies mid-collective must surface as an error from the write, not kill this
   // process with SIGPIPE.
   signal(SIGPIPE, SIG_IGN);

@@ -311,11 +311,7 @@ Result<std::vector<rpc::Received>> ClusterEngine::CollectAll(std::chrono::millis
   // that thread (the startup timeout bounds it).
   const bool startup = std::string(what) == "startup";
   while (remaining > 0) {
-    if (!startup) {
-      std::vector<bool> waiting(n);
-      for (size_t r = 0; r < n; ++r) waiting[r] = !done[r];
-      RETURN_IF_ERROR(Heartbeats(waiting, what));
-    }
+    if (!startup) RETURN_IF_ERROR(Heartbeats(done, what));
     const size_t remaining_before = remaining;
     for (size_t r = 0; r < n; ++r) {
       if (done[r]) continue;
@@ -445,7 +441,7 @@ ClusterEngine::~ClusterEngine() {
   }
 }
 
-Status ClusterEngine::Heartbeats(const std::vector<bool>& awaited, const char* what) {
+Status ClusterEngine::Heartbeats(const std::vector<bool>& answered, const char* what) {
   const size_t n = ranks_.size();
   heartbeat_sent_.resize(n);
   heartbeat_last_.resize(n);
@@ -453,14 +449,15 @@ Status ClusterEngine::Heartbeats(const std::vector<bool>& awaited, const char* w
   for (size_t r = 0; r < n; ++r) {
     // Every rank hears from this process each interval (a worker leaves after heartbeat_timeout of
     // silence); one whose answers are read now gets the next only once it answered.
+    const bool awaited = !answered[r];
     const bool due = now - heartbeat_last_[r] >= opts_.heartbeat_interval;
-    if (due && !(awaited[r] && heartbeat_sent_[r])) {
+    if (due && !(awaited && heartbeat_sent_[r])) {
       const Status st = ranks_[r]->Send(rpc::MessageType::kHeartbeat, {}, opts_.heartbeat_timeout);
       if (!st.ok()) return Fail(st.WithContext(std::string(what) + ": rank " + std::to_string(r) + " lost"));
       heartbeat_last_[r] = now;
       if (!heartbeat_sent_[r]) heartbeat_sent_[r] = now;
     }
-    if (awaited[r] && heartbeat_sent_[r] && now - *heartbeat_sent_[r] > opts_.heartbeat_timeout) {
+    if (awaited && heartbeat_sent_[r] && now - *heartbeat_sent_[r] > opts_.heartbeat_timeout) {
       return Fail(Status(StatusCode::kDeadlineExceeded,
                          std::string(what) + ": rank " + std::to_string(r) +
                              " has not answered a heartbeat for " +
@@ -482,10 +479,10 @@ Status ClusterEngine::Watch(std::chrono::milliseconds duration, const std::atomi
     const Status st = ranks_[r]->StartReceive();
     if (!st.ok()) return Fail(st.WithContext("rank " + std::to_string(r) + " lost"));
   }
-  const std::vector<bool> all(ranks_.size(), true);
+  const std::vector<bool> none_answered(ranks_.size(), false);
   const auto deadline = Clock::now() + duration;
   while (Clock::now() < deadline && !(stop && *stop)) {
-    RETURN_IF_ERROR(Heartbeats(all, "idle"));
+    RETURN_IF_ERROR(Heartbeats(none_answered, "idle"));
     for (size_t r = 0; r < ranks_.size(); ++r) {
       auto ready = ranks_[r]->Poll();
       if (!ready.ok())

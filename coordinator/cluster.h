@@ -126,9 +126,10 @@ class ClusterEngine final : public StepExecutor {
   Result<std::vector<rpc::Received>> CollectAll(std::chrono::milliseconds timeout,
                                                 const char* what);
   Status Fail(Status st);
-  // Sends each rank its heartbeat when due (every interval); an error names a rank in `awaited`
-  // (those whose answers are being read) that left one unanswered for heartbeat_timeout.
-  Status Heartbeats(const std::vector<bool>& awaited, const char* what);
+  // Sends each rank its heartbeat when due (every interval); an error names a rank whose answers
+  // are being read (not `answered[r]`: a rank whose step answer is in is read later) that left
+  // one unanswered for heartbeat_timeout. Called every poll round: allocates nothing.
+  Status Heartbeats(const std::vector<bool>& answered, const char* what);
   // An error naming the first worker this process started that has exited (and reaps it).
   Status CheckChildren(const char* what);
   std::vector<StepPlan> SplitForPipeline(const StepPlan& plan) const;

@@ -72,29 +72,49 @@ Result<std::vector<int32_t>> Tokenizer::Encode(const std::string& text, bool add
   return out;
 }
 
-Result<std::string> Tokenizer::Decode(const std::vector<int32_t>& ids) const {
-  std::vector<int> v;
+bool Tokenizer::IsSpecial(int32_t id) const {
+  return sp_->IsControl(id) || id == start_of_turn_ || id == end_of_turn_;
+}
+
+Result<std::string> Tokenizer::Decode(const std::vector<int32_t>& ids, bool skip_special) const {
+  std::string text;
+  std::vector<int> run;  // ordinary pieces since the last special one, decoded together
+  auto flush = [&]() -> Status {
+    std::string piece;
+    const auto st = sp_->Decode(run, &piece);
+    if (!st.ok()) return Internal("cannot detokenize: " + st.ToString());
+    text += piece;
+    run.clear();
+    return OkStatus();
+  };
   for (int32_t id : ids) {
     if (id < 0 || id >= sp_->GetPieceSize()) {
       return InvalidArgument("token id " + std::to_string(id) + " outside the tokenizer's " +
                              std::to_string(sp_->GetPieceSize()) + " pieces");
     }
-    // sentencepiece drops control pieces itself; turn markers are user-defined, so drop them here.
-    if (id == start_of_turn_ || id == end_of_turn_) continue;
-    v.push_back(id);
+    if (!IsSpecial(id)) {
+      run.push_back(id);
+    } else if (!skip_special) {
+      RETURN_IF_ERROR(flush());
+      text += sp_->IdToPiece(id);
+    }
   }
-  std::string text;
-  const auto st = sp_->Decode(v, &text);
-  if (!st.ok()) return Internal("cannot detokenize: " + st.ToString());
+  RETURN_IF_ERROR(flush());
   return text;
 }
 
-Result<std::vector<int32_t>> Tokenizer::EncodeChat(const std::vector<ChatMessage>& messages) const {
+Result<std::vector<int32_t>> Tokenizer::EncodeChat(const std::vector<ChatMessage>& messages,
+                                                   ChatTemplateOptions options) const {
   if (start_of_turn_ < 0 || end_of_turn_ < 0) {
     return InvalidArgument(
         "this tokenizer has no <start_of_turn>/<end_of_turn> pieces: no chat template");
   }
   if (messages.empty()) return InvalidArgument("chat needs at least one message");
+  if (options.continue_final_message && options.add_generation_prompt) {
+    return InvalidArgument(
+        "continue_final_message and add_generation_prompt cannot both be true: the first "
+        "continues the last turn, the second opens a new one");
+  }
   std::vector<ChatMessage> turns;
   std::string system;
   for (size_t i = 0; i < messages.size(); ++i) {
@@ -123,21 +143,25 @@ Result<std::vector<int32_t>> Tokenizer::EncodeChat(const std::vector<ChatMessage
     ids.insert(ids.end(), piece.begin(), piece.end());
     return OkStatus();
   };
-  for (const auto& t : turns) {
+  for (size_t i = 0; i < turns.size(); ++i) {
     ids.push_back(start_of_turn_);
-    RETURN_IF_ERROR(append(t.role + "\n" + t.content));
+    RETURN_IF_ERROR(append(turns[i].role + "\n" + turns[i].content));
+    if (options.continue_final_message && i + 1 == turns.size()) return ids;  // left open
     ids.push_back(end_of_turn_);
     RETURN_IF_ERROR(append("\n"));
   }
-  ids.push_back(start_of_turn_);
-  RETURN_IF_ERROR(append("model\n"));
+  if (options.add_generation_prompt) {
+    ids.push_back(start_of_turn_);
+    RETURN_IF_ERROR(append("model\n"));
+  }
   return ids;
 }
 
 Result<std::string> IncrementalDetokenizer::Push(int32_t id) {
   ids_.push_back(id);
   ASSIGN_OR_RETURN(std::string text,
-                   tok_.Decode({ids_.begin() + static_cast<std::ptrdiff_t>(prefix_), ids_.end()}));
+                   tok_.Decode({ids_.begin() + static_cast<std::ptrdiff_t>(prefix_), ids_.end()},
+                               skip_special_));
   const size_t complete = CompletePrefix(text);
   if (complete <= emitted_bytes_) return std::string();
   std::string piece = text.substr(emitted_bytes_, complete - emitted_bytes_);
@@ -145,7 +169,7 @@ Result<std::string> IncrementalDetokenizer::Push(int32_t id) {
   if (complete == text.size() && ids_.size() - prefix_ > 8) {
     // Everything decoded so far is settled: restart the window to keep decoding O(1) per token.
     // Keep one id of context so a leading space is decoded as it would be mid-text.
-    ASSIGN_OR_RETURN(std::string tail, tok_.Decode({ids_.end() - 1, ids_.end()}));
+    ASSIGN_OR_RETURN(std::string tail, tok_.Decode({ids_.end() - 1, ids_.end()}, skip_special_));
     prefix_ = ids_.size() - 1;
     emitted_bytes_ = tail.size();
   }
@@ -154,7 +178,8 @@ Result<std::string> IncrementalDetokenizer::Push(int32_t id) {
 
 Result<std::string> IncrementalDetokenizer::Flush() {
   ASSIGN_OR_RETURN(std::string text,
-                   tok_.Decode({ids_.begin() + static_cast<std::ptrdiff_t>(prefix_), ids_.end()}));
+                   tok_.Decode({ids_.begin() + static_cast<std::ptrdiff_t>(prefix_), ids_.end()},
+                               skip_special_));
   std::string rest = text.size() > emitted_bytes_ ? text.substr(emitted_bytes_) : std::string();
   emitted_bytes_ = text.size();
   return rest;

@@ -19,6 +19,12 @@ struct ChatMessage {
   std::string content;
 };
 
+// How the chat template ends (the names are Hugging Face's apply_chat_template arguments).
+struct ChatTemplateOptions {
+  bool add_generation_prompt = true;    // end with "<start_of_turn>model\n": the model answers
+  bool continue_final_message = false;  // leave the last turn open: the model continues it
+};
+
 class Tokenizer {
  public:
   static Result<std::unique_ptr<Tokenizer>> Load(const std::filesystem::path& model_file);
@@ -28,16 +34,20 @@ class Tokenizer {
   int32_t bos_id() const { return bos_; }
   // Text to ids with <bos> first, as Gemma expects.
   Result<std::vector<int32_t>> Encode(const std::string& text, bool add_bos = true) const;
-  // Ids to text; control tokens (<bos>, <eos>, <pad>, turn markers) are left out.
-  Result<std::string> Decode(const std::vector<int32_t>& ids) const;
+  // Ids to text; special tokens (<bos>, <eos>, <pad>, turn markers) are left out unless
+  // skip_special is false, which writes each as its piece ("<bos>").
+  Result<std::string> Decode(const std::vector<int32_t>& ids, bool skip_special = true) const;
   // Gemma's chat template: <bos><start_of_turn>user\n{text}<end_of_turn>\n ... then
   // <start_of_turn>model\n. A system message is merged into the first user turn; roles must
-  // alternate user / model starting with user.
-  Result<std::vector<int32_t>> EncodeChat(const std::vector<ChatMessage>& messages) const;
+  // alternate user / model starting with user. continue_final_message leaves the last turn without
+  // <end_of_turn> and adds no generation prompt (asking for both is an error).
+  Result<std::vector<int32_t>> EncodeChat(const std::vector<ChatMessage>& messages,
+                                          ChatTemplateOptions options = {}) const;
 
  private:
   Tokenizer() = default;
   std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
+  bool IsSpecial(int32_t id) const;
   int32_t bos_ = 2, start_of_turn_ = -1, end_of_turn_ = -1;
 };
 
@@ -45,7 +55,8 @@ class Tokenizer {
 // a UTF-8 character: bytes of an unfinished character are held back until it completes.
 class IncrementalDetokenizer {
  public:
-  explicit IncrementalDetokenizer(const Tokenizer& tok) : tok_(tok) {}
+  explicit IncrementalDetokenizer(const Tokenizer& tok, bool skip_special = true)
+      : tok_(tok), skip_special_(skip_special) {}
   // Appends `id`; returns the newly completed text (possibly empty).
   Result<std::string> Push(int32_t id);
   // Whatever is still held back (an unfinished character at the very end), as decoded.
@@ -53,6 +64,7 @@ class IncrementalDetokenizer {
 
  private:
   const Tokenizer& tok_;
+  bool skip_special_ = true;
   std::vector<int32_t> ids_;
   size_t prefix_ = 0;         // ids before `prefix_` are settled; decoding restarts there
   size_t emitted_bytes_ = 0;  // bytes of decode(ids_[prefix_:]) already returned

@@ -3,6 +3,7 @@
 // scheduler (serving/scheduler.h) runs them; nothing here knows about HTTP.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -55,8 +56,13 @@ struct GenerationOptions {
   int64_t min_tokens = 0;  // EOS and stop_token_ids are suppressed until this many were generated
   std::vector<std::pair<int32_t, float>> logit_bias;  // added to the token's logit, [-100, 100]
   std::vector<int32_t> allowed_token_ids;             // non-empty: only these may be drawn
+  std::vector<std::vector<int32_t>> bad_words;        // token sequences never completed
+  bool skip_special_tokens = true;  // false: <eos>, turn markers... appear in the text
   int n = 1;
   int logprobs = -1;  // -1: none; k >= 0: the chosen token's log-probability and the top k
+  // -1: none; k >= 0: each prompt token's log-probability (given the tokens before it) and the
+  // top k there (vLLM's prompt_logprobs).
+  int prompt_logprobs = -1;
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage
   bool continuous_usage = false;  // stream_options.continuous_usage_stats: usage in every chunk
@@ -67,7 +73,7 @@ struct GenerationOptions {
   bool needs_logits() const {
     return logprobs >= 0 || presence_penalty != 0 || frequency_penalty != 0 ||
            repetition_penalty != 1 || min_p > 0 || min_tokens > 0 || !logit_bias.empty() ||
-           !allowed_token_ids.empty();
+           !allowed_token_ids.empty() || !bad_words.empty();
   }
   // The sampler's parameters for one choice; choices of one seeded request draw from seed + index.
   SamplingParams Sampling(int choice) const;
@@ -83,6 +89,10 @@ struct ParsedRequest {
   GenerationOptions gen;
   bool chat_logprobs = false;  // chat: `logprobs: true` (top_logprobs in gen.logprobs)
   bool echo = false;           // completions: the prompt's text in front of each choice's text
+  // completions with echo and logprobs: the prompt's tokens lead the logprobs (the first null).
+  bool echo_logprobs() const { return echo && gen.logprobs >= 0; }
+  // The top-k each prompt position's log-probabilities need (-1: the prompt needs none).
+  int prompt_top() const { return std::max(gen.prompt_logprobs, echo_logprobs() ? gen.logprobs : -1); }
 };
 
 }  // namespace gemma2::serving

@@ -41,7 +41,10 @@ TokenLogprobs Logprobs(std::span<const float> logits, int32_t chosen, int k) {
   for (float v : logits) sum += std::exp(static_cast<double>(v - best));
   const float log_z = best + static_cast<float>(std::log(sum));
   TokenLogprobs out;
-  out.chosen = logits[static_cast<size_t>(chosen)] - log_z;
+  const float chosen_logit = logits[static_cast<size_t>(chosen)];
+  out.chosen = chosen_logit - log_z;
+  out.rank = 1 + std::count_if(logits.begin(), logits.end(),
+                               [&](float v) { return v > chosen_logit; });
   if (k > 0) {
     std::vector<int32_t> idx(logits.size());
     for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<int32_t>(i);
@@ -58,8 +61,8 @@ TokenLogprobs Logprobs(std::span<const float> logits, int32_t chosen, int k) {
   return out;
 }
 
-void ApplyTokenRules(std::span<float> logits, const GenerationOptions& g, int64_t generated,
-                     const std::vector<int64_t>& eos_ids) {
+void ApplyTokenRules(std::span<float> logits, const GenerationOptions& g,
+                     const std::vector<int32_t>& generated, const std::vector<int64_t>& eos_ids) {
   const auto in_row = [&](int32_t id) {
     return id >= 0 && static_cast<size_t>(id) < logits.size();
   };
@@ -78,7 +81,13 @@ void ApplyTokenRules(std::span<float> logits, const GenerationOptions& g, int64_
         logits[static_cast<size_t>(g.allowed_token_ids[i])] = kept[i];
     }
   }
-  if (generated < g.min_tokens) {
+  for (const auto& word : g.bad_words) {
+    const size_t prefix = word.size() - 1;
+    if (prefix > generated.size() || !in_row(word.back())) continue;
+    if (std::equal(word.begin(), word.end() - 1, generated.end() - static_cast<std::ptrdiff_t>(prefix)))
+      logits[static_cast<size_t>(word.back())] = -INFINITY;
+  }
+  if (static_cast<int64_t>(generated.size()) < g.min_tokens) {
     for (int64_t id : eos_ids) {  // with ignore_eos, EOS ends nothing: left as it is
       if (!g.ignore_eos && id >= 0 && static_cast<size_t>(id) < logits.size())
         logits[static_cast<size_t>(id)] = -INFINITY;
@@ -87,6 +96,21 @@ void ApplyTokenRules(std::span<float> logits, const GenerationOptions& g, int64_
       if (in_row(id)) logits[static_cast<size_t>(id)] = -INFINITY;
     }
   }
+}
+
+std::vector<std::vector<int32_t>> BadWordSequences(const std::vector<std::string>& words,
+                                                   const Tokenizer& tok) {
+  std::vector<std::vector<int32_t>> out;
+  for (const std::string& word : words) {
+    const std::string bare = word.substr(std::min(word.find_first_not_of(' '), word.size()));
+    auto alone = tok.Encode(bare, /*add_bos=*/false);
+    if (!alone.ok() || alone->empty()) continue;
+    out.push_back(*alone);
+    auto spaced = tok.Encode(" " + bare, /*add_bos=*/false);
+    if (spaced.ok() && spaced->size() == alone->size() && spaced->front() != alone->front())
+      out.push_back(*spaced);
+  }
+  return out;
 }
 
 }  // namespace gemma2::serving

@@ -52,6 +52,9 @@ class RequestHandle {
   // Guarded by mu: what the scheduler produced.
   std::vector<ChoiceProgress> choices;      // generation: prompts x n, OpenAI's index order
   std::vector<ClassifiedInput> classified;  // classification: one per input
+  // Per prompt, when asked (ParsedRequest::prompt_top): the log-probabilities of its tokens 1..
+  // (token 0 has none), set once the prompt was prefilled.
+  std::vector<std::vector<TokenLogprobs>> prompt_logprobs;
   std::optional<ApiError> error;            // set once: the request failed
   bool done = false;                        // every choice finished (or error set)
   int64_t prompt_tokens = 0, completion_tokens = 0;

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <set>
 
+#include "serving/logits_processing.h"
+
 namespace gemma2::serving {
 namespace {
 
@@ -216,8 +218,32 @@ std::vector<ChatMessage> ChatMessages(const json& messages, const Limits& limits
   return chat;
 }
 
+void CheckLogprobs(int64_t k, const char* param, const Limits& lim) {
+  if (k < 0) Fail(param, std::string("'") + param + "' must be >= 0");
+  if (k > lim.max_logprobs) {
+    Fail(param, std::string("'") + param + "' is " + std::to_string(k) + "; the limit is " +
+                    std::to_string(lim.max_logprobs));
+  }
+}
+
+// How the chat template ends: vLLM's add_generation_prompt (default true) and
+// continue_final_message (default false); both true is refused by the tokenizer.
+ChatTemplateOptions TemplateOptions(Fields& f) {
+  ChatTemplateOptions o;
+  o.add_generation_prompt = f.Bool("add_generation_prompt", true);
+  o.continue_final_message = f.Bool("continue_final_message", false);
+  if (o.add_generation_prompt && o.continue_final_message) {
+    Fail("continue_final_message",
+         "'continue_final_message' true needs 'add_generation_prompt' false (as vLLM): the "
+         "first continues the last turn, the second opens a new one");
+  }
+  return o;
+}
+
 // Fields shared by completions and chat.
-void ParseGeneration(Fields& f, GenerationOptions& g, const Limits& lim, int64_t vocab) {
+void ParseGeneration(Fields& f, GenerationOptions& g, const ModelFacts& facts) {
+  const Limits& lim = facts.limits;
+  const int64_t vocab = facts.config->vocab_size;
   g.temperature = f.Float("temperature", 1.0);
   if (g.temperature < 0) Fail("temperature", "'temperature' must be >= 0");
   g.top_p = f.Float("top_p", 1.0);
@@ -294,6 +320,34 @@ void ParseGeneration(Fields& f, GenerationOptions& g, const Limits& lim, int64_t
       Fail("allowed_token_ids", "'allowed_token_ids' must be a non-empty list of token ids");
     for (const auto& e : *a) g.allowed_token_ids.push_back(TokenId(e, "allowed_token_ids", vocab));
   }
+  if (const json* b = f.Get("bad_words")) {  // vLLM: words the output must never contain
+    if (!b->is_array()) Fail("bad_words", "'bad_words' must be a list of strings");
+    if (static_cast<int>(b->size()) > lim.max_stop_strings) {
+      Fail("bad_words", std::to_string(b->size()) + " bad words; the limit is " +
+                            std::to_string(lim.max_stop_strings));
+    }
+    std::vector<std::string> words;
+    for (const auto& e : *b) {
+      if (!e.is_string()) Fail("bad_words", "'bad_words' items must be strings");
+      const std::string w = e.get<std::string>();
+      if (w.find_first_not_of(" \t\n") == std::string::npos)
+        Fail("bad_words", "a bad word must hold more than whitespace");
+      if (w.size() > lim.max_stop_string_bytes) {
+        Fail("bad_words", "a bad word is longer than " +
+                              std::to_string(lim.max_stop_string_bytes) + " bytes");
+      }
+      words.push_back(w);
+    }
+    if (!words.empty() && !facts.tokenizer)
+      Fail("bad_words", "'bad_words' needs the model's tokenizer.model");
+    if (!words.empty()) g.bad_words = BadWordSequences(words, *facts.tokenizer);
+  }
+  g.skip_special_tokens = f.Bool("skip_special_tokens", true);
+  if (const json* p = f.Get("prompt_logprobs")) {
+    if (!p->is_number_integer()) Fail("prompt_logprobs", "'prompt_logprobs' must be an integer");
+    g.prompt_logprobs = static_cast<int>(std::clamp<int64_t>(p->get<int64_t>(), -2, 1 << 20));
+    CheckLogprobs(g.prompt_logprobs, "prompt_logprobs", lim);
+  }
   g.ignore_eos = f.Bool("ignore_eos", false);
   g.n = static_cast<int>(std::clamp<int64_t>(f.Int("n", 1), -1, 1 << 20));
   if (g.n < 1) Fail("n", "'n' must be >= 1");
@@ -307,14 +361,8 @@ void ParseGeneration(Fields& f, GenerationOptions& g, const Limits& lim, int64_t
     o.Finish("stream_options");
   }
   g.return_token_ids = f.Bool("return_token_ids", false);
-}
-
-void CheckLogprobs(int64_t k, const char* param, const Limits& lim) {
-  if (k < 0) Fail(param, std::string("'") + param + "' must be >= 0");
-  if (k > lim.max_logprobs) {
-    Fail(param, std::string("'") + param + "' is " + std::to_string(k) + "; the limit is " +
-                    std::to_string(lim.max_logprobs));
-  }
+  if (g.stream && g.prompt_logprobs >= 0)  // as vLLM: they would come before the first token
+    Fail("prompt_logprobs", "'prompt_logprobs' is not available when 'stream' is true");
 }
 
 // max_tokens against the context, with both numbers in the message.
@@ -438,7 +486,7 @@ ApiResult<ParsedRequest> ParseCompletions(const json& body, const ModelFacts& fa
     // Text prompts begin with <bos> unless add_special_tokens is false; token ids go as given.
     r.prompts = Prompts(*prompt, "prompt", facts, f.Bool("add_special_tokens", true));
     TruncatePrompts(f, r);
-    ParseGeneration(f, r.gen, facts.limits, facts.config->vocab_size);
+    ParseGeneration(f, r.gen, facts);
     r.gen.max_tokens = MaxTokens(f, "max_tokens", 16);
     CheckMinTokens(r.gen, "max_tokens");
     if (const json* lp = f.Get("logprobs")) {
@@ -446,9 +494,9 @@ ApiResult<ParsedRequest> ParseCompletions(const json& body, const ModelFacts& fa
       r.gen.logprobs = static_cast<int>(std::clamp<int64_t>(lp->get<int64_t>(), -1, 1 << 20));
       CheckLogprobs(r.gen.logprobs, "logprobs", facts.limits);
     }
-    r.echo = f.Bool("echo", false);  // the prompt's text in front of each choice's
-    if (r.echo && r.gen.logprobs >= 0)
-      Fail("echo", "'echo' with 'logprobs' would need the prompt's log-probabilities: not supported");
+    r.echo = f.Bool("echo", false);  // the prompt's text (and logprobs) in front of each choice's
+    if (r.echo_logprobs() && r.gen.stream)  // as vLLM: prompt log-probabilities are not streamed
+      Fail("echo", "'echo' with 'logprobs' is not available when 'stream' is true");
     if (r.echo && !facts.tokenizer)
       Fail("echo", "'echo' needs the model's tokenizer.model to give the prompt's text");
     CheckContext(r, facts, "max_tokens");
@@ -471,14 +519,14 @@ ApiResult<ParsedRequest> ParseChat(const json& body, const ModelFacts& facts) {
     if (!messages->is_array()) Fail("messages", "'messages' must be a list");
     if (messages->empty()) Fail("messages", "'messages' is empty");
     const std::vector<ChatMessage> chat = ChatMessages(*messages, facts.limits);
-    auto ids = facts.tokenizer->EncodeChat(chat);
+    auto ids = facts.tokenizer->EncodeChat(chat, TemplateOptions(f));
     if (!ids.ok()) Fail("messages", ids.status().message());
     r.prompts.push_back(*ids);
     if (f.Bool("add_special_tokens", false))  // vLLM's default for chat: the template has them
       Fail("add_special_tokens", "the chat template already begins with <bos>: add_special_tokens "
                                  "must be false for chat");
     TruncatePrompts(f, r);
-    ParseGeneration(f, r.gen, facts.limits, facts.config->vocab_size);
+    ParseGeneration(f, r.gen, facts);
     r.chat_logprobs = f.Bool("logprobs", false);
     const int64_t top = f.Int("top_logprobs", 0);
     CheckLogprobs(top, "top_logprobs", facts.limits);
@@ -534,11 +582,8 @@ ApiResult<json> ParseTokenize(const json& body, const ModelFacts& facts) {
     if (messages) {
       if (!messages->is_array() || messages->empty())
         Fail("messages", "'messages' must be a non-empty list");
-      if (!f.Bool("add_generation_prompt", true))
-        Fail("add_generation_prompt", "only add_generation_prompt true is supported");
-      if (f.Bool("continue_final_message", false))
-        Fail("continue_final_message", "continue_final_message is not supported");
-      auto r = facts.tokenizer->EncodeChat(ChatMessages(*messages, facts.limits));
+      auto r = facts.tokenizer->EncodeChat(ChatMessages(*messages, facts.limits),
+                                           TemplateOptions(f));
       if (!r.ok()) Fail("messages", r.status().message());
       ids = std::move(r).value();
     } else {

@@ -10,12 +10,20 @@ using nlohmann::json;
 
 std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
 
+// A token as logprobs name it: its text, special tokens as their pieces ("<eos>").
 std::string TokenText(const ResponseContext& ctx, int32_t id) {
   if (ctx.tokenizer) {
-    auto t = ctx.tokenizer->Decode({id});
+    auto t = ctx.tokenizer->Decode({id}, /*skip_special=*/false);
     if (t.ok() && !t->empty()) return *t;
   }
   return "token_id:" + std::to_string(id);
+}
+
+// Bytes a token adds to the choice's text (special tokens add none unless they are shown).
+size_t TextBytes(const ResponseContext& ctx, int32_t id, bool skip_special) {
+  if (!ctx.tokenizer) return 0;
+  auto t = ctx.tokenizer->Decode({id}, skip_special);
+  return t.ok() ? t->size() : 0;
 }
 
 json Usage(const RequestHandle& h) {
@@ -32,10 +40,36 @@ std::vector<int> Bytes(const std::string& s) {
   return b;
 }
 
+size_t PromptOf(const RequestHandle& h, size_t choice) {
+  return choice / static_cast<size_t>(std::max(1, h.request().gen.n));
+}
+
 // Legacy completions logprobs for tokens [from, to) of a choice; text offsets from `offset`.
-json CompletionLogprobs(const ResponseContext& ctx, const ChoiceProgress& ch, size_t from,
-                        size_t to, size_t offset) {
+// With echo (unstreamed), the prompt's tokens come first: the first with null entries.
+json CompletionLogprobs(const ResponseContext& ctx, const RequestHandle& h, size_t choice,
+                        size_t from, size_t to, size_t offset) {
+  const ChoiceProgress& ch = h.choices[choice];
   json tokens = json::array(), lps = json::array(), tops = json::array(), offs = json::array();
+  const bool skip = h.request().gen.skip_special_tokens;
+  if (h.request().echo_logprobs() && from == 0) {
+    const size_t p = PromptOf(h, choice);
+    const auto& prompt = h.request().prompts[p];
+    const auto& rows = h.prompt_logprobs[p];
+    for (size_t t = 0; t < prompt.size(); ++t) {
+      tokens.push_back(TokenText(ctx, prompt[t]));
+      offs.push_back(offset);
+      offset += TextBytes(ctx, prompt[t], skip);
+      if (t == 0 || t > rows.size()) {
+        lps.push_back(nullptr);
+        tops.push_back(nullptr);
+        continue;
+      }
+      lps.push_back(rows[t - 1].chosen);
+      json top = json::object();
+      for (const auto& [id, lp] : rows[t - 1].top) top[TokenText(ctx, id)] = lp;
+      tops.push_back(top);
+    }
+  }
   for (size_t i = from; i < to && i < ch.logprobs.size(); ++i) {
     const std::string t = TokenText(ctx, ch.token_ids[i]);
     tokens.push_back(t);
@@ -44,7 +78,7 @@ json CompletionLogprobs(const ResponseContext& ctx, const ChoiceProgress& ch, si
     for (const auto& [id, lp] : ch.logprobs[i].top) top[TokenText(ctx, id)] = lp;
     tops.push_back(top);
     offs.push_back(offset);
-    offset += t.size();
+    offset += TextBytes(ctx, ch.token_ids[i], skip);
   }
   return {
       {"tokens", tokens}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offs}};
@@ -67,8 +101,27 @@ json ChatLogprobs(const ResponseContext& ctx, const ChoiceProgress& ch, size_t f
   return {{"content", content}};
 }
 
-size_t PromptOf(const RequestHandle& h, size_t choice) {
-  return choice / static_cast<size_t>(std::max(1, h.request().gen.n));
+// vLLM's prompt_logprobs: null for the first token, then {id: {logprob, rank, decoded_token}}
+// with the top k and the prompt's own token.
+json PromptLogprobs(const ResponseContext& ctx, const RequestHandle& h, size_t prompt) {
+  if (h.request().gen.prompt_logprobs < 0) return nullptr;
+  const auto& ids = h.request().prompts[prompt];
+  const auto& rows = h.prompt_logprobs[prompt];
+  json out = json::array({nullptr});
+  for (size_t t = 0; t < rows.size() && t + 1 < ids.size(); ++t) {
+    json entry = json::object();
+    const auto& top = rows[t].top;
+    for (size_t r = 0; r < top.size() && r < static_cast<size_t>(h.request().gen.prompt_logprobs); ++r) {
+      entry[std::to_string(top[r].first)] = {{"logprob", top[r].second},
+                                             {"rank", r + 1},
+                                             {"decoded_token", TokenText(ctx, top[r].first)}};
+    }
+    entry[std::to_string(ids[t + 1])] = {{"logprob", rows[t].chosen},
+                                         {"rank", rows[t].rank},
+                                         {"decoded_token", TokenText(ctx, ids[t + 1])}};
+    out.push_back(std::move(entry));
+  }
+  return out;
 }
 
 }  // namespace
@@ -84,7 +137,8 @@ json ErrorBody(const ApiError& e) {
 // echo: the prompt as text (control tokens such as <bos> left out, as in any decoded text).
 std::string EchoedPrompt(const ResponseContext& ctx, const RequestHandle& h, size_t choice) {
   if (!h.request().echo || !ctx.tokenizer) return "";
-  auto text = ctx.tokenizer->Decode(h.request().prompts[PromptOf(h, choice)]);
+  auto text = ctx.tokenizer->Decode(h.request().prompts[PromptOf(h, choice)],
+                                    h.request().gen.skip_special_tokens);
   return text.ok() ? *text : "";
 }
 
@@ -97,8 +151,9 @@ json CompletionBody(const ResponseContext& ctx, const RequestHandle& h) {
               {"text", EchoedPrompt(ctx, h, i) + ch.text},
               {"finish_reason", NullOr(ch.finish_reason)},
               {"stop_reason", ch.stop_reason},
-              {"logprobs", g.logprobs >= 0 ? CompletionLogprobs(ctx, ch, 0, ch.token_ids.size(), 0)
+              {"logprobs", g.logprobs >= 0 ? CompletionLogprobs(ctx, h, i, 0, ch.token_ids.size(), 0)
                                            : json(nullptr)}};
+    if (g.prompt_logprobs >= 0) c["prompt_logprobs"] = PromptLogprobs(ctx, h, PromptOf(h, i));
     if (g.return_token_ids) {
       c["prompt_token_ids"] = h.request().prompts[PromptOf(h, i)];
       c["token_ids"] = ch.token_ids;
@@ -126,8 +181,10 @@ json ChatBody(const ResponseContext& ctx, const RequestHandle& h) {
     }
     choices.push_back(std::move(c));
   }
-  return {{"id", ctx.id},       {"object", "chat.completion"}, {"created", ctx.created},
-          {"model", ctx.model}, {"choices", choices},          {"usage", Usage(h)}};
+  json body = {{"id", ctx.id},       {"object", "chat.completion"}, {"created", ctx.created},
+               {"model", ctx.model}, {"choices", choices},          {"usage", Usage(h)}};
+  if (r.gen.prompt_logprobs >= 0) body["prompt_logprobs"] = PromptLogprobs(ctx, h, 0);  // as vLLM
+  return body;
 }
 
 json ClassifyBody(const ResponseContext& ctx, const RequestHandle& h) {
@@ -206,7 +263,8 @@ std::string StreamEvents(const ResponseContext& ctx, const RequestHandle& h, Str
     if (want_lp && fresh_tokens) {
       lp = chat
                ? ChatLogprobs(ctx, ch, cur.tokens[i], ch.token_ids.size())
-               : CompletionLogprobs(ctx, ch, cur.tokens[i], ch.token_ids.size(), cur.text_bytes[i]);
+               : CompletionLogprobs(ctx, h, i, cur.tokens[i], ch.token_ids.size(),
+                                    cur.text_bytes[i]);
     }
     c["logprobs"] = lp;
     if (chat) {

@@ -1,6 +1,7 @@
 #include "serving/scheduler.h"
 
 #include <algorithm>
+#include <cmath>
 #include <random>
 
 namespace gemma2::serving {
@@ -37,6 +38,8 @@ struct Scheduler::Sequence {
   RowSampling sampling;
   TokenCounts counts;
   std::unique_ptr<TextOutput> text;
+  int prompt_top = -1;  // >= 0: this sequence gives its prompt's log-probabilities (top k)
+  std::vector<TokenLogprobs> prompt_lp;  // those of prompt tokens 1.. so far
   int64_t class_row = -1;  // sequence classification: the scored position
   std::vector<std::vector<float>> class_rows;
   Clock::time_point last_token{};
@@ -46,6 +49,11 @@ struct Scheduler::Sequence {
   const GenerationOptions& gen() const { return req->handle->request().gen; }
   bool classify() const { return req->handle->request().endpoint == Endpoint::kClassify; }
   int64_t total() const { return static_cast<int64_t>(prompt.size() + generated.size()); }
+  // Whether position i's output row gives a prompt token's log-probabilities (token i + 1).
+  bool prompt_row(int64_t i) const {
+    return prompt_top >= 0 && i + 1 < static_cast<int64_t>(prompt.size()) &&
+           i >= static_cast<int64_t>(prompt_lp.size());
+  }
   int32_t token(int64_t i) const {
     const auto p = static_cast<int64_t>(prompt.size());
     return i < p ? prompt[static_cast<size_t>(i)] : generated[static_cast<size_t>(i - p)];
@@ -146,6 +154,7 @@ void Scheduler::Expand(std::shared_ptr<RequestHandle> h) {
       h->classified.resize(p.prompts.size());
     else
       h->choices.resize(p.prompts.size() * static_cast<size_t>(n));
+    if (p.prompt_top() >= 0) h->prompt_logprobs.resize(p.prompts.size());
     for (const auto& pr : p.prompts) h->prompt_tokens += static_cast<int64_t>(pr.size());
   }
   const ModelConfig& c = executor_.config();
@@ -168,8 +177,10 @@ void Scheduler::Expand(std::shared_ptr<RequestHandle> h) {
       } else {
         s->sampling.params = p.gen.Sampling(j);
         s->sampling.params.seed = base_seed + static_cast<uint64_t>(j);
-        s->text =
-            std::make_unique<TextOutput>(tokenizer_, p.gen.stop, p.gen.include_stop_str_in_output);
+        s->text = std::make_unique<TextOutput>(tokenizer_, p.gen.stop,
+                                               p.gen.include_stop_str_in_output,
+                                               p.gen.skip_special_tokens);
+        if (j == 0) s->prompt_top = p.prompt_top();  // the first choice speaks for its prompt
       }
       ++req->remaining;
       waiting_.push_back(std::move(s));
@@ -295,6 +306,7 @@ void Scheduler::Admit() {
 void Scheduler::ReusePrefix(Sequence& s) {
   if (!cache_.enabled()) return;
   int64_t limit = s.total() - 1;
+  if (s.prompt_top >= 0) limit = 0;  // every prompt row is needed
   if (s.classify()) limit = s.class_row < 0 ? 0 : std::min(limit, s.class_row);
   std::vector<int32_t> tokens;
   for (int64_t i = 0; i < s.total(); ++i) tokens.push_back(s.token(i));
@@ -403,7 +415,12 @@ void Scheduler::Schedule(std::vector<Sequence*>& batch, StepPlan& plan, size_t m
       } else if (s->class_row >= s->computed && s->class_row < end) {
         ss.output_rows.push_back(s->class_row - s->computed);
       }
-    } else if (end == s->total()) {
+    } else {
+      for (int64_t i = 0; i < take; ++i) {
+        if (s->prompt_row(s->computed + i)) ss.output_rows.push_back(i);
+      }
+    }
+    if (!s->classify() && end == s->total()) {
       ss.output_rows.push_back(take - 1);
       ss.sampling = s->sampling;
       ss.sampling.counter = s->generated.size();
@@ -437,8 +454,11 @@ Status Scheduler::Advance() {
     const ModelConfig& c = executor_.config();
     f.plan.ids_only = !c.is_classifier();
     for (size_t m = 0; m < f.batch.size(); ++m) {
-      if (!f.plan.sequences[m].output_rows.empty() && !f.batch[m]->classify() &&
-          f.batch[m]->gen().needs_logits()) {
+      const Sequence& s = *f.batch[m];
+      const StepSequence& ss = f.plan.sequences[m];
+      const bool prompt_rows = std::any_of(ss.output_rows.begin(), ss.output_rows.end(),
+                                           [&](int64_t r) { return s.prompt_row(ss.start_pos + r); });
+      if (!ss.output_rows.empty() && !s.classify() && (s.gen().needs_logits() || prompt_rows)) {
         f.plan.ids_only = false;
       }
     }
@@ -507,8 +527,11 @@ void Scheduler::Apply(InFlightStep& f, const StepOutput& out) {
     }
     s.computed += take;
     for (size_t k = 0; k < ss.output_rows.size(); ++k, ++row) {
+      const int64_t position = ss.start_pos + ss.output_rows[k];
       if (s.classify()) {
         s.class_rows.emplace_back(out.row(row), out.row(row) + out.width);
+      } else if (s.prompt_row(position)) {
+        PromptRow(s, std::span<const float>(out.row(row), static_cast<size_t>(out.width)));
       } else {
         const int32_t tok = plan.ids_only ? out.ids[static_cast<size_t>(row)] : -1;
         AcceptToken(s, tok, out, row);
@@ -518,16 +541,34 @@ void Scheduler::Apply(InFlightStep& f, const StepOutput& out) {
   }
 }
 
+// One prompt position's row: the next prompt token's log-probability; the prompt's list goes to
+// the request once complete.
+void Scheduler::PromptRow(Sequence& s, std::span<const float> row) {
+  const auto next = s.prompt[s.prompt_lp.size() + 1];
+  s.prompt_lp.push_back(Logprobs(row, next, s.prompt_top));
+  if (s.prompt_lp.size() + 1 < s.prompt.size()) return;
+  RequestHandle& h = *s.req->handle;
+  std::lock_guard<std::mutex> lock(h.mu);
+  h.prompt_logprobs[static_cast<size_t>(s.index / std::max(1, s.gen().n))] = s.prompt_lp;
+}
+
 void Scheduler::AcceptToken(Sequence& s, int32_t tok, const StepOutput& out, int64_t row) {
   const GenerationOptions& g = s.gen();
   std::optional<TokenLogprobs> lp;
   if (tok < 0) {  // the row came back: penalties, min_p and log-probabilities happen here
     std::span<const float> raw(out.row(row), static_cast<size_t>(out.width));
     std::vector<float> v(raw.begin(), raw.end());
-    ApplyTokenRules(v, g, static_cast<int64_t>(s.generated.size()),
-                    executor_.config().eos_token_ids);
+    ApplyTokenRules(v, g, s.generated, executor_.config().eos_token_ids);
     ApplyPenalties(v, g, s.prompt, s.counts);
     if (!s.sampling.params.greedy) ApplyMinP(v, g.min_p, s.sampling.params.temperature);
+    if (std::none_of(v.begin(), v.end(), [](float x) { return x > -INFINITY; })) {
+      CloseRequest(*s.req, Outcome::kFailed,
+                   ApiError{400,
+                            "no token is left to draw: allowed_token_ids, bad_words, min_tokens "
+                            "and logit_bias together exclude every token",
+                            "invalid_request_error", "allowed_token_ids", ""});
+      return;
+    }
     RowSampling rs = s.sampling;
     rs.counter = s.generated.size();
     tok = SampleRow(v, rs);

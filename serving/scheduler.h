@@ -76,6 +76,7 @@ class Scheduler {
   void Expand(std::shared_ptr<RequestHandle> h);
   void Finish(Sequence& s);
   void AcceptToken(Sequence& s, int32_t token, const StepOutput& out, int64_t row);
+  void PromptRow(Sequence& s, std::span<const float> row);
   void Classified(Sequence& s);
   void Remove(Sequence& s);
   void ReleaseKv(Sequence& s);

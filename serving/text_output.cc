@@ -4,9 +4,10 @@
 
 namespace gemma2::serving {
 
-TextOutput::TextOutput(const Tokenizer* tok, std::vector<std::string> stop, bool include_stop)
+TextOutput::TextOutput(const Tokenizer* tok, std::vector<std::string> stop, bool include_stop,
+                       bool skip_special)
     : stop_(std::move(stop)), include_stop_(include_stop) {
-  if (tok) detok_.emplace(*tok);
+  if (tok) detok_.emplace(*tok, skip_special);
 }
 
 TextOutput::Piece TextOutput::Feed(std::string more) {

@@ -13,14 +13,16 @@ namespace gemma2::serving {
 
 class TextOutput {
  public:
-  // include_stop: the matched stop string stays in the text (vLLM's include_stop_str_in_output).
-  TextOutput(const Tokenizer* tok, std::vector<std::string> stop, bool include_stop = false);
+  // include_stop: the matched stop string stays in the text (vLLM's include_stop_str_in_output);
+  // skip_special false: special tokens are written as their pieces (vLLM's skip_special_tokens).
+  TextOutput(const Tokenizer* tok, std::vector<std::string> stop, bool include_stop = false,
+             bool skip_special = true);
   struct Piece {
     std::string text;       // newly released
     bool hit_stop = false;  // a stop string matched: the choice ends here
     std::string stop;       // which one
   };
-  // Feeds one generated id (control tokens add no text).
+  // Feeds one generated id (special tokens add no text unless skip_special is false).
   Result<Piece> Push(int32_t id);
   // Feeds decoded text (what Push does after detokenizing).
   Piece Feed(std::string text);

@@ -1,5 +1,6 @@
 // The HTTP API end to end: gemma2-launch (a coordinator and 2 worker processes, CPU backend) with
-// real clients — curl, the official openai npm package, and gemma2-client — on loopback. Bad input
+// real clients — curl, the official openai npm package, the Vercel AI SDK, LangChain JS and
+// gemma2-client — on loopback. Bad input
 // is answered with OpenAI's error body and the server keeps serving; a ledger of many concurrent
 // streams reconciles with /metrics; disconnects free their KV blocks; SIGTERM drains.
 #include <arpa/inet.h>
@@ -935,15 +936,127 @@ TEST_F(ServerTest, EchoSpecialTokensAndPromptTruncation) {
   const json truncated = server_->Post("/v1/completions", cut)["choices"][0];
   const auto& full = plain["prompt_token_ids"];
   EXPECT_EQ(truncated["prompt_token_ids"], json({full[full.size() - 2], full[full.size() - 1]}));
-  json both = base;
-  both["echo"] = true;
-  both["logprobs"] = 1;
-  EXPECT_EQ(server_->Post("/v1/completions", both, 400)["error"]["param"], "echo");
   EXPECT_EQ(server_->Post("/v1/chat/completions",
                           {{"messages", {{{"role", "user"}, {"content", "Hi"}}}},
                            {"add_special_tokens", true}},
                           400)["error"]["param"],
             "add_special_tokens");
+}
+
+// prompt_logprobs equal log_softmax of gemma2-run --logits rows (row t scores prompt token t + 1),
+// with echo + logprobs giving the same numbers in the legacy shape; both refused when streamed.
+TEST_F(ServerTest, PromptLogprobsEqualGemma2RunRows) {
+  const std::string prompt = "The quick brown fox jumps over";
+  int code = 0;
+  const json offline = json::parse(Shell(Bin("gemma2-run") + RunBackend() + " --model " + Lm() +
+                                             " --max-new-tokens 1 --logits --prompt '" + prompt + "'",
+                                         &code));
+  ASSERT_EQ(code, 0);
+  const auto ids = offline["prompt_ids"].get<std::vector<int32_t>>();
+  ASSERT_GE(ids.size(), 4u);
+  const json served = server_->Post("/v1/completions", {{"prompt", prompt}, {"max_tokens", 1},
+                                                        {"prompt_logprobs", 2}})["choices"][0];
+  const json& plp = served["prompt_logprobs"];
+  ASSERT_EQ(plp.size(), ids.size()) << served;
+  EXPECT_EQ(plp[0], nullptr);
+  std::vector<double> chosen;
+  for (size_t t = 0; t + 1 < ids.size(); ++t) {
+    const auto row = offline["logits"][t].get<std::vector<double>>();
+    const double best = *std::max_element(row.begin(), row.end());
+    double z = 0;
+    for (double v : row) z += std::exp(v - best);
+    const double log_z = best + std::log(z);
+    const json& entry = plp[t + 1];
+    const std::string next = std::to_string(ids[t + 1]);
+    ASSERT_TRUE(entry.contains(next)) << entry;
+    EXPECT_NEAR(entry[next]["logprob"].get<double>(), row[static_cast<size_t>(ids[t + 1])] - log_z,
+                2e-3) << t;
+    EXPECT_GE(entry.size(), 2u);
+    EXPECT_LE(entry.size(), 3u);  // the top 2 and the prompt's own token
+    chosen.push_back(entry[next]["logprob"].get<double>());
+  }
+  // The test model must not find every prompt token equally likely.
+  EXPECT_GT(*std::max_element(chosen.begin(), chosen.end()) -
+                *std::min_element(chosen.begin(), chosen.end()), 0.1);
+  const json echoed = server_->Post("/v1/completions", {{"prompt", prompt}, {"max_tokens", 2},
+                                                        {"echo", true}, {"logprobs", 1}})["choices"][0];
+  const json& lp = echoed["logprobs"];
+  ASSERT_EQ(lp["token_logprobs"].size(), ids.size() + 2) << echoed;
+  EXPECT_EQ(lp["token_logprobs"][0], nullptr);
+  for (size_t t = 1; t < ids.size(); ++t)
+    EXPECT_NEAR(lp["token_logprobs"][t].get<double>(), chosen[t - 1], 1e-6) << t;
+  EXPECT_EQ(lp["tokens"][0], "<bos>");
+  EXPECT_EQ(echoed["text"].get<std::string>().rfind(prompt, 0), 0u);
+  EXPECT_EQ(server_->Post("/v1/completions", {{"prompt", prompt}, {"prompt_logprobs", 1},
+                                              {"stream", true}}, 400)["error"]["param"],
+            "prompt_logprobs");
+  EXPECT_EQ(server_->Post("/v1/completions", {{"prompt", prompt}, {"echo", true}, {"logprobs", 1},
+                                              {"stream", true}}, 400)["error"]["param"],
+            "echo");
+  const json chat = server_->Post("/v1/chat/completions",
+                                  {{"messages", {{{"role", "user"}, {"content", prompt}}}},
+                                   {"max_tokens", 1}, {"prompt_logprobs", 0}});
+  EXPECT_EQ(chat["prompt_logprobs"][0], nullptr);
+  EXPECT_GT(chat["prompt_logprobs"].size(), ids.size()) << chat;  // the template's tokens too
+}
+
+// bad_words never completes a banned word; skip_special_tokens false shows special tokens in the
+// text; add_generation_prompt and continue_final_message shape the chat prompt.
+TEST_F(ServerTest, BadWordsSpecialTokensAndChatTemplateEndings) {
+  const json base = {{"prompt", "Hello, my name is"}, {"max_tokens", 6}, {"temperature", 0},
+                     {"return_token_ids", true}};
+  const json plain = server_->Post("/v1/completions", base)["choices"][0];
+  // The first generated token that is a word of its own (one piece, not blank) is banned.
+  int first = -1;
+  std::string word;
+  for (const auto& t : plain["token_ids"]) {
+    word = server_->Post("/detokenize", {{"tokens", {t}}})["prompt"];
+    const auto back =
+        server_->Post("/tokenize", {{"prompt", word}, {"add_special_tokens", false}})["tokens"];
+    if (back.size() == 1 && back[0] == t && word.find_first_not_of(" \n") != std::string::npos) {
+      first = t;
+      break;
+    }
+  }
+  ASSERT_GE(first, 0) << plain;
+  json banned = base;
+  banned["bad_words"] = {word};
+  const json avoided = server_->Post("/v1/completions", banned)["choices"][0];
+  for (const auto& t : avoided["token_ids"]) EXPECT_NE(t, first) << avoided;
+  EXPECT_NE(avoided["token_ids"], plain["token_ids"]);
+  json shown = base;
+  shown["logit_bias"] = {{"2", 100}};  // <bos> every time
+  shown["max_tokens"] = 2;
+  EXPECT_EQ(server_->Post("/v1/completions", shown)["choices"][0]["text"], "");
+  shown["skip_special_tokens"] = false;
+  EXPECT_EQ(server_->Post("/v1/completions", shown)["choices"][0]["text"], "<bos><bos>");
+  shown["echo"] = true;
+  EXPECT_EQ(server_->Post("/v1/completions", shown)["choices"][0]["text"],
+            "<bos>Hello, my name is<bos><bos>");
+
+  const json turns = {{{"role", "user"}, {"content", "Hi"}},
+                      {{"role", "assistant"}, {"content", "Hello, I"}}};
+  const json user_only = {{{"role", "user"}, {"content", "Hi"}}};
+  auto tokens = [&](json body) { return server_->Post("/tokenize", body)["tokens"]; };
+  const json with_prompt = tokens({{"messages", user_only}});
+  const json without = tokens({{"messages", user_only}, {"add_generation_prompt", false}});
+  ASSERT_GT(with_prompt.size(), without.size());
+  EXPECT_EQ(json(std::vector<json>(with_prompt.begin(), with_prompt.begin() + without.size())),
+            without);
+  const json open = tokens({{"messages", turns}, {"add_generation_prompt", false},
+                            {"continue_final_message", true}});
+  const json closed = tokens({{"messages", turns}, {"add_generation_prompt", false}});
+  ASSERT_LT(open.size(), closed.size());
+  EXPECT_EQ(json(std::vector<json>(closed.begin(), closed.begin() + open.size())), open);
+  const json continued = server_->Post(
+      "/v1/chat/completions", {{"messages", turns}, {"add_generation_prompt", false},
+                               {"continue_final_message", true}, {"max_tokens", 3},
+                               {"temperature", 0}, {"return_token_ids", true}});
+  EXPECT_EQ(continued["choices"][0]["prompt_token_ids"], open);
+  EXPECT_EQ(server_->Post("/v1/chat/completions",
+                          {{"messages", turns}, {"continue_final_message", true}}, 400)
+                ["error"]["param"],
+            "continue_final_message");
 }
 
 // The metrics operators alert on (vLLM's set, docs/metrics.md): per-request latency phases and
@@ -1024,17 +1137,29 @@ TEST_F(ServerTest, JsonLogHasReadyAccessLinesAndTheDrain) {
   EXPECT_FALSE(find([](const json& r) { return r["msg"] == "draining on signal"; }).is_null());
 }
 
-TEST_F(ServerTest, OfficialOpenAiNodePackage) {
+// The clients users move from vLLM with (tests/js, installed by make test from its lock file):
+// completions, chat, streaming and batches through each, equal to the server's own answer to the
+// request the client sent; unsupported structured output refused out loud.
+void RunNodeClient(const Server& server, const std::string& script, const std::string& package) {
   const std::string js = std::string(GEMMA2_SOURCE_DIR) + "/tests/js";
-  if (Shell("command -v node").empty() || !std::filesystem::exists(js + "/node_modules/openai")) {
-    GTEST_SKIP() << "node or tests/js/node_modules/openai missing (make test runs npm ci there)";
+  if (Shell("command -v node").empty() || !std::filesystem::exists(js + "/node_modules/" + package)) {
+    GTEST_SKIP() << "skipped: node or tests/js/node_modules/" << package
+                 << " missing (make test runs npm ci there)";
   }
   int code = 0;
   const std::string out = Shell(
-      "node " + js + "/openai_client.mjs " + server_->base() + " " + kKey + " lm 2>&1", &code);
+      "node " + js + "/" + script + " " + server.base() + " " + kKey + " lm 2>&1", &code);
   EXPECT_EQ(code, 0) << out;
   EXPECT_NE(out.find("\"ok\":true"), std::string::npos) << out;
 }
+
+TEST_F(ServerTest, OfficialOpenAiNodePackage) {
+  RunNodeClient(*server_, "openai_client.mjs", "openai");
+}
+
+TEST_F(ServerTest, VercelAiSdk) { RunNodeClient(*server_, "ai_sdk_client.mjs", "@ai-sdk/openai-compatible"); }
+
+TEST_F(ServerTest, LangChainJs) { RunNodeClient(*server_, "langchain_client.mjs", "@langchain/openai"); }
 
 TEST_F(ServerTest, Gemma2ClientWritesOneResultPerLineInOrder) {
   const auto in = dir_->path() / "prompts.jsonl";

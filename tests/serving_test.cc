@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <deque>
+#include <filesystem>
 #include <map>
 #include <thread>
 
@@ -112,8 +113,7 @@ TEST(RequestParserTest, UnsupportedFieldsAreRefusedByNameHarmlessOnesPass) {
   ModelFacts facts{&c, nullptr, "m", Limits{}};
   ASSERT_TRUE(facts.limits.strict_fields);  // the default
   const std::vector<std::string> refused = {
-      "response_format", "tools", "tool_choice", "suffix", "bad_words",
-      "prompt_logprobs", "add_generation_prompt",
+      "response_format", "tools", "tool_choice", "suffix",
       "chat_template_kwargs", "guided_json", "structured_outputs", "frobnicate"};
   for (const std::string& field : refused) {
     json body = {{"prompt", {5}}, {"max_tokens", 2}};
@@ -219,6 +219,42 @@ TEST(LogitsProcessingTest, PenaltiesMinPAndLogprobsFollowTheirDefinitions) {
   ASSERT_EQ(lp.top.size(), 2u);
   EXPECT_EQ(lp.top[0].first, 2);
   EXPECT_NEAR(lp.top[1].second, 2 - z, 1e-6);
+}
+
+// bad_words: a one-token word is always banned; a longer word's last token only where the output
+// ends with the rest of it. Rank counts the tokens more likely than the chosen one.
+TEST(LogitsProcessingTest, BadWordsBanTheTokenThatWouldCompleteAWord) {
+  GenerationOptions g;
+  g.bad_words = {{7}, {3, 4, 5}};
+  auto ruled = [&](std::vector<int32_t> generated) {
+    std::vector<float> v(10, 0.0f);
+    ApplyTokenRules(v, g, generated, {1});
+    return v;
+  };
+  EXPECT_TRUE(std::isinf(ruled({})[7]));
+  EXPECT_FALSE(std::isinf(ruled({})[5]));
+  EXPECT_FALSE(std::isinf(ruled({3})[5]));
+  EXPECT_TRUE(std::isinf(ruled({9, 3, 4})[5]));
+  EXPECT_FALSE(std::isinf(ruled({3, 4, 9})[5]));
+  const std::vector<float> row = {1, 3, 2, 3};
+  EXPECT_EQ(Logprobs(row, 2, 0).rank, 3);
+  EXPECT_EQ(Logprobs(row, 1, 0).rank, 1);
+}
+
+// On Gemma's vocabulary: each word alone and after a space, as vLLM encodes them.
+TEST(LogitsProcessingTest, BadWordSequencesOnGemmasVocabulary) {
+  const auto path = std::filesystem::path(GEMMA2_SOURCE_DIR) / "../shared/tokenizers/gemma2-tokenizer.model";
+  if (!std::filesystem::exists(path)) GTEST_SKIP() << "skipped: ../shared/tokenizers is absent";
+  auto tok = Tokenizer::Load(path);
+  ASSERT_TRUE(tok.ok());
+  const auto words = BadWordSequences({"hello", " world"}, **tok);
+  const auto enc = [&](const std::string& s) { return *(*tok)->Encode(s, false); };
+  std::vector<std::vector<int32_t>> want = {enc("hello")};
+  if (enc(" hello").size() == enc("hello").size()) want.push_back(enc(" hello"));
+  want.push_back(enc("world"));
+  if (enc(" world").size() == enc("world").size()) want.push_back(enc(" world"));
+  EXPECT_EQ(words, want);
+  EXPECT_GE(words.size(), 3u);
 }
 
 // ---- the scheduler against Generate ----
@@ -448,6 +484,55 @@ TEST_F(SchedulerTest, PipelinedStepsEqualTheOfflineLoop) {
 
 // Four sequences admitted together outgrow a 14-block budget: some are preempted, recomputed
 // later, and still produce the offline loop's tokens.
+// prompt_logprobs: each prompt token's log-probability and top k equal log_softmax of the offline
+// loop's rows, whether the prompt is prefilled in one step or in chunks, for a repeated prompt
+// (its cached prefix is not reused: every row is needed) and for several choices.
+TEST_F(SchedulerTest, PromptLogprobsEqualTheOfflineRows) {
+  Make(Small());
+  const std::vector<int32_t> prompt = Prompt(20, 4);
+  GenerationRequest g;
+  g.prompt = prompt;
+  g.max_new_tokens = 1;
+  g.return_logits = true;
+  auto offline = Generate(*engine_, {g});
+  ASSERT_TRUE(offline.ok());
+  const auto& rows = (*offline)[0].logits;
+  ASSERT_GE(rows.size(), prompt.size());
+  for (int64_t step_tokens : {256, 6}) {
+    SchedulerOptions o;
+    o.max_step_tokens = step_tokens;
+    Scheduler s(*engine_, nullptr, metrics_, o);
+    for (int repeat = 0; repeat < 2; ++repeat) {
+      ParsedRequest r = Completion(prompt, 3);
+      r.gen.prompt_logprobs = 3;
+      r.gen.n = 2;
+      auto h = Submit(s, r);
+      WaitDone(*h);
+      std::lock_guard<std::mutex> lock(h->mu);
+      ASSERT_FALSE(h->error);
+      ASSERT_EQ(h->prompt_logprobs.size(), 1u);
+      const auto& lps = h->prompt_logprobs[0];
+      ASSERT_EQ(lps.size(), prompt.size() - 1) << step_tokens;
+      for (size_t t = 0; t + 1 < prompt.size(); ++t) {
+        const auto& row = rows[t];
+        const float best = *std::max_element(row.begin(), row.end());
+        double z = 0;
+        for (float v : row) z += std::exp(static_cast<double>(v - best));
+        const double log_z = best + std::log(z);
+        EXPECT_NEAR(lps[t].chosen, row[static_cast<size_t>(prompt[t + 1])] - log_z, 1e-5) << t;
+        ASSERT_EQ(lps[t].top.size(), 3u);
+        EXPECT_NEAR(lps[t].top[0].second, best - log_z, 1e-5) << t;
+        EXPECT_EQ(row[static_cast<size_t>(lps[t].top[0].first)], best);
+        int64_t above = 0;
+        for (float v : row) above += v > row[static_cast<size_t>(prompt[t + 1])];
+        EXPECT_EQ(lps[t].rank, above + 1);
+      }
+      EXPECT_EQ(h->choices.size(), 2u);
+      EXPECT_EQ(h->choices[0].token_ids.size(), 3u);
+    }
+  }
+}
+
 TEST_F(SchedulerTest, PreemptedSequencesAreRecomputedToTheSameTokens) {
   Make(Small());
   SchedulerOptions o;

@@ -87,6 +87,49 @@ TEST_F(GemmaTokenizerTest, ChatTemplateMergesSystemIntoFirstUserTurn) {
   EXPECT_FALSE(tok_->EncodeChat({{"tool", "a"}}).ok());
 }
 
+// add_generation_prompt false ends after the last turn; continue_final_message leaves the last
+// turn open (Hugging Face cuts its rendering right after that message's text); both is an error.
+TEST_F(GemmaTokenizerTest, ChatTemplateEndsAsAskedFor) {
+  const std::vector<ChatMessage> chat = {{"user", "Hi"}, {"assistant", "Hello, I am"}};
+  auto full = tok_->EncodeChat({{"user", "Hi"}});
+  auto closed = tok_->EncodeChat(chat, {.add_generation_prompt = false});
+  auto open = tok_->EncodeChat(chat, {.add_generation_prompt = false,
+                                      .continue_final_message = true});
+  ASSERT_TRUE(full.ok() && closed.ok() && open.ok());
+  auto piece = [&](const std::string& s) { return *tok_->Encode(s, false); };
+  std::vector<int32_t> expect = {2, 106};
+  auto add = [&](const std::vector<int32_t>& p) { expect.insert(expect.end(), p.begin(), p.end()); };
+  add(piece("user\nHi"));
+  expect.push_back(107);
+  add(piece("\n"));
+  EXPECT_EQ(std::vector<int32_t>(full->begin(), full->begin() + expect.size()), expect);
+  expect.push_back(106);
+  add(piece("model\nHello, I am"));
+  EXPECT_EQ(*open, expect);
+  expect.push_back(107);
+  add(piece("\n"));
+  EXPECT_EQ(*closed, expect);
+  EXPECT_FALSE(tok_->EncodeChat(chat, {.add_generation_prompt = true,
+                                       .continue_final_message = true}).ok());
+}
+
+// skip_special false writes special tokens as their pieces, in place; true leaves them out.
+TEST_F(GemmaTokenizerTest, SpecialTokensAreShownWhenNotSkipped) {
+  std::vector<int32_t> ids = {2, 106};
+  const auto hi = *tok_->Encode("model\nHi there", false);
+  ids.insert(ids.end(), hi.begin(), hi.end());
+  ids.push_back(107);
+  ids.push_back(1);
+  EXPECT_EQ(*tok_->Decode(ids), "model\nHi there");
+  EXPECT_EQ(*tok_->Decode(ids, /*skip_special=*/false),
+            "<bos><start_of_turn>model\nHi there<end_of_turn><eos>");
+  IncrementalDetokenizer streamed(*tok_, /*skip_special=*/false);
+  std::string text;
+  for (int32_t id : ids) text += *streamed.Push(id);
+  text += *streamed.Flush();
+  EXPECT_EQ(text, "<bos><start_of_turn>model\nHi there<end_of_turn><eos>");
+}
+
 TEST_F(GemmaTokenizerTest, StreamingNeverSplitsACharacter) {
   const std::vector<std::string> texts = {
       "Plain ASCII text, with   spaces\tand tabs.",

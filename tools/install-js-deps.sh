@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs the official openai npm package into tests/js (from its package-lock.json) so that
-# server_test can use it as a real client. Node.js comes from the machine, or Debian when absent.
-# Without network access the step warns and that one test reports itself skipped.
+# Installs the JavaScript clients server_test drives (the openai package, the Vercel AI SDK,
+# LangChain JS) into tests/js from its package-lock.json. Node.js comes from the machine, or
+# Debian when absent.
+# Without network access the step warns and those tests report themselves skipped.
 set -uo pipefail
 dir=$(dirname "$0")/../tests/js
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
@@ -13,6 +14,6 @@ fi
 stamp=$dir/node_modules/.package-lock.json
 if [[ -f $stamp && $stamp -nt $dir/package-lock.json ]]; then exit 0; fi
 if ! (cd "$dir" && npm ci --no-audit --no-fund --silent >/dev/null 2>&1); then
-  echo "install-js-deps: warning: npm ci failed in tests/js; the openai npm client test will be skipped"
+  echo "install-js-deps: warning: npm ci failed in tests/js; the JavaScript client tests will be skipped"
 fi
 exit 0

@@ -1,0 +1,71 @@
+// The Vercel AI SDK (ai + @ai-sdk/openai-compatible) against a running gemma2 server, as its users
+// call it. Usage: node ai_sdk_client.mjs BASE_URL API_KEY MODEL
+// Prints one JSON line of what it saw; exits non-zero on the first broken expectation.
+import assert from "node:assert/strict";
+import { createOpenAICompatible } from "@ai-sdk/openai-compatible";
+import { APICallError, generateObject, generateText, streamText } from "ai";
+import { z } from "zod";
+
+const [baseURL, apiKey, model] = process.argv.slice(2);
+// Every request the SDK sends is kept, so the test can send the same body by hand.
+const sent = [];
+const recording = async (url, options) => {
+  sent.push({ url: String(url), body: JSON.parse(options.body) });
+  return fetch(url, options);
+};
+const gemma = createOpenAICompatible({ name: "gemma2", baseURL: `${baseURL}/v1`, apiKey, includeUsage: true, fetch: recording });
+const settings = { maxOutputTokens: 10, temperature: 0, maxRetries: 0 };
+const system = "Be brief.";
+const messages = [{ role: "user", content: "What is tensor parallelism?" }];
+
+// The SDK's last request sent again by hand: what the server answered it.
+async function resend() {
+  const { url, body } = sent.at(-1);
+  const r = await fetch(url, {
+    method: "POST",
+    headers: { Authorization: `Bearer ${apiKey}`, "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  assert.equal(r.status, 200);
+  return r.json();
+}
+
+const chat = await generateText({ model: gemma(model), system, messages, ...settings });
+const direct = await resend();
+assert.equal(sent.at(-1).body.messages[0].role, "system");
+assert.equal(chat.text, direct.choices[0].message.content);
+assert.equal(chat.usage.outputTokens, direct.usage.completion_tokens);
+assert.equal(chat.finishReason, "length");
+
+const completion = await generateText({ model: gemma.completionModel(model), prompt: "Hello, my name is", ...settings });
+// The SDK writes the prompt as a "user:/assistant:" transcript with a stop string.
+assert.match(sent.at(-1).body.prompt, /Hello, my name is/);
+const directCompletion = await resend();
+assert.equal(completion.text, directCompletion.choices[0].text);
+
+// Streaming: the deltas add up to the unstreamed text; usage arrives at the end.
+const stream = streamText({ model: gemma(model), system, messages, ...settings });
+let streamed = "";
+for await (const delta of stream.textStream) streamed += delta;
+assert.equal(streamed, chat.text);
+assert.equal((await stream.usage).outputTokens, 10);
+const cstream = streamText({ model: gemma.completionModel(model), prompt: "Hello, my name is", ...settings });
+let cstreamed = "";
+for await (const delta of cstream.textStream) cstreamed += delta;
+assert.equal(cstreamed, completion.text);
+
+// A batch, as SDK users send one: concurrent calls, each its own answer.
+const prompts = ["The sea", "A cluster of GPUs", "Hello, my name is"];
+const batch = await Promise.all(prompts.map((prompt) =>
+  generateText({ model: gemma.completionModel(model), prompt, ...settings })));
+assert.equal(batch[2].text, completion.text);
+assert.equal(sent.length, 7);
+assert.ok(new Set(batch.map((b) => b.text)).size > 1, "different prompts, different answers");
+
+// Structured output the server does not honour yet is refused out loud, never ignored.
+await assert.rejects(
+  generateObject({ model: gemma(model), schema: z.object({ name: z.string() }), prompt: "A name", ...settings }),
+  (e) => APICallError.isInstance(e) && e.statusCode === 400 && /response_format/.test(e.responseBody),
+);
+
+console.log(JSON.stringify({ ok: true, chat: chat.text, completion: completion.text, streamed }));

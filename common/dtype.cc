@@ -15,6 +15,7 @@ std::optional<DType> DTypeFromSafetensorsName(std::string_view name) {
   if (name == "I8") return DType::kI8;
   if (name == "U8") return DType::kU8;
   if (name == "BOOL") return DType::kBool;
+  if (name == "F8_E4M3") return DType::kF8E4M3;
   return std::nullopt;
 }
 
@@ -40,6 +41,8 @@ std::string_view DTypeName(DType t) {
       return "U8";
     case DType::kBool:
       return "BOOL";
+    case DType::kF8E4M3:
+      return "F8_E4M3";
   }
   return "?";
 }
@@ -59,9 +62,43 @@ int64_t DTypeSize(DType t) {
     case DType::kI8:
     case DType::kU8:
     case DType::kBool:
+    case DType::kF8E4M3:
       return 1;
   }
   return 0;
+}
+
+float F8E4M3ToF32(uint8_t v) {
+  const uint32_t sign = v >> 7, exp = (v >> 3) & 0xfu, mant = v & 0x7u;
+  float f;
+  if (exp == 15 && mant == 7) {
+    f = std::nanf("");
+  } else if (exp == 0) {
+    f = std::ldexp(static_cast<float>(mant), -9);  // subnormal (or zero)
+  } else {
+    f = std::ldexp(static_cast<float>(mant | 8u), static_cast<int>(exp) - 10);
+  }
+  return sign ? -f : f;
+}
+
+uint8_t F32ToF8E4M3(float f) {
+  const uint8_t sign = std::signbit(f) ? 0x80 : 0;
+  if (std::isnan(f)) return sign | 0x7f;
+  const float a = std::fabs(f);
+  if (a >= kF8E4M3Max) return sign | 0x7e;
+  if (a < 0.015625f) {  // below 2^-6: subnormals in steps of 2^-9 (8 steps reach the normal 2^-6)
+    return sign | static_cast<uint8_t>(std::nearbyint(a * 512.0f));
+  }
+  int e = 0;
+  const float m = std::frexp(a, &e);  // a = m * 2^e, m in [0.5, 1)
+  int mant = static_cast<int>(std::nearbyint((m * 2.0f - 1.0f) * 8.0f));
+  int exp = e - 1 + 7;
+  if (mant == 8) {
+    mant = 0;
+    ++exp;
+  }
+  if (exp > 15 || (exp == 15 && mant == 7)) return sign | 0x7e;
+  return sign | static_cast<uint8_t>(exp << 3 | mant);
 }
 
 float F16ToF32(uint16_t h) {

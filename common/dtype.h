@@ -9,7 +9,7 @@
 
 namespace gemma2 {
 
-enum class DType : uint8_t { kF32, kF16, kBF16, kF64, kI64, kI32, kI16, kI8, kU8, kBool };
+enum class DType : uint8_t { kF32, kF16, kBF16, kF64, kI64, kI32, kI16, kI8, kU8, kBool, kF8E4M3 };
 
 // Safetensors names ("BF16", "F32", ...). nullopt for a name safetensors does not define.
 std::optional<DType> DTypeFromSafetensorsName(std::string_view name);
@@ -33,6 +33,14 @@ inline uint16_t F32ToBf16(float f) {
 float F16ToF32(uint16_t h);
 // Round-to-nearest-even; overflow goes to infinity, tiny values to (signed) zero or subnormals.
 uint16_t F32ToF16(float f);
+
+// FP8 E4M3 ("fn": no infinities, one NaN per sign, largest finite 448), as torch's
+// float8_e4m3fn and CUDA's __nv_fp8_e4m3 store it.
+inline constexpr float kF8E4M3Max = 448.0f;
+float F8E4M3ToF32(uint8_t v);
+// Round-to-nearest-even; beyond +-448 (infinity too) saturates to +-448, NaN stays NaN: what
+// CUDA's __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3) does.
+uint8_t F32ToF8E4M3(float f);
 
 // Converts n little-endian elements of `src_type` at `src` to fp32. Weight types only.
 void ConvertToF32(DType src_type, const void* src, float* dst, int64_t n);

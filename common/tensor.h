@@ -14,6 +14,10 @@ struct Tensor {
   int64_t rows = 0;
   int64_t cols = 0;
   DType dtype = DType::kF32;
+  // kF8E4M3 weights: one fp32 dequantization scale per row (value = stored * row_scales[row]),
+  // in the same memory as data; null otherwise.
+  std::shared_ptr<void> scale_storage;
+  float* row_scales = nullptr;
 
   bool empty() const { return data == nullptr; }
   int64_t numel() const { return rows * cols; }

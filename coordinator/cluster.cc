@@ -66,7 +66,9 @@ Result<pid_t> SpawnWorker(const WorkerSpawn& w, int rank) {
                                  std::string("--address"),
                                  w.address,
                                  std::string("--device"),
-                                 std::to_string(w.device)}) {
+                                 std::to_string(w.device),
+                                 std::string("--quantization"),
+                                 w.quantization}) {
     argv_s.push_back(arg);
   }
   const auto seconds = [](std::chrono::milliseconds d) { return std::to_string(d.count() / 1000.0); };
@@ -201,6 +203,7 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
     w.coordinator = opts.listen_host + ":" + std::to_string(port);
     w.model = opts.model;
     w.backend = opts.backend;
+    w.quantization = opts.quantization;
     w.secret_file = r == opts.wrong_secret_rank ? wrong_file : secret_file;
     w.address = node.address;
     w.tp = opts.tp;

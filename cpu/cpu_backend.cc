@@ -7,6 +7,7 @@
 #include <cstring>
 #include <vector>
 
+#include "model/quantization.h"
 #include "model/rope.h"
 #include "model/shard_pick.h"
 
@@ -41,6 +42,21 @@ Result<Tensor> CpuBackend::Upload(const void* host, DType dtype, int64_t rows, i
   Tensor t = Alloc(rows, cols);
   ConvertToF32(dtype, host, t.as<float>(), rows * cols);
   return t;
+}
+
+Status CpuBackend::QuantizeFp8(Tensor& w) {
+  if (w.dtype != DType::kF32) return Internal("cpu backend: QuantizeFp8 of a non-fp32 weight");
+  std::vector<uint8_t> q(static_cast<size_t>(w.numel()));
+  std::vector<float> scale(static_cast<size_t>(w.rows));
+  QuantizeRowsFp8(w.as<float>(), w.rows, w.cols, q.data(), scale.data());
+  float* v = w.as<float>();
+  for (int64_t r = 0; r < w.rows; ++r) {
+    for (int64_t k = 0; k < w.cols; ++k) {
+      const size_t i = static_cast<size_t>(r * w.cols + k);
+      v[i] = F8E4M3ToF32(q[i]) * scale[static_cast<size_t>(r)];
+    }
+  }
+  return OkStatus();
 }
 
 Result<Tensor> CpuBackend::UploadRows(DType dtype, int64_t rows, int64_t cols,

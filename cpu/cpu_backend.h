@@ -19,6 +19,7 @@ class CpuBackend final : public Backend {
   DType activation_dtype() const override { return DType::kF32; }
 
   Result<Tensor> Upload(const void* host, DType dtype, int64_t rows, int64_t cols) override;
+  Status QuantizeFp8(Tensor& w) override;
   Result<Tensor> UploadRows(DType dtype, int64_t rows, int64_t cols,
                             const RowFiller& fill) override;
   Tensor Alloc(int64_t rows, int64_t cols) override;

@@ -15,6 +15,7 @@
 #include "kernels/elementwise.h"
 #include "kernels/embed.h"
 #include "kernels/flash_attention.h"
+#include "kernels/fp8.h"
 #include "kernels/gemm.h"
 #include "kernels/gemv.h"
 #include "kernels/kv_copy.h"
@@ -109,6 +110,29 @@ class CudaBackend final : public Backend {
     }
     RETURN_IF_ERROR(stager_->Copy(t.data, rows, cols * 2, fill));
     return t;
+  }
+
+  Status QuantizeFp8(Tensor& w) override {
+    if (w.dtype != DType::kBF16) return Internal("cuda backend: QuantizeFp8 of a non-bf16 weight");
+    if (stager_) RETURN_IF_ERROR(stager_->Finish());  // the weight's copies have landed
+    Tensor q;
+    q.rows = w.rows;
+    q.cols = w.cols;
+    q.dtype = DType::kF8E4M3;
+    Status st;
+    const std::string what =
+        "quantizing a " + std::to_string(w.rows) + "x" + std::to_string(w.cols) + " weight to FP8";
+    q.storage = DeviceAlloc(static_cast<size_t>(w.numel()), &st);
+    RETURN_IF_ERROR(st.WithContext(what));
+    q.scale_storage = DeviceAlloc(static_cast<size_t>(w.rows) * sizeof(float), &st);
+    RETURN_IF_ERROR(st.WithContext(what));
+    q.data = q.storage.get();
+    q.row_scales = static_cast<float*>(q.scale_storage.get());
+    RETURN_IF_CUDA_ERROR(kernels::QuantizeRowsFp8(w.as<bf16>(), w.rows, w.cols, q.as<uint8_t>(),
+                                                  q.row_scales, stream_));
+    RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream_));  // before the bf16 weight is freed
+    w = std::move(q);
+    return OkStatus();
   }
 
   Status FinishUploads() override {
@@ -386,7 +410,9 @@ class CudaBackend final : public Backend {
   void Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& out) override {
     if (!error_.ok() || replaying_) return;
     const bool f32 = out.dtype == DType::kF32;
-    if (kernels::GemvSupports(x.data, w.data, x.rows, x.cols)) {  // decode: memory-bound
+    if (w.dtype == DType::kF8E4M3) {
+      LinearFp8(x, w, out, f32);
+    } else if (kernels::GemvSupports(x.data, w.data, x.rows, x.cols)) {  // decode: memory-bound
       Note(
           kernels::Gemv(x.as<bf16>(), w.as<bf16>(), out.data, f32, x.rows, w.rows, x.cols, stream_),
           "Gemv");
@@ -548,6 +574,28 @@ class CudaBackend final : public Backend {
   }
 
   // Device memory for a rows x cols bf16 weight (contents undefined).
+  // FP8 weights: few tokens read them in the GEMV (dequantized in registers); more are quantized
+  // per token and multiplied on the FP8 tensor cores (cuBLASLt, row and column scale vectors).
+  void LinearFp8(const Tensor& x, const Tensor& w, Tensor& out, bool f32) {
+    if (kernels::GemvFp8Supports(x.data, w.data, x.rows, x.cols)) {
+      Note(kernels::GemvFp8(x.as<bf16>(), w.as<uint8_t>(), w.row_scales, out.data, f32, x.rows,
+                            w.rows, x.cols, stream_),
+           "GemvFp8");
+      return;
+    }
+    Tensor xq = Scratch(x.rows, x.cols, DType::kF8E4M3);
+    Tensor xs = Scratch(x.rows, 1, DType::kF32);
+    Tensor tmp;  // the unscaled product, where cuBLASLt cannot scale it
+    if (!gemm_->fp8_outer_vec()) tmp = Scratch(x.rows, w.rows, DType::kF32);
+    if (!error_.ok()) return;
+    Note(kernels::QuantizeRowsFp8(x.as<bf16>(), x.rows, x.cols, xq.as<uint8_t>(), xs.as<float>(),
+                                  stream_),
+         "QuantizeRowsFp8");
+    const Status st = gemm_->RunFp8(xq.data, xs.as<float>(), w.data, w.row_scales, out.data, f32,
+                                    x.rows, w.rows, x.cols, tmp.as<float>());
+    if (!st.ok()) error_ = st.WithContext("FP8 GEMM");
+  }
+
   static Result<Tensor> NewWeight(int64_t rows, int64_t cols) {
     Tensor t;
     t.rows = rows;

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "common/cuda_check.h"
+#include "kernels/fp8.h"
 
 namespace {
 // cublasGetStatusString lives in libcublas, which nothing else here needs.
@@ -56,6 +57,11 @@ Result<std::unique_ptr<Gemm>> Gemm::Create(cudaStream_t stream) {
   RETURN_IF_CUDA_ERROR(cublasLtCreate(&g->handle_));
   g->workspace_bytes_ = size_t{64} << 20;
   RETURN_IF_CUDA_ERROR(cudaMalloc(&g->workspace_, g->workspace_bytes_));
+  g->fp8_outer_vec_ = g->ProbeFp8OuterVec();
+  if (const char* v = std::getenv("GEMMA2_GEMM_LOG"); v && *v && std::string(v) != "0") {
+    std::fprintf(stderr, "gemm: FP8 outer-vector scaling %s\n",
+                 g->fp8_outer_vec_ ? "supported" : "not supported: unscaled fp32 + a scaling kernel");
+  }
   return g;
 }
 
@@ -67,7 +73,8 @@ Gemm::~Gemm() {
 
 Result<Gemm::Plan*> Gemm::PlanFor(const MatmulSpec& s, bool autotune) {
   const Key key = {s.trans_a, s.m,        s.n,        s.k,        s.lda,   s.ldb,
-                   s.ldc,     s.stride_a, s.stride_b, s.stride_c, s.batch, s.c_f32};
+                   s.ldc,     s.stride_a, s.stride_b, s.stride_c, s.batch, s.c_f32, s.fp8,
+                   s.outer_vec};
   if (auto it = plans_.find(key); it != plans_.end()) return it->second.get();
   auto p = std::make_unique<Plan>();
   RETURN_IF_CUDA_ERROR(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -76,9 +83,21 @@ Result<Gemm::Plan*> Gemm::PlanFor(const MatmulSpec& s, bool autotune) {
       cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
   RETURN_IF_CUDA_ERROR(
       cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
-  RETURN_IF_CUDA_ERROR(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, s.trans_a ? s.k : s.m,
+  const cudaDataType_t in_type = s.fp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
+  if (s.fp8 && s.outer_vec) {  // the modes, and pointers before the heuristic looks at them
+    const cublasLtMatmulMatrixScale_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+    RETURN_IF_CUDA_ERROR(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
+                                                        &mode, sizeof(mode)));
+    RETURN_IF_CUDA_ERROR(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
+                                                        &mode, sizeof(mode)));
+    RETURN_IF_CUDA_ERROR(cublasLtMatmulDescSetAttribute(
+        p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &s.a_scale, sizeof(s.a_scale)));
+    RETURN_IF_CUDA_ERROR(cublasLtMatmulDescSetAttribute(
+        p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &s.b_scale, sizeof(s.b_scale)));
+  }
+  RETURN_IF_CUDA_ERROR(cublasLtMatrixLayoutCreate(&p->a, in_type, s.trans_a ? s.k : s.m,
                                                   s.trans_a ? s.m : s.k, s.lda));
-  RETURN_IF_CUDA_ERROR(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, s.k, s.n, s.ldb));
+  RETURN_IF_CUDA_ERROR(cublasLtMatrixLayoutCreate(&p->b, in_type, s.k, s.n, s.ldb));
   RETURN_IF_CUDA_ERROR(
       cublasLtMatrixLayoutCreate(&p->c, s.c_f32 ? CUDA_R_32F : CUDA_R_16BF, s.m, s.n, s.ldc));
   if (s.batch > 1) {
@@ -164,15 +183,22 @@ Result<Gemm::Plan*> Gemm::PlanFor(const MatmulSpec& s, bool autotune) {
 
 Status Gemm::Launch(const Plan& p, const MatmulSpec& s) {
   const float alpha = 1.0f, beta = 0.0f;
+  if (s.fp8 && s.outer_vec) {  // the scale vectors change from call to call; the plan is per shape
+    RETURN_IF_CUDA_ERROR(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                                                        &s.a_scale, sizeof(s.a_scale)));
+    RETURN_IF_CUDA_ERROR(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                                                        &s.b_scale, sizeof(s.b_scale)));
+  }
   RETURN_IF_CUDA_ERROR(cublasLtMatmul(handle_, p.desc, &alpha, s.a, p.a, s.b, p.b, &beta, s.c, p.c,
                                       s.c, p.c, &p.algo, workspace_, workspace_bytes_, stream_));
   return OkStatus();
 }
 
-Status Gemm::Run(const void* x, const void* w, void* out, bool out_f32, int64_t tokens, int64_t n,
-                 int64_t k) {
-  if (tokens == 0 || n == 0) return OkStatus();
-  // Column-major view: w is k x n (ld k), x is k x tokens (ld k), out is n x tokens (ld n).
+namespace {
+// Projections in cuBLASLt's column-major view: w is k x n (ld k), x is k x tokens (ld k), out is
+// n x tokens (ld n).
+MatmulSpec ProjectionSpec(const void* x, const void* w, void* out, bool out_f32, int64_t tokens,
+                          int64_t n, int64_t k) {
   MatmulSpec s;
   s.trans_a = true;
   s.m = n;
@@ -185,12 +211,58 @@ Status Gemm::Run(const void* x, const void* w, void* out, bool out_f32, int64_t 
   s.c = out;
   s.ldc = n;
   s.c_f32 = out_f32;
+  return s;
+}
+}  // namespace
+
+Status Gemm::Run(const void* x, const void* w, void* out, bool out_f32, int64_t tokens, int64_t n,
+                 int64_t k) {
+  if (tokens == 0 || n == 0) return OkStatus();
+  MatmulSpec s = ProjectionSpec(x, w, out, out_f32, tokens, n, k);
   // Timing candidates costs ~24 launches and a sync per new shape. Skinny shapes (few tokens, where
   // the heuristic's first choice is often slow) and power-of-two token counts are timed; a serving
   // step's arbitrary token counts take the heuristic's choice instead of stalling on a new shape.
   const bool autotune = tokens <= 64 || (tokens & (tokens - 1)) == 0;
   ASSIGN_OR_RETURN(Plan * p, PlanFor(s, autotune));
   return Launch(*p, s);
+}
+
+// A heuristic query for a small outer-vector-scaled FP8 product (operands and scale vectors point
+// into the workspace: only their alignment matters here).
+bool Gemm::ProbeFp8OuterVec() {
+  MatmulSpec s;
+  s.m = s.n = s.k = 64;
+  s.a = s.b = s.c = workspace_;
+  s.lda = s.ldb = s.ldc = 64;
+  s.fp8 = true;
+  s.a_scale = s.b_scale = static_cast<const float*>(workspace_);
+  const bool ok = PlanFor(s, /*autotune=*/false).ok();
+  plans_.clear();
+  return ok;
+}
+
+Status Gemm::RunFp8(const void* x, const float* x_scale, const void* w, const float* w_scale,
+                    void* out, bool out_f32, int64_t tokens, int64_t n, int64_t k,
+                    float* f32_tmp) {
+  if (tokens == 0 || n == 0) return OkStatus();
+  if (k % 16 != 0) return InvalidArgument("FP8 GEMM: k = " + std::to_string(k) + " is not a multiple of 16");
+  MatmulSpec s = ProjectionSpec(x, w, out, out_f32, tokens, n, k);  // one byte per element
+  s.fp8 = true;
+  s.a_scale = w_scale;
+  s.b_scale = x_scale;
+  s.outer_vec = fp8_outer_vec_;
+  if (!s.outer_vec) {  // unscaled into fp32, then both scales
+    if (!f32_tmp) return InvalidArgument("FP8 GEMM without outer-vector scaling needs f32_tmp");
+    s.c = f32_tmp;
+    s.c_f32 = true;
+  }
+  const bool autotune = tokens <= 64 || (tokens & (tokens - 1)) == 0;
+  ASSIGN_OR_RETURN(Plan * p, PlanFor(s, autotune));
+  RETURN_IF_ERROR(Launch(*p, s));
+  if (s.outer_vec) return OkStatus();
+  RETURN_IF_CUDA_ERROR(
+      ScaleRowsAndColumns(f32_tmp, x_scale, w_scale, out, out_f32, tokens, n, stream_));
+  return OkStatus();
 }
 
 Status Gemm::Matmul(const MatmulSpec& s) {

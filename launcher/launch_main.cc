@@ -43,6 +43,7 @@ void OnSignal(int) { g_stop = 1; }
 
 struct Args {
   std::string model, backend, host = "127.0.0.1", api_key, api_key_file, served_name;
+  std::string quantization = "none";
   int tp = 1, nodes = 1, pp = 0, port = 8000;
   int gpus_per_node = 0;  // 0: detect
   // Multi-host (per-node mode): every node runs gemma2-launch with the same --master and
@@ -129,6 +130,7 @@ Status RunNode(const Args& a, int world, const std::string& master) {
   w.coordinator = master;
   w.model = a.model;
   w.backend = a.backend;
+  w.quantization = a.quantization;
   w.secret_file = a.secret_file;
   w.address = a.address;
   w.tp = a.tp;
@@ -210,7 +212,8 @@ Result<pid_t> StartRemoteNode(const Args& a, size_t i, int* stderr_pipe) {
   for (const std::string& arg :
        {self, std::string("--model"), std::filesystem::absolute(a.model).string(),
         std::string("--tp"), std::to_string(a.tp), std::string("--nodes"), std::to_string(a.nodes),
-        std::string("--backend"), a.backend, std::string("--gpus-per-node"),
+        std::string("--backend"), a.backend, std::string("--quantization"), a.quantization,
+        std::string("--gpus-per-node"),
         std::to_string(a.gpus_per_node), std::string("--node-rank"), std::to_string(i),
         std::string("--master"), a.master, std::string("--secret-file"),
         std::filesystem::absolute(a.secret_file).string(), std::string("--address"), a.hosts[i]}) {
@@ -346,6 +349,7 @@ Status Run(Args a) {
     co.watched.emplace_back(pid, name + "'s session (" + a.ssh + ")");
   }
   co.backend = a.backend;
+  co.quantization = a.quantization;
   co.kv_blocks = a.kv_blocks;
   co.kv_block_size = a.kv_block_size;
   co.gpus_per_node = a.gpus_per_node;
@@ -388,6 +392,7 @@ Status Run(Args a) {
       a.limits};
   if (facts.served_name.empty())
     facts.served_name = std::filesystem::path(a.model).parent_path().filename();
+  facts.quantization = a.quantization;
   serving::ServerOptions so;
   so.host = a.host;
   so.port = a.port;
@@ -410,6 +415,7 @@ Status Run(Args a) {
   log::Info("ready", {{"url", "http://" + a.host + ":" + std::to_string(server.port())},
                       {"ranks", std::to_string(cluster->world())},
                       {"model", facts.served_name},
+                      {"quantization", a.quantization},
                       {"version", VersionLine()}});
 
   while (!g_stop) {
@@ -475,6 +481,10 @@ int main(int argc, char** argv) {
                  "cpu or cuda: one GPU per rank, NCCL between GPU ranks (default: cuda where this "
                  "node shows a GPU, else cpu)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--quantization", a.quantization,
+                 "projection weights on the ranks: none (the backend's dtype) or fp8 (E4M3 with a "
+                 "scale per output channel, quantized while loading)")
+      ->check(CLI::IsMember({"none", "fp8"}));
   app.add_option("--gpus-per-node", a.gpus_per_node,
                  "GPUs each node may use, one per rank (default: detected from "
                  "CUDA_VISIBLE_DEVICES or /dev/nvidiaN)")

@@ -114,6 +114,10 @@ class Backend {
     RETURN_IF_ERROR(fill(0, rows, host.get()));
     return Upload(host.get(), dtype, rows, cols);
   }
+  // Replaces a projection weight, as uploaded, by its FP8 form (model/quantization.h): cuda keeps
+  // E4M3 bytes and row scales (kF8E4M3, row_scales); cpu, the specification, keeps fp32 holding
+  // exactly the dequantized values. Called once per weight while loading, after its upload.
+  virtual Status QuantizeFp8(Tensor& w) = 0;
   // Waits until every weight of UploadRows is in place and frees what uploading held; reports
   // the first failure among them. Loading calls it once, before the first step.
   virtual Status FinishUploads() { return OkStatus(); }

@@ -77,7 +77,8 @@ Result<std::unique_ptr<Engine>> Engine::Create(const WeightSource& ck, const Eng
     auto rank = std::make_unique<Rank>();
     ASSIGN_OR_RETURN(rank->backend, MakeBackend(opts, r, e->config_.max_position_embeddings));
     ASSIGN_OR_RETURN(rank->model,
-                     RankModel::Load(ck, plans[static_cast<size_t>(r)], *rank->backend, per_rank));
+                     RankModel::Load(ck, plans[static_cast<size_t>(r)], *rank->backend, per_rank,
+                                     opts.quantization));
     if (opts.tp == 1) {
       rank->comm = std::make_unique<SoloCollective>();
     } else {

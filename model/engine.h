@@ -23,6 +23,7 @@ struct EngineOptions {
   int64_t kv_block_size = 16;    // positions per KV block
   bool poison_scratch = false;   // cuda tests: NaN-fill scratch so unwritten elements show
   bool cuda_graphs = true;       // cuda: replay greedy decode steps as CUDA graphs
+  Quantization quantization = Quantization::kNone;  // the projections' form (--quantization)
   RankModel::Progress progress;  // weight loading, summed over the ranks
 };
 

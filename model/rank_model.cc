@@ -23,9 +23,10 @@ Status RankModel::CopyKv(const KvBlockTables& kv, const KvCopy& c) {
 }
 
 Result<std::unique_ptr<RankModel>> RankModel::Load(const WeightSource& ck, const ShardPlan& plan,
-                                                   Backend& backend, const Progress& progress) {
+                                                   Backend& backend, const Progress& progress,
+                                                   Quantization quantization) {
   std::unique_ptr<RankModel> m(new RankModel(ck.config(), plan, backend));
-  RETURN_IF_ERROR(m->LoadWeights(ck, progress));
+  RETURN_IF_ERROR(m->LoadWeights(ck, progress, quantization));
   return m;
 }
 
@@ -125,7 +126,8 @@ std::array<std::vector<WeightPart>, 8> RankModel::LayerParts(int64_t l) const {
             cols(h, p.inter_begin, p.inter_end)}}};
 }
 
-Status RankModel::LoadWeights(const WeightSource& ck, const Progress& progress) {
+Status RankModel::LoadWeights(const WeightSource& ck, const Progress& progress,
+                              Quantization quantization) {
   progress_ = progress;
   std::tie(total_bytes_, total_tensors_) = LoadSize();
   const ModelConfig& c = config_;
@@ -184,6 +186,8 @@ Status RankModel::LoadWeights(const WeightSource& ck, const Progress& progress) 
                      &w.down};
     for (size_t i = 0; i < parts.size(); ++i) {
       ASSIGN_OR_RETURN(*dst[i], ReadStacked(ck, parts[i]));
+      const bool projection = i >= 4;  // q|k|v, o, gate|up, down
+      if (projection && quantization == Quantization::kFp8) RETURN_IF_ERROR(backend_.QuantizeFp8(*dst[i]));
     }
     layers_.push_back(std::move(w));
   }

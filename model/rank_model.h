@@ -11,6 +11,7 @@
 
 #include "collectives/collective.h"
 #include "model/backend.h"
+#include "model/quantization.h"
 #include "model/sharding.h"
 #include "model/step.h"
 #include "model/weight_source.h"
@@ -37,8 +38,10 @@ class RankModel {
   // Called after each tensor with the bytes and tensors this rank has read so far and in all.
   using Progress = std::function<void(int64_t bytes, int64_t total_bytes, int64_t tensors,
                                       int64_t total_tensors)>;
+  // `quantization`: the form the projections take on the backend (model/quantization.h).
   static Result<std::unique_ptr<RankModel>> Load(const WeightSource& ck, const ShardPlan& plan,
-                                                 Backend& backend, const Progress& progress = {});
+                                                 Backend& backend, const Progress& progress = {},
+                                                 Quantization quantization = Quantization::kNone);
 
   const ModelConfig& config() const { return config_; }
   const ShardPlan& plan() const { return plan_; }
@@ -61,7 +64,7 @@ class RankModel {
  private:
   RankModel(const ModelConfig& c, const ShardPlan& p, Backend& b)
       : config_(c), plan_(p), backend_(b) {}
-  Status LoadWeights(const WeightSource& ck, const Progress& progress);
+  Status LoadWeights(const WeightSource& ck, const Progress& progress, Quantization quantization);
   // Bytes (in the backend's weight dtype) and tensors this rank loads.
   std::pair<int64_t, int64_t> LoadSize() const;
   std::array<std::vector<WeightPart>, 8> LayerParts(int64_t layer) const;

@@ -362,7 +362,8 @@ class HttpServer::Impl {
                         {"object", "model"},
                         {"created", created_},
                         {"owned_by", "gemma2-cluster"},
-                        {"max_model_len", facts_.config->max_position_embeddings}};
+                        {"max_model_len", facts_.config->max_position_embeddings},
+                        {"quantization", facts_.quantization}};
     if (path == "/v1/models" && get) {
       return JsonResponse(http::status::ok,
                           json{{"object", "list"}, {"data", json::array({model})}}, rid, keep);

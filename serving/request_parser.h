@@ -18,6 +18,7 @@ struct ModelFacts {
   const Tokenizer* tokenizer = nullptr;  // null: only token-id prompts
   std::string served_name;               // the one model this server answers for
   Limits limits;
+  std::string quantization = "none";     // the ranks' --quantization (reported by /v1/models)
 };
 
 template <typename T>

@@ -18,6 +18,7 @@
 #include "cpu/cpu_backend.h"
 #include "cuda/weight_stager.h"
 #include "model/engine.h"
+#include "model/quantization.h"
 #include "tests/gpu_util.h"
 #include "tests/reference_util.h"
 
@@ -188,6 +189,46 @@ TEST_F(CudaOpsTest, LinearBf16AndFp32OutputsWithBias) {
     ExpectRowsClose(Get(*gpu_, g16), plain, n, 5e-3, "Linear bf16 out");
     cpu_.Linear(cx, cw, &cb, c32);
     ExpectRowsClose(Get(*gpu_, g32), Get(cpu_, c32), n, 1e-4, "Linear fp32 out + bias");
+  }
+}
+
+// FP8 weights: the quantization kernel writes QuantizeRowsFp8's bytes and scales exactly; the
+// GEMV (up to 8 tokens, bf16 activations) equals the cpu product on the dequantized weights up
+// to summation order; the FP8 GEMM also quantizes the activations per token (E4M3: relative
+// rounding up to 2^-4 per value), so its rows sit a few percent off.
+TEST_F(CudaOpsTest, LinearFp8) {
+  EmptyStep(*gpu_);
+  for (auto [t, n, k] : {std::tuple{1, 4608, 4608},
+                         {2, 4608, 36864},
+                         {8, 1001, 64},
+                         {5, 3, 16},
+                         {9, 96, 4608},
+                         {33, 1000, 64},
+                         {64, 4608, 4608},
+                         {300, 512, 4608}}) {
+    SCOPED_TRACE(std::to_string(t) + "x" + std::to_string(n) + "x" + std::to_string(k));
+    const auto x = Rand(t * k, 1.0f, 5), w = Rand(n * k, 0.05f, 6);
+    Tensor gx = Put(*gpu_, x, t, k), cx = Put(cpu_, x, t, k);
+    Tensor gw = Put(*gpu_, w, n, k), cw = Put(cpu_, w, n, k);
+    ASSERT_TRUE(gpu_->QuantizeFp8(gw).ok());
+    ASSERT_TRUE(cpu_.QuantizeFp8(cw).ok());
+    ASSERT_EQ(gw.dtype, DType::kF8E4M3);
+    std::vector<uint8_t> q(static_cast<size_t>(n * k)), want_q(q.size());
+    std::vector<float> s(static_cast<size_t>(n)), want_s(s.size());
+    ASSERT_EQ(cudaMemcpy(q.data(), gw.data, q.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(s.data(), gw.row_scales, s.size() * 4, cudaMemcpyDeviceToHost),
+              cudaSuccess);
+    QuantizeRowsFp8(w.data(), n, k, want_q.data(), want_s.data());
+    EXPECT_EQ(s, want_s);
+    EXPECT_EQ(q, want_q);
+    Tensor g16 = gpu_->Alloc(t, n), g32 = gpu_->AllocOutput(t, n), c32 = cpu_.AllocOutput(t, n);
+    gpu_->Linear(gx, gw, nullptr, g16);
+    gpu_->Linear(gx, gw, nullptr, g32);
+    cpu_.Linear(cx, cw, nullptr, c32);
+    const auto want = Get(cpu_, c32);
+    const bool gemv = t <= 8;
+    ExpectRowsClose(Get(*gpu_, g16), want, n, gemv ? 5e-3 : 6e-2, "LinearFp8 bf16 out");
+    ExpectRowsClose(Get(*gpu_, g32), want, n, gemv ? 1e-4 : 6e-2, "LinearFp8 fp32 out");
   }
 }
 

@@ -92,6 +92,31 @@ TEST_F(EngineTest, TensorParallelEqualsSingleRank) {
   }
 }
 
+// --quantization fp8 on the cpu backend (the specification: dequantized E4M3 with per-row scales,
+// run in fp32): close to the fp32 model (E4M3 keeps 3 mantissa bits) but not equal to it, with
+// the scales of each rank's own slice at tp 2.
+TEST_F(EngineTest, Fp8WeightsStayCloseToFp32) {
+  Make(SmallGqa());
+  const std::vector<GenerationRequest> reqs = {Req({2, 5, 9, 14, 3, 77, 96, 40, 41, 42, 43}, 6)};
+  auto base = Generate(*NewEngine(1), reqs);
+  ASSERT_TRUE(base.ok());
+  for (int tp : {1, 2}) {
+    EngineOptions o{"cpu", tp, 1};
+    o.quantization = Quantization::kFp8;
+    auto e = Engine::Create(*ck_, o);
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+    auto res = Generate(**e, reqs);
+    ASSERT_TRUE(res.ok());
+    const auto& a = (*res)[0].logits;
+    const auto& b = (*base)[0].logits;
+    double worst = 0;  // over the prompt's rows: the same tokens on both sides
+    for (size_t r = 0; r < reqs[0].prompt.size(); ++r)
+      worst = std::max(worst, RelativeL2(a[r].data(), b[r].data(), static_cast<int64_t>(a[r].size())));
+    EXPECT_GT(worst, 1e-4) << "tp " << tp << ": the weights were not quantized";
+    EXPECT_LT(worst, 0.15) << "tp " << tp;
+  }
+}
+
 TEST_F(EngineTest, BatchEqualsOneAtATimeAndCacheEqualsRecompute) {
   Make(SmallGqa());
   auto engine = NewEngine(1);

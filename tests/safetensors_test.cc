@@ -116,5 +116,29 @@ TEST(DTypeTest, ConversionsMatchIeee) {
   EXPECT_EQ(F32ToF16(std::ldexp(3.0f, -26)), 0x0001);
 }
 
+// FP8 E4M3 (fn): every code but NaN survives decode -> encode; ties go to even; beyond 448
+// saturates (CUDA's SATFINITE); subnormals step by 2^-9.
+TEST(DTypeTest, Fp8E4M3RoundTripsTiesToEvenAndSaturates) {
+  EXPECT_EQ(DTypeFromSafetensorsName("F8_E4M3"), DType::kF8E4M3);
+  EXPECT_EQ(F8E4M3ToF32(0x38), 1.0f);
+  EXPECT_EQ(F8E4M3ToF32(0x7e), 448.0f);
+  EXPECT_EQ(F8E4M3ToF32(0x01), std::ldexp(1.0f, -9));
+  EXPECT_EQ(F8E4M3ToF32(0x08), std::ldexp(1.0f, -6));
+  EXPECT_TRUE(std::isnan(F8E4M3ToF32(0x7f)));
+  for (int v = 0; v < 256; ++v) {
+    if ((v & 0x7f) == 0x7f) continue;
+    EXPECT_EQ(F32ToF8E4M3(F8E4M3ToF32(static_cast<uint8_t>(v))), v) << v;
+  }
+  EXPECT_EQ(F32ToF8E4M3(1.0625f), 0x38);  // halfway between 1 and 1.125: to even (1)
+  EXPECT_EQ(F32ToF8E4M3(1.1875f), 0x3a);  // halfway between 1.125 and 1.25: to even (1.25)
+  EXPECT_EQ(F32ToF8E4M3(1.07f), 0x39);
+  EXPECT_EQ(F32ToF8E4M3(500.0f), 0x7e);
+  EXPECT_EQ(F32ToF8E4M3(-INFINITY), 0xfe);
+  EXPECT_EQ(F32ToF8E4M3(std::ldexp(1.0f, -10)), 0x00);  // tie between 0 and 2^-9: even (0)
+  EXPECT_EQ(F32ToF8E4M3(std::ldexp(3.0f, -10)), 0x02);  // tie between 1 and 2 steps: even (2)
+  EXPECT_EQ(F32ToF8E4M3(-0.0f), 0x80);
+  EXPECT_EQ(F32ToF8E4M3(0.0155f), 0x08);  // rounds up into the smallest normal
+}
+
 }  // namespace
 }  // namespace gemma2

@@ -1059,6 +1059,36 @@ TEST_F(ServerTest, BadWordsSpecialTokensAndChatTemplateEndings) {
             "continue_final_message");
 }
 
+// --quantization fp8 reaches every worker: /v1/models reports it, and the served greedy tokens
+// equal gemma2-run's with the same quantization and tp (each rank scales its own slice) while
+// differing from the unquantized model's.
+TEST_F(ServerTest, Fp8QuantizationReachesTheWorkers) {
+  Server fp8(Lm(), Ranks() + " --quantization fp8 --api-key-file " + (dir_->path() / "key").string());
+  ASSERT_TRUE(fp8.ok()) << fp8.ready_line();
+  const json models = json::parse(fp8.Call("GET", "/v1/models", "").body);
+  EXPECT_EQ(models["data"][0]["quantization"], "fp8");
+  EXPECT_EQ(json::parse(server_->Call("GET", "/v1/models", "").body)["data"][0]["quantization"],
+            "none");
+  const std::string prompt = "The quick brown fox";
+  const std::string tp = Cuda() ? "" : " --tp 2";
+  int code = 0;
+  const json offline = json::parse(Shell(Bin("gemma2-run") + RunBackend() + tp + " --model " + Lm() +
+                                             " --quantization fp8 --max-new-tokens 12 --prompt '" +
+                                             prompt + "'",
+                                         &code));
+  ASSERT_EQ(code, 0);
+  const json body = {{"prompt", prompt}, {"max_tokens", 12}, {"temperature", 0},
+                     {"return_token_ids", true}};
+  const json served = fp8.Post("/v1/completions", body)["choices"][0];
+  EXPECT_EQ(served["token_ids"], offline["generated_ids"]);
+  const json plain_logits = server_->Post("/v1/completions", {{"prompt", prompt}, {"max_tokens", 1},
+                                                             {"logprobs", 5}})["choices"][0];
+  const json fp8_logits = fp8.Post("/v1/completions", {{"prompt", prompt}, {"max_tokens", 1},
+                                                       {"logprobs", 5}})["choices"][0];
+  EXPECT_NE(plain_logits["logprobs"]["token_logprobs"], fp8_logits["logprobs"]["token_logprobs"])
+      << "the fp8 server computed with unquantized weights";
+}
+
 // The metrics operators alert on (vLLM's set, docs/metrics.md): per-request latency phases and
 // token counts, finished reasons, KV usage as a ratio, prefix-cache queries beside hits, and a
 // model_name label on every series (checked by Metrics()).

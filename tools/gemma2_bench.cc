@@ -28,7 +28,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 struct Args {
-  std::string model, preset = "27b", backend = "cuda", out;
+  std::string model, preset = "27b", backend = "cuda", out, quantization = "none";
   uint64_t random_weights = 1;
   int64_t layers = 0, steps = 32, repeat = 3;
   std::vector<int64_t> batches = {1, 16, 64}, prompts = {128, 2048},
@@ -45,11 +45,15 @@ double Median(std::vector<double> v) {
   return v.empty() ? 0 : v[v.size() / 2];
 }
 
-int64_t WeightBytes(const ModelConfig& c) {
+// Bytes a decode step streams: the projections in bf16 (2 bytes each) or FP8 (1 byte and an fp32
+// scale per output row), the norms and the embedding (the tied LM head) in bf16.
+int64_t WeightBytes(const ModelConfig& c, const std::string& quantization) {
   const int64_t h = c.hidden_size;
-  const int64_t per_layer =
-      h * c.q_size() * 2 + h * c.kv_size() * 2 + 3 * h * c.intermediate_size + 4 * h;
-  return 2 * (c.vocab_size * h + c.num_layers * per_layer + h);
+  const int64_t projections = h * c.q_size() * 2 + h * c.kv_size() * 2 + 3 * h * c.intermediate_size;
+  const int64_t rows = c.q_size() + 2 * c.kv_size() + h + 2 * c.intermediate_size + h;
+  const int64_t per_layer = quantization == "fp8" ? projections + 4 * rows + 2 * 4 * h
+                                                  : 2 * (projections + 4 * h);
+  return 2 * (c.vocab_size * h + h) + c.num_layers * per_layer;
 }
 
 int64_t MatmulParams(const ModelConfig& c) {
@@ -149,7 +153,7 @@ Result<nlohmann::json> Decode(StepExecutor& e, const Args& a, int64_t batch, int
     kv_bytes +=
         static_cast<double>(batch) * Visible(c, l, prompt + a.steps / 2) * 2 * c.kv_size() * 2;
   }
-  const double bytes = static_cast<double>(WeightBytes(c)) + kv_bytes;
+  const double bytes = static_cast<double>(WeightBytes(c, a.quantization)) + kv_bytes;
   const double tbps = bytes / (m * 1e-3) / 1e12 / a.tp;  // per GPU: the group streams in parallel
   return nlohmann::json{{"kind", "decode"},
                         {"batch", batch},
@@ -182,19 +186,21 @@ Status Run(const Args& a) {
     co.tp = a.tp;
     co.pp = a.pp;
     co.backend = a.backend;
+    co.quantization = a.quantization;
     ASSIGN_OR_RETURN(engine, ClusterEngine::LaunchLocal(co));
   } else {
     if (a.tp != 1 || a.pp != 1)
       return InvalidArgument("--tp/--pp need --launch local (one process per rank)");
     EngineOptions eo;
     eo.backend = a.backend;
+    ASSIGN_OR_RETURN(eo.quantization, ParseQuantization(a.quantization));
     eo.kv_cache_bytes = static_cast<int64_t>(a.kv_cache_gb * (1 << 30));
     eo.progress = StderrLoadProgress("gemma2-bench");
     ASSIGN_OR_RETURN(engine, Engine::Create(ws, eo));
   }
   const double load_s = std::chrono::duration<double>(Clock::now() - t0).count();
   const ModelConfig& c = engine->config();
-  std::fprintf(stderr, "gemma2-bench: loaded %.2f GB of weights in %.1f s\n", WeightBytes(c) / 1e9,
+  std::fprintf(stderr, "gemma2-bench: loaded %.2f GB of weights in %.1f s\n", WeightBytes(c, a.quantization) / 1e9,
                load_s);
 
   nlohmann::json results = nlohmann::json::array();
@@ -237,7 +243,8 @@ Status Run(const Args& a) {
                      {"pp", a.pp},
                      {"layers", c.num_layers},
                      {"backend", a.backend},
-                     {"weight_bytes", WeightBytes(c)},
+                     {"quantization", a.quantization},
+                     {"weight_bytes", WeightBytes(c, a.quantization)},
                      {"load_s", load_s},
                      {"ceilings", {{"hbm_tb_per_s", a.hbm_tbps}, {"gemm_tflops", a.gemm_tflops}}},
                      {"results", results}};
@@ -258,6 +265,8 @@ int main(int argc, char** argv) {
   app.add_option("--random-weights", a.random_weights, "seed of the random weights");
   app.add_option("--layers", a.layers, "keep the first N layers (widths exact)");
   app.add_option("--backend", a.backend, "cuda or cpu");
+  app.add_option("--quantization", a.quantization, "projection weights: none or fp8")
+      ->check(CLI::IsMember({"none", "fp8"}));
   app.add_option("--batches", a.batches, "decode batch sizes")->delimiter(',');
   app.add_option("--prompts", a.prompts, "decode prompt lengths")->delimiter(',');
   app.add_option("--prefills", a.prefills, "prefill lengths")->delimiter(',');

@@ -16,6 +16,8 @@
 #               there by tools/make_references.py (gigabytes, not committed), then reference_cuda_test
 #   ncu16       Nsight Compute: per-kernel time of one batch-16 decode step (27B widths, 8 layers)
 #   load        tools/load_speed.sh 9b: loading a 9B checkpoint from a cold page cache against dd
+#   fp8         issue 16: the FP8 kernels against the cpu specification, the FP8 engine against
+#               transformers, then gemma2-bench 27B with --quantization fp8 and bf16, same shapes
 # Issue 6, on a host with several GPUs (each uses every GPU the host shows):
 #   mgcorrect   tools/multi_gpu_correctness.sh (TP 2/4/8 against TP 1, 4 layers, and a classifier)
 #   allreduce   gemma2-allreduce-bench, eager and in CUDA graphs, 1..2048 tokens x 4608
@@ -56,6 +58,13 @@ for s in "$@"; do
       step ours8 120 $bench --preset 27b --random-weights 1 --layers 8 --batches 1 16 --prompts 128 --prefills 2048 --out "$OUT/ours8.json"
       step hfeager8 200 $hf --preset 27b --layers 8 --batches 1,16 --prompt 128 --new-tokens 32 --repeat 2 --out "$OUT/hf_eager8.json"
       step hfcompiled8 240 $hf --preset 27b --layers 8 --batches 1,16 --prompt 128 --new-tokens 32 --repeat 2 --compile --out "$OUT/hf_compiled8.json" ;;
+    fp8)
+      step fp8tests 240 env GEMMA2_GEMM_LOG=1 bash -c ".gpu/bin/tests/cuda_ops_test --gtest_filter='*Linear*' && \
+        .gpu/bin/tests/reference_cuda_test"
+      step fp8bench 420 env GEMMA2_GEMM_LOG=1 $bench --preset 27b --random-weights 1 --quantization fp8 \
+        --batches 1,16,64 --prompts 128,2048 --prefills 512,2048 --out "$OUT/bench_fp8.json"
+      step bf16bench 420 $bench --preset 27b --random-weights 1 --batches 1,16,64 --prompts 128,2048 \
+        --prefills 512,2048 --out "$OUT/bench_bf16.json" ;;
     load) step load 400 env PATH="$R/.gpu/bin:$PATH" tools/load_speed.sh 9b "$OUT/load_speed" ;;
     side)
       step ours 240 $bench --preset 27b --random-weights 1 --prompts 128,512,2048 --out "$OUT/ours.json"

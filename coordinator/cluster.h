@@ -29,7 +29,7 @@ struct WorkerSpawn {
   std::string worker_binary;  // default: gemma2-worker beside this program
   std::string coordinator;    // HOST:PORT of the control plane
   std::string model, backend = "cpu", secret_file, address = "127.0.0.1";
-  std::string quantization = "none";  // the worker's --quantization
+  std::string quantization = "auto";  // the worker's --quantization
   int tp = 1, pp = 1, threads = 1;
   int device = 0;                        // the GPU of this rank on its node (cuda backend)
   std::vector<std::string> exec_prefix;  // e.g. {"ip", "netns", "exec", "ns1"}
@@ -59,7 +59,7 @@ struct ClusterOptions {
   int micro_batches = 0;
   int64_t micro_batch_min_tokens = 256;
   std::string backend = "cpu";
-  std::string quantization = "none";  // the workers' --quantization (none or fp8)
+  std::string quantization = "auto";  // the workers' --quantization (none or fp8)
   int gpus_per_node = 0;  // cuda: one GPU per rank, numbered from 0 on each node (0: detect)
   int threads_per_worker = 1;
   // Every rank's KV pool: positions per block, and blocks (0: what each rank's memory allows;

@@ -30,6 +30,7 @@
 #include "common/gpu_inventory.h"
 #include "common/log.h"
 #include "coordinator/cluster.h"
+#include "model/quantization.h"
 #include "serving/http_server.h"
 #include "tools/cli_main.h"
 
@@ -43,7 +44,7 @@ void OnSignal(int) { g_stop = 1; }
 
 struct Args {
   std::string model, backend, host = "127.0.0.1", api_key, api_key_file, served_name;
-  std::string quantization = "none";
+  std::string quantization = "auto";
   int tp = 1, nodes = 1, pp = 0, port = 8000;
   int gpus_per_node = 0;  // 0: detect
   // Multi-host (per-node mode): every node runs gemma2-launch with the same --master and
@@ -392,7 +393,8 @@ Status Run(Args a) {
       a.limits};
   if (facts.served_name.empty())
     facts.served_name = std::filesystem::path(a.model).parent_path().filename();
-  facts.quantization = a.quantization;
+  ASSIGN_OR_RETURN(const Quantization quantization, ResolveQuantization(a.quantization, a.model));
+  facts.quantization = QuantizationName(quantization);
   serving::ServerOptions so;
   so.host = a.host;
   so.port = a.port;
@@ -415,7 +417,7 @@ Status Run(Args a) {
   log::Info("ready", {{"url", "http://" + a.host + ":" + std::to_string(server.port())},
                       {"ranks", std::to_string(cluster->world())},
                       {"model", facts.served_name},
-                      {"quantization", a.quantization},
+                      {"quantization", facts.quantization},
                       {"version", VersionLine()}});
 
   while (!g_stop) {
@@ -482,9 +484,10 @@ int main(int argc, char** argv) {
                  "node shows a GPU, else cpu)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--quantization", a.quantization,
-                 "projection weights on the ranks: none (the backend's dtype) or fp8 (E4M3 with a "
-                 "scale per output channel, quantized while loading)")
-      ->check(CLI::IsMember({"none", "fp8"}));
+                 "projection weights on the ranks: auto (fp8 for an FP8 checkpoint, else none), none "
+                 "(the backend's dtype) or fp8 (E4M3 with a scale per output channel, quantized "
+                 "while loading)")
+      ->check(CLI::IsMember({"auto", "none", "fp8"}));
   app.add_option("--gpus-per-node", a.gpus_per_node,
                  "GPUs each node may use, one per rank (default: detected from "
                  "CUDA_VISIBLE_DEVICES or /dev/nvidiaN)")

@@ -1,6 +1,7 @@
 #include "model/checkpoint.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -48,6 +49,13 @@ Result<std::unique_ptr<Checkpoint>> Checkpoint::Open(const fs::path& dir) {
   std::unique_ptr<Checkpoint> ck(new Checkpoint());
   ck->dir_ = dir;
   ASSIGN_OR_RETURN(ck->config_, LoadModelConfig(dir / "config.json"));
+  {
+    std::ifstream in(dir / "config.json", std::ios::binary);
+    std::stringstream text;
+    text << in.rdbuf();
+    const json config = json::parse(text.str(), nullptr, false);  // LoadModelConfig checked it
+    ASSIGN_OR_RETURN(ck->fp8_, Fp8SchemeFromConfig(config, (dir / "config.json").string()));
+  }
   const fs::path single = dir / "model.safetensors";
   const fs::path index = dir / "model.safetensors.index.json";
   if (fs::exists(single, ec)) {
@@ -119,12 +127,49 @@ Status Checkpoint::CheckShape(const std::string& name, const std::vector<int64_t
                            ShapeString(e->info->shape) + ", expected " + ShapeString(expected) +
                            " from config.json");
   }
+  if (e->info->dtype == DType::kF8E4M3 && expected.size() == 2) return ReadScales(*e).status();
   if (!IsWeightDType(e->info->dtype)) {
     return Unimplemented(e->file->path() + ": tensor '" + e->info->name + "' has dtype " +
                          std::string(DTypeName(e->info->dtype)) +
-                         "; weights must be BF16, F16 or F32");
+                         "; weights must be BF16, F16 or F32 (or F8_E4M3 with scales)");
   }
   return OkStatus();
+}
+
+Result<std::vector<float>> Checkpoint::ReadScales(const Entry& e) const {
+  const TensorInfo& t = *e.info;
+  const std::string what = e.file->path() + ": FP8 tensor '" + t.name + "'";
+  if (fp8_.kind == Fp8Scheme::Kind::kNone) {
+    return InvalidArgument(what + " but config.json has no quantization_config naming its scales");
+  }
+  if (t.shape.size() != 2) return InvalidArgument(what + " is not a matrix");
+  const std::string scale_name = fp8_.ScaleName(t.name);
+  auto it = tensors_.find(scale_name);
+  if (it == tensors_.end()) return NotFound(what + " has no scale tensor '" + scale_name + "'");
+  const TensorInfo& s = *it->second.info;
+  const std::vector<int64_t> want = fp8_.ScaleShape(t.shape[0], t.shape[1]);
+  const bool scalar_ok = fp8_.kind == Fp8Scheme::Kind::kTensor && s.shape.empty();
+  if (s.shape != want && !scalar_ok) {
+    return InvalidArgument(it->second.file->path() + ": scale tensor '" + scale_name +
+                           "' has shape " + ShapeString(s.shape) + ", expected " +
+                           ShapeString(want) + " for " + t.name + " " + ShapeString(t.shape));
+  }
+  if (!IsWeightDType(s.dtype)) {
+    return InvalidArgument(it->second.file->path() + ": scale tensor '" + scale_name +
+                           "' has dtype " + std::string(DTypeName(s.dtype)) +
+                           "; scales must be F32, BF16 or F16");
+  }
+  int64_t n = 1;
+  for (int64_t d : s.shape) n *= d;
+  std::vector<uint8_t> raw(static_cast<size_t>(n * DTypeSize(s.dtype)));
+  RETURN_IF_ERROR(it->second.file->ReadAt(it->second.file->TensorOffset(s),
+                                          static_cast<int64_t>(raw.size()), raw.data()));
+  std::vector<float> scales(static_cast<size_t>(n));
+  ConvertToF32(s.dtype, raw.data(), scales.data(), n);
+  for (float v : scales) {
+    if (!std::isfinite(v)) return DataLoss(it->second.file->path() + ": scale tensor '" + scale_name + "' holds a non-finite value");
+  }
+  return scales;
 }
 
 void Checkpoint::WillRead(const std::string& name, const Region& r) const {
@@ -144,7 +189,8 @@ Status Checkpoint::ReadRegion(const std::string& name, const Region& r, DType ou
   const Entry* e = Lookup(name);
   if (!e) return NotFound(dir_.string() + ": tensor '" + name + "' is missing from the checkpoint");
   const TensorInfo& t = *e->info;
-  if (!IsWeightDType(t.dtype)) {
+  const bool fp8 = t.dtype == DType::kF8E4M3;
+  if (!IsWeightDType(t.dtype) && !fp8) {
     return Unimplemented(e->file->path() + ": tensor '" + t.name + "' has non-float dtype " +
                          std::string(DTypeName(t.dtype)));
   }
@@ -165,6 +211,27 @@ Status Checkpoint::ReadRegion(const std::string& name, const Region& r, DType ou
   const int64_t base = e->file->TensorOffset(t);
   const int64_t n = r.cols();
   auto* d = static_cast<uint8_t*>(dst);
+  if (fp8) {  // dequantized: each value times the scale of its block, row or tensor
+    ASSIGN_OR_RETURN(const std::vector<float> scales, ReadScales(*e));
+    std::vector<uint8_t> q(static_cast<size_t>(n));
+    std::vector<float> v(static_cast<size_t>(n));
+    for (int64_t row = r.row_begin; row < r.row_end; ++row) {
+      RETURN_IF_ERROR(e->file->ReadAt(base + row * cols + r.col_begin, n, q.data()));
+      for (int64_t i = 0; i < n; ++i) {
+        v[static_cast<size_t>(i)] =
+            F8E4M3ToF32(q[static_cast<size_t>(i)]) *
+            scales[static_cast<size_t>(fp8_.ScaleIndex(row, r.col_begin + i, cols))];
+      }
+      uint8_t* drow = d + (row - r.row_begin) * n * out_size;
+      if (out == DType::kF32) {
+        std::memcpy(drow, v.data(), static_cast<size_t>(n) * 4);
+      } else {
+        auto* b = reinterpret_cast<uint16_t*>(drow);
+        for (int64_t i = 0; i < n; ++i) b[i] = F32ToBf16(v[static_cast<size_t>(i)]);
+      }
+    }
+    return OkStatus();
+  }
   if (out == t.dtype && n == cols) {  // whole rows as stored: one read
     return e->file->ReadAt(base + r.row_begin * cols * esize, r.rows() * n * esize, d);
   }

@@ -12,6 +12,7 @@
 #include "common/dtype.h"
 #include "common/status.h"
 #include "model/config.h"
+#include "model/fp8_checkpoint.h"
 #include "model/read_ahead.h"
 #include "model/safetensors.h"
 #include "model/weight_source.h"
@@ -33,6 +34,9 @@ class Checkpoint final : public WeightSource {
                     void* dst) const override;
   void WillRead(const std::string& name, const Region& region) const override;
   ReadAhead& read_ahead() const { return read_ahead_; }  // what WillRead queued (tests, stats)
+  // How FP8 weights are stored (kNone: the checkpoint has none); they read as their
+  // dequantized values.
+  const Fp8Scheme& fp8_scheme() const { return fp8_; }
 
  private:
   struct Entry {
@@ -41,6 +45,8 @@ class Checkpoint final : public WeightSource {
   };
   // Resolves a model-body name ("layers.0.mlp.up_proj.weight") with or without the "model." prefix.
   const Entry* Lookup(const std::string& name) const;
+  // The fp32 scales of FP8 weight `e` (its whole scale tensor), checked against its shape.
+  Result<std::vector<float>> ReadScales(const Entry& e) const;
   Status OpenFiles(const std::vector<std::string>& files,
                    const std::map<std::string, std::string>* weight_map);
 
@@ -49,6 +55,7 @@ class Checkpoint final : public WeightSource {
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, Entry> tensors_;
   mutable ReadAhead read_ahead_;
+  Fp8Scheme fp8_;
 };
 
 }  // namespace gemma2

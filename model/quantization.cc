@@ -1,8 +1,12 @@
 #include "model/quantization.h"
 
 #include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
 
 #include "common/dtype.h"
+#include "model/fp8_checkpoint.h"
 
 namespace gemma2 {
 
@@ -10,6 +14,21 @@ Result<Quantization> ParseQuantization(std::string_view name) {
   if (name == "none" || name.empty()) return Quantization::kNone;
   if (name == "fp8") return Quantization::kFp8;
   return InvalidArgument("--quantization: '" + std::string(name) + "' is not one of none, fp8");
+}
+
+Result<Quantization> ResolveQuantization(std::string_view flag, const std::string& model) {
+  if (flag != "auto") return ParseQuantization(flag);
+  const std::filesystem::path config = std::filesystem::path(model) / "config.json";
+  std::error_code ec;
+  if (model.rfind("random:", 0) == 0 || !std::filesystem::is_regular_file(config, ec))
+    return Quantization::kNone;
+  std::ifstream in(config, std::ios::binary);
+  std::stringstream text;
+  text << in.rdbuf();
+  const nlohmann::json j = nlohmann::json::parse(text.str(), nullptr, false);
+  if (j.is_discarded()) return Quantization::kNone;  // the loader reports a broken config
+  ASSIGN_OR_RETURN(const Fp8Scheme scheme, Fp8SchemeFromConfig(j, config.string()));
+  return scheme.kind == Fp8Scheme::Kind::kNone ? Quantization::kNone : Quantization::kFp8;
 }
 
 std::string_view QuantizationName(Quantization q) {

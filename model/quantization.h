@@ -17,6 +17,9 @@ enum class Quantization : uint8_t {
 };
 
 Result<Quantization> ParseQuantization(std::string_view name);  // "none" or "fp8"
+// --quantization as given: "none", "fp8", or "auto" (the default): fp8 when `model` is a
+// checkpoint directory whose config.json names FP8 weights (model/fp8_checkpoint.h), else none.
+Result<Quantization> ResolveQuantization(std::string_view flag, const std::string& model);
 std::string_view QuantizationName(Quantization q);
 
 // Per-row FP8: scale[r] = max_k |w[r][k]| / 448 (1 for a zero row), q[r][k] = E4M3(w[r][k] /

@@ -49,6 +49,37 @@ TensorToWrite MakeTensor(const std::string& name, std::vector<int64_t> shape, fl
   return t;
 }
 
+// A projection weight: random like MakeTensor, then stored as `scheme` stores it (the E4M3 tensor
+// and its scale tensor), or as MakeTensor's when there is no scheme.
+void AddProjection(std::vector<TensorToWrite>& all, const std::string& name,
+                   std::vector<int64_t> shape, const RandomCheckpointOptions& o, Rng& rng) {
+  if (o.fp8.kind == Fp8Scheme::Kind::kNone) {
+    all.push_back(MakeTensor(name, std::move(shape), o.weight_std, o.dtype, rng));
+    return;
+  }
+  TensorToWrite f = MakeTensor(name, shape, o.weight_std, DType::kF32, rng);
+  std::vector<uint8_t> q;
+  std::vector<float> scale;
+  QuantizeForScheme(o.fp8, reinterpret_cast<const float*>(f.bytes.data()), shape[0], shape[1], &q,
+                    &scale);
+  if (o.fp8_dequantized) {
+    float* v = reinterpret_cast<float*>(f.bytes.data());
+    for (int64_t r = 0; r < shape[0]; ++r) {
+      for (int64_t k = 0; k < shape[1]; ++k) {
+        const size_t i = static_cast<size_t>(r * shape[1] + k);
+        v[i] = F8E4M3ToF32(q[i]) * scale[static_cast<size_t>(o.fp8.ScaleIndex(r, k, shape[1]))];
+      }
+    }
+    all.push_back(std::move(f));
+    return;
+  }
+  all.push_back({name, DType::kF8E4M3, shape, std::move(q)});
+  TensorToWrite s{o.fp8.ScaleName(name), DType::kF32, o.fp8.ScaleShape(shape[0], shape[1]), {}};
+  s.bytes.resize(scale.size() * 4);
+  std::memcpy(s.bytes.data(), scale.data(), s.bytes.size());
+  all.push_back(std::move(s));
+}
+
 }  // namespace
 
 Status WriteRandomCheckpoint(const ModelConfig& c, const std::filesystem::path& dir,
@@ -68,20 +99,13 @@ Status WriteRandomCheckpoint(const ModelConfig& c, const std::filesystem::path& 
                              "pre_feedforward_layernorm", "post_feedforward_layernorm"}) {
       all.push_back(MakeTensor(p + norm + ".weight", {h}, o.norm_std, o.dtype, rng));
     }
-    all.push_back(
-        MakeTensor(p + "self_attn.q_proj.weight", {c.q_size(), h}, o.weight_std, o.dtype, rng));
-    all.push_back(
-        MakeTensor(p + "self_attn.k_proj.weight", {c.kv_size(), h}, o.weight_std, o.dtype, rng));
-    all.push_back(
-        MakeTensor(p + "self_attn.v_proj.weight", {c.kv_size(), h}, o.weight_std, o.dtype, rng));
-    all.push_back(
-        MakeTensor(p + "self_attn.o_proj.weight", {h, c.q_size()}, o.weight_std, o.dtype, rng));
-    all.push_back(MakeTensor(p + "mlp.gate_proj.weight", {c.intermediate_size, h}, o.weight_std,
-                             o.dtype, rng));
-    all.push_back(
-        MakeTensor(p + "mlp.up_proj.weight", {c.intermediate_size, h}, o.weight_std, o.dtype, rng));
-    all.push_back(MakeTensor(p + "mlp.down_proj.weight", {h, c.intermediate_size}, o.weight_std,
-                             o.dtype, rng));
+    AddProjection(all, p + "self_attn.q_proj.weight", {c.q_size(), h}, o, rng);
+    AddProjection(all, p + "self_attn.k_proj.weight", {c.kv_size(), h}, o, rng);
+    AddProjection(all, p + "self_attn.v_proj.weight", {c.kv_size(), h}, o, rng);
+    AddProjection(all, p + "self_attn.o_proj.weight", {h, c.q_size()}, o, rng);
+    AddProjection(all, p + "mlp.gate_proj.weight", {c.intermediate_size, h}, o, rng);
+    AddProjection(all, p + "mlp.up_proj.weight", {c.intermediate_size, h}, o, rng);
+    AddProjection(all, p + "mlp.down_proj.weight", {h, c.intermediate_size}, o, rng);
   }
   all.push_back(MakeTensor("model.norm.weight", {h}, o.norm_std, o.dtype, rng));
   if (c.is_classifier()) {
@@ -92,7 +116,13 @@ Status WriteRandomCheckpoint(const ModelConfig& c, const std::filesystem::path& 
   }
   {
     std::ofstream cfg(dir / "config.json");
-    cfg << ModelConfigToJson(c);
+    if (o.fp8.kind == Fp8Scheme::Kind::kNone || o.fp8_dequantized) {
+      cfg << ModelConfigToJson(c);
+    } else {
+      nlohmann::json j = nlohmann::json::parse(ModelConfigToJson(c));
+      j["quantization_config"] = Fp8QuantizationConfig(o.fp8);
+      cfg << j.dump(2) << "\n";
+    }
     if (!cfg) return Internal((dir / "config.json").string() + ": write failed");
   }
   if (o.shards <= 1) return WriteSafetensors(dir / "model.safetensors", all);

@@ -7,6 +7,7 @@
 #include "common/dtype.h"
 #include "common/status.h"
 #include "model/config.h"
+#include "model/fp8_checkpoint.h"
 
 namespace gemma2 {
 
@@ -17,6 +18,12 @@ struct RandomCheckpointOptions {
   float weight_std = 0.02f;
   float embed_std = 1.0f;
   float norm_std = 0.1f;  // norm weights w; the scale applied is (1 + w)
+  // kNone: projections in `dtype`; else stored as that FP8 scheme writes them (E4M3 bytes and
+  // fp32 scales, the quantization_config in config.json), as published FP8 checkpoints are.
+  Fp8Scheme fp8;
+  // With `fp8`: write the values that scheme stores, dequantized, as plain F32 tensors (no
+  // quantization_config): the reference an FP8 checkpoint must load as.
+  bool fp8_dequantized = false;
 };
 
 Status WriteRandomCheckpoint(const ModelConfig& config, const std::filesystem::path& dir,

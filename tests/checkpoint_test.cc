@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "model/random_checkpoint.h"
@@ -57,6 +59,75 @@ TEST(CheckpointTest, SlicesEqualTheFullTensorInEveryDType) {
       for (int i = 0; i < 96; ++i) EXPECT_EQ(Bf16ToF32(bf[i]), full[i]);
     }
     EXPECT_FALSE((*ck)->ReadRegion(name, {0, 9, 0, 12}, DType::kF32, full.data()).ok());
+  }
+}
+
+// Published FP8 layouts (transformers' block scales; compressed-tensors channel and tensor
+// scales) read as E4M3 value * scale: within E4M3's rounding (2^-4 relative, plus the subnormal
+// step) of the fp32 weights the same seed draws, and every slice equal to the full read's,
+// across block boundaries (5 x 3 blocks of a [8, 12] weight in blocks of 2 x 5).
+TEST(CheckpointTest, Fp8CheckpointsReadAsTheirDequantizedValues) {
+  testing::TempDir plain_dir;
+  RandomCheckpointOptions po;
+  po.dtype = DType::kF32;
+  po.seed = 3;
+  ASSERT_TRUE(WriteRandomCheckpoint(Tiny(), plain_dir.path(), po).ok());
+  auto plain = Checkpoint::Open(plain_dir.path());
+  ASSERT_TRUE(plain.ok());
+  const std::string name = "layers.1.mlp.down_proj.weight";  // [8, 12]
+  std::vector<float> want(size_t{8} * 12);
+  ASSERT_TRUE((*plain)->ReadRegion(name, {0, 8, 0, 12}, DType::kF32, want.data()).ok());
+  for (auto kind : {Fp8Scheme::Kind::kBlock, Fp8Scheme::Kind::kChannel, Fp8Scheme::Kind::kTensor}) {
+    SCOPED_TRACE(static_cast<int>(kind));
+    testing::TempDir dir;
+    RandomCheckpointOptions o = po;
+    o.fp8.kind = kind;
+    o.fp8.block_rows = 2;
+    o.fp8.block_cols = 5;
+    ASSERT_TRUE(WriteRandomCheckpoint(Tiny(), dir.path(), o).ok());
+    auto ck = Checkpoint::Open(dir.path());
+    ASSERT_TRUE(ck.ok()) << ck.status().ToString();
+    EXPECT_EQ((*ck)->fp8_scheme().kind, kind);
+    ASSERT_TRUE((*ck)->CheckShape(name, {8, 12}).ok());
+    std::vector<float> full(want.size()), part(size_t{3} * 4);
+    ASSERT_TRUE((*ck)->ReadRegion(name, {0, 8, 0, 12}, DType::kF32, full.data()).ok());
+    ASSERT_TRUE((*ck)->ReadRegion(name, {3, 6, 4, 8}, DType::kF32, part.data()).ok());
+    float amax = 0;
+    for (float v : want) amax = std::max(amax, std::fabs(v));
+    int inexact = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+      EXPECT_NEAR(full[i], want[i], std::fabs(want[i]) / 16 + amax / 448 / 256) << i;
+      inexact += full[i] != want[i];
+    }
+    EXPECT_GT(inexact, 0) << "the weights were not quantized";
+    for (int r = 0; r < 3; ++r) {
+      for (int c = 0; c < 4; ++c) EXPECT_EQ(part[r * 4 + c], full[(r + 3) * 12 + c + 4]);
+    }
+  }
+  // A scheme the loader does not read is refused naming the field; FP8 tensors without a
+  // quantization_config are an error naming the tensor.
+  testing::TempDir dir;
+  RandomCheckpointOptions o = po;
+  o.fp8.kind = Fp8Scheme::Kind::kChannel;
+  ASSERT_TRUE(WriteRandomCheckpoint(Tiny(), dir.path(), o).ok());
+  auto ck = Checkpoint::Open(dir.path());
+  ASSERT_TRUE(ck.ok());
+  {
+    std::ifstream in(dir.path() / "config.json");
+    nlohmann::json j;
+    in >> j;
+    j["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] = "group";
+    std::ofstream(dir.path() / "config.json") << j.dump();
+    auto bad = Checkpoint::Open(dir.path());
+    ASSERT_FALSE(bad.ok());
+    EXPECT_NE(bad.status().message().find("strategy"), std::string::npos) << bad.status().message();
+    j.erase("quantization_config");
+    std::ofstream(dir.path() / "config.json") << j.dump();
+    auto none = Checkpoint::Open(dir.path());
+    ASSERT_TRUE(none.ok());
+    const Status st = (*none)->CheckShape(name, {8, 12});
+    EXPECT_NE(st.message().find("quantization_config"), std::string::npos) << st.message();
+    EXPECT_NE(st.message().find(name), std::string::npos) << st.message();
   }
 }
 

@@ -117,6 +117,42 @@ TEST_F(EngineTest, Fp8WeightsStayCloseToFp32) {
   }
 }
 
+// An FP8 checkpoint as transformers saves it (E4M3, 16 x 16 block scales: blocks cut across the
+// heads and the MLP slices) runs as its dequantized weights in fp32 do, at every tp: the loader
+// scales each slice by its own blocks.
+TEST_F(EngineTest, Fp8CheckpointEqualsItsDequantizedWeightsAtEveryTp) {
+  ModelConfig c = SmallGqa();
+  c.hidden_size = 64;
+  c.intermediate_size = 96;
+  for (auto kind : {Fp8Scheme::Kind::kBlock, Fp8Scheme::Kind::kChannel}) {
+    SCOPED_TRACE(static_cast<int>(kind));
+    testing::TempDir fp8_dir, ref_dir;
+    RandomCheckpointOptions o;
+    o.seed = 11;
+    o.weight_std = 0.3f;
+    o.fp8.kind = kind;
+    o.fp8.block_rows = o.fp8.block_cols = 16;
+    ASSERT_TRUE(WriteRandomCheckpoint(c, fp8_dir.path(), o).ok());
+    o.fp8_dequantized = true;
+    o.dtype = DType::kF32;
+    ASSERT_TRUE(WriteRandomCheckpoint(c, ref_dir.path(), o).ok());
+    auto fp8 = Checkpoint::Open(fp8_dir.path());
+    auto ref = Checkpoint::Open(ref_dir.path());
+    ASSERT_TRUE(fp8.ok() && ref.ok()) << fp8.status().ToString();
+    const std::vector<GenerationRequest> reqs = {Req({2, 5, 9, 14, 3, 77, 96, 40}, 6)};
+    auto want = Generate(**Engine::Create(**ref, {"cpu", 1, 1}), reqs);
+    ASSERT_TRUE(want.ok());
+    for (int tp : {1, 2, 4}) {
+      auto e = Engine::Create(**fp8, {"cpu", tp, 1});
+      ASSERT_TRUE(e.ok()) << e.status().ToString();
+      auto got = Generate(**e, reqs);
+      ASSERT_TRUE(got.ok());
+      EXPECT_EQ((*got)[0].generated, (*want)[0].generated) << "tp " << tp;
+      ExpectSameRows((*got)[0].logits, (*want)[0].logits, 1e-4);
+    }
+  }
+}
+
 TEST_F(EngineTest, BatchEqualsOneAtATimeAndCacheEqualsRecompute) {
   Make(SmallGqa());
   auto engine = NewEngine(1);

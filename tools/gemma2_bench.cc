@@ -28,7 +28,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 struct Args {
-  std::string model, preset = "27b", backend = "cuda", out, quantization = "none";
+  std::string model, preset = "27b", backend = "cuda", out, quantization = "auto";
   uint64_t random_weights = 1;
   int64_t layers = 0, steps = 32, repeat = 3;
   std::vector<int64_t> batches = {1, 16, 64}, prompts = {128, 2048},
@@ -165,7 +165,7 @@ Result<nlohmann::json> Decode(StepExecutor& e, const Args& a, int64_t batch, int
                         {"floor_ms", bytes / (a.hbm_tbps * 1e12 * a.tp) * 1e3}};
 }
 
-Status Run(const Args& a) {
+Status Run(Args a) {
   std::unique_ptr<WeightSource> weights;
   if (!a.model.empty()) {  // a checkpoint directory or random:SHAPE:SEED[:LAYERS]
     ASSIGN_OR_RETURN(weights, OpenWeightSource(a.model));
@@ -178,6 +178,9 @@ Status Run(const Args& a) {
     weights = std::make_unique<RandomWeights>(c, a.random_weights);
   }
   const WeightSource& ws = *weights;
+  ASSIGN_OR_RETURN(const Quantization quantization, ResolveQuantization(a.quantization, a.model));
+  const std::string qname(QuantizationName(quantization));
+  a.quantization = qname;  // what the ranks use, for every figure below
   const auto t0 = Clock::now();
   std::unique_ptr<StepExecutor> engine;
   if (a.launch == "local") {
@@ -193,14 +196,14 @@ Status Run(const Args& a) {
       return InvalidArgument("--tp/--pp need --launch local (one process per rank)");
     EngineOptions eo;
     eo.backend = a.backend;
-    ASSIGN_OR_RETURN(eo.quantization, ParseQuantization(a.quantization));
+    eo.quantization = quantization;
     eo.kv_cache_bytes = static_cast<int64_t>(a.kv_cache_gb * (1 << 30));
     eo.progress = StderrLoadProgress("gemma2-bench");
     ASSIGN_OR_RETURN(engine, Engine::Create(ws, eo));
   }
   const double load_s = std::chrono::duration<double>(Clock::now() - t0).count();
   const ModelConfig& c = engine->config();
-  std::fprintf(stderr, "gemma2-bench: loaded %.2f GB of weights in %.1f s\n", WeightBytes(c, a.quantization) / 1e9,
+  std::fprintf(stderr, "gemma2-bench: loaded %.2f GB of weights in %.1f s\n", WeightBytes(c, qname) / 1e9,
                load_s);
 
   nlohmann::json results = nlohmann::json::array();
@@ -243,8 +246,8 @@ Status Run(const Args& a) {
                      {"pp", a.pp},
                      {"layers", c.num_layers},
                      {"backend", a.backend},
-                     {"quantization", a.quantization},
-                     {"weight_bytes", WeightBytes(c, a.quantization)},
+                     {"quantization", qname},
+                     {"weight_bytes", WeightBytes(c, qname)},
                      {"load_s", load_s},
                      {"ceilings", {{"hbm_tb_per_s", a.hbm_tbps}, {"gemm_tflops", a.gemm_tflops}}},
                      {"results", results}};
@@ -265,8 +268,8 @@ int main(int argc, char** argv) {
   app.add_option("--random-weights", a.random_weights, "seed of the random weights");
   app.add_option("--layers", a.layers, "keep the first N layers (widths exact)");
   app.add_option("--backend", a.backend, "cuda or cpu");
-  app.add_option("--quantization", a.quantization, "projection weights: none or fp8")
-      ->check(CLI::IsMember({"none", "fp8"}));
+  app.add_option("--quantization", a.quantization, "projection weights: auto (fp8 for an FP8 checkpoint), none or fp8")
+      ->check(CLI::IsMember({"auto", "none", "fp8"}));
   app.add_option("--batches", a.batches, "decode batch sizes")->delimiter(',');
   app.add_option("--prompts", a.prompts, "decode prompt lengths")->delimiter(',');
   app.add_option("--prefills", a.prefills, "prefill lengths")->delimiter(',');

@@ -20,7 +20,7 @@ using nlohmann::json;
 
 struct Args {
   std::string model, backend = "cpu", prompt_ids, prompts_file, format = "json";
-  std::string quantization = "none";
+  std::string quantization = "auto";
   std::optional<std::string> prompt;
   int tp = 1, threads = 0;
   int64_t max_new_tokens = 16;
@@ -160,7 +160,7 @@ Status Run(const Args& a) {
   }
   EngineOptions eo;
   eo.backend = a.backend;
-  ASSIGN_OR_RETURN(eo.quantization, ParseQuantization(a.quantization));
+  ASSIGN_OR_RETURN(eo.quantization, ResolveQuantization(a.quantization, a.model));
   eo.tp = a.tp;
   eo.threads = a.threads;
   eo.kv_cache_bytes = static_cast<int64_t>(a.kv_cache_gb * (1 << 30));
@@ -265,8 +265,8 @@ int main(int argc, char** argv) {
                  "with --random-weights: keep the first N layers (widths exact)");
   app.add_option("--backend", a.backend, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--quantization", a.quantization,
-                 "projection weights: none or fp8 (E4M3, a scale per output channel)")
-      ->check(CLI::IsMember({"none", "fp8"}));
+                 "projection weights: auto (fp8 for an FP8 checkpoint), none, or fp8 (E4M3, a scale per output channel)")
+      ->check(CLI::IsMember({"auto", "none", "fp8"}));
   app.add_option("--kv-cache-gb", a.kv_cache_gb, "cuda: KV cache size (0: 90% of free memory)");
   app.add_option("--tp", a.tp, "tensor-parallel ranks (in-process)")->check(CLI::Range(1, 1024));
   app.add_option("--threads", a.threads, "math threads (0: all cores)")

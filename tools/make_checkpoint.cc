@@ -21,6 +21,8 @@ struct Args {
   int64_t vocab = 512, hidden = 64, layers = 4, heads = 4, kv_heads = 2, head_dim = 16;
   int64_t intermediate = 128, window = 32, labels = 3, max_positions = 8192;
   int shards = 1;
+  std::string fp8 = "none";  // none, block (transformers), channel or tensor (compressed-tensors)
+  int64_t fp8_block = 128;
   // Defaults for which greedy output follows the prompt: with a unit-scale embedding the tied
   // head's largest logit is the current token's own row, and every prompt repeats its last token.
   float weight_std = 0;  // 0: 2.4 / sqrt(hidden) (0.3 at the default hidden 64)
@@ -86,6 +88,14 @@ Status Run(const Args& a) {
     o.dtype = DType::kF16;
   else if (a.dtype != "bf16")
     return InvalidArgument("--dtype must be bf16, f16 or f32");
+  if (a.fp8 == "block") {
+    o.fp8.kind = Fp8Scheme::Kind::kBlock;
+    o.fp8.block_rows = o.fp8.block_cols = a.fp8_block;
+  } else if (a.fp8 == "channel") {
+    o.fp8.kind = Fp8Scheme::Kind::kChannel;
+  } else if (a.fp8 == "tensor") {
+    o.fp8.kind = Fp8Scheme::Kind::kTensor;
+  }
   std::filesystem::create_directories(a.out);
   if (!a.corpus.empty()) {
     ASSIGN_OR_RETURN(c.vocab_size, TrainTokenizer(a.corpus, a.out, a.vocab));
@@ -123,5 +133,11 @@ int main(int argc, char** argv) {
   app.add_option("--weight-std", a.weight_std,
                  "stddev of projection weights (0: 2.4 / sqrt(hidden))");
   app.add_option("--embed-std", a.embed_std, "stddev of the embedding");
+  app.add_option("--fp8", a.fp8,
+                 "store the projections in FP8 as published checkpoints do: block (transformers' "
+                 "fp8, block scales), channel or tensor (compressed-tensors float-quantized)")
+      ->check(CLI::IsMember({"none", "block", "channel", "tensor"}));
+  app.add_option("--fp8-block", a.fp8_block, "rows and columns of a --fp8 block scale")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   return gemma2::RunTool("gemma2-make-checkpoint", app, argc, argv, [&] { return gemma2::Run(a); });
 }

@@ -54,7 +54,7 @@ using namespace std::chrono_literals;
 
 struct Args {
   std::string coordinator, model, secret_file, backend = "cpu";
-  std::string quantization = "none";  // the projections' form (model/quantization.h)
+  std::string quantization = "auto";  // the projections' form (model/quantization.h)
   int device = 0;  // the GPU (cuda backend)
   std::chrono::milliseconds step_timeout{60000};
   // Silence from the coordinator after which this rank leaves: before its first word, the
@@ -170,7 +170,7 @@ Status Serve(const Args& a, rpc::Channel& ch, rpc::UcxNode& node) {
   eo.backend = a.backend;
   ASSIGN_OR_RETURN(auto backend, MakeBackend(eo, a.device, ck->config().max_position_embeddings));
   SetCpuMathThreads(a.threads);
-  ASSIGN_OR_RETURN(const Quantization quantization, ParseQuantization(a.quantization));
+  ASSIGN_OR_RETURN(const Quantization quantization, ResolveQuantization(a.quantization, a.model));
   ASSIGN_OR_RETURN(auto model, RankModel::Load(*ck, plan, *backend, {}, quantization));
   // Rendezvous through the coordinator (the control channel), whatever host each rank is on.
   ControlPlaneStore store(ch, 60s);
@@ -332,8 +332,8 @@ int main(int argc, char** argv) {
   app.add_option("--parent-pid", a.parent_pid, "exit with this process (local launch)");
   app.add_option("--address", a.address, "address this node's collectives bind to");
   app.add_option("--device", a.device, "GPU index on this node (cuda backend)");
-  app.add_option("--quantization", a.quantization, "projection weights: none or fp8 (E4M3, a scale per output channel)")
-      ->check(CLI::IsMember({"none", "fp8"}));
+  app.add_option("--quantization", a.quantization, "projection weights: auto (fp8 for an FP8 checkpoint), none, or fp8 (E4M3, a scale per output channel)")
+      ->check(CLI::IsMember({"auto", "none", "fp8"}));
   double connect_s = 60, heartbeat_s = 10, startup_s = 120, step_s = 60;
   app.add_option("--heartbeat-timeout", heartbeat_s,
                  "seconds of silence from the coordinator after which this rank leaves")

@@ -1220,8 +1220,12 @@ TEST_F(ServerTest, Gemma2ClientWritesOneResultPerLineInOrder) {
       if (i == 2) {
         EXPECT_EQ(j["response"]["choices"][0]["message"]["role"], "assistant") << line;
       }
-      if (i < 3) {
-        EXPECT_EQ(j["response"]["usage"]["completion_tokens"], 5) << line;
+      if (i < 3) {  // --max-tokens 5 applies to every line; a sampled EOS may end one sooner
+        const json& tokens = j["response"]["usage"]["completion_tokens"];
+        if (j["response"]["choices"][0]["finish_reason"] == "length")
+          EXPECT_EQ(tokens, 5) << line;
+        else
+          EXPECT_LE(tokens.get<int>(), 5) << line;
       }
       ++i;
     }

@@ -1234,6 +1234,48 @@ TEST_F(ServerTest, Gemma2ClientWritesOneResultPerLineInOrder) {
 }
 
 // A full queue answers 429 with Retry-After at once; gemma2-client's retries get every answer.
+// gemma2-serve-bench against the server: every request completes with the fixed output length
+// (ignore_eos), the figures are ordered (p50 <= p90 <= p99, TTFT < E2E), a Poisson rate spreads
+// the arrivals over time, and the sweep's plot names each rate.
+TEST_F(ServerTest, ServeBenchMeasuresARateSweep) {
+  const auto out = dir_->path() / "serve_bench.json", svg = dir_->path() / "sweep.svg";
+  int code = 0;
+  const std::string log = Shell(Bin("gemma2-serve-bench") + " --url " + server_->base() +
+                                    " --api-key " + kKey +
+                                    " --num-prompts 12 --warmup 2 --input-len 16,40 --output-len 6"
+                                    " --concurrency 4 --vocab-size 200 --sweep 10,inf --out " +
+                                    out.string() + " --svg " + svg.string() + " 2>&1",
+                                &code);
+  ASSERT_EQ(code, 0) << log;
+  const json doc = json::parse(std::ifstream(out));
+  ASSERT_EQ(doc["runs"].size(), 2u) << doc;
+  for (const json& r : doc["runs"]) {
+    EXPECT_EQ(r["completed"], 12) << r;
+    EXPECT_EQ(r["failed"], 0) << r;
+    EXPECT_EQ(r["output_tokens"], 12 * 6) << r;
+    EXPECT_GE(r["input_tokens"].get<int>(), 12 * 16);
+    EXPECT_LE(r["input_tokens"].get<int>(), 12 * 40);
+    EXPECT_GT(r["output_throughput"].get<double>(), 0);
+    for (const char* k : {"ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"}) {
+      EXPECT_LE(r[k]["p50"].get<double>(), r[k]["p90"].get<double>()) << k;
+      EXPECT_LE(r[k]["p90"].get<double>(), r[k]["p99"].get<double>()) << k;
+      EXPECT_GT(r[k]["p50"].get<double>(), 0) << k;
+    }
+    EXPECT_LT(r["ttft_ms"]["mean"].get<double>(), r["e2e_ms"]["mean"].get<double>());
+  }
+  // 12 Poisson arrivals at 10/s span ~1.1 s on average (the seed fixes them); the run lasts at
+  // least that long. "inf" sends them all at once.
+  const json& poisson = doc["runs"][0];
+  EXPECT_GT(poisson["arrival_span_s"].get<double>(), 0.3) << poisson;
+  EXPECT_GE(poisson["duration_s"].get<double>(), poisson["arrival_span_s"].get<double>());
+  EXPECT_EQ(doc["runs"][1]["arrival_span_s"].get<double>(), 0.0);
+  std::stringstream plot;
+  plot << std::ifstream(svg).rdbuf();
+  EXPECT_NE(plot.str().find("<svg"), std::string::npos);
+  EXPECT_NE(plot.str().find("10/s"), std::string::npos);
+  EXPECT_NE(plot.str().find("inf/s"), std::string::npos);
+}
+
 TEST_F(ServerTest, FullQueueIs429AndTheClientRetries) {
   Server small(Lm(), Ranks() + " --max-running 1 --max-queue 1");
   ASSERT_TRUE(small.ok()) << small.ready_line();

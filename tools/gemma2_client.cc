@@ -22,6 +22,7 @@
 #include <thread>
 
 #include "serving/http_client.h"
+#include "serving/timed_call.h"
 #include "tools/cli_main.h"
 
 namespace gemma2 {
@@ -86,30 +87,6 @@ Result<Job> ParseLine(const std::string& line, size_t number, const Args& a) {
   return job;
 }
 
-// A streamed answer folded back into the shape of the non-streamed one.
-void Fold(json& acc, const json& chunk, bool chat) {
-  if (chunk.contains("usage") && !chunk["usage"].is_null()) acc["usage"] = chunk["usage"];
-  for (const auto& c : chunk.value("choices", json::array())) {
-    const size_t i = c.value("index", 0);
-    auto& choices = acc["choices"];
-    while (choices.size() <= i) {
-      choices.push_back(chat ? json{{"index", choices.size()},
-                                    {"message", {{"role", "assistant"}, {"content", ""}}}}
-                             : json{{"index", choices.size()}, {"text", ""}});
-    }
-    auto& dst = choices[i];
-    if (chat) {
-      if (c.contains("delta") && c["delta"].contains("content")) {
-        dst["message"]["content"] =
-            dst["message"]["content"].get<std::string>() + c["delta"]["content"].get<std::string>();
-      }
-    } else {
-      dst["text"] = dst["text"].get<std::string>() + c.value("text", "");
-    }
-    if (!c["finish_reason"].is_null()) dst["finish_reason"] = c["finish_reason"];
-  }
-}
-
 Outcome RunJob(const serving::Url& url, const Job& job, size_t index, const Args& a) {
   Outcome o;
   HttpCall call;
@@ -121,75 +98,30 @@ Outcome RunJob(const serving::Url& url, const Job& job, size_t index, const Args
   const bool chat = job.path == "/v1/chat/completions";
   thread_local std::mt19937 rng{std::random_device{}()};
   for (int attempt = 0;; ++attempt) {
-    const auto start = Clock::now();
-    json acc = {{"choices", json::array()}};
-    Clock::time_point last{};
-    bool stream_error = false;
-    Result<serving::HttpResponse> r =
-        stream
-            ? serving::HttpStream(
-                  url, call,
-                  [&](std::string_view data) {
-                    if (data == "[DONE]") return true;
-                    json chunk = json::parse(data, nullptr, false);
-                    if (chunk.is_discarded()) return true;
-                    if (chunk.contains("error")) {
-                      acc = chunk;
-                      stream_error = true;
-                      return true;
-                    }
-                    const auto now = Clock::now();
-                    bool content = false;
-                    for (const auto& c : chunk.value("choices", json::array())) {
-                      content |= (c.contains("text") && !c["text"].get<std::string>().empty()) ||
-                                 (c.contains("delta") && !c["delta"].value("content", "").empty());
-                    }
-                    if (content) {
-                      if (o.ttft_s < 0)
-                        o.ttft_s = std::chrono::duration<double>(now - start).count();
-                      else
-                        o.itl_s.push_back(std::chrono::duration<double>(now - last).count());
-                      last = now;
-                    }
-                    if (acc.contains("id") == false && chunk.contains("id"))
-                      acc["id"] = chunk["id"];
-                    Fold(acc, chunk, chat);
-                    return true;
-                  })
-            : serving::HttpRequest(url, call);
-    o.latency_s = std::chrono::duration<double>(Clock::now() - start).count();
-    if (!r.ok()) {
-      o.line = {{"index", index}, {"error", r.status().message()}};
+    serving::TimedAnswer t = serving::CallTimed(url, call, stream, chat);
+    o.latency_s = t.latency_s;
+    o.ttft_s = t.ttft_s;
+    o.itl_s = std::move(t.itl_s);
+    if (!t.http.ok()) {
+      o.line = {{"index", index}, {"error", t.http.status().message()}};
       return o;
     }
-    const int status = r->status;
+    const int status = t.http->status;
     if ((status == 429 || status == 503) && attempt < a.max_retries) {
       ++o.retries;
       double wait = std::min(30.0, 0.25 * std::pow(2.0, attempt));
-      if (auto it = r->headers.find("retry-after"); it != r->headers.end()) {
+      if (auto it = t.http->headers.find("retry-after"); it != t.http->headers.end()) {
         wait = std::max(wait, std::atof(it->second.c_str()));
       }
       wait *= std::uniform_real_distribution<double>(0.8, 1.2)(rng);
       std::this_thread::sleep_for(std::chrono::duration<double>(wait));
       continue;
     }
-    json response = stream && status == 200 ? acc : json::parse(r->body, nullptr, false);
-    if (response.is_discarded()) response = r->body;
-    o.ok = status == 200 && !stream_error;
-    o.line = {{"index", index}, {"status", status}, {"response", response}};
-    if (o.ok && response.contains("usage"))
-      o.completion_tokens = response["usage"].value("completion_tokens", 0);
+    o.ok = t.ok;
+    o.line = {{"index", index}, {"status", status}, {"response", t.response}};
+    o.completion_tokens = t.completion_tokens;
     return o;
   }
-}
-
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const size_t i =
-      std::min(v.size() - 1,
-               static_cast<size_t>(std::ceil(p / 100 * static_cast<double>(v.size()))) - (p > 0));
-  return v[i];
 }
 
 Status Run(Args a) {
@@ -298,27 +230,27 @@ Status Run(Args a) {
                   {"completion_tokens", tokens.load()},
                   {"tokens_per_s", wall > 0 ? static_cast<double>(tokens.load()) / wall : 0},
                   {"latency_s",
-                   {{"p50", Percentile(latency, 50)},
-                    {"p90", Percentile(latency, 90)},
-                    {"p99", Percentile(latency, 99)}}}};
+                   {{"p50", serving::Percentile(latency, 50)},
+                    {"p90", serving::Percentile(latency, 90)},
+                    {"p99", serving::Percentile(latency, 99)}}}};
   if (!ttft.empty()) {
-    summary["ttft_s"] = {{"p50", Percentile(ttft, 50)},
-                         {"p90", Percentile(ttft, 90)},
-                         {"p99", Percentile(ttft, 99)}};
+    summary["ttft_s"] = {{"p50", serving::Percentile(ttft, 50)},
+                         {"p90", serving::Percentile(ttft, 90)},
+                         {"p99", serving::Percentile(ttft, 99)}};
     summary["itl_s"] = {
-        {"p50", Percentile(itl, 50)}, {"p90", Percentile(itl, 90)}, {"p99", Percentile(itl, 99)}};
+        {"p50", serving::Percentile(itl, 50)}, {"p90", serving::Percentile(itl, 90)}, {"p99", serving::Percentile(itl, 99)}};
   }
   std::fprintf(
       stderr,
       "gemma2-client: %zu requests, %zu failed, %d retries, %.2f s, %lld tokens, %.1f tok/s\n",
       jobs.size(), failures, retries, wall, static_cast<long long>(tokens.load()),
       summary["tokens_per_s"].get<double>());
-  std::fprintf(stderr, "  latency p50/p90/p99 %.3f/%.3f/%.3f s\n", Percentile(latency, 50),
-               Percentile(latency, 90), Percentile(latency, 99));
+  std::fprintf(stderr, "  latency p50/p90/p99 %.3f/%.3f/%.3f s\n", serving::Percentile(latency, 50),
+               serving::Percentile(latency, 90), serving::Percentile(latency, 99));
   if (!ttft.empty()) {
     std::fprintf(stderr, "  TTFT p50/p90/p99 %.3f/%.3f/%.3f s, ITL p50/p90/p99 %.4f/%.4f/%.4f s\n",
-                 Percentile(ttft, 50), Percentile(ttft, 90), Percentile(ttft, 99),
-                 Percentile(itl, 50), Percentile(itl, 90), Percentile(itl, 99));
+                 serving::Percentile(ttft, 50), serving::Percentile(ttft, 90), serving::Percentile(ttft, 99),
+                 serving::Percentile(itl, 50), serving::Percentile(itl, 90), serving::Percentile(itl, 99));
   }
   if (!a.summary_json.empty()) std::ofstream(a.summary_json) << summary.dump(2) << "\n";
   if (failures > 0) {

@@ -6,7 +6,7 @@
 #   bash tools/gpu_session.sh tests server bench ...
 set -euo pipefail
 rm -rf .gpu /tmp/gemma2-gpu-pack && mkdir -p /tmp/gemma2-gpu-pack/tests .gpuz
-for f in gemma2-bench gemma2-client gemma2-launch gemma2-make-checkpoint gemma2-run gemma2-worker \
+for f in gemma2-bench gemma2-client gemma2-serve-bench gemma2-launch gemma2-make-checkpoint gemma2-run gemma2-worker \
   gemma2-allreduce-bench; do
   cp build/bin/$f /tmp/gemma2-gpu-pack/
 done

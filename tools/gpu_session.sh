@@ -16,6 +16,9 @@
 #               there by tools/make_references.py (gigabytes, not committed), then reference_cuda_test
 #   ncu16       Nsight Compute: per-kernel time of one batch-16 decode step (27B widths, 8 layers)
 #   load        tools/load_speed.sh 9b: loading a 9B checkpoint from a cold page cache against dd
+#   serve       issue 17: gemma2-serve-bench against gemma2-launch --backend cuda (27B shapes,
+#               random weights): 256 requests of 512 prompt + 128 generated tokens at concurrency
+#               64, a single stream, and 4 requests/s
 #   fp8         issue 16: the FP8 kernels against the cpu specification, the FP8 engine against
 #               transformers, then gemma2-bench 27B with --quantization fp8 and bf16, same shapes
 # Issue 6, on a host with several GPUs (each uses every GPU the host shows):
@@ -65,6 +68,19 @@ for s in "$@"; do
         --batches 1,16,64 --prompts 128,2048 --prefills 512,2048 --out "$OUT/bench_fp8.json"
       step bf16bench 420 $bench --preset 27b --random-weights 1 --batches 1,16,64 --prompts 128,2048 \
         --prefills 512,2048 --out "$OUT/bench_bf16.json" ;;
+    serve)
+      step serve 420 bash -c "
+        .gpu/bin/gemma2-launch --model random:27b:1 --backend cuda --tp 1 --port 18500 \
+          > $OUT/serve_launch.log 2>&1 &
+        for i in \$(seq 240); do grep -q ready $OUT/serve_launch.log && break; sleep 1; done
+        sb='.gpu/bin/gemma2-serve-bench --url http://127.0.0.1:18500 --vocab-size 256000'
+        \$sb --num-prompts 256 --input-len 512 --output-len 128 --concurrency 64 --warmup 16 \
+          --out $OUT/serve_c64.json
+        \$sb --num-prompts 16 --input-len 512 --output-len 128 --concurrency 1 --warmup 2 \
+          --out $OUT/serve_c1.json
+        \$sb --num-prompts 64 --input-len 512 --output-len 128 --request-rate 4 --warmup 4 \
+          --out $OUT/serve_r4.json
+        pkill -f 'gemma2-launch --model random:27b:1'; sleep 2" ;;
     load) step load 400 env PATH="$R/.gpu/bin:$PATH" tools/load_speed.sh 9b "$OUT/load_speed" ;;
     side)
       step ours 240 $bench --preset 27b --random-weights 1 --prompts 128,512,2048 --out "$OUT/ours.json"

@@ -1,0 +1,97 @@
+#include "serving/timed_call.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+namespace gemma2::serving {
+namespace {
+
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+// A streamed answer folded back into the shape of the non-streamed one.
+void Fold(json& acc, const json& chunk, bool chat) {
+  if (chunk.contains("usage") && !chunk["usage"].is_null()) acc["usage"] = chunk["usage"];
+  for (const auto& c : chunk.value("choices", json::array())) {
+    const size_t i = c.value("index", 0);
+    auto& choices = acc["choices"];
+    while (choices.size() <= i) {
+      choices.push_back(chat ? json{{"index", choices.size()},
+                                    {"message", {{"role", "assistant"}, {"content", ""}}}}
+                             : json{{"index", choices.size()}, {"text", ""}});
+    }
+    auto& dst = choices[i];
+    if (chat) {
+      if (c.contains("delta") && c["delta"].contains("content")) {
+        dst["message"]["content"] =
+            dst["message"]["content"].get<std::string>() + c["delta"]["content"].get<std::string>();
+      }
+    } else {
+      dst["text"] = dst["text"].get<std::string>() + c.value("text", "");
+    }
+    if (!c["finish_reason"].is_null()) dst["finish_reason"] = c["finish_reason"];
+  }
+}
+
+}  // namespace
+
+TimedAnswer CallTimed(const Url& url, const HttpCall& call, bool stream, bool chat) {
+  TimedAnswer o;
+  const auto start = Clock::now();
+  json acc = {{"choices", json::array()}};
+  Clock::time_point last{};
+  bool stream_error = false;
+  o.http = stream ? HttpStream(url, call,
+                               [&](std::string_view data) {
+                                 if (data == "[DONE]") return true;
+                                 json chunk = json::parse(data, nullptr, false);
+                                 if (chunk.is_discarded()) return true;
+                                 if (chunk.contains("error")) {
+                                   acc = chunk;
+                                   stream_error = true;
+                                   return true;
+                                 }
+                                 const auto now = Clock::now();
+                                 bool content = false;
+                                 for (const auto& c : chunk.value("choices", json::array())) {
+                                   content |= (c.contains("text") && c["text"].is_string() &&
+                                               !c["text"].get<std::string>().empty()) ||
+                                              (c.contains("delta") && c["delta"].is_object() &&
+                                               !c["delta"].value("content", "").empty());
+                                 }
+                                 if (content) {
+                                   if (o.ttft_s < 0)
+                                     o.ttft_s = std::chrono::duration<double>(now - start).count();
+                                   else
+                                     o.itl_s.push_back(
+                                         std::chrono::duration<double>(now - last).count());
+                                   last = now;
+                                 }
+                                 if (!acc.contains("id") && chunk.contains("id")) acc["id"] = chunk["id"];
+                                 Fold(acc, chunk, chat);
+                                 return true;
+                               })
+                  : HttpRequest(url, call);
+  o.latency_s = std::chrono::duration<double>(Clock::now() - start).count();
+  if (!o.http.ok()) return o;
+  const int status = o.http->status;
+  o.response = stream && status == 200 ? acc : json::parse(o.http->body, nullptr, false);
+  if (o.response.is_discarded()) o.response = o.http->body;
+  o.ok = status == 200 && !stream_error;
+  if (o.ok && o.response.is_object() && o.response.contains("usage") &&
+      o.response["usage"].is_object())
+    o.completion_tokens = o.response["usage"].value("completion_tokens", 0);
+  return o;
+}
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t i =
+      std::min(v.size() - 1,
+               static_cast<size_t>(std::ceil(p / 100 * static_cast<double>(v.size()))) - (p > 0));
+  return v[i];
+}
+
+}  // namespace gemma2::serving

@@ -45,6 +45,7 @@ void OnSignal(int) { g_stop = 1; }
 struct Args {
   std::string model, backend, host = "127.0.0.1", api_key, api_key_file, served_name;
   std::string quantization = "auto";
+  std::string trace;  // --trace: the scheduler's per-step timeline (Chrome trace format)
   int tp = 1, nodes = 1, pp = 0, port = 8000;
   int gpus_per_node = 0;  // 0: detect
   // Multi-host (per-node mode): every node runs gemma2-launch with the same --master and
@@ -385,6 +386,11 @@ Status Run(Args a) {
     return cluster->Watch(d, wake);
   };
   a.sched.idle_wake = [&] { cluster->Wake(); };
+  std::unique_ptr<serving::StepTrace> trace;
+  if (!a.trace.empty()) {
+    ASSIGN_OR_RETURN(trace, serving::StepTrace::Open(a.trace));
+    a.sched.trace = trace.get();
+  }
   auto scheduler =
       std::make_unique<serving::Scheduler>(*cluster, tokenizer.get(), metrics, a.sched);
   serving::ModelFacts facts{
@@ -544,6 +550,9 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 1 << 20));
   app.add_option("--max-queue", a.sched.max_queue, "waiting requests before 429")
       ->check(CLI::Range(1, 1 << 20));
+  app.add_option("--trace", a.trace,
+                 "write every step's phases (schedule, submit, step, apply) here as a Chrome "
+                 "trace (chrome://tracing, Perfetto)");
   app.add_option("--max-step-tokens", a.sched.max_step_tokens,
                  "tokens per step (decode + prefill chunks)")
       ->check(CLI::Range(1, 1 << 20));

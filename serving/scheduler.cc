@@ -63,6 +63,8 @@ struct Scheduler::Sequence {
 struct Scheduler::InFlightStep {
   std::vector<Sequence*> batch;
   StepPlan plan;
+  int64_t number = 0;             // the trace's step count
+  Clock::time_point submitted{};  // when the executor took it
   std::vector<int64_t> pinned;  // cache entries whose prefix copies it carries (in plan.kv_copies)
 };
 
@@ -449,6 +451,7 @@ Status Scheduler::Advance() {
     for (const auto& s : running_) ready += s->in_flight || s->engine_id < 0 ? 0 : 1;
     const size_t slots = static_cast<size_t>(depth) - in_flight_.size();
     InFlightStep f;
+    const auto scheduling = Clock::now();
     Schedule(f.batch, f.plan, (ready + slots - 1) / slots);
     if (f.plan.sequences.empty()) break;
     const ModelConfig& c = executor_.config();
@@ -475,7 +478,12 @@ Status Scheduler::Advance() {
       f.pinned.push_back(it->first);
       it = pending_copies_.erase(it);
     }
+    const auto submitting = Clock::now();
     const Status submitted = executor_.Submit(f.plan);
+    f.submitted = Clock::now();
+    f.number = ++steps_submitted_;
+    Trace("schedule", scheduling, submitting, 0, f);
+    Trace("submit", submitting, f.submitted, 0, f);
     if (!submitted.ok()) {
       for (int64_t entry : f.pinned) cache_.Unpin(entry);
       if (!executor_.health().ok()) return submitted;
@@ -489,6 +497,8 @@ Status Scheduler::Advance() {
   InFlightStep f = std::move(in_flight_.front());
   in_flight_.pop_front();
   auto stepped = executor_.Collect();
+  const auto collected = Clock::now();
+  Trace("step", f.submitted, collected, 1 + static_cast<int>(f.number % std::max(1, depth)), f);
   for (int64_t entry : f.pinned) cache_.Unpin(entry);
   for (Sequence* s : f.batch) s->in_flight = false;
   if (!stepped.ok()) {
@@ -498,7 +508,15 @@ Status Scheduler::Advance() {
   }
   Apply(f, *stepped);
   Sweep();
+  Trace("apply", collected, Clock::now(), 0, f);
   return OkStatus();
+}
+
+void Scheduler::Trace(const char* name, Clock::time_point begin, Clock::time_point end, int lane,
+                      const InFlightStep& f) {
+  if (!opts_.trace) return;
+  opts_.trace->Span(name, begin, end, lane, f.number, static_cast<int64_t>(f.plan.sequences.size()),
+                    f.plan.total_tokens(), f.plan.total_outputs());
 }
 
 void Scheduler::FailRefused(const InFlightStep& f, const Status& why) {

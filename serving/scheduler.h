@@ -22,6 +22,7 @@
 #include "serving/block_manager.h"
 #include "serving/metrics.h"
 #include "serving/prefix_cache.h"
+#include "serving/step_trace.h"
 #include "serving/request_handle.h"
 #include "serving/text_output.h"
 
@@ -41,6 +42,8 @@ struct SchedulerOptions {
   std::function<Status(std::chrono::milliseconds, const std::atomic<bool>* wake)> idle_watch;
   // Called (from any thread) when work arrives, to end an idle_watch's sleep at once.
   std::function<void()> idle_wake;
+  // Where every step's phases go (gemma2-launch --trace); null: nowhere.
+  StepTrace* trace = nullptr;
 };
 
 class Scheduler {
@@ -68,6 +71,8 @@ class Scheduler {
   // A step the executor refused without running it (it stays healthy): its requests fail, with
   // the reason; every other request goes on.
   void FailRefused(const InFlightStep& f, const Status& why);
+  void Trace(const char* name, Clock::time_point begin, Clock::time_point end, int lane,
+             const InFlightStep& f);
   void Apply(InFlightStep& f, const StepOutput& out);
   void Admit();
   void DropCancelled();
@@ -117,6 +122,7 @@ class Scheduler {
   std::vector<std::shared_ptr<RequestHandle>> touched_;  // to notify after this step
   std::atomic<int64_t> open_requests_{0};                // submitted and not yet closed
   std::atomic<int64_t> queued_requests_{0};              // submitted, no sequence admitted yet
+  int64_t steps_submitted_ = 0;
   std::mt19937_64 seeds_{std::random_device{}()};        // seeds of unseeded requests, seeded once
   std::thread thread_;
 };

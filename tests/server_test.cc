@@ -1276,6 +1276,37 @@ TEST_F(ServerTest, ServeBenchMeasuresARateSweep) {
   EXPECT_NE(plot.str().find("inf/s"), std::string::npos);
 }
 
+// --trace writes every step's phases as a Chrome trace that parses whole, even while the server
+// still runs: schedule, submit and apply on the scheduler's lane, the step itself on its own,
+// each step numbered and sized (the tokens of a request's prefill and decode all appear).
+TEST_F(ServerTest, TraceRecordsEveryStepsPhases) {
+  const auto path = dir_->path() / "trace.json";
+  Server traced(Lm(), Ranks() + " --trace " + path.string() + " --api-key-file " +
+                          (dir_->path() / "key").string());
+  ASSERT_TRUE(traced.ok()) << traced.ready_line();
+  traced.Post("/v1/completions", {{"prompt", {5, 6, 7, 8, 9, 10, 11}}, {"max_tokens", 5},
+                                  {"ignore_eos", true}});
+  std::stringstream text;
+  text << std::ifstream(path).rdbuf();
+  const json events = json::parse(text.str() + "{}]");  // still open: close it as a viewer does
+  std::map<std::string, int> names;
+  int64_t step_tokens = 0, last_step = 0;
+  for (const json& e : events) {
+    if (!e.contains("name")) continue;
+    ++names[e["name"].get<std::string>()];
+    EXPECT_EQ(e["ph"], "X");
+    EXPECT_GE(e["dur"].get<double>(), 0);
+    if (e["name"] == "step") {
+      step_tokens += e["args"]["tokens"].get<int64_t>();
+      EXPECT_GT(e["args"]["step"].get<int64_t>(), last_step);
+      last_step = e["args"]["step"].get<int64_t>();
+      EXPECT_GE(e["tid"].get<int>(), 1);
+    }
+  }
+  for (const char* n : {"schedule", "submit", "step", "apply"}) EXPECT_GE(names[n], 5) << n;
+  EXPECT_GE(step_tokens, 7 + 4);  // the prompt, then 4 decode steps (and the readiness probe)
+}
+
 TEST_F(ServerTest, FullQueueIs429AndTheClientRetries) {
   Server small(Lm(), Ranks() + " --max-running 1 --max-queue 1");
   ASSERT_TRUE(small.ok()) << small.ready_line();

@@ -71,6 +71,7 @@ for s in "$@"; do
     serve)
       step serve 420 bash -c "
         .gpu/bin/gemma2-launch --model random:27b:1 --backend cuda --tp 1 --port 18500 \
+          --trace $OUT/serve_trace.json \
           > $OUT/serve_launch.log 2>&1 &
         for i in \$(seq 240); do grep -q ready $OUT/serve_launch.log && break; sleep 1; done
         sb='.gpu/bin/gemma2-serve-bench --url http://127.0.0.1:18500 --vocab-size 256000'

@@ -77,25 +77,28 @@ std::vector<Request> MakeRequests(const Args& a, int n, double rate, uint64_t se
   return reqs;
 }
 
-// Sends `reqs` at their times with at most `concurrency` (0: any number) in flight.
+// Sends `reqs` at their times from a pool of workers, one request in flight each: the
+// concurrency cap, or kMaxWorkers when unbounded.
+constexpr int kMaxWorkers = 4096;
+
 std::vector<Done> Send(const Args& a, const serving::Url& url, const std::vector<Request>& reqs,
                        double* wall_s) {
   std::vector<Done> done(reqs.size());
   std::mutex mu;
   std::condition_variable cv;
-  int in_flight = 0;
-  const int cap = a.concurrency > 0 ? a.concurrency : std::numeric_limits<int>::max();
-  std::vector<std::thread> threads;
+  size_t due = 0, next = 0;  // requests released by the clock; the next one a worker takes
+  const int workers = static_cast<int>(std::min<size_t>(
+      reqs.size(), static_cast<size_t>(a.concurrency > 0 ? a.concurrency : kMaxWorkers)));
   const auto start = Clock::now();
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    std::this_thread::sleep_until(start + std::chrono::duration_cast<Clock::duration>(
-                                              std::chrono::duration<double>(reqs[i].send_at_s)));
-    {
-      std::unique_lock<std::mutex> lock(mu);
-      cv.wait(lock, [&] { return in_flight < cap; });
-      ++in_flight;
-    }
-    threads.emplace_back([&, i] {
+  auto work = [&] {
+    while (true) {
+      size_t i;
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait(lock, [&] { return next < due || next == reqs.size(); });
+        if (next == reqs.size()) return;
+        i = next++;
+      }
       json body = {{"prompt", reqs[i].prompt},
                    {"max_tokens", reqs[i].output_len},
                    {"temperature", 0},
@@ -110,12 +113,19 @@ std::vector<Done> Send(const Args& a, const serving::Url& url, const std::vector
       if (!a.api_key.empty()) call.headers["Authorization"] = "Bearer " + a.api_key;
       done[i].answer = serving::CallTimed(url, call, /*stream=*/true, /*chat=*/false);
       done[i].prompt_len = static_cast<int64_t>(reqs[i].prompt.size());
-      std::lock_guard<std::mutex> lock(mu);
-      --in_flight;
-      cv.notify_one();
-    });
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int w = 0; w < workers; ++w) pool.emplace_back(work);
+  for (size_t i = 0; i < reqs.size(); ++i) {  // the clock: request i becomes due at its time
+    std::this_thread::sleep_until(start + std::chrono::duration_cast<Clock::duration>(
+                                              std::chrono::duration<double>(reqs[i].send_at_s)));
+    std::lock_guard<std::mutex> lock(mu);
+    due = i + 1;
+    cv.notify_one();
   }
-  for (auto& t : threads) t.join();
+  cv.notify_all();
+  for (auto& t : pool) t.join();
   *wall_s = std::chrono::duration<double>(Clock::now() - start).count();
   return done;
 }
@@ -306,7 +316,7 @@ int main(int argc, char** argv) {
       ->delimiter(',');
   app.add_option("--request-rate", a.request_rate,
                  "requests per second (Poisson arrivals), or inf (all at once)");
-  app.add_option("--concurrency", a.concurrency, "most requests in flight (0: no limit)")
+  app.add_option("--concurrency", a.concurrency, "most requests in flight (0: as many as arrive, up to 4096)")
       ->check(CLI::Range(0, 100000));
   app.add_option("--sweep", a.sweep, "several request rates, one run each (e.g. 1,2,4,inf)")
       ->delimiter(',');

@@ -52,15 +52,14 @@ TimedAnswer CallTimed(const Url& url, const HttpCall& call, bool stream, bool ch
                                    stream_error = true;
                                    return true;
                                  }
+                                 // Every chunk with choices is a token arrival (as vLLM's
+                                 // serving benchmark counts): its text may be empty (bytes
+                                 // held back, a model without a tokenizer).
                                  const auto now = Clock::now();
-                                 bool content = false;
-                                 for (const auto& c : chunk.value("choices", json::array())) {
-                                   content |= (c.contains("text") && c["text"].is_string() &&
-                                               !c["text"].get<std::string>().empty()) ||
-                                              (c.contains("delta") && c["delta"].is_object() &&
-                                               !c["delta"].value("content", "").empty());
-                                 }
-                                 if (content) {
+                                 const json* choices = chunk.contains("choices")
+                                                           ? &chunk["choices"]
+                                                           : nullptr;
+                                 if (choices && choices->is_array() && !choices->empty()) {
                                    if (o.ttft_s < 0)
                                      o.ttft_s = std::chrono::duration<double>(now - start).count();
                                    else

@@ -16,8 +16,8 @@ struct TimedAnswer {
   nlohmann::json response;  // the body (parsed when JSON), or the folded stream
   bool ok = false;          // 200 and no error event in the stream
   double latency_s = 0;     // request sent to answer complete
-  double ttft_s = -1;       // streamed: to the first chunk with text (-1: none came)
-  std::vector<double> itl_s;  // streamed: between chunks with text
+  double ttft_s = -1;       // streamed: to the first chunk with choices (-1: none came)
+  std::vector<double> itl_s;  // streamed: between chunks with choices (vLLM's ITL)
   int64_t completion_tokens = 0;  // the answer's usage (0 without one)
 };
 

@@ -72,16 +72,16 @@ for s in "$@"; do
       step serve 420 bash -c "
         .gpu/bin/gemma2-launch --model random:27b:1 --backend cuda --tp 1 --port 18500 \
           --trace $OUT/serve_trace.json \
-          > $OUT/serve_launch.log 2>&1 &
+          > $OUT/serve_launch.log 2>&1 & launcher=\$!
         for i in \$(seq 240); do grep -q ready $OUT/serve_launch.log && break; sleep 1; done
         sb='.gpu/bin/gemma2-serve-bench --url http://127.0.0.1:18500 --vocab-size 256000'
         \$sb --num-prompts 256 --input-len 512 --output-len 128 --concurrency 64 --warmup 16 \
           --out $OUT/serve_c64.json
-        \$sb --num-prompts 16 --input-len 512 --output-len 128 --concurrency 1 --warmup 2 \
+        \$sb --num-prompts 8 --input-len 512 --output-len 128 --concurrency 1 --warmup 2 \
           --out $OUT/serve_c1.json
         \$sb --num-prompts 64 --input-len 512 --output-len 128 --request-rate 4 --warmup 4 \
           --out $OUT/serve_r4.json
-        pkill -f 'gemma2-launch --model random:27b:1'; sleep 2" ;;
+        kill \$launcher; wait \$launcher" ;;
     load) step load 400 env PATH="$R/.gpu/bin:$PATH" tools/load_speed.sh 9b "$OUT/load_speed" ;;
     side)
       step ours 240 $bench --preset 27b --random-weights 1 --prompts 128,512,2048 --out "$OUT/ours.json"

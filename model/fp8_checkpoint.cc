@@ -17,6 +17,8 @@ Status Bad(const std::string& where, const std::string& field, const std::string
                        "compressed-tensors float-quantized 8-bit weights (channel or tensor scales)");
 }
 
+Result<Fp8Scheme> ParseScheme(const nlohmann::json& config, const std::string& where);
+
 }  // namespace
 
 std::string Fp8Scheme::ScaleName(const std::string& weight_name) const {
@@ -46,6 +48,17 @@ int64_t Fp8Scheme::ScaleIndex(int64_t row, int64_t col, int64_t cols) const {
 }
 
 Result<Fp8Scheme> Fp8SchemeFromConfig(const json& config, const std::string& where) {
+  try {
+    return ParseScheme(config, where);
+  } catch (const json::exception& e) {  // a field of the wrong JSON type
+    return InvalidArgument(where + ": quantization_config: " + e.what());
+  }
+}
+
+namespace {
+constexpr int64_t kMaxBlock = int64_t{1} << 20;  // scale-shape arithmetic stays far from overflow
+
+Result<Fp8Scheme> ParseScheme(const json& config, const std::string& where) {
   Fp8Scheme s;
   auto qc = config.find("quantization_config");
   if (qc == config.end() || qc->is_null()) return s;
@@ -59,8 +72,9 @@ Result<Fp8Scheme> Fp8SchemeFromConfig(const json& config, const std::string& whe
     }
     if (!bs->is_array() || bs->size() != 2 || !(*bs)[0].is_number_integer() ||
         !(*bs)[1].is_number_integer() || (*bs)[0].get<int64_t>() <= 0 ||
-        (*bs)[1].get<int64_t>() <= 0) {
-      return Bad(where, "weight_block_size", "must be two positive integers");
+        (*bs)[1].get<int64_t>() <= 0 || (*bs)[0].get<int64_t>() > kMaxBlock ||
+        (*bs)[1].get<int64_t>() > kMaxBlock) {
+      return Bad(where, "weight_block_size", "must be two integers in [1, 2^20]");
     }
     s.block_rows = (*bs)[0].get<int64_t>();
     s.block_cols = (*bs)[1].get<int64_t>();
@@ -91,6 +105,8 @@ Result<Fp8Scheme> Fp8SchemeFromConfig(const json& config, const std::string& whe
   }
   return s;
 }
+
+}  // namespace
 
 json Fp8QuantizationConfig(const Fp8Scheme& s) {
   if (s.kind == Fp8Scheme::Kind::kBlock) {

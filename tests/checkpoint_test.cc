@@ -121,6 +121,18 @@ TEST(CheckpointTest, Fp8CheckpointsReadAsTheirDequantizedValues) {
     auto bad = Checkpoint::Open(dir.path());
     ASSERT_FALSE(bad.ok());
     EXPECT_NE(bad.status().message().find("strategy"), std::string::npos) << bad.status().message();
+    for (const char* hostile : {R"({"quant_method": 5})",
+                                R"({"quant_method": "fp8", "weight_block_size": [4611686018427387904, 1]})",
+                                R"({"quant_method": "compressed-tensors", "format": "float-quantized",
+                                    "config_groups": {"g": {"weights": {"num_bits": "8"}}}})",
+                                R"("fp8")"}) {
+      j["quantization_config"] = nlohmann::json::parse(hostile);
+      std::ofstream(dir.path() / "config.json") << j.dump();
+      auto refused = Checkpoint::Open(dir.path());  // an error, never an exception or overflow
+      EXPECT_FALSE(refused.ok()) << hostile;
+      EXPECT_NE(refused.status().message().find("quantization_config"), std::string::npos)
+          << refused.status().message();
+    }
     j.erase("quantization_config");
     std::ofstream(dir.path() / "config.json") << j.dump();
     auto none = Checkpoint::Open(dir.path());

@@ -610,6 +610,10 @@ TEST_F(ServerTest, NumericEdgesAreRefusedByNameOrServedAndNothingBreaks) {
       {"max_completion_tokens", "/v1/chat/completions", &ints},
       {"stop_token_ids", "/v1/completions", &ints, "list"},
       {"prompt", "/v1/completions", &ints, "list"},
+      {"prompt_logprobs", "/v1/completions", &ints},
+      {"min_tokens", "/v1/completions", &ints},
+      {"truncate_prompt_tokens", "/v1/completions", &ints},
+      {"allowed_token_ids", "/v1/completions", &ints, "list"},
   };
   int refused = 0, served = 0;
   for (const Field& f : fields) {

@@ -5,11 +5,17 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
-#include <tuple>
+#include <optional>
+#include <source_location>
 #include <vector>
 
 #include "common/cuda_check.h"
+#include "cuda/device_memory.h"
+#include "cuda/graph_runner.h"
+#include "cuda/kv_pool.h"
 #include "cuda/peer_group.h"
+#include "cuda/scratch_arena.h"
+#include "cuda/sticky_status.h"
 #include "cuda/weight_stager.h"
 #include "kernels/attention.h"
 #include "kernels/elementwise.h"
@@ -18,7 +24,6 @@
 #include "kernels/fp8.h"
 #include "kernels/gemm.h"
 #include "kernels/gemv.h"
-#include "kernels/kv_copy.h"
 #include "kernels/prefill_attention.h"
 #include "kernels/rms_norm.h"
 #include "kernels/rope_kv.h"
@@ -31,41 +36,14 @@ namespace {
 
 using kernels::bf16;
 
-std::shared_ptr<void> DeviceAlloc(size_t bytes, Status* st) {
-  void* p = nullptr;
-  const cudaError_t e = cudaMalloc(&p, std::max<size_t>(bytes, 256));
-  if (e != cudaSuccess) {
-    *st = cuda_detail::Check(e, "cudaMalloc", __FILE__, __LINE__)
-              .WithContext("allocating " + std::to_string(bytes >> 20) + " MiB");
-    return nullptr;
-  }
-  return std::shared_ptr<void>(p, [](void* q) { cudaFree(q); });
-}
-
-// The paged KV cache: for each layer slot of a group (a layer's index among its group's layers on
-// this rank), num_blocks blocks of [kv_head][slot][head_dim] bf16, k and v apart.
-struct KvPool {
-  KvLayerSlots layers;
-  int64_t kv_heads = 0, head_dim = 0, block_size = 0, num_blocks = 0, max_blocks = 0;
-  std::shared_ptr<void> k, v;
-  int64_t block_elems() const { return kv_heads * block_size * head_dim; }
-  int64_t slot_elems() const { return num_blocks * block_elems(); }
-  bf16* k_layer(int64_t l) const { return static_cast<bf16*>(k.get()) + Slot(l) * slot_elems(); }
-  bf16* v_layer(int64_t l) const { return static_cast<bf16*>(v.get()) + Slot(l) * slot_elems(); }
-  int64_t Slot(int64_t l) const { return layers.slot[static_cast<size_t>(l)]; }
-};
-
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(const CudaOptions& o) : opts_(o) {}
   ~CudaBackend() override {
     if (stream_) cudaStreamSynchronize(stream_);
-    for (auto& [batch, g] : graphs_) {
-      if (g.exec) cudaGraphExecDestroy(g.exec);
-    }
+    graphs_.reset();
     gemm_.reset();
     stager_.reset();
-    if (pinned_) cudaFreeHost(pinned_);
     if (stream_) cudaStreamDestroy(stream_);
   }
 
@@ -73,8 +51,8 @@ class CudaBackend final : public Backend {
     RETURN_IF_CUDA_ERROR(cudaSetDevice(opts_.device));
     RETURN_IF_CUDA_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     ASSIGN_OR_RETURN(gemm_, kernels::Gemm::Create(stream_));
-    pinned_bytes_ = size_t{64} << 20;
-    RETURN_IF_CUDA_ERROR(cudaHostAlloc(&pinned_, pinned_bytes_, cudaHostAllocDefault));
+    ASSIGN_OR_RETURN(pinned_, PinnedStaging::Create(size_t{64} << 20));
+    graphs_ = std::make_unique<GraphRunner>(stream_);
     return OkStatus();
   }
 
@@ -115,17 +93,18 @@ class CudaBackend final : public Backend {
   Status QuantizeFp8(Tensor& w) override {
     if (w.dtype != DType::kBF16) return Internal("cuda backend: QuantizeFp8 of a non-bf16 weight");
     if (stager_) RETURN_IF_ERROR(stager_->Finish());  // the weight's copies have landed
+    const std::string what =
+        "quantizing a " + std::to_string(w.rows) + "x" + std::to_string(w.cols) + " weight to FP8";
     Tensor q;
     q.rows = w.rows;
     q.cols = w.cols;
     q.dtype = DType::kF8E4M3;
-    Status st;
-    const std::string what =
-        "quantizing a " + std::to_string(w.rows) + "x" + std::to_string(w.cols) + " weight to FP8";
-    q.storage = DeviceAlloc(static_cast<size_t>(w.numel()), &st);
-    RETURN_IF_ERROR(st.WithContext(what));
-    q.scale_storage = DeviceAlloc(static_cast<size_t>(w.rows) * sizeof(float), &st);
-    RETURN_IF_ERROR(st.WithContext(what));
+    Result<std::shared_ptr<void>> bytes = DeviceAlloc(static_cast<size_t>(w.numel()));
+    RETURN_IF_ERROR(bytes.status().WithContext(what));
+    Result<std::shared_ptr<void>> scales = DeviceAlloc(static_cast<size_t>(w.rows) * sizeof(float));
+    RETURN_IF_ERROR(scales.status().WithContext(what));
+    q.storage = std::move(*bytes);
+    q.scale_storage = std::move(*scales);
     q.data = q.storage.get();
     q.row_scales = static_cast<float*>(q.scale_storage.get());
     RETURN_IF_CUDA_ERROR(kernels::QuantizeRowsFp8(w.as<bf16>(), w.rows, w.cols, q.as<uint8_t>(),
@@ -147,10 +126,9 @@ class CudaBackend final : public Backend {
     return Scratch(rows, cols, DType::kF32);
   }
   Result<Tensor> OutputFromHost(const float* host, int64_t rows, int64_t cols) override {
-    if (capturing_ || replaying_)
-      return Internal("cuda backend: OutputFromHost inside a graph step");
+    if (graphs_->in_graph()) return Internal("cuda backend: OutputFromHost inside a graph step");
     Tensor t = Scratch(rows, cols, DType::kF32);
-    RETURN_IF_ERROR(error_);
+    RETURN_IF_ERROR(errors_.status());
     RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(t.data, host, static_cast<size_t>(rows * cols) * 4,
                                          cudaMemcpyHostToDevice, stream_));
     RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream_));
@@ -158,9 +136,9 @@ class CudaBackend final : public Backend {
   }
 
   Status ToHost(const Tensor& t, float* host) override {
-    if (replaying_ || capturing_) return Internal("cuda backend: ToHost inside a graph step");
-    Note(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
-    RETURN_IF_ERROR(error_);
+    if (graphs_->in_graph()) return Internal("cuda backend: ToHost inside a graph step");
+    errors_.Note(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    RETURN_IF_ERROR(errors_.status());
     const size_t n = static_cast<size_t>(t.numel());
     if (t.dtype == DType::kF32) {
       RETURN_IF_CUDA_ERROR(cudaMemcpy(host, t.data, n * 4, cudaMemcpyDeviceToHost));
@@ -182,28 +160,23 @@ class CudaBackend final : public Backend {
     if (greedy == sampled_kind) {
       return Internal("cuda backend: SampleToHost disagrees with the step's output kind");
     }
-    Tensor scratch;
-    Tensor params;
     if (greedy) {  // the two-pass argmax is faster than a sampling block per row
-      scratch = Scratch(1, static_cast<int64_t>(kernels::ArgmaxScratchBytes(logits.rows) / 4),
-                        DType::kF32);
+      const Tensor scratch = Scratch(
+          1, static_cast<int64_t>(kernels::ArgmaxScratchBytes(logits.rows) / 4), DType::kF32);
+      Launch("ArgmaxRows", [&] {
+        return kernels::ArgmaxRows(logits.as<float>(), logits.rows, logits.cols, scratch.data,
+                                   d.as<int32_t>(), stream_);
+      });
     } else {
-      params = StageSampling(rows);
-      scratch = Scratch(
+      const Tensor params = StageSampling(rows);
+      const Tensor scratch = Scratch(
           1, static_cast<int64_t>(kernels::SampleScratchBytes(logits.rows, logits.cols) / 4),
           DType::kF32);
-    }
-    if (!replaying_) {
-      if (greedy) {
-        Note(kernels::ArgmaxRows(logits.as<float>(), logits.rows, logits.cols, scratch.data,
-                                 d.as<int32_t>(), stream_),
-             "ArgmaxRows");
-      } else {
-        Note(kernels::SampleRows(logits.as<float>(), logits.rows, logits.cols,
-                                 static_cast<const kernels::DeviceSampling*>(params.data),
-                                 scratch.data, d.as<int32_t>(), stream_),
-             "SampleRows");
-      }
+      Launch("SampleRows", [&] {
+        return kernels::SampleRows(logits.as<float>(), logits.rows, logits.cols,
+                                   static_cast<const kernels::DeviceSampling*>(params.data),
+                                   scratch.data, d.as<int32_t>(), stream_);
+      });
     }
     return IdsToHost(d, ids);
   }
@@ -221,12 +194,12 @@ class CudaBackend final : public Backend {
                            const Tensor* next_w, float eps, Tensor& normed) override {
     if (!peers_ || delta.rows > peers_->view().max_rows || delta.cols != peers_->view().hidden)
       return false;
-    if (replaying_) return true;
-    Note(kernels::PeerAllReduceAddRmsNorm(
-             peers_->view(), residual.as<bf16>(), delta.as<bf16>(), post_w.as<bf16>(),
-             next_w ? next_w->as<bf16>() : nullptr, delta.rows, eps, normed.as<bf16>(),
-             static_cast<uint64_t>(opts_.peer_timeout_s) * 1000000000ull, stream_),
-         "PeerAllReduceAddRmsNorm");
+    Launch("PeerAllReduceAddRmsNorm", [&] {
+      return kernels::PeerAllReduceAddRmsNorm(
+          peers_->view(), residual.as<bf16>(), delta.as<bf16>(), post_w.as<bf16>(),
+          next_w ? next_w->as<bf16>() : nullptr, delta.rows, eps, normed.as<bf16>(),
+          static_cast<uint64_t>(opts_.peer_timeout_s) * 1000000000ull, stream_);
+    });
     return true;
   }
 
@@ -235,118 +208,67 @@ class CudaBackend final : public Backend {
     const Tensor params = StageSampling(rows);
     const Tensor scratch = Scratch(
         1, static_cast<int64_t>(kernels::ShardBestScratchBytes(local.rows) / 4), DType::kF32);
-    if (replaying_) return;
-    Note(kernels::ShardBestRows(local.as<float>(), local.rows, local.cols, vocab_begin,
-                                static_cast<const kernels::DeviceSampling*>(params.data), rank, tp,
-                                scratch.data, exchange.as<float>(), stream_),
-         "ShardBestRows");
+    Launch("ShardBestRows", [&] {
+      return kernels::ShardBestRows(local.as<float>(), local.rows, local.cols, vocab_begin,
+                                    static_cast<const kernels::DeviceSampling*>(params.data), rank,
+                                    tp, scratch.data, exchange.as<float>(), stream_);
+    });
   }
 
   Status ShardPickToHost(const Tensor& exchange, int tp, int32_t* ids) override {
     Tensor d = Scratch(1, exchange.rows, DType::kI32);
-    if (!replaying_) {
-      Note(kernels::DecideShardRows(exchange.as<float>(), exchange.rows, tp, d.as<int32_t>(),
-                                    stream_),
-           "DecideShardRows");
-    }
+    Launch("DecideShardRows", [&] {
+      return kernels::DecideShardRows(exchange.as<float>(), exchange.rows, tp, d.as<int32_t>(),
+                                      stream_);
+    });
     return IdsToHost(d, ids);
   }
 
   void* native_stream() override { return stream_; }
-  bool replaying_graph() const override { return replaying_; }
-
-  Status EndGraphSection() override {
-    RETURN_IF_ERROR(FinishGraph());
-    replaying_ = false;  // what follows runs eagerly, in the capturing step as in the replays
-    return error_;
+  Status IssueStreamWork(const std::function<Status()>& work) override {
+    Status st;
+    graphs_->Launch([&] { st = work(); });
+    return st;
   }
+  Status EndGraphSection() override { return graphs_->EndSection(errors_.status()); }
 
   // One kernel over every pair and layer slot, on the step stream (ordered before the next
   // step's kernels). Between steps only: never inside a captured one.
   Status CopyKvBlocks(std::span<const int32_t> from, std::span<const int32_t> to) override {
     if (!pool_) return Internal("cuda backend: no KV pool");
-    if (capturing_) return Internal("cuda backend: CopyKvBlocks inside a graph capture");
-    if (from.size() != to.size()) return InvalidArgument("CopyKvBlocks: unpaired blocks");
-    if (from.empty()) return error_;
-    std::vector<int32_t> pairs(2 * from.size());
-    for (size_t i = 0; i < from.size(); ++i) {
-      if (from[i] < 0 || from[i] >= pool_->num_blocks || to[i] < 0 || to[i] >= pool_->num_blocks)
-        return InvalidArgument("CopyKvBlocks: block out of range");
-      pairs[2 * i] = from[i];
-      pairs[2 * i + 1] = to[i];
-    }
-    const size_t bytes = pairs.size() * sizeof(int32_t);
-    if (bytes > kv_copy_pairs_bytes_) {
-      Note(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");  // the old list is unused
-      Status st;
-      kv_copy_pairs_ = DeviceAlloc(bytes, &st);
-      RETURN_IF_ERROR(st);
-      kv_copy_pairs_bytes_ = bytes;
-    }
-    // From pageable memory: returns once `pairs` is staged, ordered on the stream.
-    Note(
-        cudaMemcpyAsync(kv_copy_pairs_.get(), pairs.data(), bytes, cudaMemcpyHostToDevice, stream_),
-        "cudaMemcpyAsync (KV block pairs)");
-    Note(kernels::CopyKvBlocks(static_cast<bf16*>(pool_->k.get()),
-                               static_cast<bf16*>(pool_->v.get()), pool_->layers.slots,
-                               pool_->slot_elems(), pool_->block_elems(),
-                               static_cast<const int32_t*>(kv_copy_pairs_.get()),
-                               static_cast<int64_t>(from.size()), stream_),
-         "CopyKvBlocks");
-    return error_;
+    if (graphs_->in_graph()) return Internal("cuda backend: CopyKvBlocks inside a graph step");
+    errors_.Note(pool_->CopyBlocks(from, to, stream_));
+    return errors_.status();
   }
 
   Result<int64_t> CreateKvPool(std::span<const KvGroup> layer_groups, int64_t kv_heads,
                                int64_t head_dim, int64_t block_size, int64_t blocks) override {
     if (pool_) return Internal("cuda backend: the KV pool exists already");
-    if (block_size <= 0) return InvalidArgument("KV block size must be positive");
-    auto pool = std::make_shared<KvPool>();
-    pool->layers = KvLayerSlots(layer_groups);
-    pool->kv_heads = kv_heads;
-    pool->head_dim = head_dim;
-    pool->block_size = block_size;
-    pool->max_blocks = (opts_.max_positions + block_size - 1) / block_size;
-    const int64_t per_block = 2 * pool->layers.slots * pool->block_elems() * 2;  // k+v, bf16
-    if (blocks <= 0) {
-      int64_t bytes = opts_.kv_cache_bytes;
-      if (bytes <= 0) {
-        size_t free_b = 0, total = 0;
-        RETURN_IF_CUDA_ERROR(cudaMemGetInfo(&free_b, &total));
-        // Leave room for a long prefill's activations (8192 tokens of 27B need about 3 GiB); on a
-        // GPU that another process already fills, a quarter of what is left.
-        bytes =
-            std::max(static_cast<int64_t>(static_cast<double>(free_b) * 0.95) - (int64_t{8} << 30),
-                     static_cast<int64_t>(free_b / 4));
-      }
-      blocks = bytes / per_block;
-    }
-    if (blocks < 1) return Status(StatusCode::kUnavailable, "no device memory left for a KV cache");
-    pool->num_blocks = blocks;
-    pool->k = DeviceAlloc(static_cast<size_t>(blocks * per_block / 2), &error_);
-    pool->v = DeviceAlloc(static_cast<size_t>(blocks * per_block / 2), &error_);
-    RETURN_IF_ERROR(error_);
-    pool_ = std::move(pool);
-    return blocks;
+    KvPoolShape shape;
+    shape.kv_heads = kv_heads;
+    shape.head_dim = head_dim;
+    shape.block_size = block_size;
+    shape.max_positions = opts_.max_positions;
+    ASSIGN_OR_RETURN(pool_, KvPool::Create(layer_groups, shape, blocks, opts_.kv_cache_bytes));
+    return pool_->num_blocks();
   }
 
   Status BeginStep(std::span<const SeqSlice> seqs, StepOutputKind output) override {
     output_ = output;
-    Note(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
-    RETURN_IF_ERROR(error_);
-    arena_chunk_ = 0;
-    arena_offset_ = 0;
-    pinned_offset_ = 0;
-    replaying_ = capturing_ = false;
+    errors_.Note(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    RETURN_IF_ERROR(errors_.status());
+    arena_.Reset();
+    pinned_.Reset();
     attn_partial_ = Tensor{};
     if (!seqs.empty()) {
       if (!pool_) return Internal("cuda backend: no KV pool");
       RETURN_IF_ERROR(
-          CheckNewPositionsMapped(seqs, pool_->layers.group, pool_->block_size, pool_->num_blocks));
+          CheckNewPositionsMapped(seqs, pool_->groups(), pool_->block_size(), pool_->num_blocks()));
     }
     // Block tables have a fixed stride (a sequence's most blocks), so every kernel argument of a
     // decode step depends only on its batch size: such steps are captured once and replayed.
     // Staged as [group][sequence][logical block]; unmapped entries (-1) are never read.
-    const size_t max_blocks = pool_ ? static_cast<size_t>(pool_->max_blocks) : 0;
+    const size_t max_blocks = pool_ ? static_cast<size_t>(pool_->max_blocks()) : 0;
     std::vector<int32_t>& token_seq = host_token_seq_;  // host buffers kept across steps
     std::vector<int32_t>& token_pos = host_token_pos_;
     std::vector<int32_t>& tables = host_tables_;
@@ -372,67 +294,70 @@ class CudaBackend final : public Backend {
     const bool decode = output != StepOutputKind::kLogits && opts_.cuda_graphs && !seqs.empty() &&
                         step_tokens_.count == static_cast<int64_t>(seqs.size());
     // A decode graph holds attention's split count, which follows the context's bucket.
-    if (decode) {
-      RETURN_IF_ERROR(
-          StartGraph({seqs.size(), output, kernels::AttentionContextBucket(max_context_)}));
-    }
+    std::optional<GraphRunner::Key> key;
+    if (decode) key.emplace(seqs.size(), output, kernels::AttentionContextBucket(max_context_));
+    RETURN_IF_ERROR(graphs_->Begin(key));
     step_tokens_.token_seq = Stage(token_seq.data(), token_seq.size() * 4).as<int32_t>();
     step_tokens_.token_pos = Stage(token_pos.data(), token_pos.size() * 4).as<int32_t>();
     block_tables_ = Stage(tables.data(), tables.size() * 4).as<int32_t>();
-    table_stride_ = static_cast<int32_t>(max_blocks);
-    return error_;
+    return errors_.status();
   }
 
   void Embed(std::span<const int32_t> ids, const Tensor& table, int64_t vocab_begin, float scale,
              Tensor& out) override {
     const Tensor d = Stage(ids.data(), ids.size() * 4);
-    if (replaying_) return;
-    Note(kernels::Embed(d.as<int32_t>(), static_cast<int64_t>(ids.size()), table.as<bf16>(),
-                        table.rows, table.cols, vocab_begin, scale, out.as<bf16>(), stream_),
-         "Embed");
+    Launch("Embed", [&] {
+      return kernels::Embed(d.as<int32_t>(), static_cast<int64_t>(ids.size()), table.as<bf16>(),
+                            table.rows, table.cols, vocab_begin, scale, out.as<bf16>(), stream_);
+    });
   }
 
   void RmsNorm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override {
-    if (replaying_) return;
-    Note(kernels::RmsNorm(x.as<bf16>(), w.as<bf16>(), x.rows, x.cols, eps, out.as<bf16>(), stream_),
-         "RmsNorm");
+    Launch("RmsNorm", [&] {
+      return kernels::RmsNorm(x.as<bf16>(), w.as<bf16>(), x.rows, x.cols, eps, out.as<bf16>(),
+                              stream_);
+    });
   }
 
   void AddRmsNorm(Tensor& residual, const Tensor& delta, const Tensor& post_w, const Tensor* next_w,
                   float eps, Tensor& normed) override {
-    if (replaying_) return;
-    Note(kernels::AddRmsNorm(residual.as<bf16>(), delta.as<bf16>(), post_w.as<bf16>(),
-                             next_w ? next_w->as<bf16>() : nullptr, residual.rows, residual.cols,
-                             eps, normed.as<bf16>(), stream_),
-         "AddRmsNorm");
+    Launch("AddRmsNorm", [&] {
+      return kernels::AddRmsNorm(residual.as<bf16>(), delta.as<bf16>(), post_w.as<bf16>(),
+                                 next_w ? next_w->as<bf16>() : nullptr, residual.rows,
+                                 residual.cols, eps, normed.as<bf16>(), stream_);
+    });
   }
 
   void Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& out) override {
-    if (!error_.ok() || replaying_) return;
+    if (!errors_.ok()) return;
     const bool f32 = out.dtype == DType::kF32;
     if (w.dtype == DType::kF8E4M3) {
       LinearFp8(x, w, out, f32);
     } else if (kernels::GemvSupports(x.data, w.data, x.rows, x.cols)) {  // decode: memory-bound
-      Note(
-          kernels::Gemv(x.as<bf16>(), w.as<bf16>(), out.data, f32, x.rows, w.rows, x.cols, stream_),
-          "Gemv");
+      Launch("Gemv", [&] {
+        return kernels::Gemv(x.as<bf16>(), w.as<bf16>(), out.data, f32, x.rows, w.rows, x.cols,
+                             stream_);
+      });
     } else {
-      const Status st = gemm_->Run(x.data, w.data, out.data, f32, x.rows, w.rows, x.cols);
-      if (!st.ok()) error_ = st;
+      Launch("GEMM", [&] { return gemm_->Run(x.data, w.data, out.data, f32, x.rows, w.rows, x.cols); });
     }
-    if (bias)
-      Note(kernels::AddBias(out.data, f32, bias->as<bf16>(), out.rows, out.cols, stream_),
-           "AddBias");
+    if (bias) {
+      Launch("AddBias", [&] {
+        return kernels::AddBias(out.data, f32, bias->as<bf16>(), out.rows, out.cols, stream_);
+      });
+    }
   }
 
   void RopeAndCacheWrite(Tensor& qkv, std::span<const SeqSlice>, int64_t layer,
                          const AttentionParams& p) override {
-    if (replaying_) return;
-    Note(kernels::RopeAndCacheWrite(
-             qkv.as<bf16>(), qkv.cols, step_tokens_, static_cast<int32_t>(p.q_heads),
-             static_cast<int32_t>(p.kv_heads), static_cast<int32_t>(p.head_dim), InvFreq(p),
-             Kv(layer), stream_),
-         "RopeAndCacheWrite");
+    const float* inv_freq = InvFreq(p);
+    Launch("RopeAndCacheWrite", [&] {
+      return kernels::RopeAndCacheWrite(qkv.as<bf16>(), qkv.cols, step_tokens_,
+                                        static_cast<int32_t>(p.q_heads),
+                                        static_cast<int32_t>(p.kv_heads),
+                                        static_cast<int32_t>(p.head_dim), inv_freq, Kv(layer),
+                                        stream_);
+    });
   }
 
   void Attention(const Tensor& qkv, std::span<const SeqSlice> seqs, int64_t layer,
@@ -456,16 +381,58 @@ class CudaBackend final : public Backend {
       attn_partial_ = Scratch(1, static_cast<int64_t>(partial_bytes / 4), DType::kF32);
     }
     const Tensor& partial = attn_partial_;
-    if (replaying_) return;
-    const cudaError_t e =
-        kernels::PagedAttention(qkv.as<bf16>(), qkv.cols, step_tokens_, max_context_, s, Kv(layer),
-                                partial.as<float>(), out.as<bf16>(), stream_);
-    if (e == cudaErrorInvalidValue && error_.ok()) {
-      error_ = Unimplemented("cuda attention supports head_dim 128 and 256, not " +
+    Launch("PagedAttention", [&]() -> Status {
+      const cudaError_t e =
+          kernels::PagedAttention(qkv.as<bf16>(), qkv.cols, step_tokens_, max_context_, s,
+                                  Kv(layer), partial.as<float>(), out.as<bf16>(), stream_);
+      if (e == cudaErrorInvalidValue) {
+        return Unimplemented("cuda attention supports head_dim 128 and 256, not " +
                              std::to_string(p.head_dim));
-      return;
-    }
-    Note(e, "PagedAttention");
+      }
+      return cuda_detail::Check(e, "PagedAttention", __FILE__, __LINE__);
+    });
+  }
+
+  void GeluTanhMul(const Tensor& gate_up, Tensor& out) override {
+    Launch("GeluTanhMul", [&] {
+      return kernels::GeluTanhMul(gate_up.as<bf16>(), out.rows, out.cols, out.as<bf16>(), stream_);
+    });
+  }
+
+  void Softcap(Tensor& x, float cap) override {
+    Launch("Softcap", [&] { return kernels::Softcap(x.as<float>(), x.numel(), cap, stream_); });
+  }
+
+  void GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) override {
+    const Tensor d = Stage(rows.data(), rows.size() * 8);
+    Launch("GatherRows", [&] {
+      return kernels::GatherRows(x.as<bf16>(), x.cols, d.as<int64_t>(),
+                                 static_cast<int64_t>(rows.size()), out.as<bf16>(), stream_);
+    });
+  }
+
+  void ScatterColumns(const Tensor& src, int64_t col_offset, Tensor& dst) override {
+    Launch("ScatterColumns", [&] {
+      return kernels::ScatterColumns(src.as<float>(), src.rows, src.cols, col_offset,
+                                     dst.as<float>(), dst.cols, stream_);
+    });
+  }
+
+ private:
+  // Every launch of a step goes through here: a replayed graph holds it already (GraphRunner),
+  // and a failure is kept with the op's name and the call site's file and line.
+  template <class Work>
+  void Launch(const char* what, Work&& work,
+              std::source_location where = std::source_location::current()) {
+    graphs_->Launch([&] { Record(work(), what, where); });
+  }
+  void Record(cudaError_t e, const char* what, std::source_location where) {
+    errors_.Note(e, what, where);
+  }
+  void Record(const Status& st, const char* what, std::source_location where) {
+    if (st.ok()) return;
+    errors_.Note(st.WithContext(std::string(what) + " at " + where.file_name() + ":" +
+                                std::to_string(where.line())));
   }
 
   // Every sequence starts at position 0 with enough tokens for tensor cores to pay off: all keys
@@ -480,7 +447,7 @@ class CudaBackend final : public Backend {
 
   void PrefillAttention(const Tensor& qkv, std::span<const SeqSlice> seqs, const AttentionParams& p,
                         Tensor& out) {
-    if (!error_.ok() || replaying_) return;
+    if (!errors_.ok()) return;
     for (const SeqSlice& seq : seqs) {
       kernels::PrefillAttentionShape a;
       a.tokens = seq.num_tokens;
@@ -491,120 +458,66 @@ class CudaBackend final : public Backend {
       a.scale = p.scale;
       a.softcap = p.softcap;
       a.window = p.window;
+      const bf16* q = qkv.as<bf16>() + seq.row_begin * qkv.cols;
+      bf16* o = out.as<bf16>() + seq.row_begin * out.cols;
       if (kernels::FlashPrefillSupports(a)) {
-        Note(kernels::FlashPrefillAttention(qkv.as<bf16>() + seq.row_begin * qkv.cols, a,
-                                            out.as<bf16>() + seq.row_begin * out.cols, stream_),
-             "FlashPrefillAttention");
+        Launch("FlashPrefillAttention",
+               [&] { return kernels::FlashPrefillAttention(q, a, o, stream_); });
         continue;
       }
       const int64_t chunk = kernels::PrefillAttentionKvChunk(a, kPrefillWorkspaceBudget);
       const size_t bytes = kernels::PrefillAttentionWorkspace(a, chunk);
       if (bytes > attn_ws_bytes_) {  // persistent across layers and steps; grows on demand
-        Note(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
-        attn_ws_ = DeviceAlloc(bytes, &error_);
-        attn_ws_bytes_ = attn_ws_ ? bytes : 0;
-        if (!attn_ws_) return;
+        errors_.Note(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+        attn_ws_.reset();
+        attn_ws_bytes_ = 0;
+        Result<std::shared_ptr<void>> ws = DeviceAlloc(bytes);
+        errors_.Note(ws.status().WithContext("prefill attention workspace"));
+        if (!ws.ok()) return;
+        attn_ws_ = std::move(*ws);
+        attn_ws_bytes_ = bytes;
       }
-      const Status st = kernels::PrefillAttention(
-          *gemm_, qkv.as<bf16>() + seq.row_begin * qkv.cols, a, attn_ws_.get(), chunk,
-          out.as<bf16>() + seq.row_begin * out.cols, stream_);
-      if (!st.ok() && error_.ok()) error_ = st;
+      Launch("PrefillAttention", [&] {
+        return kernels::PrefillAttention(*gemm_, q, a, attn_ws_.get(), chunk, o, stream_);
+      });
     }
   }
 
-  void GeluTanhMul(const Tensor& gate_up, Tensor& out) override {
-    if (replaying_) return;
-    Note(kernels::GeluTanhMul(gate_up.as<bf16>(), out.rows, out.cols, out.as<bf16>(), stream_),
-         "GeluTanhMul");
-  }
-
-  void Softcap(Tensor& x, float cap) override {
-    if (replaying_) return;
-    Note(kernels::Softcap(x.as<float>(), x.numel(), cap, stream_), "Softcap");
-  }
-
-  void GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) override {
-    const Tensor d = Stage(rows.data(), rows.size() * 8);
-    if (replaying_) return;
-    Note(kernels::GatherRows(x.as<bf16>(), x.cols, d.as<int64_t>(),
-                             static_cast<int64_t>(rows.size()), out.as<bf16>(), stream_),
-         "GatherRows");
-  }
-
-  void ScatterColumns(const Tensor& src, int64_t col_offset, Tensor& dst) override {
-    if (replaying_) return;
-    Note(kernels::ScatterColumns(src.as<float>(), src.rows, src.cols, col_offset, dst.as<float>(),
-                                 dst.cols, stream_),
-         "ScatterColumns");
-  }
-
- private:
-  // Decode steps of one key (batch size, output kind, context bucket): the first runs eagerly
-  // (creating GEMM plans and scratch), the second is captured into a graph, later ones replay it
-  // with fresh inputs in the pinned area.
-  using GraphKey = std::tuple<size_t, StepOutputKind, int>;
-  Status StartGraph(GraphKey key) {
-    current_graph_ = key;
-    auto& g = graphs_[key];
-    if (g.exec) {
-      replaying_ = true;
-    } else if (g.warm) {
-      RETURN_IF_CUDA_ERROR(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-      capturing_ = true;
-    } else {
-      g.warm = true;
-    }
-    return OkStatus();
-  }
-
-  Status FinishGraph() {
-    if (capturing_) {
-      capturing_ = false;
-      cudaGraph_t graph = nullptr;
-      RETURN_IF_CUDA_ERROR(cudaStreamEndCapture(stream_, &graph));
-      RETURN_IF_ERROR(error_);
-      auto& g = graphs_[current_graph_];
-      const cudaError_t e = cudaGraphInstantiate(&g.exec, graph, 0);
-      cudaGraphDestroy(graph);
-      RETURN_IF_CUDA_ERROR(e);
-      replaying_ = true;
-    }
-    if (replaying_) RETURN_IF_CUDA_ERROR(cudaGraphLaunch(graphs_[current_graph_].exec, stream_));
-    return OkStatus();
-  }
-
-  // Device memory for a rows x cols bf16 weight (contents undefined).
   // FP8 weights: few tokens read them in the GEMV (dequantized in registers); more are quantized
   // per token and multiplied on the FP8 tensor cores (cuBLASLt, row and column scale vectors).
   void LinearFp8(const Tensor& x, const Tensor& w, Tensor& out, bool f32) {
     if (kernels::GemvFp8Supports(x.data, w.data, x.rows, x.cols)) {
-      Note(kernels::GemvFp8(x.as<bf16>(), w.as<uint8_t>(), w.row_scales, out.data, f32, x.rows,
-                            w.rows, x.cols, stream_),
-           "GemvFp8");
+      Launch("GemvFp8", [&] {
+        return kernels::GemvFp8(x.as<bf16>(), w.as<uint8_t>(), w.row_scales, out.data, f32,
+                                x.rows, w.rows, x.cols, stream_);
+      });
       return;
     }
     Tensor xq = Scratch(x.rows, x.cols, DType::kF8E4M3);
     Tensor xs = Scratch(x.rows, 1, DType::kF32);
     Tensor tmp;  // the unscaled product, where cuBLASLt cannot scale it
     if (!gemm_->fp8_outer_vec()) tmp = Scratch(x.rows, w.rows, DType::kF32);
-    if (!error_.ok()) return;
-    Note(kernels::QuantizeRowsFp8(x.as<bf16>(), x.rows, x.cols, xq.as<uint8_t>(), xs.as<float>(),
-                                  stream_),
-         "QuantizeRowsFp8");
-    const Status st = gemm_->RunFp8(xq.data, xs.as<float>(), w.data, w.row_scales, out.data, f32,
-                                    x.rows, w.rows, x.cols, tmp.as<float>());
-    if (!st.ok()) error_ = st.WithContext("FP8 GEMM");
+    if (!errors_.ok()) return;
+    Launch("QuantizeRowsFp8", [&] {
+      return kernels::QuantizeRowsFp8(x.as<bf16>(), x.rows, x.cols, xq.as<uint8_t>(),
+                                      xs.as<float>(), stream_);
+    });
+    Launch("FP8 GEMM", [&] {
+      return gemm_->RunFp8(xq.data, xs.as<float>(), w.data, w.row_scales, out.data, f32, x.rows,
+                           w.rows, x.cols, tmp.as<float>());
+    });
   }
 
+  // Device memory for a rows x cols bf16 weight (contents undefined).
   static Result<Tensor> NewWeight(int64_t rows, int64_t cols) {
     Tensor t;
     t.rows = rows;
     t.cols = cols;
     t.dtype = DType::kBF16;
-    Status st;
-    t.storage = DeviceAlloc(static_cast<size_t>(rows * cols) * 2, &st);
-    RETURN_IF_ERROR(st.WithContext("uploading a " + std::to_string(rows) + "x" +
-                                   std::to_string(cols) + " weight"));
+    Result<std::shared_ptr<void>> mem = DeviceAlloc(static_cast<size_t>(rows * cols) * 2);
+    RETURN_IF_ERROR(mem.status().WithContext("uploading a " + std::to_string(rows) + "x" +
+                                             std::to_string(cols) + " weight"));
+    t.storage = std::move(*mem);
     t.data = t.storage.get();
     return t;
   }
@@ -622,87 +535,65 @@ class CudaBackend final : public Backend {
   // Ends the step: the int32 ids in `d` (one per column) reach `ids` through the pinned area
   // after this step's staged inputs, after a captured or replayed graph has run.
   Status IdsToHost(const Tensor& d, int32_t* ids) {
-    auto* staged = reinterpret_cast<int32_t*>(static_cast<char*>(pinned_) + pinned_offset_);
     const size_t bytes = static_cast<size_t>(d.cols) * 4;
-    if (!replaying_) {
-      Note(cudaMemcpyAsync(staged, d.data, bytes, cudaMemcpyDeviceToHost, stream_),
-           "cudaMemcpyAsync(ids)");
+    char* staged = pinned_.Take(bytes);
+    if (!staged) errors_.Note(Internal("cuda backend: no pinned room for a step's ids"));
+    if (staged && d.data) {
+      Launch("cudaMemcpyAsync (ids)", [&] {
+        return cudaMemcpyAsync(staged, d.data, bytes, cudaMemcpyDeviceToHost, stream_);
+      });
     }
-    RETURN_IF_ERROR(FinishGraph());
+    RETURN_IF_ERROR(graphs_->EndSection(errors_.status()));
     RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream_));
-    RETURN_IF_ERROR(error_);
+    RETURN_IF_ERROR(errors_.status());
     std::memcpy(ids, staged, bytes);
     return OkStatus();
   }
 
-  void Note(cudaError_t e, const char* what) {
-    if (e != cudaSuccess && error_.ok()) error_ = cuda_detail::Check(e, what, __FILE__, __LINE__);
-  }
-
-  // Bump allocation from chunks kept across steps, so a steady state allocates nothing.
+  // Step scratch from the arena (reset by BeginStep); empty, the failure kept, when out of memory.
   Tensor Scratch(int64_t rows, int64_t cols, DType dtype) {
     Tensor t;
     t.rows = rows;
     t.cols = cols;
     t.dtype = dtype;
-    const size_t bytes =
-        (static_cast<size_t>(std::max<int64_t>(1, rows * cols) * DTypeSize(dtype)) + 255) &
-        ~size_t{255};
-    while (arena_chunk_ < chunks_.size() && arena_offset_ + bytes > chunk_bytes_[arena_chunk_]) {
-      ++arena_chunk_;
-      arena_offset_ = 0;
+    const size_t bytes = static_cast<size_t>(std::max<int64_t>(1, rows * cols) * DTypeSize(dtype));
+    Result<void*> p = arena_.Take(bytes);
+    if (!p.ok()) {
+      errors_.Note(p.status());
+      return t;
     }
-    if (arena_chunk_ == chunks_.size()) {
-      const size_t size = std::max(bytes, size_t{256} << 20);
-      auto chunk = DeviceAlloc(size, &error_);
-      if (!chunk) return t;
-      chunks_.push_back(std::move(chunk));
-      chunk_bytes_.push_back(size);
-      arena_offset_ = 0;
-    }
-    t.data = static_cast<char*>(chunks_[arena_chunk_].get()) + arena_offset_;
-    arena_offset_ += bytes;
-    if (opts_.poison_scratch && !replaying_) {
-      Note(kernels::Poison(t.data, static_cast<int64_t>(bytes), stream_), "Poison");
+    t.data = *p;
+    if (opts_.poison_scratch) {
+      Launch("Poison", [&] { return kernels::Poison(t.data, static_cast<int64_t>(bytes), stream_); });
     }
     return t;
   }
 
-  // Copies host data into this step's scratch through pinned memory (rewritten next step only,
-  // after BeginStep has synchronized).
+  // Copies host data into this step's scratch through the pinned area (rewritten next step only,
+  // after BeginStep has synchronized); a replayed graph copies from there with its own copy.
   Tensor Stage(const void* host, size_t bytes) {
     Tensor t = Scratch(1, static_cast<int64_t>((bytes + 3) / 4), DType::kI32);
     if (!t.data || bytes == 0) return t;
-    if (pinned_offset_ + bytes > pinned_bytes_) {  // too large for staging: synchronous, no graph
-      if (capturing_ || replaying_) {
-        if (error_.ok()) error_ = Internal("cuda backend: staged input too large for a graph step");
+    char* dst = pinned_.Take(bytes);
+    if (!dst) {  // too large for staging: synchronous, never in a graph
+      if (graphs_->in_graph()) {
+        errors_.Note(Internal("cuda backend: staged input too large for a graph step"));
         return t;
       }
-      Note(cudaMemcpyAsync(t.data, host, bytes, cudaMemcpyHostToDevice, stream_),
-           "cudaMemcpyAsync");
-      Note(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+      errors_.Note(cudaMemcpyAsync(t.data, host, bytes, cudaMemcpyHostToDevice, stream_),
+                   "cudaMemcpyAsync (large input)");
+      errors_.Note(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
       return t;
     }
-    char* dst = static_cast<char*>(pinned_) + pinned_offset_;
-    std::memcpy(dst, host, bytes);  // a replayed graph copies from here to t.data
-    pinned_offset_ += (bytes + 255) & ~size_t{255};
-    if (!replaying_) {
-      Note(cudaMemcpyAsync(t.data, dst, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync");
-    }
+    std::memcpy(dst, host, bytes);
+    Launch("cudaMemcpyAsync (staged input)", [&] {
+      return cudaMemcpyAsync(t.data, dst, bytes, cudaMemcpyHostToDevice, stream_);
+    });
     return t;
   }
 
   kernels::PagedKv Kv(int64_t layer) const {
-    kernels::PagedKv kv;
-    kv.k = pool_->k_layer(layer);
-    kv.v = pool_->v_layer(layer);
-    kv.block_tables =
-        block_tables_ +
-        static_cast<size_t>(pool_->layers.group[static_cast<size_t>(layer)]) * tables_per_group_;
-    kv.table_stride = table_stride_;
-    kv.block_size = static_cast<int32_t>(pool_->block_size);
-    kv.kv_heads = static_cast<int32_t>(pool_->kv_heads);
-    return kv;
+    return pool_->Layer(layer, block_tables_, tables_per_group_);
   }
 
   const float* InvFreq(const AttentionParams& p) {
@@ -710,53 +601,38 @@ class CudaBackend final : public Backend {
     auto it = inv_freq_.find(key);
     if (it != inv_freq_.end()) return static_cast<const float*>(it->second.get());
     const auto f = RopeInvFreq(p.head_dim, p.rope_theta);
-    auto d = DeviceAlloc(f.size() * 4, &error_);
-    if (!d) return nullptr;
-    Note(cudaMemcpy(d.get(), f.data(), f.size() * 4, cudaMemcpyHostToDevice),
-         "cudaMemcpy(inv_freq)");
-    return static_cast<const float*>(inv_freq_.emplace(key, std::move(d)).first->second.get());
+    Result<std::shared_ptr<void>> d = DeviceAlloc(f.size() * 4);
+    errors_.Note(d.status().WithContext("RoPE frequencies"));
+    if (!d.ok()) return nullptr;
+    errors_.Note(cudaMemcpy(d->get(), f.data(), f.size() * 4, cudaMemcpyHostToDevice),
+                 "cudaMemcpy (inv_freq)");
+    return static_cast<const float*>(inv_freq_.emplace(key, std::move(*d)).first->second.get());
   }
 
   const CudaOptions opts_;
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<kernels::Gemm> gemm_;
-  std::unique_ptr<PeerGroup> peers_;  // the fused all-reduce's buffers (ConnectPeers)
-  Status error_;  // first failure of any op; sticky (the device may be unusable after it)
-  // Scratch arena (reset by BeginStep).
-  std::vector<std::shared_ptr<void>> chunks_;
-  std::vector<size_t> chunk_bytes_;
-  size_t arena_chunk_ = 0, arena_offset_ = 0;
-  void* pinned_ = nullptr;
-  // While weights load (UploadRows .. FinishUploads).
-  std::unique_ptr<WeightStager> stager_;
-  // CopyKvBlocks' (from, to) list on the device.
-  std::shared_ptr<void> kv_copy_pairs_;
-  size_t kv_copy_pairs_bytes_ = 0;
-  size_t pinned_bytes_ = 0, pinned_offset_ = 0;
-  // KV cache and this step's metadata.
-  std::shared_ptr<KvPool> pool_;
+  std::unique_ptr<GraphRunner> graphs_;  // decode steps captured and replayed
+  std::unique_ptr<PeerGroup> peers_;     // the fused all-reduce's buffers (ConnectPeers)
+  StickyStatus errors_;  // first failure of any op; sticky (the device may be unusable after it)
+  ScratchArena arena_;    // this step's device scratch
+  PinnedStaging pinned_;  // this step's inputs on their way to the device
+  std::unique_ptr<WeightStager> stager_;  // while weights load (UploadRows .. FinishUploads)
+  std::unique_ptr<KvPool> pool_;
+  // This step's metadata.
   kernels::StepTokens step_tokens_;
   std::vector<int32_t> host_token_seq_, host_token_pos_, host_tables_;  // BeginStep's, staged
   const int32_t* block_tables_ = nullptr;  // [group][sequence][logical block]
   size_t tables_per_group_ = 0;
-  int32_t table_stride_ = 0;
+  int64_t max_context_ = 0;  // this step's largest position + 1
+  StepOutputKind output_ = StepOutputKind::kLogits;
   std::map<std::pair<int64_t, double>, std::shared_ptr<void>> inv_freq_;
   // Scores and probabilities of fresh prefills (PrefillAttention).
   static constexpr int64_t kMinPrefillTokens = 64;
   static constexpr size_t kPrefillWorkspaceBudget = size_t{2} << 30;
   std::shared_ptr<void> attn_ws_;
-  Tensor attn_partial_;  // decode attention's split partials, this step
   size_t attn_ws_bytes_ = 0;
-  // Decode graphs by batch size.
-  struct Graph {
-    bool warm = false;
-    cudaGraphExec_t exec = nullptr;
-  };
-  std::map<GraphKey, Graph> graphs_;  // by batch size, output kind and context bucket
-  GraphKey current_graph_{};
-  int64_t max_context_ = 0;  // this step's largest position + 1
-  StepOutputKind output_ = StepOutputKind::kLogits;
-  bool capturing_ = false, replaying_ = false;
+  Tensor attn_partial_;  // decode attention's split partials, this step
 };
 
 }  // namespace

@@ -38,6 +38,22 @@ GEMMA2_DEFINE_CHECK(cublasStatus_t, CUBLAS_STATUS_SUCCESS, CublasStatusName, "cu
 
 namespace gemma2::kernels {
 
+namespace {
+// Owners of what planning creates: an early return frees them.
+struct Preference {
+  cublasLtMatmulPreference_t p = nullptr;
+  ~Preference() {
+    if (p) cublasLtMatmulPreferenceDestroy(p);
+  }
+};
+struct Event {
+  cudaEvent_t e = nullptr;
+  ~Event() {
+    if (e) cudaEventDestroy(e);
+  }
+};
+}  // namespace
+
 // Descriptors and the chosen algorithm for one (tokens, n, k, out dtype).
 struct Gemm::Plan {
   cublasLtMatmulDesc_t desc = nullptr;
@@ -111,16 +127,15 @@ Result<Gemm::Plan*> Gemm::PlanFor(const MatmulSpec& s, bool autotune) {
           layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
     }
   }
-  cublasLtMatmulPreference_t pref = nullptr;
-  RETURN_IF_CUDA_ERROR(cublasLtMatmulPreferenceCreate(&pref));
-  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                       &workspace_bytes_, sizeof(workspace_bytes_));
+  Preference pref;
+  RETURN_IF_CUDA_ERROR(cublasLtMatmulPreferenceCreate(&pref.p));
+  RETURN_IF_CUDA_ERROR(cublasLtMatmulPreferenceSetAttribute(
+      pref.p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_, sizeof(workspace_bytes_)));
   constexpr int kCandidates = 8;
   cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
   int found = 0;
   const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(
-      handle_, p->desc, p->a, p->b, p->c, p->c, pref, autotune ? kCandidates : 1, results, &found);
-  cublasLtMatmulPreferenceDestroy(pref);
+      handle_, p->desc, p->a, p->b, p->c, p->c, pref.p, autotune ? kCandidates : 1, results, &found);
   if (st != CUBLAS_STATUS_SUCCESS || found == 0) {
     return Internal("cuBLASLt has no algorithm for m=" + std::to_string(s.m) +
                     " n=" + std::to_string(s.n) + " k=" + std::to_string(s.k) +
@@ -132,9 +147,9 @@ Result<Gemm::Plan*> Gemm::PlanFor(const MatmulSpec& s, bool autotune) {
   // they are when a decode step streams every layer's weights.
   p->algo = results[0].algo;
   if (found > 1) {
-    cudaEvent_t start, stop;
-    RETURN_IF_CUDA_ERROR(cudaEventCreate(&start));
-    RETURN_IF_CUDA_ERROR(cudaEventCreate(&stop));
+    Event start, stop;
+    RETURN_IF_CUDA_ERROR(cudaEventCreate(&start.e));
+    RETURN_IF_CUDA_ERROR(cudaEventCreate(&stop.e));
     float best = 1e30f;
     int best_index = 0;
     std::string timings;  // for GEMMA2_GEMM_LOG
@@ -144,13 +159,13 @@ Result<Gemm::Plan*> Gemm::PlanFor(const MatmulSpec& s, bool autotune) {
       float ms = 1e30f;  // the fastest of five runs after a warm-up: candidates a few percent
       bool ok = true;    // apart are told apart reproducibly
       for (int rep = 0; rep < 6 && ok; ++rep) {
-        cudaMemsetAsync(workspace_, 0, workspace_bytes_, stream_);
-        cudaEventRecord(start, stream_);
+        RETURN_IF_CUDA_ERROR(cudaMemsetAsync(workspace_, 0, workspace_bytes_, stream_));
+        RETURN_IF_CUDA_ERROR(cudaEventRecord(start.e, stream_));
         ok = Launch(*p, s).ok();
-        cudaEventRecord(stop, stream_);
-        cudaEventSynchronize(stop);
+        RETURN_IF_CUDA_ERROR(cudaEventRecord(stop.e, stream_));
+        RETURN_IF_CUDA_ERROR(cudaEventSynchronize(stop.e));
         float t = 0;
-        cudaEventElapsedTime(&t, start, stop);
+        RETURN_IF_CUDA_ERROR(cudaEventElapsedTime(&t, start.e, stop.e));
         if (rep > 0) ms = std::min(ms, t);
       }
       char one[32];
@@ -172,8 +187,6 @@ Result<Gemm::Plan*> Gemm::PlanFor(const MatmulSpec& s, bool autotune) {
                    timings.c_str(), best_index);
     }
     p->algo = best_algo;
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
     cudaGetLastError();  // a candidate that failed to launch is not an error of the caller
   }
   Plan* raw = p.get();

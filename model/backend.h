@@ -87,9 +87,10 @@ class Backend {
   // Readies the calling thread to run this backend's ops (cuda: selects the backend's device,
   // a per-thread setting). A thread other than the creating one calls it before its first op.
   virtual Status BindThread() { return OkStatus(); }
-  // Captured decode steps (cuda): while a backend replays one, its ops record nothing, and the
-  // collectives between ranks, captured with them, must not be issued a second time.
-  virtual bool replaying_graph() const { return false; }
+  // Work of a step that is not one of the ops below (a collective between ranks, a pipeline send
+  // or receive), issued in the step's order: at once, or into a decode graph being captured; a
+  // backend replaying a captured step skips it (the graph holds it already).
+  virtual Status IssueStreamWork(const std::function<Status()>& work) { return work(); }
   // Ops after this run eagerly: a capture in progress ends here and what it holds is launched.
   // Called before work a graph cannot hold (copies to the host mid-step) and where a stage ends.
   virtual Status EndGraphSection() { return OkStatus(); }

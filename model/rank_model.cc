@@ -224,157 +224,213 @@ AttentionParams RankModel::AttentionFor(int64_t layer) const {
   return a;
 }
 
-Status RankModel::Forward(const StepPlan& step, const KvBlockTables& kv, Collective& comm,
-                          StepOutput* out, const PipelineLinks& pipe) {
-  const ModelConfig& c = config_;
-  Backend& b = backend_;
-  const int64_t t = step.total_tokens(), h = c.hidden_size;
-  const float eps = static_cast<float>(c.rms_norm_eps);
-
+// A step's plan flattened: the token ids in order, each sequence's slice of them (rows and KV
+// tables), the rows whose outputs are asked for and how each is sampled.
+struct RankModel::StepRows {
   std::vector<int32_t> ids;
   std::vector<SeqSlice> seqs;
   std::vector<int64_t> out_rows;
   std::vector<RowSampling> sampling;  // one per output row
-  for (size_t i = 0; i < step.sequences.size(); ++i) {
-    const StepSequence& s = step.sequences[i];
-    const int64_t row0 = static_cast<int64_t>(ids.size());
-    seqs.push_back(
+};
+
+// One layer's activations, reused by every layer (all layers of a rank have the same shapes).
+struct RankModel::Activations {
+  Tensor x;       // the residual stream
+  Tensor normed;  // the next block's normed input (the final-normed states after the last layer)
+  Tensor qkv, attn, o, gate_up, act, down;
+};
+
+RankModel::StepRows RankModel::FlattenStep(const StepPlan& step, const KvBlockTables& kv) {
+  StepRows rows;
+  for (const StepSequence& s : step.sequences) {
+    const int64_t row0 = static_cast<int64_t>(rows.ids.size());
+    rows.seqs.push_back(
         {{kv.table(s.sequence_id, KvGroup::kFull), kv.table(s.sequence_id, KvGroup::kSliding)},
          s.start_pos,
          static_cast<int64_t>(s.tokens.size()),
          row0});
-    ids.insert(ids.end(), s.tokens.begin(), s.tokens.end());
+    rows.ids.insert(rows.ids.end(), s.tokens.begin(), s.tokens.end());
     for (int64_t r : s.output_rows) {
-      out_rows.push_back(row0 + r);
-      sampling.push_back(s.sampling);
+      rows.out_rows.push_back(row0 + r);
+      rows.sampling.push_back(s.sampling);
     }
   }
+  return rows;
+}
 
-  const bool ids_only = step.ids_only && c.architecture == Architecture::kCausalLM;
-  // Collectives are captured with the ops of a graph step; a replay issues them no second time.
-  auto sum = [&](Tensor& x) { return b.replaying_graph() ? OkStatus() : comm.AllReduceSum(x); };
+// Logits rows, or only ids: all greedy; sampled with the vocab-parallel pick on the backend
+// (greedy / temperature-only rows, or one rank); sampled with a top-k / top-p row across ranks,
+// whose pick runs on the host.
+StepOutputKind RankModel::OutputKind(const StepPlan& step, std::span<const RowSampling> sampling,
+                                     const Collective& comm) const {
+  if (!step.ids_only || config_.architecture != Architecture::kCausalLM)
+    return StepOutputKind::kLogits;
   const bool greedy = std::all_of(sampling.begin(), sampling.end(),
                                   [](const RowSampling& s) { return s.params.greedy; });
-  // Vocab-parallel picks of greedy / temperature-only rows run on the backend; others on the host.
-  const bool host_pick = comm.size() > 1 && ShardPickSlotWidth(sampling) != 2;
-  RETURN_IF_ERROR(b.BeginStep(seqs, !ids_only   ? StepOutputKind::kLogits
-                                    : greedy    ? StepOutputKind::kGreedyIds
-                                    : host_pick ? StepOutputKind::kSampledIdsHostPick
-                                                : StepOutputKind::kSampledIds));
+  if (greedy) return StepOutputKind::kGreedyIds;
+  if (comm.size() > 1 && ShardPickSlotWidth(sampling) != 2)
+    return StepOutputKind::kSampledIdsHostPick;
+  return StepOutputKind::kSampledIds;
+}
 
-  // Embedding × sqrt(hidden), the normalizer rounded to the activation dtype as the reference
-  // does (bf16: 68.0 for 27B, not 67.88). Vocab-parallel: each rank fills its rows, then a sum.
-  float normalizer = static_cast<float>(std::sqrt(static_cast<double>(h)));
-  if (b.activation_dtype() == DType::kBF16) normalizer = Bf16ToF32(F32ToBf16(normalizer));
-  Tensor x = b.Alloc(t, h);
-  if (plan_.first_stage()) {
-    b.Embed(ids, embed_, plan_.vocab_begin, normalizer, x);
-    RETURN_IF_ERROR(sum(x));
-  } else {
-    // The residual stream of the previous stage (its rank 0 of the pair is that stage).
+Status RankModel::Sum(Collective& comm, Tensor& x) {
+  return backend_.IssueStreamWork([&] { return comm.AllReduceSum(x); });
+}
+
+Status RankModel::Forward(const StepPlan& step, const KvBlockTables& kv, Collective& comm,
+                          StepOutput* out, const PipelineLinks& pipe) {
+  const StepRows rows = FlattenStep(step, kv);
+  const StepOutputKind kind = OutputKind(step, rows.sampling, comm);
+  RETURN_IF_ERROR(backend_.BeginStep(rows.seqs, kind));
+
+  Activations a = AllocActivations(static_cast<int64_t>(rows.ids.size()));
+  RETURN_IF_ERROR(EmbedTokens(rows.ids, comm, pipe, a.x));
+  backend_.RmsNorm(a.x, layers_.front().input_norm, eps(), a.normed);
+  for (size_t li = 0; li < layers_.size(); ++li) {
+    RETURN_IF_ERROR(TransformerLayer(li, rows.seqs, comm, a));
+  }
+  if (!plan_.last_stage()) return SendToNextStage(a.x, pipe, out);
+  return Heads(rows, kind, comm, a.normed, out);
+}
+
+RankModel::Activations RankModel::AllocActivations(int64_t tokens) {
+  Backend& b = backend_;
+  const LayerWeights& w = layers_.front();
+  const int64_t h = config_.hidden_size;
+  Activations a;
+  a.x = b.Alloc(tokens, h);
+  a.normed = b.Alloc(tokens, h);
+  a.qkv = b.Alloc(tokens, w.qkv.rows);
+  a.attn = b.Alloc(tokens, plan_.q_heads() * config_.head_dim);
+  a.o = b.Alloc(tokens, h);
+  a.gate_up = b.Alloc(tokens, w.gate_up.rows);
+  a.act = b.Alloc(tokens, w.gate_up.rows / 2);
+  a.down = b.Alloc(tokens, h);
+  return a;
+}
+
+// Embedding × sqrt(hidden), the normalizer rounded to the activation dtype as the reference does
+// (bf16: 68.0 for 27B, not 67.88). Vocab-parallel: each rank fills its rows, then a sum. Later
+// pipeline stages receive the residual stream instead (rank 0 of the pair is the earlier stage).
+Status RankModel::EmbedTokens(std::span<const int32_t> ids, Collective& comm,
+                              const PipelineLinks& pipe, Tensor& x) {
+  if (!plan_.first_stage()) {
     if (pipe.prev == nullptr)
       return Internal("pipeline stage " + std::to_string(plan_.stage) + " has no previous stage");
-    if (!b.replaying_graph()) RETURN_IF_ERROR(pipe.prev->RecvFrom(x, 0));
+    return backend_.IssueStreamWork([&] { return pipe.prev->RecvFrom(x, 0); });
   }
+  float normalizer = static_cast<float>(std::sqrt(static_cast<double>(config_.hidden_size)));
+  if (backend_.activation_dtype() == DType::kBF16) normalizer = Bf16ToF32(F32ToBf16(normalizer));
+  backend_.Embed(ids, embed_, plan_.vocab_begin, normalizer, x);
+  return Sum(comm, x);
+}
 
-  // Scratch for one layer, reused by every layer (all layers of a rank have the same shapes).
-  const LayerWeights& first = layers_.front();
-  Tensor normed = b.Alloc(t, h);
-  Tensor qkv = b.Alloc(t, first.qkv.rows);
-  Tensor attn = b.Alloc(t, plan_.q_heads() * c.head_dim);
-  Tensor o = b.Alloc(t, h);
-  Tensor gate_up = b.Alloc(t, first.gate_up.rows);
-  Tensor act = b.Alloc(t, first.gate_up.rows / 2);
-  Tensor down = b.Alloc(t, h);
+// Gemma 2's layer: each block's input pre-normed, its output post-normed before the residual add.
+// On entry a.normed holds input_layernorm(x); on return, the next layer's (or the final) norm.
+Status RankModel::TransformerLayer(size_t li, std::span<const SeqSlice> seqs, Collective& comm,
+                                   Activations& a) {
+  const LayerWeights& w = layers_[li];
+  AttentionBlock(li, seqs, a);
+  RETURN_IF_ERROR(SumAddNorm(comm, a.o, w.post_attention_norm, &w.pre_feedforward_norm, a));
+  MlpBlock(w, a);
+  // The next layer's input norm, the final norm after the last layer, none at a stage boundary.
+  const Tensor* next_norm = li + 1 < layers_.size() ? &layers_[li + 1].input_norm
+                            : plan_.last_stage()    ? &final_norm_
+                                                    : nullptr;
+  return SumAddNorm(comm, a.down, w.post_feedforward_norm, next_norm, a);
+}
 
-  // A block's output summed across ranks, post-normed into the residual stream x, and the next
-  // norm into `normed`: one op where the backend can (cuda ranks of one host, decode steps).
-  auto sum_add_norm = [&](Tensor& delta, const Tensor& post_w, const Tensor* next_w) -> Status {
-    if (b.AllReduceAddRmsNorm(x, delta, post_w, next_w, eps, normed)) return OkStatus();
-    RETURN_IF_ERROR(sum(delta));
-    b.AddRmsNorm(x, delta, post_w, next_w, eps, normed);
-    return OkStatus();
-  };
+// This rank's heads: q|k|v, RoPE and the cache write, attention, then this rank's share of
+// o_proj into a.o (summed across ranks by the caller).
+void RankModel::AttentionBlock(size_t li, std::span<const SeqSlice> seqs, Activations& a) {
+  const LayerWeights& w = layers_[li];
+  const AttentionParams p = AttentionFor(plan_.layer_begin + static_cast<int64_t>(li));
+  const auto local_layer = static_cast<int64_t>(li);  // caches index this stage's layers
+  backend_.Linear(a.normed, w.qkv, nullptr, a.qkv);
+  backend_.RopeAndCacheWrite(a.qkv, seqs, local_layer, p);
+  backend_.Attention(a.qkv, seqs, local_layer, p, a.attn);
+  backend_.Linear(a.attn, w.o, nullptr, a.o);
+}
 
-  b.RmsNorm(x, first.input_norm, eps, normed);
-  for (size_t li = 0; li < layers_.size(); ++li) {
-    const LayerWeights& w = layers_[li];
-    const int64_t layer = plan_.layer_begin + static_cast<int64_t>(li);
-    const AttentionParams ap = AttentionFor(layer);
+// down(gelu_tanh(gate(x)) * up(x)) over this rank's columns into a.down.
+void RankModel::MlpBlock(const LayerWeights& w, Activations& a) {
+  backend_.Linear(a.normed, w.gate_up, nullptr, a.gate_up);
+  backend_.GeluTanhMul(a.gate_up, a.act);
+  backend_.Linear(a.act, w.down, nullptr, a.down);
+}
 
-    // Attention block: this rank's heads, then a sum of the o_proj partial products.
-    b.Linear(normed, w.qkv, nullptr, qkv);
-    b.RopeAndCacheWrite(qkv, seqs, static_cast<int64_t>(li), ap);  // caches index local layers
-    b.Attention(qkv, seqs, static_cast<int64_t>(li), ap, attn);
-    b.Linear(attn, w.o, nullptr, o);
-    // Post-attention norm applies to the block output before the residual add.
-    RETURN_IF_ERROR(sum_add_norm(o, w.post_attention_norm, &w.pre_feedforward_norm));
+// A block's output summed across ranks, post-normed into the residual stream, and the next norm
+// into a.normed: one op where the backend can (cuda ranks of one host, decode steps).
+Status RankModel::SumAddNorm(Collective& comm, Tensor& delta, const Tensor& post_w,
+                             const Tensor* next_w, Activations& a) {
+  if (backend_.AllReduceAddRmsNorm(a.x, delta, post_w, next_w, eps(), a.normed)) return OkStatus();
+  RETURN_IF_ERROR(Sum(comm, delta));
+  backend_.AddRmsNorm(a.x, delta, post_w, next_w, eps(), a.normed);
+  return OkStatus();
+}
 
-    // MLP block: down(gelu_tanh(gate(x)) * up(x)) over this rank's columns, then a sum.
-    b.Linear(normed, w.gate_up, nullptr, gate_up);
-    b.GeluTanhMul(gate_up, act);
-    b.Linear(act, w.down, nullptr, down);
-    // The next layer's input norm, the final norm after the last layer, none at a stage boundary.
-    const Tensor* next_norm = li + 1 < layers_.size() ? &layers_[li + 1].input_norm
-                              : plan_.last_stage()    ? &final_norm_
-                                                      : nullptr;
-    RETURN_IF_ERROR(sum_add_norm(down, w.post_feedforward_norm, next_norm));
-  }
-  if (!plan_.last_stage()) {
-    if (pipe.next == nullptr)
-      return Internal("pipeline stage " + std::to_string(plan_.stage) + " has no next stage");
-    if (!b.replaying_graph()) RETURN_IF_ERROR(pipe.next->SendTo(x, 1));
-    RETURN_IF_ERROR(b.EndGraphSection());
-    out->rows = 0;
-    out->width = c.output_size();
-    return OkStatus();
-  }
+Status RankModel::SendToNextStage(Tensor& x, const PipelineLinks& pipe, StepOutput* out) {
+  if (pipe.next == nullptr)
+    return Internal("pipeline stage " + std::to_string(plan_.stage) + " has no next stage");
+  RETURN_IF_ERROR(backend_.IssueStreamWork([&] { return pipe.next->SendTo(x, 1); }));
+  RETURN_IF_ERROR(backend_.EndGraphSection());
+  out->rows = 0;
+  out->width = config_.output_size();
+  return OkStatus();
+}
 
-  // `normed` now holds the final-normed hidden states. Project only the rows asked for.
-  const int64_t r = static_cast<int64_t>(out_rows.size());
+// The final-normed rows asked for, through the LM head or the classifier.
+Status RankModel::Heads(const StepRows& rows, StepOutputKind kind, Collective& comm,
+                        const Tensor& normed, StepOutput* out) {
+  const bool ids_only = kind != StepOutputKind::kLogits;
+  const int64_t r = static_cast<int64_t>(rows.out_rows.size());
   out->rows = r;
-  out->width = c.output_size();
+  out->width = config_.output_size();
   out->values.assign(ids_only ? 0 : static_cast<size_t>(r * out->width), 0.0f);
   out->ids.assign(ids_only ? static_cast<size_t>(r) : 0, 0);
   if (r == 0) return OkStatus();
-  Tensor sel = b.Alloc(r, h);
-  b.GatherRows(normed, out_rows, sel);
-  if (c.architecture == Architecture::kCausalLM) {
-    // Vocab-parallel LM head: this rank's columns of the logits, final softcap, then a sum that
-    // assembles the full rows (other ranks contribute zeros there).
-    Tensor local = b.AllocOutput(r, lm_head_.rows);
-    const int tp_size = static_cast<int>(comm.size());
-    b.Linear(sel, lm_head_, nullptr, local);
-    if (c.final_logit_softcap > 0) b.Softcap(local, static_cast<float>(c.final_logit_softcap));
-    if (ids_only && comm.size() > 1 && !host_pick) {
-      // Greedy / temperature-only rows: each rank's best, summed, decided on the device (inside
-      // a decode graph); only the ids leave.
-      Tensor exchange = b.AllocOutput(r, 2 * tp_size);
-      b.ShardBestScores(local, sampling, plan_.vocab_begin, comm.rank(), tp_size, exchange);
-      RETURN_IF_ERROR(sum(exchange));
-      return b.ShardPickToHost(exchange, tp_size, out->ids.data());
-    }
-    if (ids_only && host_pick) {
-      RETURN_IF_ERROR(b.EndGraphSection());  // the pick copies top-k / top-p candidates to the host
-      ASSIGN_OR_RETURN(const bool picked, PickAcrossShards(local, sampling, comm, out));
-      if (picked) return OkStatus();
-      ++shard_pick_fallbacks_;  // a threshold below what the candidates prove: assemble the rows
-    }
-    Tensor full = b.AllocOutput(r, c.vocab_size);
-    b.ScatterColumns(local, plan_.vocab_begin, full);
-    RETURN_IF_ERROR(sum(full));
-    if (ids_only) {
-      RETURN_IF_ERROR(b.SampleToHost(full, sampling, out->ids.data()));
-    } else {
-      RETURN_IF_ERROR(b.ToHost(full, out->values.data()));
-    }
-  } else {
+  Tensor sel = backend_.Alloc(r, config_.hidden_size);
+  backend_.GatherRows(normed, rows.out_rows, sel);
+  if (config_.architecture != Architecture::kCausalLM) {
     // Classifier heads get no softcap; the score matrix is small and replicated.
-    Tensor scores = b.AllocOutput(r, c.num_labels);
-    b.Linear(sel, score_, score_bias_.empty() ? nullptr : &score_bias_, scores);
-    RETURN_IF_ERROR(b.ToHost(scores, out->values.data()));
+    Tensor scores = backend_.AllocOutput(r, config_.num_labels);
+    backend_.Linear(sel, score_, score_bias_.empty() ? nullptr : &score_bias_, scores);
+    return backend_.ToHost(scores, out->values.data());
   }
-  return OkStatus();
+  return LmHead(sel, rows.sampling, kind, comm, out);
+}
+
+// Vocab-parallel LM head: this rank's columns of the logits with the final softcap; then the ids
+// picked from the shards (on the device, or on the host for top-k / top-p rows across ranks), or
+// the full rows assembled by a sum (other ranks contribute zeros there).
+Status RankModel::LmHead(const Tensor& sel, std::span<const RowSampling> sampling,
+                         StepOutputKind kind, Collective& comm, StepOutput* out) {
+  Backend& b = backend_;
+  const int64_t r = sel.rows;
+  const int tp = static_cast<int>(comm.size());
+  Tensor local = b.AllocOutput(r, lm_head_.rows);
+  b.Linear(sel, lm_head_, nullptr, local);
+  if (config_.final_logit_softcap > 0)
+    b.Softcap(local, static_cast<float>(config_.final_logit_softcap));
+  const bool ids_only = kind != StepOutputKind::kLogits;
+  if (ids_only && tp > 1 && kind != StepOutputKind::kSampledIdsHostPick) {
+    // Each rank's best, summed, decided on the device (inside a decode graph): only ids leave.
+    Tensor exchange = b.AllocOutput(r, 2 * tp);
+    b.ShardBestScores(local, sampling, plan_.vocab_begin, comm.rank(), tp, exchange);
+    RETURN_IF_ERROR(Sum(comm, exchange));
+    return b.ShardPickToHost(exchange, tp, out->ids.data());
+  }
+  if (kind == StepOutputKind::kSampledIdsHostPick) {
+    RETURN_IF_ERROR(b.EndGraphSection());  // the pick copies top-k / top-p candidates to the host
+    ASSIGN_OR_RETURN(const bool picked, PickAcrossShards(local, sampling, comm, out));
+    if (picked) return OkStatus();
+    ++shard_pick_fallbacks_;  // a threshold below what the candidates prove: assemble the rows
+  }
+  Tensor full = b.AllocOutput(r, config_.vocab_size);
+  b.ScatterColumns(local, plan_.vocab_begin, full);
+  RETURN_IF_ERROR(Sum(comm, full));
+  if (ids_only) return b.SampleToHost(full, sampling, out->ids.data());
+  return b.ToHost(full, out->values.data());
 }
 
 }  // namespace gemma2

@@ -73,6 +73,30 @@ class RankModel {
   Result<Tensor> Read(const WeightSource& ck, const std::string& name,
                       const std::vector<int64_t>& full_shape, const Region& region);
   AttentionParams AttentionFor(int64_t layer) const;
+  float eps() const { return static_cast<float>(config_.rms_norm_eps); }
+
+  // The forward pass in the order it runs (rank_model.cc).
+  struct StepRows;
+  struct Activations;
+  static StepRows FlattenStep(const StepPlan& step, const KvBlockTables& kv);
+  StepOutputKind OutputKind(const StepPlan& step, std::span<const RowSampling> sampling,
+                            const Collective& comm) const;
+  Activations AllocActivations(int64_t tokens);
+  Status EmbedTokens(std::span<const int32_t> ids, Collective& comm, const PipelineLinks& pipe,
+                     Tensor& x);
+  Status TransformerLayer(size_t li, std::span<const SeqSlice> seqs, Collective& comm,
+                          Activations& a);
+  void AttentionBlock(size_t li, std::span<const SeqSlice> seqs, Activations& a);
+  void MlpBlock(const LayerWeights& w, Activations& a);
+  Status SumAddNorm(Collective& comm, Tensor& delta, const Tensor& post_w, const Tensor* next_w,
+                    Activations& a);
+  Status SendToNextStage(Tensor& x, const PipelineLinks& pipe, StepOutput* out);
+  Status Heads(const StepRows& rows, StepOutputKind kind, Collective& comm, const Tensor& normed,
+               StepOutput* out);
+  Status LmHead(const Tensor& sel, std::span<const RowSampling> sampling, StepOutputKind kind,
+                Collective& comm, StepOutput* out);
+  // The sum across this rank's tensor-parallel group, in the step's stream order.
+  Status Sum(Collective& comm, Tensor& x);
   // Each row's token from the vocabulary shards without assembling rows (model/shard_pick.h);
   // false when the rows must be assembled after all.
   Result<bool> PickAcrossShards(const Tensor& local, std::span<const RowSampling> rows,

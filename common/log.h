@@ -3,7 +3,7 @@
 //   json: {"time":"2026-12-02T23:14:40.123Z","level":"info","program":"gemma2-launch","msg":"ready",...}
 // Fields travel as JSON members, or as key=value after the message in text. Below the level set
 // (--log-level) nothing is formatted. Every tool gets --log-level and --log-format through
-// RunTool (tools/cli_main.h); a tool that never calls Init logs text at info.
+// RunTool (cli/run_tool.h); a tool that never calls Init logs text at info.
 #pragma once
 
 #include <string>

@@ -27,6 +27,10 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
+// The startup's wait for the next worker to join, between checks of the deadline and of the
+// processes it watches.
+constexpr auto kJoinPoll = 200ms;
+
 std::string HexOf(const rpc::Nonce& n) {
   static const char* d = "0123456789abcdef";
   std::string s;
@@ -72,9 +76,9 @@ Result<pid_t> SpawnWorker(const WorkerSpawn& w, int rank) {
     argv_s.push_back(arg);
   }
   const auto seconds = [](std::chrono::milliseconds d) { return std::to_string(d.count() / 1000.0); };
-  for (const auto& [flag, d] : {std::pair{"--step-timeout", w.step_timeout},
-                                {"--startup-timeout", w.startup_timeout},
-                                {"--heartbeat-timeout", w.heartbeat_timeout}}) {
+  for (const auto& [flag, d] : {std::pair{"--step-timeout", w.timeouts.step},
+                                {"--startup-timeout", w.timeouts.startup},
+                                {"--heartbeat-timeout", w.timeouts.heartbeat}}) {
     argv_s.push_back(flag);
     argv_s.push_back(seconds(d));
   }
@@ -211,9 +215,7 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
     w.threads = opts.threads_per_worker;
     w.exec_prefix = node.exec_prefix;
     w.device = (r - opts.spawn_begin) % node_ranks;  // one GPU per rank of its node
-    w.step_timeout = opts.step_timeout;
-    w.startup_timeout = opts.startup_timeout;
-    w.heartbeat_timeout = opts.heartbeat_timeout;
+    w.timeouts = opts.timeouts;
     ASSIGN_OR_RETURN(pid_t pid, SpawnWorker(w, r));
     pids_.push_back(pid);
     pid_names_.push_back("rank " + std::to_string(r));
@@ -223,7 +225,7 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
   // worker this process started that exits first ends the startup at once, naming it.
   ranks_.resize(static_cast<size_t>(world));
   std::vector<bool> joined(static_cast<size_t>(world), false);
-  const auto deadline = Clock::now() + opts.startup_timeout;
+  const auto deadline = Clock::now() + opts.timeouts.startup;
   for (int accepted = 0; accepted < world;) {
     RETURN_IF_ERROR(Fail(CheckChildren("startup")));
     if (Clock::now() > deadline) {
@@ -233,9 +235,9 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
       }
       return Fail(Status(StatusCode::kDeadlineExceeded,
                          "startup: rank(s) " + missing + " never joined within " +
-                             std::to_string(opts.startup_timeout.count()) + " ms"));
+                             std::to_string(opts.timeouts.startup.count()) + " ms"));
     }
-    auto next = listener->Next(200ms, joined);
+    auto next = listener->Next(kJoinPoll, joined);
     if (!next.ok()) return Fail(next.status().WithContext("startup"));
     if (!next->has_value()) continue;
     const rpc::Joined& j = **next;
@@ -247,7 +249,7 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
   }
   listener.reset();  // nobody else may join: the port closes
   // Each rank loads its shard and joins the collective, then reports ready (or why not).
-  auto ready = CollectAll(opts.startup_timeout, "startup");
+  auto ready = CollectAll(opts.timeouts.startup, "startup");
   if (!ready.ok()) return ready.status();
   int64_t blocks = std::numeric_limits<int64_t>::max();
   for (int r = 0; r < world; ++r) {
@@ -292,7 +294,7 @@ Status ClusterEngine::Fail(Status st) {
     // The survivors stop now rather than at their heartbeat timeout (this process may stay up a
     // while to answer its clients).
     for (auto& ch : ranks_) {
-      if (ch && !ch->broken()) (void)ch->Send(rpc::MessageType::kShutdown, {}, 200ms);
+      if (ch && !ch->broken()) (void)ch->Send(rpc::MessageType::kShutdown, {}, opts_.timeouts.failure_send);
     }
   }
   return st;
@@ -351,7 +353,7 @@ Result<std::vector<rpc::Received>> ClusterEngine::CollectAll(std::chrono::millis
             std::string(what) + ": rank " + std::to_string(r) + " failed: " + remote.message());
         // A collective fails on every survivor when one rank dies: give the dead rank's channel a
         // moment to show it, and name that rank rather than a survivor.
-        const auto grace = Clock::now() + 2s;
+        const auto grace = Clock::now() + opts_.timeouts.blame_grace;
         while (Clock::now() < grace) {
           for (size_t other = 0; other < n; ++other) {
             if (other == r || done[other]) continue;
@@ -392,7 +394,7 @@ Status ClusterEngine::ServeStore(size_t rank, const rpc::Received& m) {
     rpc::Writer w;
     w.Str(key);
     w.Bytes(store_[key]);
-    return ranks_[to]->Send(rpc::MessageType::kStoreValue, w.out(), 10s);
+    return ranks_[to]->Send(rpc::MessageType::kStoreValue, w.out(), opts_.timeouts.control_send);
   };
   if (m.type == rpc::MessageType::kStoreSet) {
     std::vector<uint8_t> value;
@@ -415,7 +417,7 @@ Status ClusterEngine::ServeStore(size_t rank, const rpc::Received& m) {
 ClusterEngine::~ClusterEngine() {
   if (wake_fd_ >= 0) close(wake_fd_);
   for (auto& ch : ranks_) {
-    if (ch && !ch->broken()) (void)ch->Send(rpc::MessageType::kShutdown, {}, 2s);
+    if (ch && !ch->broken()) (void)ch->Send(rpc::MessageType::kShutdown, {}, opts_.timeouts.goodbye_send);
   }
   // A worker that never joined cannot be told: it is stopped at once.
   for (size_t i = 0; i < pids_.size(); ++i) {
@@ -423,7 +425,7 @@ ClusterEngine::~ClusterEngine() {
     if (pids_[i] > 0 && (rank >= ranks_.size() || !ranks_[rank])) kill(pids_[i], SIGTERM);
   }
   // Give workers a moment to exit on their own, then make sure.
-  const auto deadline = Clock::now() + 3s;
+  const auto deadline = Clock::now() + opts_.timeouts.stop_grace;
   for (pid_t pid : pids_) {
     if (pid <= 0) continue;  // already reaped
     int status = 0;
@@ -453,18 +455,18 @@ Status ClusterEngine::Heartbeats(const std::vector<bool>& answered, const char* 
     // Every rank hears from this process each interval (a worker leaves after heartbeat_timeout of
     // silence); one whose answers are read now gets the next only once it answered.
     const bool awaited = !answered[r];
-    const bool due = now - heartbeat_last_[r] >= opts_.heartbeat_interval;
+    const bool due = now - heartbeat_last_[r] >= opts_.timeouts.heartbeat_interval;
     if (due && !(awaited && heartbeat_sent_[r])) {
-      const Status st = ranks_[r]->Send(rpc::MessageType::kHeartbeat, {}, opts_.heartbeat_timeout);
+      const Status st = ranks_[r]->Send(rpc::MessageType::kHeartbeat, {}, opts_.timeouts.heartbeat);
       if (!st.ok()) return Fail(st.WithContext(std::string(what) + ": rank " + std::to_string(r) + " lost"));
       heartbeat_last_[r] = now;
       if (!heartbeat_sent_[r]) heartbeat_sent_[r] = now;
     }
-    if (awaited && heartbeat_sent_[r] && now - *heartbeat_sent_[r] > opts_.heartbeat_timeout) {
+    if (awaited && heartbeat_sent_[r] && now - *heartbeat_sent_[r] > opts_.timeouts.heartbeat) {
       return Fail(Status(StatusCode::kDeadlineExceeded,
                          std::string(what) + ": rank " + std::to_string(r) +
                              " has not answered a heartbeat for " +
-                             std::to_string(opts_.heartbeat_timeout.count()) +
+                             std::to_string(opts_.timeouts.heartbeat.count()) +
                              " ms (stopped, hung or unreachable)"));
     }
   }
@@ -505,7 +507,7 @@ Status ClusterEngine::Watch(std::chrono::milliseconds duration, const std::atomi
     }
     // Asleep until a frame arrives, Wake() is called, the next heartbeat round or the deadline.
     auto until = deadline;
-    for (const auto& last : heartbeat_last_) until = std::min(until, last + opts_.heartbeat_interval);
+    for (const auto& last : heartbeat_last_) until = std::min(until, last + opts_.timeouts.heartbeat_interval);
     const auto nap = std::chrono::duration_cast<std::chrono::microseconds>(until - Clock::now());
     node_->WaitForEvents(std::clamp(nap, std::chrono::microseconds(100),
                                     std::chrono::microseconds(100000)),
@@ -591,7 +593,7 @@ Status ClusterEngine::Submit(const StepPlan& plan) {
   for (const StepPlan& part : parts) {
     const std::vector<uint8_t> payload = rpc::EncodeStep(part);
     for (size_t r = 0; r < ranks_.size(); ++r) {
-      const Status st = ranks_[r]->Send(rpc::MessageType::kStep, payload, opts_.step_timeout);
+      const Status st = ranks_[r]->Send(rpc::MessageType::kStep, payload, opts_.timeouts.step);
       if (!st.ok()) return Fail(st.WithContext("step: rank " + std::to_string(r) + " lost"));
     }
   }
@@ -617,7 +619,7 @@ Result<StepOutput> ClusterEngine::Collect() {
   ranks_[carrier]->ExpectUpTo(static_cast<size_t>(f.output_rows) * (width + 1) * sizeof(float) + (1 << 20));
   StepOutput out;
   for (size_t i = 0; i < f.parts; ++i) {
-    ASSIGN_OR_RETURN(auto answers, CollectAll(opts_.step_timeout, "step"));
+    ASSIGN_OR_RETURN(auto answers, CollectAll(opts_.timeouts.step, "step"));
     ASSIGN_OR_RETURN(StepOutput part, rpc::DecodeStepOutput(answers[carrier].payload));
     if (i == 0) {
       out = std::move(part);

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "model/step_executor.h"
+#include "rpc/timeouts.h"
 #include "rpc/ucx_channel.h"
 
 namespace gemma2 {
@@ -34,9 +35,8 @@ struct WorkerSpawn {
   int device = 0;                        // the GPU of this rank on its node (cuda backend)
   std::vector<std::string> exec_prefix;  // e.g. {"ip", "netns", "exec", "ns1"}
   bool tie_to_parent = true;             // the worker dies with this process (--parent-pid)
-  // The worker's --step-timeout, --startup-timeout and --heartbeat-timeout (the coordinator's
-  // silence after which it leaves).
-  std::chrono::milliseconds step_timeout{60000}, startup_timeout{120000}, heartbeat_timeout{10000};
+  // Passed on as the worker's --startup-timeout, --step-timeout and --heartbeat-timeout.
+  ClusterTimeouts timeouts;
 };
 Result<pid_t> SpawnWorker(const WorkerSpawn& w, int rank);
 // Forks and runs argv (argv[0] found through PATH); a child that cannot exec exits 127. The child
@@ -67,12 +67,9 @@ struct ClusterOptions {
   int64_t kv_block_size = 16;
   int64_t kv_blocks = 0;
   std::string worker_binary;  // gemma2-worker; default: beside /proc/self/exe
-  std::chrono::milliseconds startup_timeout{120000};
-  std::chrono::milliseconds step_timeout{60000};  // the step watchdog
-  // Between steps (Watch): each rank is asked for a heartbeat every interval and must answer
-  // within the timeout, so a hung rank is found even when no step runs.
-  std::chrono::milliseconds heartbeat_interval{1000};
-  std::chrono::milliseconds heartbeat_timeout{10000};
+  // Startup, the step watchdog, and between steps (Watch) a heartbeat asked of each rank every
+  // interval and answered within the timeout, so a hung rank is found even when no step runs.
+  ClusterTimeouts timeouts;
   // Tests: give this rank another secret (its handshake must be refused).
   int wrong_secret_rank = -1;
   // Where the coordinator listens for workers (the control plane); port 0: any.

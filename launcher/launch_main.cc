@@ -32,14 +32,16 @@
 #include "coordinator/cluster.h"
 #include "model/quantization.h"
 #include "serving/http_server.h"
-#include "tools/cli_main.h"
+#include "cli/options.h"
+#include "cli/run_tool.h"
 
 namespace gemma2 {
 namespace {
 
 volatile sig_atomic_t g_stop = 0;
 // How long a rank told to stop (SIGTERM) may take before it is killed.
-constexpr auto kStopGrace = std::chrono::seconds(3);
+// The main thread's nap between checks of a signal, a probe, the workers or a drain.
+constexpr auto kPoll = std::chrono::milliseconds(20);
 void OnSignal(int) { g_stop = 1; }
 
 struct Args {
@@ -64,8 +66,8 @@ struct Args {
   int64_t kv_blocks = 0, kv_block_size = 16;
   int64_t micro_batch_min_tokens = 256;
   std::string ssh = "ssh -o BatchMode=yes";
-  int64_t step_timeout_s = 60, startup_timeout_s = 120;
-  double heartbeat_timeout_s = 10, drain_timeout_s = 30, linger_on_loss_s = 1;
+  ClusterTimeouts timeouts;
+  double drain_timeout_s = 30, linger_on_loss_s = 1;
   int64_t write_timeout_s = 30;
   int max_connections = 0;  // 0: from the descriptor limit
   bool metrics_open = false;
@@ -106,7 +108,7 @@ Status Probe(serving::Scheduler& scheduler, const ModelConfig& c) {
       }
     }
     if (g_stop) return Status(StatusCode::kUnavailable, "stopped by a signal during startup");
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    std::this_thread::sleep_for(kPoll);
   }
 }
 
@@ -137,10 +139,7 @@ Status RunNode(const Args& a, int world, const std::string& master) {
   w.address = a.address;
   w.tp = a.tp;
   w.pp = world / a.tp;
-  w.step_timeout = std::chrono::seconds(a.step_timeout_s);
-  w.startup_timeout = std::chrono::seconds(a.startup_timeout_s);
-  w.heartbeat_timeout =
-      std::chrono::milliseconds(static_cast<int64_t>(a.heartbeat_timeout_s * 1000));
+  w.timeouts = a.timeouts;
   std::map<pid_t, int> ranks;
   auto stop_all = [&](int sig) {
     for (const auto& [pid, rank] : ranks) kill(pid, sig);
@@ -163,7 +162,7 @@ Status RunNode(const Args& a, int world, const std::string& master) {
   std::optional<std::chrono::steady_clock::time_point> kill_at;
   const auto stop_gracefully = [&] {
     stop_all(SIGTERM);
-    if (!kill_at) kill_at = std::chrono::steady_clock::now() + kStopGrace;
+    if (!kill_at) kill_at = std::chrono::steady_clock::now() + a.timeouts.stop_grace;
   };
   while (!ranks.empty()) {
     if (g_stop) {
@@ -174,7 +173,7 @@ Status RunNode(const Args& a, int world, const std::string& master) {
     int status = 0;
     const pid_t pid = waitpid(-1, &status, WNOHANG);
     if (pid <= 0) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      std::this_thread::sleep_for(kPoll);
       continue;
     }
     auto it = ranks.find(pid);
@@ -358,10 +357,7 @@ Status Run(Args a) {
   co.micro_batches = a.micro_batches;
   co.pipeline_depth = a.pipeline_depth;
   co.micro_batch_min_tokens = a.micro_batch_min_tokens;
-  co.step_timeout = std::chrono::seconds(a.step_timeout_s);
-  co.startup_timeout = std::chrono::seconds(a.startup_timeout_s);
-  co.heartbeat_timeout =
-      std::chrono::milliseconds(static_cast<int64_t>(a.heartbeat_timeout_s * 1000));
+  co.timeouts = a.timeouts;
   auto launched = ClusterEngine::LaunchLocal(co);
   if (!launched.ok()) {
     // A remote node's own words (ssh's refusal, its launcher's error) say more than a timeout.
@@ -436,7 +432,7 @@ Status Run(Args a) {
       server.Stop();
       return *lost;
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    std::this_thread::sleep_for(kPoll);
   }
   std::printf("%s: draining on signal\n", a.tool);
   log::Info("draining on signal", {{"timeout_s", std::to_string(a.drain_timeout_s)}});
@@ -446,10 +442,10 @@ Status Run(Args a) {
   const auto deadline = std::chrono::steady_clock::now() +
                         std::chrono::milliseconds(static_cast<int64_t>(a.drain_timeout_s * 1000));
   while (!scheduler->Idle() && std::chrono::steady_clock::now() < deadline && !scheduler->lost()) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    std::this_thread::sleep_for(kPoll);
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the last answers leave the socket
-  const bool drained = scheduler->Idle();
+  // The last answers leave their sockets before the server stops.
+  const bool drained = scheduler->Idle() && server.WaitForResponses(deadline);
   scheduler.reset();  // requests still open end with 503
   server.Stop();
   log::Info(drained ? "stopped (drained)" : "stopped (drain timeout: open requests failed)");
@@ -476,24 +472,17 @@ int main(int argc, char** argv) {
       "gemma2-launch: start a gemma2 cluster (coordinator + one worker per rank) and serve it over "
       "HTTP"};
 #endif
-  app.add_option("--model", a.model, "Hugging Face checkpoint directory")->required();
-  app.add_option("--tp", a.tp, "tensor-parallel ranks per node")->check(CLI::Range(1, 1024));
+  gemma2::cli::AddModel(app, a.model)->required();
+  gemma2::cli::AddTp(app, a.tp, "per node");
   app.add_option("--nodes", a.nodes, "nodes (pipeline stages across nodes)")
       ->check(CLI::Range(1, 1024));
-  app.add_option("--pp", a.pp,
-                 "pipeline stages (default: --nodes); the tp x pp ranks split evenly over the "
-                 "nodes in rank order, so --pp 1 --nodes 2 runs one tensor-parallel group across "
-                 "both nodes")
-      ->check(CLI::Range(0, 1024));
-  app.add_option("--backend", a.backend,
-                 "cpu or cuda: one GPU per rank, NCCL between GPU ranks (default: cuda where this "
-                 "node shows a GPU, else cpu)")
-      ->check(CLI::IsMember({"cpu", "cuda"}));
-  app.add_option("--quantization", a.quantization,
-                 "projection weights on the ranks: auto (fp8 for an FP8 checkpoint, else none), none "
-                 "(the backend's dtype) or fp8 (E4M3 with a scale per output channel, quantized "
-                 "while loading)")
-      ->check(CLI::IsMember({"auto", "none", "fp8"}));
+  gemma2::cli::AddPp(app, a.pp,
+                     "0: --nodes; the tp x pp ranks split evenly over the nodes in rank order, so "
+                     "--pp 1 --nodes 2 runs one tensor-parallel group across both nodes",
+                     /*min_pp=*/0);
+  gemma2::cli::AddBackend(app, a.backend,
+                          "NCCL between GPU ranks; default: cuda where this node shows a GPU");
+  gemma2::cli::AddQuantization(app, a.quantization);
   app.add_option("--gpus-per-node", a.gpus_per_node,
                  "GPUs each node may use, one per rank (default: detected from "
                  "CUDA_VISIBLE_DEVICES or /dev/nvidiaN)")
@@ -520,10 +509,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 1024));
   app.add_option("--micro-batch-min-tokens", a.micro_batch_min_tokens,
                  "steps with fewer tokens are not split into micro-batches");
-  app.add_option("--step-timeout", a.step_timeout_s, "seconds before a step counts as hung");
-  app.add_option("--startup-timeout", a.startup_timeout_s, "seconds for every rank to be ready");
-  app.add_option("--heartbeat-timeout", a.heartbeat_timeout_s,
-                 "seconds an idle rank may take to answer a heartbeat");
+  gemma2::cli::AddClusterTimeouts(app, a.timeouts);
   app.add_option("--host", a.host, "HTTP address to bind (default 127.0.0.1: this machine only)");
   app.add_option("--port", a.port, "HTTP port (0: any free port; the ready line names it)")
       ->check(CLI::Range(0, 65535));

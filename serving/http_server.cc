@@ -117,6 +117,13 @@ class HttpServer::Impl {
     parse_pool_.join();  // no parse still reads a request a coroutine frame owns
   }
   int port() const { return port_; }
+  bool WaitForResponses(std::chrono::steady_clock::time_point deadline) const {
+    while (answering_.load() > 0) {
+      if (std::chrono::steady_clock::now() >= deadline) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return true;
+  }
   std::atomic<bool> ready{false};
 
  private:
@@ -193,6 +200,13 @@ class HttpServer::Impl {
     explicit SessionCount(int& count) : n(count) { ++n; }
     ~SessionCount() { --n; }
   };
+  // Counts the sessions between a request's header and the end of its response (read by
+  // WaitForResponses on another thread).
+  struct Answering {
+    std::atomic<int>& n;
+    explicit Answering(std::atomic<int>& count) : n(count) { n.fetch_add(1); }
+    ~Answering() { n.fetch_sub(1); }
+  };
 
   awaitable<void> Session(beast::tcp_stream stream) {
     const SessionCount counted(sessions_);
@@ -209,6 +223,7 @@ class HttpServer::Impl {
       co_await http::async_read_header(stream, buffer, parser,
                                        asio::redirect_error(use_awaitable, ec));
       if (mark.listed) idle_.erase(mark.pos);
+      const Answering answering(answering_);
       // A client that asks before sending a large body (curl does past 1 MB) is told to go on,
       // instead of waiting out its own timeout; one whose announced body is too large hears so now.
       if (!ec && beast::iequals(parser.get()[http::field::expect], "100-continue") &&
@@ -624,6 +639,7 @@ class HttpServer::Impl {
   std::thread thread_;
   int port_ = 0;
   int sessions_ = 0;  // open connections (I/O thread only)
+  std::atomic<int> answering_{0};  // sessions with a request in progress (Answering)
   std::list<IdleMark*> idle_;  // sessions waiting for a request header, longest waiting first
   int64_t created_ = std::chrono::duration_cast<std::chrono::seconds>(
                          std::chrono::system_clock::now().time_since_epoch())
@@ -638,5 +654,8 @@ int HttpServer::port() const { return impl_->port(); }
 void HttpServer::SetReady(bool ready) { impl_->ready.store(ready); }
 void HttpServer::StopAccepting() { impl_->StopAccepting(); }
 void HttpServer::Stop() { impl_->Stop(); }
+bool HttpServer::WaitForResponses(std::chrono::steady_clock::time_point deadline) const {
+  return impl_->WaitForResponses(deadline);
+}
 
 }  // namespace gemma2::serving

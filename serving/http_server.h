@@ -49,6 +49,9 @@ class HttpServer {
   void SetReady(bool ready);
   // Closes the listening socket (draining); open connections keep being served.
   void StopAccepting();
+  // Waits until no connection is between a request and the end of writing its response (a
+  // drain's last answers have left their sockets), or until `deadline`; true when none is.
+  bool WaitForResponses(std::chrono::steady_clock::time_point deadline) const;
   void Stop();
 
  private:

@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <cmath>
 #include <random>
+#include <string>
+
+#include "common/log.h"
 
 namespace gemma2::serving {
 namespace {
@@ -28,11 +31,56 @@ struct Scheduler::Request {
 };
 
 // One prompt's choice (generation) or one input (classification).
+// A sequence's life, one state at a time; Scheduler::Enter allows only these moves:
+//   kWaiting  -> kRunning   admitted: an executor sequence and KV blocks of its own
+//   kRunning  -> kInFlight  in a submitted step (neither scheduled, preempted nor removed)
+//   kInFlight -> kRunning   its step came back (applied next)
+//   kRunning  -> kWaiting   preempted: KV given back, prompt + generated prefilled again later
+//   kWaiting, kRunning -> kFinished  its last token, or its request closed; KV released or
+//                                    donated to the prefix cache; it leaves the lists at Sweep
+// Its request's own end (Request::closed: failed, cancelled, done) reaches a sequence in flight
+// when the step is back.
+enum class SeqState : uint8_t { kWaiting, kRunning, kInFlight, kFinished };
+
+namespace {
+
+const char* SeqStateName(SeqState s) {
+  switch (s) {
+    case SeqState::kWaiting:
+      return "waiting";
+    case SeqState::kRunning:
+      return "running";
+    case SeqState::kInFlight:
+      return "in flight";
+    case SeqState::kFinished:
+      return "finished";
+  }
+  return "?";
+}
+
+bool AllowedMove(SeqState from, SeqState to) {
+  using S = SeqState;
+  switch (from) {
+    case S::kWaiting:
+      return to == S::kRunning || to == S::kFinished;
+    case S::kRunning:
+      return to == S::kInFlight || to == S::kWaiting || to == S::kFinished;
+    case S::kInFlight:
+      return to == S::kRunning;
+    case S::kFinished:
+      return to == S::kFinished;  // removing what already finished
+  }
+  return false;
+}
+
+}  // namespace
+
 struct Scheduler::Sequence {
   std::shared_ptr<Request> req;
   int index = 0;  // into handle->choices or handle->classified
   std::vector<int32_t> prompt, generated;
-  int64_t engine_id = -1;  // the executor's sequence while it holds KV
+  SeqState state = SeqState::kWaiting;
+  int64_t engine_id = -1;  // the executor's sequence (kRunning, kInFlight)
   int64_t computed = 0;    // tokens in the KV cache
   int64_t blocks = 0;      // KV blocks held
   RowSampling sampling;
@@ -43,8 +91,6 @@ struct Scheduler::Sequence {
   int64_t class_row = -1;  // sequence classification: the scored position
   std::vector<std::vector<float>> class_rows;
   Clock::time_point last_token{};
-  bool finished = false;
-  bool in_flight = false;  // in a submitted step: neither scheduled, preempted nor removed
 
   const GenerationOptions& gen() const { return req->handle->request().gen; }
   bool classify() const { return req->handle->request().endpoint == Endpoint::kClassify; }
@@ -260,7 +306,8 @@ void Scheduler::DropCancelled() {
 // step in flight leaves once that step is back.
 void Scheduler::Sweep() {
   auto gone = [&](std::unique_ptr<Sequence>& s) {
-    if (s->in_flight || (!s->finished && !s->req->closed)) return false;
+    if (s->state == SeqState::kInFlight) return false;
+    if (s->state != SeqState::kFinished && !s->req->closed) return false;
     Remove(*s);
     return true;
   };
@@ -294,6 +341,7 @@ void Scheduler::Admit() {
       --queued_requests_;
     }
     s.engine_id = executor_.NewSequence();
+    Enter(s, SeqState::kRunning);
     s.computed = 0;
     (void)blocks_.Grow(s.blocks, s.total() + 1);  // the prompt's blocks are reserved on admission
     ReusePrefix(s);
@@ -343,7 +391,8 @@ bool Scheduler::EvictCached() {
 
 // A finished sequence's cache stays as a reusable prefix when it adds whole blocks.
 bool Scheduler::Donate(Sequence& s) {
-  if (!cache_.enabled() || s.engine_id < 0 || s.computed < blocks_.block_size()) return false;
+  if (!cache_.enabled() || s.state != SeqState::kRunning || s.computed < blocks_.block_size())
+    return false;
   if (cache_.full()) EvictCached();
   std::vector<int32_t> tokens;
   for (int64_t i = 0; i < s.computed; ++i) tokens.push_back(s.token(i));
@@ -352,7 +401,7 @@ bool Scheduler::Donate(Sequence& s) {
   s.engine_id = -1;  // the cache owns the executor sequence and its blocks now
   s.blocks = 0;
   s.computed = 0;
-  s.finished = true;
+  Enter(s, SeqState::kFinished);
   return true;
 }
 
@@ -367,12 +416,21 @@ void Scheduler::ReleaseKv(Sequence& s) {
 
 void Scheduler::Remove(Sequence& s) {
   ReleaseKv(s);
-  s.finished = true;
+  Enter(s, SeqState::kFinished);
+}
+
+void Scheduler::Enter(Sequence& s, SeqState next) {
+  if (!AllowedMove(s.state, next)) {  // a scheduler bug: said loudly, the request goes on
+    log::Error(std::string("scheduler: a sequence moved from ") + SeqStateName(s.state) + " to " +
+               SeqStateName(next));
+  }
+  s.state = next;
 }
 
 void Scheduler::Preempt(Sequence& s) {
   // Recompute later: prompt + generated are prefilled again; sampling counters keep draws equal.
   ReleaseKv(s);
+  Enter(s, SeqState::kWaiting);
   metrics_.preemptions.fetch_add(1);
 }
 
@@ -380,14 +438,15 @@ void Scheduler::Schedule(std::vector<Sequence*>& batch, StepPlan& plan, size_t m
   int64_t budget = opts_.max_step_tokens;
   std::vector<Sequence*> order;
   for (auto& s : running_) {
-    if (!s->in_flight && s->total() - s->computed == 1) order.push_back(s.get());  // decoding first
+    if (s->state == SeqState::kRunning && s->total() - s->computed == 1)
+      order.push_back(s.get());  // decoding first
   }
   for (auto& s : running_) {
-    if (!s->in_flight && s->total() - s->computed > 1) order.push_back(s.get());
+    if (s->state == SeqState::kRunning && s->total() - s->computed > 1) order.push_back(s.get());
   }
   for (Sequence* s : order) {
     if (budget <= 0 || batch.size() >= most) break;
-    if (s->engine_id < 0 || s->req->closed) continue;  // preempted in this round, or closed
+    if (s->state != SeqState::kRunning || s->req->closed) continue;  // preempted, or closed
     const int64_t take = std::min(s->total() - s->computed, budget);
     while (!blocks_.Grow(s->blocks, s->computed + take)) {
       if (EvictCached()) continue;  // cached prefixes go before running sequences
@@ -395,7 +454,7 @@ void Scheduler::Schedule(std::vector<Sequence*>& batch, StepPlan& plan, size_t m
       Sequence* victim = nullptr;
       for (auto it = running_.rbegin(); it != running_.rend(); ++it) {
         Sequence* v = it->get();
-        if (v != s && v->engine_id >= 0 && !v->in_flight &&
+        if (v != s && v->state == SeqState::kRunning &&
             std::find(batch.begin(), batch.end(), v) == batch.end()) {
           victim = v;
           break;
@@ -405,7 +464,7 @@ void Scheduler::Schedule(std::vector<Sequence*>& batch, StepPlan& plan, size_t m
       Preempt(*victim);
       if (victim == s) break;
     }
-    if (s->engine_id < 0) continue;
+    if (s->state != SeqState::kRunning) continue;  // it was the victim
     StepSequence ss;
     ss.sequence_id = s->engine_id;
     ss.start_pos = s->computed;
@@ -433,7 +492,7 @@ void Scheduler::Schedule(std::vector<Sequence*>& batch, StepPlan& plan, size_t m
   }
   // Preempted sequences go back to the front of the queue, oldest first.
   for (auto it = running_.rbegin(); it != running_.rend();) {
-    if ((*it)->engine_id < 0) {
+    if ((*it)->state == SeqState::kWaiting) {
       waiting_.push_front(std::move(*it));
       it = std::make_reverse_iterator(running_.erase(std::next(it).base()));
     } else {
@@ -448,7 +507,7 @@ Status Scheduler::Advance() {
   const int depth = std::max(1, executor_.pipeline_depth());
   while (static_cast<int>(in_flight_.size()) < depth) {
     size_t ready = 0;
-    for (const auto& s : running_) ready += s->in_flight || s->engine_id < 0 ? 0 : 1;
+    for (const auto& s : running_) ready += s->state == SeqState::kRunning ? 1 : 0;
     const size_t slots = static_cast<size_t>(depth) - in_flight_.size();
     InFlightStep f;
     const auto scheduling = Clock::now();
@@ -490,7 +549,7 @@ Status Scheduler::Advance() {
       FailRefused(f, submitted);  // refused before any rank ran it: those requests only
       continue;
     }
-    for (Sequence* s : f.batch) s->in_flight = true;
+    for (Sequence* s : f.batch) Enter(*s, SeqState::kInFlight);
     in_flight_.push_back(std::move(f));
   }
   if (in_flight_.empty()) return OkStatus();
@@ -500,7 +559,7 @@ Status Scheduler::Advance() {
   const auto collected = Clock::now();
   Trace("step", f.submitted, collected, 1 + static_cast<int>(f.number % std::max(1, depth)), f);
   for (int64_t entry : f.pinned) cache_.Unpin(entry);
-  for (Sequence* s : f.batch) s->in_flight = false;
+  for (Sequence* s : f.batch) Enter(*s, SeqState::kRunning);
   if (!stepped.ok()) {
     if (!executor_.health().ok()) return stepped.status();
     FailRefused(f, stepped.status());

@@ -46,6 +46,8 @@ struct SchedulerOptions {
   StepTrace* trace = nullptr;
 };
 
+enum class SeqState : uint8_t;  // a sequence's state and its allowed moves (scheduler.cc)
+
 class Scheduler {
  public:
   Scheduler(StepExecutor& executor, const Tokenizer* tokenizer, Metrics& metrics,
@@ -62,6 +64,8 @@ class Scheduler {
 
  private:
   struct Sequence;
+  // Moves a sequence to its next state (the allowed moves: scheduler.cc's SeqState).
+  void Enter(Sequence& s, SeqState next);
   void Loop();
   // Builds a plan over running sequences not in flight, at most `most` of them.
   void Schedule(std::vector<Sequence*>& batch, StepPlan& plan, size_t most);

@@ -194,6 +194,7 @@ TEST_F(CliTest, BadInputEndsInOneLine) {
   }
 }
 
+
 }  // namespace
 }  // namespace gemma2
 
@@ -216,6 +217,62 @@ TEST(CliVersionTest, EveryProgramSaysItsVersionAndShowsDefaults) {
     EXPECT_NE(h.out.find("--version"), std::string::npos) << program;
   }
   EXPECT_NE(Exec("gemma2-launch --help").out.find("--control-port INT=29500"), std::string::npos);
+}
+
+
+// The layer order of docs/design.md holds for every include and link line of the tree, and the
+// check catches what breaks it: copies of the sources with one wrong edge planted each.
+class LayersTest : public ::testing::Test {
+ protected:
+  // The source folders and docs/design.md, copied under a fresh directory.
+  static std::filesystem::path CopyTree(const testing::TempDir& dir) {
+    namespace fs = std::filesystem;
+    const fs::path src = GEMMA2_SOURCE_DIR, dst = dir.path() / "tree";
+    fs::create_directories(dst / "docs");
+    fs::copy_file(src / "docs" / "design.md", dst / "docs" / "design.md");
+    for (const auto& e : fs::directory_iterator(src)) {
+      const std::string name = e.path().filename().string();
+      if (!e.is_directory() || name[0] == '.' || name == "tests" || name == "docs" ||
+          name == "bench" || name.rfind("build", 0) == 0 || name.rfind(".gpu", 0) == 0)
+        continue;
+      fs::copy(e.path(), dst / name, fs::copy_options::recursive);
+    }
+    return dst;
+  }
+  static void Append(const std::filesystem::path& file, const std::string& line) {
+    std::ofstream(file, std::ios::app) << line << "\n";
+  }
+};
+
+TEST_F(LayersTest, TheTreeFollowsTheDiagram) {
+  const ProcessResult r = Exec(std::string("gemma2-check-layers ") + GEMMA2_SOURCE_DIR);
+  EXPECT_EQ(r.code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("follows docs/design.md"), std::string::npos) << r.out;
+}
+
+TEST_F(LayersTest, APlantedEdgeFailsTheCheck) {
+  struct Plant {
+    std::string file, line, expect;
+  };
+  const Plant plants[] = {
+      {"model/config.h", "#include \"serving/scheduler.h\"",
+       "model/ includes serving/ (uses a layer above it)"},
+      {"cpu/cpu_backend.cc", "#include \"cuda/cuda_backend.h\"",
+       "cpu/ includes cuda/ (peers on one level)"},
+      {"rpc/wire.h", "#include \"engine/engine.h\"", "rpc/ includes engine/"},
+      {"coordinator/CMakeLists.txt", "target_link_libraries(gemma2_coordinator PUBLIC gemma2_serving)",
+       "gemma2_coordinator links gemma2_serving of serving/"},
+      {"newfolder/x.h", "#pragma once", "newfolder/: holds sources but is not in"},
+  };
+  for (const Plant& p : plants) {
+    testing::TempDir dir;
+    const std::filesystem::path tree = CopyTree(dir);
+    std::filesystem::create_directories((tree / p.file).parent_path());
+    Append(tree / p.file, p.line);
+    const ProcessResult r = Exec("gemma2-check-layers " + tree.string());
+    EXPECT_EQ(r.code, 1) << p.file << ": " << r.out << r.err;
+    EXPECT_NE(r.out.find(p.expect), std::string::npos) << r.out;
+  }
 }
 
 }  // namespace

@@ -17,7 +17,8 @@
 
 #include "cpu/cpu_backend.h"
 #include "cuda/weight_stager.h"
-#include "model/engine.h"
+#include "engine/backend_factory.h"
+#include "engine/engine.h"
 #include "model/quantization.h"
 #include "tests/gpu_util.h"
 #include "tests/reference_util.h"
@@ -35,11 +36,11 @@ class CudaOpsTest : public ::testing::Test {
     ASSERT_NE(gpu_, nullptr);
   }
   static std::unique_ptr<Backend> NewGpu() {
-    EngineOptions o;
-    o.backend = "cuda";
+    BackendOptions o;
+    o.name = "cuda";
     o.kv_cache_bytes = int64_t{256} << 20;
     o.poison_scratch = true;
-    auto b = MakeBackend(o, 0);
+    auto b = MakeBackend(o);
     EXPECT_TRUE(b.ok()) << b.status().ToString();
     return b.ok() ? std::move(b).value() : nullptr;
   }
@@ -535,10 +536,10 @@ TEST_F(CudaOpsTest, FreshPrefillAttentionOnTensorCores) {
 // A pool sized in bytes (4 blocks of 16 positions, 2 layers); a step whose new position has no
 // block in its table, or a block past the pool, is refused before any kernel runs.
 TEST_F(CudaOpsTest, UnmappedKvPositionsAreAnErrorNotACrash) {
-  EngineOptions o;
-  o.backend = "cuda";
+  BackendOptions o;
+  o.name = "cuda";
   o.kv_cache_bytes = 2 * 2 * 1 * 16 * 128 * 2 * 4;
-  auto b = MakeBackend(o, 0);
+  auto b = MakeBackend(o);
   ASSERT_TRUE(b.ok());
   const std::vector<KvGroup> groups = {KvGroup::kFull, KvGroup::kFull};
   auto made = (*b)->CreateKvPool(groups, 1, 128, 16, 0);

@@ -4,7 +4,8 @@
 
 #include <fstream>
 
-#include "model/generate.h"
+#include "engine/engine.h"
+#include "engine/generate.h"
 #include "model/random_checkpoint.h"
 #include "tests/reference_util.h"
 #include "tests/test_files.h"

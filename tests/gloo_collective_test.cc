@@ -16,7 +16,8 @@
 
 #include "collectives/store_exchange.h"
 #include "cpu/cpu_backend.h"
-#include "model/generate.h"
+#include "engine/engine.h"
+#include "engine/generate.h"
 #include "tests/reference_util.h"
 #include "tests/test_files.h"
 

@@ -18,7 +18,8 @@
 #include <vector>
 
 #include "collectives/store_exchange.h"
-#include "model/engine.h"
+#include "engine/backend_factory.h"
+#include "engine/engine.h"
 #include "tests/test_files.h"
 
 namespace gemma2 {
@@ -91,11 +92,12 @@ std::vector<float> RandBf16(size_t n, uint64_t seed, float scale) {
 // on the host, bit for bit, for five calls of ragged row counts, then for three replays of a
 // graph that captured one call (the call counters live on the device). Exit code 0: equal.
 int RunPeerRank(int rank, const std::string& dir) {
-  EngineOptions eo;
-  eo.backend = "cuda";
+  BackendOptions eo;
+  eo.name = "cuda";
   eo.kv_cache_bytes = int64_t{64} << 20;
   eo.poison_scratch = true;
-  auto b = MakeBackend(eo, rank);
+  eo.device = rank;
+  auto b = MakeBackend(eo);
   if (!b.ok()) return 30;
   Backend& be = **b;
   gloo::rendezvous::FileStore store(dir);

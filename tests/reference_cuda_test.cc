@@ -7,7 +7,8 @@
 // fails any formula error (those reach 3e-2 and beyond, see reference_test.cc).
 #include <gtest/gtest.h>
 
-#include "model/generate.h"
+#include "engine/engine.h"
+#include "engine/generate.h"
 #include "tests/gpu_util.h"
 #include "tests/reference_util.h"
 

@@ -8,7 +8,7 @@
 // 3e-2 to 8e-2.
 #include <gtest/gtest.h>
 
-#include "model/engine.h"
+#include "engine/engine.h"
 #include "tests/reference_util.h"
 
 namespace gemma2 {

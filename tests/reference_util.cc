@@ -1,6 +1,7 @@
 #include "tests/reference_util.h"
 
-#include "model/generate.h"
+#include "engine/engine.h"
+#include "engine/generate.h"
 
 #include <gtest/gtest.h>
 

@@ -8,7 +8,8 @@
 #include <map>
 #include <thread>
 
-#include "model/generate.h"
+#include "engine/engine.h"
+#include "engine/generate.h"
 #include "model/random_checkpoint.h"
 #include "serving/logits_processing.h"
 #include "serving/request_parser.h"

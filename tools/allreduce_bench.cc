@@ -22,7 +22,7 @@
 
 #include "collectives/nccl_collective.h"
 #include "common/cuda_check.h"
-#include "tools/cli_main.h"
+#include "cli/run_tool.h"
 
 namespace gemma2 {
 namespace {

@@ -18,9 +18,10 @@
 #include <random>
 
 #include "coordinator/cluster.h"
-#include "model/engine.h"
+#include "engine/engine.h"
 #include "model/weight_source.h"
-#include "tools/cli_main.h"
+#include "cli/options.h"
+#include "cli/run_tool.h"
 
 namespace gemma2 {
 namespace {
@@ -263,13 +264,12 @@ Status Run(Args a) {
 int main(int argc, char** argv) {
   gemma2::Args a;
   CLI::App app{"gemma2-bench: decode and prefill speed against the hardware ceilings"};
-  app.add_option("--model", a.model, "checkpoint directory (default: random weights of --preset)");
+  gemma2::cli::AddModel(app, a.model, "default: random weights of --preset");
   app.add_option("--preset", a.preset, "2b, 9b or 27b (random weights)");
   app.add_option("--random-weights", a.random_weights, "seed of the random weights");
   app.add_option("--layers", a.layers, "keep the first N layers (widths exact)");
-  app.add_option("--backend", a.backend, "cuda or cpu");
-  app.add_option("--quantization", a.quantization, "projection weights: auto (fp8 for an FP8 checkpoint), none or fp8")
-      ->check(CLI::IsMember({"auto", "none", "fp8"}));
+  gemma2::cli::AddBackend(app, a.backend);
+  gemma2::cli::AddQuantization(app, a.quantization);
   app.add_option("--batches", a.batches, "decode batch sizes")->delimiter(',');
   app.add_option("--prompts", a.prompts, "decode prompt lengths")->delimiter(',');
   app.add_option("--prefills", a.prefills, "prefill lengths")->delimiter(',');
@@ -279,9 +279,8 @@ int main(int argc, char** argv) {
   app.add_option("--launch", a.launch,
                  "none (one process) or local (a cluster of worker processes)")
       ->check(CLI::IsMember({"none", "local"}));
-  app.add_option("--tp", a.tp, "tensor-parallel ranks (with --launch local)")
-      ->check(CLI::Range(1, 64));
-  app.add_option("--pp", a.pp, "pipeline stages (with --launch local)")->check(CLI::Range(1, 64));
+  gemma2::cli::AddTp(app, a.tp, "with --launch local");
+  gemma2::cli::AddPp(app, a.pp, "with --launch local");
   app.add_option("--out", a.out, "write the results as JSON here");
   return gemma2::RunTool("gemma2-bench", app, argc, argv, [&] { return gemma2::Run(a); });
 }

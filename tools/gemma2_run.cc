@@ -8,10 +8,12 @@
 #include <sstream>
 
 #include "coordinator/cluster.h"
-#include "model/generate.h"
+#include "engine/engine.h"
+#include "engine/generate.h"
 #include "model/tokenizer.h"
 #include "model/weight_source.h"
-#include "tools/cli_main.h"
+#include "cli/options.h"
+#include "cli/run_tool.h"
 
 namespace gemma2 {
 namespace {
@@ -37,7 +39,7 @@ struct Args {
   int pp = 1;
   std::string listen = "127.0.0.1";
   std::vector<std::string> node_exec, node_address;
-  int64_t step_timeout_s = 60;
+  ClusterTimeouts timeouts;  // with --launch local
 };
 
 // The weights: a checkpoint directory, or deterministic random weights of a preset's shape.
@@ -187,7 +189,7 @@ Status Run(const Args& a) {
     }
     co.backend = a.backend;
     co.quantization = a.quantization;
-    co.step_timeout = std::chrono::seconds(a.step_timeout_s);
+    co.timeouts = a.timeouts;
     if (const char* r = std::getenv("GEMMA2_FAULT_WRONG_SECRET_RANK"))
       co.wrong_secret_rank = std::atoi(r);
     ASSIGN_OR_RETURN(engine, ClusterEngine::LaunchLocal(co));
@@ -257,18 +259,16 @@ Status Run(const Args& a) {
 int main(int argc, char** argv) {
   gemma2::Args a;
   CLI::App app{"gemma2-run: run Gemma 2 prompts through one engine and print JSON"};
-  app.add_option("--model", a.model, "Hugging Face checkpoint directory");
+  gemma2::cli::AddModel(app, a.model);
   app.add_option("--random-weights", a.random_weights,
                  "deterministic random weights (seed) instead of --model");
   app.add_option("--preset", a.preset, "with --random-weights: 2b, 9b or 27b");
   app.add_option("--layers", a.layers,
                  "with --random-weights: keep the first N layers (widths exact)");
-  app.add_option("--backend", a.backend, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
-  app.add_option("--quantization", a.quantization,
-                 "projection weights: auto (fp8 for an FP8 checkpoint), none, or fp8 (E4M3, a scale per output channel)")
-      ->check(CLI::IsMember({"auto", "none", "fp8"}));
+  gemma2::cli::AddBackend(app, a.backend);
+  gemma2::cli::AddQuantization(app, a.quantization);
   app.add_option("--kv-cache-gb", a.kv_cache_gb, "cuda: KV cache size (0: 90% of free memory)");
-  app.add_option("--tp", a.tp, "tensor-parallel ranks (in-process)")->check(CLI::Range(1, 1024));
+  gemma2::cli::AddTp(app, a.tp, "threads in this process, or worker processes with --launch local");
   app.add_option("--threads", a.threads, "math threads (0: all cores)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--prompt", a.prompt, "prompt text (needs tokenizer.model)");
@@ -290,10 +290,8 @@ int main(int argc, char** argv) {
   app.add_option("--launch", a.launch,
                  "none (one process) or local (coordinator + a worker per rank)")
       ->check(CLI::IsMember({"none", "local"}));
-  app.add_option("--step-timeout", a.step_timeout_s,
-                 "cluster: seconds before a step counts as hung");
-  app.add_option("--pp", a.pp, "cluster: pipeline stages (contiguous layer ranges)")
-      ->check(CLI::Range(1, 1024));
+  gemma2::cli::AddClusterTimeouts(app, a.timeouts);
+  gemma2::cli::AddPp(app, a.pp, "with --launch local");
   app.add_option("--listen", a.listen, "cluster: the coordinator's control-plane address");
   app.add_option(
       "--node-exec", a.node_exec,

@@ -10,7 +10,7 @@
 #include <iostream>
 
 #include "model/random_checkpoint.h"
-#include "tools/cli_main.h"
+#include "cli/run_tool.h"
 
 namespace gemma2 {
 namespace {

@@ -23,7 +23,7 @@
 #include <thread>
 
 #include "serving/timed_call.h"
-#include "tools/cli_main.h"
+#include "cli/run_tool.h"
 
 namespace gemma2 {
 namespace {

@@ -27,11 +27,13 @@
 #include "common/log.h"
 #include "cpu/cpu_backend.h"
 #include "model/checkpoint.h"
-#include "model/engine.h"
+#include "engine/backend_factory.h"
 #include "model/rank_model.h"
 #include "rpc/bootstrap.h"
+#include "rpc/timeouts.h"
 #include "rpc/ucx_channel.h"
-#include "tools/cli_main.h"
+#include "cli/options.h"
+#include "cli/run_tool.h"
 #include "worker/control_plane_store.h"
 #include "worker/step_thread.h"
 #ifdef GEMMA2_HAVE_CUDA
@@ -52,21 +54,19 @@ struct NcclLike {  // without CUDA there are no GPU groups to watch
 
 using namespace std::chrono_literals;
 
+// The control thread's longest sleep while it waits for a frame or a step's answer.
+constexpr auto kIdleNap = 100ms;
+
 struct Args {
   std::string coordinator, model, secret_file, backend = "cpu";
   std::string quantization = "auto";  // the projections' form (model/quantization.h)
   int device = 0;  // the GPU (cuda backend)
-  std::chrono::milliseconds step_timeout{60000};
   // Silence from the coordinator after which this rank leaves: before its first word, the
-  // startup timeout; after, the heartbeat timeout.
-  std::chrono::milliseconds startup_timeout{120000};
-  std::chrono::milliseconds heartbeat_timeout{10000};
+  // startup timeout; after, the heartbeat timeout. Every other wait: rpc/timeouts.h.
+  ClusterTimeouts timeouts;
   int rank = 0, tp = 1, pp = 1, threads = 1;  // rank: global, stage * tp + tensor-parallel rank
   int parent_pid = 0;                         // launched locally: the launcher's pid
   std::string address = "127.0.0.1";          // this node's address for the collectives
-  // How long to keep trying to reach the coordinator (a worker started by a job scheduler may
-  // come up before the coordinator listens).
-  std::chrono::milliseconds connect_timeout{60000};
 };
 
 Result<std::vector<uint8_t>> ReadSecret(const std::string& path) {
@@ -119,23 +119,23 @@ Status ControlLoop(const Args& a, rpc::Channel& ch, rpc::UcxNode& node, StepThre
   const int64_t stop_after = faulty ? EnvInt("GEMMA2_FAULT_STOP_AFTER_STEPS") : -1;
   using Clock = std::chrono::steady_clock;
   // Until the coordinator's first word the rest of the cluster may still be starting.
-  auto silence_limit = a.startup_timeout;
+  auto silence_limit = a.timeouts.startup;
   auto last_heard = Clock::now();
   RETURN_IF_ERROR(ch.StartReceive().WithContext("control channel"));
   for (int64_t step = 0;;) {
     while (auto answer = steps.TakeDone()) {
       if (!answer->ok()) return answer->status();
-      RETURN_IF_ERROR(ch.Send(rpc::MessageType::kStepResult, **answer, a.step_timeout));
+      RETURN_IF_ERROR(ch.Send(rpc::MessageType::kStepResult, **answer, a.timeouts.step));
     }
     auto got = ch.Poll();
     if (!got.ok()) return got.status().WithContext("control channel");
     if (*got) {
       last_heard = Clock::now();
-      silence_limit = a.heartbeat_timeout;
+      silence_limit = a.timeouts.heartbeat;
       rpc::Received m = ch.Take();
       if (m.type == rpc::MessageType::kShutdown) return OkStatus();
       if (m.type == rpc::MessageType::kHeartbeat) {
-        RETURN_IF_ERROR(ch.Send(rpc::MessageType::kHeartbeat, {}, a.heartbeat_timeout));
+        RETURN_IF_ERROR(ch.Send(rpc::MessageType::kHeartbeat, {}, a.timeouts.heartbeat));
       } else if (m.type == rpc::MessageType::kStep) {
         if (step == kill_after) raise(SIGKILL);
         if (step == stop_after) raise(SIGSTOP);
@@ -157,7 +157,7 @@ Status ControlLoop(const Args& a, rpc::Channel& ch, rpc::UcxNode& node, StepThre
                         " ms (crashed or unreachable): leaving");
     }
     // Sleeps until a frame or a step's answer arrives (a bounded nap, not a poll loop).
-    node.WaitForEvents(std::chrono::milliseconds(100), steps.ready_fd());
+    node.WaitForEvents(kIdleNap, steps.ready_fd());
   }
 }
 
@@ -166,14 +166,16 @@ Status Serve(const Args& a, rpc::Channel& ch, rpc::UcxNode& node) {
   ASSIGN_OR_RETURN(auto ck, OpenWeightSource(a.model));
   const int stage = a.rank / a.tp, tp_rank = a.rank % a.tp;
   ASSIGN_OR_RETURN(ShardPlan plan, ShardPlan::Make(ck->config(), a.tp, tp_rank, a.pp, stage));
-  EngineOptions eo;
-  eo.backend = a.backend;
-  ASSIGN_OR_RETURN(auto backend, MakeBackend(eo, a.device, ck->config().max_position_embeddings));
+  BackendOptions bo;
+  bo.name = a.backend;
+  bo.device = a.device;
+  bo.max_positions = ck->config().max_position_embeddings;
+  ASSIGN_OR_RETURN(auto backend, MakeBackend(bo));
   SetCpuMathThreads(a.threads);
   ASSIGN_OR_RETURN(const Quantization quantization, ResolveQuantization(a.quantization, a.model));
   ASSIGN_OR_RETURN(auto model, RankModel::Load(*ck, plan, *backend, {}, quantization));
   // Rendezvous through the coordinator (the control channel), whatever host each rank is on.
-  ControlPlaneStore store(ch, 60s);
+  ControlPlaneStore store(ch, a.timeouts.step);
   // GPU ranks talk over NCCL on the backend's stream (a lone GPU rank too: the same path, whose
   // sums are the identity); cpu ranks over Gloo.
   const bool gpu_group = a.backend == "cuda";
@@ -199,7 +201,7 @@ Status Serve(const Args& a, rpc::Channel& ch, rpc::UcxNode& node) {
     o.hostname = a.address;
     o.rank = rank;
     o.size = size;
-    o.timeout = 60s;
+    o.timeout = a.timeouts.step;
     gloo::rendezvous::PrefixStore prefixed(prefix, store);
     ASSIGN_OR_RETURN(auto c, GlooCollective::Create(o, prefixed));
     return std::unique_ptr<Collective>(std::move(c));
@@ -237,7 +239,7 @@ Status Serve(const Args& a, rpc::Channel& ch, rpc::UcxNode& node) {
   ASSIGN_OR_RETURN(blocks, model->CreateKvPool(asked.block_size, blocks));
   KvBlockTables kv(KvLayout::For(ck->config(), asked.block_size), blocks);
   RETURN_IF_ERROR(ch.Send(rpc::MessageType::kHeartbeat,
-                          rpc::EncodeKvCapacity({blocks, asked.block_size}), 30s));
+                          rpc::EncodeKvCapacity({blocks, asked.block_size}), a.timeouts.control_send));
 
   // Steps run on their own thread (worker/step_thread.h); this thread keeps the control channel,
   // answering heartbeats at once even mid-step, and watches for a silent coordinator.
@@ -249,7 +251,7 @@ Status Serve(const Args& a, rpc::Channel& ch, rpc::UcxNode& node) {
     for (const KvCopy& k : p.kv_copies) RETURN_IF_ERROR(model->CopyKv(kv, k));
     StepOutput out;
     // The step watchdog of GPU collectives: a peer that hangs aborts the communicators.
-    for (auto* n : watched) n->Arm(a.step_timeout);
+    for (auto* n : watched) n->Arm(a.timeouts.step);
     const Status ran = model->Forward(p, kv, *comm, &out, links);
     for (auto* n : watched) n->Disarm();
     RETURN_IF_ERROR(ran);
@@ -263,7 +265,7 @@ Status Serve(const Args& a, rpc::Channel& ch, rpc::UcxNode& node) {
     // The step thread still uses this frame's model and collectives (perhaps waiting on a peer
     // that is gone): leave at once, saying why (to the coordinator too, when it can still hear).
     if (!st.ok()) {
-      if (!ch.broken()) (void)ch.Send(rpc::MessageType::kError, rpc::EncodeStatus(st), 2s);
+      if (!ch.broken()) (void)ch.Send(rpc::MessageType::kError, rpc::EncodeStatus(st), a.timeouts.goodbye_send);
       log::Error(st.ToString());
     }
     std::fflush(stderr);
@@ -293,9 +295,9 @@ Status Run(const Args& a) {
   // The bootstrap (rpc/bootstrap.h): prove the secret, check the coordinator's proof, swap UCX
   // addresses; retried while nobody listens yet or the coordinator is busy.
   std::vector<uint8_t> coordinator_address;
-  for (const auto deadline = std::chrono::steady_clock::now() + a.connect_timeout;;) {
+  for (const auto deadline = std::chrono::steady_clock::now() + a.timeouts.connect;;) {
     auto joined = rpc::JoinCluster(host, port, static_cast<uint32_t>(a.rank), secret,
-                                   node->address(), 30s);
+                                   node->address(), a.timeouts.control_send);
     if (joined.ok()) {
       coordinator_address = std::move(joined).value();
       break;
@@ -306,12 +308,12 @@ Status Run(const Args& a) {
       return joined.status().WithContext("rank " + std::to_string(a.rank) + " joining the cluster at " +
                                          a.coordinator);
     }
-    std::this_thread::sleep_for(250ms);
+    std::this_thread::sleep_for(a.timeouts.connect_retry);
   }
   ASSIGN_OR_RETURN(auto ch, node->ConnectTo(coordinator_address, "coordinator " + a.coordinator));
   const Status st = Serve(a, *ch, *node);
   if (!st.ok() && !ch->broken())
-    (void)ch->Send(rpc::MessageType::kError, rpc::EncodeStatus(st), 10s);
+    (void)ch->Send(rpc::MessageType::kError, rpc::EncodeStatus(st), a.timeouts.control_send);
   return st.WithContext("rank " + std::to_string(a.rank));
 }
 
@@ -323,33 +325,16 @@ int main(int argc, char** argv) {
   CLI::App app{"gemma2-worker: one tensor-parallel rank of a gemma2 cluster"};
   app.add_option("--coordinator", a.coordinator, "control plane address HOST:PORT")->required();
   app.add_option("--rank", a.rank, "this rank")->required();
-  app.add_option("--tp", a.tp, "ranks in the tensor-parallel group")->required();
-  app.add_option("--pp", a.pp, "pipeline stages");
-  app.add_option("--model", a.model, "checkpoint directory")->required();
+  gemma2::cli::AddTp(app, a.tp, "in this rank's group")->required();
+  gemma2::cli::AddPp(app, a.pp);
+  gemma2::cli::AddModel(app, a.model)->required();
   app.add_option("--secret-file", a.secret_file, "file holding the cluster secret")->required();
-  app.add_option("--backend", a.backend, "cpu");
+  gemma2::cli::AddBackend(app, a.backend);
   app.add_option("--threads", a.threads, "math threads");
   app.add_option("--parent-pid", a.parent_pid, "exit with this process (local launch)");
   app.add_option("--address", a.address, "address this node's collectives bind to");
   app.add_option("--device", a.device, "GPU index on this node (cuda backend)");
-  app.add_option("--quantization", a.quantization, "projection weights: auto (fp8 for an FP8 checkpoint), none, or fp8 (E4M3, a scale per output channel)")
-      ->check(CLI::IsMember({"auto", "none", "fp8"}));
-  double connect_s = 60, heartbeat_s = 10, startup_s = 120, step_s = 60;
-  app.add_option("--heartbeat-timeout", heartbeat_s,
-                 "seconds of silence from the coordinator after which this rank leaves")
-      ->check(CLI::Range(0.1, 86400.0));
-  app.add_option("--startup-timeout", startup_s,
-                 "seconds to wait for the coordinator's first step or heartbeat once ready")
-      ->check(CLI::Range(0.1, 86400.0));
-  app.add_option("--step-timeout", step_s, "seconds a step's answer may take to send")
-      ->check(CLI::Range(0.1, 86400.0));
-  app.add_option("--connect-timeout", connect_s, "seconds to keep trying to reach the coordinator")
-      ->check(CLI::Range(0.0, 86400.0));
-  app.callback([&] {
-    a.connect_timeout = std::chrono::milliseconds(static_cast<int64_t>(connect_s * 1000));
-    a.heartbeat_timeout = std::chrono::milliseconds(static_cast<int64_t>(heartbeat_s * 1000));
-    a.startup_timeout = std::chrono::milliseconds(static_cast<int64_t>(startup_s * 1000));
-    a.step_timeout = std::chrono::milliseconds(static_cast<int64_t>(step_s * 1000));
-  });
+  gemma2::cli::AddQuantization(app, a.quantization);
+  gemma2::cli::AddClusterTimeouts(app, a.timeouts, /*connect=*/true);
   return gemma2::RunTool("gemma2-worker", app, argc, argv, [&] { return gemma2::Run(a); });
 }

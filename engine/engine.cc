@@ -1,4 +1,4 @@
-#include "model/engine.h"
+#include "engine/engine.h"
 
 #include <chrono>
 #include <cstdio>
@@ -6,9 +6,7 @@
 
 #include "collectives/local_collective.h"
 #include "cpu/cpu_backend.h"
-#ifdef GEMMA2_HAVE_CUDA
-#include "cuda/cuda_backend.h"
-#endif
+#include "engine/backend_factory.h"
 
 namespace gemma2 {
 
@@ -20,32 +18,12 @@ struct Engine::Rank {
 
 Engine::~Engine() = default;
 
-Result<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& opts, int rank,
-                                             int64_t max_positions) {
-  if (opts.backend == "cpu") return std::unique_ptr<Backend>(std::make_unique<CpuBackend>());
-  if (opts.backend == "cuda") {
-#ifdef GEMMA2_HAVE_CUDA
-    if (opts.tp > 1) {
-      return Unimplemented(
-          "the cuda backend runs tp 1 in one process; tp > 1 needs one worker "
-          "process per GPU (the cluster)");
-    }
-    CudaOptions c;
-    c.device = rank;
-    c.kv_cache_bytes = opts.kv_cache_bytes;
-    c.poison_scratch = opts.poison_scratch;
-    c.cuda_graphs = opts.cuda_graphs;
-    c.max_positions = max_positions;
-    return MakeCudaBackend(c);
-#else
-    return Unimplemented(
-        "this build has no cuda backend (no CUDA toolkit was found at build time)");
-#endif
-  }
-  return InvalidArgument("unknown backend '" + opts.backend + "' (use cpu or cuda)");
-}
-
 Result<std::unique_ptr<Engine>> Engine::Create(const WeightSource& ck, const EngineOptions& opts) {
+  if (opts.backend == "cuda" && opts.tp > 1) {
+    return Unimplemented(
+        "the cuda backend runs tp 1 in one process; tp > 1 needs one worker process per GPU (the "
+        "cluster)");
+  }
   std::unique_ptr<Engine> e(new Engine());
   e->config_ = ck.config();
   // Check every rank's plan before loading anything.
@@ -75,7 +53,14 @@ Result<std::unique_ptr<Engine>> Engine::Create(const WeightSource& ck, const Eng
   }
   for (int r = 0; r < opts.tp; ++r) {
     auto rank = std::make_unique<Rank>();
-    ASSIGN_OR_RETURN(rank->backend, MakeBackend(opts, r, e->config_.max_position_embeddings));
+    BackendOptions bo;
+    bo.name = opts.backend;
+    bo.device = r;
+    bo.kv_cache_bytes = opts.kv_cache_bytes;
+    bo.poison_scratch = opts.poison_scratch;
+    bo.cuda_graphs = opts.cuda_graphs;
+    bo.max_positions = e->config_.max_position_embeddings;
+    ASSIGN_OR_RETURN(rank->backend, MakeBackend(bo));
     ASSIGN_OR_RETURN(rank->model,
                      RankModel::Load(ck, plans[static_cast<size_t>(r)], *rank->backend, per_rank,
                                      opts.quantization));

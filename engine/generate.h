@@ -4,7 +4,7 @@
 #include <string>
 #include <vector>
 
-#include "model/engine.h"
+#include "model/step_executor.h"
 #include "model/sampling.h"
 
 namespace gemma2 {

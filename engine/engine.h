@@ -1,5 +1,6 @@
 // An in-process engine: `tp` ranks of RankModel, each on its own thread with its own backend and
-// KV caches, summing through a LocalGroup. The cluster issue runs the same ranks as processes.
+// KV caches, summing through a LocalGroup. The cluster (coordinator/) runs the same ranks as
+// worker processes.
 #pragma once
 
 #include <map>
@@ -30,10 +31,6 @@ struct EngineOptions {
 // Prints loading progress to stderr ("NAME: loading 12.3 / 54.5 GB, 123 / 600 tensors, 2.1 GB/s"),
 // at most twice a second and once at the end.
 RankModel::Progress StderrLoadProgress(std::string name);
-
-// Creates a backend by name; a clear error for a name this build lacks.
-Result<std::unique_ptr<Backend>> MakeBackend(const EngineOptions& opts, int rank,
-                                             int64_t max_positions = 8192);
 
 class Engine final : public StepExecutor {
  public:

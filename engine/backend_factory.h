@@ -1,0 +1,25 @@
+// Backends by name: the one place that knows which backends this build has.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "common/status.h"
+#include "model/backend.h"
+
+namespace gemma2 {
+
+struct BackendOptions {
+  std::string name = "cpu";      // cpu or cuda
+  int device = 0;                // cuda: the GPU index
+  int64_t kv_cache_bytes = 0;    // cuda: 0 = most of the memory free after the weights
+  bool poison_scratch = false;   // cuda tests: NaN-fill scratch so unwritten elements show
+  bool cuda_graphs = true;       // cuda: replay id-only decode steps as CUDA graphs
+  int64_t max_positions = 8192;  // a sequence's most positions (the KV block-table stride)
+};
+
+// A clear error for a name this build lacks (cuda without a CUDA toolkit at build time).
+Result<std::unique_ptr<Backend>> MakeBackend(const BackendOptions& options);
+
+}  // namespace gemma2

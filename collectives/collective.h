@@ -1,5 +1,6 @@
-// Collectives inside one tensor-parallel group, behind one interface: in-process threads (here),
-// Gloo over TCP for cpu workers and NCCL for cuda workers (the cluster issue).
+// Collectives inside one tensor-parallel group, behind one interface: in-process threads
+// (local_collective.h), Gloo over TCP for cpu workers and NCCL for cuda workers. The model core
+// sees only this header (gemma2_collective_api).
 #pragma once
 
 #include "common/status.h"

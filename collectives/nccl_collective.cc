@@ -75,17 +75,17 @@ Result<std::unique_ptr<NcclCollective>> NcclCollective::Create(const NcclOptions
 
 NcclCollective::~NcclCollective() {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(mu_);
     stop_ = true;
   }
   cv_.notify_all();
   if (watchdog_.joinable()) watchdog_.join();
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (comm_ && !aborted_) ncclCommDestroy(comm_);
 }
 
 void NcclCollective::Abort(const std::string& why) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (aborted_ || !comm_) return;
   aborted_ = true;
   why_ = why;
@@ -93,7 +93,7 @@ void NcclCollective::Abort(const std::string& why) {
 }
 
 Status NcclCollective::Usable() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (aborted_)
     return Status(StatusCode::kUnavailable,
                   "NCCL " + opts_.who + ": communicator aborted: " + why_);
@@ -101,20 +101,20 @@ Status NcclCollective::Usable() const {
 }
 
 void NcclCollective::Arm(std::chrono::milliseconds timeout) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   armed_ = true;
   deadline_ = Clock::now() + timeout;
 }
 
 void NcclCollective::Disarm() {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   armed_ = false;
 }
 
 void NcclCollective::Watch() {
-  std::unique_lock<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   while (!stop_ && !aborted_) {
-    cv_.wait_for(lock, std::chrono::milliseconds(100));
+    cv_.wait_for(mu_, std::chrono::milliseconds(100));
     if (stop_ || aborted_) break;
     ncclResult_t state = ncclSuccess;
     ncclCommGetAsyncError(comm_, &state);
@@ -134,7 +134,7 @@ void NcclCollective::Watch() {
 Status NcclCollective::Settle(ncclResult_t r, const char* what) {
   while (r == ncclInProgress) {
     std::this_thread::yield();
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(mu_);
     if (aborted_) break;  // the watchdog gave up on it: Usable() says why
     ncclCommGetAsyncError(comm_, &r);
   }

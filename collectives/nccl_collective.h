@@ -8,7 +8,8 @@
 // NCCL reports an error or when a step armed with Arm() is still running past its deadline.
 // Abort is idempotent; after it every operation fails with the reason.
 //
-// Compiled wherever CUDA is; not yet run on GPUs (the multi-GPU issue runs it).
+// Every cuda worker uses one (a group of one too: the same path); TP 2 measured on two H200s in
+// bench/results/2026-11-29-27b-h200x2-*.
 #pragma once
 
 #include <nccl.h>
@@ -17,11 +18,11 @@
 #include <chrono>
 #include <condition_variable>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 
 #include "collectives/collective.h"
+#include "common/mutex.h"
 
 namespace gloo::rendezvous {
 class Store;
@@ -54,27 +55,29 @@ class NcclCollective final : public Collective {
   Status RecvFrom(Tensor& t, int peer) override;
 
   // The step watchdog: from Arm until Disarm the communicator is aborted if `deadline` passes.
-  void Arm(std::chrono::milliseconds timeout);
-  void Disarm();
+  void Arm(std::chrono::milliseconds timeout) EXCLUDES(mu_);
+  void Disarm() EXCLUDES(mu_);
   // Idempotent; frees the communicator's resources and releases kernels stuck in it.
-  void Abort(const std::string& why);
+  void Abort(const std::string& why) EXCLUDES(mu_);
 
  private:
   explicit NcclCollective(const NcclOptions& o) : opts_(o) {}
-  Status Usable() const;
+  Status Usable() const EXCLUDES(mu_);
   // A non-blocking communicator may answer a call with ncclInProgress: waits until NCCL settles
   // it (or the watchdog aborts), then turns the outcome into a Status naming `what`.
-  Status Settle(ncclResult_t r, const char* what);
-  void Watch();
+  Status Settle(ncclResult_t r, const char* what) EXCLUDES(mu_);
+  void Watch() EXCLUDES(mu_);
 
   NcclOptions opts_;
   ncclComm_t comm_ = nullptr;
-  mutable std::mutex mu_;  // guards aborted_, why_, deadline_
-  std::condition_variable cv_;
-  bool aborted_ = false, stop_ = false;
-  std::string why_;
-  std::chrono::steady_clock::time_point deadline_{};
-  bool armed_ = false;
+  // Shared by the rank's step thread and the watchdog.
+  mutable Mutex mu_;
+  std::condition_variable_any cv_;  // stop_ set
+  bool aborted_ GUARDED_BY(mu_) = false;
+  bool stop_ GUARDED_BY(mu_) = false;
+  std::string why_ GUARDED_BY(mu_);
+  std::chrono::steady_clock::time_point deadline_ GUARDED_BY(mu_){};
+  bool armed_ GUARDED_BY(mu_) = false;
   std::thread watchdog_;
 };
 

@@ -1,6 +1,11 @@
-// The coordinator's view of a cluster: it launches (locally, for now) one gemma2-worker process
-// per rank, authenticates each over the control plane, and runs every step by sending the same
-// plan to all ranks and collecting their answers. It owns the sequences; it never touches weights.
+// The coordinator's view of a cluster: it starts one gemma2-worker process per rank of its own
+// node (the other nodes' ranks come from their launchers or a job scheduler and join at its
+// control port), authenticates each over the control plane, and runs every step by sending the
+// same plan to all ranks and collecting their answers. It owns the sequences; it never touches
+// weights.
+//
+// Threads: a ClusterEngine holds no lock and shares nothing; one thread (the scheduler's) makes
+// every call but Wake(), which any thread may make (it writes an eventfd).
 //
 // Startup is all or nothing: a rank that fails (bad shard, wrong secret, crash) ends the launch
 // with its rank and reason and every other process stopped. A rank lost later fails the step in

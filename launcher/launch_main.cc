@@ -10,8 +10,8 @@
 // Built a second time as gemma2-coordinator (GEMMA2_COORDINATOR_ONLY): the same coordinator and
 // server, no local workers; every rank's gemma2-worker is started elsewhere and joins at --master.
 //
-// This machine only for now: nodes are pipeline stages of local processes (--node-exec/--listen of
-// gemma2-run describe namespaced test nodes).
+// Across hosts: per node (--master HOST:PORT --node-rank R, or Slurm's environment) or fanned out
+// from the head node over ssh (--hosts); the tests run nodes as network namespaces of one machine.
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -101,7 +101,7 @@ Status Probe(serving::Scheduler& scheduler, const ModelConfig& c) {
   if (auto e = scheduler.Submit(h)) return Status(StatusCode::kUnavailable, "probe: " + e->message);
   while (true) {
     {
-      std::lock_guard<std::mutex> lock(h->mu);
+      MutexLock lock(h->mu);
       if (h->done) {
         if (h->error) return Status(StatusCode::kUnavailable, "probe: " + h->error->message);
         return OkStatus();

@@ -1,4 +1,4 @@
-// The fused ops a backend implements. The forward pass (model/forward.cc) is written once against
+// The fused ops a backend implements. The forward pass (RankModel::Forward, model/rank_model.cc) is written once against
 // this interface; the cpu backend (fp32) is the specification of every other backend's ops.
 // Contract for all ops: tensors are row-major, activations are [tokens, features]; shapes are
 // checked by the caller (the forward pass); ops run on the backend's own stream, in order.

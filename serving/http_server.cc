@@ -476,7 +476,7 @@ class HttpServer::Impl {
                      {"status", std::to_string(status)},
                      {"client", ec ? "?" : peer.address().to_string() + ":" + std::to_string(peer.port())}};
     if (h) {
-      std::lock_guard<std::mutex> lock(const_cast<RequestHandle*>(h)->mu);
+      MutexLock lock(const_cast<RequestHandle*>(h)->mu);
       const auto ms = [&](auto d) {
         return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count());
       };
@@ -516,7 +516,7 @@ class HttpServer::Impl {
     while (true) {
       std::optional<Response> res;
       {
-        std::lock_guard<std::mutex> lock(handle->mu);
+        MutexLock lock(handle->mu);
         if (handle->done) res = Final(*handle, ctx, rid, keep);
       }
       if (res) {
@@ -550,9 +550,9 @@ class HttpServer::Impl {
     return ResponseContext{prefix + rid, now, facts_.served_name, facts_.tokenizer, facts_.config};
   }
 
-  // The whole answer of a finished request (caller holds h.mu).
+  // The whole answer of a finished request.
   static Response Final(const RequestHandle& h, const ResponseContext& ctx, const std::string& rid,
-                        bool keep) {
+                        bool keep) REQUIRES(h.mu) {
     if (h.error) return ErrorResponse(*h.error, rid, keep);
     switch (h.request().endpoint) {
       case Endpoint::kCompletions:
@@ -590,7 +590,7 @@ class HttpServer::Impl {
       bool done;
       std::optional<ApiError> error;
       {
-        std::lock_guard<std::mutex> lock(h.mu);
+        MutexLock lock(h.mu);
         events = StreamEvents(ctx, h, cursor);
         done = h.done;
         error = h.error;

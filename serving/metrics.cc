@@ -58,7 +58,7 @@ std::string Quoted(const std::string& v) {
 }  // namespace
 
 void Histogram::Observe(double v) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   const size_t i =
       static_cast<size_t>(std::lower_bound(bounds_.begin(), bounds_.end(), v) - bounds_.begin());
   ++counts_[i];
@@ -67,7 +67,7 @@ void Histogram::Observe(double v) {
 }
 
 void Histogram::Render(std::string& out, const std::string& name, const std::string& help) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   out += "# HELP " + name + " " + help + "\n# TYPE " + name + " histogram\n";
   uint64_t cumulative = 0;
   for (size_t i = 0; i < bounds_.size(); ++i) {

@@ -6,9 +6,10 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
-#include <mutex>
 #include <string>
 #include <vector>
+
+#include "common/mutex.h"
 
 namespace gemma2::serving {
 
@@ -22,11 +23,11 @@ class Histogram {
   void Render(std::string& out, const std::string& name, const std::string& help) const;
 
  private:
-  mutable std::mutex mu_;
-  std::vector<double> bounds_;
-  std::vector<uint64_t> counts_;
-  double sum_ = 0;
-  uint64_t count_ = 0;
+  mutable Mutex mu_;
+  const std::vector<double> bounds_;
+  std::vector<uint64_t> counts_ GUARDED_BY(mu_);
+  double sum_ GUARDED_BY(mu_) = 0;
+  uint64_t count_ GUARDED_BY(mu_) = 0;
 };
 
 struct Metrics {

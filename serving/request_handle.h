@@ -7,11 +7,11 @@
 #include <atomic>
 #include <chrono>
 #include <functional>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "common/mutex.h"
 #include "serving/api.h"
 #include "serving/logits_processing.h"
 
@@ -48,17 +48,19 @@ class RequestHandle {
   void Cancel() { cancelled_.store(true); }
   bool cancelled() const { return cancelled_.load(); }
 
-  std::mutex mu;
-  // Guarded by mu: what the scheduler produced.
-  std::vector<ChoiceProgress> choices;      // generation: prompts x n, OpenAI's index order
-  std::vector<ClassifiedInput> classified;  // classification: one per input
+  // What the scheduler produced, read by the session.
+  Mutex mu;
+  std::vector<ChoiceProgress> choices GUARDED_BY(mu);  // generation: prompts x n, OpenAI's order
+  std::vector<ClassifiedInput> classified GUARDED_BY(mu);  // classification: one per input
   // Per prompt, when asked (ParsedRequest::prompt_top): the log-probabilities of its tokens 1..
   // (token 0 has none), set once the prompt was prefilled.
-  std::vector<std::vector<TokenLogprobs>> prompt_logprobs;
-  std::optional<ApiError> error;            // set once: the request failed
-  bool done = false;                        // every choice finished (or error set)
-  int64_t prompt_tokens = 0, completion_tokens = 0;
-  std::optional<Clock::time_point> first_token_at;  // when the first token of any choice came
+  std::vector<std::vector<TokenLogprobs>> prompt_logprobs GUARDED_BY(mu);
+  std::optional<ApiError> error GUARDED_BY(mu);  // set once: the request failed
+  bool done GUARDED_BY(mu) = false;              // every choice finished (or error set)
+  int64_t prompt_tokens GUARDED_BY(mu) = 0;
+  int64_t completion_tokens GUARDED_BY(mu) = 0;
+  // When the first token of any choice came.
+  std::optional<Clock::time_point> first_token_at GUARDED_BY(mu);
   // Set by the session before submitting; called by the scheduler after each update.
   std::function<void()> notify;
   // Counted in the request metrics (the launcher's readiness probe is not).

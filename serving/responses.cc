@@ -26,7 +26,7 @@ size_t TextBytes(const ResponseContext& ctx, int32_t id, bool skip_special) {
   return t.ok() ? t->size() : 0;
 }
 
-json Usage(const RequestHandle& h) {
+json Usage(const RequestHandle& h) REQUIRES(h.mu) {
   return {{"prompt_tokens", h.prompt_tokens},
           {"completion_tokens", h.completion_tokens},
           {"total_tokens", h.prompt_tokens + h.completion_tokens}};
@@ -40,14 +40,14 @@ std::vector<int> Bytes(const std::string& s) {
   return b;
 }
 
-size_t PromptOf(const RequestHandle& h, size_t choice) {
+size_t PromptOf(const RequestHandle& h, size_t choice) REQUIRES(h.mu) {
   return choice / static_cast<size_t>(std::max(1, h.request().gen.n));
 }
 
 // Legacy completions logprobs for tokens [from, to) of a choice; text offsets from `offset`.
 // With echo (unstreamed), the prompt's tokens come first: the first with null entries.
 json CompletionLogprobs(const ResponseContext& ctx, const RequestHandle& h, size_t choice,
-                        size_t from, size_t to, size_t offset) {
+                        size_t from, size_t to, size_t offset) REQUIRES(h.mu) {
   const ChoiceProgress& ch = h.choices[choice];
   json tokens = json::array(), lps = json::array(), tops = json::array(), offs = json::array();
   const bool skip = h.request().gen.skip_special_tokens;
@@ -103,7 +103,7 @@ json ChatLogprobs(const ResponseContext& ctx, const ChoiceProgress& ch, size_t f
 
 // vLLM's prompt_logprobs: null for the first token, then {id: {logprob, rank, decoded_token}}
 // with the top k and the prompt's own token.
-json PromptLogprobs(const ResponseContext& ctx, const RequestHandle& h, size_t prompt) {
+json PromptLogprobs(const ResponseContext& ctx, const RequestHandle& h, size_t prompt) REQUIRES(h.mu) {
   if (h.request().gen.prompt_logprobs < 0) return nullptr;
   const auto& ids = h.request().prompts[prompt];
   const auto& rows = h.prompt_logprobs[prompt];
@@ -135,7 +135,7 @@ json ErrorBody(const ApiError& e) {
 }
 
 // echo: the prompt as text (control tokens such as <bos> left out, as in any decoded text).
-std::string EchoedPrompt(const ResponseContext& ctx, const RequestHandle& h, size_t choice) {
+std::string EchoedPrompt(const ResponseContext& ctx, const RequestHandle& h, size_t choice) REQUIRES(h.mu) {
   if (!h.request().echo || !ctx.tokenizer) return "";
   auto text = ctx.tokenizer->Decode(h.request().prompts[PromptOf(h, choice)],
                                     h.request().gen.skip_special_tokens);

@@ -22,9 +22,10 @@ struct ResponseContext {
 };
 
 nlohmann::json ErrorBody(const ApiError& e);
-nlohmann::json CompletionBody(const ResponseContext& ctx, const RequestHandle& h);
-nlohmann::json ChatBody(const ResponseContext& ctx, const RequestHandle& h);
-nlohmann::json ClassifyBody(const ResponseContext& ctx, const RequestHandle& h);
+// Each reads the handle's state: the caller holds h.mu.
+nlohmann::json CompletionBody(const ResponseContext& ctx, const RequestHandle& h) REQUIRES(h.mu);
+nlohmann::json ChatBody(const ResponseContext& ctx, const RequestHandle& h) REQUIRES(h.mu);
+nlohmann::json ClassifyBody(const ResponseContext& ctx, const RequestHandle& h) REQUIRES(h.mu);
 
 // What a stream has sent so far, per choice.
 struct StreamCursor {
@@ -34,8 +35,9 @@ struct StreamCursor {
 
 // "data: {...}\n\n" events for everything new since `cursor` (updated), in OpenAI's chunk format
 // for completions or chat.
-std::string StreamEvents(const ResponseContext& ctx, const RequestHandle& h, StreamCursor& cursor);
+std::string StreamEvents(const ResponseContext& ctx, const RequestHandle& h, StreamCursor& cursor)
+    REQUIRES(h.mu);
 // The closing usage chunk (stream_options.include_usage).
-std::string UsageEvent(const ResponseContext& ctx, const RequestHandle& h);
+std::string UsageEvent(const ResponseContext& ctx, const RequestHandle& h) REQUIRES(h.mu);
 
 }  // namespace gemma2::serving

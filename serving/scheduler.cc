@@ -129,7 +129,7 @@ Scheduler::Scheduler(StepExecutor& executor, const Tokenizer* tokenizer, Metrics
 
 Scheduler::~Scheduler() {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(mu_);
     stop_ = true;
   }
   wake_ = true;
@@ -141,7 +141,7 @@ Scheduler::~Scheduler() {
 
 std::optional<ApiError> Scheduler::Submit(std::shared_ptr<RequestHandle> request) {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(mu_);
     if (lost_) {
       return ServerError(503, "the cluster is down: " + lost_->message(), "server_error");
     }
@@ -177,14 +177,14 @@ std::optional<ApiError> Scheduler::Submit(std::shared_ptr<RequestHandle> request
 }
 
 void Scheduler::BeginDrain() {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   draining_ = true;
 }
 
 bool Scheduler::Idle() const { return open_requests_.load() == 0; }
 
 std::optional<Status> Scheduler::lost() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   return lost_;
 }
 
@@ -197,7 +197,7 @@ void Scheduler::Expand(std::shared_ptr<RequestHandle> h) {
   const uint64_t base_seed =
       p.gen.seed ? *p.gen.seed : seeds_();  // unseeded requests: a fresh seed each
   {
-    std::lock_guard<std::mutex> lock(h->mu);
+    MutexLock lock(h->mu);
     if (classify)
       h->classified.resize(p.prompts.size());
     else
@@ -239,7 +239,7 @@ void Scheduler::Expand(std::shared_ptr<RequestHandle> h) {
 void Scheduler::Loop() {
   while (true) {
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(mu_);
       if (stop_) return;
       while (!incoming_.empty()) {
         Expand(std::move(incoming_.front()));
@@ -263,7 +263,7 @@ void Scheduler::Loop() {
     NotifyTouched();
     if (!st.ok()) {
       {
-        std::lock_guard<std::mutex> lock(mu_);
+        MutexLock lock(mu_);
         lost_ = st;
       }
       FailAll(ServerError(503, "the request failed because the cluster failed: " + st.message(),
@@ -275,19 +275,22 @@ void Scheduler::Loop() {
 void Scheduler::IdleWait() {
   wake_ = false;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(mu_);
     if (!incoming_.empty() || stop_) return;
   }
   if (opts_.idle_watch && !lost()) {
     const Status st = opts_.idle_watch(std::chrono::milliseconds(100), &wake_);
     if (!st.ok()) {
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(mu_);
       lost_ = st;
     }
     return;
   }
-  std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait_for(lock, std::chrono::milliseconds(100), [&] { return !incoming_.empty() || stop_; });
+  MutexLock lock(mu_);
+  const auto until = Clock::now() + std::chrono::milliseconds(100);
+  while (incoming_.empty() && !stop_) {
+    if (cv_.wait_until(mu_, until) == std::cv_status::timeout) break;
+  }
 }
 
 // A cancelled request's sequences leave at once; their KV blocks are free for this step.
@@ -625,7 +628,7 @@ void Scheduler::PromptRow(Sequence& s, std::span<const float> row) {
   s.prompt_lp.push_back(Logprobs(row, next, s.prompt_top));
   if (s.prompt_lp.size() + 1 < s.prompt.size()) return;
   RequestHandle& h = *s.req->handle;
-  std::lock_guard<std::mutex> lock(h.mu);
+  MutexLock lock(h.mu);
   h.prompt_logprobs[static_cast<size_t>(s.index / std::max(1, s.gen().n))] = s.prompt_lp;
 }
 
@@ -693,7 +696,7 @@ void Scheduler::AcceptToken(Sequence& s, int32_t tok, const StepOutput& out, int
   }
   RequestHandle& h = *s.req->handle;
   {
-    std::lock_guard<std::mutex> lock(h.mu);
+    MutexLock lock(h.mu);
     ChoiceProgress& ch = h.choices[static_cast<size_t>(s.index)];
     if (!h.first_token_at) h.first_token_at = now;
     ch.token_ids.push_back(tok);
@@ -713,7 +716,7 @@ void Scheduler::AcceptToken(Sequence& s, int32_t tok, const StepOutput& out, int
 void Scheduler::Classified(Sequence& s) {
   RequestHandle& h = *s.req->handle;
   {
-    std::lock_guard<std::mutex> lock(h.mu);
+    MutexLock lock(h.mu);
     h.classified[static_cast<size_t>(s.index)].logits = std::move(s.class_rows);
   }
   touched_.push_back(s.req->handle);
@@ -734,7 +737,7 @@ void Scheduler::CloseRequest(Request& r, Outcome o, std::optional<ApiError> erro
   }
   RequestHandle& h = *r.handle;
   {
-    std::lock_guard<std::mutex> lock(h.mu);
+    MutexLock lock(h.mu);
     if (error) h.error = std::move(error);
     h.done = true;
   }
@@ -757,14 +760,14 @@ void Scheduler::ObservePhases(const Request& r) {
       metrics_.decode_time.Observe(seconds(now - r.first_token_at));
     }
   }
-  std::lock_guard<std::mutex> lock(r.handle->mu);
+  MutexLock lock(r.handle->mu);
   metrics_.prompt_tokens_per_request.Observe(static_cast<double>(r.handle->prompt_tokens));
   metrics_.generation_tokens_per_request.Observe(static_cast<double>(r.handle->completion_tokens));
 }
 
 void Scheduler::FailAll(const ApiError& e) {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(mu_);
     while (!incoming_.empty()) {
       Expand(std::move(incoming_.front()));
       incoming_.pop_front();

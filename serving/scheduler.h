@@ -12,11 +12,11 @@
 #include <limits>
 #include <list>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <random>
 #include <thread>
 
+#include "common/mutex.h"
 #include "model/step_executor.h"
 #include "model/tokenizer.h"
 #include "serving/block_manager.h"
@@ -55,18 +55,18 @@ class Scheduler {
   ~Scheduler();  // stops the thread; requests still open end with an error
 
   // Queues a request; an error (429 queue full, 503 draining or lost) means it was not queued.
-  std::optional<ApiError> Submit(std::shared_ptr<RequestHandle> request);
+  std::optional<ApiError> Submit(std::shared_ptr<RequestHandle> request) EXCLUDES(mu_);
   // Refuse new requests from now on; true once nothing is queued or running.
-  void BeginDrain();
+  void BeginDrain() EXCLUDES(mu_);
   bool Idle() const;
   // Set when a step failed (a rank lost): every later Submit fails with it.
-  std::optional<Status> lost() const;
+  std::optional<Status> lost() const EXCLUDES(mu_);
 
  private:
   struct Sequence;
   // Moves a sequence to its next state (the allowed moves: scheduler.cc's SeqState).
   void Enter(Sequence& s, SeqState next);
-  void Loop();
+  void Loop() EXCLUDES(mu_);
   // Builds a plan over running sequences not in flight, at most `most` of them.
   void Schedule(std::vector<Sequence*>& batch, StepPlan& plan, size_t most);
   // Keeps up to the executor's pipeline depth of steps in flight, then completes the oldest.
@@ -97,8 +97,8 @@ class Scheduler {
   void CloseRequest(Request& r, Outcome o, std::optional<ApiError> error);
   // A successful generation's latency phases and token counts into the metrics.
   void ObservePhases(const Request& r);
-  void FailAll(const ApiError& e);
-  void IdleWait();
+  void FailAll(const ApiError& e) EXCLUDES(mu_);
+  void IdleWait() EXCLUDES(mu_);
   void PublishGauges();
   void NotifyTouched();
 
@@ -113,14 +113,16 @@ class Scheduler {
   // Steps submitted and not yet collected, oldest first (more than one: pipelined stages).
   std::deque<InFlightStep> in_flight_;
 
-  mutable std::mutex mu_;  // guards incoming_, draining_, lost_
-  std::condition_variable cv_;
-  std::deque<std::shared_ptr<RequestHandle>> incoming_;
-  bool draining_ = false, stop_ = false;
-  std::optional<Status> lost_;
+  // What other threads hand the scheduler thread.
+  mutable Mutex mu_;
+  std::condition_variable_any cv_;  // incoming_ or stop_ changed
+  std::deque<std::shared_ptr<RequestHandle>> incoming_ GUARDED_BY(mu_);
+  bool draining_ GUARDED_BY(mu_) = false;
+  bool stop_ GUARDED_BY(mu_) = false;
+  std::optional<Status> lost_ GUARDED_BY(mu_);
   std::atomic<bool> wake_{false};
 
-  // Scheduler thread only.
+  // The scheduler thread's alone (no lock): it is the only one that runs the members below.
   std::deque<std::unique_ptr<Sequence>> waiting_;        // not yet (or no longer) holding KV
   std::list<std::unique_ptr<Sequence>> running_;         // admission order
   std::vector<std::shared_ptr<RequestHandle>> touched_;  // to notify after this step

@@ -23,7 +23,7 @@ void StepTrace::Span(const char* name, Clock::time_point begin, Clock::time_poin
   const auto us = [&](Clock::time_point t) {
     return std::chrono::duration<double, std::micro>(t - origin_).count();
   };
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   std::fprintf(file_,
                "{\"name\":\"%s\",\"ph\":\"X\",\"pid\":1,\"tid\":%d,\"ts\":%.1f,\"dur\":%.1f,"
                "\"args\":{\"step\":%lld,\"sequences\":%lld,\"tokens\":%lld,\"outputs\":%lld}},\n",

@@ -10,9 +10,9 @@
 #include <chrono>
 #include <cstdio>
 #include <memory>
-#include <mutex>
 #include <string>
 
+#include "common/mutex.h"
 #include "common/status.h"
 
 namespace gemma2::serving {
@@ -28,8 +28,8 @@ class StepTrace {
 
  private:
   explicit StepTrace(std::FILE* f) : file_(f), origin_(Clock::now()) {}
-  std::mutex mu_;
-  std::FILE* file_;
+  Mutex mu_;
+  std::FILE* file_ PT_GUARDED_BY(mu_);
   Clock::time_point origin_;
 };
 

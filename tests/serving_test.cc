@@ -288,7 +288,7 @@ class SchedulerTest : public ::testing::Test {
   static void WaitDone(RequestHandle& h) {
     for (int i = 0; i < 20000; ++i) {
       {
-        std::lock_guard<std::mutex> lock(h.mu);
+        MutexLock lock(h.mu);
         if (h.done) return;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -302,7 +302,7 @@ class SchedulerTest : public ::testing::Test {
     for (const auto& r : reqs) hs.push_back(Submit(s, r));
     for (size_t i = 0; i < hs.size(); ++i) {
       WaitDone(*hs[i]);
-      std::lock_guard<std::mutex> lock(hs[i]->mu);
+      MutexLock lock(hs[i]->mu);
       ASSERT_FALSE(hs[i]->error) << hs[i]->error->message;
       EXPECT_EQ(hs[i]->choices[0].token_ids, expected[i]) << what << " " << i;
     }
@@ -381,7 +381,7 @@ TEST_F(SchedulerTest, ContinuousBatchingEqualsTheOfflineLoop) {
     }
     for (size_t i = 0; i < hs.size(); ++i) {
       WaitDone(*hs[i]);
-      std::lock_guard<std::mutex> lock(hs[i]->mu);
+      MutexLock lock(hs[i]->mu);
       ASSERT_FALSE(hs[i]->error) << hs[i]->error->message;
       EXPECT_EQ(hs[i]->choices[0].token_ids, expected[i])
           << "request " << i << " step tokens " << st.step_tokens;
@@ -509,7 +509,7 @@ TEST_F(SchedulerTest, PromptLogprobsEqualTheOfflineRows) {
       r.gen.n = 2;
       auto h = Submit(s, r);
       WaitDone(*h);
-      std::lock_guard<std::mutex> lock(h->mu);
+      MutexLock lock(h->mu);
       ASSERT_FALSE(h->error);
       ASSERT_EQ(h->prompt_logprobs.size(), 1u);
       const auto& lps = h->prompt_logprobs[0];
@@ -551,7 +551,7 @@ TEST_F(SchedulerTest, PreemptedSequencesAreRecomputedToTheSameTokens) {
     g.ignore_eos = true;
     auto want = Generate(*engine_, {g});
     ASSERT_TRUE(want.ok());
-    std::lock_guard<std::mutex> lock(hs[i]->mu);
+    MutexLock lock(hs[i]->mu);
     EXPECT_EQ(hs[i]->choices[0].token_ids, (*want)[0].generated) << i;
   }
   EXPECT_GT(metrics_.preemptions.load(), 0u);
@@ -592,7 +592,7 @@ void SchedulerTest::SharedPrefixCase(const ModelConfig& c) {
     const uint64_t computed_before = metrics.prompt_tokens.load();
     auto h = Submit(s, Completion(second, 8));
     WaitDone(*h);
-    std::lock_guard<std::mutex> lock(h->mu);
+    MutexLock lock(h->mu);
     EXPECT_EQ(h->choices[0].token_ids, (*want)[0].generated);
     if (entries > 0 && c.sliding_window > 40) {
       EXPECT_EQ(metrics.prefix_hit_tokens.load(), 36u);  // 9 whole blocks of the 39 cached tokens
@@ -664,7 +664,7 @@ TEST_F(SchedulerTest, ClassificationEqualsClassify) {
     r.prompts = {Prompt(13, 2), {7, 8, 0, 0}};  // trailing pads: the last non-pad token is scored
     auto h = Submit(s, r);
     WaitDone(*h);
-    std::lock_guard<std::mutex> lock(h->mu);
+    MutexLock lock(h->mu);
     ASSERT_FALSE(h->error);
     for (size_t i = 0; i < r.prompts.size(); ++i) {
       auto want = Classify(*engine_, r.prompts[i]);

@@ -12,7 +12,7 @@ StepThread::StepThread(Run run)
 
 StepThread::~StepThread() {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(mu_);
     stop_ = true;
   }
   cv_.notify_all();
@@ -22,7 +22,7 @@ StepThread::~StepThread() {
 
 void StepThread::Push(std::vector<uint8_t> step) {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(mu_);
     todo_.push_back(std::move(step));
     ++outstanding_;
   }
@@ -30,7 +30,7 @@ void StepThread::Push(std::vector<uint8_t> step) {
 }
 
 std::optional<Result<std::vector<uint8_t>>> StepThread::TakeDone() {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   if (done_.empty()) {
     uint64_t n;
     (void)!read(event_fd_, &n, sizeof(n));  // drained: not readable until the next answer
@@ -43,7 +43,7 @@ std::optional<Result<std::vector<uint8_t>>> StepThread::TakeDone() {
 }
 
 bool StepThread::busy() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(mu_);
   return outstanding_ > 0;
 }
 
@@ -51,15 +51,15 @@ void StepThread::Loop() {
   while (true) {
     std::vector<uint8_t> step;
     {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return stop_ || !todo_.empty(); });
+      MutexLock lock(mu_);
+      while (!stop_ && todo_.empty()) cv_.wait(mu_);
       if (stop_) return;
       step = std::move(todo_.front());
       todo_.pop_front();
     }
     Result<std::vector<uint8_t>> answer = run_(step);
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(mu_);
       done_.push_back(std::move(answer));
     }
     const uint64_t one = 1;

@@ -10,11 +10,11 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
-#include <mutex>
 #include <optional>
 #include <thread>
 #include <vector>
 
+#include "common/mutex.h"
 #include "common/status.h"
 
 namespace gemma2 {
@@ -30,25 +30,26 @@ class StepThread {
   StepThread(const StepThread&) = delete;
   StepThread& operator=(const StepThread&) = delete;
 
-  void Push(std::vector<uint8_t> step);
+  void Push(std::vector<uint8_t> step) EXCLUDES(mu_);
   // The oldest finished answer, if any.
-  std::optional<Result<std::vector<uint8_t>>> TakeDone();
+  std::optional<Result<std::vector<uint8_t>>> TakeDone() EXCLUDES(mu_);
   // Steps pushed and not yet taken back.
-  bool busy() const;
+  bool busy() const EXCLUDES(mu_);
   // Readable while a finished answer waits (an eventfd, for the control thread's poll).
   int ready_fd() const { return event_fd_; }
 
  private:
-  void Loop();
+  void Loop() EXCLUDES(mu_);
 
   Run run_;
   int event_fd_ = -1;
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::vector<uint8_t>> todo_;
-  std::deque<Result<std::vector<uint8_t>>> done_;
-  size_t outstanding_ = 0;  // pushed, not yet taken
-  bool stop_ = false;
+  // Shared by the control thread (Push, TakeDone, busy) and the step thread (Loop).
+  mutable Mutex mu_;
+  std::condition_variable_any cv_;  // todo_ or stop_ changed
+  std::deque<std::vector<uint8_t>> todo_ GUARDED_BY(mu_);
+  std::deque<Result<std::vector<uint8_t>>> done_ GUARDED_BY(mu_);
+  size_t outstanding_ GUARDED_BY(mu_) = 0;  // pushed, not yet taken
+  bool stop_ GUARDED_BY(mu_) = false;
   std::thread thread_;
 };
 

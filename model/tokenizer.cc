@@ -76,6 +76,29 @@ bool Tokenizer::IsSpecial(int32_t id) const {
   return sp_->IsControl(id) || id == start_of_turn_ || id == end_of_turn_;
 }
 
+std::vector<std::string> Tokenizer::TokenBytes() const {
+  const int n = sp_->GetPieceSize();
+  std::vector<std::string> out(static_cast<size_t>(n));
+  for (int id = 0; id < n; ++id) {
+    if (IsSpecial(id) || sp_->IsUnknown(id) || sp_->IsUnused(id)) continue;
+    const std::string piece = sp_->IdToPiece(id);
+    std::string& bytes = out[static_cast<size_t>(id)];
+    if (sp_->IsByte(id)) {  // "<0xAB>"
+      bytes.push_back(static_cast<char>(std::stoi(piece.substr(3, 2), nullptr, 16)));
+      continue;
+    }
+    for (size_t i = 0; i < piece.size();) {
+      if (piece.compare(i, 3, "\xe2\x96\x81") == 0) {  // U+2581 LOWER ONE EIGHTH BLOCK
+        bytes.push_back(' ');
+        i += 3;
+      } else {
+        bytes.push_back(piece[i++]);
+      }
+    }
+  }
+  return out;
+}
+
 Result<std::string> Tokenizer::Decode(const std::vector<int32_t>& ids, bool skip_special) const {
   std::string text;
   std::vector<int> run;  // ordinary pieces since the last special one, decoded together

@@ -37,6 +37,10 @@ class Tokenizer {
   // Ids to text; special tokens (<bos>, <eos>, <pad>, turn markers) are left out unless
   // skip_special is false, which writes each as its piece ("<bos>").
   Result<std::string> Decode(const std::vector<int32_t>& ids, bool skip_special = true) const;
+  // Each token's bytes as Decode writes them ("▁" a space, byte pieces their byte), so that a
+  // sequence decodes to the concatenation; empty for control, unknown and unused pieces and the
+  // turn markers (structured output never writes them).
+  std::vector<std::string> TokenBytes() const;
   // Gemma's chat template: <bos><start_of_turn>user\n{text}<end_of_turn>\n ... then
   // <start_of_turn>model\n. A system message is merged into the first user turn; roles must
   // alternate user / model starting with user. continue_final_message leaves the last turn without

@@ -19,6 +19,8 @@
 #   serve       issue 17: gemma2-serve-bench against gemma2-launch --backend cuda (27B shapes,
 #               random weights): 256 requests of 512 prompt + 128 generated tokens at concurrency
 #               64, a single stream, and 4 requests/s
+#   servesweep  issue 17: that c64 workload at --max-step-tokens 256, 512, 1024, 2048, and with
+#               --quantization fp8 at 512
 #   fp8         issue 16: the FP8 kernels against the cpu specification, the FP8 engine against
 #               transformers, then gemma2-bench 27B with --quantization fp8 and bf16, same shapes
 # Issue 6, on a host with several GPUs (each uses every GPU the host shows):
@@ -30,6 +32,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gemma2-gpu-out}
+export OUT
 mkdir -p "$OUT"
 python3 -c "import tarfile; tarfile.open('.gpuz/gpu.tar.xz').extractall()"
 source .gpu/env.sh
@@ -82,6 +85,20 @@ for s in "$@"; do
         \$sb --num-prompts 64 --input-len 512 --output-len 128 --request-rate 4 --warmup 4 \
           --out $OUT/serve_r4.json
         kill \$launcher; wait \$launcher" ;;
+    servesweep)  # issue 17: the c64 workload over --max-step-tokens (and FP8 at the default)
+      step servesweep 590 bash -c '
+        serve_one() {  # NAME, then gemma2-launch flags
+          local name=$1; shift
+          .gpu/bin/gemma2-launch --model random:27b:1 --backend cuda --tp 1 --port 18501 "$@" \
+            > "$OUT/sweep_$name.launch.log" 2>&1 & local launcher=$!
+          for i in $(seq 240); do grep -q ready "$OUT/sweep_$name.launch.log" && break; sleep 1; done
+          .gpu/bin/gemma2-serve-bench --url http://127.0.0.1:18501 --vocab-size 256000 \
+            --num-prompts 256 --input-len 512 --output-len 128 --concurrency 64 --warmup 16 \
+            --out "$OUT/sweep_$name.json"
+          kill $launcher; wait $launcher
+        }
+        for t in 256 512 1024 2048; do serve_one mst$t --max-step-tokens $t; done
+        serve_one fp8_mst512 --max-step-tokens 512 --quantization fp8' ;;
     load) step load 400 env PATH="$R/.gpu/bin:$PATH" tools/load_speed.sh 9b "$OUT/load_speed" ;;
     side)
       step ours 240 $bench --preset 27b --random-weights 1 --prompts 128,512,2048 --out "$OUT/ours.json"

@@ -30,6 +30,10 @@
 #include "common/gpu_inventory.h"
 #include "common/log.h"
 #include "coordinator/cluster.h"
+#ifndef GEMMA2_COORDINATOR_ONLY
+#include "engine/engine.h"
+#endif
+#include "model/weight_source.h"
 #include "model/quantization.h"
 #include "serving/http_server.h"
 #include "cli/options.h"
@@ -56,6 +60,7 @@ struct Args {
   // gemma2-coordinator: start no worker; every rank's gemma2-worker is started by someone else
   // (a job scheduler, an operator) and joins at --master with the secret.
   bool external_workers = false;
+  bool in_process = false;  // gemma2-launch --in-process: one Engine in this process, no workers
   const char* tool = "gemma2-launch";
   std::string master, secret_file, address;
   // Fan-out from the head node: one node launcher per further host, started over ssh.
@@ -276,6 +281,40 @@ std::string DefaultBackend() {
   return "cpu";
 }
 
+// The cluster of worker processes; a failed launch names what the remote nodes said.
+Result<std::unique_ptr<ClusterEngine>> LaunchCluster(
+    const ClusterOptions& co, const std::vector<std::unique_ptr<NodeOutput>>& remote_output) {
+  auto launched = ClusterEngine::LaunchLocal(co);
+  if (launched.ok()) return launched;
+  // A remote node's own words (ssh's refusal, its launcher's error) say more than a timeout.
+  std::string said;
+  for (size_t i = 0; i < remote_output.size(); ++i) {
+    if (const std::string t = remote_output[i]->Tail(); !t.empty())
+      said += "; node " + std::to_string(i + 1) + " said: " + t;
+  }
+  return Status(launched.status().code(), launched.status().message() + said);
+}
+
+// --in-process: the ranks on threads of this process (engine/engine.h), no workers and no
+// control plane: the same scheduler and server over the engine the offline tools use.
+Result<std::unique_ptr<StepExecutor>> InProcessEngine(const Args& a, const ClusterOptions& co) {
+#ifdef GEMMA2_COORDINATOR_ONLY
+  return InvalidArgument("--in-process: gemma2-coordinator has no engine of its own");
+#else
+  if (co.pp != 1 || a.nodes != 1 || !a.master.empty() || !a.hosts.empty())
+    return InvalidArgument("--in-process runs one process: no --pp, --nodes, --master or --hosts");
+  ASSIGN_OR_RETURN(auto weights, OpenWeightSource(a.model));
+  EngineOptions eo;
+  eo.backend = a.backend;
+  eo.tp = a.tp;
+  eo.kv_blocks = a.kv_blocks;
+  eo.kv_block_size = a.kv_block_size;
+  ASSIGN_OR_RETURN(eo.quantization, ResolveQuantization(a.quantization, a.model));
+  ASSIGN_OR_RETURN(auto engine, Engine::Create(*weights, eo));
+  return std::unique_ptr<StepExecutor>(std::move(engine));
+#endif
+}
+
 Status Run(Args a) {
   if (a.backend.empty()) a.backend = DefaultBackend();
   if (!a.hosts.empty()) {  // fan-out: this is node 0 of hosts[0..N)
@@ -358,18 +397,16 @@ Status Run(Args a) {
   co.pipeline_depth = a.pipeline_depth;
   co.micro_batch_min_tokens = a.micro_batch_min_tokens;
   co.timeouts = a.timeouts;
-  auto launched = ClusterEngine::LaunchLocal(co);
-  if (!launched.ok()) {
-    // A remote node's own words (ssh's refusal, its launcher's error) say more than a timeout.
-    std::string said;
-    for (size_t i = 0; i < remote_output.size(); ++i) {
-      if (const std::string t = remote_output[i]->Tail(); !t.empty())
-        said += "; node " + std::to_string(i + 1) + " said: " + t;
-    }
-    return Status(launched.status().code(), launched.status().message() + said);
+  std::unique_ptr<ClusterEngine> cluster;
+  std::unique_ptr<StepExecutor> local;  // --in-process
+  if (a.in_process) {
+    ASSIGN_OR_RETURN(local, InProcessEngine(a, co));
+  } else {
+    ASSIGN_OR_RETURN(cluster, LaunchCluster(co, remote_output));
   }
-  auto cluster = std::move(launched).value();
-  const ModelConfig& config = cluster->config();
+  StepExecutor& executor = cluster ? static_cast<StepExecutor&>(*cluster) : *local;
+  const int world = cluster ? cluster->world() : co.tp;
+  const ModelConfig& config = executor.config();
 
   std::unique_ptr<Tokenizer> tokenizer;
   const auto tok_file = std::filesystem::path(a.model) / "tokenizer.model";
@@ -378,17 +415,19 @@ Status Run(Args a) {
   }
 
   serving::Metrics metrics;
-  a.sched.idle_watch = [&](std::chrono::milliseconds d, const std::atomic<bool>* wake) {
-    return cluster->Watch(d, wake);
-  };
-  a.sched.idle_wake = [&] { cluster->Wake(); };
+  if (cluster) {  // between steps, the cluster's heartbeats
+    a.sched.idle_watch = [&](std::chrono::milliseconds d, const std::atomic<bool>* wake) {
+      return cluster->Watch(d, wake);
+    };
+    a.sched.idle_wake = [&] { cluster->Wake(); };
+  }
   std::unique_ptr<serving::StepTrace> trace;
   if (!a.trace.empty()) {
     ASSIGN_OR_RETURN(trace, serving::StepTrace::Open(a.trace));
     a.sched.trace = trace.get();
   }
   auto scheduler =
-      std::make_unique<serving::Scheduler>(*cluster, tokenizer.get(), metrics, a.sched);
+      std::make_unique<serving::Scheduler>(executor, tokenizer.get(), metrics, a.sched);
   serving::ModelFacts facts{
       &config, tokenizer.get(),
       a.served_name.empty() ? std::filesystem::path(a.model).filename().string() : a.served_name,
@@ -409,15 +448,15 @@ Status Run(Args a) {
   RETURN_IF_ERROR(Probe(*scheduler, config));
   server.SetReady(true);
   std::printf(
-      "%s: ready: %d ranks (tp %d x pp %d), model %s, KV budget %lld blocks of %lld, "
+      "%s: ready: %d ranks (tp %d x pp %d%s), model %s, KV budget %lld blocks of %lld, "
       "serving '%s' on http://%s:%d (version %s)\n",
-      a.tool, cluster->world(), co.tp, co.pp, a.model.c_str(),
-      static_cast<long long>(cluster->kv_blocks()),
-      static_cast<long long>(cluster->kv_layout().block_size), facts.served_name.c_str(),
+      a.tool, world, co.tp, co.pp, a.in_process ? ", in process" : "", a.model.c_str(),
+      static_cast<long long>(executor.kv_blocks()),
+      static_cast<long long>(executor.kv_layout().block_size), facts.served_name.c_str(),
       a.host.c_str(), server.port(), VersionLine().c_str());
   std::fflush(stdout);
   log::Info("ready", {{"url", "http://" + a.host + ":" + std::to_string(server.port())},
-                      {"ranks", std::to_string(cluster->world())},
+                      {"ranks", std::to_string(world)},
                       {"model", facts.served_name},
                       {"quantization", facts.quantization},
                       {"version", VersionLine()}});
@@ -510,6 +549,11 @@ int main(int argc, char** argv) {
   app.add_option("--micro-batch-min-tokens", a.micro_batch_min_tokens,
                  "steps with fewer tokens are not split into micro-batches");
   gemma2::cli::AddClusterTimeouts(app, a.timeouts);
+#ifndef GEMMA2_COORDINATOR_ONLY
+  app.add_flag("--in-process", a.in_process,
+               "serve from an engine in this process (ranks on threads, no worker processes, no "
+               "control plane): the single-process path to compare the cluster with");
+#endif
   app.add_option("--host", a.host, "HTTP address to bind (default 127.0.0.1: this machine only)");
   app.add_option("--port", a.port, "HTTP port (0: any free port; the ready line names it)")
       ->check(CLI::Range(0, 65535));

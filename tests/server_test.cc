@@ -714,6 +714,26 @@ TEST_F(ServerTest, ConnectionFloodIsCappedAndHealthStaysFast) {
   EXPECT_EQ(ok["choices"].size(), 1u);
 }
 
+// --in-process serves from an engine in the launcher's own process (no workers, no control
+// plane): the same greedy answers as the cluster, token for token, prompts giving different ones.
+TEST_F(ServerTest, InProcessEngineAnswersAsTheCluster) {
+  Server cluster(Lm(), "--tp 1");
+  Server local(Lm(), "--tp 1 --in-process");
+  ASSERT_TRUE(cluster.ok()) << cluster.ready_line();
+  ASSERT_TRUE(local.ok()) << local.ready_line();
+  EXPECT_NE(local.ready_line().find("in process"), std::string::npos) << local.ready_line();
+  std::set<std::string> distinct;
+  for (const char* prompt : {"a", "the quick", "0 1 2 3", "zzz"}) {
+    const json body = {{"prompt", prompt}, {"max_tokens", 8}, {"temperature", 0}, {"ignore_eos", true},
+                       {"return_token_ids", true}};
+    const json want = cluster.Post("/v1/completions", body)["choices"][0]["token_ids"];
+    const json got = local.Post("/v1/completions", body)["choices"][0]["token_ids"];
+    EXPECT_EQ(got, want) << prompt;
+    distinct.insert(want.dump());
+  }
+  EXPECT_GE(distinct.size(), 2u);  // the test model's answers depend on the prompt
+}
+
 // When every connection is busy with a request, a new one is answered 503 at once.
 TEST_F(ServerTest, PastTheConnectionCapWithEveryConnectionBusyIs503) {
   Server s(Lm(), Ranks() + " --max-connections 2");

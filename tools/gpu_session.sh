@@ -21,6 +21,8 @@
 #               64, a single stream, and 4 requests/s
 #   servesweep  issue 17: that c64 workload at --max-step-tokens 256, 512, 1024, 2048, and with
 #               --quantization fp8 at 512
+#   servelocal  issue 17: the c64 and single-stream runs through gemma2-launch --in-process (no
+#               workers) and through the cluster, in one call
 #   fp8         issue 16: the FP8 kernels against the cpu specification, the FP8 engine against
 #               transformers, then gemma2-bench 27B with --quantization fp8 and bf16, same shapes
 # Issue 6, on a host with several GPUs (each uses every GPU the host shows):
@@ -99,6 +101,22 @@ for s in "$@"; do
         }
         for t in 256 512 1024 2048; do serve_one mst$t --max-step-tokens $t; done
         serve_one fp8_mst512 --max-step-tokens 512 --quantization fp8' ;;
+    servelocal)  # issue 17: the cluster hop's cost: the same runs through --in-process
+      step servelocal 590 bash -c '
+        serve_one() {  # NAME, then gemma2-launch flags
+          local name=$1; shift
+          .gpu/bin/gemma2-launch --model random:27b:1 --backend cuda --tp 1 --port 18502 "$@" \
+            > "$OUT/hop_$name.launch.log" 2>&1 & local launcher=$!
+          for i in $(seq 240); do grep -q ready "$OUT/hop_$name.launch.log" && break; sleep 1; done
+          sb=".gpu/bin/gemma2-serve-bench --url http://127.0.0.1:18502 --vocab-size 256000"
+          $sb --num-prompts 256 --input-len 512 --output-len 128 --concurrency 64 --warmup 16 \
+            --out "$OUT/hop_${name}_c64.json"
+          $sb --num-prompts 8 --input-len 512 --output-len 128 --concurrency 1 --warmup 2 \
+            --out "$OUT/hop_${name}_c1.json"
+          kill $launcher; wait $launcher
+        }
+        serve_one inprocess --in-process
+        serve_one cluster' ;;
     load) step load 400 env PATH="$R/.gpu/bin:$PATH" tools/load_speed.sh 9b "$OUT/load_speed" ;;
     side)
       step ours 240 $bench --preset 27b --random-weights 1 --prompts 128,512,2048 --out "$OUT/ours.json"

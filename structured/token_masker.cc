@@ -33,39 +33,71 @@ TokenMasker::TokenMasker(std::shared_ptr<const Grammar> grammar,
                          std::shared_ptr<const TokenVocabulary> vocab)
     : grammar_(std::move(grammar)), vocab_(std::move(vocab)) {}
 
-void TokenMasker::Allowed(const State& state, TokenMask& mask) {
-  mask.Reset(vocab_->size());
-  for (const Stack& s : state) {
-    if (s.empty()) {
-      for (int32_t id : vocab_->stop_ids()) mask.Set(id);
-      continue;
-    }
-    const PositionTokens& p = ForPosition(s.back());
-    for (size_t w = 0; w < mask.words.size(); ++w) mask.words[w] |= p.accepted.words[w];
-    const State one{s};
-    for (int32_t id : p.uncertain) {
-      if (!mask.Test(id) && Takes(*grammar_, one, vocab_->bytes(id))) mask.Set(id);
-    }
+size_t TokenMasker::StateHash::operator()(const State& s) const {
+  size_t h = s.size();
+  for (const Stack& st : s) {
+    h = h * 1000003u ^ st.size();
+    for (int32_t p : st) h = h * 1000003u ^ static_cast<size_t>(p);
   }
+  return h;
 }
 
-// The walk over the sorted vocabulary from the single-frame stack [p]. Per depth d of the
-// current prefix: the live stacks after d bytes, and whether the frame had ended by then (an
-// empty stack: what follows belongs to the frames below, unknown here).
-const TokenMasker::PositionTokens& TokenMasker::ForPosition(int32_t p) {
-  if (auto it = positions_.find(p); it != positions_.end()) return it->second;
-  const Grammar& g = *grammar_;
+int32_t TokenMasker::Intern(const State& s) {
+  if (auto it = ids_.find(s); it != ids_.end()) return it->second;
+  const auto id = static_cast<int32_t>(states_.size());
+  states_.push_back(s);
+  ids_.emplace(s, id);
+  next_.emplace_back();
+  next_.back().fill(kUnknown);
+  return id;
+}
+
+int32_t TokenMasker::Next(int32_t id, uint8_t byte) {
+  int32_t n = next_[static_cast<size_t>(id)][byte];
+  if (n != kUnknown) return n;
+  State after;
+  Step(*grammar_, states_[static_cast<size_t>(id)], byte, after);
+  n = after.empty() ? kDead : Intern(after);
+  next_[static_cast<size_t>(id)][byte] = n;
+  return n;
+}
+
+void TokenMasker::Allowed(const State& state, TokenMask& mask) {
+  if (states_.size() >= kInternedStates) {  // start over between walks (masks name state ids)
+    states_.clear();
+    ids_.clear();
+    next_.clear();
+    masks_.clear();
+    ages_.clear();
+  }
+  const int32_t id = Intern(state);
+  if (auto it = masks_.find(id); it != masks_.end()) {
+    ages_.splice(ages_.begin(), ages_, it->second.age);
+    mask = it->second.mask;
+    return;
+  }
+  Walk(id, mask);
+  ++walks_;
+  if (masks_.size() >= kCachedMasks) {
+    masks_.erase(ages_.back());
+    ages_.pop_back();
+  }
+  ages_.push_front(id);
+  masks_.emplace(id, Entry{mask, ages_.begin()});
+}
+
+// Every token from `start`, in byte order: the states after each depth of the current prefix are
+// kept, so a token costs only the bytes it does not share with the one before.
+void TokenMasker::Walk(int32_t start, TokenMask& mask) {
   const TokenVocabulary& v = *vocab_;
-  PositionTokens out;
-  out.accepted.Reset(v.size());
-  State start;
-  (void)Close(g, Stack{p}, start);
-  std::vector<State> live{start};
-  std::vector<char> ended_at{0}, ended_by{0};  // ended exactly after d bytes; at or before d
-  std::string cur;                             // the prefix `live` describes
-  size_t dead = std::string::npos;             // depth where no live stack was left
+  mask.Reset(v.size());
+  if (Complete(states_[static_cast<size_t>(start)])) {
+    for (int32_t id : v.stop_ids()) mask.Set(id);
+  }
+  std::vector<int32_t> at{start};  // at[d]: the state after d bytes of `cur`
+  std::string cur;
+  size_t dead = std::string::npos;  // the depth where no stack was left
   const std::vector<int32_t>& order = v.sorted();
-  State next;
   for (size_t i = 0; i < order.size();) {
     const int32_t id = order[i];
     const std::string& t = v.bytes(id);
@@ -76,39 +108,25 @@ const TokenMasker::PositionTokens& TokenMasker::ForPosition(int32_t p) {
     size_t common = 0;
     while (common < cur.size() && common < t.size() && cur[common] == t[common]) ++common;
     cur.resize(common);
-    live.resize(common + 1);
-    ended_at.resize(common + 1);
-    ended_by.resize(common + 1);
+    at.resize(common + 1);
     if (dead != std::string::npos && dead > common) dead = std::string::npos;
     while (dead == std::string::npos && cur.size() < t.size()) {
       const size_t d = cur.size();
-      Step(g, live[d], static_cast<uint8_t>(t[d]), next);
-      const bool ended = !next.empty() && next.front().empty();
-      if (ended) next.erase(next.begin());
-      cur.push_back(t[d]);
-      live.push_back(next);
-      ended_at.push_back(ended);
-      ended_by.push_back(ended_by[d] || ended);
-      if (next.empty()) dead = d + 1;
-    }
-    const size_t len = t.size();
-    if (dead == std::string::npos || dead == len) {
-      if (!live[len].empty() || ended_at[len]) {
-        out.accepted.Set(id);
-      } else if (ended_by[len - 1]) {
-        out.uncertain.push_back(id);
+      const int32_t n = Next(at[d], static_cast<uint8_t>(t[d]));
+      if (n == kDead) {
+        dead = d + 1;
+        break;
       }
+      cur.push_back(t[d]);
+      at.push_back(n);
+    }
+    if (dead == std::string::npos) {  // every byte taken
+      mask.Set(id);
       ++i;
       continue;
     }
-    // Dead before the token's end: every token sharing the dead prefix goes the same way.
-    const size_t end = v.RangeEnd(i, dead);
-    if (ended_by[dead]) {
-      for (size_t j = i; j < end; ++j) out.uncertain.push_back(order[j]);
-    }
-    i = end;
+    i = v.RangeEnd(i, dead);  // every token sharing the dead prefix dies with it
   }
-  return positions_.emplace(p, std::move(out)).first->second;
 }
 
 }  // namespace gemma2::structured

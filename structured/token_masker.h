@@ -1,12 +1,15 @@
 // Which tokens a parse state allows: the tokenizer's tokens as bytes, sorted so that tokens
-// sharing a prefix are walked once (a state that dies on a prefix rejects its whole range at
-// once). Per grammar position (a stack's top) the walk is done once and kept: the tokens the top
-// rule alone accepts, and the few "uncertain" ones that run past the end of that rule, which are
-// checked against the whole stack at each step (as xgrammar splits context-independent and
-// context-dependent tokens). A step's cost is then a union of bitsets and a short list.
+// sharing a prefix are walked once from the state (a state that dies on a prefix rejects its
+// whole range at once). The mask of a state is kept (least recently used out): a structure's
+// states recur (every character inside a string, every element of an array), so most steps are a
+// lookup and a copy. Caching per grammar position instead (the top rule alone, with the tokens
+// that run past its end checked per step) left 200000 of Gemma's tokens to check inside a JSON
+// string, whose character rule ends after one character (bench/results/2026-12-03b-*).
 #pragma once
 
+#include <array>
 #include <cstdint>
+#include <list>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -50,21 +53,38 @@ class TokenMasker {
   TokenMasker(std::shared_ptr<const Grammar> grammar,
               std::shared_ptr<const TokenVocabulary> vocab);
   // The tokens allowed from `state`: every token whose bytes the state takes, and the stop ids
-  // where the state is complete. Walks a position the first time it is a stack's top.
+  // where the state is complete. Walks the vocabulary the first time it meets the state.
   void Allowed(const State& state, TokenMask& mask);
+  int64_t walks() const { return walks_; }
   const Grammar& grammar() const { return *grammar_; }
   const TokenVocabulary& vocab() const { return *vocab_; }
 
  private:
-  struct PositionTokens {
-    TokenMask accepted;              // taken by the top rule alone
-    std::vector<int32_t> uncertain;  // run past the top rule's end: checked per stack
+  // States are interned and their byte transitions kept, so a walk revisiting a state (inside a
+  // string, after every ordinary character) costs a table lookup, not a parse step.
+  int32_t Intern(const State& s);
+  int32_t Next(int32_t id, uint8_t byte);
+  void Walk(int32_t start, TokenMask& mask);
+  struct StateHash {
+    size_t operator()(const State& s) const;
   };
-  const PositionTokens& ForPosition(int32_t p);
+  struct Entry {
+    TokenMask mask;
+    std::list<int32_t>::iterator age;
+  };
+  static constexpr size_t kCachedMasks = 512;       // 16 MB of masks at Gemma's vocabulary
+  static constexpr size_t kInternedStates = 32768;  // then the tables start over (32 MB)
+  // A walk adds only the states its tokens' prefixes reach: the limit is checked between walks.
+  static constexpr int32_t kUnknown = -2, kDead = -1;
 
   std::shared_ptr<const Grammar> grammar_;
   std::shared_ptr<const TokenVocabulary> vocab_;
-  std::unordered_map<int32_t, PositionTokens> positions_;
+  std::vector<State> states_;
+  std::unordered_map<State, int32_t, StateHash> ids_;
+  std::vector<std::array<int32_t, 256>> next_;  // kUnknown until computed; kDead: no stack left
+  std::unordered_map<int32_t, Entry> masks_;
+  std::list<int32_t> ages_;  // state ids, most recently used first
+  int64_t walks_ = 0;
 };
 
 }  // namespace gemma2::structured

@@ -32,6 +32,7 @@ inline Status Check(cudaError_t e, const char* expr, const char* file, int line)
 
 // Defines a checker for another library's status type: GEMMA2_DEFINE_CHECK(cublasStatus_t,
 // CUBLAS_STATUS_SUCCESS, cublasGetStatusString, "cuBLAS") next to that library's header.
+// NOLINTBEGIN(bugprone-macro-parentheses): StatusType is a type, LibName a string literal.
 #define GEMMA2_DEFINE_CHECK(StatusType, kSuccess, ToString, LibName)                             \
   namespace gemma2::cuda_detail {                                                                \
   inline Status Check(StatusType e, const char* expr, const char* file, int line) {              \
@@ -40,6 +41,7 @@ inline Status Check(cudaError_t e, const char* expr, const char* file, int line)
                                              Where(expr, file, line));                           \
   }                                                                                              \
   }
+// NOLINTEND(bugprone-macro-parentheses)
 
 // RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(...)); works for any type with a Check overload.
 #define RETURN_IF_CUDA_ERROR(expr) \

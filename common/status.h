@@ -84,10 +84,12 @@ class [[nodiscard]] Result {
     if (!_st.ok()) return _st;     \
   } while (0)
 
+// NOLINTBEGIN(bugprone-macro-parentheses): `lhs` may be a declaration ("auto x").
 #define ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr) \
   auto tmp = (expr);                          \
   if (!tmp.ok()) return tmp.status();         \
   lhs = std::move(tmp).value()
+// NOLINTEND(bugprone-macro-parentheses)
 
 // ASSIGN_OR_RETURN(auto x, MakeX()); returns the Status when MakeX fails.
 #define ASSIGN_OR_RETURN(lhs, expr) \

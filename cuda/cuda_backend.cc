@@ -6,7 +6,6 @@
 #include <cstring>
 #include <map>
 #include <optional>
-#include <source_location>
 #include <vector>
 
 #include "common/cuda_check.h"
@@ -422,17 +421,16 @@ class CudaBackend final : public Backend {
   // Every launch of a step goes through here: a replayed graph holds it already (GraphRunner),
   // and a failure is kept with the op's name and the call site's file and line.
   template <class Work>
-  void Launch(const char* what, Work&& work,
-              std::source_location where = std::source_location::current()) {
-    graphs_->Launch([&] { Record(work(), what, where); });
+  void Launch(const char* what, Work&& work, const char* file = __builtin_FILE(),
+              int line = __builtin_LINE()) {
+    graphs_->Launch([&] { Record(work(), what, file, line); });
   }
-  void Record(cudaError_t e, const char* what, std::source_location where) {
-    errors_.Note(e, what, where);
+  void Record(cudaError_t e, const char* what, const char* file, int line) {
+    errors_.Note(e, what, file, line);
   }
-  void Record(const Status& st, const char* what, std::source_location where) {
+  void Record(const Status& st, const char* what, const char* file, int line) {
     if (st.ok()) return;
-    errors_.Note(st.WithContext(std::string(what) + " at " + where.file_name() + ":" +
-                                std::to_string(where.line())));
+    errors_.Note(st.WithContext(std::string(what) + " at " + file + ":" + std::to_string(line)));
   }
 
   // Every sequence starts at position 0 with enough tokens for tensor cores to pay off: all keys

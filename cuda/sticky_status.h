@@ -5,8 +5,6 @@
 
 #include <cuda_runtime.h>
 
-#include <source_location>
-
 #include "common/cuda_check.h"
 #include "common/status.h"
 
@@ -14,10 +12,11 @@ namespace gemma2 {
 
 class StickyStatus {
  public:
-  void Note(cudaError_t e, const char* what,
-            std::source_location where = std::source_location::current()) {
-    if (e != cudaSuccess && first_.ok())
-      first_ = cuda_detail::Check(e, what, where.file_name(), static_cast<int>(where.line()));
+  // file and line default to the caller's (__builtin_FILE/LINE: GCC and clang alike, where
+  // clang 14's std::source_location does not build).
+  void Note(cudaError_t e, const char* what, const char* file = __builtin_FILE(),
+            int line = __builtin_LINE()) {
+    if (e != cudaSuccess && first_.ok()) first_ = cuda_detail::Check(e, what, file, line);
   }
   void Note(const Status& st) {
     if (!st.ok() && first_.ok()) first_ = st;

@@ -35,7 +35,7 @@ RankModel::Progress StderrLoadProgress(std::string name);
 class Engine final : public StepExecutor {
  public:
   static Result<std::unique_ptr<Engine>> Create(const WeightSource& ck, const EngineOptions& opts);
-  ~Engine();
+  ~Engine() override;
 
   const ModelConfig& config() const override { return config_; }
   int tp() const { return static_cast<int>(ranks_.size()); }

@@ -415,7 +415,7 @@ Status RankModel::LmHead(const Tensor& sel, std::span<const RowSampling> samplin
   const bool ids_only = kind != StepOutputKind::kLogits;
   if (ids_only && tp > 1 && kind != StepOutputKind::kSampledIdsHostPick) {
     // Each rank's best, summed, decided on the device (inside a decode graph): only ids leave.
-    Tensor exchange = b.AllocOutput(r, 2 * tp);
+    Tensor exchange = b.AllocOutput(r, int64_t{2} * tp);
     b.ShardBestScores(local, sampling, plan_.vocab_begin, comm.rank(), tp, exchange);
     RETURN_IF_ERROR(Sum(comm, exchange));
     return b.ShardPickToHost(exchange, tp, out->ids.data());

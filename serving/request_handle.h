@@ -21,7 +21,7 @@ using Clock = std::chrono::steady_clock;
 
 // One generated choice as released so far: text never ends inside a UTF-8 character or a
 // possible stop string; token_ids and logprobs run ahead of text by what is held back.
-struct ChoiceProgress {
+struct ChoiceProgress {  // NOLINT(bugprone-exception-escape): members' allocation only
   std::string text;
   std::vector<int32_t> token_ids;
   std::vector<TokenLogprobs> logprobs;  // one per token when asked for

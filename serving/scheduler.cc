@@ -127,7 +127,8 @@ Scheduler::Scheduler(StepExecutor& executor, const Tokenizer* tokenizer, Metrics
   thread_ = std::thread([this] { Loop(); });
 }
 
-Scheduler::~Scheduler() {
+// Only allocation can throw here (FailAll's answers); terminating then is the right end.
+Scheduler::~Scheduler() {  // NOLINT(bugprone-exception-escape)
   {
     MutexLock lock(mu_);
     stop_ = true;
@@ -188,7 +189,7 @@ std::optional<Status> Scheduler::lost() const {
   return lost_;
 }
 
-void Scheduler::Expand(std::shared_ptr<RequestHandle> h) {
+void Scheduler::Expand(const std::shared_ptr<RequestHandle>& h) {
   auto req = std::make_shared<Request>();
   req->handle = h;
   const ParsedRequest& p = h->request();
@@ -242,7 +243,7 @@ void Scheduler::Loop() {
       MutexLock lock(mu_);
       if (stop_) return;
       while (!incoming_.empty()) {
-        Expand(std::move(incoming_.front()));
+        Expand(incoming_.front());
         incoming_.pop_front();
       }
     }
@@ -541,7 +542,7 @@ Status Scheduler::Advance() {
       it = pending_copies_.erase(it);
     }
     const auto submitting = Clock::now();
-    const Status submitted = executor_.Submit(f.plan);
+    Status submitted = executor_.Submit(f.plan);
     f.submitted = Clock::now();
     f.number = ++steps_submitted_;
     Trace("schedule", scheduling, submitting, 0, f);
@@ -769,7 +770,7 @@ void Scheduler::FailAll(const ApiError& e) {
   {
     MutexLock lock(mu_);
     while (!incoming_.empty()) {
-      Expand(std::move(incoming_.front()));
+      Expand(incoming_.front());
       incoming_.pop_front();
     }
   }

@@ -52,7 +52,8 @@ class Scheduler {
  public:
   Scheduler(StepExecutor& executor, const Tokenizer* tokenizer, Metrics& metrics,
             SchedulerOptions opts);
-  ~Scheduler();  // stops the thread; requests still open end with an error
+  // Stops the thread; requests still open end with an error.
+  ~Scheduler();  // NOLINT(bugprone-exception-escape): only allocation can throw
 
   // Queues a request; an error (429 queue full, 503 draining or lost) means it was not queued.
   std::optional<ApiError> Submit(std::shared_ptr<RequestHandle> request) EXCLUDES(mu_);
@@ -82,7 +83,7 @@ class Scheduler {
   void DropCancelled();
   void Preempt(Sequence& s);
   struct Request;
-  void Expand(std::shared_ptr<RequestHandle> h);
+  void Expand(const std::shared_ptr<RequestHandle>& h);
   void Finish(Sequence& s);
   void AcceptToken(Sequence& s, int32_t token, const StepOutput& out, int64_t row);
   void PromptRow(Sequence& s, std::span<const float> row);

@@ -152,9 +152,10 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
   }
   // What every rank's pool is asked for, read from the rendezvous store before it reports ready.
   store_["kv-cache"] = rpc::EncodeKvCapacity({opts.kv_blocks, opts.kv_block_size});
-  // A private directory for a fresh secret (0600).
-  char tmpl[] = "/tmp/gemma2-cluster-XXXXXX";
-  if (!mkdtemp(tmpl)) return Internal("cannot create a working directory in /tmp");
+  // A private directory for a fresh secret (0600), named after this process; it goes once every
+  // rank has read the secret and joined, so a coordinator killed later leaves nothing in /tmp.
+  std::string tmpl = "/tmp/gemma2-cluster-" + std::to_string(getpid()) + "-XXXXXX";
+  if (!mkdtemp(tmpl.data())) return Internal("cannot create a working directory in /tmp");
   work_dir_ = tmpl;
   // The secret: the operator's file on every node, or a fresh one for local ranks only.
   std::string secret_file = opts.secret_file, secret_text;
@@ -248,6 +249,7 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
     ++accepted;
   }
   listener.reset();  // nobody else may join: the port closes
+  RemoveWorkDir();   // every worker read its secret before it could join
   // Each rank loads its shard and joins the collective, then reports ready (or why not).
   auto ready = CollectAll(opts.timeouts.startup, "startup");
   if (!ready.ok()) return ready.status();
@@ -440,10 +442,14 @@ ClusterEngine::~ClusterEngine() {
     }
   }
   ranks_.clear();
-  if (!work_dir_.empty()) {
-    std::error_code ec;
-    std::filesystem::remove_all(work_dir_, ec);
-  }
+  RemoveWorkDir();
+}
+
+void ClusterEngine::RemoveWorkDir() {
+  if (work_dir_.empty()) return;
+  std::error_code ec;
+  std::filesystem::remove_all(work_dir_, ec);
+  work_dir_.clear();
 }
 
 Status ClusterEngine::Heartbeats(const std::vector<bool>& answered, const char* what) {

@@ -130,6 +130,9 @@ class ClusterEngine final : public StepExecutor {
   Result<std::vector<rpc::Received>> CollectAll(std::chrono::milliseconds timeout,
                                                 const char* what);
   Status Fail(Status st);
+  // The fresh secret's directory (mkdtemp, /tmp/gemma2-cluster-PID-*): gone once every rank
+  // joined, or with the engine.
+  void RemoveWorkDir();
   // Sends each rank its heartbeat when due (every interval); an error names a rank whose answers
   // are being read (not `answered[r]`: a rank whose step answer is in is read later) that left
   // one unanswered for heartbeat_timeout. Called every poll round: allocates nothing.

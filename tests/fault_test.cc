@@ -289,6 +289,10 @@ TEST_F(FaultTest, WorkersLeaveACoordinatorTheyCanNoLongerHear) {
   WaitExit(l.pid, &s);
   fclose(l.out);
   EXPECT_EQ(Alive(model_), 0);
+  // The killed coordinator left nothing in /tmp: its secret's directory went once all had joined.
+  const std::string mine = "gemma2-cluster-" + std::to_string(l.pid) + "-";
+  for (const auto& e : std::filesystem::directory_iterator("/tmp"))
+    EXPECT_NE(e.path().filename().string().rfind(mine, 0), 0u) << e.path();
 }
 
 // A fan-out whose ssh fails (a wrong key: ssh says so and exits 255 at once) ends the launch at

@@ -14,13 +14,19 @@ TokenVocabulary::TokenVocabulary(std::vector<std::string> bytes, std::vector<int
   std::sort(sorted_.begin(), sorted_.end(), [&](int32_t a, int32_t b) {
     return bytes_[static_cast<size_t>(a)] < bytes_[static_cast<size_t>(b)];
   });
-}
-
-size_t TokenVocabulary::RangeEnd(size_t i, size_t len) const {
-  const std::string_view prefix = std::string_view(bytes(sorted_[i])).substr(0, len);
-  auto it = std::partition_point(sorted_.begin() + static_cast<std::ptrdiff_t>(i), sorted_.end(),
-                                 [&](int32_t id) { return bytes(id).starts_with(prefix); });
-  return static_cast<size_t>(it - sorted_.begin());
+  offset_.reserve(sorted_.size() + 1);
+  lcp_.reserve(sorted_.size());
+  std::string_view prev;
+  for (int32_t id : sorted_) {
+    const std::string& t = bytes_[static_cast<size_t>(id)];
+    size_t common = 0;
+    while (common < prev.size() && common < t.size() && prev[common] == t[common]) ++common;
+    lcp_.push_back(static_cast<uint32_t>(common));
+    offset_.push_back(static_cast<uint32_t>(arena_.size()));
+    arena_ += t;
+    prev = t;
+  }
+  offset_.push_back(static_cast<uint32_t>(arena_.size()));
 }
 
 int64_t TokenMask::Count() const {
@@ -87,45 +93,44 @@ void TokenMasker::Allowed(const State& state, TokenMask& mask) {
 }
 
 // Every token from `start`, in byte order: the states after each depth of the current prefix are
-// kept, so a token costs only the bytes it does not share with the one before.
+// kept, so a token costs only the bytes it does not share with the one before; a prefix the state
+// rejects skips every token that shares it.
 void TokenMasker::Walk(int32_t start, TokenMask& mask) {
   const TokenVocabulary& v = *vocab_;
   mask.Reset(v.size());
   if (Complete(states_[static_cast<size_t>(start)])) {
     for (int32_t id : v.stop_ids()) mask.Set(id);
   }
-  std::vector<int32_t> at{start};  // at[d]: the state after d bytes of `cur`
-  std::string cur;
+  std::vector<int32_t> at{start};   // at[d]: the state after d bytes of the current prefix
   size_t dead = std::string::npos;  // the depth where no stack was left
-  const std::vector<int32_t>& order = v.sorted();
-  for (size_t i = 0; i < order.size();) {
-    const int32_t id = order[i];
-    const std::string& t = v.bytes(id);
+  const size_t n = v.sorted_size();
+  for (size_t i = 0; i < n;) {
+    const std::string_view t = v.sorted_bytes(i);
     if (t.empty()) {
       ++i;
       continue;
     }
-    size_t common = 0;
-    while (common < cur.size() && common < t.size() && cur[common] == t[common]) ++common;
-    cur.resize(common);
+    const size_t common = std::min(v.lcp(i), at.size() - 1);
     at.resize(common + 1);
     if (dead != std::string::npos && dead > common) dead = std::string::npos;
-    while (dead == std::string::npos && cur.size() < t.size()) {
-      const size_t d = cur.size();
-      const int32_t n = Next(at[d], static_cast<uint8_t>(t[d]));
-      if (n == kDead) {
+    while (dead == std::string::npos && at.size() - 1 < t.size()) {
+      const size_t d = at.size() - 1;
+      const int32_t next = Next(at[d], static_cast<uint8_t>(t[d]));
+      if (next == kDead) {
         dead = d + 1;
         break;
       }
-      cur.push_back(t[d]);
-      at.push_back(n);
+      at.push_back(next);
     }
     if (dead == std::string::npos) {  // every byte taken
-      mask.Set(id);
+      mask.Set(v.sorted_id(i));
       ++i;
       continue;
     }
-    i = v.RangeEnd(i, dead);  // every token sharing the dead prefix dies with it
+    // Every following token sharing the dead prefix dies with it.
+    do {
+      ++i;
+    } while (i < n && v.lcp(i) >= dead);
   }
 }
 

@@ -12,6 +12,7 @@
 #include <list>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -28,15 +29,22 @@ class TokenVocabulary {
   int64_t size() const { return static_cast<int64_t>(bytes_.size()); }
   const std::string& bytes(int32_t id) const { return bytes_[static_cast<size_t>(id)]; }
   const std::vector<int32_t>& stop_ids() const { return stop_ids_; }
-  // Token ids in byte order, and the end of the run of sorted[i]'s neighbours sharing its first
-  // `len` bytes (the first index after it).
-  const std::vector<int32_t>& sorted() const { return sorted_; }
-  size_t RangeEnd(size_t i, size_t len) const;
+  // The tokens in byte order, laid out for walks: sorted_id(i) is the i-th token, sorted_bytes(i)
+  // its bytes (one contiguous arena), lcp(i) the bytes it shares with the (i-1)-th.
+  size_t sorted_size() const { return sorted_.size(); }
+  int32_t sorted_id(size_t i) const { return sorted_[i]; }
+  std::string_view sorted_bytes(size_t i) const {
+    return std::string_view(arena_).substr(offset_[i], offset_[i + 1] - offset_[i]);
+  }
+  size_t lcp(size_t i) const { return lcp_[i]; }
 
  private:
   std::vector<std::string> bytes_;
   std::vector<int32_t> stop_ids_;
   std::vector<int32_t> sorted_;
+  std::string arena_;
+  std::vector<uint32_t> offset_;
+  std::vector<uint32_t> lcp_;
 };
 
 // A set of token ids, one bit each.

@@ -5,7 +5,7 @@
 namespace gemma2::cli {
 namespace {
 
-std::string With(std::string help, const std::string& note) {
+std::string With(const std::string& help, const std::string& note) {
   return note.empty() ? help : help + " (" + note + ")";
 }
 

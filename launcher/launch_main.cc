@@ -497,7 +497,9 @@ Status Run(Args a) {
 }  // namespace
 }  // namespace gemma2
 
-int main(int argc, char** argv) {
+// CLI11 throws while flags are declared only on a programming error (a flag added twice); every
+// failure after that (parsing, running) becomes one line from RunTool.
+int main(int argc, char** argv) {  // NOLINT(bugprone-exception-escape)
   gemma2::Args a;
 #ifdef GEMMA2_COORDINATOR_ONLY
   a.external_workers = true;

@@ -29,6 +29,7 @@ int32_t GrammarBuilder::Literal(std::string_view text) {
 int32_t GrammarBuilder::Sequence(const std::vector<int32_t>& rules) {
   const int32_t r = NewRule("seq");
   std::vector<Piece> p;
+  p.reserve(rules.size());
   for (int32_t x : rules) p.push_back(Ref(x));
   AddAlternative(r, p);
   return r;

@@ -394,6 +394,7 @@ Result<std::shared_ptr<const Grammar>> ChoiceGrammar(const std::vector<std::stri
   if (choices.empty()) return InvalidArgument("choice: the list is empty");
   GrammarBuilder b;
   std::vector<int32_t> alts;
+  alts.reserve(choices.size());
   for (const std::string& c : choices) alts.push_back(b.Literal(c));
   const int32_t root = b.Choice(alts);
   return Share(b.Finish(root));

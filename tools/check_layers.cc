@@ -91,7 +91,22 @@ std::string Describe(const Layers& layers, const std::string& user, const std::s
 
 }  // namespace
 
+namespace {
+int Check(int argc, char** argv);
+}  // namespace
+
+// An unreadable tree (a directory without permission, a vanished file) is an error, not a crash.
 int main(int argc, char** argv) {
+  try {
+    return Check(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "gemma2-check-layers: error: %s\n", e.what());
+    return 2;
+  }
+}
+
+namespace {
+int Check(int argc, char** argv) {
   if (argc != 2) {
     std::fprintf(stderr, "usage: gemma2-check-layers SOURCE_ROOT\n");
     return 2;
@@ -177,3 +192,4 @@ int main(int argc, char** argv) {
               folders.size());
   return 0;
 }
+}  // namespace

@@ -627,10 +627,16 @@ Result<StepOutput> ClusterEngine::Collect() {
   for (size_t i = 0; i < f.parts; ++i) {
     ASSIGN_OR_RETURN(auto answers, CollectAll(opts_.timeouts.step, "step"));
     ASSIGN_OR_RETURN(StepOutput part, rpc::DecodeStepOutput(answers[carrier].payload));
+    for (size_t r = 0; r < answers.size(); ++r) {  // the slowest rank's time (others carry no rows)
+      if (r == carrier) continue;
+      ASSIGN_OR_RETURN(const StepOutput other, rpc::DecodeStepOutput(answers[r].payload));
+      part.rank_us = std::max(part.rank_us, other.rank_us);
+    }
     if (i == 0) {
       out = std::move(part);
       continue;
     }
+    out.rank_us += part.rank_us;
     if (part.rows > 0) out.width = part.width;
     out.rows += part.rows;
     out.values.insert(out.values.end(), part.values.begin(), part.values.end());

@@ -58,6 +58,9 @@ struct StepOutput {
   int64_t width = 0;
   std::vector<float> values;  // empty when the plan asked for ids_only
   std::vector<int32_t> ids;   // one per row when the plan asked for ids_only
+  // The cluster: the slowest rank's time in the step (its KV copies and forward pass), in
+  // microseconds, summed over micro-batches; 0 where not measured (the in-process engine).
+  int64_t rank_us = 0;
   const float* row(int64_t i) const { return values.data() + i * width; }
 };
 

@@ -254,6 +254,7 @@ std::vector<uint8_t> EncodeStepOutput(const StepOutput& out) {
   for (float v : out.values) w.F32(v);
   w.U32(static_cast<uint32_t>(out.ids.size()));
   for (int32_t id : out.ids) w.U32(static_cast<uint32_t>(id));
+  w.I64(out.rank_us);
   return std::move(w.out());
 }
 
@@ -279,6 +280,9 @@ Result<StepOutput> DecodeStepOutput(std::span<const uint8_t> payload) {
     RETURN_IF_ERROR(r.U32(&u));
     id = static_cast<int32_t>(u);
   }
+  RETURN_IF_ERROR(r.I64(&out.rank_us));
+  if (out.rank_us < 0 || out.rank_us > int64_t{86400} * 1000000)
+    return InvalidArgument("step result: a rank time outside 0 .. one day");
   RETURN_IF_ERROR(r.Done());
   return out;
 }

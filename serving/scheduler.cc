@@ -561,7 +561,11 @@ Status Scheduler::Advance() {
   in_flight_.pop_front();
   auto stepped = executor_.Collect();
   const auto collected = Clock::now();
-  Trace("step", f.submitted, collected, 1 + static_cast<int>(f.number % std::max(1, depth)), f);
+  const int lane = 1 + static_cast<int>(f.number % std::max(1, depth));
+  Trace("step", f.submitted, collected, lane, f);
+  if (stepped.ok() && stepped->rank_us > 0) {  // the slowest rank's own time, ending at its answer
+    Trace("ranks", collected - std::chrono::microseconds(stepped->rank_us), collected, lane, f);
+  }
   for (int64_t entry : f.pinned) cache_.Unpin(entry);
   for (Sequence* s : f.batch) Enter(*s, SeqState::kRunning);
   if (!stepped.ok()) {

@@ -1314,12 +1314,15 @@ TEST_F(ServerTest, TraceRecordsEveryStepsPhases) {
   text << std::ifstream(path).rdbuf();
   const json events = json::parse(text.str() + "{}]");  // still open: close it as a viewer does
   std::map<std::string, int> names;
+  std::map<int64_t, double> step_us, ranks_us;  // by step number
   int64_t step_tokens = 0, last_step = 0;
   for (const json& e : events) {
     if (!e.contains("name")) continue;
     ++names[e["name"].get<std::string>()];
     EXPECT_EQ(e["ph"], "X");
     EXPECT_GE(e["dur"].get<double>(), 0);
+    if (e["name"] == "ranks") ranks_us[e["args"]["step"].get<int64_t>()] = e["dur"].get<double>();
+    if (e["name"] == "step") step_us[e["args"]["step"].get<int64_t>()] = e["dur"].get<double>();
     if (e["name"] == "step") {
       step_tokens += e["args"]["tokens"].get<int64_t>();
       EXPECT_GT(e["args"]["step"].get<int64_t>(), last_step);
@@ -1327,8 +1330,14 @@ TEST_F(ServerTest, TraceRecordsEveryStepsPhases) {
       EXPECT_GE(e["tid"].get<int>(), 1);
     }
   }
-  for (const char* n : {"schedule", "submit", "step", "apply"}) EXPECT_GE(names[n], 5) << n;
+  for (const char* n : {"schedule", "submit", "step", "ranks", "apply"}) EXPECT_GE(names[n], 5) << n;
   EXPECT_GE(step_tokens, 7 + 4);  // the prompt, then 4 decode steps (and the readiness probe)
+  // The ranks' own time is inside the step's (the rest: plan encoding, the control plane).
+  for (const auto& [step, us] : ranks_us) {
+    ASSERT_TRUE(step_us.count(step)) << step;
+    EXPECT_GT(us, 0) << step;
+    EXPECT_LE(us, step_us[step] + 1) << step;
+  }
 }
 
 TEST_F(ServerTest, FullQueueIs429AndTheClientRetries) {

@@ -246,6 +246,7 @@ Status Serve(const Args& a, rpc::Channel& ch, rpc::UcxNode& node) {
   StepThread steps([&](const std::vector<uint8_t>& payload) -> Result<std::vector<uint8_t>> {
     RETURN_IF_ERROR(backend->BindThread());  // cuda: this thread's device is the rank's GPU
     ASSIGN_OR_RETURN(StepPlan p, rpc::DecodeStep(payload));
+    const auto began = std::chrono::steady_clock::now();
     for (int64_t id : p.released) kv.Release(id);
     RETURN_IF_ERROR(kv.Apply(p.kv_assign).WithContext("step plan"));
     for (const KvCopy& k : p.kv_copies) RETURN_IF_ERROR(model->CopyKv(kv, k));
@@ -258,6 +259,9 @@ Status Serve(const Args& a, rpc::Channel& ch, rpc::UcxNode& node) {
     // Every rank answers (so the coordinator hears from each); the last stage's rank 0 carries
     // the output.
     if (!carries_output) out = StepOutput{};
+    out.rank_us = std::chrono::duration_cast<std::chrono::microseconds>(
+                      std::chrono::steady_clock::now() - began)
+                      .count();
     return rpc::EncodeStepOutput(out);
   });
   const Status st = ControlLoop(a, ch, node, steps);

@@ -23,7 +23,17 @@ CLI::Option* AddSeconds(CLI::App& app, const std::string& flag, std::chrono::mil
           flag,
           [&d](double s) { d = std::chrono::milliseconds(static_cast<int64_t>(s * 1000.0)); },
           help + ", seconds")
-      ->check(CLI::Range(min_s, 86400.0))
+      ->check(CLI::Validator(
+          [min_s](const std::string& text) -> std::string {
+            double s = 0;
+            // CLI::Range lets NaN through (every comparison with it is false).
+            if (!CLI::detail::lexical_cast(text, s) || !(s >= min_s && s <= 86400.0))
+              return "Value " + text + " not in range " + Seconds(std::chrono::milliseconds(
+                                                              static_cast<int64_t>(min_s * 1000))) +
+                     " to 86400 seconds";
+            return std::string();
+          },
+          "SECONDS"))
       ->default_str(Seconds(d));
 }
 

@@ -11,7 +11,10 @@
 namespace gemma2 {
 
 struct BackendOptions {
-  std::string name = "cpu";      // cpu or cuda
+  // A backend by name, the rest defaulted. Not an aggregate on purpose: EngineOptions{"cpu", 2, 1}
+  // must mean backend, tp, threads, never brace-elide into this struct's fields.
+  BackendOptions(const char* backend_name = "cpu") : name(backend_name) {}  // NOLINT: implicit
+  std::string name;              // cpu or cuda
   int device = 0;                // cuda: the GPU index
   int64_t kv_cache_bytes = 0;    // cuda: 0 = most of the memory free after the weights
   bool poison_scratch = false;   // cuda tests: NaN-fill scratch so unwritten elements show

@@ -19,7 +19,7 @@ struct Engine::Rank {
 Engine::~Engine() = default;
 
 Result<std::unique_ptr<Engine>> Engine::Create(const WeightSource& ck, const EngineOptions& opts) {
-  if (opts.backend == "cuda" && opts.tp > 1) {
+  if (opts.backend.name == "cuda" && opts.tp > 1) {
     return Unimplemented(
         "the cuda backend runs tp 1 in one process; tp > 1 needs one worker process per GPU (the "
         "cluster)");
@@ -53,12 +53,8 @@ Result<std::unique_ptr<Engine>> Engine::Create(const WeightSource& ck, const Eng
   }
   for (int r = 0; r < opts.tp; ++r) {
     auto rank = std::make_unique<Rank>();
-    BackendOptions bo;
-    bo.name = opts.backend;
+    BackendOptions bo = opts.backend;
     bo.device = r;
-    bo.kv_cache_bytes = opts.kv_cache_bytes;
-    bo.poison_scratch = opts.poison_scratch;
-    bo.cuda_graphs = opts.cuda_graphs;
     bo.max_positions = e->config_.max_position_embeddings;
     ASSIGN_OR_RETURN(rank->backend, MakeBackend(bo));
     ASSIGN_OR_RETURN(rank->model,

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/backend_factory.h"
 #include "model/checkpoint.h"
 #include "model/rank_model.h"
 #include "model/step.h"
@@ -16,14 +17,12 @@
 namespace gemma2 {
 
 struct EngineOptions {
-  std::string backend = "cpu";
+  // Every rank's backend (its device is the rank, its positions the model's).
+  BackendOptions backend;
   int tp = 1;
   int threads = 0;               // cpu: math threads in all; 0: all cores
-  int64_t kv_cache_bytes = 0;    // cuda: 0 = most of the memory free after the weights
-  int64_t kv_blocks = 0;         // KV blocks per rank; 0: what kv_cache_bytes (cuda) gives
+  int64_t kv_blocks = 0;         // KV blocks per rank; 0: what backend.kv_cache_bytes (cuda) gives
   int64_t kv_block_size = 16;    // positions per KV block
-  bool poison_scratch = false;   // cuda tests: NaN-fill scratch so unwritten elements show
-  bool cuda_graphs = true;       // cuda: replay greedy decode steps as CUDA graphs
   Quantization quantization = Quantization::kNone;  // the projections' form (--quantization)
   RankModel::Progress progress;  // weight loading, summed over the ranks
 };

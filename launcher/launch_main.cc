@@ -305,7 +305,7 @@ Result<std::unique_ptr<StepExecutor>> InProcessEngine(const Args& a, const Clust
     return InvalidArgument("--in-process runs one process: no --pp, --nodes, --master or --hosts");
   ASSIGN_OR_RETURN(auto weights, OpenWeightSource(a.model));
   EngineOptions eo;
-  eo.backend = a.backend;
+  eo.backend.name = a.backend;
   eo.tp = a.tp;
   eo.kv_blocks = a.kv_blocks;
   eo.kv_block_size = a.kv_block_size;

@@ -26,6 +26,12 @@ int32_t GrammarBuilder::Literal(std::string_view text) {
   return r;
 }
 
+int32_t GrammarBuilder::Set(const ByteSet& bytes) {
+  const int32_t r = NewRule("set");
+  AddAlternative(r, {Bytes(bytes)});
+  return r;
+}
+
 int32_t GrammarBuilder::Sequence(const std::vector<int32_t>& rules) {
   const int32_t r = NewRule("seq");
   std::vector<Piece> p;

@@ -47,6 +47,7 @@ class GrammarBuilder {
 
   // Conveniences that return a new rule.
   int32_t Literal(std::string_view text);               // exactly these bytes
+  int32_t Set(const ByteSet& bytes);                    // one byte of the set
   int32_t Sequence(const std::vector<int32_t>& rules);  // one after another
   int32_t Choice(const std::vector<int32_t>& rules);    // any one of them
   int32_t Star(int32_t rule);                           // zero or more

@@ -33,11 +33,6 @@ class Compiler {
 
  private:
   void Basics();
-  int32_t Bytes(const ByteSet& set) {
-    const int32_t r = b.NewRule("bytes");
-    b.AddAlternative(r, {GrammarBuilder::Bytes(set)});
-    return r;
-  }
   int32_t String(int64_t min, int64_t max) {
     const int32_t body = b.Repeat(char_, min, max);
     return b.Sequence({quote_, body, quote_});
@@ -82,12 +77,12 @@ void Compiler::Basics() {
   b.AddAlternative(char_, {GrammarBuilder::Byte(0xf4), GrammarBuilder::Bytes(Range(0x80, 0x8f)), cont, cont});
   quote_ = b.Literal("\"");
   comma_ = b.Literal(",");
-  digit_ = Bytes(Range('0', '9'));
+  digit_ = b.Set(Range('0', '9'));
   string_any = String(0, -1);
 
   // Numbers: -?(0|[1-9][0-9]{0,15})(.[0-9]{1,16})?([eE][+-]?[0-9]{1,2})? (at most 1e115: a double)
   const int32_t minus = b.Optional(b.Literal("-"));
-  const int32_t nonzero = b.Sequence({Bytes(Range('1', '9')), b.Repeat(digit_, 0, kMaxDigits - 1)});
+  const int32_t nonzero = b.Sequence({b.Set(Range('1', '9')), b.Repeat(digit_, 0, kMaxDigits - 1)});
   integer_any = b.Sequence({minus, b.Choice({b.Literal("0"), nonzero})});
   const int32_t frac = b.Optional(b.Sequence({b.Literal("."), b.Repeat(digit_, 1, kMaxDigits)}));
   ByteSet e;
@@ -97,7 +92,7 @@ void Compiler::Basics() {
   sign.set('+');
   sign.set('-');
   const int32_t exp = b.Optional(
-      b.Sequence({Bytes(e), b.Optional(Bytes(sign)), b.Repeat(digit_, 1, 2)}));
+      b.Sequence({b.Set(e), b.Optional(b.Set(sign)), b.Repeat(digit_, 1, 2)}));
   number_any = b.Sequence({integer_any, frac, exp});
 
   // Any value (objects and arrays nest through their brackets: no left recursion).
@@ -123,14 +118,14 @@ void Compiler::Basics() {
 
 // Decimal strings of one length from lo to hi (digits, leading zeros allowed inside).
 int32_t Compiler::SameLengthRange(const std::string& lo, const std::string& hi) {
-  if (lo.size() == 1) return Bytes(Range(static_cast<uint8_t>(lo[0]), static_cast<uint8_t>(hi[0])));
+  if (lo.size() == 1) return b.Set(Range(static_cast<uint8_t>(lo[0]), static_cast<uint8_t>(hi[0])));
   const std::string lo_rest = lo.substr(1), hi_rest = hi.substr(1);
   if (lo[0] == hi[0]) return b.Sequence({b.Literal(lo.substr(0, 1)), SameLengthRange(lo_rest, hi_rest)});
   const std::string nines(lo_rest.size(), '9'), zeros(lo_rest.size(), '0');
   std::vector<int32_t> alts;
   alts.push_back(b.Sequence({b.Literal(lo.substr(0, 1)), SameLengthRange(lo_rest, nines)}));
   if (hi[0] - lo[0] > 1) {
-    alts.push_back(b.Sequence({Bytes(Range(static_cast<uint8_t>(lo[0] + 1),
+    alts.push_back(b.Sequence({b.Set(Range(static_cast<uint8_t>(lo[0] + 1),
                                            static_cast<uint8_t>(hi[0] - 1))),
                                b.Repeat(digit_, static_cast<int64_t>(lo_rest.size()),
                                         static_cast<int64_t>(lo_rest.size()))}));
@@ -536,23 +531,17 @@ class RegexCompiler {
     if (c == '[') return Bracket();
     if (c == '.') {
       ByteSet any = Range(0x20, 0x7e);  // printable ASCII (no newline)
-      return Byte(any);
+      return b.Set(any);
     }
     if (c == '\\') {
       ASSIGN_OR_RETURN(const ByteSet s, Escape());
-      return Byte(s);
+      return b.Set(s);
     }
     if (c == '*' || c == '+' || c == '?' || c == '{') return Error("a quantifier with nothing before it");
     if (c == '^' || c == '$') return Error("anchors are supported only at the ends");
     ByteSet s;
     s.set(static_cast<uint8_t>(c));
-    return Byte(s);
-  }
-
-  int32_t Byte(const ByteSet& s) {
-    const int32_t r = b.NewRule("re");
-    b.AddAlternative(r, {GrammarBuilder::Bytes(s)});
-    return r;
+    return b.Set(s);
   }
 
   Result<int32_t> Bracket() {
@@ -584,7 +573,7 @@ class RegexCompiler {
       s.set(static_cast<uint8_t>(c));
     }
     if (negate) s = ~s & Range(0x20, 0x7e);
-    return Byte(s);
+    return b.Set(s);
   }
 
   std::string_view p_;

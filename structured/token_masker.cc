@@ -8,17 +8,19 @@
 namespace gemma2::structured {
 
 TokenVocabulary::TokenVocabulary(std::vector<std::string> bytes, std::vector<int32_t> stop_ids)
-    : bytes_(std::move(bytes)), stop_ids_(std::move(stop_ids)) {
-  sorted_.resize(bytes_.size());
+    : stop_ids_(std::move(stop_ids)) {
+  sorted_.resize(bytes.size());
   std::iota(sorted_.begin(), sorted_.end(), 0);
   std::sort(sorted_.begin(), sorted_.end(), [&](int32_t a, int32_t b) {
-    return bytes_[static_cast<size_t>(a)] < bytes_[static_cast<size_t>(b)];
+    return bytes[static_cast<size_t>(a)] < bytes[static_cast<size_t>(b)];
   });
+  rank_.resize(sorted_.size());
   offset_.reserve(sorted_.size() + 1);
   lcp_.reserve(sorted_.size());
   std::string_view prev;
   for (int32_t id : sorted_) {
-    const std::string& t = bytes_[static_cast<size_t>(id)];
+    const std::string& t = bytes[static_cast<size_t>(id)];
+    rank_[static_cast<size_t>(id)] = static_cast<uint32_t>(offset_.size());
     size_t common = 0;
     while (common < prev.size() && common < t.size() && prev[common] == t[common]) ++common;
     lcp_.push_back(static_cast<uint32_t>(common));
@@ -51,8 +53,7 @@ size_t TokenMasker::StateHash::operator()(const State& s) const {
 int32_t TokenMasker::Intern(const State& s) {
   if (auto it = ids_.find(s); it != ids_.end()) return it->second;
   const auto id = static_cast<int32_t>(states_.size());
-  states_.push_back(s);
-  ids_.emplace(s, id);
+  states_.push_back(&ids_.emplace(s, id).first->first);
   next_.emplace_back();
   next_.back().fill(kUnknown);
   return id;
@@ -62,7 +63,7 @@ int32_t TokenMasker::Next(int32_t id, uint8_t byte) {
   int32_t n = next_[static_cast<size_t>(id)][byte];
   if (n != kUnknown) return n;
   State after;
-  Step(*grammar_, states_[static_cast<size_t>(id)], byte, after);
+  Step(*grammar_, *states_[static_cast<size_t>(id)], byte, after);
   n = after.empty() ? kDead : Intern(after);
   next_[static_cast<size_t>(id)][byte] = n;
   return n;
@@ -98,7 +99,7 @@ void TokenMasker::Allowed(const State& state, TokenMask& mask) {
 void TokenMasker::Walk(int32_t start, TokenMask& mask) {
   const TokenVocabulary& v = *vocab_;
   mask.Reset(v.size());
-  if (Complete(states_[static_cast<size_t>(start)])) {
+  if (Complete(*states_[static_cast<size_t>(start)])) {
     for (int32_t id : v.stop_ids()) mask.Set(id);
   }
   std::vector<int32_t> at{start};   // at[d]: the state after d bytes of the current prefix

@@ -26,8 +26,8 @@ class TokenVocabulary {
   // bytes[id]: what token id stands for; empty for tokens structured output never contains
   // (control, unknown, unused). `stop_ids`: the end-of-sequence tokens, allowed where complete.
   TokenVocabulary(std::vector<std::string> bytes, std::vector<int32_t> stop_ids);
-  int64_t size() const { return static_cast<int64_t>(bytes_.size()); }
-  const std::string& bytes(int32_t id) const { return bytes_[static_cast<size_t>(id)]; }
+  int64_t size() const { return static_cast<int64_t>(sorted_.size()); }
+  std::string_view bytes(int32_t id) const { return sorted_bytes(rank_[static_cast<size_t>(id)]); }
   const std::vector<int32_t>& stop_ids() const { return stop_ids_; }
   // The tokens in byte order, laid out for walks: sorted_id(i) is the i-th token, sorted_bytes(i)
   // its bytes (one contiguous arena), lcp(i) the bytes it shares with the (i-1)-th.
@@ -39,9 +39,9 @@ class TokenVocabulary {
   size_t lcp(size_t i) const { return lcp_[i]; }
 
  private:
-  std::vector<std::string> bytes_;
   std::vector<int32_t> stop_ids_;
-  std::vector<int32_t> sorted_;
+  std::vector<int32_t> sorted_;  // token ids in byte order
+  std::vector<uint32_t> rank_;   // a token id's index in sorted_
   std::string arena_;
   std::vector<uint32_t> offset_;
   std::vector<uint32_t> lcp_;
@@ -87,8 +87,8 @@ class TokenMasker {
 
   std::shared_ptr<const Grammar> grammar_;
   std::shared_ptr<const TokenVocabulary> vocab_;
-  std::vector<State> states_;
   std::unordered_map<State, int32_t, StateHash> ids_;
+  std::vector<const State*> states_;  // by id: the keys of ids_ (stable while they stay)
   std::vector<std::array<int32_t, 256>> next_;  // kUnknown until computed; kDead: no stack left
   std::unordered_map<int32_t, Entry> masks_;
   std::list<int32_t> ages_;  // state ids, most recently used first

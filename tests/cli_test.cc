@@ -201,6 +201,16 @@ TEST_F(CliTest, BadInputEndsInOneLine) {
 namespace gemma2 {
 namespace {
 
+// The seconds of the cluster's timeouts (cli/options.h) refuse NaN, infinities and the range's
+// outside by name, with the exit code of a bad flag.
+TEST(CliTimeoutTest, TimeoutsRefuseWhatIsNotAFiniteNumberOfSecondsInRange) {
+  for (const char* v : {"nan", "-nan", "inf", "-1", "0.05", "86401", "1e308", "abc"}) {
+    const ProcessResult r = Exec(std::string("gemma2-launch --model x --step-timeout ") + v);
+    EXPECT_EQ(r.code, 2) << v << ": " << r.err;
+    EXPECT_NE(r.err.find("--step-timeout"), std::string::npos) << v << ": " << r.err;
+  }
+}
+
 // Every program answers --version with its name, the version and the commit it was built from,
 // and its --help shows the defaults.
 TEST(CliVersionTest, EveryProgramSaysItsVersionAndShowsDefaults) {

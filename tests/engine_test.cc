@@ -51,6 +51,9 @@ class EngineTest : public ::testing::Test {
   std::unique_ptr<Engine> NewEngine(int tp) {
     auto e = Engine::Create(*ck_, {"cpu", tp, 1});
     EXPECT_TRUE(e.ok()) << e.status().ToString();
+    if (e.ok()) {
+      EXPECT_EQ((*e)->tp(), tp);  // {"cpu", tp, threads}: the backend, then tp
+    }
     return e.ok() ? std::move(e).value() : nullptr;
   }
   testing::TempDir dir_;
@@ -102,7 +105,7 @@ TEST_F(EngineTest, Fp8WeightsStayCloseToFp32) {
   auto base = Generate(*NewEngine(1), reqs);
   ASSERT_TRUE(base.ok());
   for (int tp : {1, 2}) {
-    EngineOptions o{"cpu", tp, 1};
+    EngineOptions o{{"cpu"}, tp, 1};
     o.quantization = Quantization::kFp8;
     auto e = Engine::Create(*ck_, o);
     ASSERT_TRUE(e.ok()) << e.status().ToString();

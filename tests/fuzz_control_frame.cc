@@ -15,6 +15,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     (void)gemma2::rpc::DecodeStatus(payload, &st);
   } else if (header.ok() && header->type == gemma2::rpc::MessageType::kHeartbeat) {
     (void)gemma2::rpc::DecodeKvCapacity(payload);
+  } else if (header.ok() && header->type == gemma2::rpc::MessageType::kStepResult) {
+    (void)gemma2::rpc::DecodeStepOutput(payload);  // what a worker answers the coordinator
   } else {
     (void)gemma2::rpc::DecodeStep(payload);
   }

@@ -24,9 +24,9 @@ void CheckCudaCases(Quantization quantization, double tol, double token_margin) 
     const int64_t hd = (*ck)->config().head_dim;
     if (hd != 128 && hd != 256) continue;
     EngineOptions o;
-    o.backend = "cuda";
-    o.kv_cache_bytes = int64_t{1} << 30;
-    o.poison_scratch = true;  // unwritten elements would show as NaN
+    o.backend.name = "cuda";
+    o.backend.kv_cache_bytes = int64_t{1} << 30;
+    o.backend.poison_scratch = true;  // unwritten elements would show as NaN
     o.quantization = quantization;
     testing::CheckReferenceCase(dir, o, tol, token_margin);
     ++ran;
@@ -54,8 +54,8 @@ TEST(ReferenceCudaTest, RefusesOtherHeadSizesClearly) {
     ASSERT_TRUE(ck.ok());
     if ((*ck)->config().head_dim == 128 || (*ck)->config().head_dim == 256) continue;
     EngineOptions o;
-    o.backend = "cuda";
-    o.kv_cache_bytes = int64_t{1} << 28;
+    o.backend.name = "cuda";
+    o.backend.kv_cache_bytes = int64_t{1} << 28;
     auto e = Engine::Create(**ck, o);
     ASSERT_TRUE(e.ok()) << e.status().ToString();
     StepPlan plan;
@@ -93,9 +93,9 @@ TEST(CudaGraphTest, ReplayedDecodeEqualsEagerDecode) {
   std::vector<std::vector<int32_t>> results[3];
   for (int mode = 0; mode < 3; ++mode) {  // graphs, eager, logits path
     EngineOptions o;
-    o.backend = "cuda";
-    o.kv_cache_bytes = int64_t{1} << 30;
-    o.cuda_graphs = mode == 0;
+    o.backend.name = "cuda";
+    o.backend.kv_cache_bytes = int64_t{1} << 30;
+    o.backend.cuda_graphs = mode == 0;
     auto e = Engine::Create(**ck, o);
     ASSERT_TRUE(e.ok()) << e.status().ToString();
     auto batch = reqs;

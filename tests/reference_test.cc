@@ -35,7 +35,7 @@ TEST(ReferenceTest, MatchesTransformersAtEveryTp) {
 // this specification in reference_cuda_test.
 TEST(ReferenceTest, Fp8WeightsStayNearTransformersFp32) {
   for (const auto& dir : testing::ReferenceCaseDirs()) {
-    EngineOptions o{"cpu", 1, 0};
+    EngineOptions o{{"cpu"}, 1, 0};
     o.quantization = Quantization::kFp8;
     testing::CheckReferenceCase(dir, o, 0.12, /*token_margin=*/0.05);
   }

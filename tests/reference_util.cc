@@ -79,7 +79,7 @@ static double TopTwoMargin(const float* row, int64_t n) {
 
 void CheckReferenceCase(const fs::path& dir, const EngineOptions& opts, double tol,
                         double token_margin) {
-  SCOPED_TRACE(dir.filename().string() + " " + opts.backend + " tp=" + std::to_string(opts.tp));
+  SCOPED_TRACE(dir.filename().string() + " " + opts.backend.name + " tp=" + std::to_string(opts.tp));
   const auto ref = LoadReference(dir);
   auto ck = Checkpoint::Open(dir);
   ASSERT_TRUE(ck.ok()) << ck.status().ToString();
@@ -126,7 +126,7 @@ void CheckReferenceCase(const fs::path& dir, const EngineOptions& opts, double t
     worst = std::max(worst, err);
     EXPECT_LE(err, tol) << "row " << first_row + r;
   }
-  std::cout << "[ reference ] " << dir.filename().string() << " " << opts.backend
+  std::cout << "[ reference ] " << dir.filename().string() << " " << opts.backend.name
             << " tp=" << opts.tp << ": " << comparable << " rows, worst relative L2 " << worst
             << "\n";
 }

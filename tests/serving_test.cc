@@ -274,7 +274,7 @@ class SchedulerTest : public ::testing::Test {
     auto ck = Checkpoint::Open(dir_->path());
     ASSERT_TRUE(ck.ok()) << ck.status().ToString();
     ck_ = std::move(ck).value();
-    EngineOptions eo{"cpu", 2, 1};
+    EngineOptions eo{{"cpu"}, 2, 1};
     eo.kv_block_size = 4;
     auto e = Engine::Create(*ck_, eo);
     ASSERT_TRUE(e.ok()) << e.status().ToString();

@@ -152,7 +152,7 @@ void CheckMasksAndWalk(std::shared_ptr<const Grammar> g, std::shared_ptr<const T
     masker.Allowed(s, mask);
     if (step < brute_states) {
       for (int32_t id = 0; id < v->size(); ++id) {
-        const std::string& b = v->bytes(id);
+        const std::string_view b = v->bytes(id);
         bool want = !b.empty() && Takes(*g, s, b);
         for (int32_t stop : v->stop_ids()) want = want || (id == stop && Complete(s));
         ASSERT_EQ(mask.Test(id), want) << "step " << step << " token " << id << " '" << b << "' after '" << out << "'";
@@ -170,7 +170,7 @@ void CheckMasksAndWalk(std::shared_ptr<const Grammar> g, std::shared_ptr<const T
       stopped = true;
       break;
     }
-    const std::string& b = v->bytes(pick);
+    const std::string_view b = v->bytes(pick);
     State next = s;
     for (char c : b) {
       State n2;

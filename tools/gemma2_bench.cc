@@ -196,9 +196,9 @@ Status Run(Args a) {
     if (a.tp != 1 || a.pp != 1)
       return InvalidArgument("--tp/--pp need --launch local (one process per rank)");
     EngineOptions eo;
-    eo.backend = a.backend;
+    eo.backend.name = a.backend;
     eo.quantization = quantization;
-    eo.kv_cache_bytes = static_cast<int64_t>(a.kv_cache_gb * (1 << 30));
+    eo.backend.kv_cache_bytes = static_cast<int64_t>(a.kv_cache_gb * (1 << 30));
     eo.progress = StderrLoadProgress("gemma2-bench");
     ASSIGN_OR_RETURN(engine, Engine::Create(ws, eo));
   }

@@ -161,11 +161,11 @@ Status Run(const Args& a) {
     if (p.empty()) return InvalidArgument("empty prompt");
   }
   EngineOptions eo;
-  eo.backend = a.backend;
+  eo.backend.name = a.backend;
   ASSIGN_OR_RETURN(eo.quantization, ResolveQuantization(a.quantization, a.model));
   eo.tp = a.tp;
   eo.threads = a.threads;
-  eo.kv_cache_bytes = static_cast<int64_t>(a.kv_cache_gb * (1 << 30));
+  eo.backend.kv_cache_bytes = static_cast<int64_t>(a.kv_cache_gb * (1 << 30));
   if (a.progress) eo.progress = StderrLoadProgress("gemma2-run");
   std::unique_ptr<StepExecutor> engine;
   if (a.launch == "local") {

@@ -53,6 +53,29 @@ step() {
   echo "$name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$OUT/summary.txt"
 }
 bench=.gpu/bin/gemma2-bench
+# Issue 17's serving runs: 512 prompt + 128 output tokens of random ids, greedy, ignore_eos.
+export C64="--num-prompts 256 --input-len 512 --output-len 128 --concurrency 64 --warmup 16"
+export C1="--num-prompts 8 --input-len 512 --output-len 128 --concurrency 1 --warmup 2"
+export R4="--num-prompts 64 --input-len 512 --output-len 128 --request-rate 4 --warmup 4"
+# serve_with PREFIX PORT "LAUNCH FLAGS" NAME "BENCH ARGS" [NAME "BENCH ARGS"]...: gemma2-launch
+# (random 27B weights, cuda, tp 1) until ready, then each gemma2-serve-bench run into
+# $OUT/PREFIX_NAME.json, then the launcher stopped.
+serve_with() {
+  local prefix=$1 port=$2 flags=$3 launcher
+  shift 3
+  # shellcheck disable=SC2086  # the flags are words
+  .gpu/bin/gemma2-launch --model random:27b:1 --backend cuda --tp 1 --port "$port" $flags \
+    > "$OUT/$prefix.launch.log" 2>&1 & launcher=$!
+  for _ in $(seq 240); do grep -q ready "$OUT/$prefix.launch.log" && break; sleep 1; done
+  while (($# >= 2)); do
+    # shellcheck disable=SC2086
+    .gpu/bin/gemma2-serve-bench --url "http://127.0.0.1:$port" --vocab-size 256000 $2 \
+      --out "$OUT/${prefix}_$1.json"
+    shift 2
+  done
+  kill "$launcher"; wait "$launcher"
+}
+export -f serve_with
 hf="env PYTHONUNBUFFERED=1 python3 tools/bench_hf.py"
 for s in "$@"; do
   case $s in
@@ -74,49 +97,16 @@ for s in "$@"; do
       step bf16bench 420 $bench --preset 27b --random-weights 1 --batches 1,16,64 --prompts 128,2048 \
         --prefills 512,2048 --out "$OUT/bench_bf16.json" ;;
     serve)
-      step serve 420 bash -c "
-        .gpu/bin/gemma2-launch --model random:27b:1 --backend cuda --tp 1 --port 18500 \
-          --trace $OUT/serve_trace.json \
-          > $OUT/serve_launch.log 2>&1 & launcher=\$!
-        for i in \$(seq 240); do grep -q ready $OUT/serve_launch.log && break; sleep 1; done
-        sb='.gpu/bin/gemma2-serve-bench --url http://127.0.0.1:18500 --vocab-size 256000'
-        \$sb --num-prompts 256 --input-len 512 --output-len 128 --concurrency 64 --warmup 16 \
-          --out $OUT/serve_c64.json
-        \$sb --num-prompts 8 --input-len 512 --output-len 128 --concurrency 1 --warmup 2 \
-          --out $OUT/serve_c1.json
-        \$sb --num-prompts 64 --input-len 512 --output-len 128 --request-rate 4 --warmup 4 \
-          --out $OUT/serve_r4.json
-        kill \$launcher; wait \$launcher" ;;
-    servesweep)  # issue 17: the c64 workload over --max-step-tokens (and FP8 at the default)
+      step serve 420 bash -c 'serve_with serve 18500 "--trace $OUT/serve_trace.json" \
+        c64 "$C64" c1 "$C1" r4 "$R4"' ;;
+    servesweep)  # issue 17: the c64 workload over --max-step-tokens (and FP8 at 512)
       step servesweep 590 bash -c '
-        serve_one() {  # NAME, then gemma2-launch flags
-          local name=$1; shift
-          .gpu/bin/gemma2-launch --model random:27b:1 --backend cuda --tp 1 --port 18501 "$@" \
-            > "$OUT/sweep_$name.launch.log" 2>&1 & local launcher=$!
-          for i in $(seq 240); do grep -q ready "$OUT/sweep_$name.launch.log" && break; sleep 1; done
-          .gpu/bin/gemma2-serve-bench --url http://127.0.0.1:18501 --vocab-size 256000 \
-            --num-prompts 256 --input-len 512 --output-len 128 --concurrency 64 --warmup 16 \
-            --out "$OUT/sweep_$name.json"
-          kill $launcher; wait $launcher
-        }
-        for t in 256 512 1024 2048; do serve_one mst$t --max-step-tokens $t; done
-        serve_one fp8_mst512 --max-step-tokens 512 --quantization fp8' ;;
+        for t in 256 512 1024 2048; do serve_with sweep_mst$t 18501 "--max-step-tokens $t" c64 "$C64"; done
+        serve_with sweep_fp8_mst512 18501 "--max-step-tokens 512 --quantization fp8" c64 "$C64"' ;;
     servelocal)  # issue 17: the cluster hop's cost: the same runs through --in-process
       step servelocal 590 bash -c '
-        serve_one() {  # NAME, then gemma2-launch flags
-          local name=$1; shift
-          .gpu/bin/gemma2-launch --model random:27b:1 --backend cuda --tp 1 --port 18502 "$@" \
-            > "$OUT/hop_$name.launch.log" 2>&1 & local launcher=$!
-          for i in $(seq 240); do grep -q ready "$OUT/hop_$name.launch.log" && break; sleep 1; done
-          sb=".gpu/bin/gemma2-serve-bench --url http://127.0.0.1:18502 --vocab-size 256000"
-          $sb --num-prompts 256 --input-len 512 --output-len 128 --concurrency 64 --warmup 16 \
-            --out "$OUT/hop_${name}_c64.json"
-          $sb --num-prompts 8 --input-len 512 --output-len 128 --concurrency 1 --warmup 2 \
-            --out "$OUT/hop_${name}_c1.json"
-          kill $launcher; wait $launcher
-        }
-        serve_one inprocess --in-process
-        serve_one cluster' ;;
+        serve_with hop_inprocess 18502 --in-process c64 "$C64" c1 "$C1"
+        serve_with hop_cluster 18502 "" c64 "$C64" c1 "$C1"' ;;
     load) step load 400 env PATH="$R/.gpu/bin:$PATH" tools/load_speed.sh 9b "$OUT/load_speed" ;;
     side)
       step ours 240 $bench --preset 27b --random-weights 1 --prompts 128,512,2048 --out "$OUT/ours.json"

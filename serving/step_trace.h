@@ -1,8 +1,9 @@
 // A per-step timeline of the scheduler (gemma2-launch --trace FILE) in the Chrome trace format
 // (chrome://tracing, Perfetto): for every step, the host building its plan ("schedule"), handing
 // it to the executor ("submit": encoding and sending it to the ranks), the time until its
-// answer is back ("step": the ranks' work and the control plane; inside it "ranks", the slowest
-// rank's own time in the step, as the cluster reports it), and the host applying it
+// answer is back ("step": the ranks' work and the control plane; "ranks": the slowest rank's own
+// time in the step, as the cluster reports it, ending with "step" — it may start during
+// "submit", once the first rank has its plan), and the host applying it
 // ("apply"), with the step's sequences, tokens and output rows. Events are written as they end
 // (a JSON array left open, which both viewers accept), so a trace of a server that is killed
 // still reads.

@@ -106,7 +106,7 @@ Result<int64_t> CpuBackend::CreateKvPool(std::span<const KvGroup> layer_groups, 
   return p.blocks;
 }
 
-Status CpuBackend::BeginStep(std::span<const SeqSlice> seqs, StepOutputKind) {
+Status CpuBackend::BeginStep(std::span<const SeqSlice> seqs, StepOutputKind, bool) {
   if (kv_.blocks == 0 && !seqs.empty()) return Internal("cpu backend: no KV pool");
   return CheckNewPositionsMapped(seqs, kv_.layers.group, kv_.block_size, kv_.blocks);
 }
@@ -283,6 +283,18 @@ void CpuBackend::GeluTanhMul(const Tensor& gate_up, Tensor& out) {
 void CpuBackend::Softcap(Tensor& x, float cap) {
   float* p = x.as<float>();
   for (int64_t i = 0; i < x.numel(); ++i) p[i] = std::tanh(p[i] / cap) * cap;
+}
+
+void CpuBackend::MaskTokens(Tensor& logits, std::span<const uint64_t> masks, int64_t words,
+                            int64_t vocab_begin) {
+  for (int64_t r = 0; r < logits.rows; ++r) {
+    const uint64_t* m = masks.data() + r * words;
+    float* row = logits.as<float>() + r * logits.cols;
+    for (int64_t j = 0; j < logits.cols; ++j) {
+      const int64_t t = vocab_begin + j;
+      if (!((m[t >> 6] >> (t & 63)) & 1)) row[j] = -INFINITY;
+    }
+  }
 }
 
 void CpuBackend::GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) {

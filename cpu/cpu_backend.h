@@ -32,7 +32,7 @@ class CpuBackend final : public Backend {
   Status ToHost(const Tensor& t, float* host) override;
   Status SampleToHost(const Tensor& logits, std::span<const RowSampling> rows,
                       int32_t* ids) override;
-  Status BeginStep(std::span<const SeqSlice> seqs, StepOutputKind) override;
+  Status BeginStep(std::span<const SeqSlice> seqs, StepOutputKind, bool) override;
   Result<int64_t> CreateKvPool(std::span<const KvGroup> layer_groups, int64_t kv_heads,
                                int64_t head_dim, int64_t block_size, int64_t blocks) override;
   Status CopyKvBlocks(std::span<const int32_t> from, std::span<const int32_t> to) override;
@@ -49,6 +49,8 @@ class CpuBackend final : public Backend {
                  const AttentionParams& p, Tensor& out) override;
   void GeluTanhMul(const Tensor& gate_up, Tensor& out) override;
   void Softcap(Tensor& x, float cap) override;
+  void MaskTokens(Tensor& logits, std::span<const uint64_t> masks, int64_t words,
+                  int64_t vocab_begin) override;
   void GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) override;
   void ScatterColumns(const Tensor& src, int64_t col_offset, Tensor& dst) override;
   void ShardBestScores(const Tensor& local, std::span<const RowSampling> rows, int64_t vocab_begin,

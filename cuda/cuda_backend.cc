@@ -252,7 +252,7 @@ class CudaBackend final : public Backend {
     return pool_->num_blocks();
   }
 
-  Status BeginStep(std::span<const SeqSlice> seqs, StepOutputKind output) override {
+  Status BeginStep(std::span<const SeqSlice> seqs, StepOutputKind output, bool masked) override {
     output_ = output;
     errors_.Note(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
     RETURN_IF_ERROR(errors_.status());
@@ -294,7 +294,8 @@ class CudaBackend final : public Backend {
                         step_tokens_.count == static_cast<int64_t>(seqs.size());
     // A decode graph holds attention's split count, which follows the context's bucket.
     std::optional<GraphRunner::Key> key;
-    if (decode) key.emplace(seqs.size(), output, kernels::AttentionContextBucket(max_context_));
+    if (decode)
+      key.emplace(seqs.size(), output, kernels::AttentionContextBucket(max_context_), masked);
     RETURN_IF_ERROR(graphs_->Begin(key));
     step_tokens_.token_seq = Stage(token_seq.data(), token_seq.size() * 4).as<int32_t>();
     step_tokens_.token_pos = Stage(token_pos.data(), token_pos.size() * 4).as<int32_t>();
@@ -400,6 +401,26 @@ class CudaBackend final : public Backend {
 
   void Softcap(Tensor& x, float cap) override {
     Launch("Softcap", [&] { return kernels::Softcap(x.as<float>(), x.numel(), cap, stream_); });
+  }
+
+  // Only this rank's window of each row's mask words goes to the device (a graph step stages the
+  // same number every time: rows x window, fixed by the batch and the shard).
+  void MaskTokens(Tensor& logits, std::span<const uint64_t> masks, int64_t words,
+                  int64_t vocab_begin) override {
+    const int64_t lo = vocab_begin / 64;
+    const int64_t hi = std::min(words, (vocab_begin + logits.cols + 63) / 64);
+    const int64_t window = hi - lo;
+    std::vector<uint64_t>& staged = host_mask_window_;
+    staged.resize(static_cast<size_t>(logits.rows * window));
+    for (int64_t r = 0; r < logits.rows; ++r) {
+      std::copy_n(masks.begin() + r * words + lo, window, staged.begin() + r * window);
+    }
+    const Tensor d = Stage(staged.data(), staged.size() * 8);
+    Launch("MaskTokens", [&] {
+      return kernels::MaskTokens(logits.as<float>(), logits.rows, logits.cols,
+                                 reinterpret_cast<const uint64_t*>(d.data), window,
+                                 vocab_begin - lo * 64, stream_);
+    });
   }
 
   void GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) override {
@@ -624,6 +645,7 @@ class CudaBackend final : public Backend {
   size_t tables_per_group_ = 0;
   int64_t max_context_ = 0;  // this step's largest position + 1
   StepOutputKind output_ = StepOutputKind::kLogits;
+  std::vector<uint64_t> host_mask_window_;  // MaskTokens' staging, kept across steps
   std::map<std::pair<int64_t, double>, std::shared_ptr<void>> inv_freq_;
   // Scores and probabilities of fresh prefills (PrefillAttention).
   static constexpr int64_t kMinPrefillTokens = 64;

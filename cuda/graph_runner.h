@@ -20,7 +20,8 @@ namespace gemma2 {
 
 class GraphRunner {
  public:
-  using Key = std::tuple<size_t, StepOutputKind, int>;  // batch, output kind, context bucket
+  // batch, output kind, context bucket, token masks (structured output)
+  using Key = std::tuple<size_t, StepOutputKind, int, bool>;
 
   explicit GraphRunner(cudaStream_t stream) : stream_(stream) {}
   ~GraphRunner();

@@ -23,6 +23,17 @@ __global__ void SoftcapKernel(float* x, int64_t n, float cap) {
   }
 }
 
+__global__ void MaskTokensKernel(float* x, int64_t cols, const uint64_t* masks, int64_t words,
+                                 int64_t first_bit) {
+  const int64_t r = blockIdx.y;
+  const uint64_t* m = masks + r * words;
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < cols;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = first_bit + j;
+    if (!((m[b >> 6] >> (b & 63)) & 1)) x[r * cols + j] = -INFINITY;
+  }
+}
+
 __global__ void GatherRowsKernel(const bf16* x, int64_t cols, const int64_t* rows, bf16* out) {
   const bf16* src = x + rows[blockIdx.x] * cols;
   bf16* dst = out + blockIdx.x * cols;
@@ -120,6 +131,15 @@ cudaError_t GeluTanhMul(const bf16* gate_up, int64_t rows, int64_t n, bf16* out,
 cudaError_t Softcap(float* x, int64_t n, float cap, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   SoftcapKernel<<<Blocks(n), 256, 0, stream>>>(x, n, cap);
+  return cudaGetLastError();
+}
+
+cudaError_t MaskTokens(float* x, int64_t rows, int64_t cols, const uint64_t* masks, int64_t words,
+                       int64_t first_bit, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((cols + 255) / 256, 256)),
+                  static_cast<unsigned>(rows));
+  MaskTokensKernel<<<grid, 256, 0, stream>>>(x, cols, masks, words, first_bit);
   return cudaGetLastError();
 }
 

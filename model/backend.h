@@ -136,8 +136,9 @@ class Backend {
                               int32_t* ids) = 0;
   // Starts a step over `seqs`: resets scratch and stages per-token metadata and the block tables
   // for the ops. Fails (nothing run) on a table that does not map a new position.
-  // `output`: how the step will end (a backend may replay id-only decode steps as captured graphs).
-  virtual Status BeginStep(std::span<const SeqSlice> seqs, StepOutputKind output) = 0;
+  // `output`: how the step will end (a backend may replay id-only decode steps as captured graphs);
+  // `masked`: the step limits rows to token masks (MaskTokens); graphs are kept per both.
+  virtual Status BeginStep(std::span<const SeqSlice> seqs, StepOutputKind output, bool masked) = 0;
 
   // --- the paged KV cache ---
   // Creates the pool, once, before the first step: local layer l (of this rank's stage) belongs
@@ -173,6 +174,11 @@ class Backend {
   virtual void GeluTanhMul(const Tensor& gate_up, Tensor& out) = 0;
   // x = tanh(x / cap) * cap, on an fp32 output tensor.
   virtual void Softcap(Tensor& x, float cap) = 0;
+  // Structured output: every column of `logits` (fp32 [rows, cols]: this rank's vocabulary
+  // columns, token ids from vocab_begin) whose token row r's mask leaves out becomes -inf.
+  // `masks` is [rows, words]: one TokenMaskWords (model/step.h) over the whole vocabulary per row.
+  virtual void MaskTokens(Tensor& logits, std::span<const uint64_t> masks, int64_t words,
+                          int64_t vocab_begin) = 0;
   // out[i] = x[rows[i]].
   virtual void GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) = 0;
   // dst = 0, then dst[:, col_offset : col_offset + src.cols] = src (fp32 output tensors).

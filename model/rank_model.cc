@@ -231,6 +231,10 @@ struct RankModel::StepRows {
   std::vector<SeqSlice> seqs;
   std::vector<int64_t> out_rows;
   std::vector<RowSampling> sampling;  // one per output row
+  // Structured output (ids_only steps with token masks): [output rows, words], all ones for a row
+  // without a mask; empty when no row has one.
+  std::vector<uint64_t> masks;
+  int64_t mask_words = 0;
 };
 
 // One layer's activations, reused by every layer (all layers of a rank have the same shapes).
@@ -253,6 +257,19 @@ RankModel::StepRows RankModel::FlattenStep(const StepPlan& step, const KvBlockTa
     for (int64_t r : s.output_rows) {
       rows.out_rows.push_back(row0 + r);
       rows.sampling.push_back(s.sampling);
+    }
+  }
+  if (step.ids_only && step.masked()) {
+    rows.mask_words = static_cast<int64_t>(step.token_masks.front().size());
+    for (const StepSequence& s : step.sequences) {
+      for (size_t k = 0; k < s.output_rows.size(); ++k) {
+        if (s.token_mask < 0) {
+          rows.masks.insert(rows.masks.end(), static_cast<size_t>(rows.mask_words), ~uint64_t{0});
+        } else {
+          const TokenMaskWords& m = step.token_masks[static_cast<size_t>(s.token_mask)];
+          rows.masks.insert(rows.masks.end(), m.begin(), m.end());
+        }
+      }
     }
   }
   return rows;
@@ -281,7 +298,7 @@ Status RankModel::Forward(const StepPlan& step, const KvBlockTables& kv, Collect
                           StepOutput* out, const PipelineLinks& pipe) {
   const StepRows rows = FlattenStep(step, kv);
   const StepOutputKind kind = OutputKind(step, rows.sampling, comm);
-  RETURN_IF_ERROR(backend_.BeginStep(rows.seqs, kind));
+  RETURN_IF_ERROR(backend_.BeginStep(rows.seqs, kind, !rows.masks.empty()));
 
   Activations a = AllocActivations(static_cast<int64_t>(rows.ids.size()));
   RETURN_IF_ERROR(EmbedTokens(rows.ids, comm, pipe, a.x));
@@ -397,15 +414,16 @@ Status RankModel::Heads(const StepRows& rows, StepOutputKind kind, Collective& c
     backend_.Linear(sel, score_, score_bias_.empty() ? nullptr : &score_bias_, scores);
     return backend_.ToHost(scores, out->values.data());
   }
-  return LmHead(sel, rows.sampling, kind, comm, out);
+  return LmHead(sel, rows, kind, comm, out);
 }
 
 // Vocab-parallel LM head: this rank's columns of the logits with the final softcap; then the ids
 // picked from the shards (on the device, or on the host for top-k / top-p rows across ranks), or
 // the full rows assembled by a sum (other ranks contribute zeros there).
-Status RankModel::LmHead(const Tensor& sel, std::span<const RowSampling> sampling,
-                         StepOutputKind kind, Collective& comm, StepOutput* out) {
+Status RankModel::LmHead(const Tensor& sel, const StepRows& rows, StepOutputKind kind,
+                         Collective& comm, StepOutput* out) {
   Backend& b = backend_;
+  const std::span<const RowSampling> sampling = rows.sampling;
   const int64_t r = sel.rows;
   const int tp = static_cast<int>(comm.size());
   Tensor local = b.AllocOutput(r, lm_head_.rows);
@@ -413,6 +431,8 @@ Status RankModel::LmHead(const Tensor& sel, std::span<const RowSampling> samplin
   if (config_.final_logit_softcap > 0)
     b.Softcap(local, static_cast<float>(config_.final_logit_softcap));
   const bool ids_only = kind != StepOutputKind::kLogits;
+  // Each rank masks its own columns before any pick: the rows stay on the ids-only path.
+  if (ids_only && !rows.masks.empty()) b.MaskTokens(local, rows.masks, rows.mask_words, plan_.vocab_begin);
   if (ids_only && tp > 1 && kind != StepOutputKind::kSampledIdsHostPick) {
     // Each rank's best, summed, decided on the device (inside a decode graph): only ids leave.
     Tensor exchange = b.AllocOutput(r, int64_t{2} * tp);

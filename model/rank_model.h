@@ -93,7 +93,7 @@ class RankModel {
   Status SendToNextStage(Tensor& x, const PipelineLinks& pipe, StepOutput* out);
   Status Heads(const StepRows& rows, StepOutputKind kind, Collective& comm, const Tensor& normed,
                StepOutput* out);
-  Status LmHead(const Tensor& sel, std::span<const RowSampling> sampling, StepOutputKind kind,
+  Status LmHead(const Tensor& sel, const StepRows& rows, StepOutputKind kind,
                 Collective& comm, StepOutput* out);
   // The sum across this rank's tensor-parallel group, in the step's stream order.
   Status Sum(Collective& comm, Tensor& x);

@@ -16,7 +16,15 @@ struct StepSequence {
   std::vector<int32_t> tokens;       // new tokens this step
   std::vector<int64_t> output_rows;  // indices into `tokens` whose outputs the caller wants
   RowSampling sampling;              // with StepPlan::ids_only: how its output rows pick tokens
+  // With StepPlan::ids_only: its output rows draw only from StepPlan::token_masks[token_mask]
+  // (structured output); -1: from the whole vocabulary.
+  int32_t token_mask = -1;
 };
+
+// The tokens a row may draw: bit t % 64 of word t / 64 set = token t allowed, over the whole
+// vocabulary ((vocab_size + 63) / 64 words). Each rank reads its own columns' bits.
+using TokenMaskWords = std::vector<uint64_t>;
+inline int64_t TokenMaskWordCount(int64_t vocab_size) { return (vocab_size + 63) / 64; }
 
 // Before the step's sequences run: the empty cache of `dst` receives positions [0, tokens) of
 // `src`'s cache (prefix reuse: a shared prompt prefix is copied, not recomputed).
@@ -33,11 +41,19 @@ struct StepPlan {
   std::vector<KvAssign> kv_assign;
   // Sample on the backend: only each output row's token id leaves it (causal LM only).
   bool ids_only = false;
+  // With ids_only: the masks sequences name (StepSequence::token_mask); rows sharing a mask share
+  // its entry.
+  std::vector<TokenMaskWords> token_masks;
   // Sequences whose KV caches the ranks free before this step (the cluster's way to release).
   std::vector<int64_t> released;
   // The cached lengths after the copies: what ValidateStep checks start_pos against.
   static void ApplyCopies(const std::vector<KvCopy>& copies, std::map<int64_t, int64_t>& lengths) {
     for (const KvCopy& c : copies) lengths[c.dst] = c.tokens;
+  }
+  bool masked() const {
+    for (const auto& s : sequences)
+      if (s.token_mask >= 0) return true;
+    return false;
   }
   int64_t total_tokens() const {
     int64_t n = 0;

@@ -1,5 +1,6 @@
 #include "model/step_executor.h"
 
+#include <algorithm>
 #include <set>
 #include <string>
 
@@ -20,6 +21,25 @@ Status ValidateStep(const ModelConfig& c, const std::map<int64_t, int64_t>& cach
                              " tokens, but the source holds " + std::to_string(src->second));
     }
     dst->second = k.tokens;
+  }
+  const int64_t mask_words = TokenMaskWordCount(c.vocab_size);
+  if (!plan.token_masks.empty() && !plan.ids_only)
+    return InvalidArgument("token masks in a step that returns logits rows");
+  for (size_t m = 0; m < plan.token_masks.size(); ++m) {
+    const TokenMaskWords& w = plan.token_masks[m];
+    if (static_cast<int64_t>(w.size()) != mask_words) {
+      return InvalidArgument("token mask " + std::to_string(m) + ": " + std::to_string(w.size()) +
+                             " words for a vocabulary of " + std::to_string(c.vocab_size) +
+                             " (" + std::to_string(mask_words) + " words)");
+    }
+    // Some token inside the vocabulary must be left (the bits past it are not tokens).
+    bool any = false;
+    for (int64_t i = 0; i < mask_words && !any; ++i) {
+      const int64_t valid = std::min<int64_t>(64, c.vocab_size - i * 64);
+      const uint64_t keep = valid == 64 ? ~uint64_t{0} : (uint64_t{1} << valid) - 1;
+      any = (w[static_cast<size_t>(i)] & keep) != 0;
+    }
+    if (!any) return InvalidArgument("token mask " + std::to_string(m) + " allows no token");
   }
   std::set<int64_t> named;
   for (const StepSequence& s : plan.sequences) {
@@ -46,6 +66,8 @@ Status ValidateStep(const ModelConfig& c, const std::map<int64_t, int64_t>& cach
                                ")");
       }
     }
+    if (s.token_mask < -1 || s.token_mask >= static_cast<int32_t>(plan.token_masks.size()))
+      return InvalidArgument(who + ": token mask " + std::to_string(s.token_mask) + " does not exist");
     for (int64_t r : s.output_rows) {
       if (r < 0 || r >= static_cast<int64_t>(s.tokens.size())) {
         return InvalidArgument(who + ": output row " + std::to_string(r) + " out of range");

@@ -146,6 +146,10 @@ std::vector<uint8_t> EncodeStep(const StepPlan& plan) {
     w.U32(static_cast<uint32_t>(a.logical));
     w.U32(static_cast<uint32_t>(a.physical));
   }
+  w.U32(static_cast<uint32_t>(plan.token_masks.size()));
+  w.U32(plan.token_masks.empty() ? 0 : static_cast<uint32_t>(plan.token_masks[0].size()));
+  for (const TokenMaskWords& m : plan.token_masks)
+    for (uint64_t word : m) w.U64(word);
   w.U32(static_cast<uint32_t>(plan.sequences.size()));
   for (const StepSequence& s : plan.sequences) {
     w.I64(s.sequence_id);
@@ -161,6 +165,7 @@ std::vector<uint8_t> EncodeStep(const StepPlan& plan) {
     w.F32(p.top_p);
     w.U64(p.seed);
     w.U64(s.sampling.counter);
+    w.U32(static_cast<uint32_t>(s.token_mask));  // -1: 0xffffffff
   }
   return std::move(w.out());
 }
@@ -196,6 +201,18 @@ Result<StepPlan> DecodeStep(std::span<const uint8_t> payload) {
     RETURN_IF_ERROR(r.U32(&physical));
     a.logical = static_cast<int32_t>(logical);
     a.physical = static_cast<int32_t>(physical);  // ranges: KvBlockTables::Apply
+  }
+  uint32_t nm, words;
+  RETURN_IF_ERROR(r.Count(&nm, kMaxSequencesPerStep, 8, "step plan: token masks"));
+  RETURN_IF_ERROR(r.U32(&words));
+  // Every word takes 8 bytes: masks past what is left cannot be real (no allocation first).
+  if (static_cast<uint64_t>(words) * 8 > payload.size() ||
+      static_cast<uint64_t>(nm) * words * 8 > payload.size())
+    return InvalidArgument("step plan: token masks past the payload");
+  plan.token_masks.resize(nm);
+  for (auto& m : plan.token_masks) {
+    m.resize(words);
+    for (auto& word : m) RETURN_IF_ERROR(r.U64(&word));
   }
   uint32_t n;
   RETURN_IF_ERROR(r.U32(&n));
@@ -239,6 +256,11 @@ Result<StepPlan> DecodeStep(std::span<const uint8_t> payload) {
     RETURN_IF_ERROR(r.F32(&p.top_p));
     RETURN_IF_ERROR(r.U64(&p.seed));
     RETURN_IF_ERROR(r.U64(&s.sampling.counter));
+    uint32_t mask;
+    RETURN_IF_ERROR(r.U32(&mask));
+    s.token_mask = static_cast<int32_t>(mask);
+    if (s.token_mask < -1 || s.token_mask >= static_cast<int32_t>(nm))
+      return InvalidArgument("step plan: a sequence names a token mask that is not there");
     RETURN_IF_ERROR(p.Validate().WithContext("step plan"));
     plan.sequences.push_back(std::move(s));
   }

@@ -19,7 +19,7 @@ namespace gemma2::rpc {
 inline constexpr uint32_t kMagic = 0x50433247;  // "G2CP" little-endian
 // 2: KV prefix copies; 3: the rendezvous store; 4: KV capacity; 5: KV block tables;
 // 6: the bootstrap handshake (both ways) and kPart
-inline constexpr uint16_t kVersion = 7;  // 7: step results carry the rank's time
+inline constexpr uint16_t kVersion = 8;  // 8: step plans carry token masks
 inline constexpr size_t kHeaderBytes = 12;
 inline constexpr uint32_t kMaxPayload = 64u
                                         << 20;  // a step plan of 64 MiB is far past any real one

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -38,6 +39,8 @@ struct Limits {
   bool strict_fields = true;
 };
 
+struct OutputConstraint;  // serving/output_constraints.h
+
 // How the tokens of one choice are picked. Temperature 0 means greedy.
 struct GenerationOptions {
   int64_t max_tokens = 16;
@@ -67,9 +70,11 @@ struct GenerationOptions {
   bool include_usage = false;  // stream_options.include_usage
   bool continuous_usage = false;  // stream_options.continuous_usage_stats: usage in every chunk
   bool return_token_ids = false;
+  // Structured output: the grammar every choice follows (null: free text).
+  std::shared_ptr<const OutputConstraint> constraint;
 
   // Penalties, min_p, biases, token limits and log-probabilities need the logits row on the
-  // coordinator.
+  // coordinator. (Structured output does not: its masks go to the ranks with the step.)
   bool needs_logits() const {
     return logprobs >= 0 || presence_penalty != 0 || frequency_penalty != 0 ||
            repetition_penalty != 1 || min_p > 0 || min_tokens > 0 || !logit_bias.empty() ||
@@ -81,6 +86,17 @@ struct GenerationOptions {
 
 enum class Endpoint { kCompletions, kChat, kClassify };
 
+// Tool calling (chat): which functions the reply may call and how (OpenAI's tool_choice).
+struct ToolUse {
+  enum class Choice : uint8_t { kNone, kAuto, kRequired, kNamed };
+  Choice choice = Choice::kNone;
+  std::vector<std::string> names;  // the functions the reply may call
+  // Finished replies are read as calls (finish_reason "tool_calls") where they are calls.
+  bool parses() const { return choice != Choice::kNone && !names.empty(); }
+  // The reply is constrained to calls: streamed once complete, as calls.
+  bool forced() const { return choice == Choice::kRequired || choice == Choice::kNamed; }
+};
+
 // One validated request: its prompts already as token ids.
 struct ParsedRequest {
   Endpoint endpoint = Endpoint::kCompletions;
@@ -89,6 +105,7 @@ struct ParsedRequest {
   GenerationOptions gen;
   bool chat_logprobs = false;  // chat: `logprobs: true` (top_logprobs in gen.logprobs)
   bool echo = false;           // completions: the prompt's text in front of each choice's text
+  ToolUse tools;               // chat
   // completions with echo and logprobs: the prompt's tokens lead the logprobs (the first null).
   bool echo_logprobs() const { return echo && gen.logprobs >= 0; }
   // The top-k each prompt position's log-probabilities need (-1: the prompt needs none).

@@ -84,6 +84,11 @@ class HttpServer::Impl {
   Impl(Scheduler& s, Metrics& m, ModelFacts f, ServerOptions o)
       : scheduler_(s), metrics_(m), facts_(std::move(f)), opts_(std::move(o)), acceptor_(ioc_) {
     if (opts_.max_connections <= 0) opts_.max_connections = DefaultMaxConnections();
+    if (!facts_.constraints && facts_.tokenizer) {
+      const auto& eos = facts_.config->eos_token_ids;
+      facts_.constraints = std::make_shared<ConstraintCache>(
+          *facts_.tokenizer, std::vector<int32_t>(eos.begin(), eos.end()));
+    }
   }
 
   Status Start() {
@@ -412,7 +417,7 @@ class HttpServer::Impl {
     }
     auto body = ParseJsonBody(req.body(), facts_.limits.max_json_depth);
     if (auto* e = std::get_if<ApiError>(&body)) return *e;
-    const json& j = std::get<json>(body);
+    const RequestJson& j = std::get<RequestJson>(body);
     auto parsed = path == "/v1/completions"        ? ParseCompletions(j, facts_)
                   : path == "/v1/chat/completions" ? ParseChat(j, facts_)
                                                    : ParseClassify(j, facts_);
@@ -456,8 +461,8 @@ class HttpServer::Impl {
     auto answer = co_await OffThread<json>([&]() -> std::variant<json, ApiError> {
       auto body = ParseJsonBody(req.body(), facts_.limits.max_json_depth);
       if (auto* e = std::get_if<ApiError>(&body)) return *e;
-      auto r = path == "/tokenize" ? ParseTokenize(std::get<json>(body), facts_)
-                                   : ParseDetokenize(std::get<json>(body), facts_);
+      auto r = path == "/tokenize" ? ParseTokenize(std::get<RequestJson>(body), facts_)
+                                   : ParseDetokenize(std::get<RequestJson>(body), facts_);
       if (auto* e = std::get_if<ApiError>(&r)) return *e;
       return std::get<json>(std::move(r));
     });

@@ -25,7 +25,10 @@ struct ChoiceProgress {  // NOLINT(bugprone-exception-escape): members' allocati
   std::string text;
   std::vector<int32_t> token_ids;
   std::vector<TokenLogprobs> logprobs;  // one per token when asked for
-  std::string finish_reason;            // "" while running; then "stop" or "length"
+  std::string finish_reason;            // "" while running; then "stop", "length" or "tool_calls"
+  // finish_reason "tool_calls": the calls the text holds, in OpenAI's form ([{id, type:
+  // "function", function: {name, arguments}}], arguments a JSON string); null otherwise.
+  nlohmann::json tool_calls;
   // What stopped it (vLLM's stop_reason): the matched stop string or stop token id; null for
   // EOS and length.
   nlohmann::json stop_reason;

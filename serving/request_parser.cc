@@ -2,14 +2,16 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <set>
 
 #include "serving/logits_processing.h"
+#include "serving/tool_calls.h"
 
 namespace gemma2::serving {
 namespace {
 
-using nlohmann::json;
+using json = RequestJson;
 
 // Thrown inside this file only; every entry point turns it into an ApiError.
 struct Reject {
@@ -95,7 +97,8 @@ class Fields {
   static bool IgnoredHarmlessly(const std::string& name) {
     static const std::set<std::string> kHarmless = {
         "user",       "metadata",          "store",           "service_tier",
-        "request_id", "safety_identifier", "prompt_cache_key"};
+        "request_id", "safety_identifier", "prompt_cache_key",
+        "guided_decoding_backend"};  // which engine enforces structure: this server has one
     return kHarmless.count(name) > 0;
   }
 
@@ -181,10 +184,15 @@ std::vector<std::vector<int32_t>> Prompts(const json& v, const std::string& para
 }
 
 // Chat messages as the template takes them: text content (a string or text parts), the
-// "developer" role as "system" (OpenAI's newer name), a participant's name as "NAME: content".
-std::vector<ChatMessage> ChatMessages(const json& messages, const Limits& limits) {
+// "developer" role as "system" (OpenAI's newer name), a participant's name as "NAME: content",
+// an assistant's tool_calls as the model writes calls and a "tool" message as a user turn with
+// its call named (serving/tool_calls.h); `tool_prompt` opens the conversation.
+std::vector<ChatMessage> ChatMessages(const json& messages, const Limits& limits,
+                                      const std::string& tool_prompt = "") {
   const bool strict = limits.strict_fields;
   std::vector<ChatMessage> chat;
+  std::vector<bool> from_tool;  // turns a tool message made (merged with their neighbours)
+  std::map<std::string, std::string> call_names;  // tool_call_id -> function
   for (const auto& m : messages) {
     Fields mf(m, strict);
     ChatMessage cm;
@@ -192,8 +200,10 @@ std::vector<ChatMessage> ChatMessages(const json& messages, const Limits& limits
     if (cm.role == "developer") cm.role = "system";
     if (cm.role.empty()) Fail("messages", "every message needs a 'role'");
     const json* content = mf.Get("content");
-    if (!content) Fail("messages", "every message needs 'content'");
-    if (content->is_string()) {
+    const json* calls = cm.role == "assistant" ? mf.Get("tool_calls") : nullptr;
+    if (!content && !calls) Fail("messages", "every message needs 'content'");
+    if (!content) {
+    } else if (content->is_string()) {
       cm.content = content->get<std::string>();
     } else if (content->is_array()) {  // [{"type": "text", "text": ...}, ...]
       for (const auto& part : *content) {
@@ -206,6 +216,18 @@ std::vector<ChatMessage> ChatMessages(const json& messages, const Limits& limits
     } else {
       Fail("messages", "'content' must be a string or a list of text parts");
     }
+    if (calls) {
+      auto written = RenderCalls(*calls, call_names);
+      if (auto* e = std::get_if<ApiError>(&written)) throw Reject{*e};
+      const std::string& text = std::get<std::string>(written);
+      if (!text.empty()) cm.content += (cm.content.empty() ? "" : "\n") + text;
+    }
+    if (cm.role == "tool") {
+      const std::string id = mf.String("tool_call_id", "");
+      if (id.empty()) Fail("messages", "a tool message needs its 'tool_call_id'");
+      cm.role = "user";
+      cm.content = ToolResultHeader(id, call_names) + "\n" + cm.content;
+    }
     // OpenAI: "an optional name for the participant". Gemma's template has no place for it, so
     // the turn says who speaks: "NAME: content".
     const std::string name = mf.String("name", "");
@@ -213,7 +235,21 @@ std::vector<ChatMessage> ChatMessages(const json& messages, const Limits& limits
       Fail("messages", "a message 'name' must be one line of at most 256 bytes");
     if (!name.empty()) cm.content = name + ": " + cm.content;
     mf.Finish("a message");
+    const bool tool = m.value("role", "") == "tool";
+    if (!chat.empty() && chat.back().role == cm.role && (tool || from_tool.back())) {
+      chat.back().content += "\n\n" + cm.content;  // results of several calls: one user turn
+      from_tool.back() = true;
+      continue;
+    }
     chat.push_back(std::move(cm));
+    from_tool.push_back(tool);
+  }
+  if (!tool_prompt.empty()) {
+    if (!chat.empty() && chat[0].role == "system") {
+      chat[0].content += "\n\n" + tool_prompt;
+    } else {
+      chat.insert(chat.begin(), ChatMessage{"system", tool_prompt});
+    }
   }
   return chat;
 }
@@ -363,6 +399,15 @@ void ParseGeneration(Fields& f, GenerationOptions& g, const ModelFacts& facts) {
   g.return_token_ids = f.Bool("return_token_ids", false);
   if (g.stream && g.prompt_logprobs >= 0)  // as vLLM: they would come before the first token
     Fail("prompt_logprobs", "'prompt_logprobs' is not available when 'stream' is true");
+  ConstraintFields cf;
+  cf.response_format = f.Get("response_format");
+  cf.structured_outputs = f.Get("structured_outputs");
+  cf.guided_json = f.Get("guided_json");
+  cf.guided_regex = f.Get("guided_regex");
+  cf.guided_choice = f.Get("guided_choice");
+  auto constraint = ParseOutputConstraint(cf, facts.constraints.get());
+  if (auto* e = std::get_if<ApiError>(&constraint)) throw Reject{*e};
+  g.constraint = std::get<std::shared_ptr<const OutputConstraint>>(std::move(constraint));
 }
 
 // max_tokens against the context, with both numbers in the message.
@@ -447,7 +492,7 @@ SamplingParams GenerationOptions::Sampling(int choice) const {
   return p;
 }
 
-ApiResult<json> ParseJsonBody(std::string_view body, int max_depth) {
+ApiResult<RequestJson> ParseJsonBody(std::string_view body, int max_depth) {
   if (body.empty()) return ApiError{400, "the request body is empty; send a JSON object"};
   try {
     // The callback sees each value's depth before it is built: deep nesting stops early.
@@ -518,7 +563,11 @@ ApiResult<ParsedRequest> ParseChat(const json& body, const ModelFacts& facts) {
     if (!messages) Fail("messages", "'messages' is required");
     if (!messages->is_array()) Fail("messages", "'messages' must be a list");
     if (messages->empty()) Fail("messages", "'messages' is empty");
-    const std::vector<ChatMessage> chat = ChatMessages(*messages, facts.limits);
+    auto tools = ParseTools(f.Get("tools"), f.Get("tool_choice"), f.Get("parallel_tool_calls"));
+    if (auto* e = std::get_if<ApiError>(&tools)) throw Reject{*e};
+    const ToolRequest& tr = std::get<ToolRequest>(tools);
+    r.tools = tr.use;
+    const std::vector<ChatMessage> chat = ChatMessages(*messages, facts.limits, ToolPrompt(tr));
     auto ids = facts.tokenizer->EncodeChat(chat, TemplateOptions(f));
     if (!ids.ok()) Fail("messages", ids.status().message());
     r.prompts.push_back(*ids);
@@ -539,6 +588,17 @@ ApiResult<ParsedRequest> ParseChat(const json& body, const ModelFacts& facts) {
     r.gen.max_tokens = MaxTokens(f, budget, RestOfContext(r, facts));
     CheckMinTokens(r.gen, budget);
     CheckContext(r, facts, budget);
+    if (r.tools.forced()) {  // the reply is the calls: constrained to their schemas
+      if (r.gen.constraint)
+        Fail("tool_choice", "tool_choice '" +
+                                std::string(r.tools.choice == ToolUse::Choice::kNamed ? "named" : "required") +
+                                "' and a response format both constrain the reply; give one");
+      auto calls = ToolCallConstraint(
+          tr.callable, tr.parallel && r.tools.choice == ToolUse::Choice::kRequired,
+          facts.constraints.get());
+      if (auto* e = std::get_if<ApiError>(&calls)) throw Reject{*e};
+      r.gen.constraint = std::get<std::shared_ptr<const OutputConstraint>>(std::move(calls));
+    }
     f.Finish("a chat request");
     return r;
   });
@@ -572,7 +632,7 @@ ApiResult<ParsedRequest> ParseClassify(const json& body, const ModelFacts& facts
   });
 }
 
-ApiResult<json> ParseTokenize(const json& body, const ModelFacts& facts) {
+ApiResult<nlohmann::json> ParseTokenize(const json& body, const ModelFacts& facts) {
   try {
     Fields f(body, facts.limits.strict_fields);
     CheckModel(f, facts);
@@ -598,7 +658,7 @@ ApiResult<json> ParseTokenize(const json& body, const ModelFacts& facts) {
     if (f.Bool("return_token_strs", false))
       Fail("return_token_strs", "return_token_strs is not supported");
     f.Finish("a tokenize request");
-    return json{{"count", ids.size()},
+    return nlohmann::json{{"count", ids.size()},
                 {"max_model_len", facts.config->max_position_embeddings},
                 {"tokens", ids}};
   } catch (const Reject& r) {
@@ -608,7 +668,7 @@ ApiResult<json> ParseTokenize(const json& body, const ModelFacts& facts) {
   }
 }
 
-ApiResult<json> ParseDetokenize(const json& body, const ModelFacts& facts) {
+ApiResult<nlohmann::json> ParseDetokenize(const json& body, const ModelFacts& facts) {
   try {
     Fields f(body, facts.limits.strict_fields);
     CheckModel(f, facts);
@@ -621,7 +681,7 @@ ApiResult<json> ParseDetokenize(const json& body, const ModelFacts& facts) {
     f.Finish("a detokenize request");
     auto text = facts.tokenizer->Decode(ids);
     if (!text.ok()) Fail("tokens", text.status().message());
-    return json{{"prompt", *text}};
+    return nlohmann::json{{"prompt", *text}};
   } catch (const Reject& r) {
     return r.error;
   } catch (const json::exception& e) {

@@ -124,6 +124,26 @@ json PromptLogprobs(const ResponseContext& ctx, const RequestHandle& h, size_t p
   return out;
 }
 
+// Tool calls: whether a chat choice's text so far may still turn out to be calls, so a stream
+// keeps it back (a reply that is calls is sent as calls, never as text).
+bool MayBeCalls(const ToolUse& tools, const std::string& text) {
+  if (!tools.parses()) return false;
+  if (tools.forced()) return true;
+  const size_t first = text.find_first_not_of(" \t\r\n");
+  return first == std::string::npos || text[first] == '{' || text[first] == '[';
+}
+
+// OpenAI's streamed calls: each with its index in the delta.
+json CallDeltas(const json& calls) {
+  json out = json::array();
+  for (size_t k = 0; k < calls.size(); ++k) {
+    json c = calls[k];
+    c["index"] = k;
+    out.push_back(std::move(c));
+  }
+  return out;
+}
+
 }  // namespace
 
 json ErrorBody(const ApiError& e) {
@@ -169,8 +189,13 @@ json ChatBody(const ResponseContext& ctx, const RequestHandle& h) {
   json choices = json::array();
   for (size_t i = 0; i < h.choices.size(); ++i) {
     const ChoiceProgress& ch = h.choices[i];
+    json message = {{"role", "assistant"}, {"content", ch.text}};
+    if (!ch.tool_calls.is_null()) {
+      message["content"] = nullptr;  // as OpenAI: a reply of calls has no content
+      message["tool_calls"] = ch.tool_calls;
+    }
     json c = {{"index", i},
-              {"message", {{"role", "assistant"}, {"content", ch.text}}},
+              {"message", std::move(message)},
               {"finish_reason", NullOr(ch.finish_reason)},
               {"stop_reason", ch.stop_reason},
               {"logprobs",
@@ -240,21 +265,30 @@ std::string StreamEvents(const ResponseContext& ctx, const RequestHandle& h, Str
     const bool fresh_text = ch.text.size() > cur.text_bytes[i];
     const bool fresh_tokens = ch.token_ids.size() > cur.tokens[i];
     const bool ending = !ch.finish_reason.empty();
+    // A chat chunk of choice i with only a delta (no finish yet).
+    auto delta_event = [&](json delta) {
+      const json chunk = {{"id", ctx.id},
+                          {"object", "chat.completion.chunk"},
+                          {"created", ctx.created},
+                          {"model", ctx.model},
+                          {"choices",
+                           {{{"index", i},
+                             {"delta", std::move(delta)},
+                             {"logprobs", nullptr},
+                             {"finish_reason", nullptr}}}}};
+      return "data: " + Dump(chunk) + "\n\n";
+    };
     if (chat && !cur.started[i]) {  // OpenAI's first chat chunk carries the role
-      json first = {{"id", ctx.id},
-                    {"object", "chat.completion.chunk"},
-                    {"created", ctx.created},
-                    {"model", ctx.model},
-                    {"choices",
-                     {{{"index", i},
-                       {"delta", {{"role", "assistant"}, {"content", ""}}},
-                       {"logprobs", nullptr},
-                       {"finish_reason", nullptr}}}}};
-      out += "data: " + Dump(first) + "\n\n";
+      out += delta_event({{"role", "assistant"}, {"content", ""}});
       cur.started[i] = true;
     }
     if (!fresh_text && !fresh_tokens && !ending) continue;
+    if (chat && !ending && MayBeCalls(r.tools, ch.text)) continue;  // kept back until known
     std::string delta = ch.text.substr(cur.text_bytes[i]);
+    if (chat && !ch.tool_calls.is_null()) {  // the calls, then the finishing chunk
+      out += delta_event({{"tool_calls", CallDeltas(ch.tool_calls)}});
+      delta.clear();
+    }
     if (!chat && cur.tokens[i] == 0 && cur.text_bytes[i] == 0) delta = EchoedPrompt(ctx, h, i) + delta;
     json c = {
         {"index", i}, {"finish_reason", NullOr(ch.finish_reason)}, {"stop_reason", ch.stop_reason}};

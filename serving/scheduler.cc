@@ -4,8 +4,10 @@
 #include <cmath>
 #include <random>
 #include <string>
+#include <unordered_map>
 
 #include "common/log.h"
+#include "serving/tool_calls.h"
 
 namespace gemma2::serving {
 namespace {
@@ -88,6 +90,7 @@ struct Scheduler::Sequence {
   std::unique_ptr<TextOutput> text;
   int prompt_top = -1;  // >= 0: this sequence gives its prompt's log-probabilities (top k)
   std::vector<TokenLogprobs> prompt_lp;  // those of prompt tokens 1.. so far
+  std::optional<ConstraintState> structure;  // structured output: where the choice stands
   int64_t class_row = -1;  // sequence classification: the scored position
   std::vector<std::vector<float>> class_rows;
   Clock::time_point last_token{};
@@ -230,6 +233,16 @@ void Scheduler::Expand(const std::shared_ptr<RequestHandle>& h) {
                                                p.gen.include_stop_str_in_output,
                                                p.gen.skip_special_tokens);
         if (j == 0) s->prompt_top = p.prompt_top();  // the first choice speaks for its prompt
+        if (p.gen.constraint) {
+          auto st = ConstraintState::Start(p.gen.constraint);
+          if (!st.ok()) {
+            CloseRequest(*req, Outcome::kFailed,
+                         ApiError{400, st.status().message(), "invalid_request_error",
+                                  "response_format", "unsupported_schema"});
+            return;
+          }
+          s->structure = std::move(*st);
+        }
       }
       ++req->remaining;
       waiting_.push_back(std::move(s));
@@ -528,6 +541,7 @@ Status Scheduler::Advance() {
         f.plan.ids_only = false;
       }
     }
+    if (f.plan.ids_only) AttachTokenMasks(f);
     // A prefix copy travels with its sequence's first step (later steps check its length).
     for (auto it = pending_copies_.begin(); it != pending_copies_.end();) {
       const bool mine = std::any_of(f.batch.begin(), f.batch.end(), [&](const Sequence* s) {
@@ -577,6 +591,33 @@ Status Scheduler::Advance() {
   Sweep();
   Trace("apply", collected, Clock::now(), 0, f);
   return OkStatus();
+}
+
+// Structured output on the ids-only path: each constrained row's mask goes to the ranks with the
+// step (rows in the same state share one), so only the ids come back. (A step that returns rows
+// is masked here instead, in AcceptToken.)
+void Scheduler::AttachTokenMasks(InFlightStep& f) {
+  const int64_t words = TokenMaskWordCount(executor_.config().vocab_size);
+  std::unordered_multimap<uint64_t, int32_t> seen;  // a mask's hash -> its index in the plan
+  for (size_t m = 0; m < f.batch.size(); ++m) {
+    Sequence& s = *f.batch[m];
+    StepSequence& ss = f.plan.sequences[m];
+    if (!s.structure || ss.output_rows.empty()) continue;
+    s.structure->Allowed(mask_);
+    mask_.words.resize(static_cast<size_t>(words), 0);
+    uint64_t h = 1469598103934665603ull;
+    for (uint64_t w : mask_.words) h = (h ^ w) * 1099511628211ull;
+    int32_t index = -1;
+    for (auto [it, end] = seen.equal_range(h); it != end && index < 0; ++it) {
+      if (f.plan.token_masks[static_cast<size_t>(it->second)] == mask_.words) index = it->second;
+    }
+    if (index < 0) {
+      index = static_cast<int32_t>(f.plan.token_masks.size());
+      f.plan.token_masks.push_back(mask_.words);
+      seen.emplace(h, index);
+    }
+    ss.token_mask = index;
+  }
 }
 
 void Scheduler::Trace(const char* name, Clock::time_point begin, Clock::time_point end, int lane,
@@ -643,14 +684,21 @@ void Scheduler::AcceptToken(Sequence& s, int32_t tok, const StepOutput& out, int
   if (tok < 0) {  // the row came back: penalties, min_p and log-probabilities happen here
     std::span<const float> raw(out.row(row), static_cast<size_t>(out.width));
     std::vector<float> v(raw.begin(), raw.end());
+    if (s.structure) {  // first: every rule below then works on the allowed tokens alone
+      s.structure->Allowed(mask_);
+      const auto bits = static_cast<int64_t>(mask_.words.size()) * 64;
+      for (int64_t t = 0; t < out.width; ++t) {
+        if (t >= bits || !mask_.Test(static_cast<int32_t>(t))) v[static_cast<size_t>(t)] = -INFINITY;
+      }
+    }
     ApplyTokenRules(v, g, s.generated, executor_.config().eos_token_ids);
     ApplyPenalties(v, g, s.prompt, s.counts);
     if (!s.sampling.params.greedy) ApplyMinP(v, g.min_p, s.sampling.params.temperature);
     if (std::none_of(v.begin(), v.end(), [](float x) { return x > -INFINITY; })) {
       CloseRequest(*s.req, Outcome::kFailed,
                    ApiError{400,
-                            "no token is left to draw: allowed_token_ids, bad_words, min_tokens "
-                            "and logit_bias together exclude every token",
+                            "no token is left to draw: allowed_token_ids, bad_words, min_tokens, "
+                            "logit_bias and the output's structure together exclude every token",
                             "invalid_request_error", "allowed_token_ids", ""});
       return;
     }
@@ -694,6 +742,16 @@ void Scheduler::AcceptToken(Sequence& s, int32_t tok, const StepOutput& out, int
       stop_reason = piece.stop;
     }
   }
+  if (s.structure && !stop_token) {
+    if (!s.structure->Advance(tok)) {
+      CloseRequest(*s.req, Outcome::kFailed,
+                   ServerError(500, "token " + std::to_string(tok) + " breaks the " +
+                                        s.structure->constraint().kind + " structure it was drawn under",
+                               "server_error"));
+      return;
+    }
+    if (reason.empty() && s.structure->Finished()) reason = "stop";  // nothing may follow
+  }
   if (reason.empty() && static_cast<int64_t>(s.generated.size()) >= g.max_tokens) reason = "length";
   if (!reason.empty() && !piece.hit_stop) {
     auto rest = s.text->Finish();
@@ -712,6 +770,11 @@ void Scheduler::AcceptToken(Sequence& s, int32_t tok, const StepOutput& out, int
       ch.finish_reason = reason;
       ch.stop_reason = stop_reason;
       (reason == "stop" ? metrics_.finished_stop : metrics_.finished_length).fetch_add(1);
+      const ToolUse& tools = s.req->handle->request().tools;
+      if (reason == "stop" && tools.parses()) {  // a reply that is calls ends as calls
+        ch.tool_calls = ParseToolCalls(ch.text, tools.names);
+        if (!ch.tool_calls.is_null()) ch.finish_reason = "tool_calls";
+      }
     }
   }
   touched_.push_back(s.req->handle);

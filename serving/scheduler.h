@@ -21,6 +21,7 @@
 #include "model/tokenizer.h"
 #include "serving/block_manager.h"
 #include "serving/metrics.h"
+#include "serving/output_constraints.h"
 #include "serving/prefix_cache.h"
 #include "serving/step_trace.h"
 #include "serving/request_handle.h"
@@ -79,6 +80,7 @@ class Scheduler {
   void Trace(const char* name, Clock::time_point begin, Clock::time_point end, int lane,
              const InFlightStep& f);
   void Apply(InFlightStep& f, const StepOutput& out);
+  void AttachTokenMasks(InFlightStep& f);
   void Admit();
   void DropCancelled();
   void Preempt(Sequence& s);
@@ -131,6 +133,7 @@ class Scheduler {
   std::atomic<int64_t> queued_requests_{0};              // submitted, no sequence admitted yet
   int64_t steps_submitted_ = 0;
   std::mt19937_64 seeds_{std::random_device{}()};        // seeds of unseeded requests, seeded once
+  structured::TokenMask mask_;                           // scratch: a structured row's tokens
   std::thread thread_;
 };
 

@@ -57,6 +57,12 @@ class GrammarBuilder {
 
   Grammar Finish(int32_t root);
 
+  // Rules so far. Compilers refuse a specification past kMaxRules (checked between elements, so
+  // one element may overshoot by its own size: a string's maxLength adds 2 x maxLength rules).
+  static constexpr size_t kMaxRules = 200000;
+  size_t rules() const { return alts_.size(); }
+  bool too_large() const { return rules() > kMaxRules; }
+
  private:
   Grammar g_;
   std::vector<std::vector<std::vector<Piece>>> alts_;

@@ -22,6 +22,12 @@ ByteSet Range(uint8_t lo, uint8_t hi) {
   return s;
 }
 
+Status TooLarge(const char* what) {
+  return InvalidArgument(std::string(what) + ": the grammar would exceed " +
+                         std::to_string(GrammarBuilder::kMaxRules) +
+                         " rules (lower the lengths and counts)");
+}
+
 class Compiler {
  public:
   explicit Compiler(const json* root) : root_(root) { Basics(); }
@@ -30,6 +36,12 @@ class Compiler {
   int32_t value = -1, object_any = -1, string_any = -1, number_any = -1, integer_any = -1;
 
   Result<int32_t> Schema(const json& s, int depth);
+  // `s` as a document of its own: its $refs name its own $defs.
+  Result<int32_t> Document(const json& s) {
+    root_ = &s;
+    refs_.clear();
+    return Schema(s, 0);
+  }
 
  private:
   void Basics();
@@ -118,6 +130,9 @@ void Compiler::Basics() {
 
 // Decimal strings of one length from lo to hi (digits, leading zeros allowed inside).
 int32_t Compiler::SameLengthRange(const std::string& lo, const std::string& hi) {
+  // Every string of the length: said once (the recursion below would branch twice per digit).
+  if (lo.find_first_not_of('0') == std::string::npos && hi.find_first_not_of('9') == std::string::npos)
+    return b.Repeat(digit_, static_cast<int64_t>(lo.size()), static_cast<int64_t>(lo.size()));
   if (lo.size() == 1) return b.Set(Range(static_cast<uint8_t>(lo[0]), static_cast<uint8_t>(hi[0])));
   const std::string lo_rest = lo.substr(1), hi_rest = hi.substr(1);
   if (lo[0] == hi[0]) return b.Sequence({b.Literal(lo.substr(0, 1)), SameLengthRange(lo_rest, hi_rest)});
@@ -305,6 +320,7 @@ Result<int32_t> Compiler::Typed(const std::string& type, const json& s, int dept
 
 Result<int32_t> Compiler::Schema(const json& s, int depth) {
   if (depth > kMaxSchemaDepth) return InvalidArgument("json_schema: nested too deep");
+  if (b.too_large()) return TooLarge("json_schema");
   if (s.is_boolean()) {
     if (!s.get<bool>()) return InvalidArgument("json_schema: the schema 'false' matches nothing");
     return value;
@@ -382,7 +398,31 @@ Result<std::shared_ptr<const Grammar>> JsonGrammar() {
 Result<std::shared_ptr<const Grammar>> JsonSchemaGrammar(const json& schema) {
   Compiler c(&schema);
   ASSIGN_OR_RETURN(const int32_t root, c.Schema(schema, 0));
+  if (c.b.too_large()) return TooLarge("json_schema");
   return Share(c.b.Finish(root));
+}
+
+Result<std::shared_ptr<const Grammar>> ToolCallsGrammar(const std::vector<ToolSchema>& tools,
+                                                        bool list) {
+  if (tools.empty()) return InvalidArgument("tools: no function to call");
+  Compiler c(nullptr);
+  std::vector<int32_t> calls;
+  for (const ToolSchema& t : tools) {
+    int32_t args = c.object_any;
+    if (!t.parameters.is_null()) {
+      auto r = c.Document(t.parameters);
+      if (!r.ok()) return InvalidArgument("function '" + t.name + "': " + r.status().message());
+      args = *r;
+    }
+    calls.push_back(c.b.Sequence({c.b.Literal("{\"name\":" + json(t.name).dump() + ",\"arguments\":"),
+                                  args, c.b.Literal("}")}));
+  }
+  if (c.b.too_large()) return TooLarge("tools");
+  const int32_t call = c.b.Choice(calls);
+  if (!list) return Share(c.b.Finish(call));
+  const int32_t more = c.b.Star(c.b.Sequence({c.b.Literal(","), call}));
+  const int32_t calls_list = c.b.Sequence({c.b.Literal("["), call, more, c.b.Literal("]")});
+  return Share(c.b.Finish(c.b.Choice({call, calls_list})));
 }
 
 Result<std::shared_ptr<const Grammar>> ChoiceGrammar(const std::vector<std::string>& choices) {
@@ -446,6 +486,7 @@ class RegexCompiler {
 
   Result<int32_t> Quantified(int32_t atom) {
     while (More()) {
+      if (b.too_large()) return TooLarge("regex");
       const char c = Peek();
       int64_t min = 0, max = -1;
       if (c == '*') {
@@ -586,6 +627,7 @@ Result<std::shared_ptr<const Grammar>> RegexGrammar(const std::string& pattern) 
   if (pattern.size() > 4096) return InvalidArgument("regex: longer than 4096 bytes");
   RegexCompiler c(pattern);
   ASSIGN_OR_RETURN(const int32_t root, c.Whole());
+  if (c.b.too_large()) return TooLarge("regex");
   return Share(c.b.Finish(root));
 }
 

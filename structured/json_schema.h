@@ -33,4 +33,14 @@ Result<std::shared_ptr<const Grammar>> JsonSchemaGrammar(const nlohmann::ordered
 Result<std::shared_ptr<const Grammar>> ChoiceGrammar(const std::vector<std::string>& choices);
 Result<std::shared_ptr<const Grammar>> RegexGrammar(const std::string& pattern);
 
+// A function the model may call: its name and the JSON Schema of its arguments (null: any object).
+struct ToolSchema {
+  std::string name;
+  nlohmann::ordered_json parameters;
+};
+// Calls written as {"name":NAME,"arguments":ARGS}, ARGS valid for that tool's parameters (each
+// schema is its own root for $ref); `list`: a JSON list of one or more calls may come instead.
+Result<std::shared_ptr<const Grammar>> ToolCallsGrammar(const std::vector<ToolSchema>& tools,
+                                                        bool list);
+
 }  // namespace gemma2::structured

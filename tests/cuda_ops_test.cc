@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <mutex>
 #include <random>
@@ -73,7 +74,7 @@ class CudaOpsTest : public ::testing::Test {
     }
   }
   // Starts a step with no sequences (for ops that need no KV cache).
-  void EmptyStep(Backend& b) { ASSERT_TRUE(b.BeginStep({}, StepOutputKind::kLogits).ok()); }
+  void EmptyStep(Backend& b) { ASSERT_TRUE(b.BeginStep({}, StepOutputKind::kLogits, false).ok()); }
   std::unique_ptr<Backend> gpu_;
   CpuBackend cpu_;
 };
@@ -290,6 +291,36 @@ TEST_F(CudaOpsTest, EmbedVocabShardGeluSoftcapScatterGatherArgmax) {
   }
 }
 
+// Structured output's masks on a rank's columns: a shard starting mid-word (ids from 150 of a
+// 1001-token vocabulary), rows with their own masks; the gpu's -inf where the cpu's are.
+TEST_F(CudaOpsTest, MaskTokensMatchesTheSpecification) {
+  EmptyStep(*gpu_);
+  const int64_t rows = 3, cols = 413, vocab = 1001, begin = 150;
+  const int64_t words = TokenMaskWordCount(vocab);
+  std::mt19937_64 rng(3);
+  std::vector<uint64_t> masks(static_cast<size_t>(rows * words));
+  for (auto& w : masks) w = rng() & rng();  // about a quarter of the bits
+  masks[static_cast<size_t>(words)] = ~uint64_t{0};  // row 1, word 0: every token (not this shard's)
+  const auto x = Rand(rows * cols, 3.0f, 12);
+  Tensor g = Put(*gpu_, x, rows, cols), c = Put(cpu_, x, rows, cols);
+  Tensor gl = gpu_->AllocOutput(rows, cols), cl = cpu_.AllocOutput(rows, cols);
+  gpu_->ScatterColumns(g, 0, gl);
+  cpu_.ScatterColumns(c, 0, cl);
+  gpu_->MaskTokens(gl, masks, words, begin);
+  cpu_.MaskTokens(cl, masks, words, begin);
+  const auto gv = Get(*gpu_, gl), cv = Get(cpu_, cl);
+  int64_t masked = 0;
+  for (size_t i = 0; i < gv.size(); ++i) {
+    ASSERT_EQ(std::isinf(gv[i]), std::isinf(cv[i])) << i;
+    if (!std::isinf(cv[i])) {
+      ASSERT_EQ(gv[i], cv[i]) << i;
+    }
+    masked += std::isinf(cv[i]) ? 1 : 0;
+  }
+  EXPECT_GT(masked, rows * cols / 2);  // the check is not vacuous
+  EXPECT_LT(masked, rows * cols);
+}
+
 // The vocab-parallel pick on the device equals FillShardPick / DecideShardPick (model/shard_pick.h)
 // and, through them, SampleRow on the assembled row: three ranks' shards of an odd width (1001
 // columns, not a multiple of the kernel's chunks), greedy and temperature-only rows, one maximum
@@ -385,7 +416,7 @@ TEST_F(CudaOpsTest, RopeCacheAndAttentionOverRaggedStepsAndBlocks) {
     for (const auto& step : steps) {
       int64_t rows = 0;
       const std::vector<SeqSlice> gs = kv.Step(step, &rows), cs = gs;
-      ASSERT_TRUE(gpu->BeginStep(gs, StepOutputKind::kLogits).ok());
+      ASSERT_TRUE(gpu->BeginStep(gs, StepOutputKind::kLogits, false).ok());
       const auto qkv = Rand(rows * width, 1.0f, ++seed);
       Tensor gq = Put(*gpu, qkv, rows, width), cq = Put(cpu, qkv, rows, width);
       gpu->RopeAndCacheWrite(gq, gs, layer, p);
@@ -434,7 +465,7 @@ TEST_F(CudaOpsTest, KvBlockCopiesMatchTheSpecification) {
                                            ? kv.Step({40, 23}, &rows)
                                            : kv.Step({1, 0, 1, 2}, &rows, copies, gpu.get(), &cpu);
       const std::vector<SeqSlice> cs = gs;
-      ASSERT_TRUE(gpu->BeginStep(gs, StepOutputKind::kLogits).ok());
+      ASSERT_TRUE(gpu->BeginStep(gs, StepOutputKind::kLogits, false).ok());
       for (int64_t layer = 0; layer < layers; ++layer) {
         p.window = layer == layers - 1 ? window : 0;
         const auto qkv = Rand(rows * width, 1.0f, ++seed);
@@ -461,7 +492,7 @@ TEST_F(CudaOpsTest, SamplingMatchesTheSpecification) {
   const auto x = Rand(rows * k, 1.0f, 31), w = Rand(vocab * k, 0.3f, 32);
   auto step = [&](std::span<const RowSampling> s, StepOutputKind kind, std::vector<int32_t>* ids,
                   std::vector<float>* logits) {
-    ASSERT_TRUE(gpu_->BeginStep({}, kind).ok());
+    ASSERT_TRUE(gpu_->BeginStep({}, kind, false).ok());
     Tensor gx = Put(*gpu_, x, rows, k), gw = Put(*gpu_, w, vocab, k);
     Tensor gl = gpu_->AllocOutput(rows, vocab);
     gpu_->Linear(gx, gw, nullptr, gl);
@@ -519,7 +550,7 @@ TEST_F(CudaOpsTest, FreshPrefillAttentionOnTensorCores) {
     for (const auto& step : steps) {
       int64_t rows = 0;
       const std::vector<SeqSlice> gs = kv.Step(step, &rows), cs = gs;
-      ASSERT_TRUE(gpu->BeginStep(gs, StepOutputKind::kLogits).ok());
+      ASSERT_TRUE(gpu->BeginStep(gs, StepOutputKind::kLogits, false).ok());
       const auto qkv = Rand(rows * width, 1.0f, ++seed);
       Tensor gq = Put(*gpu, qkv, rows, width), cq = Put(cpu, qkv, rows, width);
       gpu->RopeAndCacheWrite(gq, gs, 0, p);
@@ -551,14 +582,14 @@ TEST_F(CudaOpsTest, UnmappedKvPositionsAreAnErrorNotACrash) {
   table[2] = 1;
   table[3] = 2;
   std::vector<SeqSlice> s = {{{table, {}}, 0, 64, 0}};
-  EXPECT_TRUE((*b)->BeginStep(s, StepOutputKind::kLogits).ok());
+  EXPECT_TRUE((*b)->BeginStep(s, StepOutputKind::kLogits, false).ok());
   s = {{{table, {}}, 64, 1, 0}};
-  Status st = (*b)->BeginStep(s, StepOutputKind::kLogits);
+  Status st = (*b)->BeginStep(s, StepOutputKind::kLogits, false);
   ASSERT_FALSE(st.ok());
   EXPECT_NE(st.message().find("logical KV block 4 of group 0 is not mapped"), std::string::npos)
       << st.message();
   table[4] = 4;  // past the pool
-  st = (*b)->BeginStep(s, StepOutputKind::kLogits);
+  st = (*b)->BeginStep(s, StepOutputKind::kLogits, false);
   EXPECT_FALSE(st.ok());
 }
 

@@ -2,11 +2,14 @@
 // cache equals recomputing from scratch, and bad step plans are refused.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <fstream>
+#include <random>
 
 #include "engine/engine.h"
 #include "engine/generate.h"
 #include "model/random_checkpoint.h"
+#include "model/sampling.h"
 #include "tests/reference_util.h"
 #include "tests/test_files.h"
 
@@ -334,6 +337,91 @@ TEST_F(EngineTest, TopKTopPDrawsAcrossShardsEqualOneRank) {
     for (size_t i = 0; i < reqs.size(); ++i)
       EXPECT_EQ((*many)[i].generated, (*one)[i].generated) << tp << " " << i;
   }
+}
+
+// Structured output's masks applied by each rank to its own vocabulary columns (the ids-only
+// path) pick what masking the whole row and SampleRow pick: greedy, temperature-only (the device
+// pick) and top-k / top-p (the host pick across shards), at tp 1, 2 and 4 (97 tokens: shards and
+// 64-bit words cross each other); rows share masks, and a row without one draws from everything.
+TEST_F(EngineTest, TokenMasksOnTheRanksEqualMaskingTheRow) {
+  Make(SmallGqa());
+  const ModelConfig& c = ck_->config();
+  const int64_t words = TokenMaskWordCount(c.vocab_size);
+  std::mt19937_64 rng(5);
+  auto random_mask = [&](int keep_percent) {
+    TokenMaskWords m(static_cast<size_t>(words), 0);
+    for (int64_t t = 0; t < c.vocab_size; ++t)
+      if (static_cast<int>(rng() % 100) < keep_percent) m[static_cast<size_t>(t / 64)] |= uint64_t{1} << (t % 64);
+    m[0] |= uint64_t{1} << 7;  // never empty
+    return m;
+  };
+  auto allowed = [](const TokenMaskWords& m, int32_t t) { return (m[static_cast<size_t>(t / 64)] >> (t % 64)) & 1; };
+  std::vector<SamplingParams> samplings(4);
+  samplings[1].greedy = false;
+  samplings[1].temperature = 0.8f;
+  samplings[2] = samplings[1];
+  samplings[2].top_k = 5;
+  samplings[3] = samplings[1];
+  samplings[3].top_p = 0.7f;
+  for (int tp : {1, 2, 4}) {
+    auto engine = NewEngine(tp);
+    for (size_t k = 0; k < samplings.size(); ++k) {
+      const std::vector<TokenMaskWords> masks = {random_mask(30), random_mask(5)};
+      const std::vector<int32_t> mask_of = {0, 1, 0, -1};  // rows 0 and 2 share a mask
+      StepPlan rows_plan, ids_plan;
+      ids_plan.ids_only = true;
+      ids_plan.token_masks = masks;
+      for (size_t i = 0; i < mask_of.size(); ++i) {
+        StepSequence s{0, 0, {2, static_cast<int32_t>(20 + i), static_cast<int32_t>(30 + 7 * k)}, {2}};
+        s.sampling.params = samplings[k];
+        s.sampling.params.seed = 40 + i;
+        s.sampling.counter = 3;
+        s.sequence_id = engine->NewSequence();
+        rows_plan.sequences.push_back(s);
+        s.sequence_id = engine->NewSequence();
+        s.token_mask = mask_of[i];
+        ids_plan.sequences.push_back(s);
+      }
+      auto rows = engine->Step(rows_plan);
+      ASSERT_TRUE(rows.ok()) << rows.status().ToString();
+      auto ids = engine->Step(ids_plan);
+      ASSERT_TRUE(ids.ok()) << ids.status().ToString();
+      for (size_t i = 0; i < mask_of.size(); ++i) {
+        std::vector<float> row(rows->row(static_cast<int64_t>(i)), rows->row(static_cast<int64_t>(i)) + rows->width);
+        if (mask_of[i] >= 0) {
+          for (int32_t t = 0; t < c.vocab_size; ++t)
+            if (!allowed(masks[static_cast<size_t>(mask_of[i])], t)) row[static_cast<size_t>(t)] = -INFINITY;
+        }
+        const int32_t want = SampleRow(row, ids_plan.sequences[i].sampling);
+        EXPECT_EQ(ids->ids[i], want) << "tp " << tp << " sampling " << k << " row " << i;
+        if (mask_of[i] >= 0) {
+          EXPECT_TRUE(allowed(masks[static_cast<size_t>(mask_of[i])], ids->ids[i]));
+        }
+      }
+    }
+  }
+  // Masks that cannot be right are refused before anything runs.
+  auto engine = NewEngine(2);
+  auto refused = [&](StepPlan p) {
+    p.sequences.push_back({engine->NewSequence(), 0, {2}, {0}});
+    p.sequences.back().token_mask = 0;
+    return engine->Step(p).status().message();
+  };
+  StepPlan short_mask;
+  short_mask.ids_only = true;
+  short_mask.token_masks = {TokenMaskWords(1, 1)};
+  EXPECT_NE(refused(short_mask).find("1 words for a vocabulary of 97"), std::string::npos);
+  StepPlan empty = short_mask;
+  empty.token_masks = {TokenMaskWords(2, 0)};
+  empty.token_masks[0][1] = uint64_t{1} << 40;  // past token 96: not a token
+  EXPECT_NE(refused(empty).find("allows no token"), std::string::npos);
+  StepPlan rows_back = short_mask;
+  rows_back.ids_only = false;
+  rows_back.token_masks = {random_mask(50)};
+  EXPECT_NE(refused(rows_back).find("returns logits rows"), std::string::npos);
+  StepPlan missing;
+  missing.ids_only = true;
+  EXPECT_NE(refused(missing).find("token mask 0 does not exist"), std::string::npos);
 }
 
 }  // namespace

@@ -5,7 +5,8 @@
 //    completions, chat or classify parser (the first byte picks, so every parser sees every body).
 // Each step must return a value or an error: never crash, hang, read out of bounds or overflow
 // (ASan + UBSan). Gemma's real vocabulary is used where GEMMA2_FUZZ_TOKENIZER names it (the tests
-// point it at ../shared/tokenizers), so text prompts and the chat template are parsed too.
+// point it at ../shared/tokenizers), so text prompts, the chat template and structured output's
+// grammars (schemas, regular expressions, tools) are parsed too.
 #include <boost/beast/http.hpp>
 #include <cstddef>
 #include <cstdint>
@@ -44,6 +45,10 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
   lim.strict_fields = true;
   lim.max_body_bytes = 1 << 16;
   facts->lm_facts = {&facts->lm, facts->tokenizer.get(), "m", lim};
+  if (facts->tokenizer) {  // structured output's grammars are compiled as the server does
+    facts->lm_facts.constraints =
+        std::make_shared<serving::ConstraintCache>(*facts->tokenizer, std::vector<int32_t>{1});
+  }
   facts->cls_facts = {&facts->cls, facts->tokenizer.get(), "m", lim};
   return 0;
 }
@@ -68,7 +73,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   body = parser.get().body();
 #endif
   auto json = serving::ParseJsonBody(body, facts->lm_facts.limits.max_json_depth);
-  if (auto* j = std::get_if<nlohmann::json>(&json)) {
+  if (auto* j = std::get_if<serving::RequestJson>(&json)) {
     switch (route % 3) {
       case 0:
         (void)serving::ParseCompletions(*j, facts->lm_facts);

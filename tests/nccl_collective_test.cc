@@ -106,7 +106,7 @@ int RunPeerRank(int rank, const std::string& dir) {
   };
   const int64_t hidden = 4608;
   if (!be.ConnectPeers(rank, 2, hidden, exchange).ok()) return 31;
-  if (!be.BeginStep({}, StepOutputKind::kLogits).ok()) return 32;
+  if (!be.BeginStep({}, StepOutputKind::kLogits, false).ok()) return 32;
   auto up = [&](const std::vector<float>& h, int64_t rows) {
     auto t = be.Upload(h.data(), DType::kF32, rows, hidden);
     return t.ok() ? *t : Tensor{};

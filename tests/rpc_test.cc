@@ -31,6 +31,10 @@ StepPlan SamplePlan() {
   b.sampling.params.top_p = 0.9f;
   b.sampling.params.seed = 1234567890123ull;
   b.sampling.counter = 12;
+  b.token_mask = 1;
+  p.token_masks = {TokenMaskWords(4000, ~uint64_t{0}), TokenMaskWords(4000, 0)};
+  p.token_masks[1][3999] = uint64_t{1} << 63;
+  p.token_masks[1][0] = 5;
   p.sequences = {a, b};
   return p;
 }
@@ -60,6 +64,9 @@ TEST(WireTest, StepPlanRoundTrips) {
   EXPECT_EQ(back->sequences[1].sampling.params.seed, 1234567890123ull);
   EXPECT_EQ(back->sequences[1].sampling.counter, 12u);
   EXPECT_FLOAT_EQ(back->sequences[1].sampling.params.temperature, 0.7f);
+  EXPECT_EQ(back->sequences[0].token_mask, -1);
+  EXPECT_EQ(back->sequences[1].token_mask, 1);
+  EXPECT_EQ(back->token_masks, p.token_masks);
 }
 
 TEST(WireTest, EveryTruncationAndTrailingByteIsRefused) {
@@ -109,6 +116,8 @@ TEST(WireTest, CorruptFieldsAreRefusedBeforeAllocating) {
   w.U32(0);  // released
   w.U32(0);  // KV copies
   w.U32(0);  // KV block assignments
+  w.U32(0);  // token masks
+  w.U32(0);  // their words
   w.U32(1);
   w.I64(1);
   w.I64(0);
@@ -133,6 +142,23 @@ TEST(WireTest, CorruptFieldsAreRefusedBeforeAllocating) {
   p = SamplePlan();
   p.sequences[0].start_pos = -1;
   EXPECT_FALSE(DecodeStep(EncodeStep(p)).ok());
+  // Token masks: words past the payload (refused before allocating), a sequence naming a mask
+  // that is not there.
+  Writer masks;
+  masks.U8(1);
+  masks.U32(0);
+  masks.U32(0);
+  masks.U32(0);
+  masks.U32(2);
+  masks.U32(0x40000000u);
+  masks.U64(1);
+  masks.U64(1);
+  EXPECT_NE(DecodeStep(masks.out()).status().message().find("token masks past the payload"),
+            std::string::npos);
+  p = SamplePlan();
+  p.sequences[0].token_mask = 2;
+  EXPECT_NE(DecodeStep(EncodeStep(p)).status().message().find("token mask that is not there"),
+            std::string::npos);
   Writer many;
   many.U8(0);
   many.U32(0);

@@ -1215,6 +1215,62 @@ TEST_F(ServerTest, VercelAiSdk) { RunNodeClient(*server_, "ai_sdk_client.mjs", "
 
 TEST_F(ServerTest, LangChainJs) { RunNodeClient(*server_, "langchain_client.mjs", "@langchain/openai"); }
 
+// 200 random JSON Schema documents of the supported subset, greedy and sampled, through chat and
+// completions: every answer that ends parses and validates under ajv; regexes and choices match
+// (tests/js/structured_check.mjs).
+TEST_F(ServerTest, RandomSchemasValidateUnderAjv) {
+  RunNodeClient(*server_, "structured_check.mjs", "ajv");
+}
+
+// What the constraint engine cannot honour is a 400 naming it; an answer cut by max_tokens inside
+// the structure ends with "length"; a reply forced to calls ends with "tool_calls".
+TEST_F(ServerTest, StructuredOutputErrorsAndEnds) {
+  const std::string url = server_->base();
+  auto post = [&](const std::string& path, const json& body) {
+    return json::parse(Curl(url + path + " -d '" + body.dump() + "'"));
+  };
+  const json messages = json::array({{{"role", "user"}, {"content", "Hi"}}});
+  json e = post("/v1/chat/completions",
+                {{"messages", messages},
+                 {"response_format",
+                  {{"type", "json_schema"},
+                   {"json_schema", {{"name", "x"}, {"schema", {{"type", "string"}, {"pattern", "a+"}}}}}}}});
+  EXPECT_EQ(e["error"]["param"], "response_format") << e;
+  EXPECT_NE(e["error"]["message"].get<std::string>().find("keyword 'pattern'"), std::string::npos) << e;
+  e = post("/v1/completions", {{"prompt", "x"}, {"guided_regex", "a+"}, {"guided_choice", {"a"}}});
+  EXPECT_NE(e["error"]["message"].get<std::string>().find("both ask for structure"), std::string::npos) << e;
+  e = post("/v1/completions", {{"prompt", "x"}, {"guided_regex", "(a"}});
+  EXPECT_EQ(e["error"]["param"], "guided_regex") << e;
+  e = post("/v1/chat/completions", {{"messages", messages},
+                                    {"tools", json::array()},
+                                    {"tool_choice", {{"type", "function"}, {"function", {{"name", "f"}}}}}});
+  EXPECT_EQ(e["error"]["param"], "tool_choice") << e;
+
+  json cut = post("/v1/completions", {{"prompt", "x"}, {"max_tokens", 3}, {"guided_regex", "[a-z]{40}"}});
+  EXPECT_EQ(cut["choices"][0]["finish_reason"], "length") << cut;
+  json whole = post("/v1/completions", {{"prompt", "x"}, {"max_tokens", 60}, {"guided_regex", "[a-z]{5}"}});
+  EXPECT_EQ(whole["choices"][0]["finish_reason"], "stop") << whole;
+  EXPECT_EQ(whole["choices"][0]["text"].get<std::string>().size(), 5u) << whole;
+
+  const json tools = json::array({{{"type", "function"},
+                                   {"function",
+                                    {{"name", "f"},
+                                     {"parameters",
+                                      {{"type", "object"},
+                                       {"properties", {{"n", {{"type", "integer"}, {"minimum", 1}, {"maximum", 9}}}}},
+                                       {"required", {"n"}}}}}}}});
+  json called = post("/v1/chat/completions", {{"messages", messages}, {"tools", tools},
+                                              {"tool_choice", "required"}, {"max_tokens", 40},
+                                              {"parallel_tool_calls", false}});
+  ASSERT_EQ(called["choices"][0]["finish_reason"], "tool_calls") << called;
+  const json& msg = called["choices"][0]["message"];
+  EXPECT_TRUE(msg["content"].is_null()) << called;
+  ASSERT_EQ(msg["tool_calls"].size(), 1u) << called;
+  const json args = json::parse(msg["tool_calls"][0]["function"]["arguments"].get<std::string>());
+  EXPECT_GE(args["n"].get<int>(), 1);
+  EXPECT_LE(args["n"].get<int>(), 9);
+}
+
 TEST_F(ServerTest, Gemma2ClientWritesOneResultPerLineInOrder) {
   const auto in = dir_->path() / "prompts.jsonl";
   std::ofstream(in) << "Hello there\n"

@@ -15,6 +15,7 @@
 #include "serving/request_parser.h"
 #include "serving/scheduler.h"
 #include "serving/text_output.h"
+#include "serving/tool_calls.h"
 #include "tests/test_files.h"
 
 namespace gemma2::serving {
@@ -91,8 +92,8 @@ TEST(RequestParserTest, EveryBadInputIsAClearError) {
   };
   for (const auto& k : cases) {
     auto j = ParseJsonBody(k.body, 32);
-    ASSERT_TRUE(std::holds_alternative<json>(j)) << k.body;
-    auto r = ParseCompletions(std::get<json>(j), facts);
+    ASSERT_TRUE(std::holds_alternative<RequestJson>(j)) << k.body;
+    auto r = ParseCompletions(std::get<RequestJson>(j), facts);
     ASSERT_TRUE(std::holds_alternative<ApiError>(r)) << k.body;
     const ApiError& e = std::get<ApiError>(r);
     EXPECT_EQ(e.http_status, k.status) << k.body;
@@ -113,9 +114,9 @@ TEST(RequestParserTest, UnsupportedFieldsAreRefusedByNameHarmlessOnesPass) {
   const ModelConfig c = Small();
   ModelFacts facts{&c, nullptr, "m", Limits{}};
   ASSERT_TRUE(facts.limits.strict_fields);  // the default
-  const std::vector<std::string> refused = {
-      "response_format", "tools", "tool_choice", "suffix",
-      "chat_template_kwargs", "guided_json", "structured_outputs", "frobnicate"};
+  // (tools are chat's: on completions they are unknown.)
+  const std::vector<std::string> refused = {"tools", "tool_choice", "suffix",
+                                            "chat_template_kwargs", "frobnicate"};
   for (const std::string& field : refused) {
     json body = {{"prompt", {5}}, {"max_tokens", 2}};
     body[field] = json{{"x", 1}};
@@ -156,7 +157,7 @@ TEST(RequestParserTest, MalformedJsonDeepNestingAndBadUtf8) {
   expect("{\"prompt\": NaN}", "invalid_json");
   expect("{\"temperature\": 1e999}", "invalid_json");  // beyond a double
   EXPECT_TRUE(
-      std::holds_alternative<json>(ParseJsonBody(std::string(8, '[') + std::string(8, ']'), 8)));
+      std::holds_alternative<RequestJson>(ParseJsonBody(std::string(8, '[') + std::string(8, ']'), 8)));
 }
 
 TEST(RequestParserTest, ClassifyAndChatNeedTheRightModel) {
@@ -256,6 +257,150 @@ TEST(LogitsProcessingTest, BadWordSequencesOnGemmasVocabulary) {
   if (enc(" world").size() == enc("world").size()) want.push_back(enc(" world"));
   EXPECT_EQ(words, want);
   EXPECT_GE(words.size(), 3u);
+}
+
+// ---- structured output and tool calls in requests ----
+
+std::unique_ptr<Tokenizer> GemmaTokenizer() {
+  const auto path = std::filesystem::path(GEMMA2_SOURCE_DIR) / "../shared/tokenizers/gemma2-tokenizer.model";
+  if (!std::filesystem::exists(path)) return nullptr;
+  auto tok = Tokenizer::Load(path);
+  return tok.ok() ? std::move(tok).value() : nullptr;
+}
+
+// Every way of asking for structure compiles once per specification (the cache), and each
+// misuse is a 400 naming its field.
+TEST(RequestParserTest, StructuredOutputFieldsAndTheirErrors) {
+  auto tok = GemmaTokenizer();
+  if (!tok) GTEST_SKIP() << "skipped: ../shared/tokenizers is absent";
+  ModelConfig c = Small();
+  c.vocab_size = tok->vocab_size();
+  ModelFacts facts{&c, tok.get(), "m", Limits{}};
+  facts.constraints = std::make_shared<ConstraintCache>(*tok, std::vector<int32_t>{1}, 2);
+  const json schema = {{"type", "object"}, {"properties", {{"a", {{"type", "integer"}}}}}};
+  const std::vector<std::pair<json, std::string>> asks = {
+      {{{"response_format", {{"type", "json_object"}}}}, "json_object"},
+      {{{"response_format", {{"type", "json_schema"}, {"json_schema", {{"name", "n"}, {"schema", schema}}}}}}, "json_schema"},
+      {{{"structured_outputs", {{"json", schema}}}}, "json_schema"},
+      {{{"guided_json", schema.dump()}}, "json_schema"},
+      {{{"structured_outputs", {{"regex", "[a-c]+"}}}}, "regex"},
+      {{{"guided_choice", {"x", "y"}}}, "choice"},
+      {{{"response_format", {{"type", "text"}}}}, ""},
+  };
+  for (const auto& [fields, kind] : asks) {
+    json body = {{"prompt", {5}}};
+    body.update(fields);
+    auto r = ParseCompletions(body, facts);
+    ASSERT_TRUE(std::holds_alternative<ParsedRequest>(r)) << body << " -> " << std::get<ApiError>(r).message;
+    const auto& constraint = std::get<ParsedRequest>(r).gen.constraint;
+    EXPECT_EQ(constraint ? constraint->kind : "", kind) << body;
+    EXPECT_FALSE(std::get<ParsedRequest>(r).gen.needs_logits());  // masks go to the ranks
+  }
+  EXPECT_EQ(facts.constraints->size(), 2u);  // least recently used out past the capacity
+  const std::vector<std::tuple<json, std::string, std::string>> bad = {
+      {{{"response_format", {{"type", "grammar"}}}}, "response_format", "'grammar' is not supported"},
+      {{{"response_format", {{"type", "json_schema"}, {"json_schema", {{"schema", {{"type", "string"}, {"format", "uri"}}}}}}}},
+       "response_format", "keyword 'format'"},
+      {{{"guided_json", "{not json"}}, "guided_json", "must be a JSON Schema"},
+      {{{"structured_outputs", {{"grammar", "root ::= x"}}}}, "structured_outputs", "not supported"},
+      {{{"structured_outputs", {{"regex", "a"}, {"choice", {"a"}}}}}, "structured_outputs", "two structures"},
+      {{{"guided_regex", "a"}, {"response_format", {{"type", "json_object"}}}}, "guided_regex", "both ask"},
+      {{{"guided_choice", json::array()}}, "guided_choice", "non-empty"},
+      {{{"guided_regex", "a{5,2}"}}, "guided_regex", "m < n"},
+  };
+  for (const auto& [fields, param, message] : bad) {
+    json body = {{"prompt", {5}}};
+    body.update(fields);
+    auto r = ParseCompletions(body, facts);
+    ASSERT_TRUE(std::holds_alternative<ApiError>(r)) << body;
+    const ApiError& e = std::get<ApiError>(r);
+    EXPECT_EQ(e.http_status, 400);
+    EXPECT_EQ(e.param, param) << body << " -> " << e.message;
+    EXPECT_NE(e.message.find(message), std::string::npos) << body << " -> " << e.message;
+  }
+  ModelFacts no_tokenizer{&c, nullptr, "m", Limits{}};
+  auto r = ParseCompletions(json{{"prompt", {5}}, {"guided_regex", "a"}}, no_tokenizer);
+  ASSERT_TRUE(std::holds_alternative<ApiError>(r));
+  EXPECT_NE(std::get<ApiError>(r).message.find("tokenizer"), std::string::npos);
+}
+
+// Tools open the conversation; an assistant's calls and the tool's results are turns of it, in the
+// documented format; required and named choices are constrained, auto is not.
+TEST(RequestParserTest, ToolsRenderIntoTheChatAndChoicesConstrain) {
+  auto tok = GemmaTokenizer();
+  if (!tok) GTEST_SKIP() << "skipped: ../shared/tokenizers is absent";
+  ModelConfig c = Small();
+  c.vocab_size = tok->vocab_size();
+  c.max_position_embeddings = 8192;
+  ModelFacts facts{&c, tok.get(), "m", Limits{}};
+  facts.constraints = std::make_shared<ConstraintCache>(*tok, std::vector<int32_t>{1});
+  const json tools = json::parse(R"([{"type":"function","function":{"name":"get_weather",
+      "description":"Weather in a city","parameters":{"type":"object","properties":{"city":{"type":"string"}},
+      "required":["city"]}}},{"type":"function","function":{"name":"now"}}])");
+  const json messages = json::parse(R"([{"role":"system","content":"Be brief."},
+      {"role":"user","content":"Weather in Oslo?"},
+      {"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function",
+        "function":{"name":"get_weather","arguments":"{\"city\":\"Oslo\"}"}}]},
+      {"role":"tool","tool_call_id":"call_1","content":"12 C"},
+      {"role":"user","content":"And now?"}])");
+  auto r = ParseChat(json{{"messages", messages}, {"tools", tools}}, facts);
+  ASSERT_TRUE(std::holds_alternative<ParsedRequest>(r)) << std::get<ApiError>(r).message;
+  const ParsedRequest& p = std::get<ParsedRequest>(r);
+  EXPECT_EQ(p.tools.choice, ToolUse::Choice::kAuto);
+  EXPECT_FALSE(p.gen.constraint);
+  const std::string text = *tok->Decode(p.prompts[0], /*skip_special=*/false);
+  for (const char* want :
+       {"<start_of_turn>user\nBe brief.\n\nYou can call these functions", "\"name\":\"get_weather\"",
+        "<start_of_turn>model\n{\"name\":\"get_weather\",\"arguments\":{\"city\":\"Oslo\"}}<end_of_turn>",
+        "<start_of_turn>user\nResult of get_weather (call call_1):\n12 C\n\nAnd now?<end_of_turn>"}) {
+    EXPECT_NE(text.find(want), std::string::npos) << want << "\nin\n" << text;
+  }
+  for (const json& choice : {json("required"), json{{"type", "function"}, {"function", {{"name", "now"}}}}}) {
+    auto forced = ParseChat(json{{"messages", {messages[1]}}, {"tools", tools}, {"tool_choice", choice}}, facts);
+    ASSERT_TRUE(std::holds_alternative<ParsedRequest>(forced)) << std::get<ApiError>(forced).message;
+    ASSERT_TRUE(std::get<ParsedRequest>(forced).gen.constraint);
+    EXPECT_EQ(std::get<ParsedRequest>(forced).gen.constraint->kind, "tool_calls");
+  }
+  auto none = ParseChat(json{{"messages", {messages[1]}}, {"tools", tools}, {"tool_choice", "none"}}, facts);
+  ASSERT_TRUE(std::holds_alternative<ParsedRequest>(none));
+  EXPECT_FALSE(std::get<ParsedRequest>(none).tools.parses());
+  EXPECT_EQ(tok->Decode(std::get<ParsedRequest>(none).prompts[0])->find("You can call"), std::string::npos);
+
+  const std::vector<std::pair<json, std::string>> bad = {
+      {{{"tools", json::parse(R"([{"type":"function","function":{"name":"a b"}}])")}}, "'name' must be"},
+      {{{"tools", json::parse(R"([{"type":"function","function":{"name":"a"}},{"type":"function","function":{"name":"a"}}])")}}, "offered twice"},
+      {{{"tools", tools}, {"tool_choice", {{"type", "function"}, {"function", {{"name", "other"}}}}}}, "not among"},
+      {{{"tool_choice", "required"}}, "offers none"},
+      {{{"tools", tools}, {"tool_choice", "sometimes"}}, "must be none, auto, required"},
+      {{{"tools", tools}, {"tool_choice", "required"}, {"response_format", {{"type", "json_object"}}}}, "give one"},
+      {{{"tools", json::parse(R"([{"type":"function","function":{"name":"a","parameters":{"type":"string","format":"x"}}}])")},
+        {"tool_choice", "required"}}, "keyword 'format'"},
+  };
+  for (const auto& [fields, message] : bad) {
+    json body = {{"messages", {messages[1]}}};
+    body.update(fields);
+    auto e = ParseChat(body, facts);
+    ASSERT_TRUE(std::holds_alternative<ApiError>(e)) << body;
+    EXPECT_NE(std::get<ApiError>(e).message.find(message), std::string::npos)
+        << body << " -> " << std::get<ApiError>(e).message;
+  }
+}
+
+TEST(ToolCallsTest, RepliesThatAreCallsAndRepliesThatAreNot) {
+  const std::vector<std::string> names = {"f", "g"};
+  const json one = ParseToolCalls(R"( {"name":"f","arguments":{"b":1,"a":[2]}})", names);
+  ASSERT_EQ(one.size(), 1u) << one;
+  EXPECT_EQ(one[0]["type"], "function");
+  EXPECT_EQ(one[0]["function"]["name"], "f");
+  EXPECT_EQ(one[0]["function"]["arguments"], R"({"b":1,"a":[2]})");  // as written, in order
+  EXPECT_EQ(one[0]["id"].get<std::string>().rfind("call_", 0), 0u);
+  const json two = ParseToolCalls(R"([{"name":"f","arguments":{}},{"name":"g"}])", names);
+  ASSERT_EQ(two.size(), 2u);
+  EXPECT_NE(two[0]["id"], two[1]["id"]);
+  EXPECT_EQ(two[1]["function"]["arguments"], "{}");
+  for (const char* no : {"hello", R"({"name":"h","arguments":{}})", R"({"name":"f","arguments":3})",
+                         R"({"name":"f","extra":1})", "[]", R"({"name":"f")", ""})
+    EXPECT_TRUE(ParseToolCalls(no, names).is_null()) << no;
 }
 
 // ---- the scheduler against Generate ----

@@ -101,6 +101,62 @@ TEST(GrammarTest, IntegerRangesAreExact) {
   EXPECT_FALSE(Matches(*ex, "3"));
 }
 
+// One bound open: every width up to 16 digits, said in few rules (each width's full range once).
+TEST(GrammarTest, HalfOpenIntegerRangesStaySmall) {
+  auto g = Compile(nlohmann::ordered_json{{"type", "integer"}, {"minimum", 12}});
+  ASSERT_TRUE(g);
+  EXPECT_LT(g->rules.size(), 2000u);
+  for (const char* yes : {"12", "13", "99", "100", "9999999999999999", "1000000000000000"})
+    EXPECT_TRUE(Matches(*g, yes)) << yes;
+  for (const char* no : {"11", "0", "-5", "10000000000000000", "012"}) EXPECT_FALSE(Matches(*g, no)) << no;
+  auto neg = Compile(nlohmann::ordered_json{{"type", "integer"}, {"maximum", -3}});
+  ASSERT_TRUE(neg);
+  EXPECT_TRUE(Matches(*neg, "-3"));
+  EXPECT_TRUE(Matches(*neg, "-9999999999999999"));
+  EXPECT_FALSE(Matches(*neg, "-2"));
+}
+
+// Tool calls: {"name":NAME,"arguments":ARGS} with each tool's own $defs, one call or a list.
+TEST(GrammarTest, ToolCalls) {
+  const std::vector<ToolSchema> tools = {
+      {"f", nlohmann::ordered_json::parse(R"({"type":"object","properties":{"x":{"$ref":"#/$defs/d"}},
+          "required":["x"],"$defs":{"d":{"enum":[1,2]}}})")},
+      {"g", nlohmann::ordered_json::parse(R"({"type":"object","properties":{"x":{"$ref":"#/$defs/d"}},
+          "required":["x"],"$defs":{"d":{"type":"boolean"}}})")},
+      {"h", nullptr}};
+  auto one = ToolCallsGrammar(tools, false);
+  ASSERT_TRUE(one.ok()) << one.status().ToString();
+  EXPECT_TRUE(Matches(**one, R"({"name":"f","arguments":{"x":2}})"));
+  EXPECT_TRUE(Matches(**one, R"({"name":"g","arguments":{"x":true}})"));
+  EXPECT_FALSE(Matches(**one, R"({"name":"g","arguments":{"x":2}})"));  // g's own $defs
+  EXPECT_TRUE(Matches(**one, R"({"name":"h","arguments":{"any":[1]}})"));
+  EXPECT_FALSE(Matches(**one, R"([{"name":"f","arguments":{"x":1}}])"));
+  auto list = ToolCallsGrammar(tools, true);
+  ASSERT_TRUE(list.ok());
+  EXPECT_TRUE(Matches(**list, R"([{"name":"f","arguments":{"x":1}},{"name":"h","arguments":{}}])"));
+  EXPECT_TRUE(Matches(**list, R"({"name":"f","arguments":{"x":1}})"));
+  EXPECT_FALSE(Matches(**list, "[]"));
+  auto bad = ToolCallsGrammar({{"k", nlohmann::ordered_json::parse(R"({"type":"string","format":"email"})")}}, false);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("function 'k': json_schema: keyword 'format'"), std::string::npos)
+      << bad.status().message();
+}
+
+// A specification too large to compile is refused, not built (a body of a few bytes asking for
+// millions of rules).
+TEST(GrammarTest, OversizedGrammarsAreRefused) {
+  nlohmann::ordered_json props = nlohmann::ordered_json::object();
+  for (const char* name : {"p0", "p1", "p2", "p3"}) props[name] = {{"type", "string"}, {"maxLength", 65536}};
+  auto g = JsonSchemaGrammar({{"type", "object"}, {"properties", props}});
+  ASSERT_FALSE(g.ok());
+  EXPECT_NE(g.status().message().find("exceed"), std::string::npos) << g.status().message();
+  std::string re;
+  for (int i = 0; i < 200; ++i) re.append("(a{0,1000})");  // 1000 optional rules each
+  auto r = RegexGrammar(re);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("exceed"), std::string::npos) << r.status().message();
+}
+
 TEST(GrammarTest, WhatCannotCompileNamesTheKeyword) {
   const std::vector<std::pair<std::string, std::string>> cases = {
       {R"({"type":"string","pattern":"a+"})", "'pattern'"},

@@ -41,6 +41,8 @@ struct Args {
   uint64_t seed = 0;
   bool ignore_eos = true;
   double timeout_s = 600;
+  std::string extra_body;  // a JSON object merged into every request (e.g. a response_format)
+  json extra = json::object();  // extra_body, parsed
 };
 
 struct Request {
@@ -106,6 +108,7 @@ std::vector<Done> Send(const Args& a, const serving::Url& url, const std::vector
                    {"stream_options", {{"include_usage", true}}}};
       if (!a.model.empty()) body["model"] = a.model;
       if (a.ignore_eos) body["ignore_eos"] = true;
+      body.update(a.extra);
       serving::HttpCall call;
       call.path = "/v1/completions";
       call.body = body.dump();
@@ -262,6 +265,10 @@ Status Run(Args a) {
       return InvalidArgument("--input-len/--output-len: one length >= 1, or LO,HI with LO <= HI");
     }
   }
+  if (!a.extra_body.empty()) {
+    a.extra = json::parse(a.extra_body, nullptr, /*allow_exceptions=*/false);
+    if (!a.extra.is_object()) return InvalidArgument("--extra-body: not a JSON object: " + a.extra_body);
+  }
   const std::vector<std::string> rates = a.sweep.empty() ? std::vector{a.request_rate} : a.sweep;
   json runs = json::array();
   for (size_t k = 0; k < rates.size(); ++k) {
@@ -283,6 +290,7 @@ Status Run(Args a) {
               {"input_len", a.input_len},
               {"output_len", a.output_len},
               {"ignore_eos", a.ignore_eos},
+              {"extra_body", a.extra},
               {"runs", runs}};
   if (!a.out.empty()) std::ofstream(a.out) << doc.dump(2) << "\n";
   if (!a.svg.empty()) std::ofstream(a.svg) << SweepSvg(runs);
@@ -328,5 +336,8 @@ int main(int argc, char** argv) {
   app.add_option("--timeout", a.timeout_s, "seconds any single read may take");
   app.add_option("--out", a.out, "write every run as JSON here");
   app.add_option("--svg", a.svg, "draw output throughput against p99 ITL here (with --sweep)");
+  app.add_option("--extra-body", a.extra_body,
+                 "a JSON object merged into every request's body (e.g. '{\"response_format\": "
+                 "{\"type\": \"json_object\"}}')");
   return gemma2::RunTool("gemma2-serve-bench", app, argc, argv, [&] { return gemma2::Run(a); });
 }

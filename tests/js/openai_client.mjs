@@ -56,4 +56,75 @@ await assert.rejects(
 const wrongKey = new OpenAI({ baseURL: `${baseURL}/v1`, apiKey: "wrong", maxRetries: 0 });
 await assert.rejects(wrongKey.models.list(), (e) => e instanceof OpenAI.AuthenticationError && e.status === 401);
 
-console.log(JSON.stringify({ ok: true, completion: one.choices[0].text, chat: chat.choices[0].message.content, streamed }));
+// Structured output: a JSON Schema the answer follows even though the model knows nothing.
+const person = {
+  type: "object",
+  properties: { name: { type: "string", maxLength: 8 }, age: { type: "integer", minimum: 0, maximum: 120 } },
+  required: ["name", "age"],
+  additionalProperties: false,
+};
+const shaped = await client.chat.completions.create({
+  model, messages: [{ role: "user", content: "A person" }], max_tokens: 60, temperature: 0,
+  response_format: { type: "json_schema", json_schema: { name: "person", schema: person, strict: true } },
+});
+const p = JSON.parse(shaped.choices[0].message.content);
+assert.deepEqual(Object.keys(p), ["name", "age"]);  // in the schema's order
+assert.ok(typeof p.name === "string" && p.name.length <= 8 && Number.isInteger(p.age) && p.age >= 0 && p.age <= 120);
+// JSON mode leaves strings unbounded, which a model that knows nothing seldom closes: of 8
+// sampled answers, those that end inside the budget must parse, and one must.
+const anyJson = await client.chat.completions.create({
+  model, messages: [{ role: "user", content: "JSON please" }], max_tokens: 400, temperature: 1, seed: 3, n: 8,
+  response_format: { type: "json_object" },
+});
+const ended = anyJson.choices.filter((c) => c.finish_reason === "stop");
+assert.ok(ended.length > 0, "no JSON-mode answer ended within 400 tokens in 8 draws");
+for (const c of ended) assert.equal(typeof JSON.parse(c.message.content), "object");
+
+// Tool calls: required and named choices answer with calls the SDK reads; the result goes back
+// as a tool message and the conversation goes on.
+const tools = [
+  { type: "function", function: { name: "get_weather", description: "Weather in a city",
+    parameters: { type: "object", properties: { city: { type: "string", maxLength: 12 }, unit: { enum: ["c", "f"] } }, required: ["city", "unit"] } } },
+  { type: "function", function: { name: "get_time", parameters: { type: "object", properties: { zone: { type: "string", maxLength: 6 } }, required: ["zone"] } } },
+];
+const ask = [{ role: "user", content: "What is the weather in Oslo?" }];
+const required = await client.chat.completions.create({ model, messages: ask, tools, tool_choice: "required", max_tokens: 80, temperature: 0 });
+assert.equal(required.choices[0].finish_reason, "tool_calls");
+const calls = required.choices[0].message.tool_calls;
+assert.ok(calls.length >= 1 && calls.every((c) => c.type === "function" && /^call_/.test(c.id)));
+assert.ok(calls.every((c) => ["get_weather", "get_time"].includes(c.function.name) && typeof JSON.parse(c.function.arguments) === "object"));
+const named = await client.chat.completions.create({
+  model, messages: ask, tools, tool_choice: { type: "function", function: { name: "get_weather" } }, max_tokens: 80, temperature: 0,
+});
+const call = named.choices[0].message.tool_calls[0];
+assert.equal(named.choices[0].message.tool_calls.length, 1);
+assert.equal(call.function.name, "get_weather");
+const args = JSON.parse(call.function.arguments);
+assert.ok(typeof args.city === "string" && ["c", "f"].includes(args.unit), call.function.arguments);
+// Streamed, the call arrives as tool-call deltas the SDK's accumulation reads back whole.
+const tstream = await client.chat.completions.create({
+  model, messages: ask, tools, tool_choice: { type: "function", function: { name: "get_weather" } }, max_tokens: 80, temperature: 0, stream: true,
+});
+let streamedArgs = "";
+let streamedName = "";
+let tfinish = null;
+for await (const chunk of tstream) {
+  for (const c of chunk.choices) {
+    for (const d of c.delta?.tool_calls ?? []) {
+      streamedName += d.function?.name ?? "";
+      streamedArgs += d.function?.arguments ?? "";
+    }
+    tfinish = c.finish_reason ?? tfinish;
+  }
+}
+assert.equal(streamedName, "get_weather");
+assert.equal(streamedArgs, call.function.arguments);
+assert.equal(tfinish, "tool_calls");
+const followUp = await client.chat.completions.create({
+  model, tools, max_tokens: 6, temperature: 0,
+  messages: [...ask, named.choices[0].message, { role: "tool", tool_call_id: call.id, content: "12 degrees, clear" }],
+});
+assert.equal(typeof followUp.choices[0].message.content, "string");
+assert.ok(followUp.usage.prompt_tokens > named.usage.prompt_tokens, "the call and its result are in the prompt");
+
+console.log(JSON.stringify({ ok: true, completion: one.choices[0].text, chat: chat.choices[0].message.content, streamed, person: p, call: call.function }));

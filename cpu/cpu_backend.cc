@@ -286,9 +286,10 @@ void CpuBackend::Softcap(Tensor& x, float cap) {
 }
 
 void CpuBackend::MaskTokens(Tensor& logits, std::span<const uint64_t> masks, int64_t words,
-                            int64_t vocab_begin) {
+                            std::span<const int32_t> row_mask, int64_t vocab_begin) {
   for (int64_t r = 0; r < logits.rows; ++r) {
-    const uint64_t* m = masks.data() + r * words;
+    if (row_mask[static_cast<size_t>(r)] < 0) continue;
+    const uint64_t* m = masks.data() + row_mask[static_cast<size_t>(r)] * words;
     float* row = logits.as<float>() + r * logits.cols;
     for (int64_t j = 0; j < logits.cols; ++j) {
       const int64_t t = vocab_begin + j;

@@ -50,7 +50,7 @@ class CpuBackend final : public Backend {
   void GeluTanhMul(const Tensor& gate_up, Tensor& out) override;
   void Softcap(Tensor& x, float cap) override;
   void MaskTokens(Tensor& logits, std::span<const uint64_t> masks, int64_t words,
-                  int64_t vocab_begin) override;
+                  std::span<const int32_t> row_mask, int64_t vocab_begin) override;
   void GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) override;
   void ScatterColumns(const Tensor& src, int64_t col_offset, Tensor& dst) override;
   void ShardBestScores(const Tensor& local, std::span<const RowSampling> rows, int64_t vocab_begin,

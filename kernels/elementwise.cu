@@ -24,9 +24,10 @@ __global__ void SoftcapKernel(float* x, int64_t n, float cap) {
 }
 
 __global__ void MaskTokensKernel(float* x, int64_t cols, const uint64_t* masks, int64_t words,
-                                 int64_t first_bit) {
+                                 const int32_t* row_slot, int64_t first_bit) {
   const int64_t r = blockIdx.y;
-  const uint64_t* m = masks + r * words;
+  if (row_slot[r] < 0) return;
+  const uint64_t* m = masks + row_slot[r] * words;
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < cols;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t b = first_bit + j;
@@ -135,11 +136,11 @@ cudaError_t Softcap(float* x, int64_t n, float cap, cudaStream_t stream) {
 }
 
 cudaError_t MaskTokens(float* x, int64_t rows, int64_t cols, const uint64_t* masks, int64_t words,
-                       int64_t first_bit, cudaStream_t stream) {
+                       const int32_t* row_slot, int64_t first_bit, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>((cols + 255) / 256, 256)),
                   static_cast<unsigned>(rows));
-  MaskTokensKernel<<<grid, 256, 0, stream>>>(x, cols, masks, words, first_bit);
+  MaskTokensKernel<<<grid, 256, 0, stream>>>(x, cols, masks, words, row_slot, first_bit);
   return cudaGetLastError();
 }
 

@@ -12,10 +12,11 @@ namespace gemma2::kernels {
 cudaError_t GeluTanhMul(const bf16* gate_up, int64_t rows, int64_t n, bf16* out, cudaStream_t stream);
 // x = tanh(x / cap) * cap over n fp32 values.
 cudaError_t Softcap(float* x, int64_t n, float cap, cudaStream_t stream);
-// Structured output: x[r][j] = -inf where bit (first_bit + j) of row r's mask words is clear;
-// `masks` is [rows, words] (bit b: word b / 64, bit b % 64), fp32 x [rows, cols].
+// Structured output: x[r][j] = -inf where bit (first_bit + j) of mask row_slot[r]'s words is
+// clear (bit b: word b / 64, bit b % 64); rows whose slot is -1 are left alone. `masks` is
+// [slots, words], fp32 x [rows, cols].
 cudaError_t MaskTokens(float* x, int64_t rows, int64_t cols, const uint64_t* masks, int64_t words,
-                       int64_t first_bit, cudaStream_t stream);
+                       const int32_t* row_slot, int64_t first_bit, cudaStream_t stream);
 // out[i] = x[rows[i]] for bf16 rows of `cols` elements.
 cudaError_t GatherRows(const bf16* x, int64_t cols, const int64_t* rows, int64_t count, bf16* out,
                        cudaStream_t stream);

@@ -50,6 +50,7 @@ void OnSignal(int) { g_stop = 1; }
 
 struct Args {
   std::string model, backend, host = "127.0.0.1", api_key, api_key_file, served_name;
+  std::string tokenizer;  // --tokenizer: a sentencepiece model other than MODEL/tokenizer.model
   std::string quantization = "auto";
   std::string trace;  // --trace: the scheduler's per-step timeline (Chrome trace format)
   int tp = 1, nodes = 1, pp = 0, port = 8000;
@@ -409,9 +410,16 @@ Status Run(Args a) {
   const ModelConfig& config = executor.config();
 
   std::unique_ptr<Tokenizer> tokenizer;
-  const auto tok_file = std::filesystem::path(a.model) / "tokenizer.model";
-  if (std::filesystem::exists(tok_file)) {
+  const auto tok_file = a.tokenizer.empty() ? std::filesystem::path(a.model) / "tokenizer.model"
+                                            : std::filesystem::path(a.tokenizer);
+  if (!a.tokenizer.empty() || std::filesystem::exists(tok_file)) {
     ASSIGN_OR_RETURN(tokenizer, Tokenizer::Load(tok_file));
+    if (tokenizer->vocab_size() > config.vocab_size) {
+      return InvalidArgument("the tokenizer " + tok_file.string() + " has " +
+                             std::to_string(tokenizer->vocab_size()) +
+                             " pieces, more than the model's vocabulary of " +
+                             std::to_string(config.vocab_size));
+    }
   }
 
   serving::Metrics metrics;
@@ -551,6 +559,9 @@ int main(int argc, char** argv) {  // NOLINT(bugprone-exception-escape)
   app.add_option("--micro-batch-min-tokens", a.micro_batch_min_tokens,
                  "steps with fewer tokens are not split into micro-batches");
   gemma2::cli::AddClusterTimeouts(app, a.timeouts);
+  app.add_option("--tokenizer", a.tokenizer,
+                 "sentencepiece model for text, chat and structured output (default: "
+                 "MODEL/tokenizer.model, where there is one; random weights have none)");
 #ifndef GEMMA2_COORDINATOR_ONLY
   app.add_flag("--in-process", a.in_process,
                "serve from an engine in this process (ranks on threads, no worker processes, no "

@@ -176,9 +176,10 @@ class Backend {
   virtual void Softcap(Tensor& x, float cap) = 0;
   // Structured output: every column of `logits` (fp32 [rows, cols]: this rank's vocabulary
   // columns, token ids from vocab_begin) whose token row r's mask leaves out becomes -inf.
-  // `masks` is [rows, words]: one TokenMaskWords (model/step.h) over the whole vocabulary per row.
+  // `masks` is [masks, words]: TokenMaskWords (model/step.h) over the whole vocabulary; row r
+  // follows masks[row_mask[r]], or none where row_mask[r] is -1.
   virtual void MaskTokens(Tensor& logits, std::span<const uint64_t> masks, int64_t words,
-                          int64_t vocab_begin) = 0;
+                          std::span<const int32_t> row_mask, int64_t vocab_begin) = 0;
   // out[i] = x[rows[i]].
   virtual void GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) = 0;
   // dst = 0, then dst[:, col_offset : col_offset + src.cols] = src (fp32 output tensors).

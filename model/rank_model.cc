@@ -231,9 +231,10 @@ struct RankModel::StepRows {
   std::vector<SeqSlice> seqs;
   std::vector<int64_t> out_rows;
   std::vector<RowSampling> sampling;  // one per output row
-  // Structured output (ids_only steps with token masks): [output rows, words], all ones for a row
-  // without a mask; empty when no row has one.
+  // Structured output (ids_only steps with token masks): the plan's masks one after another and
+  // each output row's (-1: none); empty when no row has one.
   std::vector<uint64_t> masks;
+  std::vector<int32_t> row_mask;
   int64_t mask_words = 0;
 };
 
@@ -261,16 +262,8 @@ RankModel::StepRows RankModel::FlattenStep(const StepPlan& step, const KvBlockTa
   }
   if (step.ids_only && step.masked()) {
     rows.mask_words = static_cast<int64_t>(step.token_masks.front().size());
-    for (const StepSequence& s : step.sequences) {
-      for (size_t k = 0; k < s.output_rows.size(); ++k) {
-        if (s.token_mask < 0) {
-          rows.masks.insert(rows.masks.end(), static_cast<size_t>(rows.mask_words), ~uint64_t{0});
-        } else {
-          const TokenMaskWords& m = step.token_masks[static_cast<size_t>(s.token_mask)];
-          rows.masks.insert(rows.masks.end(), m.begin(), m.end());
-        }
-      }
-    }
+    for (const TokenMaskWords& m : step.token_masks) rows.masks.insert(rows.masks.end(), m.begin(), m.end());
+    for (const StepSequence& s : step.sequences) rows.row_mask.insert(rows.row_mask.end(), s.output_rows.size(), s.token_mask);
   }
   return rows;
 }
@@ -298,7 +291,7 @@ Status RankModel::Forward(const StepPlan& step, const KvBlockTables& kv, Collect
                           StepOutput* out, const PipelineLinks& pipe) {
   const StepRows rows = FlattenStep(step, kv);
   const StepOutputKind kind = OutputKind(step, rows.sampling, comm);
-  RETURN_IF_ERROR(backend_.BeginStep(rows.seqs, kind, !rows.masks.empty()));
+  RETURN_IF_ERROR(backend_.BeginStep(rows.seqs, kind, !rows.row_mask.empty()));
 
   Activations a = AllocActivations(static_cast<int64_t>(rows.ids.size()));
   RETURN_IF_ERROR(EmbedTokens(rows.ids, comm, pipe, a.x));
@@ -432,7 +425,8 @@ Status RankModel::LmHead(const Tensor& sel, const StepRows& rows, StepOutputKind
     b.Softcap(local, static_cast<float>(config_.final_logit_softcap));
   const bool ids_only = kind != StepOutputKind::kLogits;
   // Each rank masks its own columns before any pick: the rows stay on the ids-only path.
-  if (ids_only && !rows.masks.empty()) b.MaskTokens(local, rows.masks, rows.mask_words, plan_.vocab_begin);
+  if (ids_only && !rows.row_mask.empty())
+    b.MaskTokens(local, rows.masks, rows.mask_words, rows.row_mask, plan_.vocab_begin);
   if (ids_only && tp > 1 && kind != StepOutputKind::kSampledIdsHostPick) {
     // Each rank's best, summed, decided on the device (inside a decode graph): only ids leave.
     Tensor exchange = b.AllocOutput(r, int64_t{2} * tp);

@@ -45,6 +45,8 @@ class ConstraintState {
   // The structure is complete and nothing may follow: the choice ends here.
   bool Finished() const { return state_.size() == 1 && state_.front().empty(); }
   const OutputConstraint& constraint() const { return *c_; }
+  // Two choices in the same place of the same grammar allow the same tokens.
+  bool SamePlace(const ConstraintState& o) const { return c_ == o.c_ && state_ == o.state_; }
 
  private:
   std::shared_ptr<const OutputConstraint> c_;

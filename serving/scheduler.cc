@@ -4,7 +4,6 @@
 #include <cmath>
 #include <random>
 #include <string>
-#include <unordered_map>
 
 #include "common/log.h"
 #include "serving/tool_calls.h"
@@ -594,29 +593,27 @@ Status Scheduler::Advance() {
 }
 
 // Structured output on the ids-only path: each constrained row's mask goes to the ranks with the
-// step (rows in the same state share one), so only the ids come back. (A step that returns rows
-// is masked here instead, in AcceptToken.)
+// step, so only the ids come back; rows in the same place of the same grammar share one (found by
+// their states, before any mask is copied). (A step that returns rows is masked here instead, in
+// AcceptToken.)
 void Scheduler::AttachTokenMasks(InFlightStep& f) {
-  const int64_t words = TokenMaskWordCount(executor_.config().vocab_size);
-  std::unordered_multimap<uint64_t, int32_t> seen;  // a mask's hash -> its index in the plan
+  const auto words = static_cast<size_t>(TokenMaskWordCount(executor_.config().vocab_size));
+  std::vector<std::pair<const ConstraintState*, int32_t>> placed;  // a place -> its mask
   for (size_t m = 0; m < f.batch.size(); ++m) {
     Sequence& s = *f.batch[m];
     StepSequence& ss = f.plan.sequences[m];
     if (!s.structure || ss.output_rows.empty()) continue;
+    const auto same = std::find_if(placed.begin(), placed.end(),
+                                   [&](const auto& p) { return p.first->SamePlace(*s.structure); });
+    if (same != placed.end()) {
+      ss.token_mask = same->second;
+      continue;
+    }
     s.structure->Allowed(mask_);
-    mask_.words.resize(static_cast<size_t>(words), 0);
-    uint64_t h = 1469598103934665603ull;
-    for (uint64_t w : mask_.words) h = (h ^ w) * 1099511628211ull;
-    int32_t index = -1;
-    for (auto [it, end] = seen.equal_range(h); it != end && index < 0; ++it) {
-      if (f.plan.token_masks[static_cast<size_t>(it->second)] == mask_.words) index = it->second;
-    }
-    if (index < 0) {
-      index = static_cast<int32_t>(f.plan.token_masks.size());
-      f.plan.token_masks.push_back(mask_.words);
-      seen.emplace(h, index);
-    }
-    ss.token_mask = index;
+    TokenMaskWords& w = f.plan.token_masks.emplace_back(std::move(mask_.words));
+    w.resize(words, 0);
+    ss.token_mask = static_cast<int32_t>(f.plan.token_masks.size() - 1);
+    placed.emplace_back(&*s.structure, ss.token_mask);
   }
 }
 

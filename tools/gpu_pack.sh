@@ -15,5 +15,7 @@ for t in gpu_smoke_test cuda_ops_test reference_cuda_test nccl_collective_test s
 done
 strip /tmp/gemma2-gpu-pack/* /tmp/gemma2-gpu-pack/tests/* 2>/dev/null || true
 ../shared/gpu/bundle.sh .gpu /tmp/gemma2-gpu-pack >/dev/null
+# Gemma's vocabulary: random weights serve text and structured output with it (--tokenizer).
+cp ../shared/tokenizers/gemma2-tokenizer.model .gpu/
 tar -cJf .gpuz/gpu.tar.xz .gpu
 ls -la .gpuz/gpu.tar.xz

@@ -23,8 +23,11 @@
 #               --quantization fp8 at 512
 #   servelocal  issue 17: the c64 and single-stream runs through gemma2-launch --in-process (no
 #               workers) and through the cluster, in one call
-#   structured  issue 15: the c64 workload unconstrained, in JSON mode and under a 10-property
-#               JSON Schema (every row masked on the GPU), one launcher: the cost of the masks
+#   structured  issue 15: the c64 workload unconstrained (twice: the first run warms the server),
+#               in JSON mode (twice) and under a 10-property JSON Schema (every row masked on the
+#               GPU), one launcher with Gemma's tokenizer: the cost of the masks
+#   structuredwave  issue 15: one wave of 64 short prompts (decode steps of 64 rows), unmasked, under
+#               the regex [a-z]+ (one mask shared by every row) and in JSON mode, twice each
 #   fp8         issue 16: the FP8 kernels against the cpu specification, the FP8 engine against
 #               transformers, then gemma2-bench 27B with --quantization fp8 and bf16, same shapes
 # Issue 6, on a host with several GPUs (each uses every GPU the host shows):
@@ -80,6 +83,9 @@ serve_with() {
 export -f serve_with
 # Issue 15's constrained runs (no whitespace: serve_with splits its arguments into words).
 export JSON_MODE='{"response_format":{"type":"json_object"}}'
+export LETTERS='{"structured_outputs":{"regex":"[a-z]+"}}'
+# One wave of 64 short prompts: after 4 prefill steps every step decodes 64 rows.
+export W64="--num-prompts 64 --input-len 16 --output-len 128 --concurrency 64 --warmup 64"
 export SCHEMA10='{"response_format":{"type":"json_schema","json_schema":{"name":"r","schema":{"type":"object","properties":{"id":{"type":"integer","minimum":0,"maximum":100000},"name":{"type":"string","maxLength":40},"email":{"type":"string","maxLength":60},"age":{"type":"integer","minimum":0,"maximum":150},"active":{"type":"boolean"},"score":{"type":"number"},"tags":{"type":"array","items":{"type":"string","maxLength":16},"maxItems":5},"role":{"enum":["admin","user","guest"]},"address":{"type":"object","properties":{"city":{"type":"string","maxLength":30},"zip":{"type":"string","maxLength":10}},"required":["city"]},"note":{"type":["string","null"],"maxLength":80}},"required":["id","name","email","age","active","score","tags","role","address","note"]}}}}'
 
 hf="env PYTHONUNBUFFERED=1 python3 tools/bench_hf.py"
@@ -106,8 +112,13 @@ for s in "$@"; do
       step serve 420 bash -c 'serve_with serve 18500 "--trace $OUT/serve_trace.json" \
         c64 "$C64" c1 "$C1" r4 "$R4"' ;;
     structured)  # issue 15: masks on the GPU against none, same launcher, same workload
-      step structured 590 bash -c 'serve_with structured 18503 "" plain "$C64" json "$C64 --extra-body $JSON_MODE" \
-        schema "$C64 --extra-body $SCHEMA10" plain2 "$C64"' ;;
+      step structured 590 bash -c 'serve_with structured 18503 "--tokenizer .gpu/gemma2-tokenizer.model" \
+        plain "$C64" plain2 "$C64" json "$C64 --extra-body $JSON_MODE" \
+        json2 "$C64 --extra-body $JSON_MODE" schema "$C64 --extra-body $SCHEMA10"' ;;
+    structuredwave)  # issue 15: decode steps of 64 rows, masked (one shared mask; JSON mode) or not
+      step structuredwave 400 bash -c 'serve_with wave 18504 "--tokenizer .gpu/gemma2-tokenizer.model" \
+        plain "$W64" letters "$W64 --extra-body $LETTERS" json "$W64 --extra-body $JSON_MODE" \
+        plain2 "$W64" letters2 "$W64 --extra-body $LETTERS" json2 "$W64 --extra-body $JSON_MODE"' ;;
     servesweep)  # issue 17: the c64 workload over --max-step-tokens (and FP8 at 512)
       step servesweep 590 bash -c '
         for t in 256 512 1024 2048; do serve_with sweep_mst$t 18501 "--max-step-tokens $t" c64 "$C64"; done

@@ -27,6 +27,10 @@ TokenVocabulary::TokenVocabulary(std::vector<std::string> bytes, std::vector<int
     offset_.push_back(static_cast<uint32_t>(arena_.size()));
     arena_ += t;
     prev = t;
+    max_bytes_ = std::max(max_bytes_, t.size());
+    size_t plain = t.size();
+    while (plain > 0 && Plain(static_cast<uint8_t>(t[plain - 1]))) --plain;
+    plain_from_.push_back(static_cast<uint8_t>(std::min<size_t>(plain, 255)));
   }
   offset_.push_back(static_cast<uint32_t>(arena_.size()));
 }
@@ -54,19 +58,58 @@ int32_t TokenMasker::Intern(const State& s) {
   if (auto it = ids_.find(s); it != ids_.end()) return it->second;
   const auto id = static_cast<int32_t>(states_.size());
   states_.push_back(&ids_.emplace(s, id).first->first);
-  next_.emplace_back();
-  next_.back().fill(kUnknown);
+  next_.resize(next_.size() + 256, kUnknown);
+  plain_run_.push_back(kUnknown);
   return id;
 }
 
 int32_t TokenMasker::Next(int32_t id, uint8_t byte) {
-  int32_t n = next_[static_cast<size_t>(id)][byte];
-  if (n != kUnknown) return n;
+  const size_t at = static_cast<size_t>(id) * 256 + byte;
+  if (next_[at] != kUnknown) return next_[at];
   State after;
   Step(*grammar_, *states_[static_cast<size_t>(id)], byte, after);
-  n = after.empty() ? kDead : Intern(after);
-  next_[static_cast<size_t>(id)][byte] = n;
+  const int32_t n = after.empty() ? kDead : Intern(after);
+  next_[at] = n;  // after Intern, which may have grown the table
   return n;
+}
+
+int32_t TokenMasker::PlainRun(int32_t id) {
+  // Iterative down the chain, then the lengths filled in on the way back.
+  std::vector<int32_t> chain;
+  int32_t s = id;
+  int32_t run = 0;
+  while (true) {
+    const int32_t known = plain_run_[static_cast<size_t>(s)];
+    if (known != kUnknown) {
+      run = known;
+      break;
+    }
+    // Uniform: each stack's byte set holds every plain byte or none, so all plain bytes step
+    // the state alike (Step looks at a byte only through the sets).
+    bool uniform = true, takes = false;
+    for (const Stack& st : *states_[static_cast<size_t>(s)]) {
+      if (st.empty()) continue;
+      const ByteSet& set = grammar_->sets[static_cast<size_t>(grammar_->code[static_cast<size_t>(st.back())].arg)];
+      size_t in = 0;
+      for (int b = 0x20; b < 0x7f; ++b) in += TokenVocabulary::Plain(static_cast<uint8_t>(b)) && set.test(static_cast<size_t>(b)) ? 1 : 0;
+      if (in == 94) {
+        takes = true;
+      } else if (in != 0) {
+        uniform = false;
+        break;
+      }
+    }
+    if (!uniform || !takes || chain.size() >= vocab_->max_bytes()) {
+      plain_run_[static_cast<size_t>(s)] = 0;
+      run = 0;
+      break;
+    }
+    chain.push_back(s);
+    s = Next(s, 'a');
+    if (s == kDead) break;
+  }
+  for (size_t k = chain.size(); k-- > 0;) plain_run_[static_cast<size_t>(chain[k])] = ++run;
+  return plain_run_[static_cast<size_t>(id)];
 }
 
 void TokenMasker::Allowed(const State& state, TokenMask& mask) {
@@ -74,6 +117,7 @@ void TokenMasker::Allowed(const State& state, TokenMask& mask) {
     states_.clear();
     ids_.clear();
     next_.clear();
+    plain_run_.clear();
     masks_.clear();
     ages_.clear();
   }
@@ -95,43 +139,67 @@ void TokenMasker::Allowed(const State& state, TokenMask& mask) {
 
 // Every token from `start`, in byte order: the states after each depth of the current prefix are
 // kept, so a token costs only the bytes it does not share with the one before; a prefix the state
-// rejects skips every token that shares it.
+// rejects skips every token that shares it. (Flat arrays and a known transition read inline: the
+// walk is bound by these reads, about two per token at Gemma's vocabulary.)
 void TokenMasker::Walk(int32_t start, TokenMask& mask) {
   const TokenVocabulary& v = *vocab_;
   mask.Reset(v.size());
   if (Complete(*states_[static_cast<size_t>(start)])) {
     for (int32_t id : v.stop_ids()) mask.Set(id);
   }
-  std::vector<int32_t> at{start};   // at[d]: the state after d bytes of the current prefix
-  size_t dead = std::string::npos;  // the depth where no stack was left
+  const char* arena = v.arena();
+  const uint32_t* offset = v.offsets();
+  const uint32_t* lcp = v.lcps();
+  const int32_t* ids = v.sorted_ids();
+  const uint8_t* plain_from = v.plain_from();
+  uint64_t* bits = mask.words.data();
+  std::vector<int32_t> at(v.max_bytes() + 1);  // at[d]: the state after d bytes of the prefix
+  at[0] = start;
+  size_t depth = 0;  // at[0..depth] hold the current prefix's states
   const size_t n = v.sorted_size();
   for (size_t i = 0; i < n;) {
-    const std::string_view t = v.sorted_bytes(i);
-    if (t.empty()) {
+    const size_t len = offset[i + 1] - offset[i];
+    if (len == 0) {
       ++i;
       continue;
     }
-    const size_t common = std::min(v.lcp(i), at.size() - 1);
-    at.resize(common + 1);
-    if (dead != std::string::npos && dead > common) dead = std::string::npos;
-    while (dead == std::string::npos && at.size() - 1 < t.size()) {
-      const size_t d = at.size() - 1;
-      const int32_t next = Next(at[d], static_cast<uint8_t>(t[d]));
+    const auto* t = reinterpret_cast<const uint8_t*>(arena + offset[i]);
+    size_t d = std::min<size_t>(lcp[i], depth);
+    int32_t s = at[d];
+    // The rest of the token plain, within the state's plain run: taken, no step needed (the
+    // states below this depth are not computed, so the next token starts from here).
+    if (plain_from[i] <= d) {
+      int32_t run = plain_run_[static_cast<size_t>(s)];
+      if (run == kUnknown) run = PlainRun(s);  // may grow the tables: no reference kept
+      if (run >= static_cast<int32_t>(len - d)) {
+        depth = d;
+        const int32_t id = ids[i];
+        bits[static_cast<size_t>(id) >> 6] |= uint64_t{1} << (id & 63);
+        ++i;
+        continue;
+      }
+    }
+    bool taken = true;
+    while (d < len) {
+      int32_t next = next_[static_cast<size_t>(s) * 256 + t[d]];
+      if (next == kUnknown) next = Next(s, t[d]);
       if (next == kDead) {
-        dead = d + 1;
+        taken = false;
         break;
       }
-      at.push_back(next);
+      at[++d] = s = next;
     }
-    if (dead == std::string::npos) {  // every byte taken
-      mask.Set(v.sorted_id(i));
+    depth = d;
+    if (taken) {
+      const int32_t id = ids[i];
+      bits[static_cast<size_t>(id) >> 6] |= uint64_t{1} << (id & 63);
       ++i;
       continue;
     }
-    // Every following token sharing the dead prefix dies with it.
+    // Every following token sharing the dead prefix (d + 1 bytes) dies with it.
     do {
       ++i;
-    } while (i < n && v.lcp(i) >= dead);
+    } while (i < n && lcp[i] > d);
   }
 }
 

@@ -37,8 +37,21 @@ class TokenVocabulary {
     return std::string_view(arena_).substr(offset_[i], offset_[i + 1] - offset_[i]);
   }
   size_t lcp(size_t i) const { return lcp_[i]; }
+  // The same, as arrays for the masker's walk: offsets() has sorted_size() + 1 entries.
+  const char* arena() const { return arena_.data(); }
+  const uint32_t* offsets() const { return offset_.data(); }
+  const uint32_t* lcps() const { return lcp_.data(); }
+  const int32_t* sorted_ids() const { return sorted_.data(); }
+  size_t max_bytes() const { return max_bytes_; }
+  // The plain bytes: printable ASCII but '"' and '\\' (a JSON string's ordinary characters).
+  static bool Plain(uint8_t b) { return b >= 0x20 && b < 0x7f && b != '"' && b != '\\'; }
+  // plain_from(i): the depth from which the i-th token's bytes are all plain (its length if its
+  // last byte is not).
+  const uint8_t* plain_from() const { return plain_from_.data(); }
 
  private:
+  size_t max_bytes_ = 0;
+  std::vector<uint8_t> plain_from_;
   std::vector<int32_t> stop_ids_;
   std::vector<int32_t> sorted_;  // token ids in byte order
   std::vector<uint32_t> rank_;   // a token id's index in sorted_
@@ -71,7 +84,11 @@ class TokenMasker {
   // States are interned and their byte transitions kept, so a walk revisiting a state (inside a
   // string, after every ordinary character) costs a table lookup, not a parse step.
   int32_t Intern(const State& s);
+  // The state after `byte` from state `id`, computed (and kept) where not known yet.
   int32_t Next(int32_t id, uint8_t byte);
+  // How many plain bytes in a row state `id` takes whatever they are: every plain byte leads to
+  // one same state, which does the same, and so on (a string body with room for them).
+  int32_t PlainRun(int32_t id);
   void Walk(int32_t start, TokenMask& mask);
   struct StateHash {
     size_t operator()(const State& s) const;
@@ -89,7 +106,9 @@ class TokenMasker {
   std::shared_ptr<const TokenVocabulary> vocab_;
   std::unordered_map<State, int32_t, StateHash> ids_;
   std::vector<const State*> states_;  // by id: the keys of ids_ (stable while they stay)
-  std::vector<std::array<int32_t, 256>> next_;  // kUnknown until computed; kDead: no stack left
+  // [state][byte] -> state, kUnknown until computed, kDead where no stack is left.
+  std::vector<int32_t> next_;
+  std::vector<int32_t> plain_run_;  // by state: PlainRun, kUnknown until computed
   std::unordered_map<int32_t, Entry> masks_;
   std::list<int32_t> ages_;  // state ids, most recently used first
   int64_t walks_ = 0;

@@ -7,6 +7,44 @@
 
 namespace gemma2::structured {
 
+namespace {
+
+// The length of the well-formed UTF-8 character of two to four bytes at t[d] (the ranges JSON's
+// string rule takes, structured/json_schema.cc), or 0.
+size_t MultiByteChar(std::string_view t, size_t d) {
+  auto in = [&](size_t k, int lo, int hi) {
+    return d + k < t.size() && static_cast<uint8_t>(t[d + k]) >= lo && static_cast<uint8_t>(t[d + k]) <= hi;
+  };
+  const auto b = static_cast<uint8_t>(t[d]);
+  if (b >= 0xc2 && b <= 0xdf) return in(1, 0x80, 0xbf) ? 2 : 0;
+  if (b == 0xe0) return in(1, 0xa0, 0xbf) && in(2, 0x80, 0xbf) ? 3 : 0;
+  if ((b >= 0xe1 && b <= 0xec) || b == 0xee || b == 0xef) return in(1, 0x80, 0xbf) && in(2, 0x80, 0xbf) ? 3 : 0;
+  if (b == 0xed) return in(1, 0x80, 0x9f) && in(2, 0x80, 0xbf) ? 3 : 0;
+  if (b == 0xf0) return in(1, 0x90, 0xbf) && in(2, 0x80, 0xbf) && in(3, 0x80, 0xbf) ? 4 : 0;
+  if (b >= 0xf1 && b <= 0xf3) return in(1, 0x80, 0xbf) && in(2, 0x80, 0xbf) && in(3, 0x80, 0xbf) ? 4 : 0;
+  if (b == 0xf4) return in(1, 0x80, 0x8f) && in(2, 0x80, 0xbf) && in(3, 0x80, 0xbf) ? 4 : 0;
+  return 0;
+}
+
+// Bit d: t[d..] is whole characters of text (the end itself counts).
+uint64_t TextSuffixes(std::string_view t) {
+  std::vector<bool> ok(t.size() + 1, false);
+  ok[t.size()] = true;
+  for (size_t d = t.size(); d-- > 0;) {
+    if (TokenVocabulary::Plain(static_cast<uint8_t>(t[d]))) {
+      ok[d] = ok[d + 1];
+    } else if (const size_t n = MultiByteChar(t, d); n > 0) {
+      ok[d] = ok[d + n];
+    }
+  }
+  uint64_t bits = 0;
+  for (size_t d = 0; d < ok.size() && d < 64; ++d)
+    if (ok[d]) bits |= uint64_t{1} << d;
+  return bits;
+}
+
+}  // namespace
+
 TokenVocabulary::TokenVocabulary(std::vector<std::string> bytes, std::vector<int32_t> stop_ids)
     : stop_ids_(std::move(stop_ids)) {
   sorted_.resize(bytes.size());
@@ -28,9 +66,11 @@ TokenVocabulary::TokenVocabulary(std::vector<std::string> bytes, std::vector<int
     arena_ += t;
     prev = t;
     max_bytes_ = std::max(max_bytes_, t.size());
-    size_t plain = t.size();
-    while (plain > 0 && Plain(static_cast<uint8_t>(t[plain - 1]))) --plain;
-    plain_from_.push_back(static_cast<uint8_t>(std::min<size_t>(plain, 255)));
+    text_from_.push_back(TextSuffixes(t));
+    uint64_t starts = 0;
+    for (size_t d = 0; d < t.size() && d < 64; ++d)
+      if ((static_cast<uint8_t>(t[d]) & 0xc0) != 0x80) starts |= uint64_t{1} << d;
+    char_starts_.push_back(starts);
   }
   offset_.push_back(static_cast<uint32_t>(arena_.size()));
 }
@@ -59,7 +99,7 @@ int32_t TokenMasker::Intern(const State& s) {
   const auto id = static_cast<int32_t>(states_.size());
   states_.push_back(&ids_.emplace(s, id).first->first);
   next_.resize(next_.size() + 256, kUnknown);
-  plain_run_.push_back(kUnknown);
+  text_run_.push_back(kUnknown);
   return id;
 }
 
@@ -73,43 +113,73 @@ int32_t TokenMasker::Next(int32_t id, uint8_t byte) {
   return n;
 }
 
-int32_t TokenMasker::PlainRun(int32_t id) {
-  // Iterative down the chain, then the lengths filled in on the way back.
+bool TokenMasker::Uniform(int32_t id, uint8_t lo, uint8_t hi) const {
+  for (const Stack& st : *states_[static_cast<size_t>(id)]) {
+    if (st.empty()) continue;
+    const ByteSet& set =
+        grammar_->sets[static_cast<size_t>(grammar_->code[static_cast<size_t>(st.back())].arg)];
+    const bool first = set.test(lo);
+    for (int b = lo + 1; b <= hi; ++b)
+      if (set.test(static_cast<size_t>(b)) != first) return false;
+  }
+  return true;
+}
+
+int32_t TokenMasker::TextRun(int32_t id) {
+  // Each well-formed character class as JSON's string rule spells it: its bytes' ranges.
+  struct Range {
+    uint8_t lo, hi;
+  };
+  static const std::vector<std::vector<Range>> kMultiByte = {
+      {{0xc2, 0xdf}, {0x80, 0xbf}},
+      {{0xe0, 0xe0}, {0xa0, 0xbf}, {0x80, 0xbf}},
+      {{0xe1, 0xec}, {0x80, 0xbf}, {0x80, 0xbf}},
+      {{0xed, 0xed}, {0x80, 0x9f}, {0x80, 0xbf}},
+      {{0xee, 0xef}, {0x80, 0xbf}, {0x80, 0xbf}},
+      {{0xf0, 0xf0}, {0x90, 0xbf}, {0x80, 0xbf}, {0x80, 0xbf}},
+      {{0xf1, 0xf3}, {0x80, 0xbf}, {0x80, 0xbf}, {0x80, 0xbf}},
+      {{0xf4, 0xf4}, {0x80, 0x8f}, {0x80, 0xbf}, {0x80, 0xbf}}};
+  // Down the chain of states one character apart, then the lengths filled in on the way back.
   std::vector<int32_t> chain;
   int32_t s = id;
   int32_t run = 0;
   while (true) {
-    const int32_t known = plain_run_[static_cast<size_t>(s)];
+    const int32_t known = text_run_[static_cast<size_t>(s)];
     if (known != kUnknown) {
       run = known;
       break;
     }
-    // Uniform: each stack's byte set holds every plain byte or none, so all plain bytes step
-    // the state alike (Step looks at a byte only through the sets).
-    bool uniform = true, takes = false;
-    for (const Stack& st : *states_[static_cast<size_t>(s)]) {
-      if (st.empty()) continue;
-      const ByteSet& set = grammar_->sets[static_cast<size_t>(grammar_->code[static_cast<size_t>(st.back())].arg)];
-      size_t in = 0;
-      for (int b = 0x20; b < 0x7f; ++b) in += TokenVocabulary::Plain(static_cast<uint8_t>(b)) && set.test(static_cast<size_t>(b)) ? 1 : 0;
-      if (in == 94) {
-        takes = true;
-      } else if (in != 0) {
-        uniform = false;
-        break;
-      }
+    // Every plain byte steps alike (Step looks at a byte only through the sets), to a live state;
+    // so does every character of each multi-byte class, and to that same state.
+    bool like = Uniform(s, 0x20, 0x21) && Uniform(s, 0x23, 0x5b) && Uniform(s, 0x5d, 0x7e);
+    int32_t next = kDead;
+    if (like) {
+      next = Next(s, 'a');
+      for (uint8_t b : {uint8_t{0x20}, uint8_t{0x23}, uint8_t{0x5d}})
+        like = like && Next(s, b) == next;
+      like = like && next != kDead;
     }
-    if (!uniform || !takes || chain.size() >= vocab_->max_bytes()) {
-      plain_run_[static_cast<size_t>(s)] = 0;
+    for (size_t c = 0; like && c < kMultiByte.size(); ++c) {
+      int32_t x = s;
+      for (const Range& r : kMultiByte[c]) {
+        if (x == kDead || !Uniform(x, r.lo, r.hi)) {
+          like = false;
+          break;
+        }
+        x = Next(x, r.lo);
+      }
+      like = like && x == next;
+    }
+    if (!like || chain.size() >= vocab_->max_bytes()) {
+      text_run_[static_cast<size_t>(s)] = 0;
       run = 0;
       break;
     }
     chain.push_back(s);
-    s = Next(s, 'a');
-    if (s == kDead) break;
+    s = next;
   }
-  for (size_t k = chain.size(); k-- > 0;) plain_run_[static_cast<size_t>(chain[k])] = ++run;
-  return plain_run_[static_cast<size_t>(id)];
+  for (size_t k = chain.size(); k-- > 0;) text_run_[static_cast<size_t>(chain[k])] = ++run;
+  return text_run_[static_cast<size_t>(id)];
 }
 
 void TokenMasker::Allowed(const State& state, TokenMask& mask) {
@@ -117,7 +187,7 @@ void TokenMasker::Allowed(const State& state, TokenMask& mask) {
     states_.clear();
     ids_.clear();
     next_.clear();
-    plain_run_.clear();
+    text_run_.clear();
     masks_.clear();
     ages_.clear();
   }
@@ -151,7 +221,8 @@ void TokenMasker::Walk(int32_t start, TokenMask& mask) {
   const uint32_t* offset = v.offsets();
   const uint32_t* lcp = v.lcps();
   const int32_t* ids = v.sorted_ids();
-  const uint8_t* plain_from = v.plain_from();
+  const uint64_t* text_from = v.text_from();
+  const uint64_t* char_starts = v.char_starts();
   uint64_t* bits = mask.words.data();
   std::vector<int32_t> at(v.max_bytes() + 1);  // at[d]: the state after d bytes of the prefix
   at[0] = start;
@@ -166,12 +237,12 @@ void TokenMasker::Walk(int32_t start, TokenMask& mask) {
     const auto* t = reinterpret_cast<const uint8_t*>(arena + offset[i]);
     size_t d = std::min<size_t>(lcp[i], depth);
     int32_t s = at[d];
-    // The rest of the token plain, within the state's plain run: taken, no step needed (the
-    // states below this depth are not computed, so the next token starts from here).
-    if (plain_from[i] <= d) {
-      int32_t run = plain_run_[static_cast<size_t>(s)];
-      if (run == kUnknown) run = PlainRun(s);  // may grow the tables: no reference kept
-      if (run >= static_cast<int32_t>(len - d)) {
+    // The rest of the token whole characters of text, within the state's text run: taken, no
+    // step needed (the states below this depth are not computed, so the next token starts here).
+    if (d < 64 && ((text_from[i] >> d) & 1)) {
+      int32_t run = text_run_[static_cast<size_t>(s)];
+      if (run == kUnknown) run = TextRun(s);  // may grow the tables: no reference kept
+      if (run >= std::popcount(char_starts[i] >> d)) {
         depth = d;
         const int32_t id = ids[i];
         bits[static_cast<size_t>(id) >> 6] |= uint64_t{1} << (id & 63);

@@ -45,13 +45,15 @@ class TokenVocabulary {
   size_t max_bytes() const { return max_bytes_; }
   // The plain bytes: printable ASCII but '"' and '\\' (a JSON string's ordinary characters).
   static bool Plain(uint8_t b) { return b >= 0x20 && b < 0x7f && b != '"' && b != '\\'; }
-  // plain_from(i): the depth from which the i-th token's bytes are all plain (its length if its
-  // last byte is not).
-  const uint8_t* plain_from() const { return plain_from_.data(); }
+  // Text: plain bytes and well-formed UTF-8 characters of two to four bytes (as JSON strings
+  // take them). text_from(i): bit d set where the i-th token's bytes from depth d on are whole
+  // characters of text (d < 64); char_starts(i): bit d set where a character starts at d.
+  const uint64_t* text_from() const { return text_from_.data(); }
+  const uint64_t* char_starts() const { return char_starts_.data(); }
 
  private:
   size_t max_bytes_ = 0;
-  std::vector<uint8_t> plain_from_;
+  std::vector<uint64_t> text_from_, char_starts_;
   std::vector<int32_t> stop_ids_;
   std::vector<int32_t> sorted_;  // token ids in byte order
   std::vector<uint32_t> rank_;   // a token id's index in sorted_
@@ -86,9 +88,12 @@ class TokenMasker {
   int32_t Intern(const State& s);
   // The state after `byte` from state `id`, computed (and kept) where not known yet.
   int32_t Next(int32_t id, uint8_t byte);
-  // How many plain bytes in a row state `id` takes whatever they are: every plain byte leads to
-  // one same state, which does the same, and so on (a string body with room for them).
-  int32_t PlainRun(int32_t id);
+  // How many characters of text in a row state `id` takes whatever they are: every plain byte
+  // and every well-formed multi-byte character leads to one same state, which does the same,
+  // and so on (a string body with room for them).
+  int32_t TextRun(int32_t id);
+  // Whether every byte of [lo, hi] steps state `id` alike (each stack's set holds all or none).
+  bool Uniform(int32_t id, uint8_t lo, uint8_t hi) const;
   void Walk(int32_t start, TokenMask& mask);
   struct StateHash {
     size_t operator()(const State& s) const;
@@ -108,7 +113,7 @@ class TokenMasker {
   std::vector<const State*> states_;  // by id: the keys of ids_ (stable while they stay)
   // [state][byte] -> state, kUnknown until computed, kDead where no stack is left.
   std::vector<int32_t> next_;
-  std::vector<int32_t> plain_run_;  // by state: PlainRun, kUnknown until computed
+  std::vector<int32_t> text_run_;  // by state: TextRun, kUnknown until computed
   std::unordered_map<int32_t, Entry> masks_;
   std::list<int32_t> ages_;  // state ids, most recently used first
   int64_t walks_ = 0;

@@ -45,8 +45,33 @@ uint64_t TextSuffixes(std::string_view t) {
 
 }  // namespace
 
-TokenVocabulary::TokenVocabulary(std::vector<std::string> bytes, std::vector<int32_t> stop_ids)
+TokenVocabulary::TokenVocabulary(std::vector<std::string> bytes, std::vector<int32_t> stop_ids,
+                                 bool whole)
     : stop_ids_(std::move(stop_ids)) {
+  if (whole) {
+    std::vector<std::string> others(bytes.size());
+    std::vector<std::pair<int32_t, int64_t>> text;  // (id, characters)
+    int64_t most = 0;
+    for (size_t id = 0; id < bytes.size(); ++id) {
+      const std::string& t = bytes[id];
+      if (!t.empty() && t.size() < 64 && (TextSuffixes(t) & 1)) {
+        int64_t chars = 0;
+        for (char c : t) chars += (static_cast<uint8_t>(c) & 0xc0) != 0x80 ? 1 : 0;
+        text.emplace_back(static_cast<int32_t>(id), chars);
+        most = std::max(most, chars);
+      } else {
+        others[id] = t;
+      }
+    }
+    text_masks_.resize(static_cast<size_t>(most) + 1);
+    for (int64_t k = 0; k <= most; ++k) {
+      TokenMask& m = text_masks_[static_cast<size_t>(k)];
+      m.Reset(static_cast<int64_t>(bytes.size()));
+      for (const auto& [id, chars] : text)
+        if (chars <= k) m.Set(id);
+    }
+    rest_ = std::make_unique<TokenVocabulary>(std::move(others), stop_ids_, false);
+  }
   sorted_.resize(bytes.size());
   std::iota(sorted_.begin(), sorted_.end(), 0);
   std::sort(sorted_.begin(), sorted_.end(), [&](int32_t a, int32_t b) {
@@ -211,12 +236,45 @@ void TokenMasker::Allowed(const State& state, TokenMask& mask) {
 // kept, so a token costs only the bytes it does not share with the one before; a prefix the state
 // rejects skips every token that shares it. (Flat arrays and a known transition read inline: the
 // walk is bound by these reads, about two per token at Gemma's vocabulary.)
+bool TokenMasker::TextEnds(int32_t id, int32_t run) {
+  int32_t x = id;
+  for (int32_t k = 0; k < run && x != kDead; ++k) x = Next(x, 'a');  // known: TextRun stepped them
+  if (x == kDead) return false;
+  struct Range {
+    uint8_t lo, hi;
+  };
+  // The first bytes of every character of text: plain ranges, then the multi-byte leads.
+  static const Range kFirst[] = {{0x20, 0x21}, {0x23, 0x5b}, {0x5d, 0x7e}, {0xc2, 0xdf},
+                                 {0xe0, 0xe0}, {0xe1, 0xec}, {0xed, 0xed}, {0xee, 0xef},
+                                 {0xf0, 0xf0}, {0xf1, 0xf3}, {0xf4, 0xf4}};
+  for (const Range& r : kFirst) {
+    if (!Uniform(x, r.lo, r.hi) || Next(x, r.lo) != kDead) return false;
+  }
+  return true;
+}
+
+// A state inside text with room (a string body): the whole-text tokens of at most its room in
+// characters are taken, and those of more are not when the text ends there; so only the other
+// tokens are walked. Any other state walks every token.
 void TokenMasker::Walk(int32_t start, TokenMask& mask) {
   const TokenVocabulary& v = *vocab_;
   mask.Reset(v.size());
   if (Complete(*states_[static_cast<size_t>(start)])) {
     for (int32_t id : v.stop_ids()) mask.Set(id);
   }
+  if (v.rest()) {
+    const int32_t run = TextRun(start);
+    if (run > 0 && (run >= v.max_chars() || TextEnds(start, run))) {
+      const TokenMask& text = *v.text_tokens(run);
+      for (size_t w = 0; w < mask.words.size(); ++w) mask.words[w] |= text.words[w];
+      WalkTokens(start, *v.rest(), mask);
+      return;
+    }
+  }
+  WalkTokens(start, v, mask);
+}
+
+void TokenMasker::WalkTokens(int32_t start, const TokenVocabulary& v, TokenMask& mask) {
   const char* arena = v.arena();
   const uint32_t* offset = v.offsets();
   const uint32_t* lcp = v.lcps();

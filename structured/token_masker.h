@@ -21,11 +21,22 @@
 
 namespace gemma2::structured {
 
+// A set of token ids, one bit each.
+struct TokenMask {
+  std::vector<uint64_t> words;
+  void Reset(int64_t n) { words.assign(static_cast<size_t>((n + 63) / 64), 0); }
+  void Set(int32_t id) { words[static_cast<size_t>(id) >> 6] |= uint64_t{1} << (id & 63); }
+  bool Test(int32_t id) const { return (words[static_cast<size_t>(id) >> 6] >> (id & 63)) & 1; }
+  int64_t Count() const;
+};
+
 class TokenVocabulary {
  public:
   // bytes[id]: what token id stands for; empty for tokens structured output never contains
   // (control, unknown, unused). `stop_ids`: the end-of-sequence tokens, allowed where complete.
-  TokenVocabulary(std::vector<std::string> bytes, std::vector<int32_t> stop_ids);
+  // `whole`: also keep the masks of whole-text tokens and the vocabulary of the others (not for
+  // that sub-vocabulary itself).
+  TokenVocabulary(std::vector<std::string> bytes, std::vector<int32_t> stop_ids, bool whole = true);
   int64_t size() const { return static_cast<int64_t>(sorted_.size()); }
   std::string_view bytes(int32_t id) const { return sorted_bytes(rank_[static_cast<size_t>(id)]); }
   const std::vector<int32_t>& stop_ids() const { return stop_ids_; }
@@ -50,10 +61,19 @@ class TokenVocabulary {
   // characters of text (d < 64); char_starts(i): bit d set where a character starts at d.
   const uint64_t* text_from() const { return text_from_.data(); }
   const uint64_t* char_starts() const { return char_starts_.data(); }
+  // The tokens whose bytes are whole characters of text, at most k characters: text_tokens(k),
+  // k up to max_chars(); null without them. rest(): every other token (the text ones empty).
+  const TokenMask* text_tokens(int64_t k) const {
+    return text_masks_.empty() ? nullptr : &text_masks_[static_cast<size_t>(std::min(k, max_chars()))];
+  }
+  int64_t max_chars() const { return static_cast<int64_t>(text_masks_.size()) - 1; }
+  const TokenVocabulary* rest() const { return rest_.get(); }
 
  private:
   size_t max_bytes_ = 0;
   std::vector<uint64_t> text_from_, char_starts_;
+  std::vector<TokenMask> text_masks_;
+  std::unique_ptr<TokenVocabulary> rest_;
   std::vector<int32_t> stop_ids_;
   std::vector<int32_t> sorted_;  // token ids in byte order
   std::vector<uint32_t> rank_;   // a token id's index in sorted_
@@ -62,14 +82,6 @@ class TokenVocabulary {
   std::vector<uint32_t> lcp_;
 };
 
-// A set of token ids, one bit each.
-struct TokenMask {
-  std::vector<uint64_t> words;
-  void Reset(int64_t n) { words.assign(static_cast<size_t>((n + 63) / 64), 0); }
-  void Set(int32_t id) { words[static_cast<size_t>(id) >> 6] |= uint64_t{1} << (id & 63); }
-  bool Test(int32_t id) const { return (words[static_cast<size_t>(id) >> 6] >> (id & 63)) & 1; }
-  int64_t Count() const;
-};
 
 class TokenMasker {
  public:
@@ -95,6 +107,11 @@ class TokenMasker {
   // Whether every byte of [lo, hi] steps state `id` alike (each stack's set holds all or none).
   bool Uniform(int32_t id, uint8_t lo, uint8_t hi) const;
   void Walk(int32_t start, TokenMask& mask);
+  // The bits of the tokens of `v` that `start` takes (added to `mask`).
+  void WalkTokens(int32_t start, const TokenVocabulary& v, TokenMask& mask);
+  // Whether the state `run` characters of text after `id` takes no text byte at all (so no token
+  // of more characters of text is taken from `id`).
+  bool TextEnds(int32_t id, int32_t run);
   struct StateHash {
     size_t operator()(const State& s) const;
   };

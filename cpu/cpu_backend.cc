@@ -285,11 +285,11 @@ void CpuBackend::Softcap(Tensor& x, float cap) {
   for (int64_t i = 0; i < x.numel(); ++i) p[i] = std::tanh(p[i] / cap) * cap;
 }
 
-void CpuBackend::MaskTokens(Tensor& logits, std::span<const uint64_t> masks, int64_t words,
+void CpuBackend::MaskTokens(Tensor& logits, std::span<const TokenMaskWords> masks,
                             std::span<const int32_t> row_mask, int64_t vocab_begin) {
   for (int64_t r = 0; r < logits.rows; ++r) {
     if (row_mask[static_cast<size_t>(r)] < 0) continue;
-    const uint64_t* m = masks.data() + row_mask[static_cast<size_t>(r)] * words;
+    const uint64_t* m = masks[static_cast<size_t>(row_mask[static_cast<size_t>(r)])].data();
     float* row = logits.as<float>() + r * logits.cols;
     for (int64_t j = 0; j < logits.cols; ++j) {
       const int64_t t = vocab_begin + j;

@@ -49,7 +49,7 @@ class CpuBackend final : public Backend {
                  const AttentionParams& p, Tensor& out) override;
   void GeluTanhMul(const Tensor& gate_up, Tensor& out) override;
   void Softcap(Tensor& x, float cap) override;
-  void MaskTokens(Tensor& logits, std::span<const uint64_t> masks, int64_t words,
+  void MaskTokens(Tensor& logits, std::span<const TokenMaskWords> masks,
                   std::span<const int32_t> row_mask, int64_t vocab_begin) override;
   void GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) override;
   void ScatterColumns(const Tensor& src, int64_t col_offset, Tensor& dst) override;

@@ -406,9 +406,10 @@ class CudaBackend final : public Backend {
   // Only this rank's window of each mask a row names goes to the device, in slots taken in row
   // order; a graph step stages the same bytes every time (rows slots and rows indices, fixed by
   // the batch and the shard), whatever the number of distinct masks.
-  void MaskTokens(Tensor& logits, std::span<const uint64_t> masks, int64_t words,
+  void MaskTokens(Tensor& logits, std::span<const TokenMaskWords> masks,
                   std::span<const int32_t> row_mask, int64_t vocab_begin) override {
     const int64_t rows = logits.rows;
+    const auto words = static_cast<int64_t>(masks.front().size());
     const int64_t lo = vocab_begin / 64;
     const int64_t hi = std::min(words, (vocab_begin + logits.cols + 63) / 64);
     const int64_t window = hi - lo;
@@ -416,14 +417,14 @@ class CudaBackend final : public Backend {
     std::vector<int32_t>& slot_of_row = host_mask_slot_;
     staged.resize(static_cast<size_t>(rows * window));
     slot_of_row.assign(static_cast<size_t>(rows), -1);
-    std::vector<int32_t> slot_of_mask;  // the plan's mask -> its slot (-1: not staged yet)
+    std::vector<int32_t>& slot_of_mask = host_slot_of_mask_;  // a plan's mask -> its slot
+    slot_of_mask.assign(masks.size(), -1);
     int32_t slots = 0;
     for (int64_t r = 0; r < rows; ++r) {
       const int32_t m = row_mask[static_cast<size_t>(r)];
       if (m < 0) continue;
-      if (static_cast<size_t>(m) >= slot_of_mask.size()) slot_of_mask.resize(static_cast<size_t>(m) + 1, -1);
       if (slot_of_mask[static_cast<size_t>(m)] < 0) {
-        std::copy_n(masks.begin() + m * words + lo, window, staged.begin() + slots * window);
+        std::copy_n(masks[static_cast<size_t>(m)].begin() + lo, window, staged.begin() + slots * window);
         slot_of_mask[static_cast<size_t>(m)] = slots++;
       }
       slot_of_row[static_cast<size_t>(r)] = slot_of_mask[static_cast<size_t>(m)];
@@ -660,7 +661,7 @@ class CudaBackend final : public Backend {
   int64_t max_context_ = 0;  // this step's largest position + 1
   StepOutputKind output_ = StepOutputKind::kLogits;
   std::vector<uint64_t> host_mask_window_;  // MaskTokens' staging, kept across steps
-  std::vector<int32_t> host_mask_slot_;
+  std::vector<int32_t> host_mask_slot_, host_slot_of_mask_;
   std::map<std::pair<int64_t, double>, std::shared_ptr<void>> inv_freq_;
   // Scores and probabilities of fresh prefills (PrefillAttention).
   static constexpr int64_t kMinPrefillTokens = 64;

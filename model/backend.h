@@ -17,6 +17,7 @@
 #include "common/tensor.h"
 #include "model/kv_blocks.h"
 #include "model/sampling.h"
+#include "model/step.h"
 
 namespace gemma2 {
 
@@ -176,9 +177,9 @@ class Backend {
   virtual void Softcap(Tensor& x, float cap) = 0;
   // Structured output: every column of `logits` (fp32 [rows, cols]: this rank's vocabulary
   // columns, token ids from vocab_begin) whose token row r's mask leaves out becomes -inf.
-  // `masks` is [masks, words]: TokenMaskWords (model/step.h) over the whole vocabulary; row r
-  // follows masks[row_mask[r]], or none where row_mask[r] is -1.
-  virtual void MaskTokens(Tensor& logits, std::span<const uint64_t> masks, int64_t words,
+  // `masks`: the step's TokenMaskWords (model/step.h) over the whole vocabulary; row r follows
+  // masks[row_mask[r]], or none where row_mask[r] is -1.
+  virtual void MaskTokens(Tensor& logits, std::span<const TokenMaskWords> masks,
                           std::span<const int32_t> row_mask, int64_t vocab_begin) = 0;
   // out[i] = x[rows[i]].
   virtual void GatherRows(const Tensor& x, std::span<const int64_t> rows, Tensor& out) = 0;

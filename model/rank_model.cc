@@ -231,11 +231,10 @@ struct RankModel::StepRows {
   std::vector<SeqSlice> seqs;
   std::vector<int64_t> out_rows;
   std::vector<RowSampling> sampling;  // one per output row
-  // Structured output (ids_only steps with token masks): the plan's masks one after another and
-  // each output row's (-1: none); empty when no row has one.
-  std::vector<uint64_t> masks;
+  // Structured output (ids_only steps with token masks): each output row's mask in the plan's
+  // token_masks (-1: none); empty when no row has one.
+  std::span<const TokenMaskWords> masks;
   std::vector<int32_t> row_mask;
-  int64_t mask_words = 0;
 };
 
 // One layer's activations, reused by every layer (all layers of a rank have the same shapes).
@@ -261,8 +260,7 @@ RankModel::StepRows RankModel::FlattenStep(const StepPlan& step, const KvBlockTa
     }
   }
   if (step.ids_only && step.masked()) {
-    rows.mask_words = static_cast<int64_t>(step.token_masks.front().size());
-    for (const TokenMaskWords& m : step.token_masks) rows.masks.insert(rows.masks.end(), m.begin(), m.end());
+    rows.masks = step.token_masks;
     for (const StepSequence& s : step.sequences) rows.row_mask.insert(rows.row_mask.end(), s.output_rows.size(), s.token_mask);
   }
   return rows;
@@ -426,7 +424,7 @@ Status RankModel::LmHead(const Tensor& sel, const StepRows& rows, StepOutputKind
   const bool ids_only = kind != StepOutputKind::kLogits;
   // Each rank masks its own columns before any pick: the rows stay on the ids-only path.
   if (ids_only && !rows.row_mask.empty())
-    b.MaskTokens(local, rows.masks, rows.mask_words, rows.row_mask, plan_.vocab_begin);
+    b.MaskTokens(local, rows.masks, rows.row_mask, plan_.vocab_begin);
   if (ids_only && tp > 1 && kind != StepOutputKind::kSampledIdsHostPick) {
     // Each rank's best, summed, decided on the device (inside a decode graph): only ids leave.
     Tensor exchange = b.AllocOutput(r, int64_t{2} * tp);

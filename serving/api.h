@@ -24,6 +24,16 @@ struct ApiError {
   std::string code;   // machine-readable ("" when none)
 };
 
+// A 400 invalid_request_error naming `param`.
+inline ApiError BadRequest(std::string param, std::string message, std::string code = "") {
+  return ApiError{400, std::move(message), "invalid_request_error", std::move(param), std::move(code)};
+}
+
+// How deep JSON held inside a string may nest (a schema sent as a string, a tool call's
+// arguments, a model's reply read as calls): parsed with this bound, as the body is, since a
+// deeper value would exhaust the stack of the parser and of every walk over it.
+inline constexpr int kMaxEmbeddedJsonDepth = 32;
+
 // Caps that bound what one request may ask for (server flags).
 struct Limits {
   size_t max_body_bytes = 4 << 20;

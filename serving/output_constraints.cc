@@ -2,6 +2,7 @@
 
 #include <string_view>
 
+#include "serving/request_parser.h"
 #include "structured/matcher.h"
 
 namespace gemma2::serving {
@@ -11,8 +12,7 @@ using json = nlohmann::ordered_json;
 using Parsed = std::variant<std::shared_ptr<const OutputConstraint>, ApiError>;
 
 ApiError Bad(std::string param, std::string message, std::string code = "") {
-  return ApiError{400, std::move(message), "invalid_request_error", std::move(param),
-                  std::move(code)};
+  return BadRequest(std::move(param), std::move(message), std::move(code));
 }
 
 // One way of asking for structure: its kind, the cache key and the compiler.
@@ -27,12 +27,10 @@ struct Ask {
 std::variant<json, ApiError> SchemaValue(const json& v, const std::string& param) {
   if (v.is_object() || v.is_boolean()) return v;
   if (v.is_string()) {
-    try {
-      json parsed = json::parse(v.get<std::string>());
-      if (parsed.is_object() || parsed.is_boolean()) return parsed;
-    } catch (const json::exception&) {
-    }
-    return Bad(param, "'" + param + "' must be a JSON Schema: a string that is not one was given");
+    auto parsed = ParseJsonBody(v.get<std::string>(), kMaxEmbeddedJsonDepth);
+    if (auto* j = std::get_if<json>(&parsed); j && (j->is_object() || j->is_boolean())) return *j;
+    return Bad(param, "'" + param + "' must be a JSON Schema: a string that is not one (or nests "
+                      "deeper than " + std::to_string(kMaxEmbeddedJsonDepth) + ") was given");
   }
   return Bad(param, "'" + param + "' must be a JSON Schema object, not " + v.type_name());
 }
@@ -41,6 +39,13 @@ Ask SchemaAsk(std::string param, json schema) {
   const std::string key = schema.dump();
   return Ask{std::move(param), "json_schema", "json_schema:" + key,
              [schema = std::move(schema)] { return structured::JsonSchemaGrammar(schema); }};
+}
+
+// A schema field: the value, or a string holding it.
+std::variant<Ask, ApiError> JsonAsk(std::string param, const json& v, const std::string& field) {
+  auto schema = SchemaValue(v, field);
+  if (auto* e = std::get_if<ApiError>(&schema)) return *e;
+  return SchemaAsk(std::move(param), std::get<json>(std::move(schema)));
 }
 
 Ask JsonObjectAsk(std::string param) {
@@ -108,9 +113,7 @@ std::variant<std::optional<Ask>, ApiError> FromStructuredOutputs(const json& so)
     const std::string& k = it.key();
     std::variant<Ask, ApiError> one = Bad(param, "");
     if (k == "json") {
-      auto schema = SchemaValue(*it, "structured_outputs.json");
-      if (auto* e = std::get_if<ApiError>(&schema)) return *e;
-      one = SchemaAsk(param, std::get<json>(std::move(schema)));
+      one = JsonAsk(param, *it, "structured_outputs.json");
     } else if (k == "regex") {
       one = RegexAsk(param, *it);
     } else if (k == "choice") {
@@ -142,13 +145,6 @@ Parsed Compiled(const Ask& ask, ConstraintCache* cache) {
 }
 
 }  // namespace
-
-Result<ConstraintState> ConstraintState::Start(std::shared_ptr<const OutputConstraint> c) {
-  ConstraintState s;
-  ASSIGN_OR_RETURN(s.state_, structured::Start(*c->grammar));
-  s.c_ = std::move(c);
-  return s;
-}
 
 bool ConstraintState::Advance(int32_t token) {
   const structured::TokenVocabulary& vocab = c_->masker->vocab();
@@ -184,6 +180,7 @@ Result<std::shared_ptr<const OutputConstraint>> ConstraintCache::Get(const std::
   auto made = std::make_shared<OutputConstraint>();
   made->kind = kind;
   made->grammar = grammar;
+  ASSIGN_OR_RETURN(made->start, structured::Start(*grammar));
   made->masker = std::make_shared<structured::TokenMasker>(grammar, vocab_);
   MutexLock lock(mu_);
   if (auto it = entries_.find(key); it != entries_.end()) return it->second.constraint;  // raced
@@ -216,11 +213,7 @@ Parsed ParseOutputConstraint(const ConstraintFields& f, ConstraintCache* cache) 
   std::optional<ApiError> e;
   if (f.response_format) e = add(FromResponseFormat(*f.response_format));
   if (!e && f.structured_outputs) e = add(FromStructuredOutputs(*f.structured_outputs));
-  if (!e && f.guided_json) {
-    auto schema = SchemaValue(*f.guided_json, "guided_json");
-    if (auto* bad = std::get_if<ApiError>(&schema)) return *bad;
-    asks.push_back(SchemaAsk("guided_json", std::get<json>(std::move(schema))));
-  }
+  if (!e && f.guided_json) e = add_one(JsonAsk("guided_json", *f.guided_json, "guided_json"));
   if (!e && f.guided_regex) e = add_one(RegexAsk("guided_regex", *f.guided_regex));
   if (!e && f.guided_choice) e = add_one(ChoiceAsk("guided_choice", *f.guided_choice));
   if (e) return *e;

@@ -29,6 +29,7 @@ namespace gemma2::serving {
 struct OutputConstraint {
   std::string kind;  // "json_object", "json_schema", "regex", "choice", "tool_calls"
   std::shared_ptr<const structured::Grammar> grammar;
+  structured::State start;  // where every choice starts (checked when compiled)
   // Called by the scheduler thread only (the masker's caches are not locked).
   std::shared_ptr<structured::TokenMasker> masker;
 };
@@ -36,7 +37,8 @@ struct OutputConstraint {
 // A choice's place in its constraint's grammar.
 class ConstraintState {
  public:
-  static Result<ConstraintState> Start(std::shared_ptr<const OutputConstraint> c);
+  explicit ConstraintState(std::shared_ptr<const OutputConstraint> c)
+      : c_(std::move(c)), state_(c_->start) {}
   // The tokens allowed next (stop ids where the structure is complete). Scheduler thread only.
   void Allowed(structured::TokenMask& mask) const { c_->masker->Allowed(state_, mask); }
   // Moves past `token`'s bytes; false when they break the structure (the mask allowed them, so

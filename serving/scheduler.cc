@@ -232,16 +232,7 @@ void Scheduler::Expand(const std::shared_ptr<RequestHandle>& h) {
                                                p.gen.include_stop_str_in_output,
                                                p.gen.skip_special_tokens);
         if (j == 0) s->prompt_top = p.prompt_top();  // the first choice speaks for its prompt
-        if (p.gen.constraint) {
-          auto st = ConstraintState::Start(p.gen.constraint);
-          if (!st.ok()) {
-            CloseRequest(*req, Outcome::kFailed,
-                         ApiError{400, st.status().message(), "invalid_request_error",
-                                  "response_format", "unsupported_schema"});
-            return;
-          }
-          s->structure = std::move(*st);
-        }
+        if (p.gen.constraint) s->structure.emplace(p.gen.constraint);
       }
       ++req->remaining;
       waiting_.push_back(std::move(s));

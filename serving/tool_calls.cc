@@ -4,13 +4,20 @@
 #include <cctype>
 #include <random>
 
+#include "serving/request_parser.h"
+
 namespace gemma2::serving {
 namespace {
 
 using json = nlohmann::ordered_json;
 
-ApiError Bad(std::string param, std::string message) {
-  return ApiError{400, std::move(message), "invalid_request_error", std::move(param), ""};
+ApiError Bad(std::string param, std::string message) { return BadRequest(std::move(param), std::move(message)); }
+
+// JSON text inside a string, nesting bounded; discarded when not JSON or too deep.
+json Embedded(std::string_view text) {
+  auto parsed = ParseJsonBody(text, kMaxEmbeddedJsonDepth);
+  if (auto* j = std::get_if<json>(&parsed)) return std::move(*j);
+  return json(json::value_t::discarded);
 }
 
 // OpenAI's rule for function names: a-z, A-Z, 0-9, underscores and dashes, at most 64.
@@ -157,8 +164,8 @@ std::variant<std::string, ApiError> RenderCalls(const json& tool_calls,
     const json& f = c["function"];
     json args = json::object();
     if (f.contains("arguments") && f["arguments"].is_string()) {
-      args = json::parse(f["arguments"].get<std::string>(), nullptr, /*allow_exceptions=*/false);
-      if (args.is_discarded()) args = f["arguments"];  // not JSON: kept as the text it is
+      args = Embedded(f["arguments"].get<std::string>());
+      if (args.is_discarded()) args = f["arguments"];  // not JSON (or too deep): kept as text
     } else if (f.contains("arguments") && !f["arguments"].is_null()) {
       args = f["arguments"];
     }
@@ -180,7 +187,7 @@ std::string ToolResultHeader(const std::string& call_id,
 nlohmann::json ParseToolCalls(std::string_view text, const std::vector<std::string>& names) {
   const size_t begin = text.find_first_not_of(" \t\r\n");
   if (begin == std::string_view::npos) return nullptr;
-  const json v = json::parse(text.substr(begin), nullptr, /*allow_exceptions=*/false);
+  const json v = Embedded(text.substr(begin));
   if (v.is_discarded()) return nullptr;
   nlohmann::json calls = nlohmann::json::array();
   if (v.is_array()) {

@@ -15,16 +15,24 @@ GrammarBuilder::Piece GrammarBuilder::Byte(uint8_t b) {
 }
 
 void GrammarBuilder::AddAlternative(int32_t rule, const std::vector<Piece>& pieces) {
+  pieces_ += pieces.size() + 1;
+  if (pieces_ > kMaxPieces) return;  // too_large() from now on: the grammar is refused
   alts_[static_cast<size_t>(rule)].push_back(pieces);
 }
 
 int32_t GrammarBuilder::Literal(std::string_view text) {
   const int32_t r = NewRule("literal");
+  if (pieces_ + text.size() > kMaxPieces) {  // not even built
+    pieces_ += text.size();
+    return r;
+  }
   std::vector<Piece> p;
+  p.reserve(text.size());
   for (char c : text) p.push_back(Byte(static_cast<uint8_t>(c)));
   AddAlternative(r, p);
   return r;
 }
+
 
 int32_t GrammarBuilder::Set(const ByteSet& bytes) {
   const int32_t r = NewRule("set");

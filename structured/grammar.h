@@ -57,15 +57,19 @@ class GrammarBuilder {
 
   Grammar Finish(int32_t root);
 
-  // Rules so far. Compilers refuse a specification past kMaxRules (checked between elements, so
-  // one element may overshoot by its own size: a string's maxLength adds 2 x maxLength rules).
+  // The budget of one grammar: kMaxRules rules and kMaxPieces sequence elements. Past the
+  // elements' budget an alternative is not stored (a 4 MB literal costs nothing); compilers check
+  // too_large() between elements and refuse the specification (one element may overshoot the
+  // rules' budget by its own size: a string's maxLength adds 2 x maxLength rules).
   static constexpr size_t kMaxRules = 200000;
+  static constexpr size_t kMaxPieces = 1000000;
   size_t rules() const { return alts_.size(); }
-  bool too_large() const { return rules() > kMaxRules; }
+  bool too_large() const { return rules() > kMaxRules || pieces_ > kMaxPieces; }
 
  private:
   Grammar g_;
   std::vector<std::vector<std::vector<Piece>>> alts_;
+  size_t pieces_ = 0;
 };
 
 }  // namespace gemma2::structured

@@ -24,8 +24,9 @@ ByteSet Range(uint8_t lo, uint8_t hi) {
 
 Status TooLarge(const char* what) {
   return InvalidArgument(std::string(what) + ": the grammar would exceed " +
-                         std::to_string(GrammarBuilder::kMaxRules) +
-                         " rules (lower the lengths and counts)");
+                         std::to_string(GrammarBuilder::kMaxRules) + " rules or " +
+                         std::to_string(GrammarBuilder::kMaxPieces) +
+                         " elements (lower the lengths, counts and literals)");
 }
 
 class Compiler {
@@ -339,12 +340,19 @@ Result<int32_t> Compiler::Schema(const json& s, int depth) {
     if (!s["$ref"].is_string()) return InvalidArgument("json_schema: '$ref' must be a string");
     return Ref(s["$ref"].get<std::string>(), depth);
   }
-  if (s.contains("const")) return Literal(s["const"]);
+  if (s.contains("const")) {
+    const int32_t r = Literal(s["const"]);
+    if (b.too_large()) return TooLarge("json_schema");
+    return r;
+  }
   if (s.contains("enum")) {
     if (!s["enum"].is_array() || s["enum"].empty())
       return InvalidArgument("json_schema: 'enum' must be a non-empty array");
     std::vector<int32_t> alts;
-    for (const json& v : s["enum"]) alts.push_back(Literal(v));
+    for (const json& v : s["enum"]) {
+      if (b.too_large()) return TooLarge("json_schema");
+      alts.push_back(Literal(v));
+    }
     return b.Choice(alts);
   }
   for (const char* key : {"anyOf", "oneOf"}) {
@@ -430,7 +438,11 @@ Result<std::shared_ptr<const Grammar>> ChoiceGrammar(const std::vector<std::stri
   GrammarBuilder b;
   std::vector<int32_t> alts;
   alts.reserve(choices.size());
-  for (const std::string& c : choices) alts.push_back(b.Literal(c));
+  for (const std::string& c : choices) {
+    if (b.too_large()) return TooLarge("choice");
+    alts.push_back(b.Literal(c));
+  }
+  if (b.too_large()) return TooLarge("choice");
   const int32_t root = b.Choice(alts);
   return Share(b.Finish(root));
 }

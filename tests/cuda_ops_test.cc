@@ -300,9 +300,10 @@ TEST_F(CudaOpsTest, MaskTokensMatchesTheSpecification) {
   std::mt19937_64 rng(3);
   // Rows 0 and 3 share mask 2, row 1 has mask 0, row 2 none; mask 1 is named by no row.
   const std::vector<int32_t> row_mask = {2, 0, -1, 2};
-  std::vector<uint64_t> masks(static_cast<size_t>(3 * words));
-  for (auto& w : masks) w = rng() & rng();  // about a quarter of the bits
-  masks[0] = ~uint64_t{0};  // mask 0, word 0: every token (not this shard's)
+  std::vector<TokenMaskWords> masks(3, TokenMaskWords(static_cast<size_t>(words)));
+  for (auto& m : masks)
+    for (auto& w : m) w = rng() & rng();  // about a quarter of the bits
+  masks[0][0] = ~uint64_t{0};  // mask 0, word 0: every token (not this shard's)
   // fp32 logits as the LM head makes them: bf16 activations times bf16 weights.
   const auto act = Rand(rows * 64, 1.0f, 12), w = Rand(cols * 64, 0.5f, 13);
   Tensor ga = Put(*gpu_, act, rows, 64), ca = Put(cpu_, act, rows, 64);
@@ -310,8 +311,8 @@ TEST_F(CudaOpsTest, MaskTokensMatchesTheSpecification) {
   Tensor gl = gpu_->AllocOutput(rows, cols), cl = cpu_.AllocOutput(rows, cols);
   gpu_->Linear(ga, gw, nullptr, gl);
   cpu_.Linear(ca, cw, nullptr, cl);
-  gpu_->MaskTokens(gl, masks, words, row_mask, begin);
-  cpu_.MaskTokens(cl, masks, words, row_mask, begin);
+  gpu_->MaskTokens(gl, masks, row_mask, begin);
+  cpu_.MaskTokens(cl, masks, row_mask, begin);
   const auto gv = Get(*gpu_, gl), cv = Get(cpu_, cl);
   int64_t masked = 0;
   for (size_t i = 0; i < gv.size(); ++i) {

@@ -307,6 +307,8 @@ TEST(RequestParserTest, StructuredOutputFieldsAndTheirErrors) {
       {{{"guided_regex", "a"}, {"response_format", {{"type", "json_object"}}}}, "guided_regex", "both ask"},
       {{{"guided_choice", json::array()}}, "guided_choice", "non-empty"},
       {{{"guided_regex", "a{5,2}"}}, "guided_regex", "m < n"},
+      // JSON inside a string nests no deeper than the body may (a deep one would crash the parser).
+      {{{"guided_json", std::string(100000, '[') + std::string(100000, ']')}}, "guided_json", "deeper than 32"},
   };
   for (const auto& [fields, param, message] : bad) {
     json body = {{"prompt", {5}}};
@@ -401,6 +403,17 @@ TEST(ToolCallsTest, RepliesThatAreCallsAndRepliesThatAreNot) {
   for (const char* no : {"hello", R"({"name":"h","arguments":{}})", R"({"name":"f","arguments":3})",
                          R"({"name":"f","extra":1})", "[]", R"({"name":"f")", ""})
     EXPECT_TRUE(ParseToolCalls(no, names).is_null()) << no;
+  // A reply nested past the bound is not calls (and does not exhaust the stack).
+  const std::string deep = R"({"name":"f","arguments":{"a":)" + std::string(200000, '[') +
+                           std::string(200000, ']') + "}}";
+  EXPECT_TRUE(ParseToolCalls(deep, names).is_null());
+  std::map<std::string, std::string> ids;
+  auto kept = RenderCalls(nlohmann::ordered_json::parse(
+                              R"([{"id":"c","function":{"name":"f","arguments":")" +
+                              std::string(200000, '[') + R"("}}])"),
+                          ids);
+  ASSERT_TRUE(std::holds_alternative<std::string>(kept));
+  EXPECT_NE(std::get<std::string>(kept).find("\"arguments\":\"[[["), std::string::npos);
 }
 
 // ---- the scheduler against Generate ----

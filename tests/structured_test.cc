@@ -155,6 +155,16 @@ TEST(GrammarTest, OversizedGrammarsAreRefused) {
   auto r = RegexGrammar(re);
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("exceed"), std::string::npos) << r.status().message();
+  // A few megabytes of one literal, of enum entries, of choices: refused, not built.
+  auto big = JsonSchemaGrammar({{"const", std::string(3 << 20, 'x')}});
+  ASSERT_FALSE(big.ok());
+  EXPECT_NE(big.status().message().find("exceed"), std::string::npos) << big.status().message();
+  auto many = JsonSchemaGrammar({{"enum", std::vector<int>(2 << 20, 7)}});
+  ASSERT_FALSE(many.ok());
+  EXPECT_NE(many.status().message().find("exceed"), std::string::npos) << many.status().message();
+  auto choices = ChoiceGrammar(std::vector<std::string>(1 << 20, "ab"));
+  ASSERT_FALSE(choices.ok());
+  EXPECT_NE(choices.status().message().find("exceed"), std::string::npos);
 }
 
 TEST(GrammarTest, WhatCannotCompileNamesTheKeyword) {

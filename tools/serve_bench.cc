@@ -22,6 +22,7 @@
 #include <random>
 #include <thread>
 
+#include "serving/request_parser.h"
 #include "serving/timed_call.h"
 #include "cli/run_tool.h"
 
@@ -266,8 +267,11 @@ Status Run(Args a) {
     }
   }
   if (!a.extra_body.empty()) {
-    a.extra = json::parse(a.extra_body, nullptr, /*allow_exceptions=*/false);
-    if (!a.extra.is_object()) return InvalidArgument("--extra-body: not a JSON object: " + a.extra_body);
+    auto extra = serving::ParseJsonBody(a.extra_body, serving::kMaxEmbeddedJsonDepth);
+    auto* j = std::get_if<serving::RequestJson>(&extra);
+    if (!j || !j->is_object())
+      return InvalidArgument("--extra-body: not a JSON object (or nested too deep): " + a.extra_body);
+    a.extra = *j;
   }
   const std::vector<std::string> rates = a.sweep.empty() ? std::vector{a.request_rate} : a.sweep;
   json runs = json::array();

@@ -212,7 +212,8 @@ TEST_F(ServerTest, CurlCompletionsBatchesChatStreamsAndModels) {
 
   json one = json::parse(Curl(
       url +
-      "/v1/completions -d '{\"model\":\"lm\",\"prompt\":\"Hello, my name is\",\"max_tokens\":6}'"));
+      "/v1/completions -d '{\"model\":\"lm\",\"prompt\":\"Hello, my name is\",\"max_tokens\":6,"
+      "\"min_tokens\":6}'"));  // sampled: min_tokens keeps a drawn EOS from ending it sooner
   ASSERT_EQ(one["choices"].size(), 1u) << one;
   EXPECT_EQ(one["object"], "text_completion");
   EXPECT_EQ(one["usage"]["completion_tokens"], 6);
@@ -236,7 +237,8 @@ TEST_F(ServerTest, CurlCompletionsBatchesChatStreamsAndModels) {
   const std::string sse = Curl(
       "-N " + url +
       "/v1/chat/completions -d '{\"messages\":[{\"role\":\"user\",\"content\":"
-      "\"Hi\"}],\"max_tokens\":4,\"stream\":true,\"stream_options\":{\"include_usage\":true}}'");
+      "\"Hi\"}],\"max_tokens\":4,\"min_tokens\":4,\"stream\":true,"
+      "\"stream_options\":{\"include_usage\":true}}'");  // sampled: no end_of_turn before 4
   EXPECT_EQ(sse.rfind("data: [DONE]\n\n"), sse.size() - 14) << sse;
   EXPECT_NE(sse.find("\"role\":\"assistant\""), std::string::npos);
   EXPECT_NE(sse.find("\"usage\":{\"completion_tokens\":4"), std::string::npos) << sse;

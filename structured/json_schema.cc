@@ -3,6 +3,7 @@
 #include <cctype>
 #include <cmath>
 #include <map>
+#include <optional>
 #include <set>
 #include <string_view>
 
@@ -79,15 +80,27 @@ void Compiler::Basics() {
   b.AddAlternative(char_, {GrammarBuilder::Byte('\\'), GrammarBuilder::Byte('u'),
                            GrammarBuilder::Bytes(hex), GrammarBuilder::Bytes(hex),
                            GrammarBuilder::Bytes(hex), GrammarBuilder::Bytes(hex)});
+  // UTF-8 characters end in shared tails of 1, 2 or 3 continuation bytes, so every character
+  // that has the same bytes left is in the same state (fewer states for the masker to meet).
   const Piece cont = GrammarBuilder::Bytes(Range(0x80, 0xbf));
-  b.AddAlternative(char_, {GrammarBuilder::Bytes(Range(0xc2, 0xdf)), cont});
-  b.AddAlternative(char_, {GrammarBuilder::Byte(0xe0), GrammarBuilder::Bytes(Range(0xa0, 0xbf)), cont});
-  b.AddAlternative(char_, {GrammarBuilder::Bytes(Range(0xe1, 0xec)), cont, cont});
-  b.AddAlternative(char_, {GrammarBuilder::Byte(0xed), GrammarBuilder::Bytes(Range(0x80, 0x9f)), cont});
-  b.AddAlternative(char_, {GrammarBuilder::Bytes(Range(0xee, 0xef)), cont, cont});
-  b.AddAlternative(char_, {GrammarBuilder::Byte(0xf0), GrammarBuilder::Bytes(Range(0x90, 0xbf)), cont, cont});
-  b.AddAlternative(char_, {GrammarBuilder::Bytes(Range(0xf1, 0xf3)), cont, cont, cont});
-  b.AddAlternative(char_, {GrammarBuilder::Byte(0xf4), GrammarBuilder::Bytes(Range(0x80, 0x8f)), cont, cont});
+  const int32_t tail1 = b.NewRule("utf8_tail1"), tail2 = b.NewRule("utf8_tail2"),
+                tail3 = b.NewRule("utf8_tail3");
+  b.AddAlternative(tail1, {cont});
+  b.AddAlternative(tail2, {cont, GrammarBuilder::Ref(tail1)});
+  b.AddAlternative(tail3, {cont, GrammarBuilder::Ref(tail2)});
+  auto utf8 = [&](ByteSet lead, std::optional<ByteSet> second, int32_t tail) {
+    std::vector<Piece> pieces = {GrammarBuilder::Bytes(lead)};
+    if (second) pieces.push_back(GrammarBuilder::Bytes(*second));
+    pieces.push_back(GrammarBuilder::Ref(tail));
+    b.AddAlternative(char_, pieces);
+  };
+  utf8(Range(0xc2, 0xdf), std::nullopt, tail1);
+  utf8(Range(0xe0, 0xe0), Range(0xa0, 0xbf), tail1);
+  utf8(Range(0xe1, 0xec) | Range(0xee, 0xef), std::nullopt, tail2);
+  utf8(Range(0xed, 0xed), Range(0x80, 0x9f), tail1);
+  utf8(Range(0xf0, 0xf0), Range(0x90, 0xbf), tail2);
+  utf8(Range(0xf1, 0xf3), std::nullopt, tail3);
+  utf8(Range(0xf4, 0xf4), Range(0x80, 0x8f), tail2);
   quote_ = b.Literal("\"");
   comma_ = b.Literal(",");
   digit_ = b.Set(Range('0', '9'));

@@ -108,7 +108,12 @@ int64_t TokenMask::Count() const {
 
 TokenMasker::TokenMasker(std::shared_ptr<const Grammar> grammar,
                          std::shared_ptr<const TokenVocabulary> vocab)
-    : grammar_(std::move(grammar)), vocab_(std::move(vocab)) {}
+    : grammar_(std::move(grammar)), vocab_(std::move(vocab)) {
+  // Reserved (address space only, pages are touched as states come): a growing table never
+  // copies itself in the middle of a step.
+  next_.reserve(kInternedStates * 256);
+  text_run_.reserve(kInternedStates);
+}
 
 size_t TokenMasker::StateHash::operator()(const State& s) const {
   size_t h = s.size();
@@ -138,33 +143,138 @@ int32_t TokenMasker::Next(int32_t id, uint8_t byte) {
   return n;
 }
 
-bool TokenMasker::Uniform(int32_t id, uint8_t lo, uint8_t hi) const {
+bool TokenMasker::Uniform(int32_t id, const ByteSet& bytes) const {
   for (const Stack& st : *states_[static_cast<size_t>(id)]) {
     if (st.empty()) continue;
-    const ByteSet& set =
-        grammar_->sets[static_cast<size_t>(grammar_->code[static_cast<size_t>(st.back())].arg)];
-    const bool first = set.test(lo);
-    for (int b = lo + 1; b <= hi; ++b)
-      if (set.test(static_cast<size_t>(b)) != first) return false;
+    const ByteSet in =
+        grammar_->sets[static_cast<size_t>(grammar_->code[static_cast<size_t>(st.back())].arg)] & bytes;
+    if (in.any() && in != bytes) return false;
+  }
+  return true;
+}
+
+namespace {
+
+ByteSet ByteRange(uint8_t lo, uint8_t hi) {
+  ByteSet s;
+  for (int b = lo; b <= hi; ++b) s.set(static_cast<size_t>(b));
+  return s;
+}
+
+// Text's characters as JSON's string rule spells them (structured/json_schema.cc): the plain
+// bytes, and each well-formed multi-byte class as its bytes' sets, with a byte of each.
+struct CharByte {
+  ByteSet set;
+  uint8_t any;
+};
+const ByteSet& PlainBytes() {
+  static const ByteSet plain = [] {
+    ByteSet s;
+    for (int b = 0; b < 256; ++b) s.set(static_cast<size_t>(b), TokenVocabulary::Plain(static_cast<uint8_t>(b)));
+    return s;
+  }();
+  return plain;
+}
+const std::vector<std::vector<CharByte>>& MultiByteClasses() {
+  static const std::vector<std::vector<CharByte>> classes = [] {
+    const std::vector<std::vector<std::pair<uint8_t, uint8_t>>> ranges = {
+        {{0xc2, 0xdf}, {0x80, 0xbf}},
+        {{0xe0, 0xe0}, {0xa0, 0xbf}, {0x80, 0xbf}},
+        {{0xe1, 0xec}, {0x80, 0xbf}, {0x80, 0xbf}},
+        {{0xed, 0xed}, {0x80, 0x9f}, {0x80, 0xbf}},
+        {{0xee, 0xef}, {0x80, 0xbf}, {0x80, 0xbf}},
+        {{0xf0, 0xf0}, {0x90, 0xbf}, {0x80, 0xbf}, {0x80, 0xbf}},
+        {{0xf1, 0xf3}, {0x80, 0xbf}, {0x80, 0xbf}, {0x80, 0xbf}},
+        {{0xf4, 0xf4}, {0x80, 0x8f}, {0x80, 0xbf}, {0x80, 0xbf}}};
+    std::vector<std::vector<CharByte>> out;
+    for (const auto& c : ranges) {
+      out.emplace_back();
+      for (const auto& [lo, hi] : c) out.back().push_back({ByteRange(lo, hi), lo});
+    }
+    return out;
+  }();
+  return classes;
+}
+// The first bytes of every character of text.
+const ByteSet& TextFirstBytes() {
+  static const ByteSet first = PlainBytes() | ByteRange(0xc2, 0xf4);
+  return first;
+}
+
+}  // namespace
+
+uint32_t TokenMasker::CharEnds(int32_t p) {
+  if (char_ends_.empty()) char_ends_.assign(grammar_->code.size(), -1);
+  int64_t& known = char_ends_[static_cast<size_t>(p)];
+  if (known >= 0) return static_cast<uint32_t>(known);
+  const Grammar& g = *grammar_;
+  const ByteSet& set = g.sets[static_cast<size_t>(g.code[static_cast<size_t>(p)].arg)];
+  // Each kind of character as its bytes' sets: a plain byte, then the multi-byte classes.
+  std::vector<std::vector<CharByte>> kinds = {{CharByte{PlainBytes(), 'a'}}};
+  for (const auto& c : MultiByteClasses()) kinds.push_back(c);
+  uint32_t bits = 0;
+  for (size_t k = 0; k < kinds.size(); ++k) {
+    const ByteSet first = set & kinds[k][0].set;
+    if (first.none()) continue;
+    bits |= 1u << (16 + k);
+    if (first != kinds[k][0].set) continue;
+    State x = {Stack{p}}, after;
+    bool ends = true;
+    for (size_t b = 0; b < kinds[k].size() && ends; ++b) {
+      for (const Stack& st : x) {  // no early end, and every byte of the set alike
+        if (st.empty()) ends = false;
+        else if (b > 0) {
+          const ByteSet in = g.sets[static_cast<size_t>(g.code[static_cast<size_t>(st.back())].arg)] &
+                             kinds[k][b].set;
+          ends = ends && (in.none() || in == kinds[k][b].set);
+        }
+      }
+      if (!ends) break;
+      Step(g, x, kinds[k][b].any, after);
+      std::swap(x, after);
+    }
+    if (ends && x.size() == 1 && x.front().empty()) bits |= 1u << k;
+  }
+  known = bits;
+  return bits;
+}
+
+bool TokenMasker::TakesTextLikePlain(int32_t id) {
+  constexpr size_t kKinds = 9;
+  // The stacks under the tops that take each kind's first bytes (views into the interned state).
+  std::array<std::vector<std::pair<const int32_t*, size_t>>, kKinds> under;
+  for (const Stack& st : *states_[static_cast<size_t>(id)]) {
+    if (st.empty()) continue;
+    const uint32_t bits = CharEnds(st.back());
+    for (size_t k = 0; k < kKinds; ++k) {
+      if (!((bits >> (16 + k)) & 1)) continue;
+      if (!((bits >> k) & 1)) return false;
+      under[k].emplace_back(st.data(), st.size() - 1);
+    }
+  }
+  if (under[0].empty()) return false;
+  auto less = [](const auto& a, const auto& b) {
+    return std::lexicographical_compare(a.first, a.first + a.second, b.first, b.first + b.second);
+  };
+  auto same = [](const auto& a, const auto& b) {
+    return std::equal(a.first, a.first + a.second, b.first, b.first + b.second);
+  };
+  for (auto& u : under) {
+    std::sort(u.begin(), u.end(), less);
+    u.erase(std::unique(u.begin(), u.end(), same), u.end());
+  }
+  for (size_t k = 1; k < kKinds; ++k) {
+    if (!std::equal(under[k].begin(), under[k].end(), under[0].begin(), under[0].end(), same)) return false;
   }
   return true;
 }
 
 int32_t TokenMasker::TextRun(int32_t id) {
-  // Each well-formed character class as JSON's string rule spells it: its bytes' ranges.
-  struct Range {
-    uint8_t lo, hi;
-  };
-  static const std::vector<std::vector<Range>> kMultiByte = {
-      {{0xc2, 0xdf}, {0x80, 0xbf}},
-      {{0xe0, 0xe0}, {0xa0, 0xbf}, {0x80, 0xbf}},
-      {{0xe1, 0xec}, {0x80, 0xbf}, {0x80, 0xbf}},
-      {{0xed, 0xed}, {0x80, 0x9f}, {0x80, 0xbf}},
-      {{0xee, 0xef}, {0x80, 0xbf}, {0x80, 0xbf}},
-      {{0xf0, 0xf0}, {0x90, 0xbf}, {0x80, 0xbf}, {0x80, 0xbf}},
-      {{0xf1, 0xf3}, {0x80, 0xbf}, {0x80, 0xbf}, {0x80, 0xbf}},
-      {{0xf4, 0xf4}, {0x80, 0x8f}, {0x80, 0xbf}, {0x80, 0xbf}}};
   // Down the chain of states one character apart, then the lengths filled in on the way back.
+  // Runs are capped at `cap` characters (no token has more bytes): a state that steps to itself
+  // runs `cap`; a chain of 2 x cap states without an end gives its first cap + 1 states `cap`
+  // and leaves the rest for a later call (their runs are only known to be at least cap - k).
+  const auto cap = static_cast<int32_t>(vocab_->max_bytes());
   std::vector<int32_t> chain;
   int32_t s = id;
   int32_t run = 0;
@@ -174,36 +284,44 @@ int32_t TokenMasker::TextRun(int32_t id) {
       run = known;
       break;
     }
+    if (chain.size() >= 2 * static_cast<size_t>(cap)) {
+      for (size_t k = 0; k <= static_cast<size_t>(cap); ++k) text_run_[static_cast<size_t>(chain[k])] = cap;
+      return cap;
+    }
     // Every plain byte steps alike (Step looks at a byte only through the sets), to a live state;
     // so does every character of each multi-byte class, and to that same state.
-    bool like = Uniform(s, 0x20, 0x21) && Uniform(s, 0x23, 0x5b) && Uniform(s, 0x5d, 0x7e);
-    int32_t next = kDead;
-    if (like) {
-      next = Next(s, 'a');
-      for (uint8_t b : {uint8_t{0x20}, uint8_t{0x23}, uint8_t{0x5d}})
-        like = like && Next(s, b) == next;
-      like = like && next != kDead;
-    }
-    for (size_t c = 0; like && c < kMultiByte.size(); ++c) {
+    bool like = Uniform(s, PlainBytes());
+    const int32_t next = like ? Next(s, 'a') : kDead;
+    like = like && next != kDead;
+    const bool known_alike = like && TakesTextLikePlain(s);
+    for (const auto& cls : MultiByteClasses()) {
+      if (known_alike) break;
       int32_t x = s;
-      for (const Range& r : kMultiByte[c]) {
-        if (x == kDead || !Uniform(x, r.lo, r.hi)) {
+      for (const CharByte& b : cls) {
+        if (!like || x == kDead || !Uniform(x, b.set)) {
           like = false;
           break;
         }
-        x = Next(x, r.lo);
+        x = Next(x, b.any);
       }
       like = like && x == next;
     }
-    if (!like || chain.size() >= vocab_->max_bytes()) {
+    if (!like) {
       text_run_[static_cast<size_t>(s)] = 0;
       run = 0;
+      break;
+    }
+    if (next == s) {
+      text_run_[static_cast<size_t>(s)] = run = cap;
       break;
     }
     chain.push_back(s);
     s = next;
   }
-  for (size_t k = chain.size(); k-- > 0;) text_run_[static_cast<size_t>(chain[k])] = ++run;
+  for (size_t k = chain.size(); k-- > 0;) {
+    run = std::min(run + 1, cap);
+    text_run_[static_cast<size_t>(chain[k])] = run;
+  }
   return text_run_[static_cast<size_t>(id)];
 }
 
@@ -232,23 +350,15 @@ void TokenMasker::Allowed(const State& state, TokenMask& mask) {
   masks_.emplace(id, Entry{mask, ages_.begin()});
 }
 
-// Every token from `start`, in byte order: the states after each depth of the current prefix are
-// kept, so a token costs only the bytes it does not share with the one before; a prefix the state
-// rejects skips every token that shares it. (Flat arrays and a known transition read inline: the
-// walk is bound by these reads, about two per token at Gemma's vocabulary.)
 bool TokenMasker::TextEnds(int32_t id, int32_t run) {
   int32_t x = id;
   for (int32_t k = 0; k < run && x != kDead; ++k) x = Next(x, 'a');  // known: TextRun stepped them
   if (x == kDead) return false;
-  struct Range {
-    uint8_t lo, hi;
-  };
-  // The first bytes of every character of text: plain ranges, then the multi-byte leads.
-  static const Range kFirst[] = {{0x20, 0x21}, {0x23, 0x5b}, {0x5d, 0x7e}, {0xc2, 0xdf},
-                                 {0xe0, 0xe0}, {0xe1, 0xec}, {0xed, 0xed}, {0xee, 0xef},
-                                 {0xf0, 0xf0}, {0xf1, 0xf3}, {0xf4, 0xf4}};
-  for (const Range& r : kFirst) {
-    if (!Uniform(x, r.lo, r.hi) || Next(x, r.lo) != kDead) return false;
+  for (const Stack& st : *states_[static_cast<size_t>(x)]) {  // no stack takes a first byte
+    if (!st.empty() &&
+        (grammar_->sets[static_cast<size_t>(grammar_->code[static_cast<size_t>(st.back())].arg)] &
+         TextFirstBytes()).any())
+      return false;
   }
   return true;
 }
@@ -274,6 +384,10 @@ void TokenMasker::Walk(int32_t start, TokenMask& mask) {
   WalkTokens(start, v, mask);
 }
 
+// Every token from `start`, in byte order: the states after each depth of the current prefix are
+// kept, so a token costs only the bytes it does not share with the one before; a prefix the state
+// rejects skips every token that shares it. (Flat arrays and a known transition read inline: the
+// walk is bound by these reads, about two per token at Gemma's vocabulary.)
 void TokenMasker::WalkTokens(int32_t start, const TokenVocabulary& v, TokenMask& mask) {
   const char* arena = v.arena();
   const uint32_t* offset = v.offsets();

@@ -102,10 +102,21 @@ class TokenMasker {
   int32_t Next(int32_t id, uint8_t byte);
   // How many characters of text in a row state `id` takes whatever they are: every plain byte
   // and every well-formed multi-byte character leads to one same state, which does the same,
-  // and so on (a string body with room for them).
+  // and so on (a string body with room for them); capped at the longest token's bytes.
   int32_t TextRun(int32_t id);
-  // Whether every byte of [lo, hi] steps state `id` alike (each stack's set holds all or none).
-  bool Uniform(int32_t id, uint8_t lo, uint8_t hi) const;
+  // Whether every character of text steps state `id` to the plain byte's state `next`, read from
+  // the grammar positions on top of its stacks (no step taken): each stack whose top takes a
+  // character's first byte takes the whole character and ends its alternative there (CharEnds),
+  // and the stacks under those tops are the same for every kind of character. False where this
+  // cannot tell; TextRun then steps each kind of character.
+  bool TakesTextLikePlain(int32_t id);
+  // Bit k (0: a plain byte, 1-8: the multi-byte classes) of position p: p's byte set takes kind
+  // k's first bytes (all of them) and, from a stack of p alone, the whole character ends p's
+  // alternative (one empty stack after it, none before); bit 16 + k: p takes some of k's first
+  // bytes. Computed once per position.
+  uint32_t CharEnds(int32_t p);
+  // Whether every byte of `bytes` steps state `id` alike (each stack's set holds all or none).
+  bool Uniform(int32_t id, const ByteSet& bytes) const;
   void Walk(int32_t start, TokenMask& mask);
   // The bits of the tokens of `v` that `start` takes (added to `mask`).
   void WalkTokens(int32_t start, const TokenVocabulary& v, TokenMask& mask);
@@ -131,6 +142,7 @@ class TokenMasker {
   // [state][byte] -> state, kUnknown until computed, kDead where no stack is left.
   std::vector<int32_t> next_;
   std::vector<int32_t> text_run_;  // by state: TextRun, kUnknown until computed
+  std::vector<int64_t> char_ends_;  // by grammar position: CharEnds, -1 until computed
   std::unordered_map<int32_t, Entry> masks_;
   std::list<int32_t> ages_;  // state ids, most recently used first
   int64_t walks_ = 0;

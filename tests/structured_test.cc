@@ -351,5 +351,90 @@ TEST(TokenMaskerTest, GemmaVocabularyMasksEqualBruteForceAndWalksParse) {
   EXPECT_GE(ended, 2);
 }
 
+// A grammar whose two-byte characters do not end their alternative (each must be followed by
+// '!'): the masker may not take them like plain bytes. Masks equal brute force over a vocabulary
+// with tokens that continue past such a character.
+TEST(TokenMaskerTest, CharactersThatDoNotEndTheirAlternativeAreWalked) {
+  GrammarBuilder b;
+  ByteSet plain;
+  for (int c = 0x20; c < 0x7f; ++c)
+    if (c != '"' && c != '\\') plain.set(static_cast<size_t>(c));
+  auto range = [](int lo, int hi) {
+    ByteSet r;
+    for (int c = lo; c <= hi; ++c) r.set(static_cast<size_t>(c));
+    return GrammarBuilder::Bytes(r);
+  };
+  const auto cont = range(0x80, 0xbf);
+  const int32_t ch = b.NewRule("char"), text = b.NewRule("text");
+  b.AddAlternative(ch, {GrammarBuilder::Bytes(plain)});
+  b.AddAlternative(ch, {range(0xc2, 0xdf), cont, GrammarBuilder::Byte('!')});  // the odd one
+  b.AddAlternative(ch, {range(0xe0, 0xe0), range(0xa0, 0xbf), cont});  // the others as JSON's
+  b.AddAlternative(ch, {range(0xe1, 0xec), cont, cont});
+  b.AddAlternative(ch, {range(0xed, 0xed), range(0x80, 0x9f), cont});
+  b.AddAlternative(ch, {range(0xee, 0xef), cont, cont});
+  b.AddAlternative(ch, {range(0xf0, 0xf0), range(0x90, 0xbf), cont, cont});
+  b.AddAlternative(ch, {range(0xf1, 0xf3), cont, cont, cont});
+  b.AddAlternative(ch, {range(0xf4, 0xf4), range(0x80, 0x8f), cont, cont});
+  b.AddAlternative(text, {GrammarBuilder::Ref(ch), GrammarBuilder::Ref(text)});
+  b.AddAlternative(text, {GrammarBuilder::Byte('"')});
+  auto g = std::make_shared<const Grammar>(b.Finish(text));
+  std::vector<std::string> t = {"a", "ab", "x", "!", "\"", "\xc3\xa9", "\xc3\xa9x", "\xc3\xa9!",
+                                "\xc3\xa9!x", "x\xc3\xa9", "\xc3", "\xa9", "\xe2\x82\xac", "x\xe2\x82\xacx",
+                                "<eos>"};
+  t.back().clear();
+  auto v = std::make_shared<const TokenVocabulary>(t, std::vector<int32_t>{static_cast<int32_t>(t.size()) - 1});
+  int ended = 0;
+  for (uint64_t seed = 1; seed <= 20; ++seed) {
+    CheckMasksAndWalk(g, v, seed, 400, [](const std::string& out) {
+      EXPECT_EQ(out.back(), '"') << out;
+    }, &ended);
+  }
+  EXPECT_GE(ended, 10);
+}
+
+// Inside strings, where the masker takes whole-text tokens without stepping them (TextRun, the
+// per-position check of UTF-8 characters, the precomputed text masks): masks equal checking every
+// one of Gemma's tokens, cold (a masker per state) and warm (one masker through all the states),
+// at the start of a bounded string, after a multi-byte character, a character before its limit,
+// at its limit, and inside an unbounded string and an array's bounded strings.
+TEST(TokenMaskerTest, GemmaStringBodiesEqualBruteForce) {
+  const auto v = GemmaVocabulary();
+  if (!v) GTEST_SKIP() << "skipped: ../shared/tokenizers is absent";
+  const auto schema = nlohmann::ordered_json::parse(R"({"type":"object","properties":{
+      "name":{"type":"string","maxLength":40},"any":{"type":"string"},
+      "tags":{"type":"array","items":{"type":"string","minLength":2,"maxLength":5}}},
+      "required":["name","any","tags"]})");
+  auto g = Compile(schema);
+  const std::string name = "{\"name\":\"";
+  const std::vector<std::string> prefixes = {
+      name, name + "caf\xc3\xa9 ", name + std::string(39, 'x'), name + std::string(40, 'x'),
+      name + std::string(37, 'x') + "\xe2\x82\xac",  // a 3-byte character to the limit
+      name + "a\",\"any\":\"\xf0\x9f\x98\x80", name + "a\",\"any\":\"b\",\"tags\":[\"x"};
+  TokenMasker warm(g, v);
+  for (const std::string& prefix : prefixes) {
+    auto start = Start(*g);
+    ASSERT_TRUE(start.ok());
+    State s = *start, next;
+    for (char c : prefix) {
+      Step(*g, s, static_cast<uint8_t>(c), next);
+      std::swap(s, next);
+      ASSERT_FALSE(s.empty()) << prefix;
+    }
+    TokenMasker cold(g, v);
+    TokenMask a, b;
+    cold.Allowed(s, a);
+    warm.Allowed(s, b);
+    int64_t allowed = 0;
+    for (int32_t id = 0; id < v->size(); ++id) {
+      const std::string_view t = v->bytes(id);
+      const bool want = !t.empty() && Takes(*g, s, t);
+      allowed += want;
+      ASSERT_EQ(a.Test(id), want) << "cold: token " << id << " '" << t << "' after '" << prefix << "'";
+      ASSERT_EQ(b.Test(id), want) << "warm: token " << id << " '" << t << "' after '" << prefix << "'";
+    }
+    EXPECT_GT(allowed, 0) << prefix;
+  }
+}
+
 }  // namespace
 }  // namespace gemma2::structured

@@ -30,6 +30,7 @@ struct Args {
   int passes = 1;  // walks over one masker: later passes meet states an earlier one walked
   uint64_t seed = 1;
   std::string out;
+  double show_slow_ms = 0;  // > 0: print every step slower than this, with the output before it
 };
 
 const char* kTenProperties = R"({"type":"object","properties":{
@@ -65,12 +66,19 @@ Row Walk(const std::string& name, TokenMasker& masker, const Args& a, uint64_t s
   TokenMask mask;
   State s = *Start(g), next;
   std::vector<int32_t> allowed;
+  std::string text;  // the current output's bytes
   for (int step = 0; step < a.steps; ++step) {
     const auto t0 = std::chrono::steady_clock::now();
     masker.Allowed(s, mask);
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     if (step == 0) row.cold_ms = ms;
     row.step_ms.push_back(ms);
+    if (a.show_slow_ms > 0 && ms > a.show_slow_ms) {
+      std::printf("  %s step %d: %.3f ms after %s\n", name.c_str(), step, ms,
+                  nlohmann::json(text.substr(text.size() > 60 ? text.size() - 60 : 0))
+                      .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
+                      .c_str());
+    }
     allowed.clear();
     for (int32_t id = 0; id < v->size(); ++id)
       if (mask.Test(id)) allowed.push_back(id);
@@ -81,8 +89,10 @@ Row Walk(const std::string& name, TokenMasker& masker, const Args& a, uint64_t s
     if (stop) {  // a finished output: the next walk starts
       ++row.outputs;
       s = *Start(g);
+      text.clear();
       continue;
     }
+    text += v->bytes(pick);
     for (char c : v->bytes(pick)) {
       Step(g, s, static_cast<uint8_t>(c), next);
       std::swap(s, next);
@@ -111,7 +121,10 @@ Status Run(const Args& a) {
   }
   nlohmann::json out = {{"vocab", vocab->size()}, {"steps", a.steps}, {"passes", a.passes},
                         {"rows", nlohmann::json::array()}};
-  std::printf("vocabulary %ld tokens, %d steps per grammar\n", static_cast<long>(vocab->size()), a.steps);
+  std::printf("vocabulary %ld tokens (longest %zu bytes; whole-text tokens up to %ld characters), "
+              "%d steps per grammar\n",
+              static_cast<long>(vocab->size()), vocab->max_bytes(), static_cast<long>(vocab->max_chars()),
+              a.steps);
   std::printf("%-22s %10s %9s %9s %9s %8s %6s\n", "grammar", "first ms", "p50 ms", "p99 ms", "max ms",
               "outputs", "cold");
   for (Row& r : rows) {
@@ -141,6 +154,8 @@ int main(int argc, char** argv) {
                  "walks over one masker per grammar: later passes show the steady state of a "
                  "grammar served again")
       ->check(CLI::Range(1, 100));
+  app.add_option("--show-slow", a.show_slow_ms,
+                 "print each step slower than this many ms, after the output's last 60 bytes");
   app.add_option("--out", a.out, "write the results as JSON here");
   return gemma2::RunTool("gemma2-structured-bench", app, argc, argv, [&] { return gemma2::Run(a); });
 }

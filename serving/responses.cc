@@ -258,6 +258,7 @@ std::string StreamEvents(const ResponseContext& ctx, const RequestHandle& h, Str
   cur.tokens.resize(n, 0);
   cur.started.resize(n, false);
   cur.finished.resize(n, false);
+  cur.calls.resize(n);
   std::string out;
   for (size_t i = 0; i < n; ++i) {
     const ChoiceProgress& ch = h.choices[i];
@@ -283,9 +284,19 @@ std::string StreamEvents(const ResponseContext& ctx, const RequestHandle& h, Str
       cur.started[i] = true;
     }
     if (!fresh_text && !fresh_tokens && !ending) continue;
-    if (chat && !ending && MayBeCalls(r.tools, ch.text)) continue;  // kept back until known
+    // Calls the grammar forces are sent as they are written (OpenAI's deltas: the call with its
+    // name, then its arguments in fragments); a reply that may be calls (tool_choice auto) is
+    // kept back until it ends, then sent whole as calls or as text.
+    ToolCallStream& calls = cur.calls[i];
+    if (chat && r.tools.forced() && !calls.broken()) {
+      const json deltas = calls.Feed(ch.text);
+      if (!deltas.empty()) out += delta_event({{"tool_calls", deltas}});
+    }
+    if (chat && !ending && MayBeCalls(r.tools, ch.text)) continue;
     std::string delta = ch.text.substr(cur.text_bytes[i]);
-    if (chat && !ch.tool_calls.is_null()) {  // the calls, then the finishing chunk
+    if (chat && calls.started()) {
+      delta.clear();  // sent as calls (cut by max_tokens or not)
+    } else if (chat && !ch.tool_calls.is_null()) {  // the calls, then the finishing chunk
       out += delta_event({{"tool_calls", CallDeltas(ch.tool_calls)}});
       delta.clear();
     }

@@ -10,6 +10,7 @@
 #include "model/config.h"
 #include "model/tokenizer.h"
 #include "serving/request_handle.h"
+#include "serving/tool_calls.h"
 
 namespace gemma2::serving {
 
@@ -31,6 +32,7 @@ nlohmann::json ClassifyBody(const ResponseContext& ctx, const RequestHandle& h) 
 struct StreamCursor {
   std::vector<size_t> text_bytes, tokens;
   std::vector<bool> started, finished;
+  std::vector<ToolCallStream> calls;  // per choice: calls streamed as written (forced calls)
 };
 
 // "data: {...}\n\n" events for everything new since `cursor` (updated), in OpenAI's chunk format

@@ -184,6 +184,108 @@ std::string ToolResultHeader(const std::string& call_id,
   return "Result of " + it->second + " (call " + call_id + "):";
 }
 
+nlohmann::json ToolCallStream::Feed(std::string_view text) {
+  nlohmann::json deltas = nlohmann::json::array();
+  auto fragment = [&](size_t from, size_t to) {
+    if (to <= from) return;
+    const std::string piece(text.substr(from, to - from));
+    arguments_.back() += piece;
+    deltas.push_back({{"index", calls_ - 1}, {"function", {{"arguments", piece}}}});
+  };
+  while (pos_ < text.size() && phase_ != Phase::kBroken && phase_ != Phase::kDone) {
+    const char c = text[pos_];
+    switch (phase_) {
+      case Phase::kStart:  // a list of calls or one call
+        if (c == '[') {
+          list_ = true;
+          phase_ = Phase::kBetween;
+          ++pos_;
+        } else {
+          phase_ = Phase::kBetween;
+        }
+        break;
+      case Phase::kBetween:  // the next call's '{'
+        if (c != '{') {
+          phase_ = Phase::kBroken;
+          break;
+        }
+        header_begin_ = pos_++;
+        phase_ = Phase::kHeader;
+        break;
+      case Phase::kHeader: {  // {"name":"NAME","arguments":
+        static constexpr std::string_view kName = "{\"name\":", kArgs = ",\"arguments\":";
+        const std::string_view seen = text.substr(header_begin_);
+        const size_t args = seen.find(kArgs);
+        if (seen.substr(0, std::min(seen.size(), kName.size())) != kName.substr(0, std::min(seen.size(), kName.size()))) {
+          phase_ = Phase::kBroken;
+          break;
+        }
+        if (args == std::string_view::npos) {  // the name is not whole yet (at most 64 bytes)
+          if (seen.size() > kName.size() + 66 + kArgs.size()) phase_ = Phase::kBroken;
+          pos_ = text.size();
+          break;
+        }
+        const json name = Embedded(seen.substr(kName.size(), args - kName.size()));
+        if (!name.is_string()) {
+          phase_ = Phase::kBroken;
+          break;
+        }
+        names_.push_back(name.get<std::string>());
+        arguments_.emplace_back();
+        deltas.push_back({{"index", calls_},
+                          {"id", CallId()},
+                          {"type", "function"},
+                          {"function", {{"name", names_.back()}, {"arguments", ""}}}});
+        ++calls_;
+        pos_ = header_begin_ + args + kArgs.size();
+        depth_ = 0;
+        in_string_ = escaped_ = false;
+        phase_ = Phase::kArguments;
+        break;
+      }
+      case Phase::kArguments: {  // to the call's closing '}', outside strings and brackets
+        const size_t from = pos_;
+        for (; pos_ < text.size(); ++pos_) {
+          const char b = text[pos_];
+          if (in_string_) {
+            if (escaped_) escaped_ = false;
+            else if (b == '\\') escaped_ = true;
+            else if (b == '"') in_string_ = false;
+          } else if (b == '"') {
+            in_string_ = true;
+          } else if (b == '{' || b == '[') {
+            ++depth_;
+          } else if ((b == '}' || b == ']') && depth_ > 0) {
+            --depth_;
+          } else if (b == '}') {
+            break;
+          }
+        }
+        fragment(from, pos_);
+        if (pos_ < text.size()) {  // the call's '}'
+          ++pos_;
+          phase_ = list_ ? Phase::kAfterCall : Phase::kDone;
+        }
+        break;
+      }
+      case Phase::kAfterCall:  // ',' and the next call, or the list's ']'
+        if (c == ',') {
+          ++pos_;
+          phase_ = Phase::kBetween;
+        } else if (c == ']') {
+          ++pos_;
+          phase_ = Phase::kDone;
+        } else {
+          phase_ = Phase::kBroken;
+        }
+        break;
+      default:
+        break;
+    }
+  }
+  return deltas;
+}
+
 nlohmann::json ParseToolCalls(std::string_view text, const std::vector<std::string>& names) {
   const size_t begin = text.find_first_not_of(" \t\r\n");
   if (begin == std::string_view::npos) return nullptr;
@@ -201,6 +303,15 @@ nlohmann::json ParseToolCalls(std::string_view text, const std::vector<std::stri
     json c = Call(v, names);
     if (c.is_null()) return nullptr;
     calls.push_back(nlohmann::json(c));
+  }
+  // The arguments as the model wrote them, where the text has the calls' own form (as a stream
+  // sends them); otherwise as parsed.
+  ToolCallStream raw;
+  raw.Feed(text.substr(begin));
+  if (!raw.broken() && raw.arguments().size() == calls.size()) {
+    for (size_t k = 0; k < calls.size(); ++k) {
+      if (raw.names()[k] == calls[k]["function"]["name"]) calls[k]["function"]["arguments"] = raw.arguments()[k];
+    }
   }
   return calls;
 }

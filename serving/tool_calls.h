@@ -47,8 +47,36 @@ std::variant<std::string, ApiError> RenderCalls(const nlohmann::ordered_json& to
 std::string ToolResultHeader(const std::string& call_id,
                              const std::map<std::string, std::string>& names);
 
+// Calls as the model writes them, for a stream: fed the reply's text so far (it only grows), Feed
+// gives OpenAI's tool-call deltas for what is new: a call's opening ({index, id, type: function,
+// function: {name, arguments: ""}}) once its name is read, then the text of its arguments in
+// fragments as they come ({index, function: {arguments}}). It reads the form the calls' grammar
+// writes ({"name":NAME,"arguments":ARGS}, or a list of them, no space between); text of another
+// form stops it (broken()), and nothing more is given.
+class ToolCallStream {
+ public:
+  nlohmann::json Feed(std::string_view text);
+  bool started() const { return calls_ > 0; }
+  bool broken() const { return phase_ == Phase::kBroken; }
+  // The raw text of each call's arguments read so far, and each call's name.
+  const std::vector<std::string>& arguments() const { return arguments_; }
+  const std::vector<std::string>& names() const { return names_; }
+
+ private:
+  enum class Phase { kStart, kBetween, kHeader, kArguments, kAfterCall, kDone, kBroken };
+  Phase phase_ = Phase::kStart;
+  bool list_ = false;
+  size_t pos_ = 0;           // bytes of the text read
+  size_t header_begin_ = 0;  // where the current call's '{' is
+  int depth_ = 0;            // brackets open inside the arguments
+  bool in_string_ = false, escaped_ = false;
+  int calls_ = 0;
+  std::vector<std::string> arguments_, names_;
+};
+
 // A finished reply as OpenAI's tool_calls ([{id, type, function: {name, arguments}}], arguments
-// the JSON text of the arguments), or null when the reply is not calls of `names` alone.
+// the JSON text of the arguments as the model wrote them), or null when the reply is not calls of
+// `names` alone.
 nlohmann::json ParseToolCalls(std::string_view text, const std::vector<std::string>& names);
 
 }  // namespace gemma2::serving

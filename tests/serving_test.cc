@@ -388,6 +388,61 @@ TEST(RequestParserTest, ToolsRenderIntoTheChatAndChoicesConstrain) {
   }
 }
 
+// A forced call streamed: fed the text in pieces of every size, the deltas open each call once
+// (index, id, type, name; arguments "") and then carry its arguments' text, which put together is
+// the text the model wrote (brackets and braces inside strings included) and what ParseToolCalls
+// returns; text of another form stops the stream.
+TEST(ToolCallsTest, StreamedCallsAreTheWrittenCallsInPieces) {
+  const std::string a0 = R"({"city":"Paris \"north\" }","days":[1,{"x":"]}"}],"n":null})";
+  const std::string text = R"([{"name":"get_weather","arguments":)" + a0 +
+                           R"(},{"name":"f","arguments":{}}])";
+  for (size_t piece = 1; piece <= 9; ++piece) {
+    ToolCallStream stream;
+    std::vector<json> deltas;
+    for (size_t end = piece; end < text.size() + piece; end += piece) {
+      for (const json& d : stream.Feed(std::string_view(text).substr(0, std::min(end, text.size()))))
+        deltas.push_back(d);
+    }
+    ASSERT_FALSE(stream.broken());
+    std::map<int, std::string> args;
+    std::vector<json> openings;
+    for (const json& d : deltas) {
+      if (d.contains("id")) {
+        openings.push_back(d);
+        EXPECT_EQ(d["function"]["arguments"], "");
+      } else {
+        EXPECT_EQ(d.size(), 2u) << d;  // index and the fragment
+      }
+      args[d["index"].get<int>()] += d["function"]["arguments"].get<std::string>();
+    }
+    ASSERT_EQ(openings.size(), 2u) << piece;
+    EXPECT_EQ(openings[0]["index"], 0);
+    EXPECT_EQ(openings[0]["type"], "function");
+    EXPECT_EQ(openings[0]["function"]["name"], "get_weather");
+    EXPECT_EQ(openings[1]["function"]["name"], "f");
+    EXPECT_NE(openings[0]["id"], openings[1]["id"]);
+    EXPECT_EQ(args[0], a0) << piece;
+    EXPECT_EQ(args[1], "{}");
+    if (piece == 1) {
+      EXPECT_GT(deltas.size(), 10u);  // fragments, not one piece
+    }
+  }
+  const json parsed = ParseToolCalls(text, {"get_weather", "f"});
+  ASSERT_EQ(parsed.size(), 2u);
+  EXPECT_EQ(parsed[0]["function"]["arguments"], a0);
+  ToolCallStream one;
+  EXPECT_EQ(one.Feed(R"({"name":"f","arguments":{"a":1}} )").size(), 2u);
+  EXPECT_FALSE(one.broken());
+  for (const char* other : {"hello", R"({"nam":"f"})", R"([{"name":"f","arguments":{}};)"}) {
+    ToolCallStream s2;
+    s2.Feed(other);
+    EXPECT_TRUE(s2.broken()) << other;
+  }
+  ToolCallStream long_name;
+  long_name.Feed(R"({"name":")" + std::string(200, 'x'));
+  EXPECT_TRUE(long_name.broken());
+}
+
 TEST(ToolCallsTest, RepliesThatAreCallsAndRepliesThatAreNot) {
   const std::vector<std::string> names = {"f", "g"};
   const json one = ParseToolCalls(R"( {"name":"f","arguments":{"b":1,"a":[2]}})", names);

@@ -101,16 +101,19 @@ assert.equal(named.choices[0].message.tool_calls.length, 1);
 assert.equal(call.function.name, "get_weather");
 const args = JSON.parse(call.function.arguments);
 assert.ok(typeof args.city === "string" && ["c", "f"].includes(args.unit), call.function.arguments);
-// Streamed, the call arrives as tool-call deltas the SDK's accumulation reads back whole.
+// Streamed, the call arrives as OpenAI sends one: a first delta with its id, type and name, then
+// its arguments in fragments as they are written, which put together are the unstreamed ones.
 const tstream = await client.chat.completions.create({
   model, messages: ask, tools, tool_choice: { type: "function", function: { name: "get_weather" } }, max_tokens: 80, temperature: 0, stream: true,
 });
 let streamedArgs = "";
 let streamedName = "";
 let tfinish = null;
+const toolDeltas = [];
 for await (const chunk of tstream) {
   for (const c of chunk.choices) {
     for (const d of c.delta?.tool_calls ?? []) {
+      toolDeltas.push(d);
       streamedName += d.function?.name ?? "";
       streamedArgs += d.function?.arguments ?? "";
     }
@@ -118,6 +121,9 @@ for await (const chunk of tstream) {
   }
 }
 assert.equal(streamedName, "get_weather");
+assert.ok(/^call_/.test(toolDeltas[0].id) && toolDeltas[0].type === "function" && toolDeltas[0].function.arguments === "");
+assert.ok(toolDeltas.slice(1).every((d) => d.index === 0 && d.id === undefined));
+assert.ok(toolDeltas.filter((d) => d.function?.arguments).length >= 2, "the arguments come in fragments");
 assert.equal(streamedArgs, call.function.arguments);
 assert.equal(tfinish, "tool_calls");
 const followUp = await client.chat.completions.create({

@@ -69,6 +69,14 @@ CLI::Option* AddQuantization(CLI::App& app, std::string& quantization) {
       ->check(CLI::IsMember({"auto", "none", "fp8"}));
 }
 
+CLI::Option* AddKvCacheDtype(CLI::App& app, std::string& kv_cache_dtype) {
+  return app
+      .add_option("--kv-cache-dtype", kv_cache_dtype,
+                  "the KV cache: auto (the backend's dtype: cpu fp32, cuda bf16) or fp8 / fp8_e4m3 "
+                  "(E4M3 with a scale per position and kv head, chosen as each is written)")
+      ->check(CLI::IsMember({"auto", "fp8", "fp8_e4m3"}));
+}
+
 void AddClusterTimeouts(CLI::App& app, ClusterTimeouts& t, bool connect) {
   AddSeconds(app, "--startup-timeout", t.startup,
              "every rank ready; a worker's wait for the coordinator's first word");

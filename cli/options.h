@@ -19,6 +19,8 @@ CLI::Option* AddPp(CLI::App& app, int& pp, const std::string& note = "", int min
 CLI::Option* AddBackend(CLI::App& app, std::string& backend, const std::string& note = "");
 // --quantization: auto, none or fp8 (model/quantization.h).
 CLI::Option* AddQuantization(CLI::App& app, std::string& quantization);
+// --kv-cache-dtype: auto, fp8 or fp8_e4m3 (model/quantization.h).
+CLI::Option* AddKvCacheDtype(CLI::App& app, std::string& kv_cache_dtype);
 // --startup-timeout, --step-timeout, --heartbeat-timeout (seconds) into `t`; with `connect`,
 // --connect-timeout too (workers).
 void AddClusterTimeouts(CLI::App& app, ClusterTimeouts& t, bool connect = false);

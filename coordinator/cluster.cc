@@ -72,7 +72,9 @@ Result<pid_t> SpawnWorker(const WorkerSpawn& w, int rank) {
                                  std::string("--device"),
                                  std::to_string(w.device),
                                  std::string("--quantization"),
-                                 w.quantization}) {
+                                 w.quantization,
+                                 std::string("--kv-cache-dtype"),
+                                 w.kv_cache_dtype}) {
     argv_s.push_back(arg);
   }
   const auto seconds = [](std::chrono::milliseconds d) { return std::to_string(d.count() / 1000.0); };
@@ -209,6 +211,7 @@ Status ClusterEngine::Start(const ClusterOptions& opts) {
     w.model = opts.model;
     w.backend = opts.backend;
     w.quantization = opts.quantization;
+    w.kv_cache_dtype = opts.kv_cache_dtype;
     w.secret_file = r == opts.wrong_secret_rank ? wrong_file : secret_file;
     w.address = node.address;
     w.tp = opts.tp;

@@ -36,6 +36,7 @@ struct WorkerSpawn {
   std::string coordinator;    // HOST:PORT of the control plane
   std::string model, backend = "cpu", secret_file, address = "127.0.0.1";
   std::string quantization = "auto";  // the worker's --quantization
+  std::string kv_cache_dtype = "auto";  // the worker's --kv-cache-dtype
   int tp = 1, pp = 1, threads = 1;
   int device = 0;                        // the GPU of this rank on its node (cuda backend)
   std::vector<std::string> exec_prefix;  // e.g. {"ip", "netns", "exec", "ns1"}
@@ -65,6 +66,7 @@ struct ClusterOptions {
   int64_t micro_batch_min_tokens = 256;
   std::string backend = "cpu";
   std::string quantization = "auto";  // the workers' --quantization (none or fp8)
+  std::string kv_cache_dtype = "auto";  // the workers' --kv-cache-dtype
   int gpus_per_node = 0;  // cuda: one GPU per rank, numbered from 0 on each node (0: detect)
   int threads_per_worker = 1;
   // Every rank's KV pool: positions per block, and blocks (0: what each rank's memory allows;

@@ -93,12 +93,14 @@ Status CpuBackend::SampleToHost(const Tensor& logits, std::span<const RowSamplin
 }
 
 Result<int64_t> CpuBackend::CreateKvPool(std::span<const KvGroup> layer_groups, int64_t kv_heads,
-                                         int64_t head_dim, int64_t block_size, int64_t blocks) {
+                                         int64_t head_dim, int64_t block_size, int64_t blocks,
+                                         KvCacheDtype dtype) {
   if (kv_.blocks > 0) return Internal("cpu backend: the KV pool exists already");
   if (block_size <= 0) return InvalidArgument("KV block size must be positive");
   KvPool& p = kv_;
   p.layers = KvLayerSlots(layer_groups);
   p.width = kv_heads * head_dim;
+  p.fp8 = dtype == KvCacheDtype::kFp8;
   p.block_size = block_size;
   p.blocks = blocks > 0 ? blocks : kCpuDefaultKvBlocks;  // host memory: taken as blocks are used
   p.k.resize(static_cast<size_t>(p.blocks));
@@ -209,6 +211,10 @@ void CpuBackend::RopeAndCacheWrite(Tensor& qkv, std::span<const SeqSlice> seqs, 
       float* row = qkv.as<float>() + (s.row_begin + t) * qkv.cols;
       for (int64_t h = 0; h < p.q_heads + p.kv_heads; ++h) {
         Rotate(row + h * hd, hd, cos_t.data(), sin_t.data());  // q heads then k heads
+      }
+      if (kv_.fp8) {  // k and v become what their FP8 form gives back (model/quantization.h)
+        RoundRowsThroughFp8(row + q_width, p.kv_heads, hd);
+        RoundRowsThroughFp8(row + q_width + kv_width, p.kv_heads, hd);
       }
       std::copy(row + q_width, row + q_width + kv_width, KvRow(false, layer, s, s.start_pos + t));
       std::copy(row + q_width + kv_width, row + q_width + 2 * kv_width,

@@ -34,7 +34,8 @@ class CpuBackend final : public Backend {
                       int32_t* ids) override;
   Status BeginStep(std::span<const SeqSlice> seqs, StepOutputKind, bool) override;
   Result<int64_t> CreateKvPool(std::span<const KvGroup> layer_groups, int64_t kv_heads,
-                               int64_t head_dim, int64_t block_size, int64_t blocks) override;
+                               int64_t head_dim, int64_t block_size, int64_t blocks,
+                               KvCacheDtype dtype) override;
   Status CopyKvBlocks(std::span<const int32_t> from, std::span<const int32_t> to) override;
 
   void Embed(std::span<const int32_t> ids, const Tensor& table, int64_t vocab_begin, float scale,
@@ -67,6 +68,7 @@ class CpuBackend final : public Backend {
   struct KvPool {
     KvLayerSlots layers;
     int64_t width = 0, block_size = 0, blocks = 0;
+    bool fp8 = false;  // --kv-cache-dtype fp8: rows rounded through E4M3 as they are written
     std::vector<std::vector<float>> k, v;  // per block
   };
   KvPool kv_;

@@ -241,13 +241,15 @@ class CudaBackend final : public Backend {
   }
 
   Result<int64_t> CreateKvPool(std::span<const KvGroup> layer_groups, int64_t kv_heads,
-                               int64_t head_dim, int64_t block_size, int64_t blocks) override {
+                               int64_t head_dim, int64_t block_size, int64_t blocks,
+                               KvCacheDtype dtype) override {
     if (pool_) return Internal("cuda backend: the KV pool exists already");
     KvPoolShape shape;
     shape.kv_heads = kv_heads;
     shape.head_dim = head_dim;
     shape.block_size = block_size;
     shape.max_positions = opts_.max_positions;
+    shape.fp8 = dtype == KvCacheDtype::kFp8;
     ASSIGN_OR_RETURN(pool_, KvPool::Create(layer_groups, shape, blocks, opts_.kv_cache_bytes));
     return pool_->num_blocks();
   }

@@ -19,7 +19,10 @@ Result<std::unique_ptr<KvPool>> KvPool::Create(std::span<const KvGroup> layer_gr
   pool->layers_ = KvLayerSlots(layer_groups);
   pool->shape_ = shape;
   pool->max_blocks_ = (shape.max_positions + shape.block_size - 1) / shape.block_size;
-  const int64_t per_block = 2 * pool->layers_.slots * pool->block_elems() * 2;  // k+v, bf16
+  // k and v: bf16, or E4M3 and an fp32 scale per kv head and slot.
+  const int64_t per_block =
+      2 * pool->layers_.slots *
+      (pool->block_elems() * pool->elem_bytes() + (shape.fp8 ? pool->block_scales() * 4 : 0));
   if (blocks <= 0) {
     int64_t bytes = budget_bytes;
     if (bytes <= 0) {
@@ -34,9 +37,14 @@ Result<std::unique_ptr<KvPool>> KvPool::Create(std::span<const KvGroup> layer_gr
   }
   if (blocks < 1) return Status(StatusCode::kUnavailable, "no device memory left for a KV cache");
   pool->num_blocks_ = blocks;
-  const size_t half = static_cast<size_t>(blocks * per_block / 2);
-  ASSIGN_OR_RETURN(pool->k_, DeviceAlloc(half));
-  ASSIGN_OR_RETURN(pool->v_, DeviceAlloc(half));
+  const auto values = static_cast<size_t>(pool->slot_elems() * pool->layers_.slots * pool->elem_bytes());
+  ASSIGN_OR_RETURN(pool->k_, DeviceAlloc(values));
+  ASSIGN_OR_RETURN(pool->v_, DeviceAlloc(values));
+  if (shape.fp8) {
+    const auto scales = static_cast<size_t>(pool->slot_scales() * pool->layers_.slots) * sizeof(float);
+    ASSIGN_OR_RETURN(pool->k_scale_, DeviceAlloc(scales));
+    ASSIGN_OR_RETURN(pool->v_scale_, DeviceAlloc(scales));
+  }
   return pool;
 }
 
@@ -45,8 +53,16 @@ kernels::PagedKv KvPool::Layer(int64_t layer, const int32_t* block_tables,
   const auto l = static_cast<size_t>(layer);
   const int64_t slot_offset = layers_.slot[l] * slot_elems();
   kernels::PagedKv kv;
-  kv.k = static_cast<bf16*>(k_.get()) + slot_offset;
-  kv.v = static_cast<bf16*>(v_.get()) + slot_offset;
+  if (shape_.fp8) {
+    const int64_t scale_offset = layers_.slot[l] * slot_scales();
+    kv.k8 = static_cast<uint8_t*>(k_.get()) + slot_offset;
+    kv.v8 = static_cast<uint8_t*>(v_.get()) + slot_offset;
+    kv.k_scale = static_cast<float*>(k_scale_.get()) + scale_offset;
+    kv.v_scale = static_cast<float*>(v_scale_.get()) + scale_offset;
+  } else {
+    kv.k = static_cast<bf16*>(k_.get()) + slot_offset;
+    kv.v = static_cast<bf16*>(v_.get()) + slot_offset;
+  }
   kv.block_tables = block_tables + static_cast<size_t>(layers_.group[l]) * tables_per_group;
   kv.table_stride = static_cast<int32_t>(max_blocks_);
   kv.block_size = static_cast<int32_t>(shape_.block_size);
@@ -75,10 +91,16 @@ Status KvPool::CopyBlocks(std::span<const int32_t> from, std::span<const int32_t
   // From pageable memory: returns once `pairs` is staged, ordered on the stream.
   RETURN_IF_CUDA_ERROR(
       cudaMemcpyAsync(copy_pairs_.get(), pairs.data(), bytes, cudaMemcpyHostToDevice, stream));
-  RETURN_IF_CUDA_ERROR(kernels::CopyKvBlocks(
-      static_cast<bf16*>(k_.get()), static_cast<bf16*>(v_.get()), layers_.slots, slot_elems(),
-      block_elems(), static_cast<const int32_t*>(copy_pairs_.get()),
-      static_cast<int64_t>(from.size()), stream));
+  const auto* list = static_cast<const int32_t*>(copy_pairs_.get());
+  const auto count = static_cast<int64_t>(from.size());
+  RETURN_IF_CUDA_ERROR(kernels::CopyKvBlocks(k_.get(), v_.get(), layers_.slots,
+                                             slot_elems() * elem_bytes(),
+                                             block_elems() * elem_bytes(), list, count, stream));
+  if (shape_.fp8) {
+    RETURN_IF_CUDA_ERROR(kernels::CopyKvBlocks(k_scale_.get(), v_scale_.get(), layers_.slots,
+                                               slot_scales() * 4, block_scales() * 4, list, count,
+                                               stream));
+  }
   return OkStatus();
 }
 

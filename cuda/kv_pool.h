@@ -1,6 +1,6 @@
 // The cuda backend's paged KV cache: for each layer slot of a group (a layer's index among its
 // group's layers on this rank), `num_blocks` blocks of [kv_head][slot][head_dim] bf16, k and v
-// apart. Block tables come per step (the backend stages them); the pool owns the memory and the
+// apart; with an FP8 cache, E4M3 values in that layout and an fp32 scale per [kv_head][slot]. Block tables come per step (the backend stages them); the pool owns the memory and the
 // block-to-block copies of prefix sharing.
 #pragma once
 
@@ -19,6 +19,7 @@ namespace gemma2 {
 struct KvPoolShape {
   int64_t kv_heads = 0, head_dim = 0, block_size = 0;
   int64_t max_positions = 0;  // a sequence's most positions: fixes the block-table stride
+  bool fp8 = false;           // --kv-cache-dtype fp8 (model/quantization.h)
 };
 
 class KvPool {
@@ -50,11 +51,16 @@ class KvPool {
   KvPool() = default;
   int64_t block_elems() const { return shape_.kv_heads * shape_.block_size * shape_.head_dim; }
   int64_t slot_elems() const { return num_blocks_ * block_elems(); }
+  int64_t elem_bytes() const { return shape_.fp8 ? 1 : 2; }
+  // FP8: the scales of a block (one per kv head and slot), and of a layer slot.
+  int64_t block_scales() const { return shape_.kv_heads * shape_.block_size; }
+  int64_t slot_scales() const { return num_blocks_ * block_scales(); }
 
   KvLayerSlots layers_;
   KvPoolShape shape_;
   int64_t num_blocks_ = 0, max_blocks_ = 0;
   std::shared_ptr<void> k_, v_;
+  std::shared_ptr<void> k_scale_, v_scale_;  // FP8 only
   std::shared_ptr<void> copy_pairs_;  // CopyBlocks' (from, to) list on the device
   size_t copy_pairs_bytes_ = 0;
 };

@@ -24,6 +24,7 @@ struct EngineOptions {
   int64_t kv_blocks = 0;         // KV blocks per rank; 0: what backend.kv_cache_bytes (cuda) gives
   int64_t kv_block_size = 16;    // positions per KV block
   Quantization quantization = Quantization::kNone;  // the projections' form (--quantization)
+  KvCacheDtype kv_cache_dtype = KvCacheDtype::kAuto;  // the KV cache's (--kv-cache-dtype)
   RankModel::Progress progress;  // weight loading, summed over the ranks
 };
 

@@ -1,4 +1,5 @@
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 
 #include <type_traits>
 
@@ -25,6 +26,8 @@ namespace {
 // whose registers allow it prefetch (head_dim x heads per block <= 512).
 // Four warps, not eight: with the registers prefetching takes eight-warp blocks fit one per SM,
 // and batch 16's 256 blocks would run in two waves.
+// An FP8 cache (kFp8): a lane's 16 dims are one 16-byte load of E4M3 values, converted in
+// registers; a key's scale multiplies its reduced score, a value's its softmax weight.
 constexpr int kWarps = 4;
 constexpr int kLaneDims = 16;
 constexpr int kWarpKeys = 8;
@@ -61,32 +64,71 @@ __device__ __forceinline__ float Rescale(float m, float big) {
   return m == -INFINITY ? 0.0f : __expf(m - big);
 }
 
+// 16 E4M3 values (one 16-byte load) as floats.
+__device__ __forceinline__ void UnpackFp8(const uint4& raw, float* f) {
+  const auto* p = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float2 x = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(p[i], __NV_E4M3)));
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
+// 16-byte loads per lane and key: bf16 16 dims in two, E4M3 in one.
+template <bool kFp8>
+constexpr int kVec = kFp8 ? 1 : 2;
+
 // One round of a lane's keys: kLoads keys (clamped to the last valid one; masked by the caller),
-// 2 x 16 bytes of k and of v each.
-template <int HD, int kLoads>
+// kVec x 16 bytes of k and of v each, and with an FP8 cache their scales.
+template <int HD, int kLoads, bool kFp8>
 __device__ __forceinline__ void LoadRound(const PagedKv& kv, int32_t seq, int32_t g, int32_t k0,
-                                          int32_t k_end, int group, int sub, uint4 (&kr)[kLoads][2],
-                                          uint4 (&vr)[kLoads][2]) {
+                                          int32_t k_end, int group, int sub,
+                                          uint4 (&kr)[kLoads][kVec<kFp8>],
+                                          uint4 (&vr)[kLoads][kVec<kFp8>], float (&ks)[kLoads],
+                                          float (&vs)[kLoads]) {
   constexpr int kKeysPerLoad = 32 / (HD / kLaneDims);
 #pragma unroll
   for (int j = 0; j < kLoads; ++j) {
     const int32_t k = min(k0 + j * kKeysPerLoad + group, k_end - 1);
-    const int64_t off = KvOffset(kv, seq, k, g, HD) + sub * kLaneDims;
-    const uint4* kp = reinterpret_cast<const uint4*>(kv.k + off);
-    const uint4* vp = reinterpret_cast<const uint4*>(kv.v + off);
-    kr[j][0] = __ldg(kp);
-    kr[j][1] = __ldg(kp + 1);
-    vr[j][0] = __ldg(vp);
-    vr[j][1] = __ldg(vp + 1);
+    const int64_t at = KvOffset(kv, seq, k, g, HD);
+    const int64_t off = at + sub * kLaneDims;
+    if constexpr (kFp8) {
+      kr[j][0] = __ldg(reinterpret_cast<const uint4*>(kv.k8 + off));
+      vr[j][0] = __ldg(reinterpret_cast<const uint4*>(kv.v8 + off));
+      ks[j] = __ldg(kv.k_scale + at / HD);
+      vs[j] = __ldg(kv.v_scale + at / HD);
+    } else {
+      const uint4* kp = reinterpret_cast<const uint4*>(kv.k + off);
+      const uint4* vp = reinterpret_cast<const uint4*>(kv.v + off);
+      kr[j][0] = __ldg(kp);
+      kr[j][1] = __ldg(kp + 1);
+      vr[j][0] = __ldg(vp);
+      vr[j][1] = __ldg(vp + 1);
+      ks[j] = vs[j] = 1.0f;
+    }
+  }
+}
+
+// A lane's 16 dims of a key or value as floats (unscaled for FP8).
+template <bool kFp8>
+__device__ __forceinline__ void LaneDims(const uint4 (&raw)[kVec<kFp8>], float (&f)[kLaneDims]) {
+  if constexpr (kFp8) {
+    UnpackFp8(raw[0], f);
+  } else {
+    Unpack(raw[0], f);
+    Unpack(raw[1], f + 8);
   }
 }
 
 // One round of a lane group's keys k0 + [0, kWarpKeys) (those >= k_end masked) folded into its
 // online softmax: scores with softcap, then the rescaled accumulation of the values.
-template <int HD, int R, int kLoads>
+template <int HD, int R, int kLoads, bool kFp8>
 __device__ __forceinline__ void Round(const AttentionShape& shape, int32_t k0, int32_t k_end,
                                       int group, const float (&qv)[R][kLaneDims],
-                                      const uint4 (&kr)[kLoads][2], const uint4 (&vr)[kLoads][2],
+                                      const uint4 (&kr)[kLoads][kVec<kFp8>],
+                                      const uint4 (&vr)[kLoads][kVec<kFp8>],
+                                      const float (&ks)[kLoads], const float (&vs)[kLoads],
                                       float (&m)[R], float (&l)[R], float (&acc)[R][kLaneDims]) {
   constexpr int kGroupLanes = HD / kLaneDims;
   constexpr int kKeysPerLoad = 32 / kGroupLanes;
@@ -94,8 +136,7 @@ __device__ __forceinline__ void Round(const AttentionShape& shape, int32_t k0, i
 #pragma unroll
   for (int j = 0; j < kLoads; ++j) {
     float kf[kLaneDims];
-    Unpack(kr[j][0], kf);
-    Unpack(kr[j][1], kf + 8);
+    LaneDims<kFp8>(kr[j], kf);
     const bool valid = k0 + j * kKeysPerLoad + group < k_end;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -104,6 +145,7 @@ __device__ __forceinline__ void Round(const AttentionShape& shape, int32_t k0, i
       for (int i = 0; i < kLaneDims; ++i) dot += qv[r][i] * kf[i];
 #pragma unroll
       for (int o = kGroupLanes / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+      if constexpr (kFp8) dot *= ks[j];
       if (shape.softcap > 0) dot = tanhf(dot / shape.softcap) * shape.softcap;
       s[r][j] = valid ? dot : -INFINITY;
     }
@@ -123,19 +165,19 @@ __device__ __forceinline__ void Round(const AttentionShape& shape, int32_t k0, i
 #pragma unroll
   for (int j = 0; j < kLoads; ++j) {
     float vf[kLaneDims];
-    Unpack(vr[j][0], vf);
-    Unpack(vr[j][1], vf + 8);
+    LaneDims<kFp8>(vr[j], vf);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const float p = Rescale(s[r][j], m[r]);
       l[r] += p;
+      const float pv = kFp8 ? p * vs[j] : p;
 #pragma unroll
-      for (int i = 0; i < kLaneDims; ++i) acc[r][i] += p * vf[i];
+      for (int i = 0; i < kLaneDims; ++i) acc[r][i] += pv * vf[i];
     }
   }
 }
 
-template <int HD, int R, bool kPrefetch>
+template <int HD, int R, bool kPrefetch, bool kFp8>
 __global__ void __launch_bounds__(32 * kWarps)
     DecodeKernel(const bf16* __restrict__ q, int64_t row_stride, StepTokens tokens,
                  AttentionShape shape, PagedKv kv, int splits, bf16* __restrict__ out,
@@ -169,25 +211,32 @@ __global__ void __launch_bounds__(32 * kWarps)
   }
 
   constexpr int32_t kStride = kWarps * kWarpKeys;
-  uint4 kr[kLoads][2], vr[kLoads][2];
+  constexpr int V = kVec<kFp8>;
+  uint4 kr[kLoads][V], vr[kLoads][V];
+  float ks[kLoads], vs[kLoads];
   int32_t k0 = k_begin + warp * kWarpKeys;
-  if (kPrefetch && k0 < k_end) LoadRound<HD>(kv, seq, g, k0, k_end, group, sub, kr, vr);
+  if (kPrefetch && k0 < k_end)
+    LoadRound<HD, kLoads, kFp8>(kv, seq, g, k0, k_end, group, sub, kr, vr, ks, vs);
   for (; k0 < k_end; k0 += kStride) {
     if constexpr (kPrefetch) {
-      uint4 kn[kLoads][2], vn[kLoads][2];
-      if (k0 + kStride < k_end) LoadRound<HD>(kv, seq, g, k0 + kStride, k_end, group, sub, kn, vn);
-      Round<HD, R, kLoads>(shape, k0, k_end, group, qv, kr, vr, m, l, acc);
+      uint4 kn[kLoads][V], vn[kLoads][V];
+      float kns[kLoads], vns[kLoads];
+      if (k0 + kStride < k_end)
+        LoadRound<HD, kLoads, kFp8>(kv, seq, g, k0 + kStride, k_end, group, sub, kn, vn, kns, vns);
+      Round<HD, R, kLoads, kFp8>(shape, k0, k_end, group, qv, kr, vr, ks, vs, m, l, acc);
 #pragma unroll
       for (int j = 0; j < kLoads; ++j) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < V; ++h) {
           kr[j][h] = kn[j][h];
           vr[j][h] = vn[j][h];
         }
+        ks[j] = kns[j];
+        vs[j] = vns[j];
       }
     } else {
-      LoadRound<HD>(kv, seq, g, k0, k_end, group, sub, kr, vr);
-      Round<HD, R, kLoads>(shape, k0, k_end, group, qv, kr, vr, m, l, acc);
+      LoadRound<HD, kLoads, kFp8>(kv, seq, g, k0, k_end, group, sub, kr, vr, ks, vs);
+      Round<HD, R, kLoads, kFp8>(shape, k0, k_end, group, qv, kr, vr, ks, vs, m, l, acc);
     }
   }
 
@@ -291,8 +340,13 @@ cudaError_t Launch(const bf16* q, int64_t row_stride, const StepTokens& tokens,
   }();
   const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
   auto launch = [&](auto prefetch) {
-    DecodeKernel<HD, R, decltype(prefetch)::value>
-        <<<grid, 32 * kWarps, 0, stream>>>(q, row_stride, tokens, shape, kv, splits, out, partial);
+    if (kv.k8) {
+      DecodeKernel<HD, R, decltype(prefetch)::value, true>
+          <<<grid, 32 * kWarps, 0, stream>>>(q, row_stride, tokens, shape, kv, splits, out, partial);
+    } else {
+      DecodeKernel<HD, R, decltype(prefetch)::value, false>
+          <<<grid, 32 * kWarps, 0, stream>>>(q, row_stride, tokens, shape, kv, splits, out, partial);
+    }
   };
   if constexpr (HD * R <= 512) {
     if (blocks <= int64_t{kPrefetchWaveBlocksPerSm} * sms) {

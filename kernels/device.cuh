@@ -28,6 +28,21 @@ __device__ __forceinline__ float BlockSum(float v) {
   return WarpSum(total);
 }
 
+// Maximum over the whole block (as BlockSum); every thread gets it.
+__device__ __forceinline__ float BlockMax(float v) {
+  __shared__ float partial[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  v = lane < static_cast<int>((blockDim.x + 31) >> 5) ? partial[lane] : 0.0f;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 // AddRmsNorm's arithmetic on one row held in registers, value i of each thread at column
 // threadIdx.x + i * kThreads (dv: the delta, rv: the residual; zeros past `hidden`):
 // res = bf16(rv + bf16(RmsNorm(dv, post_w))); then, if next_w: out = RmsNorm(res, next_w).

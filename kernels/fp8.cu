@@ -9,20 +9,6 @@ namespace {
 
 constexpr int kQuantThreads = 256;
 
-__device__ __forceinline__ float BlockMax(float v) {
-  __shared__ float partial[32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  __syncthreads();
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  v = lane < static_cast<int>(blockDim.x >> 5) ? partial[lane] : 0.0f;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
 // One block per row.
 __global__ void __launch_bounds__(kQuantThreads)
     QuantizeRowsKernel(const bf16* x, int64_t cols, fp8* q, float* scale) {

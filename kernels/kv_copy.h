@@ -7,10 +7,11 @@
 namespace gemma2::kernels {
 
 // For every layer slot s < slots and pair i < pairs: block pairs[2i + 1] of slot s receives block
-// pairs[2i] of slot s, in k and in v. Slot s starts at k + s * slot_elems; a block holds
-// block_elems values (a multiple of 8). `pairs` lives on the device; no destination is also a
-// source (the copies run in parallel). One launch.
-cudaError_t CopyKvBlocks(bf16* k, bf16* v, int64_t slots, int64_t slot_elems, int64_t block_elems,
+// pairs[2i] of slot s, in a and in b (keys and values, or their FP8 scales). Slot s starts at
+// byte s * slot_bytes; a block is block_bytes (a multiple of 4; 16-byte copies when it is a
+// multiple of 16). `pairs` lives on the device; no destination is also a source (the copies run
+// in parallel). One launch.
+cudaError_t CopyKvBlocks(void* a, void* b, int64_t slots, int64_t slot_bytes, int64_t block_bytes,
                          const int32_t* pairs, int64_t count, cudaStream_t stream);
 
 }  // namespace gemma2::kernels

@@ -11,6 +11,12 @@ namespace gemma2::kernels {
 struct PagedKv {
   bf16* k = nullptr;
   bf16* v = nullptr;
+  // --kv-cache-dtype fp8 (k and v null then): E4M3 values in the same layout, and one fp32 scale
+  // per (block, kv_head, slot), at a value's offset / head_dim (model/quantization.h).
+  uint8_t* k8 = nullptr;
+  uint8_t* v8 = nullptr;
+  float* k_scale = nullptr;
+  float* v_scale = nullptr;
   const int32_t* block_tables = nullptr;
   int32_t table_stride = 0;
   int32_t block_size = 16;

@@ -1,8 +1,29 @@
+#include <cuda_fp8.h>
+
 #include "kernels/device.cuh"
 #include "kernels/rope_kv.h"
 
 namespace gemma2::kernels {
 namespace {
+
+// An FP8 cache's write of one head (the whole block takes part): x's head_dim values rounded
+// through E4M3 with the head's own scale (max |x| / 448, 1 for a zero head), the bytes and the
+// scale into the cache, and x left as the cache gives it back: the arithmetic of the cpu's
+// RoundRowsThroughFp8 (which rounds fp32 values; these are bf16). The caller's writes to x come
+// before (synced here).
+__device__ void RoundHeadIntoCache(bf16* x, int32_t head_dim, uint8_t* dst, float* scale) {
+  __syncthreads();
+  float amax = 0.0f;
+  for (int32_t d = threadIdx.x; d < head_dim; d += blockDim.x) amax = fmaxf(amax, fabsf(ToF(x[d])));
+  amax = BlockMax(amax);
+  const float s = amax > 0.0f && isfinite(amax) ? __fdiv_rn(amax, 448.0f) : 1.0f;
+  for (int32_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    const __nv_fp8_storage_t q = __nv_cvt_float_to_fp8(__fdiv_rn(ToF(x[d]), s), __NV_SATFINITE, __NV_E4M3);
+    dst[d] = q;
+    x[d] = ToB(__half2float(__half(__nv_cvt_fp8_to_halfraw(q, __NV_E4M3))) * s);
+  }
+  if (threadIdx.x == 0) *scale = s;
+}
 
 // Block (t, h) rotates head h of token t (q heads, then k heads; k heads also go to the cache);
 // blocks past them copy one v head each into the cache (one head per block: a decode step's
@@ -17,13 +38,20 @@ __global__ void RopeKvKernel(bf16* qkv, int64_t row_stride, StepTokens tokens, i
   const int32_t half = head_dim / 2;
   if (h >= q_heads + kv_heads) {  // v head g: copy only
     const int32_t g = h - q_heads - kv_heads;
-    const bf16* v = row + (q_heads + kv_heads + g) * head_dim;
-    bf16* dst = kv.v + KvOffset(kv, seq, pos, g, head_dim);
+    bf16* v = row + (q_heads + kv_heads + g) * head_dim;
+    const int64_t at = KvOffset(kv, seq, pos, g, head_dim);
+    if (kv.v8) {
+      RoundHeadIntoCache(v, head_dim, kv.v8 + at, kv.v_scale + at / head_dim);
+      return;
+    }
+    bf16* dst = kv.v + at;
     for (int32_t d = threadIdx.x; d < head_dim; d += blockDim.x) dst[d] = v[d];
     return;
   }
   bf16* x = row + h * head_dim;
-  bf16* dst = h >= q_heads ? kv.k + KvOffset(kv, seq, pos, h - q_heads, head_dim) : nullptr;
+  const bool is_k = h >= q_heads;
+  const int64_t at = is_k ? KvOffset(kv, seq, pos, h - q_heads, head_dim) : 0;
+  bf16* dst = is_k && !kv.k8 ? kv.k + at : nullptr;
   for (int32_t i = threadIdx.x; i < half; i += blockDim.x) {
     const float angle = static_cast<float>(pos) * inv_freq[i];  // fp32 product, as the reference
     float s, c;
@@ -37,6 +65,7 @@ __global__ void RopeKvKernel(bf16* qkv, int64_t row_stride, StepTokens tokens, i
       dst[i + half] = rb;
     }
   }
+  if (is_k && kv.k8) RoundHeadIntoCache(x, head_dim, kv.k8 + at, kv.k_scale + at / head_dim);
 }
 
 }  // namespace

@@ -52,6 +52,7 @@ struct Args {
   std::string model, backend, host = "127.0.0.1", api_key, api_key_file, served_name;
   std::string tokenizer;  // --tokenizer: a sentencepiece model other than MODEL/tokenizer.model
   std::string quantization = "auto";
+  std::string kv_cache_dtype = "auto";
   std::string trace;  // --trace: the scheduler's per-step timeline (Chrome trace format)
   int tp = 1, nodes = 1, pp = 0, port = 8000;
   int gpus_per_node = 0;  // 0: detect
@@ -141,6 +142,7 @@ Status RunNode(const Args& a, int world, const std::string& master) {
   w.model = a.model;
   w.backend = a.backend;
   w.quantization = a.quantization;
+  w.kv_cache_dtype = a.kv_cache_dtype;
   w.secret_file = a.secret_file;
   w.address = a.address;
   w.tp = a.tp;
@@ -220,6 +222,7 @@ Result<pid_t> StartRemoteNode(const Args& a, size_t i, int* stderr_pipe) {
        {self, std::string("--model"), std::filesystem::absolute(a.model).string(),
         std::string("--tp"), std::to_string(a.tp), std::string("--nodes"), std::to_string(a.nodes),
         std::string("--backend"), a.backend, std::string("--quantization"), a.quantization,
+        std::string("--kv-cache-dtype"), a.kv_cache_dtype,
         std::string("--gpus-per-node"),
         std::to_string(a.gpus_per_node), std::string("--node-rank"), std::to_string(i),
         std::string("--master"), a.master, std::string("--secret-file"),
@@ -311,6 +314,7 @@ Result<std::unique_ptr<StepExecutor>> InProcessEngine(const Args& a, const Clust
   eo.kv_blocks = a.kv_blocks;
   eo.kv_block_size = a.kv_block_size;
   ASSIGN_OR_RETURN(eo.quantization, ResolveQuantization(a.quantization, a.model));
+  ASSIGN_OR_RETURN(eo.kv_cache_dtype, ParseKvCacheDtype(a.kv_cache_dtype));
   ASSIGN_OR_RETURN(auto engine, Engine::Create(*weights, eo));
   return std::unique_ptr<StepExecutor>(std::move(engine));
 #endif
@@ -391,6 +395,7 @@ Status Run(Args a) {
   }
   co.backend = a.backend;
   co.quantization = a.quantization;
+  co.kv_cache_dtype = a.kv_cache_dtype;
   co.kv_blocks = a.kv_blocks;
   co.kv_block_size = a.kv_block_size;
   co.gpus_per_node = a.gpus_per_node;
@@ -444,6 +449,8 @@ Status Run(Args a) {
     facts.served_name = std::filesystem::path(a.model).parent_path().filename();
   ASSIGN_OR_RETURN(const Quantization quantization, ResolveQuantization(a.quantization, a.model));
   facts.quantization = QuantizationName(quantization);
+  ASSIGN_OR_RETURN(const KvCacheDtype kv_dtype, ParseKvCacheDtype(a.kv_cache_dtype));
+  facts.kv_cache_dtype = KvCacheDtypeName(kv_dtype);
   serving::ServerOptions so;
   so.host = a.host;
   so.port = a.port;
@@ -467,6 +474,7 @@ Status Run(Args a) {
                       {"ranks", std::to_string(world)},
                       {"model", facts.served_name},
                       {"quantization", facts.quantization},
+                      {"kv_cache_dtype", facts.kv_cache_dtype},
                       {"version", VersionLine()}});
 
   while (!g_stop) {
@@ -532,6 +540,7 @@ int main(int argc, char** argv) {  // NOLINT(bugprone-exception-escape)
   gemma2::cli::AddBackend(app, a.backend,
                           "NCCL between GPU ranks; default: cuda where this node shows a GPU");
   gemma2::cli::AddQuantization(app, a.quantization);
+  gemma2::cli::AddKvCacheDtype(app, a.kv_cache_dtype);
   app.add_option("--gpus-per-node", a.gpus_per_node,
                  "GPUs each node may use, one per rank (default: detected from "
                  "CUDA_VISIBLE_DEVICES or /dev/nvidiaN)")

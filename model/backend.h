@@ -16,6 +16,7 @@
 #include "common/status.h"
 #include "common/tensor.h"
 #include "model/kv_blocks.h"
+#include "model/quantization.h"
 #include "model/sampling.h"
 #include "model/step.h"
 
@@ -145,9 +146,12 @@ class Backend {
   // Creates the pool, once, before the first step: local layer l (of this rank's stage) belongs
   // to group layer_groups[l]; a block holds `block_size` positions of one group's layers.
   // `blocks` > 0: that many; 0: as many as the backend's memory allows (cuda: most of what is
-  // free then). Returns the number of blocks (every id below it is valid in a table).
+  // free then). Returns the number of blocks (every id below it is valid in a table). `dtype`:
+  // the cache's element type (model/quantization.h; kFp8: keys and values rounded through E4M3
+  // with a scale per position and kv head as they are written).
   virtual Result<int64_t> CreateKvPool(std::span<const KvGroup> layer_groups, int64_t kv_heads,
-                                       int64_t head_dim, int64_t block_size, int64_t blocks) = 0;
+                                       int64_t head_dim, int64_t block_size, int64_t blocks,
+                                       KvCacheDtype dtype) = 0;
   // Block to[i] receives the contents of block from[i] (every layer of the block), in stream order.
   virtual Status CopyKvBlocks(std::span<const int32_t> from, std::span<const int32_t> to) = 0;
 
@@ -165,7 +169,8 @@ class Backend {
   // activation (Alloc) or an fp32 output (AllocOutput); accumulation is fp32 either way.
   virtual void Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& out) = 0;
   // qkv rows are [q (q_heads*hd) | k (kv_heads*hd) | v (kv_heads*hd)]. Rotates q and k in place
-  // (rotate-half RoPE at each token's position) and appends k, v to each sequence's cache.
+  // (rotate-half RoPE at each token's position) and appends k, v to each sequence's cache. With an
+  // FP8 cache, k and v in the rows become what the cache gives back (rounded through E4M3).
   virtual void RopeAndCacheWrite(Tensor& qkv, std::span<const SeqSlice> seqs, int64_t layer,
                                  const AttentionParams& p) = 0;
   // Causal attention of each new token over its sequence's cache; out is [tokens, q_heads*hd].

@@ -48,4 +48,24 @@ void QuantizeRowsFp8(const float* w, int64_t rows, int64_t cols, uint8_t* q, flo
   }
 }
 
+Result<KvCacheDtype> ParseKvCacheDtype(std::string_view name) {
+  if (name == "auto" || name.empty()) return KvCacheDtype::kAuto;
+  if (name == "fp8" || name == "fp8_e4m3") return KvCacheDtype::kFp8;
+  return InvalidArgument("--kv-cache-dtype: '" + std::string(name) +
+                         "' is not one of auto, fp8, fp8_e4m3 (E4M3 with a scale per position and "
+                         "kv head; fp8_e5m2 is not built)");
+}
+
+std::string_view KvCacheDtypeName(KvCacheDtype d) { return d == KvCacheDtype::kFp8 ? "fp8" : "auto"; }
+
+void RoundRowsThroughFp8(float* x, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = x + r * cols;
+    float amax = 0;
+    for (int64_t k = 0; k < cols; ++k) amax = std::fmax(amax, std::fabs(row[k]));
+    const float s = RowScaleFp8(amax);
+    for (int64_t k = 0; k < cols; ++k) row[k] = F8E4M3ToF32(F32ToF8E4M3(row[k] / s)) * s;
+  }
+}
+
 }  // namespace gemma2

@@ -47,7 +47,8 @@ class RankModel {
   const ShardPlan& plan() const { return plan_; }
   Backend& backend() { return backend_; }
   // The backend's KV pool for this stage's layers (Backend::CreateKvPool); returns its blocks.
-  Result<int64_t> CreateKvPool(int64_t block_size, int64_t blocks);
+  Result<int64_t> CreateKvPool(int64_t block_size, int64_t blocks,
+                               KvCacheDtype dtype = KvCacheDtype::kAuto);
   // Steps whose sampled rows had to be assembled across ranks (top-k/top-p not decided by the
   // shards' candidates).
   int64_t shard_pick_fallbacks() const { return shard_pick_fallbacks_; }

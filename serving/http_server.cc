@@ -383,7 +383,8 @@ class HttpServer::Impl {
                         {"created", created_},
                         {"owned_by", "gemma2-cluster"},
                         {"max_model_len", facts_.config->max_position_embeddings},
-                        {"quantization", facts_.quantization}};
+                        {"quantization", facts_.quantization},
+                        {"kv_cache_dtype", facts_.kv_cache_dtype}};
     if (path == "/v1/models" && get) {
       return JsonResponse(http::status::ok,
                           json{{"object", "list"}, {"data", json::array({model})}}, rid, keep);

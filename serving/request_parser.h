@@ -20,6 +20,7 @@ struct ModelFacts {
   std::string served_name;               // the one model this server answers for
   Limits limits;
   std::string quantization = "none";     // the ranks' --quantization (reported by /v1/models)
+  std::string kv_cache_dtype = "auto";   // the ranks' --kv-cache-dtype (reported by /v1/models)
   // Structured output's compiled grammars (null: no tokenizer, structured output refused).
   std::shared_ptr<ConstraintCache> constraints;
 };

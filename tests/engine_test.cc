@@ -124,6 +124,54 @@ TEST_F(EngineTest, Fp8WeightsStayCloseToFp32) {
   }
 }
 
+// --kv-cache-dtype fp8 on the cpu backend (the specification: keys and values rounded through
+// E4M3 with a scale per position and kv head as they are written): close to the fp32 cache but
+// not equal; the same at tp 2 (kv heads split) and 4 (replicated), since a head's scale is its
+// own; and decoding through the rounded cache equals one prefill over the same tokens.
+TEST_F(EngineTest, Fp8KvCacheStaysCloseAndEqualAcrossTpAndRecompute) {
+  Make(SmallGqa());
+  const std::vector<GenerationRequest> reqs = {Req({2, 5, 9, 14, 3, 77, 96, 40, 41, 42, 43}, 7),
+                                               Req({2, 60, 61}, 4)};
+  auto base = Generate(*NewEngine(1), reqs);
+  ASSERT_TRUE(base.ok());
+  auto fp8_engine = [&](int tp) {
+    EngineOptions o{{"cpu"}, tp, 1};
+    o.kv_cache_dtype = KvCacheDtype::kFp8;
+    auto e = Engine::Create(*ck_, o);
+    EXPECT_TRUE(e.ok()) << e.status().ToString();
+    return e.ok() ? std::move(e).value() : nullptr;
+  };
+  auto one = fp8_engine(1);
+  auto fp8 = Generate(*one, reqs);
+  ASSERT_TRUE(fp8.ok()) << fp8.status().ToString();
+  const auto& a = (*fp8)[0].logits;
+  const auto& b = (*base)[0].logits;
+  double worst = 0;  // over the prompt's rows: the same tokens on both sides
+  for (size_t r = 0; r < reqs[0].prompt.size(); ++r)
+    worst = std::max(worst, RelativeL2(a[r].data(), b[r].data(), static_cast<int64_t>(a[r].size())));
+  EXPECT_GT(worst, 1e-4) << "the cache was not rounded";
+  EXPECT_LT(worst, 0.05);
+  for (int tp : {2, 4}) {
+    auto res = Generate(*fp8_engine(tp), reqs);
+    ASSERT_TRUE(res.ok());
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      EXPECT_EQ((*res)[i].generated, (*fp8)[i].generated) << "tp " << tp;
+      ExpectSameRows((*res)[i].logits, (*fp8)[i].logits, 1e-5);
+    }
+  }
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    GenerationRequest full = reqs[i];
+    const auto& gen = (*fp8)[i].generated;
+    full.prompt.insert(full.prompt.end(), gen.begin(), gen.end() - 1);
+    full.max_new_tokens = 1;
+    auto re = Generate(*one, {full});
+    ASSERT_TRUE(re.ok());
+    ExpectSameRows((*re)[0].logits, (*fp8)[i].logits, 1e-5);
+  }
+  EXPECT_FALSE(ParseKvCacheDtype("fp8_e5m2").ok());
+  EXPECT_NE(ParseKvCacheDtype("int8").status().message().find("--kv-cache-dtype"), std::string::npos);
+}
+
 // An FP8 checkpoint as transformers saves it (E4M3, 16 x 16 block scales: blocks cut across the
 // heads and the MLP slices) runs as its dequantized weights in fp32 do, at every tp: the loader
 // scales each slice by its own blocks.

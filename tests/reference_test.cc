@@ -41,5 +41,18 @@ TEST(ReferenceTest, Fp8WeightsStayNearTransformersFp32) {
   }
 }
 
+// --kv-cache-dtype fp8 (keys and values through E4M3, a scale per position and kv head), alone
+// and on top of FP8 weights, against the same references: measured (printed) and bounded.
+TEST(ReferenceTest, Fp8KvCacheStaysNearTransformersFp32) {
+  for (const auto& dir : testing::ReferenceCaseDirs()) {
+    for (Quantization q : {Quantization::kNone, Quantization::kFp8}) {
+      EngineOptions o{{"cpu"}, 1, 0};
+      o.quantization = q;
+      o.kv_cache_dtype = KvCacheDtype::kFp8;
+      testing::CheckReferenceCase(dir, o, 0.12, /*token_margin=*/0.05);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace gemma2

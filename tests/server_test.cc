@@ -1115,6 +1115,36 @@ TEST_F(ServerTest, Fp8QuantizationReachesTheWorkers) {
       << "the fp8 server computed with unquantized weights";
 }
 
+// --kv-cache-dtype fp8 reaches the workers (their caches round keys and values through E4M3):
+// /v1/models says so, the served greedy tokens equal gemma2-run's with the same flag, the
+// logprobs differ from the default cache's, and a dtype not built is refused by name.
+TEST_F(ServerTest, Fp8KvCacheReachesTheWorkers) {
+  Server fp8(Lm(), Ranks() + " --kv-cache-dtype fp8 --api-key-file " + (dir_->path() / "key").string());
+  ASSERT_TRUE(fp8.ok()) << fp8.ready_line();
+  EXPECT_EQ(json::parse(fp8.Call("GET", "/v1/models", "").body)["data"][0]["kv_cache_dtype"], "fp8");
+  EXPECT_EQ(json::parse(server_->Call("GET", "/v1/models", "").body)["data"][0]["kv_cache_dtype"],
+            "auto");
+  const std::string prompt = "The quick brown fox jumps";
+  int code = 0;
+  const std::string tp = Cuda() ? "" : " --tp 2";
+  const json offline = json::parse(Shell(Bin("gemma2-run") + RunBackend() + tp + " --model " + Lm() +
+                                             " --kv-cache-dtype fp8 --max-new-tokens 12 --prompt '" +
+                                             prompt + "'",
+                                         &code));
+  ASSERT_EQ(code, 0);
+  const json body = {{"prompt", prompt}, {"max_tokens", 12}, {"temperature", 0},
+                     {"return_token_ids", true}};
+  EXPECT_EQ(fp8.Post("/v1/completions", body)["choices"][0]["token_ids"], offline["generated_ids"]);
+  const json one = {{"prompt", prompt}, {"max_tokens", 1}, {"logprobs", 5}};
+  EXPECT_NE(server_->Post("/v1/completions", one)["choices"][0]["logprobs"]["token_logprobs"],
+            fp8.Post("/v1/completions", one)["choices"][0]["logprobs"]["token_logprobs"])
+      << "the fp8 cache was not rounded";
+  const std::string refused =
+      Shell(Bin("gemma2-launch") + " --model " + Lm() + " --kv-cache-dtype fp8_e5m2 2>&1", &code);
+  EXPECT_NE(code, 0);
+  EXPECT_NE(refused.find("--kv-cache-dtype"), std::string::npos) << refused;
+}
+
 // The metrics operators alert on (vLLM's set, docs/metrics.md): per-request latency phases and
 // token counts, finished reasons, KV usage as a ratio, prefix-cache queries beside hits, and a
 // model_name label on every series (checked by Metrics()).

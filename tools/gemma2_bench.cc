@@ -30,6 +30,7 @@ using Clock = std::chrono::steady_clock;
 
 struct Args {
   std::string model, preset = "27b", backend = "cuda", out, quantization = "auto";
+  std::string kv_cache_dtype = "auto";
   uint64_t random_weights = 1;
   int64_t layers = 0, steps = 32, repeat = 3;
   std::vector<int64_t> batches = {1, 16, 64}, prompts = {128, 2048},
@@ -149,10 +150,12 @@ Result<nlohmann::json> Decode(StepExecutor& e, const Args& a, int64_t batch, int
   }
   release();
   const double m = Median(ms);
-  double kv_bytes = 0;  // K and V of every visible position, bf16
+  // K and V of every visible position: bf16, or FP8 and an fp32 scale per head.
+  const double kv_elem = a.kv_cache_dtype == "fp8" ? 1.0 + 4.0 / static_cast<double>(c.head_dim) : 2.0;
+  double kv_bytes = 0;
   for (int64_t l = 0; l < c.num_layers; ++l) {
     kv_bytes +=
-        static_cast<double>(batch) * Visible(c, l, prompt + a.steps / 2) * 2 * c.kv_size() * 2;
+        static_cast<double>(batch) * Visible(c, l, prompt + a.steps / 2) * 2 * c.kv_size() * kv_elem;
   }
   const double bytes = static_cast<double>(WeightBytes(c, a.quantization)) + kv_bytes;
   const double tbps = bytes / (m * 1e-3) / 1e12 / a.tp;  // per GPU: the group streams in parallel
@@ -182,6 +185,8 @@ Status Run(Args a) {
   ASSIGN_OR_RETURN(const Quantization quantization, ResolveQuantization(a.quantization, a.model));
   const std::string qname(QuantizationName(quantization));
   a.quantization = qname;  // what the ranks use, for every figure below
+  ASSIGN_OR_RETURN(const KvCacheDtype kv_dtype, ParseKvCacheDtype(a.kv_cache_dtype));
+  a.kv_cache_dtype = KvCacheDtypeName(kv_dtype);
   const auto t0 = Clock::now();
   std::unique_ptr<StepExecutor> engine;
   if (a.launch == "local") {
@@ -191,6 +196,7 @@ Status Run(Args a) {
     co.pp = a.pp;
     co.backend = a.backend;
     co.quantization = a.quantization;
+    co.kv_cache_dtype = a.kv_cache_dtype;
     ASSIGN_OR_RETURN(engine, ClusterEngine::LaunchLocal(co));
   } else {
     if (a.tp != 1 || a.pp != 1)
@@ -198,6 +204,7 @@ Status Run(Args a) {
     EngineOptions eo;
     eo.backend.name = a.backend;
     eo.quantization = quantization;
+    eo.kv_cache_dtype = kv_dtype;
     eo.backend.kv_cache_bytes = static_cast<int64_t>(a.kv_cache_gb * (1 << 30));
     eo.progress = StderrLoadProgress("gemma2-bench");
     ASSIGN_OR_RETURN(engine, Engine::Create(ws, eo));
@@ -206,6 +213,13 @@ Status Run(Args a) {
   const ModelConfig& c = engine->config();
   std::fprintf(stderr, "gemma2-bench: loaded %.2f GB of weights in %.1f s\n", WeightBytes(c, qname) / 1e9,
                load_s);
+  // The KV pool's capacity: blocks, positions, and whole sequences of 8192 positions.
+  const KvLayout layout = engine->kv_layout();
+  const int64_t per_8192 = layout.BudgetFor(8192, 8192);
+  const int64_t seqs_8192 = per_8192 > 0 ? engine->kv_blocks() / per_8192 : 0;
+  std::printf("KV cache (%s): %lld blocks of %lld positions, %lld sequences of 8192 positions\n",
+              a.kv_cache_dtype.c_str(), static_cast<long long>(engine->kv_blocks()),
+              static_cast<long long>(layout.block_size), static_cast<long long>(seqs_8192));
 
   nlohmann::json results = nlohmann::json::array();
   std::printf("%-8s %6s %7s %12s %11s %9s %9s\n", "kind", "batch", "tokens", "ms", "tok/s",
@@ -248,6 +262,9 @@ Status Run(Args a) {
                      {"layers", c.num_layers},
                      {"backend", a.backend},
                      {"quantization", qname},
+                     {"kv_cache_dtype", a.kv_cache_dtype},
+                     {"kv_blocks", engine->kv_blocks()},
+                     {"kv_sequences_of_8192", seqs_8192},
                      {"weight_bytes", WeightBytes(c, qname)},
                      {"load_s", load_s},
                      {"ceilings", {{"hbm_tb_per_s", a.hbm_tbps}, {"gemm_tflops", a.gemm_tflops}}},
@@ -270,6 +287,7 @@ int main(int argc, char** argv) {
   app.add_option("--layers", a.layers, "keep the first N layers (widths exact)");
   gemma2::cli::AddBackend(app, a.backend);
   gemma2::cli::AddQuantization(app, a.quantization);
+  gemma2::cli::AddKvCacheDtype(app, a.kv_cache_dtype);
   app.add_option("--batches", a.batches, "decode batch sizes")->delimiter(',');
   app.add_option("--prompts", a.prompts, "decode prompt lengths")->delimiter(',');
   app.add_option("--prefills", a.prefills, "prefill lengths")->delimiter(',');

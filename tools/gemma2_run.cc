@@ -22,7 +22,7 @@ using nlohmann::json;
 
 struct Args {
   std::string model, backend = "cpu", prompt_ids, prompts_file, format = "json";
-  std::string quantization = "auto";
+  std::string quantization = "auto", kv_cache_dtype = "auto";
   std::optional<std::string> prompt;
   int tp = 1, threads = 0;
   int64_t max_new_tokens = 16;
@@ -163,6 +163,7 @@ Status Run(const Args& a) {
   EngineOptions eo;
   eo.backend.name = a.backend;
   ASSIGN_OR_RETURN(eo.quantization, ResolveQuantization(a.quantization, a.model));
+  ASSIGN_OR_RETURN(eo.kv_cache_dtype, ParseKvCacheDtype(a.kv_cache_dtype));
   eo.tp = a.tp;
   eo.threads = a.threads;
   eo.backend.kv_cache_bytes = static_cast<int64_t>(a.kv_cache_gb * (1 << 30));
@@ -189,6 +190,7 @@ Status Run(const Args& a) {
     }
     co.backend = a.backend;
     co.quantization = a.quantization;
+    co.kv_cache_dtype = a.kv_cache_dtype;
     co.timeouts = a.timeouts;
     if (const char* r = std::getenv("GEMMA2_FAULT_WRONG_SECRET_RANK"))
       co.wrong_secret_rank = std::atoi(r);
@@ -267,6 +269,7 @@ int main(int argc, char** argv) {
                  "with --random-weights: keep the first N layers (widths exact)");
   gemma2::cli::AddBackend(app, a.backend);
   gemma2::cli::AddQuantization(app, a.quantization);
+  gemma2::cli::AddKvCacheDtype(app, a.kv_cache_dtype);
   app.add_option("--kv-cache-gb", a.kv_cache_gb, "cuda: KV cache size (0: 90% of free memory)");
   gemma2::cli::AddTp(app, a.tp, "threads in this process, or worker processes with --launch local");
   app.add_option("--threads", a.threads, "math threads (0: all cores)")

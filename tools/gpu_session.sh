@@ -30,6 +30,8 @@
 #               the regex [a-z]+ (one mask shared by every row) and in JSON mode, twice each
 #   fp8         issue 16: the FP8 kernels against the cpu specification, the FP8 engine against
 #               transformers, then gemma2-bench 27B with --quantization fp8 and bf16, same shapes
+#   fp8kv       issue 16: the FP8 KV cache (kernels against the cpu, memcheck, the engine against
+#               transformers), then gemma2-bench 27B with --quantization fp8 --kv-cache-dtype fp8
 # Issue 6, on a host with several GPUs (each uses every GPU the host shows):
 #   mgcorrect   tools/multi_gpu_correctness.sh (TP 2/4/8 against TP 1, 4 layers, and a classifier)
 #   allreduce   gemma2-allreduce-bench, eager and in CUDA graphs, 1..2048 tokens x 4608
@@ -108,6 +110,16 @@ for s in "$@"; do
         --batches 1,16,64 --prompts 128,2048 --prefills 512,2048 --out "$OUT/bench_fp8.json"
       step bf16bench 420 $bench --preset 27b --random-weights 1 --batches 1,16,64 --prompts 128,2048 \
         --prefills 512,2048 --out "$OUT/bench_bf16.json" ;;
+    fp8kv)  # issue 16: the FP8 KV cache's kernels against the cpu, the engine against transformers,
+      # then gemma2-bench with FP8 weights and the FP8 cache (decode at 2048, and the pool's size)
+      step fp8kvtests 300 bash -c ".gpu/bin/tests/cuda_ops_test \
+        --gtest_filter='*RopeCache*:*KvBlockCopies*:*FreshPrefill*:*Unmapped*' && \
+        .gpu/bin/tests/reference_cuda_test --gtest_filter='*Fp8*'"
+      step fp8kvmemcheck 200 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        .gpu/bin/tests/cuda_ops_test --gtest_filter='*RopeCache*:*KvBlockCopies*'
+      step fp8kvbench 420 $bench --preset 27b --random-weights 1 --quantization fp8 \
+        --kv-cache-dtype fp8 --batches 1,16,64 --prompts 128,2048 --prefills 2048 \
+        --out "$OUT/bench_fp8_kvfp8.json" ;;
     serve)
       step serve 420 bash -c 'serve_with serve 18500 "--trace $OUT/serve_trace.json" \
         c64 "$C64" c1 "$C1" r4 "$R4"' ;;

@@ -60,6 +60,7 @@ constexpr auto kIdleNap = 100ms;
 struct Args {
   std::string coordinator, model, secret_file, backend = "cpu";
   std::string quantization = "auto";  // the projections' form (model/quantization.h)
+  std::string kv_cache_dtype = "auto";  // the KV cache's (model/quantization.h)
   int device = 0;  // the GPU (cuda backend)
   // Silence from the coordinator after which this rank leaves: before its first word, the
   // startup timeout; after, the heartbeat timeout. Every other wait: rpc/timeouts.h.
@@ -236,7 +237,8 @@ Status Serve(const Args& a, rpc::Channel& ch, rpc::UcxNode& node) {
   ASSIGN_OR_RETURN(const rpc::KvCapacity asked, rpc::DecodeKvCapacity(spec));
   int64_t blocks = asked.blocks;
   if (const int64_t t = EnvInt("GEMMA2_TEST_KV_BLOCKS"); t > 0) blocks = t;  // tests: a small pool
-  ASSIGN_OR_RETURN(blocks, model->CreateKvPool(asked.block_size, blocks));
+  ASSIGN_OR_RETURN(const KvCacheDtype kv_dtype, ParseKvCacheDtype(a.kv_cache_dtype));
+  ASSIGN_OR_RETURN(blocks, model->CreateKvPool(asked.block_size, blocks, kv_dtype));
   KvBlockTables kv(KvLayout::For(ck->config(), asked.block_size), blocks);
   RETURN_IF_ERROR(ch.Send(rpc::MessageType::kHeartbeat,
                           rpc::EncodeKvCapacity({blocks, asked.block_size}), a.timeouts.control_send));
@@ -339,6 +341,7 @@ int main(int argc, char** argv) {
   app.add_option("--address", a.address, "address this node's collectives bind to");
   app.add_option("--device", a.device, "GPU index on this node (cuda backend)");
   gemma2::cli::AddQuantization(app, a.quantization);
+  gemma2::cli::AddKvCacheDtype(app, a.kv_cache_dtype);
   gemma2::cli::AddClusterTimeouts(app, a.timeouts, /*connect=*/true);
   return gemma2::RunTool("gemma2-worker", app, argc, argv, [&] { return gemma2::Run(a); });
 }

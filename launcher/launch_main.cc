@@ -374,6 +374,13 @@ Status Run(Args a) {
     co.spawn_end = a.external_workers ? 0 : world / a.nodes;
     co.nodes = {ClusterOptions::Node{{}, a.address}};
   }
+  // The tokenizer before any rank starts: a file that is not one is refused at once.
+  std::unique_ptr<Tokenizer> tokenizer;
+  const auto tok_file = a.tokenizer.empty() ? std::filesystem::path(a.model) / "tokenizer.model"
+                                            : std::filesystem::path(a.tokenizer);
+  if (!a.tokenizer.empty() || std::filesystem::exists(tok_file)) {
+    ASSIGN_OR_RETURN(tokenizer, Tokenizer::Load(tok_file));
+  }
   std::vector<pid_t> remote;  // ssh sessions of the other nodes (fan-out)
   std::vector<std::unique_ptr<NodeOutput>> remote_output;
   struct RemoteReaper {
@@ -414,17 +421,11 @@ Status Run(Args a) {
   const int world = cluster ? cluster->world() : co.tp;
   const ModelConfig& config = executor.config();
 
-  std::unique_ptr<Tokenizer> tokenizer;
-  const auto tok_file = a.tokenizer.empty() ? std::filesystem::path(a.model) / "tokenizer.model"
-                                            : std::filesystem::path(a.tokenizer);
-  if (!a.tokenizer.empty() || std::filesystem::exists(tok_file)) {
-    ASSIGN_OR_RETURN(tokenizer, Tokenizer::Load(tok_file));
-    if (tokenizer->vocab_size() > config.vocab_size) {
-      return InvalidArgument("the tokenizer " + tok_file.string() + " has " +
-                             std::to_string(tokenizer->vocab_size()) +
-                             " pieces, more than the model's vocabulary of " +
-                             std::to_string(config.vocab_size));
-    }
+  if (tokenizer && tokenizer->vocab_size() > config.vocab_size) {
+    return InvalidArgument("the tokenizer " + tok_file.string() + " has " +
+                           std::to_string(tokenizer->vocab_size()) +
+                           " pieces, more than the model's vocabulary of " +
+                           std::to_string(config.vocab_size));
   }
 
   serving::Metrics metrics;

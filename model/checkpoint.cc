@@ -8,6 +8,8 @@
 #include <set>
 #include <sstream>
 
+#include "common/json_depth.h"
+
 namespace gemma2 {
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -19,7 +21,10 @@ Result<std::map<std::string, std::string>> ReadWeightMap(const fs::path& index_p
   if (!in) return NotFound(index_path.string() + ": cannot open");
   std::stringstream ss;
   ss << in.rdbuf();
-  json j = json::parse(ss.str(), nullptr, false);
+  const std::string text = ss.str();
+  if (!JsonNestingWithin(text, kMaxPeerJsonDepth))
+    return DataLoss(index_path.string() + ": JSON nested deeper than " + std::to_string(kMaxPeerJsonDepth) + " levels");
+  json j = json::parse(text, nullptr, false);
   if (j.is_discarded() || !j.is_object()) {
     return DataLoss(index_path.string() + ": not a JSON object");
   }

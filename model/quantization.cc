@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "common/dtype.h"
+#include "common/json_depth.h"
 #include "model/fp8_checkpoint.h"
 
 namespace gemma2 {
@@ -25,7 +26,9 @@ Result<Quantization> ResolveQuantization(std::string_view flag, const std::strin
   std::ifstream in(config, std::ios::binary);
   std::stringstream text;
   text << in.rdbuf();
-  const nlohmann::json j = nlohmann::json::parse(text.str(), nullptr, false);
+  const std::string body = text.str();
+  if (!JsonNestingWithin(body, kMaxPeerJsonDepth)) return Quantization::kNone;  // as below
+  const nlohmann::json j = nlohmann::json::parse(body, nullptr, false);
   if (j.is_discarded()) return Quantization::kNone;  // the loader reports a broken config
   ASSIGN_OR_RETURN(const Fp8Scheme scheme, Fp8SchemeFromConfig(j, config.string()));
   return scheme.kind == Fp8Scheme::Kind::kNone ? Quantization::kNone : Quantization::kFp8;

@@ -11,6 +11,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "common/json_depth.h"
+
 namespace gemma2 {
 namespace {
 
@@ -18,29 +20,6 @@ using nlohmann::json;
 
 // Deeper nesting than a valid header needs (3) is refused before the JSON parser sees it.
 constexpr int kMaxJsonDepth = 8;
-
-bool NestingWithin(const uint8_t* p, int64_t n, int max_depth) {
-  int depth = 0;
-  bool in_string = false, escaped = false;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint8_t c = p[i];
-    if (in_string) {
-      if (escaped)
-        escaped = false;
-      else if (c == '\\')
-        escaped = true;
-      else if (c == '"')
-        in_string = false;
-    } else if (c == '"') {
-      in_string = true;
-    } else if (c == '{' || c == '[') {
-      if (++depth > max_depth) return false;
-    } else if (c == '}' || c == ']') {
-      --depth;
-    }
-  }
-  return true;
-}
 
 // a * b without overflow, or -1.
 int64_t CheckedMul(int64_t a, int64_t b) {
@@ -113,7 +92,7 @@ Result<SafetensorsHeader> ParseSafetensorsHeader(const uint8_t* data, int64_t av
                     std::to_string(file_size) + "-byte file");
   }
   const uint8_t* text = data + 8;
-  if (!NestingWithin(text, static_cast<int64_t>(n), kMaxJsonDepth)) {
+  if (!JsonNestingWithin(std::string_view(reinterpret_cast<const char*>(text), n), kMaxJsonDepth)) {
     return DataLoss(file + ": header JSON is nested too deeply");
   }
   // nlohmann's lexer rejects ill-formed UTF-8 inside strings.

@@ -3,6 +3,10 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <string>
+#include <string_view>
+
+#include "common/json_depth.h"
 
 namespace gemma2::serving {
 namespace {
@@ -10,11 +14,23 @@ namespace {
 using nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
-// A streamed answer folded back into the shape of the non-streamed one.
+// A server's JSON: parsed with its nesting bounded (common/json_depth.h); discarded when it is
+// not JSON or nests too deep.
+json ParsePeer(std::string_view text) {
+  if (!JsonNestingWithin(text, kMaxPeerJsonDepth)) return json(json::value_t::discarded);
+  return json::parse(text, nullptr, false);
+}
+
+// Choices a streamed answer may name (an index past it is the server's error, not an allocation).
+constexpr size_t kMaxChoices = 4096;
+
+// A streamed answer folded back into the shape of the non-streamed one. Throws json::exception
+// on a chunk of another shape (the caller reports it).
 void Fold(json& acc, const json& chunk, bool chat) {
   if (chunk.contains("usage") && !chunk["usage"].is_null()) acc["usage"] = chunk["usage"];
   for (const auto& c : chunk.value("choices", json::array())) {
-    const size_t i = c.value("index", 0);
+    const size_t i = c.value("index", size_t{0});
+    if (i >= kMaxChoices) throw json::other_error::create(501, "choice index " + std::to_string(i), &c);
     auto& choices = acc["choices"];
     while (choices.size() <= i) {
       choices.push_back(chat ? json{{"index", choices.size()},
@@ -45,8 +61,8 @@ TimedAnswer CallTimed(const Url& url, const HttpCall& call, bool stream, bool ch
   o.http = stream ? HttpStream(url, call,
                                [&](std::string_view data) {
                                  if (data == "[DONE]") return true;
-                                 json chunk = json::parse(data, nullptr, false);
-                                 if (chunk.is_discarded()) return true;
+                                 json chunk = ParsePeer(data);
+                                 if (chunk.is_discarded() || !chunk.is_object()) return true;
                                  if (chunk.contains("error")) {
                                    acc = chunk;
                                    stream_error = true;
@@ -68,19 +84,28 @@ TimedAnswer CallTimed(const Url& url, const HttpCall& call, bool stream, bool ch
                                    last = now;
                                  }
                                  if (!acc.contains("id") && chunk.contains("id")) acc["id"] = chunk["id"];
-                                 Fold(acc, chunk, chat);
+                                 try {
+                                   Fold(acc, chunk, chat);
+                                 } catch (const json::exception& e) {  // a chunk of another shape
+                                   acc = {{"error",
+                                           {{"message", std::string("a malformed chunk from the "
+                                                                    "server: ") + e.what()}}}};
+                                   stream_error = true;
+                                   return false;
+                                 }
                                  return true;
                                })
                   : HttpRequest(url, call);
   o.latency_s = std::chrono::duration<double>(Clock::now() - start).count();
   if (!o.http.ok()) return o;
   const int status = o.http->status;
-  o.response = stream && status == 200 ? acc : json::parse(o.http->body, nullptr, false);
+  o.response = stream && status == 200 ? acc : ParsePeer(o.http->body);
   if (o.response.is_discarded()) o.response = o.http->body;
   o.ok = status == 200 && !stream_error;
   if (o.ok && o.response.is_object() && o.response.contains("usage") &&
-      o.response["usage"].is_object())
-    o.completion_tokens = o.response["usage"].value("completion_tokens", 0);
+      o.response["usage"].is_object() && o.response["usage"].contains("completion_tokens") &&
+      o.response["usage"]["completion_tokens"].is_number_integer())
+    o.completion_tokens = o.response["usage"]["completion_tokens"].get<int64_t>();
   return o;
 }
 

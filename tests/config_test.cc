@@ -1,3 +1,4 @@
+#include "common/json_depth.h"
 #include "model/config.h"
 
 #include <gtest/gtest.h>
@@ -128,6 +129,18 @@ TEST(ConfigTest, RejectsBadConfigsWithClearErrors) {
   }
   EXPECT_FALSE(ParseModelConfig("{not json", "x").ok());
   EXPECT_FALSE(ParseModelConfig("[1,2]", "x").ok());
+}
+
+// A config.json nested past the bound is refused by name before it is parsed
+// (common/json_depth.h); strings full of brackets do not count.
+TEST(ConfigTest, DeeplyNestedConfigIsRefusedByName) {
+  const std::string deep = "{\"x\": " + std::string(100000, '[') + std::string(100000, ']') + "}";
+  auto c = ParseModelConfig(deep, "deep.json");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("deep.json: JSON nested deeper than"), std::string::npos)
+      << c.status().ToString();
+  EXPECT_TRUE(JsonNestingWithin("{\"a\": \"[[[[[[[[[[\\\"[[[[\"}", 1));
+  EXPECT_FALSE(JsonNestingWithin("[[]]", 1));
 }
 
 }  // namespace

@@ -1116,8 +1116,8 @@ TEST_F(ServerTest, Fp8QuantizationReachesTheWorkers) {
 }
 
 // --kv-cache-dtype fp8 reaches the workers (their caches round keys and values through E4M3):
-// /v1/models says so, the served greedy tokens equal gemma2-run's with the same flag, the
-// logprobs differ from the default cache's, and a dtype not built is refused by name.
+// /v1/models says so, the served greedy tokens equal gemma2-run's with the same flag, and the
+// logprobs differ from the default cache's.
 TEST_F(ServerTest, Fp8KvCacheReachesTheWorkers) {
   Server fp8(Lm(), Ranks() + " --kv-cache-dtype fp8 --api-key-file " + (dir_->path() / "key").string());
   ASSERT_TRUE(fp8.ok()) << fp8.ready_line();
@@ -1139,10 +1139,28 @@ TEST_F(ServerTest, Fp8KvCacheReachesTheWorkers) {
   EXPECT_NE(server_->Post("/v1/completions", one)["choices"][0]["logprobs"]["token_logprobs"],
             fp8.Post("/v1/completions", one)["choices"][0]["logprobs"]["token_logprobs"])
       << "the fp8 cache was not rounded";
+}
+
+// Launch options that cannot work are refused before any rank starts, at once, by name: a KV
+// cache dtype not built, a --tokenizer that is not a sentencepiece model.
+TEST_F(ServerTest, BadLaunchOptionsAreRefusedBeforeAnyRankStarts) {
+  int code = 0;
   const std::string refused =
       Shell(Bin("gemma2-launch") + " --model " + Lm() + " --kv-cache-dtype fp8_e5m2 2>&1", &code);
   EXPECT_NE(code, 0);
   EXPECT_NE(refused.find("--kv-cache-dtype"), std::string::npos) << refused;
+  const std::string bad = (dir_->path() / "not_a_tokenizer.model").string();
+  std::ofstream(bad) << "not a sentencepiece model";
+  const auto t0 = std::chrono::steady_clock::now();
+  // The model does not exist either: a launcher that started ranks would fail on it first.
+  const std::string no_tok = Shell(Bin("gemma2-launch") + " --model " +
+                                       (dir_->path() / "no_such_model").string() + " " + Ranks() +
+                                       " --tokenizer " + bad + " 2>&1",
+                                   &code);
+  EXPECT_NE(code, 0);
+  EXPECT_NE(no_tok.find(bad), std::string::npos) << no_tok;
+  EXPECT_EQ(no_tok.find("no_such_model"), std::string::npos) << "the model came first: " << no_tok;
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
 }
 
 // The metrics operators alert on (vLLM's set, docs/metrics.md): per-request latency phases and

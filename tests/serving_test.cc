@@ -2,6 +2,11 @@
 // continuous-batching scheduler against the offline Generate/Classify loop it must agree with.
 #include <gtest/gtest.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <cmath>
 #include <deque>
 #include <filesystem>
@@ -14,6 +19,7 @@
 #include "serving/logits_processing.h"
 #include "serving/request_parser.h"
 #include "serving/scheduler.h"
+#include "serving/timed_call.h"
 #include "serving/text_output.h"
 #include "serving/tool_calls.h"
 #include "tests/test_files.h"
@@ -386,6 +392,109 @@ TEST(RequestParserTest, ToolsRenderIntoTheChatAndChoicesConstrain) {
     EXPECT_NE(std::get<ApiError>(e).message.find(message), std::string::npos)
         << body << " -> " << std::get<ApiError>(e).message;
   }
+}
+
+// A server that answers each connection with the next canned bytes and closes it: what a hostile
+// or broken OpenAI-compatible server may send a client.
+class CannedServer {
+ public:
+  explicit CannedServer(std::vector<std::string> answers) : answers_(std::move(answers)) {
+    fd_ = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    EXPECT_EQ(bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    socklen_t len = sizeof(addr);
+    getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len);
+    port_ = ntohs(addr.sin_port);
+    listen(fd_, 8);
+    thread_ = std::thread([this] {
+      for (const std::string& answer : answers_) {
+        const int c = accept(fd_, nullptr, nullptr);
+        if (c < 0) return;
+        std::string request;
+        char buf[4096];
+        while (request.find("\r\n\r\n") == std::string::npos) {  // the headers (bodies are small)
+          const ssize_t got = read(c, buf, sizeof(buf));
+          if (got <= 0) break;
+          request.append(buf, static_cast<size_t>(got));
+        }
+        for (size_t sent = 0; sent < answer.size();) {
+          const ssize_t put = write(c, answer.data() + sent, answer.size() - sent);
+          if (put <= 0) break;
+          sent += static_cast<size_t>(put);
+        }
+        close(c);
+      }
+    });
+  }
+  ~CannedServer() {
+    shutdown(fd_, SHUT_RDWR);
+    close(fd_);
+    thread_.join();
+  }
+  std::string url() const { return "http://127.0.0.1:" + std::to_string(port_); }
+  static std::string Json(const std::string& body) {
+    return "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " +
+           std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body;
+  }
+  static std::string Events(const std::vector<std::string>& data) {
+    std::string out = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n";
+    for (const std::string& d : data) out += "data: " + d + "\n\n";
+    return out;
+  }
+
+ private:
+  std::vector<std::string> answers_;
+  int fd_ = -1, port_ = 0;
+  std::thread thread_;
+};
+
+// The client side (gemma2-client, gemma2-serve-bench) against answers of every wrong shape: 2 MB
+// of brackets, a choice index of 10^9, content that is not a string, a usage count that is not a
+// number: each call returns (an error where the stream broke), nothing crashes or allocates
+// without bound.
+TEST(TimedCallTest, HostileAnswersEndTheCallNotTheClient) {
+  const std::string deep = std::string(1 << 20, '[') + std::string(1 << 20, ']');
+  CannedServer server({CannedServer::Json(deep),
+                       CannedServer::Events({R"({"choices":[{"index":1000000000,"text":"x"}]})", "[DONE]"}),
+                       CannedServer::Events({R"({"choices":[{"index":0,"delta":{"content":5}}]})", "[DONE]"}),
+                       CannedServer::Events({deep, R"({"choices":[{"index":0,"text":"ok"}]})", "[DONE]"}),
+                       CannedServer::Json(R"({"choices":[],"usage":{"completion_tokens":"many"}})"),
+                       CannedServer::Json(deep)});
+  auto url = ParseUrl(server.url());
+  ASSERT_TRUE(url.ok());
+  HttpCall call;
+  call.path = "/v1/completions";
+  call.body = "{}";
+  call.timeout = std::chrono::milliseconds(10000);
+  TimedAnswer a = CallTimed(*url, call, /*stream=*/false, /*chat=*/false);
+  ASSERT_TRUE(a.http.ok());
+  EXPECT_TRUE(a.response.is_string());  // not JSON as far as the client goes: kept as text
+  a = CallTimed(*url, call, /*stream=*/true, /*chat=*/false);
+  EXPECT_FALSE(a.ok);
+  EXPECT_NE(a.response.dump().find("malformed chunk"), std::string::npos) << a.response.dump();
+  a = CallTimed(*url, call, /*stream=*/true, /*chat=*/true);
+  EXPECT_FALSE(a.ok);
+  a = CallTimed(*url, call, /*stream=*/true, /*chat=*/false);
+  EXPECT_TRUE(a.ok);  // the deep event is skipped, the next one counts
+  EXPECT_EQ(a.response["choices"][0]["text"], "ok");
+  a = CallTimed(*url, call, /*stream=*/false, /*chat=*/false);
+  EXPECT_TRUE(a.ok);
+  EXPECT_EQ(a.completion_tokens, 0);
+  // gemma2-client asking the deep server for its model name: an error line, exit 1.
+  int code = 0;
+  FILE* p = popen((std::string(GEMMA2_BINARY_DIR) + "/bin/gemma2-client --url " + server.url() +
+                   " --input /dev/null 2>&1")
+                      .c_str(),
+                  "r");
+  std::string out;
+  char buf[4096];
+  for (size_t got; (got = fread(buf, 1, sizeof(buf), p)) > 0;) out.append(buf, got);
+  code = pclose(p);
+  EXPECT_NE(code, 0);
+  EXPECT_NE(out.find("/v1/models"), std::string::npos) << out.substr(0, 500);
+  EXPECT_LT(out.size(), 2000u);  // the answer's 2 MB are not echoed
 }
 
 // A forced call streamed: fed the text in pieces of every size, the deltas open each call once

@@ -21,6 +21,7 @@
 #include <random>
 #include <thread>
 
+#include "common/json_depth.h"
 #include "serving/http_client.h"
 #include "serving/timed_call.h"
 #include "cli/run_tool.h"
@@ -58,10 +59,15 @@ struct Outcome {
 Result<Job> ParseLine(const std::string& line, size_t number, const Args& a) {
   Job job;
   if (!line.empty() && line[0] == '{') {
+    if (!JsonNestingWithin(line, kMaxPeerJsonDepth))
+      return InvalidArgument("line " + std::to_string(number) + ": JSON nested deeper than " +
+                             std::to_string(kMaxPeerJsonDepth) + " levels");
     json j = json::parse(line, nullptr, false);
     if (j.is_discarded() || !j.is_object()) {
       return InvalidArgument("line " + std::to_string(number) + ": not a JSON object");
     }
+    if (j.contains("stream") && !j["stream"].is_boolean())
+      return InvalidArgument("line " + std::to_string(number) + ": 'stream' must be true or false");
     job.body = std::move(j);
   } else {
     job.body = {{"prompt", line}};
@@ -135,10 +141,13 @@ Status Run(Args a) {
     call.path = "/v1/models";
     if (!a.api_key.empty()) call.headers["Authorization"] = "Bearer " + a.api_key;
     ASSIGN_OR_RETURN(auto r, serving::HttpRequest(url, call));
-    json j = json::parse(r.body, nullptr, false);
-    if (r.status != 200 || j.is_discarded() || j["data"].empty()) {
+    json j = JsonNestingWithin(r.body, kMaxPeerJsonDepth) ? json::parse(r.body, nullptr, false)
+                                                          : json(json::value_t::discarded);
+    if (r.status != 200 || !j.is_object() || !j.contains("data") || !j["data"].is_array() ||
+        j["data"].empty() || !j["data"][0].is_object() || !j["data"][0].contains("id") ||
+        !j["data"][0]["id"].is_string()) {
       return Status(StatusCode::kUnavailable,
-                    "GET /v1/models answered " + std::to_string(r.status) + ": " + r.body);
+                    "GET /v1/models answered " + std::to_string(r.status) + ": " + r.body.substr(0, 300));
     }
     a.model = j["data"][0]["id"];
   }
@@ -194,24 +203,28 @@ Status Run(Args a) {
   for (size_t i = 0; i < outcomes.size(); ++i) {
     const Outcome& o = outcomes[i];
     if (a.format == "text") {  // what a person reads: the input, then each answer
-      const json& req = jobs[i].body;
-      const json shown = req.contains("messages") ? req["messages"].back()["content"]
-                         : req.contains("input")  ? req["input"]
-                                                  : req["prompt"];
-      out << "[" << i << "] " << (shown.is_string() ? shown.get<std::string>() : shown.dump())
-          << "\n";
-      const json& resp = o.line.contains("response") ? o.line["response"] : o.line;
-      if (!o.ok) {
-        out << "    error: " << (resp.contains("error") ? resp["error"].dump() : o.line.dump())
+      try {  // a request or an answer of another shape is printed as it is
+        const json& req = jobs[i].body;
+        const json shown = req.contains("messages") ? req["messages"].back()["content"]
+                           : req.contains("input")  ? req["input"]
+                                                    : req["prompt"];
+        out << "[" << i << "] " << (shown.is_string() ? shown.get<std::string>() : shown.dump())
             << "\n";
-      }
-      for (const auto& c : o.ok ? resp.value("choices", json::array()) : json::array()) {
-        const std::string text =
-            c.contains("message") ? c["message"].value("content", "") : c.value("text", "");
-        out << "    -> " << text << "   (" << c.value("finish_reason", "") << ")\n";
-      }
-      for (const auto& d : o.ok ? resp.value("data", json::array()) : json::array()) {
-        out << "    -> " << d.value("label", "") << "\n";
+        const json& resp = o.line.contains("response") ? o.line["response"] : o.line;
+        if (!o.ok) {
+          out << "    error: " << (resp.contains("error") ? resp["error"].dump() : o.line.dump())
+              << "\n";
+        }
+        for (const auto& c : o.ok ? resp.value("choices", json::array()) : json::array()) {
+          const std::string text =
+              c.contains("message") ? c["message"].value("content", "") : c.value("text", "");
+          out << "    -> " << text << "   (" << c.value("finish_reason", "") << ")\n";
+        }
+        for (const auto& d : o.ok ? resp.value("data", json::array()) : json::array()) {
+          out << "    -> " << d.value("label", "") << "\n";
+        }
+      } catch (const json::exception&) {
+        out << "[" << i << "] " << o.line.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
       }
     } else {
       out << o.line.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";

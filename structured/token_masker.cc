@@ -98,6 +98,14 @@ TokenVocabulary::TokenVocabulary(std::vector<std::string> bytes, std::vector<int
     char_starts_.push_back(starts);
   }
   offset_.push_back(static_cast<uint32_t>(arena_.size()));
+  // Next smaller lcp, right to left with a stack of candidates.
+  skip_.assign(lcp_.size(), static_cast<uint32_t>(lcp_.size()));
+  std::vector<uint32_t> stack;
+  for (size_t i = lcp_.size(); i-- > 0;) {
+    while (!stack.empty() && lcp_[stack.back()] >= lcp_[i]) stack.pop_back();
+    if (!stack.empty()) skip_[i] = stack.back();
+    stack.push_back(static_cast<uint32_t>(i));
+  }
 }
 
 int64_t TokenMask::Count() const {
@@ -392,6 +400,7 @@ void TokenMasker::WalkTokens(int32_t start, const TokenVocabulary& v, TokenMask&
   const char* arena = v.arena();
   const uint32_t* offset = v.offsets();
   const uint32_t* lcp = v.lcps();
+  const uint32_t* skip = v.skips();
   const int32_t* ids = v.sorted_ids();
   const uint64_t* text_from = v.text_from();
   const uint64_t* char_starts = v.char_starts();
@@ -439,10 +448,10 @@ void TokenMasker::WalkTokens(int32_t start, const TokenVocabulary& v, TokenMask&
       ++i;
       continue;
     }
-    // Every following token sharing the dead prefix (d + 1 bytes) dies with it.
-    do {
-      ++i;
-    } while (i < n && lcp[i] > d);
+    // Every following token sharing the dead prefix (d + 1 bytes) dies with it: jumped over by
+    // runs of tokens that share at least as much with each other.
+    ++i;
+    while (i < n && lcp[i] > d) i = skip[i];
   }
 }
 

@@ -52,6 +52,10 @@ class TokenVocabulary {
   const char* arena() const { return arena_.data(); }
   const uint32_t* offsets() const { return offset_.data(); }
   const uint32_t* lcps() const { return lcp_.data(); }
+  // skips()[i]: the first token after the i-th whose lcp is smaller than the i-th's (sorted_size()
+  // where none): every token between shares at least lcp(i) bytes with the i-th, so a walk skips
+  // the tokens sharing a dead prefix in at most one jump per byte of it.
+  const uint32_t* skips() const { return skip_.data(); }
   const int32_t* sorted_ids() const { return sorted_.data(); }
   size_t max_bytes() const { return max_bytes_; }
   // The plain bytes: printable ASCII but '"' and '\\' (a JSON string's ordinary characters).
@@ -80,6 +84,7 @@ class TokenVocabulary {
   std::string arena_;
   std::vector<uint32_t> offset_;
   std::vector<uint32_t> lcp_;
+  std::vector<uint32_t> skip_;
 };
 
 

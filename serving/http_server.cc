@@ -404,9 +404,19 @@ class HttpServer::Impl {
         rid, keep);
   }
 
+  // How the scheduler wakes a request's session: `pending` says a step touched the request since
+  // the session last looked, and the timer's wait, if one is on, is cancelled. The flag keeps a
+  // notify that lands while the session writes (no wait on) from being lost: the session would
+  // sleep until the next step or kPoll, and two tokens would reach the client as one.
+  struct Waker {
+    explicit Waker(asio::io_context& ioc) : timer(ioc) {}
+    asio::steady_timer timer;
+    std::atomic<bool> pending{false};
+  };
+
   struct Admitted {
     std::shared_ptr<RequestHandle> handle;
-    std::shared_ptr<asio::steady_timer> waker;  // cancelled by the scheduler's notify
+    std::shared_ptr<Waker> waker;
   };
 
   // Parses and submits; on rejection the error response, counted as rejected.
@@ -424,8 +434,11 @@ class HttpServer::Impl {
                                                    : ParseClassify(j, facts_);
     if (auto* e = std::get_if<ApiError>(&parsed)) return *e;
     auto handle = std::make_shared<RequestHandle>(rid, std::move(std::get<ParsedRequest>(parsed)));
-    auto waker = std::make_shared<asio::steady_timer>(ioc_);
-    handle->notify = [waker] { asio::post(waker->get_executor(), [waker] { waker->cancel(); }); };
+    auto waker = std::make_shared<Waker>(ioc_);
+    handle->notify = [waker] {
+      waker->pending.store(true);
+      asio::post(waker->timer.get_executor(), [waker] { waker->timer.cancel(); });
+    };
     if (auto e = scheduler_.Submit(handle)) return *e;
     return Admitted{handle, waker};
   }
@@ -540,10 +553,14 @@ class HttpServer::Impl {
     }
   }
 
-  static awaitable<void> Wait(asio::steady_timer& waker) {
-    waker.expires_after(kPoll);
+  // Until the scheduler touches the request (at once if it did since the last Wait), or kPoll.
+  // The io_context runs on one thread: a notify's posted cancel runs only once this wait is on.
+  static awaitable<void> Wait(Waker& waker) {
+    if (waker.pending.exchange(false)) co_return;
+    waker.timer.expires_after(kPoll);
     boost::system::error_code ec;
-    co_await waker.async_wait(asio::redirect_error(use_awaitable, ec));
+    co_await waker.timer.async_wait(asio::redirect_error(use_awaitable, ec));
+    waker.pending.store(false);  // what woke it is read next
   }
 
   ResponseContext Context(const ParsedRequest& pr, const std::string& rid) const {
@@ -571,7 +588,7 @@ class HttpServer::Impl {
     return JsonResponse(http::status::ok, ClassifyBody(ctx, h), rid, keep);
   }
 
-  awaitable<bool> Stream(beast::tcp_stream& stream, RequestHandle& h, asio::steady_timer& waker,
+  awaitable<bool> Stream(beast::tcp_stream& stream, RequestHandle& h, Waker& waker,
                          const ResponseContext& ctx, const std::string& rid, bool keep) {
     http::response<http::empty_body> res{http::status::ok, 11};
     res.set(http::field::content_type, "text/event-stream");

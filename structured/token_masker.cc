@@ -132,6 +132,18 @@ size_t TokenMasker::StateHash::operator()(const State& s) const {
   return h;
 }
 
+TokenMasker::Footprint TokenMasker::footprint() const {
+  Footprint f;
+  f.states = static_cast<int64_t>(states_.size());
+  f.masks = static_cast<int64_t>(masks_.size());
+  f.bytes = static_cast<int64_t>(next_.size() * sizeof(int32_t) + text_run_.size() * sizeof(int32_t));
+  for (const auto& [id, e] : masks_) f.bytes += static_cast<int64_t>(e.mask.words.size() * 8);
+  for (const State* s : states_) {
+    for (const Stack& st : *s) f.bytes += static_cast<int64_t>(st.size() * sizeof(int32_t) + sizeof(Stack));
+  }
+  return f;
+}
+
 int32_t TokenMasker::Intern(const State& s) {
   if (auto it = ids_.find(s); it != ids_.end()) return it->second;
   const auto id = static_cast<int32_t>(states_.size());

@@ -96,6 +96,12 @@ class TokenMasker {
   // where the state is complete. Walks the vocabulary the first time it meets the state.
   void Allowed(const State& state, TokenMask& mask);
   int64_t walks() const { return walks_; }
+  // What it holds now: states met, masks kept, and their bytes (the transition table's rows in
+  // use, the masks, the states' stacks; the table's reserved address space not counted).
+  struct Footprint {
+    int64_t states = 0, masks = 0, bytes = 0;
+  };
+  Footprint footprint() const;
   const Grammar& grammar() const { return *grammar_; }
   const TokenVocabulary& vocab() const { return *vocab_; }
 

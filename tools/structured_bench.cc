@@ -118,6 +118,9 @@ Status Run(const Args& a) {
       const std::string label = a.passes > 1 ? std::string(name) + " #" + std::to_string(p + 1) : name;
       rows.push_back(Walk(label, masker, a, a.seed + static_cast<uint64_t>(p)));
     }
+    const TokenMasker::Footprint f = masker.footprint();
+    std::printf("%s: the masker holds %ld states and %ld masks, %.1f MB\n", name,
+                static_cast<long>(f.states), static_cast<long>(f.masks), f.bytes / 1e6);
   }
   nlohmann::json out = {{"vocab", vocab->size()}, {"steps", a.steps}, {"passes", a.passes},
                         {"rows", nlohmann::json::array()}};

@@ -88,6 +88,7 @@ namespace {
 
 // Greedy decoding replayed from captured CUDA graphs gives the same tokens as eager launches and
 // as the logits path, across batch sizes and growing contexts (block boundaries included).
+// With the bf16 cache and the FP8 one (its scales and E4M3 reads inside the captured graphs).
 TEST(CudaGraphTest, ReplayedDecodeEqualsEagerDecode) {
   GEMMA2_REQUIRE_GPU();
   const auto dir = std::filesystem::path(GEMMA2_SOURCE_DIR) / "tests/data/references/hd128_27b_like";
@@ -101,12 +102,15 @@ TEST(CudaGraphTest, ReplayedDecodeEqualsEagerDecode) {
     r.ignore_eos = true;
     reqs.push_back(r);
   }
+  for (const KvCacheDtype dtype : {KvCacheDtype::kAuto, KvCacheDtype::kFp8}) {
+  SCOPED_TRACE(std::string("kv cache ") + std::string(KvCacheDtypeName(dtype)));
   std::vector<std::vector<int32_t>> results[3];
   for (int mode = 0; mode < 3; ++mode) {  // graphs, eager, logits path
     EngineOptions o;
     o.backend.name = "cuda";
     o.backend.kv_cache_bytes = int64_t{1} << 30;
     o.backend.cuda_graphs = mode == 0;
+    o.kv_cache_dtype = dtype;
     auto e = Engine::Create(**ck, o);
     ASSERT_TRUE(e.ok()) << e.status().ToString();
     auto batch = reqs;
@@ -122,6 +126,7 @@ TEST(CudaGraphTest, ReplayedDecodeEqualsEagerDecode) {
   }
   EXPECT_EQ(results[0], results[1]);
   EXPECT_EQ(results[0], results[2]);
+  }
 }
 
 }  // namespace

@@ -37,11 +37,13 @@ Result<std::unique_ptr<KvPool>> KvPool::Create(std::span<const KvGroup> layer_gr
   }
   if (blocks < 1) return Status(StatusCode::kUnavailable, "no device memory left for a KV cache");
   pool->num_blocks_ = blocks;
-  const auto values = static_cast<size_t>(pool->slot_elems() * pool->layers_.slots * pool->elem_bytes());
+  const auto values =
+      static_cast<size_t>(pool->slot_elems() * pool->layers_.slots * pool->elem_bytes());
   ASSIGN_OR_RETURN(pool->k_, DeviceAlloc(values));
   ASSIGN_OR_RETURN(pool->v_, DeviceAlloc(values));
   if (shape.fp8) {
-    const auto scales = static_cast<size_t>(pool->slot_scales() * pool->layers_.slots) * sizeof(float);
+    const auto scales =
+        static_cast<size_t>(pool->slot_scales() * pool->layers_.slots) * sizeof(float);
     ASSIGN_OR_RETURN(pool->k_scale_, DeviceAlloc(scales));
     ASSIGN_OR_RETURN(pool->v_scale_, DeviceAlloc(scales));
   }

@@ -1,7 +1,8 @@
 // The cuda backend's paged KV cache: for each layer slot of a group (a layer's index among its
 // group's layers on this rank), `num_blocks` blocks of [kv_head][slot][head_dim] bf16, k and v
-// apart; with an FP8 cache, E4M3 values in that layout and an fp32 scale per [kv_head][slot]. Block tables come per step (the backend stages them); the pool owns the memory and the
-// block-to-block copies of prefix sharing.
+// apart; with an FP8 cache, E4M3 values in that layout and an fp32 scale per [kv_head][slot]. Block
+// tables come per step (the backend stages them); the pool owns the memory and the block-to-block
+// copies of prefix sharing.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -70,7 +70,8 @@ Result<std::unique_ptr<Engine>> Engine::Create(const WeightSource& ck, const Eng
   // Every rank's pool holds as many blocks as the first one's.
   int64_t blocks = opts.kv_blocks;
   for (auto& rank : e->ranks_) {
-    ASSIGN_OR_RETURN(blocks, rank->model->CreateKvPool(opts.kv_block_size, blocks, opts.kv_cache_dtype));
+    ASSIGN_OR_RETURN(blocks,
+                     rank->model->CreateKvPool(opts.kv_block_size, blocks, opts.kv_cache_dtype));
   }
   e->kv_ = std::make_unique<KvBlockTables>(KvLayout::For(e->config_, opts.kv_block_size), blocks);
   return e;

@@ -341,11 +341,11 @@ cudaError_t Launch(const bf16* q, int64_t row_stride, const StepTokens& tokens,
   const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
   auto launch = [&](auto prefetch) {
     if (kv.k8) {
-      DecodeKernel<HD, R, decltype(prefetch)::value, true>
-          <<<grid, 32 * kWarps, 0, stream>>>(q, row_stride, tokens, shape, kv, splits, out, partial);
+      DecodeKernel<HD, R, decltype(prefetch)::value, true><<<grid, 32 * kWarps, 0, stream>>>(
+          q, row_stride, tokens, shape, kv, splits, out, partial);
     } else {
-      DecodeKernel<HD, R, decltype(prefetch)::value, false>
-          <<<grid, 32 * kWarps, 0, stream>>>(q, row_stride, tokens, shape, kv, splits, out, partial);
+      DecodeKernel<HD, R, decltype(prefetch)::value, false><<<grid, 32 * kWarps, 0, stream>>>(
+          q, row_stride, tokens, shape, kv, splits, out, partial);
     }
   };
   if constexpr (HD * R <= 512) {

@@ -218,15 +218,29 @@ Result<pid_t> StartRemoteNode(const Args& a, size_t i, int* stderr_pipe) {
     }
   }
   const std::string self = std::filesystem::read_symlink("/proc/self/exe").string();
-  for (const std::string& arg :
-       {self, std::string("--model"), std::filesystem::absolute(a.model).string(),
-        std::string("--tp"), std::to_string(a.tp), std::string("--nodes"), std::to_string(a.nodes),
-        std::string("--backend"), a.backend, std::string("--quantization"), a.quantization,
-        std::string("--kv-cache-dtype"), a.kv_cache_dtype,
-        std::string("--gpus-per-node"),
-        std::to_string(a.gpus_per_node), std::string("--node-rank"), std::to_string(i),
-        std::string("--master"), a.master, std::string("--secret-file"),
-        std::filesystem::absolute(a.secret_file).string(), std::string("--address"), a.hosts[i]}) {
+  for (const std::string& arg : {self,
+                                 std::string("--model"),
+                                 std::filesystem::absolute(a.model).string(),
+                                 std::string("--tp"),
+                                 std::to_string(a.tp),
+                                 std::string("--nodes"),
+                                 std::to_string(a.nodes),
+                                 std::string("--backend"),
+                                 a.backend,
+                                 std::string("--quantization"),
+                                 a.quantization,
+                                 std::string("--kv-cache-dtype"),
+                                 a.kv_cache_dtype,
+                                 std::string("--gpus-per-node"),
+                                 std::to_string(a.gpus_per_node),
+                                 std::string("--node-rank"),
+                                 std::to_string(i),
+                                 std::string("--master"),
+                                 a.master,
+                                 std::string("--secret-file"),
+                                 std::filesystem::absolute(a.secret_file).string(),
+                                 std::string("--address"),
+                                 a.hosts[i]}) {
     cmd += " " + Quoted(arg);
   }
   std::vector<std::string> argv_s;
@@ -422,10 +436,9 @@ Status Run(Args a) {
   const ModelConfig& config = executor.config();
 
   if (tokenizer && tokenizer->vocab_size() > config.vocab_size) {
-    return InvalidArgument("the tokenizer " + tok_file.string() + " has " +
-                           std::to_string(tokenizer->vocab_size()) +
-                           " pieces, more than the model's vocabulary of " +
-                           std::to_string(config.vocab_size));
+    return InvalidArgument(
+        "the tokenizer " + tok_file.string() + " has " + std::to_string(tokenizer->vocab_size()) +
+        " pieces, more than the model's vocabulary of " + std::to_string(config.vocab_size));
   }
 
   serving::Metrics metrics;

@@ -23,7 +23,8 @@ Result<std::map<std::string, std::string>> ReadWeightMap(const fs::path& index_p
   ss << in.rdbuf();
   const std::string text = ss.str();
   if (!JsonNestingWithin(text, kMaxPeerJsonDepth))
-    return DataLoss(index_path.string() + ": JSON nested deeper than " + std::to_string(kMaxPeerJsonDepth) + " levels");
+    return DataLoss(index_path.string() + ": JSON nested deeper than " +
+                    std::to_string(kMaxPeerJsonDepth) + " levels");
   json j = json::parse(text, nullptr, false);
   if (j.is_discarded() || !j.is_object()) {
     return DataLoss(index_path.string() + ": not a JSON object");

@@ -209,7 +209,8 @@ Status ModelConfig::Validate() const {
 
 Result<ModelConfig> ParseModelConfig(std::string_view json_text, const std::string& source) {
   if (!JsonNestingWithin(json_text, kMaxPeerJsonDepth))
-    return InvalidArgument(source + ": JSON nested deeper than " + std::to_string(kMaxPeerJsonDepth) + " levels");
+    return InvalidArgument(source + ": JSON nested deeper than " +
+                           std::to_string(kMaxPeerJsonDepth) + " levels");
   json j = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return InvalidArgument(source + ": not valid JSON");
   if (!j.is_object()) return InvalidArgument(source + ": expected a JSON object");

@@ -59,7 +59,9 @@ Result<KvCacheDtype> ParseKvCacheDtype(std::string_view name) {
                          "kv head; fp8_e5m2 is not built)");
 }
 
-std::string_view KvCacheDtypeName(KvCacheDtype d) { return d == KvCacheDtype::kFp8 ? "fp8" : "auto"; }
+std::string_view KvCacheDtypeName(KvCacheDtype d) {
+  return d == KvCacheDtype::kFp8 ? "fp8" : "auto";
+}
 
 void RoundRowsThroughFp8(float* x, int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {

@@ -13,7 +13,8 @@ Result<int64_t> RankModel::CreateKvPool(int64_t block_size, int64_t blocks, KvCa
   std::vector<KvGroup> groups;
   for (int64_t l = plan_.layer_begin; l < plan_.layer_end; ++l)
     groups.push_back(KvLayout::GroupOf(config_, l));
-  return backend_.CreateKvPool(groups, plan_.kv_heads(), config_.head_dim, block_size, blocks, dtype);
+  return backend_.CreateKvPool(groups, plan_.kv_heads(), config_.head_dim, block_size, blocks,
+                               dtype);
 }
 
 Status RankModel::CopyKv(const KvBlockTables& kv, const KvCopy& c) {

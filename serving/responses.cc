@@ -295,7 +295,7 @@ std::string StreamEvents(const ResponseContext& ctx, const RequestHandle& h, Str
     if (chat && !ending && MayBeCalls(r.tools, ch.text)) continue;
     std::string delta = ch.text.substr(cur.text_bytes[i]);
     if (chat && calls.started()) {
-      delta.clear();  // sent as calls (cut by max_tokens or not)
+      delta.clear();                                // sent as calls (cut by max_tokens or not)
     } else if (chat && !ch.tool_calls.is_null()) {  // the calls, then the finishing chunk
       out += delta_event({{"tool_calls", CallDeltas(ch.tool_calls)}});
       delta.clear();

@@ -30,7 +30,8 @@ void Fold(json& acc, const json& chunk, bool chat) {
   if (chunk.contains("usage") && !chunk["usage"].is_null()) acc["usage"] = chunk["usage"];
   for (const auto& c : chunk.value("choices", json::array())) {
     const size_t i = c.value("index", size_t{0});
-    if (i >= kMaxChoices) throw json::other_error::create(501, "choice index " + std::to_string(i), &c);
+    if (i >= kMaxChoices)
+      throw json::other_error::create(501, "choice index " + std::to_string(i), &c);
     auto& choices = acc["choices"];
     while (choices.size() <= i) {
       choices.push_back(chat ? json{{"index", choices.size()},
@@ -89,7 +90,8 @@ TimedAnswer CallTimed(const Url& url, const HttpCall& call, bool stream, bool ch
                                  } catch (const json::exception& e) {  // a chunk of another shape
                                    acc = {{"error",
                                            {{"message", std::string("a malformed chunk from the "
-                                                                    "server: ") + e.what()}}}};
+                                                                    "server: ") +
+                                                            e.what()}}}};
                                    stream_error = true;
                                    return false;
                                  }

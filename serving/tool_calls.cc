@@ -216,7 +216,8 @@ nlohmann::json ToolCallStream::Feed(std::string_view text) {
         static constexpr std::string_view kName = "{\"name\":", kArgs = ",\"arguments\":";
         const std::string_view seen = text.substr(header_begin_);
         const size_t args = seen.find(kArgs);
-        if (seen.substr(0, std::min(seen.size(), kName.size())) != kName.substr(0, std::min(seen.size(), kName.size()))) {
+        if (seen.substr(0, std::min(seen.size(), kName.size())) !=
+            kName.substr(0, std::min(seen.size(), kName.size()))) {
           phase_ = Phase::kBroken;
           break;
         }
@@ -248,9 +249,12 @@ nlohmann::json ToolCallStream::Feed(std::string_view text) {
         for (; pos_ < text.size(); ++pos_) {
           const char b = text[pos_];
           if (in_string_) {
-            if (escaped_) escaped_ = false;
-            else if (b == '\\') escaped_ = true;
-            else if (b == '"') in_string_ = false;
+            if (escaped_)
+              escaped_ = false;
+            else if (b == '\\')
+              escaped_ = true;
+            else if (b == '"')
+              in_string_ = false;
           } else if (b == '"') {
             in_string_ = true;
           } else if (b == '{' || b == '[') {
@@ -310,7 +314,8 @@ nlohmann::json ParseToolCalls(std::string_view text, const std::vector<std::stri
   raw.Feed(text.substr(begin));
   if (!raw.broken() && raw.arguments().size() == calls.size()) {
     for (size_t k = 0; k < calls.size(); ++k) {
-      if (raw.names()[k] == calls[k]["function"]["name"]) calls[k]["function"]["arguments"] = raw.arguments()[k];
+      if (raw.names()[k] == calls[k]["function"]["name"])
+        calls[k]["function"]["arguments"] = raw.arguments()[k];
     }
   }
   return calls;

@@ -136,10 +136,12 @@ TokenMasker::Footprint TokenMasker::footprint() const {
   Footprint f;
   f.states = static_cast<int64_t>(states_.size());
   f.masks = static_cast<int64_t>(masks_.size());
-  f.bytes = static_cast<int64_t>(next_.size() * sizeof(int32_t) + text_run_.size() * sizeof(int32_t));
+  f.bytes =
+      static_cast<int64_t>(next_.size() * sizeof(int32_t) + text_run_.size() * sizeof(int32_t));
   for (const auto& [id, e] : masks_) f.bytes += static_cast<int64_t>(e.mask.words.size() * 8);
   for (const State* s : states_) {
-    for (const Stack& st : *s) f.bytes += static_cast<int64_t>(st.size() * sizeof(int32_t) + sizeof(Stack));
+    for (const Stack& st : *s)
+      f.bytes += static_cast<int64_t>(st.size() * sizeof(int32_t) + sizeof(Stack));
   }
   return f;
 }
@@ -167,7 +169,8 @@ bool TokenMasker::Uniform(int32_t id, const ByteSet& bytes) const {
   for (const Stack& st : *states_[static_cast<size_t>(id)]) {
     if (st.empty()) continue;
     const ByteSet in =
-        grammar_->sets[static_cast<size_t>(grammar_->code[static_cast<size_t>(st.back())].arg)] & bytes;
+        grammar_->sets[static_cast<size_t>(grammar_->code[static_cast<size_t>(st.back())].arg)] &
+        bytes;
     if (in.any() && in != bytes) return false;
   }
   return true;
@@ -190,7 +193,8 @@ struct CharByte {
 const ByteSet& PlainBytes() {
   static const ByteSet plain = [] {
     ByteSet s;
-    for (int b = 0; b < 256; ++b) s.set(static_cast<size_t>(b), TokenVocabulary::Plain(static_cast<uint8_t>(b)));
+    for (int b = 0; b < 256; ++b)
+      s.set(static_cast<size_t>(b), TokenVocabulary::Plain(static_cast<uint8_t>(b)));
     return s;
   }();
   return plain;
@@ -242,10 +246,12 @@ uint32_t TokenMasker::CharEnds(int32_t p) {
     bool ends = true;
     for (size_t b = 0; b < kinds[k].size() && ends; ++b) {
       for (const Stack& st : x) {  // no early end, and every byte of the set alike
-        if (st.empty()) ends = false;
+        if (st.empty())
+          ends = false;
         else if (b > 0) {
-          const ByteSet in = g.sets[static_cast<size_t>(g.code[static_cast<size_t>(st.back())].arg)] &
-                             kinds[k][b].set;
+          const ByteSet in =
+              g.sets[static_cast<size_t>(g.code[static_cast<size_t>(st.back())].arg)] &
+              kinds[k][b].set;
           ends = ends && (in.none() || in == kinds[k][b].set);
         }
       }
@@ -284,7 +290,8 @@ bool TokenMasker::TakesTextLikePlain(int32_t id) {
     u.erase(std::unique(u.begin(), u.end(), same), u.end());
   }
   for (size_t k = 1; k < kKinds; ++k) {
-    if (!std::equal(under[k].begin(), under[k].end(), under[0].begin(), under[0].end(), same)) return false;
+    if (!std::equal(under[k].begin(), under[k].end(), under[0].begin(), under[0].end(), same))
+      return false;
   }
   return true;
 }
@@ -305,7 +312,8 @@ int32_t TokenMasker::TextRun(int32_t id) {
       break;
     }
     if (chain.size() >= 2 * static_cast<size_t>(cap)) {
-      for (size_t k = 0; k <= static_cast<size_t>(cap); ++k) text_run_[static_cast<size_t>(chain[k])] = cap;
+      for (size_t k = 0; k <= static_cast<size_t>(cap); ++k)
+        text_run_[static_cast<size_t>(chain[k])] = cap;
       return cap;
     }
     // Every plain byte steps alike (Step looks at a byte only through the sets), to a live state;
@@ -377,7 +385,8 @@ bool TokenMasker::TextEnds(int32_t id, int32_t run) {
   for (const Stack& st : *states_[static_cast<size_t>(x)]) {  // no stack takes a first byte
     if (!st.empty() &&
         (grammar_->sets[static_cast<size_t>(grammar_->code[static_cast<size_t>(st.back())].arg)] &
-         TextFirstBytes()).any())
+         TextFirstBytes())
+            .any())
       return false;
   }
   return true;

@@ -1,10 +1,11 @@
-#include "common/json_depth.h"
 #include "model/config.h"
 
 #include <gtest/gtest.h>
 
 #include <fstream>
 #include <sstream>
+
+#include "common/json_depth.h"
 
 namespace gemma2 {
 namespace {

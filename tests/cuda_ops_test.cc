@@ -401,103 +401,103 @@ TEST_F(CudaOpsTest, RopeCacheAndAttentionOverRaggedStepsAndBlocks) {
                                        {2, 1, 256, 5}, {4, 1, 256, 0},  {6, 2, 128, 33},
                                        {8, 1, 128, 0}, {8, 1, 256, 19}};
   for (const KvCacheDtype dtype : {KvCacheDtype::kAuto, KvCacheDtype::kFp8})
-  for (const auto& ac : cases) {
-    const bool fp8 = dtype == KvCacheDtype::kFp8;
-    SCOPED_TRACE(std::string(KvCacheDtypeName(dtype)) + " q" + std::to_string(ac.q_heads) + " kv" +
-                 std::to_string(ac.kv_heads) + " hd" + std::to_string(ac.head_dim) + " window" +
-                 std::to_string(ac.window));
-    auto gpu = NewGpu();
-    CpuBackend cpu;  // a pool per case
-    ASSERT_NE(gpu, nullptr);
-    const int64_t layers = 2, layer = 1;
-    AttentionParams p;
-    p.q_heads = ac.q_heads;
-    p.kv_heads = ac.kv_heads;
-    p.head_dim = ac.head_dim;
-    p.scale = 1.0f / std::sqrt(144.0f);
-    p.softcap = 50.0f;
-    p.window = ac.window;
-    p.rope_theta = 10000.0;
-    const int64_t width = (ac.q_heads + 2 * ac.kv_heads) * ac.head_dim;
-    // Three sequences; steps: ragged prefill, three decode steps, a second prefill chunk, and a
-    // decode step whose 341-key context spreads over several attention splits (merged).
-    const std::vector<std::vector<int64_t>> steps = {{1, 17, 40}, {1, 1, 1},   {1, 1, 1},
-                                                     {1, 1, 1},   {5, 0, 300}, {1, 1, 1}};
-    SharedKv kv(*gpu, cpu, layers, ac.kv_heads, ac.head_dim, ac.window, dtype);
-    uint64_t seed = 100;
-    for (const auto& step : steps) {
-      int64_t rows = 0;
-      const std::vector<SeqSlice> gs = kv.Step(step, &rows), cs = gs;
-      ASSERT_TRUE(gpu->BeginStep(gs, StepOutputKind::kLogits, false).ok());
-      const auto qkv = Rand(rows * width, 1.0f, ++seed);
-      Tensor gq = Put(*gpu, qkv, rows, width), cq = Put(cpu, qkv, rows, width);
-      gpu->RopeAndCacheWrite(gq, gs, layer, p);
-      cpu.RopeAndCacheWrite(cq, cs, layer, p);
-      ExpectRowsClose(Get(*gpu, gq), Get(cpu, cq), width, fp8 ? 2e-2 : 5e-3, "RoPE");
-      Tensor go = gpu->Alloc(rows, ac.q_heads * ac.head_dim),
-             co = cpu.Alloc(rows, ac.q_heads * ac.head_dim);
-      gpu->Attention(gq, gs, layer, p, go);
-      cpu.Attention(cq, cs, layer, p, co);
-      ExpectRowsClose(Get(*gpu, go), Get(cpu, co), ac.q_heads * ac.head_dim, fp8 ? 3e-2 : 2e-2,
-                      "Attention");
+    for (const auto& ac : cases) {
+      const bool fp8 = dtype == KvCacheDtype::kFp8;
+      SCOPED_TRACE(std::string(KvCacheDtypeName(dtype)) + " q" + std::to_string(ac.q_heads) +
+                   " kv" + std::to_string(ac.kv_heads) + " hd" + std::to_string(ac.head_dim) +
+                   " window" + std::to_string(ac.window));
+      auto gpu = NewGpu();
+      CpuBackend cpu;  // a pool per case
+      ASSERT_NE(gpu, nullptr);
+      const int64_t layers = 2, layer = 1;
+      AttentionParams p;
+      p.q_heads = ac.q_heads;
+      p.kv_heads = ac.kv_heads;
+      p.head_dim = ac.head_dim;
+      p.scale = 1.0f / std::sqrt(144.0f);
+      p.softcap = 50.0f;
+      p.window = ac.window;
+      p.rope_theta = 10000.0;
+      const int64_t width = (ac.q_heads + 2 * ac.kv_heads) * ac.head_dim;
+      // Three sequences; steps: ragged prefill, three decode steps, a second prefill chunk, and a
+      // decode step whose 341-key context spreads over several attention splits (merged).
+      const std::vector<std::vector<int64_t>> steps = {{1, 17, 40}, {1, 1, 1},   {1, 1, 1},
+                                                       {1, 1, 1},   {5, 0, 300}, {1, 1, 1}};
+      SharedKv kv(*gpu, cpu, layers, ac.kv_heads, ac.head_dim, ac.window, dtype);
+      uint64_t seed = 100;
+      for (const auto& step : steps) {
+        int64_t rows = 0;
+        const std::vector<SeqSlice> gs = kv.Step(step, &rows), cs = gs;
+        ASSERT_TRUE(gpu->BeginStep(gs, StepOutputKind::kLogits, false).ok());
+        const auto qkv = Rand(rows * width, 1.0f, ++seed);
+        Tensor gq = Put(*gpu, qkv, rows, width), cq = Put(cpu, qkv, rows, width);
+        gpu->RopeAndCacheWrite(gq, gs, layer, p);
+        cpu.RopeAndCacheWrite(cq, cs, layer, p);
+        ExpectRowsClose(Get(*gpu, gq), Get(cpu, cq), width, fp8 ? 2e-2 : 5e-3, "RoPE");
+        Tensor go = gpu->Alloc(rows, ac.q_heads * ac.head_dim),
+               co = cpu.Alloc(rows, ac.q_heads * ac.head_dim);
+        gpu->Attention(gq, gs, layer, p, go);
+        cpu.Attention(cq, cs, layer, p, co);
+        ExpectRowsClose(Get(*gpu, go), Get(cpu, co), ac.q_heads * ac.head_dim, fp8 ? 3e-2 : 2e-2,
+                        "Attention");
+      }
+      EXPECT_EQ(kv.len[2], 344);
+      // The sliding-window layer holds only the blocks the last step's query (at 343) could reach.
+      if (ac.window > 0) {
+        const auto t = kv.tables.table(2, KvGroup::kSliding);
+        EXPECT_EQ(std::count_if(t.begin(), t.end(), [](int32_t b) { return b >= 0; }),
+                  343 / 16 - (343 - ac.window + 1) / 16 + 1);
+      }
     }
-    EXPECT_EQ(kv.len[2], 344);
-    // The sliding-window layer holds only the blocks the last step's query (at 343) could reach.
-    if (ac.window > 0) {
-      const auto t = kv.tables.table(2, KvGroup::kSliding);
-      EXPECT_EQ(std::count_if(t.begin(), t.end(), [](int32_t b) { return b >= 0; }),
-                343 / 16 - (343 - ac.window + 1) / 16 + 1);
-    }
-  }
 }
 
 // Prefix copies (one kernel over every block and layer slot) leave the cache as the cpu's block by
 // block copies do: new sequences that start from copied prefixes attend like the specification.
 TEST_F(CudaOpsTest, KvBlockCopiesMatchTheSpecification) {
   for (const KvCacheDtype dtype : {KvCacheDtype::kAuto, KvCacheDtype::kFp8})
-  for (int64_t window : {0, 21}) {
-    SCOPED_TRACE(std::string(KvCacheDtypeName(dtype)) + " window " + std::to_string(window));
-    auto gpu = NewGpu();
-    CpuBackend cpu;
-    ASSERT_NE(gpu, nullptr);
-    AttentionParams p;
-    p.q_heads = 4;
-    p.kv_heads = 2;
-    p.head_dim = 128;
-    p.scale = 1.0f / std::sqrt(128.0f);
-    p.softcap = 50.0f;
-    p.rope_theta = 10000.0;
-    const int64_t layers = 2, width = (p.q_heads + 2 * p.kv_heads) * p.head_dim;
-    SharedKv kv(*gpu, cpu, layers, p.kv_heads, p.head_dim, window, dtype);
-    uint64_t seed = 500;
-    // Sequences 0 and 1 fill their caches; then 2 and 3 start from copies of their prefixes
-    // (37 positions: two whole blocks and part of a third; 16: exactly one block).
-    const std::vector<KvCopy> copies = {{0, 2, 37}, {1, 3, 16}};
-    for (int step = 0; step < 2; ++step) {
-      int64_t rows = 0;
-      const std::vector<SeqSlice> gs = step == 0
-                                           ? kv.Step({40, 23}, &rows)
-                                           : kv.Step({1, 0, 1, 2}, &rows, copies, gpu.get(), &cpu);
-      const std::vector<SeqSlice> cs = gs;
-      ASSERT_TRUE(gpu->BeginStep(gs, StepOutputKind::kLogits, false).ok());
-      for (int64_t layer = 0; layer < layers; ++layer) {
-        p.window = layer == layers - 1 ? window : 0;
-        const auto qkv = Rand(rows * width, 1.0f, ++seed);
-        Tensor gq = Put(*gpu, qkv, rows, width), cq = Put(cpu, qkv, rows, width);
-        gpu->RopeAndCacheWrite(gq, gs, layer, p);
-        cpu.RopeAndCacheWrite(cq, cs, layer, p);
-        Tensor go = gpu->Alloc(rows, p.q_heads * p.head_dim),
-               co = cpu.Alloc(rows, p.q_heads * p.head_dim);
-        gpu->Attention(gq, gs, layer, p, go);
-        cpu.Attention(cq, cs, layer, p, co);
-        ExpectRowsClose(Get(*gpu, go), Get(cpu, co), p.q_heads * p.head_dim,
-                        dtype == KvCacheDtype::kFp8 ? 3e-2 : 2e-2,
-                        "step " + std::to_string(step) + " layer " + std::to_string(layer));
+    for (int64_t window : {0, 21}) {
+      SCOPED_TRACE(std::string(KvCacheDtypeName(dtype)) + " window " + std::to_string(window));
+      auto gpu = NewGpu();
+      CpuBackend cpu;
+      ASSERT_NE(gpu, nullptr);
+      AttentionParams p;
+      p.q_heads = 4;
+      p.kv_heads = 2;
+      p.head_dim = 128;
+      p.scale = 1.0f / std::sqrt(128.0f);
+      p.softcap = 50.0f;
+      p.rope_theta = 10000.0;
+      const int64_t layers = 2, width = (p.q_heads + 2 * p.kv_heads) * p.head_dim;
+      SharedKv kv(*gpu, cpu, layers, p.kv_heads, p.head_dim, window, dtype);
+      uint64_t seed = 500;
+      // Sequences 0 and 1 fill their caches; then 2 and 3 start from copies of their prefixes
+      // (37 positions: two whole blocks and part of a third; 16: exactly one block).
+      const std::vector<KvCopy> copies = {{0, 2, 37}, {1, 3, 16}};
+      for (int step = 0; step < 2; ++step) {
+        int64_t rows = 0;
+        const std::vector<SeqSlice> gs =
+            step == 0 ? kv.Step({40, 23}, &rows)
+                      : kv.Step({1, 0, 1, 2}, &rows, copies, gpu.get(), &cpu);
+        const std::vector<SeqSlice> cs = gs;
+        ASSERT_TRUE(gpu->BeginStep(gs, StepOutputKind::kLogits, false).ok());
+        for (int64_t layer = 0; layer < layers; ++layer) {
+          p.window = layer == layers - 1 ? window : 0;
+          const auto qkv = Rand(rows * width, 1.0f, ++seed);
+          Tensor gq = Put(*gpu, qkv, rows, width), cq = Put(cpu, qkv, rows, width);
+          gpu->RopeAndCacheWrite(gq, gs, layer, p);
+          cpu.RopeAndCacheWrite(cq, cs, layer, p);
+          Tensor go = gpu->Alloc(rows, p.q_heads * p.head_dim),
+                 co = cpu.Alloc(rows, p.q_heads * p.head_dim);
+          gpu->Attention(gq, gs, layer, p, go);
+          cpu.Attention(cq, cs, layer, p, co);
+          ExpectRowsClose(Get(*gpu, go), Get(cpu, co), p.q_heads * p.head_dim,
+                          dtype == KvCacheDtype::kFp8 ? 3e-2 : 2e-2,
+                          "step " + std::to_string(step) + " layer " + std::to_string(layer));
+        }
       }
+      EXPECT_EQ(kv.len[2], 38);
+      EXPECT_EQ(kv.len[3], 18);
     }
-    EXPECT_EQ(kv.len[2], 38);
-    EXPECT_EQ(kv.len[3], 18);
-  }
 }
 
 // Device sampling draws exactly what SampleRow specifies from the same logits: greedy rows, and
@@ -542,44 +542,45 @@ TEST_F(CudaOpsTest, FreshPrefillAttentionOnTensorCores) {
                                        {6, 2, 128, 100}, {2, 2, 128, 64}, {2, 1, 256, 70},
                                        {4, 1, 256, 0}};
   for (const KvCacheDtype dtype : {KvCacheDtype::kAuto, KvCacheDtype::kFp8})
-  for (const auto& ac : cases) {
-    SCOPED_TRACE(std::string(KvCacheDtypeName(dtype)) + " q" + std::to_string(ac.q_heads) + " kv" +
-                 std::to_string(ac.kv_heads) + " hd" + std::to_string(ac.head_dim) + " window" +
-                 std::to_string(ac.window));
-    auto gpu = NewGpu();
-    CpuBackend cpu;  // a pool per case
-    ASSERT_NE(gpu, nullptr);
-    AttentionParams p;
-    p.q_heads = ac.q_heads;
-    p.kv_heads = ac.kv_heads;
-    p.head_dim = ac.head_dim;
-    p.scale = 1.0f / std::sqrt(144.0f);
-    // Scores here are O(1): a cap of 5 bends them visibly. (Large inputs would make the softmax so
-    // peaked that the bf16 rounding of rotated q and k, which both sides do not share, dominates
-    // the comparison; the whole-model references cover the real cap of 50 with real scores.)
-    p.softcap = 5.0f;
-    p.window = ac.window;
-    const int64_t width = (ac.q_heads + 2 * ac.kv_heads) * ac.head_dim;
-    SharedKv kv(*gpu, cpu, 1, ac.kv_heads, ac.head_dim, ac.window, dtype);
-    // Two fresh prefills in one step, a decode step on both, then a fresh 300-token prefill.
-    const std::vector<std::vector<int64_t>> steps = {{64, 131, 0}, {1, 1, 0}, {0, 0, 300}};
-    uint64_t seed = 500;
-    for (const auto& step : steps) {
-      int64_t rows = 0;
-      const std::vector<SeqSlice> gs = kv.Step(step, &rows), cs = gs;
-      ASSERT_TRUE(gpu->BeginStep(gs, StepOutputKind::kLogits, false).ok());
-      const auto qkv = Rand(rows * width, 1.0f, ++seed);
-      Tensor gq = Put(*gpu, qkv, rows, width), cq = Put(cpu, qkv, rows, width);
-      gpu->RopeAndCacheWrite(gq, gs, 0, p);
-      cpu.RopeAndCacheWrite(cq, cs, 0, p);
-      Tensor go = gpu->Alloc(rows, ac.q_heads * ac.head_dim),
-             co = cpu.Alloc(rows, ac.q_heads * ac.head_dim);
-      gpu->Attention(gq, gs, 0, p, go);
-      cpu.Attention(cq, cs, 0, p, co);
-      ExpectRowsClose(Get(*gpu, go), Get(cpu, co), ac.q_heads * ac.head_dim,
-                      dtype == KvCacheDtype::kFp8 ? 3e-2 : 2e-2, "Attention");
+    for (const auto& ac : cases) {
+      SCOPED_TRACE(std::string(KvCacheDtypeName(dtype)) + " q" + std::to_string(ac.q_heads) +
+                   " kv" + std::to_string(ac.kv_heads) + " hd" + std::to_string(ac.head_dim) +
+                   " window" + std::to_string(ac.window));
+      auto gpu = NewGpu();
+      CpuBackend cpu;  // a pool per case
+      ASSERT_NE(gpu, nullptr);
+      AttentionParams p;
+      p.q_heads = ac.q_heads;
+      p.kv_heads = ac.kv_heads;
+      p.head_dim = ac.head_dim;
+      p.scale = 1.0f / std::sqrt(144.0f);
+      // Scores here are O(1): a cap of 5 bends them visibly. (Large inputs would make the softmax
+      // so peaked that the bf16 rounding of rotated q and k, which both sides do not share,
+      // dominates the comparison; the whole-model references cover the real cap of 50 with real
+      // scores.)
+      p.softcap = 5.0f;
+      p.window = ac.window;
+      const int64_t width = (ac.q_heads + 2 * ac.kv_heads) * ac.head_dim;
+      SharedKv kv(*gpu, cpu, 1, ac.kv_heads, ac.head_dim, ac.window, dtype);
+      // Two fresh prefills in one step, a decode step on both, then a fresh 300-token prefill.
+      const std::vector<std::vector<int64_t>> steps = {{64, 131, 0}, {1, 1, 0}, {0, 0, 300}};
+      uint64_t seed = 500;
+      for (const auto& step : steps) {
+        int64_t rows = 0;
+        const std::vector<SeqSlice> gs = kv.Step(step, &rows), cs = gs;
+        ASSERT_TRUE(gpu->BeginStep(gs, StepOutputKind::kLogits, false).ok());
+        const auto qkv = Rand(rows * width, 1.0f, ++seed);
+        Tensor gq = Put(*gpu, qkv, rows, width), cq = Put(cpu, qkv, rows, width);
+        gpu->RopeAndCacheWrite(gq, gs, 0, p);
+        cpu.RopeAndCacheWrite(cq, cs, 0, p);
+        Tensor go = gpu->Alloc(rows, ac.q_heads * ac.head_dim),
+               co = cpu.Alloc(rows, ac.q_heads * ac.head_dim);
+        gpu->Attention(gq, gs, 0, p, go);
+        cpu.Attention(cq, cs, 0, p, co);
+        ExpectRowsClose(Get(*gpu, go), Get(cpu, co), ac.q_heads * ac.head_dim,
+                        dtype == KvCacheDtype::kFp8 ? 3e-2 : 2e-2, "Attention");
+      }
     }
-  }
 }
 
 // A pool sized in bytes (4 blocks of 16 positions, 2 layers); a step whose new position has no

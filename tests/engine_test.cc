@@ -148,7 +148,8 @@ TEST_F(EngineTest, Fp8KvCacheStaysCloseAndEqualAcrossTpAndRecompute) {
   const auto& b = (*base)[0].logits;
   double worst = 0;  // over the prompt's rows: the same tokens on both sides
   for (size_t r = 0; r < reqs[0].prompt.size(); ++r)
-    worst = std::max(worst, RelativeL2(a[r].data(), b[r].data(), static_cast<int64_t>(a[r].size())));
+    worst =
+        std::max(worst, RelativeL2(a[r].data(), b[r].data(), static_cast<int64_t>(a[r].size())));
   EXPECT_GT(worst, 1e-4) << "the cache was not rounded";
   EXPECT_LT(worst, 0.05);
   for (int tp : {2, 4}) {
@@ -169,7 +170,8 @@ TEST_F(EngineTest, Fp8KvCacheStaysCloseAndEqualAcrossTpAndRecompute) {
     ExpectSameRows((*re)[0].logits, (*fp8)[i].logits, 1e-5);
   }
   EXPECT_FALSE(ParseKvCacheDtype("fp8_e5m2").ok());
-  EXPECT_NE(ParseKvCacheDtype("int8").status().message().find("--kv-cache-dtype"), std::string::npos);
+  EXPECT_NE(ParseKvCacheDtype("int8").status().message().find("--kv-cache-dtype"),
+            std::string::npos);
 }
 
 // An FP8 checkpoint as transformers saves it (E4M3, 16 x 16 block scales: blocks cut across the

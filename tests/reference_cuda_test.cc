@@ -103,29 +103,29 @@ TEST(CudaGraphTest, ReplayedDecodeEqualsEagerDecode) {
     reqs.push_back(r);
   }
   for (const KvCacheDtype dtype : {KvCacheDtype::kAuto, KvCacheDtype::kFp8}) {
-  SCOPED_TRACE(std::string("kv cache ") + std::string(KvCacheDtypeName(dtype)));
-  std::vector<std::vector<int32_t>> results[3];
-  for (int mode = 0; mode < 3; ++mode) {  // graphs, eager, logits path
-    EngineOptions o;
-    o.backend.name = "cuda";
-    o.backend.kv_cache_bytes = int64_t{1} << 30;
-    o.backend.cuda_graphs = mode == 0;
-    o.kv_cache_dtype = dtype;
-    auto e = Engine::Create(**ck, o);
-    ASSERT_TRUE(e.ok()) << e.status().ToString();
-    auto batch = reqs;
-    for (auto& r : batch) r.return_logits = mode == 2;
-    for (int round = 0; round < 2; ++round) {  // the second round replays the captured graphs
-      auto res = Generate(**e, batch);
-      ASSERT_TRUE(res.ok()) << res.status().ToString();
-      for (const auto& g : *res) results[mode].push_back(g.generated);
+    SCOPED_TRACE(std::string("kv cache ") + std::string(KvCacheDtypeName(dtype)));
+    std::vector<std::vector<int32_t>> results[3];
+    for (int mode = 0; mode < 3; ++mode) {  // graphs, eager, logits path
+      EngineOptions o;
+      o.backend.name = "cuda";
+      o.backend.kv_cache_bytes = int64_t{1} << 30;
+      o.backend.cuda_graphs = mode == 0;
+      o.kv_cache_dtype = dtype;
+      auto e = Engine::Create(**ck, o);
+      ASSERT_TRUE(e.ok()) << e.status().ToString();
+      auto batch = reqs;
+      for (auto& r : batch) r.return_logits = mode == 2;
+      for (int round = 0; round < 2; ++round) {  // the second round replays the captured graphs
+        auto res = Generate(**e, batch);
+        ASSERT_TRUE(res.ok()) << res.status().ToString();
+        for (const auto& g : *res) results[mode].push_back(g.generated);
+      }
+      auto single = Generate(**e, {batch[1]});  // another batch size
+      ASSERT_TRUE(single.ok()) << single.status().ToString();
+      results[mode].push_back((*single)[0].generated);
     }
-    auto single = Generate(**e, {batch[1]});  // another batch size
-    ASSERT_TRUE(single.ok()) << single.status().ToString();
-    results[mode].push_back((*single)[0].generated);
-  }
-  EXPECT_EQ(results[0], results[1]);
-  EXPECT_EQ(results[0], results[2]);
+    EXPECT_EQ(results[0], results[1]);
+    EXPECT_EQ(results[0], results[2]);
   }
 }
 

@@ -234,11 +234,11 @@ TEST_F(ServerTest, CurlCompletionsBatchesChatStreamsAndModels) {
   EXPECT_EQ(chat["object"], "chat.completion");
   EXPECT_EQ(chat["choices"][0]["message"]["role"], "assistant");
 
-  const std::string sse = Curl(
-      "-N " + url +
-      "/v1/chat/completions -d '{\"messages\":[{\"role\":\"user\",\"content\":"
-      "\"Hi\"}],\"max_tokens\":4,\"min_tokens\":4,\"stream\":true,"
-      "\"stream_options\":{\"include_usage\":true}}'");  // sampled: no end_of_turn before 4
+  const std::string sse =
+      Curl("-N " + url +
+           "/v1/chat/completions -d '{\"messages\":[{\"role\":\"user\",\"content\":"
+           "\"Hi\"}],\"max_tokens\":4,\"min_tokens\":4,\"stream\":true,"
+           "\"stream_options\":{\"include_usage\":true}}'");  // sampled: no end_of_turn before 4
   EXPECT_EQ(sse.rfind("data: [DONE]\n\n"), sse.size() - 14) << sse;
   EXPECT_NE(sse.find("\"role\":\"assistant\""), std::string::npos);
   EXPECT_NE(sse.find("\"usage\":{\"completion_tokens\":4"), std::string::npos) << sse;
@@ -1119,21 +1119,23 @@ TEST_F(ServerTest, Fp8QuantizationReachesTheWorkers) {
 // /v1/models says so, the served greedy tokens equal gemma2-run's with the same flag, and the
 // logprobs differ from the default cache's.
 TEST_F(ServerTest, Fp8KvCacheReachesTheWorkers) {
-  Server fp8(Lm(), Ranks() + " --kv-cache-dtype fp8 --api-key-file " + (dir_->path() / "key").string());
+  Server fp8(Lm(),
+             Ranks() + " --kv-cache-dtype fp8 --api-key-file " + (dir_->path() / "key").string());
   ASSERT_TRUE(fp8.ok()) << fp8.ready_line();
-  EXPECT_EQ(json::parse(fp8.Call("GET", "/v1/models", "").body)["data"][0]["kv_cache_dtype"], "fp8");
+  EXPECT_EQ(json::parse(fp8.Call("GET", "/v1/models", "").body)["data"][0]["kv_cache_dtype"],
+            "fp8");
   EXPECT_EQ(json::parse(server_->Call("GET", "/v1/models", "").body)["data"][0]["kv_cache_dtype"],
             "auto");
   const std::string prompt = "The quick brown fox jumps";
   int code = 0;
   const std::string tp = Cuda() ? "" : " --tp 2";
-  const json offline = json::parse(Shell(Bin("gemma2-run") + RunBackend() + tp + " --model " + Lm() +
-                                             " --kv-cache-dtype fp8 --max-new-tokens 12 --prompt '" +
-                                             prompt + "'",
-                                         &code));
+  const json offline =
+      json::parse(Shell(Bin("gemma2-run") + RunBackend() + tp + " --model " + Lm() +
+                            " --kv-cache-dtype fp8 --max-new-tokens 12 --prompt '" + prompt + "'",
+                        &code));
   ASSERT_EQ(code, 0);
-  const json body = {{"prompt", prompt}, {"max_tokens", 12}, {"temperature", 0},
-                     {"return_token_ids", true}};
+  const json body = {
+      {"prompt", prompt}, {"max_tokens", 12}, {"temperature", 0}, {"return_token_ids", true}};
   EXPECT_EQ(fp8.Post("/v1/completions", body)["choices"][0]["token_ids"], offline["generated_ids"]);
   const json one = {{"prompt", prompt}, {"max_tokens", 1}, {"logprobs", 5}};
   EXPECT_NE(server_->Post("/v1/completions", one)["choices"][0]["logprobs"]["token_logprobs"],
@@ -1153,10 +1155,10 @@ TEST_F(ServerTest, BadLaunchOptionsAreRefusedBeforeAnyRankStarts) {
   std::ofstream(bad) << "not a sentencepiece model";
   const auto t0 = std::chrono::steady_clock::now();
   // The model does not exist either: a launcher that started ranks would fail on it first.
-  const std::string no_tok = Shell(Bin("gemma2-launch") + " --model " +
-                                       (dir_->path() / "no_such_model").string() + " " + Ranks() +
-                                       " --tokenizer " + bad + " 2>&1",
-                                   &code);
+  const std::string no_tok =
+      Shell(Bin("gemma2-launch") + " --model " + (dir_->path() / "no_such_model").string() + " " +
+                Ranks() + " --tokenizer " + bad + " 2>&1",
+            &code);
   EXPECT_NE(code, 0);
   EXPECT_NE(no_tok.find(bad), std::string::npos) << no_tok;
   EXPECT_EQ(no_tok.find("no_such_model"), std::string::npos) << "the model came first: " << no_tok;

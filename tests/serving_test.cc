@@ -1,8 +1,7 @@
 // The serving layer without HTTP: request validation, stop strings, logits processing, and the
 // continuous-batching scheduler against the offline Generate/Classify loop it must agree with.
-#include <gtest/gtest.h>
-
 #include <arpa/inet.h>
+#include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -19,8 +18,8 @@
 #include "serving/logits_processing.h"
 #include "serving/request_parser.h"
 #include "serving/scheduler.h"
-#include "serving/timed_call.h"
 #include "serving/text_output.h"
+#include "serving/timed_call.h"
 #include "serving/tool_calls.h"
 #include "tests/test_files.h"
 
@@ -439,7 +438,8 @@ class CannedServer {
            std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body;
   }
   static std::string Events(const std::vector<std::string>& data) {
-    std::string out = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n";
+    std::string out =
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n";
     for (const std::string& d : data) out += "data: " + d + "\n\n";
     return out;
   }
@@ -456,12 +456,13 @@ class CannedServer {
 // without bound.
 TEST(TimedCallTest, HostileAnswersEndTheCallNotTheClient) {
   const std::string deep = std::string(1 << 20, '[') + std::string(1 << 20, ']');
-  CannedServer server({CannedServer::Json(deep),
-                       CannedServer::Events({R"({"choices":[{"index":1000000000,"text":"x"}]})", "[DONE]"}),
-                       CannedServer::Events({R"({"choices":[{"index":0,"delta":{"content":5}}]})", "[DONE]"}),
-                       CannedServer::Events({deep, R"({"choices":[{"index":0,"text":"ok"}]})", "[DONE]"}),
-                       CannedServer::Json(R"({"choices":[],"usage":{"completion_tokens":"many"}})"),
-                       CannedServer::Json(deep)});
+  CannedServer server(
+      {CannedServer::Json(deep),
+       CannedServer::Events({R"({"choices":[{"index":1000000000,"text":"x"}]})", "[DONE]"}),
+       CannedServer::Events({R"({"choices":[{"index":0,"delta":{"content":5}}]})", "[DONE]"}),
+       CannedServer::Events({deep, R"({"choices":[{"index":0,"text":"ok"}]})", "[DONE]"}),
+       CannedServer::Json(R"({"choices":[],"usage":{"completion_tokens":"many"}})"),
+       CannedServer::Json(deep)});
   auto url = ParseUrl(server.url());
   ASSERT_TRUE(url.ok());
   HttpCall call;
@@ -503,13 +504,14 @@ TEST(TimedCallTest, HostileAnswersEndTheCallNotTheClient) {
 // returns; text of another form stops the stream.
 TEST(ToolCallsTest, StreamedCallsAreTheWrittenCallsInPieces) {
   const std::string a0 = R"({"city":"Paris \"north\" }","days":[1,{"x":"]}"}],"n":null})";
-  const std::string text = R"([{"name":"get_weather","arguments":)" + a0 +
-                           R"(},{"name":"f","arguments":{}}])";
+  const std::string text =
+      R"([{"name":"get_weather","arguments":)" + a0 + R"(},{"name":"f","arguments":{}}])";
   for (size_t piece = 1; piece <= 9; ++piece) {
     ToolCallStream stream;
     std::vector<json> deltas;
     for (size_t end = piece; end < text.size() + piece; end += piece) {
-      for (const json& d : stream.Feed(std::string_view(text).substr(0, std::min(end, text.size()))))
+      for (const json& d :
+           stream.Feed(std::string_view(text).substr(0, std::min(end, text.size()))))
         deltas.push_back(d);
     }
     ASSERT_FALSE(stream.broken());

@@ -378,16 +378,17 @@ TEST(TokenMaskerTest, CharactersThatDoNotEndTheirAlternativeAreWalked) {
   b.AddAlternative(text, {GrammarBuilder::Ref(ch), GrammarBuilder::Ref(text)});
   b.AddAlternative(text, {GrammarBuilder::Byte('"')});
   auto g = std::make_shared<const Grammar>(b.Finish(text));
-  std::vector<std::string> t = {"a", "ab", "x", "!", "\"", "\xc3\xa9", "\xc3\xa9x", "\xc3\xa9!",
-                                "\xc3\xa9!x", "x\xc3\xa9", "\xc3", "\xa9", "\xe2\x82\xac", "x\xe2\x82\xacx",
-                                "<eos>"};
+  std::vector<std::string> t = {
+      "a",         "ab",         "x",         "!",    "\"",   "\xc3\xa9",     "\xc3\xa9x",
+      "\xc3\xa9!", "\xc3\xa9!x", "x\xc3\xa9", "\xc3", "\xa9", "\xe2\x82\xac", "x\xe2\x82\xacx",
+      "<eos>"};
   t.back().clear();
-  auto v = std::make_shared<const TokenVocabulary>(t, std::vector<int32_t>{static_cast<int32_t>(t.size()) - 1});
+  auto v = std::make_shared<const TokenVocabulary>(
+      t, std::vector<int32_t>{static_cast<int32_t>(t.size()) - 1});
   int ended = 0;
   for (uint64_t seed = 1; seed <= 20; ++seed) {
-    CheckMasksAndWalk(g, v, seed, 400, [](const std::string& out) {
-      EXPECT_EQ(out.back(), '"') << out;
-    }, &ended);
+    CheckMasksAndWalk(
+        g, v, seed, 400, [](const std::string& out) { EXPECT_EQ(out.back(), '"') << out; }, &ended);
   }
   EXPECT_GE(ended, 10);
 }
@@ -407,9 +408,13 @@ TEST(TokenMaskerTest, GemmaStringBodiesEqualBruteForce) {
   auto g = Compile(schema);
   const std::string name = "{\"name\":\"";
   const std::vector<std::string> prefixes = {
-      name, name + "caf\xc3\xa9 ", name + std::string(39, 'x'), name + std::string(40, 'x'),
+      name,
+      name + "caf\xc3\xa9 ",
+      name + std::string(39, 'x'),
+      name + std::string(40, 'x'),
       name + std::string(37, 'x') + "\xe2\x82\xac",  // a 3-byte character to the limit
-      name + "a\",\"any\":\"\xf0\x9f\x98\x80", name + "a\",\"any\":\"b\",\"tags\":[\"x"};
+      name + "a\",\"any\":\"\xf0\x9f\x98\x80",
+      name + "a\",\"any\":\"b\",\"tags\":[\"x"};
   TokenMasker warm(g, v);
   for (const std::string& prefix : prefixes) {
     auto start = Start(*g);
@@ -429,8 +434,10 @@ TEST(TokenMaskerTest, GemmaStringBodiesEqualBruteForce) {
       const std::string_view t = v->bytes(id);
       const bool want = !t.empty() && Takes(*g, s, t);
       allowed += want;
-      ASSERT_EQ(a.Test(id), want) << "cold: token " << id << " '" << t << "' after '" << prefix << "'";
-      ASSERT_EQ(b.Test(id), want) << "warm: token " << id << " '" << t << "' after '" << prefix << "'";
+      ASSERT_EQ(a.Test(id), want) << "cold: token " << id << " '" << t << "' after '" << prefix
+                                  << "'";
+      ASSERT_EQ(b.Test(id), want) << "warm: token " << id << " '" << t << "' after '" << prefix
+                                  << "'";
     }
     EXPECT_GT(allowed, 0) << prefix;
   }

@@ -151,11 +151,12 @@ Result<nlohmann::json> Decode(StepExecutor& e, const Args& a, int64_t batch, int
   release();
   const double m = Median(ms);
   // K and V of every visible position: bf16, or FP8 and an fp32 scale per head.
-  const double kv_elem = a.kv_cache_dtype == "fp8" ? 1.0 + 4.0 / static_cast<double>(c.head_dim) : 2.0;
+  const double kv_elem =
+      a.kv_cache_dtype == "fp8" ? 1.0 + 4.0 / static_cast<double>(c.head_dim) : 2.0;
   double kv_bytes = 0;
   for (int64_t l = 0; l < c.num_layers; ++l) {
-    kv_bytes +=
-        static_cast<double>(batch) * Visible(c, l, prompt + a.steps / 2) * 2 * c.kv_size() * kv_elem;
+    kv_bytes += static_cast<double>(batch) * Visible(c, l, prompt + a.steps / 2) * 2 * c.kv_size() *
+                kv_elem;
   }
   const double bytes = static_cast<double>(WeightBytes(c, a.quantization)) + kv_bytes;
   const double tbps = bytes / (m * 1e-3) / 1e12 / a.tp;  // per GPU: the group streams in parallel

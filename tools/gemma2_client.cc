@@ -21,10 +21,10 @@
 #include <random>
 #include <thread>
 
+#include "cli/run_tool.h"
 #include "common/json_depth.h"
 #include "serving/http_client.h"
 #include "serving/timed_call.h"
-#include "cli/run_tool.h"
 
 namespace gemma2 {
 namespace {
@@ -146,8 +146,9 @@ Status Run(Args a) {
     if (r.status != 200 || !j.is_object() || !j.contains("data") || !j["data"].is_array() ||
         j["data"].empty() || !j["data"][0].is_object() || !j["data"][0].contains("id") ||
         !j["data"][0]["id"].is_string()) {
-      return Status(StatusCode::kUnavailable,
-                    "GET /v1/models answered " + std::to_string(r.status) + ": " + r.body.substr(0, 300));
+      return Status(
+          StatusCode::kUnavailable,
+          "GET /v1/models answered " + std::to_string(r.status) + ": " + r.body.substr(0, 300));
     }
     a.model = j["data"][0]["id"];
   }
@@ -203,7 +204,7 @@ Status Run(Args a) {
   for (size_t i = 0; i < outcomes.size(); ++i) {
     const Outcome& o = outcomes[i];
     if (a.format == "text") {  // what a person reads: the input, then each answer
-      try {  // a request or an answer of another shape is printed as it is
+      try {                    // a request or an answer of another shape is printed as it is
         const json& req = jobs[i].body;
         const json shown = req.contains("messages") ? req["messages"].back()["content"]
                            : req.contains("input")  ? req["input"]
@@ -224,7 +225,8 @@ Status Run(Args a) {
           out << "    -> " << d.value("label", "") << "\n";
         }
       } catch (const json::exception&) {
-        out << "[" << i << "] " << o.line.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
+        out << "[" << i << "] " << o.line.dump(-1, ' ', false, json::error_handler_t::replace)
+            << "\n";
       }
     } else {
       out << o.line.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";

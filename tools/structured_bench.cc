@@ -124,10 +124,11 @@ Status Run(const Args& a) {
   }
   nlohmann::json out = {{"vocab", vocab->size()}, {"steps", a.steps}, {"passes", a.passes},
                         {"rows", nlohmann::json::array()}};
-  std::printf("vocabulary %ld tokens (longest %zu bytes; whole-text tokens up to %ld characters), "
-              "%d steps per grammar\n",
-              static_cast<long>(vocab->size()), vocab->max_bytes(), static_cast<long>(vocab->max_chars()),
-              a.steps);
+  std::printf(
+      "vocabulary %ld tokens (longest %zu bytes; whole-text tokens up to %ld characters), "
+      "%d steps per grammar\n",
+      static_cast<long>(vocab->size()), vocab->max_bytes(), static_cast<long>(vocab->max_chars()),
+      a.steps);
   std::printf("%-22s %10s %9s %9s %9s %8s %6s\n", "grammar", "first ms", "p50 ms", "p99 ms", "max ms",
               "outputs", "cold");
   for (Row& r : rows) {

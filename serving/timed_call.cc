@@ -59,6 +59,7 @@ TimedAnswer CallTimed(const Url& url, const HttpCall& call, bool stream, bool ch
   json acc = {{"choices", json::array()}};
   Clock::time_point last{};
   bool stream_error = false;
+  int64_t streamed_tokens = 0;  // the last chunk's usage.completion_tokens
   o.http = stream ? HttpStream(url, call,
                                [&](std::string_view data) {
                                  if (data == "[DONE]") return true;
@@ -76,6 +77,18 @@ TimedAnswer CallTimed(const Url& url, const HttpCall& call, bool stream, bool ch
                                  const json* choices = chunk.contains("choices")
                                                            ? &chunk["choices"]
                                                            : nullptr;
+                                 if (choices && choices->is_array() && !choices->empty() &&
+                                     chunk.contains("usage") && chunk["usage"].is_object() &&
+                                     chunk["usage"].contains("completion_tokens") &&
+                                     chunk["usage"]["completion_tokens"].is_number_integer()) {
+                                   const int64_t n =
+                                       chunk["usage"]["completion_tokens"].get<int64_t>();
+                                   if (n > streamed_tokens) {
+                                     ++o.token_chunks;
+                                     if (n - streamed_tokens > 1) ++o.multi_token_chunks;
+                                     streamed_tokens = n;
+                                   }
+                                 }
                                  if (choices && choices->is_array() && !choices->empty()) {
                                    if (o.ttft_s < 0)
                                      o.ttft_s = std::chrono::duration<double>(now - start).count();

@@ -19,6 +19,9 @@ struct TimedAnswer {
   double ttft_s = -1;       // streamed: to the first chunk with choices (-1: none came)
   std::vector<double> itl_s;  // streamed: between chunks with choices (vLLM's ITL)
   int64_t completion_tokens = 0;  // the answer's usage (0 without one)
+  // Streamed with usage in every chunk (vLLM's continuous_usage_stats): the chunks that carried
+  // tokens, and those that carried more than one (tokens the server sent together).
+  int64_t token_chunks = 0, multi_token_chunks = 0;
 };
 
 // Sends `call`; `stream`: the body asks for server-sent events; `chat`: chunks carry deltas.

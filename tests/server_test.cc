@@ -1375,7 +1375,7 @@ TEST_F(ServerTest, ServeBenchMeasuresARateSweep) {
   const std::string log = Shell(Bin("gemma2-serve-bench") + " --url " + server_->base() +
                                     " --api-key " + kKey +
                                     " --num-prompts 12 --warmup 2 --input-len 16,40 --output-len 6"
-                                    " --concurrency 4 --vocab-size 200 --sweep 10,inf --out " +
+                                    " --concurrency 4 --vocab-size 200 --sweep 10,inf --chunk-stats --out " +
                                     out.string() + " --svg " + svg.string() + " 2>&1",
                                 &code);
   ASSERT_EQ(code, 0) << log;
@@ -1394,6 +1394,10 @@ TEST_F(ServerTest, ServeBenchMeasuresARateSweep) {
       EXPECT_GT(r[k]["p50"].get<double>(), 0) << k;
     }
     EXPECT_LT(r["ttft_ms"]["mean"].get<double>(), r["e2e_ms"]["mean"].get<double>());
+    // --chunk-stats: usage in every chunk; each answer's 6 tokens came in 1 to 6 chunks.
+    EXPECT_GE(r["token_chunks"].get<int>(), 12) << r;
+    EXPECT_LE(r["token_chunks"].get<int>(), 12 * 6) << r;
+    EXPECT_LE(r["multi_token_chunks"].get<int>(), r["token_chunks"].get<int>()) << r;
   }
   // 12 Poisson arrivals at 10/s span ~1.1 s on average (the seed fixes them); the run lasts at
   // least that long. "inf" sends them all at once.

@@ -61,7 +61,7 @@ step() {
 }
 bench=.gpu/bin/gemma2-bench
 # Issue 17's serving runs: 512 prompt + 128 output tokens of random ids, greedy, ignore_eos.
-export C64="--num-prompts 256 --input-len 512 --output-len 128 --concurrency 64 --warmup 16"
+export C64="--num-prompts 256 --input-len 512 --output-len 128 --concurrency 64 --warmup 16 --chunk-stats"
 export C1="--num-prompts 8 --input-len 512 --output-len 128 --concurrency 1 --warmup 2"
 export R4="--num-prompts 64 --input-len 512 --output-len 128 --request-rate 4 --warmup 4"
 # serve_with PREFIX PORT "LAUNCH FLAGS" NAME "BENCH ARGS" [NAME "BENCH ARGS"]...: gemma2-launch

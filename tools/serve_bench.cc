@@ -41,6 +41,7 @@ struct Args {
   int64_t vocab_size = 32000;
   uint64_t seed = 0;
   bool ignore_eos = true;
+  bool chunk_stats = false;  // ask for usage in every chunk and count chunks of several tokens
   double timeout_s = 600;
   std::string extra_body;  // a JSON object merged into every request (e.g. a response_format)
   json extra = json::object();  // extra_body, parsed
@@ -107,6 +108,7 @@ std::vector<Done> Send(const Args& a, const serving::Url& url, const std::vector
                    {"temperature", 0},
                    {"stream", true},
                    {"stream_options", {{"include_usage", true}}}};
+      if (a.chunk_stats) body["stream_options"]["continuous_usage_stats"] = true;
       if (!a.model.empty()) body["model"] = a.model;
       if (a.ignore_eos) body["ignore_eos"] = true;
       body.update(a.extra);
@@ -144,7 +146,7 @@ json Stats(const std::vector<double>& v, double scale) {
 
 json Report(const std::vector<Done>& done, double wall_s, const std::string& rate, int concurrency) {
   std::vector<double> ttft, tpot, itl, e2e;
-  int64_t completed = 0, out_tokens = 0, in_tokens = 0;
+  int64_t completed = 0, out_tokens = 0, in_tokens = 0, chunks = 0, multi = 0;
   std::string first_error;
   for (const Done& d : done) {
     const serving::TimedAnswer& t = d.answer;
@@ -163,6 +165,8 @@ json Report(const std::vector<Done>& done, double wall_s, const std::string& rat
     if (t.ttft_s >= 0 && t.completion_tokens > 1)
       tpot.push_back((t.latency_s - t.ttft_s) / static_cast<double>(t.completion_tokens - 1));
     itl.insert(itl.end(), t.itl_s.begin(), t.itl_s.end());
+    chunks += t.token_chunks;
+    multi += t.multi_token_chunks;
   }
   json r = {{"request_rate", rate},
             {"max_concurrency", concurrency},
@@ -178,6 +182,10 @@ json Report(const std::vector<Done>& done, double wall_s, const std::string& rat
             {"tpot_ms", Stats(tpot, 1e3)},
             {"itl_ms", Stats(itl, 1e3)},
             {"e2e_ms", Stats(e2e, 1e3)}};
+  if (chunks > 0) {  // --chunk-stats against a server that reports usage in every chunk
+    r["token_chunks"] = chunks;
+    r["multi_token_chunks"] = multi;
+  }
   if (!first_error.empty()) r["first_error"] = first_error;
   return r;
 }
@@ -200,6 +208,12 @@ void PrintRun(const json& r) {
   }
   if (r.contains("first_error"))
     std::printf("  first error: %s\n", r["first_error"].get<std::string>().c_str());
+  if (r.contains("token_chunks")) {
+    std::printf("  chunks with tokens: %lld, with more than one: %lld (%.2f%%)\n",
+                static_cast<long long>(r["token_chunks"].get<int64_t>()),
+                static_cast<long long>(r["multi_token_chunks"].get<int64_t>()),
+                100.0 * r["multi_token_chunks"].get<double>() / r["token_chunks"].get<double>());
+  }
   std::fflush(stdout);
 }
 
@@ -338,6 +352,9 @@ int main(int argc, char** argv) {
   app.add_flag("!--no-ignore-eos", a.ignore_eos,
                "let EOS end an answer early (default: ignore_eos, fixed output lengths)");
   app.add_option("--timeout", a.timeout_s, "seconds any single read may take");
+  app.add_flag("--chunk-stats", a.chunk_stats,
+               "ask for usage in every chunk (vLLM's continuous_usage_stats) and count the chunks "
+               "that carried more than one token (tokens the server sent together)");
   app.add_option("--out", a.out, "write every run as JSON here");
   app.add_option("--svg", a.svg, "draw output throughput against p99 ITL here (with --sweep)");
   app.add_option("--extra-body", a.extra_body,

@@ -18,6 +18,7 @@
 #include "common/log.h"
 #include "common/version.h"
 #include "serving/responses.h"
+#include "serving/session_waker.h"
 
 namespace gemma2::serving {
 namespace {
@@ -404,19 +405,9 @@ class HttpServer::Impl {
         rid, keep);
   }
 
-  // How the scheduler wakes a request's session: `pending` says a step touched the request since
-  // the session last looked, and the timer's wait, if one is on, is cancelled. The flag keeps a
-  // notify that lands while the session writes (no wait on) from being lost: the session would
-  // sleep until the next step or kPoll, and two tokens would reach the client as one.
-  struct Waker {
-    explicit Waker(asio::io_context& ioc) : timer(ioc) {}
-    asio::steady_timer timer;
-    std::atomic<bool> pending{false};
-  };
-
   struct Admitted {
     std::shared_ptr<RequestHandle> handle;
-    std::shared_ptr<Waker> waker;
+    std::shared_ptr<SessionWaker> waker;  // the scheduler's notify (serving/session_waker.h)
   };
 
   // Parses and submits; on rejection the error response, counted as rejected.
@@ -434,11 +425,8 @@ class HttpServer::Impl {
                                                    : ParseClassify(j, facts_);
     if (auto* e = std::get_if<ApiError>(&parsed)) return *e;
     auto handle = std::make_shared<RequestHandle>(rid, std::move(std::get<ParsedRequest>(parsed)));
-    auto waker = std::make_shared<Waker>(ioc_);
-    handle->notify = [waker] {
-      waker->pending.store(true);
-      asio::post(waker->timer.get_executor(), [waker] { waker->timer.cancel(); });
-    };
+    auto waker = std::make_shared<SessionWaker>(ioc_);
+    handle->notify = [waker] { waker->Notify(); };
     if (auto e = scheduler_.Submit(handle)) return *e;
     return Admitted{handle, waker};
   }
@@ -554,14 +542,7 @@ class HttpServer::Impl {
   }
 
   // Until the scheduler touches the request (at once if it did since the last Wait), or kPoll.
-  // The io_context runs on one thread: a notify's posted cancel runs only once this wait is on.
-  static awaitable<void> Wait(Waker& waker) {
-    if (waker.pending.exchange(false)) co_return;
-    waker.timer.expires_after(kPoll);
-    boost::system::error_code ec;
-    co_await waker.timer.async_wait(asio::redirect_error(use_awaitable, ec));
-    waker.pending.store(false);  // what woke it is read next
-  }
+  static awaitable<void> Wait(SessionWaker& waker) { return waker.Wait(kPoll); }
 
   ResponseContext Context(const ParsedRequest& pr, const std::string& rid) const {
     const char* prefix = pr.endpoint == Endpoint::kChat          ? "chatcmpl-"
@@ -588,7 +569,7 @@ class HttpServer::Impl {
     return JsonResponse(http::status::ok, ClassifyBody(ctx, h), rid, keep);
   }
 
-  awaitable<bool> Stream(beast::tcp_stream& stream, RequestHandle& h, Waker& waker,
+  awaitable<bool> Stream(beast::tcp_stream& stream, RequestHandle& h, SessionWaker& waker,
                          const ResponseContext& ctx, const std::string& rid, bool keep) {
     http::response<http::empty_body> res{http::status::ok, 11};
     res.set(http::field::content_type, "text/event-stream");

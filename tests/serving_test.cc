@@ -18,6 +18,7 @@
 #include "serving/logits_processing.h"
 #include "serving/request_parser.h"
 #include "serving/scheduler.h"
+#include "serving/session_waker.h"
 #include "serving/text_output.h"
 #include "serving/timed_call.h"
 #include "serving/tool_calls.h"
@@ -496,6 +497,44 @@ TEST(TimedCallTest, HostileAnswersEndTheCallNotTheClient) {
   EXPECT_NE(code, 0);
   EXPECT_NE(out.find("/v1/models"), std::string::npos) << out.substr(0, 500);
   EXPECT_LT(out.size(), 2000u);  // the answer's 2 MB are not echoed
+}
+
+// The HTTP session's wake-up: a notify whose cancel ran while the session was busy elsewhere (a
+// stream's write; here a yield to the io loop) still ends the next wait at once; a notify from
+// another thread ends a wait; with none, a wait lasts its poll.
+TEST(SessionWakerTest, ANotifyWhileTheSessionIsBusyIsNotLost) {
+  namespace asio = boost::asio;
+  using Ms = std::chrono::duration<double, std::milli>;
+  asio::io_context ioc;
+  auto waker = std::make_shared<SessionWaker>(ioc);
+  double busy_ms = -1, notified_ms = -1, idle_ms = -1;
+  std::thread notifier;
+  asio::co_spawn(
+      ioc,
+      [&]() -> asio::awaitable<void> {
+        waker->Notify();
+        co_await asio::post(ioc.get_executor(), asio::use_awaitable);  // its cancel runs now
+        auto t0 = std::chrono::steady_clock::now();
+        co_await waker->Wait(std::chrono::milliseconds(2000));
+        busy_ms = Ms(std::chrono::steady_clock::now() - t0).count();
+        notifier = std::thread([w = waker] {
+          std::this_thread::sleep_for(std::chrono::milliseconds(30));
+          w->Notify();
+        });
+        t0 = std::chrono::steady_clock::now();
+        co_await waker->Wait(std::chrono::milliseconds(2000));
+        notified_ms = Ms(std::chrono::steady_clock::now() - t0).count();
+        t0 = std::chrono::steady_clock::now();
+        co_await waker->Wait(std::chrono::milliseconds(100));
+        idle_ms = Ms(std::chrono::steady_clock::now() - t0).count();
+      },
+      asio::detached);
+  ioc.run();
+  notifier.join();
+  EXPECT_LT(busy_ms, 100) << "the notify was lost: the wait lasted its poll";
+  EXPECT_GE(notified_ms, 20);
+  EXPECT_LT(notified_ms, 1000);
+  EXPECT_GE(idle_ms, 90);
 }
 
 // A forced call streamed: fed the text in pieces of every size, the deltas open each call once

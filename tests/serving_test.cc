@@ -9,6 +9,7 @@
 #include <cmath>
 #include <deque>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <thread>
 
@@ -497,6 +498,25 @@ TEST(TimedCallTest, HostileAnswersEndTheCallNotTheClient) {
   EXPECT_NE(code, 0);
   EXPECT_NE(out.find("/v1/models"), std::string::npos) << out.substr(0, 500);
   EXPECT_LT(out.size(), 2000u);  // the answer's 2 MB are not echoed
+  // gemma2-serve-bench against errors whose bodies are not UTF-8: the run ends naming the failed
+  // requests and the status, and still writes its JSON.
+  const std::string bad_body = "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n"
+                               "Connection: close\r\n\r\n\xff\xfe\xfd\xfc";
+  CannedServer failing({bad_body, bad_body, bad_body});
+  const std::string json_out = ::testing::TempDir() + "/serve_bench_fail.json";
+  p = popen((std::string(GEMMA2_BINARY_DIR) + "/bin/gemma2-serve-bench --url " + failing.url() +
+             " --num-prompts 2 --warmup 0 --concurrency 1 --input-len 4 --output-len 2"
+             " --vocab-size 100 --out " + json_out + " 2>&1")
+                .c_str(),
+            "r");
+  out.clear();
+  for (size_t got; (got = fread(buf, 1, sizeof(buf), p)) > 0;) out.append(buf, got);
+  code = pclose(p);
+  EXPECT_NE(code, 0);
+  EXPECT_NE(out.find("2 requests failed"), std::string::npos) << out;
+  EXPECT_NE(out.find("500"), std::string::npos) << out;
+  std::ifstream written(json_out);
+  EXPECT_FALSE(json::parse(written, nullptr, false).is_discarded());
 }
 
 // The HTTP session's wake-up: a notify whose cancel ran while the session was busy elsewhere (a

@@ -153,7 +153,10 @@ json Report(const std::vector<Done>& done, double wall_s, const std::string& rat
     if (!t.ok) {
       if (first_error.empty()) {
         first_error = !t.http.ok() ? t.http.status().message()
-                                   : std::to_string(t.http->status) + " " + t.response.dump();
+                                   : std::to_string(t.http->status) + " " +
+                                         t.response.dump(-1, ' ', false,
+                                                         json::error_handler_t::replace)
+                                             .substr(0, 500);
       }
       continue;
     }

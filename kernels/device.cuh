@@ -43,6 +43,12 @@ __device__ __forceinline__ float BlockMax(float v) {
   return v;
 }
 
+// The FP8 E4M3 scale of a row whose largest magnitude is amax: amax / 448, 1 for a zero or
+// non-finite row (model/quantization.h RowScaleFp8, the same fp32 division).
+__device__ __forceinline__ float Fp8RowScale(float amax) {
+  return amax > 0.0f && isfinite(amax) ? __fdiv_rn(amax, 448.0f) : 1.0f;
+}
+
 // AddRmsNorm's arithmetic on one row held in registers, value i of each thread at column
 // threadIdx.x + i * kThreads (dv: the delta, rv: the residual; zeros past `hidden`):
 // res = bf16(rv + bf16(RmsNorm(dv, post_w))); then, if next_w: out = RmsNorm(res, next_w).

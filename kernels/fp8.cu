@@ -17,7 +17,7 @@ __global__ void __launch_bounds__(kQuantThreads)
   float amax = 0.0f;
   for (int64_t k = threadIdx.x; k < cols; k += kQuantThreads) amax = fmaxf(amax, fabsf(ToF(xr[k])));
   amax = BlockMax(amax);
-  const float s = amax > 0.0f && isfinite(amax) ? __fdiv_rn(amax, 448.0f) : 1.0f;
+  const float s = Fp8RowScale(amax);
   if (threadIdx.x == 0) scale[row] = s;
   fp8* qr = q + row * cols;
   for (int64_t k = threadIdx.x; k < cols; k += kQuantThreads) {

@@ -16,7 +16,7 @@ __device__ void RoundHeadIntoCache(bf16* x, int32_t head_dim, uint8_t* dst, floa
   float amax = 0.0f;
   for (int32_t d = threadIdx.x; d < head_dim; d += blockDim.x) amax = fmaxf(amax, fabsf(ToF(x[d])));
   amax = BlockMax(amax);
-  const float s = amax > 0.0f && isfinite(amax) ? __fdiv_rn(amax, 448.0f) : 1.0f;
+  const float s = Fp8RowScale(amax);
   for (int32_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
     const __nv_fp8_storage_t q =
         __nv_cvt_float_to_fp8(__fdiv_rn(ToF(x[d]), s), __NV_SATFINITE, __NV_E4M3);

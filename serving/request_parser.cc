@@ -5,6 +5,7 @@
 #include <map>
 #include <set>
 
+#include "common/json_depth.h"
 #include "serving/logits_processing.h"
 #include "serving/tool_calls.h"
 
@@ -494,19 +495,13 @@ SamplingParams GenerationOptions::Sampling(int choice) const {
 
 ApiResult<RequestJson> ParseJsonBody(std::string_view body, int max_depth) {
   if (body.empty()) return ApiError{400, "the request body is empty; send a JSON object"};
+  // Nesting is bounded before the parser (and everything after it) recurses through it.
+  if (!JsonNestingWithin(body, max_depth)) {
+    return ApiError{400, "JSON nested deeper than " + std::to_string(max_depth) + " levels",
+                    "invalid_request_error", "", "json_too_deep"};
+  }
   try {
-    // The callback sees each value's depth before it is built: deep nesting stops early.
-    json::parser_callback_t depth_guard = [max_depth](int depth, json::parse_event_t, json&) {
-      if (depth >= max_depth) {  // depth counts from 0
-        throw Reject{ApiError{400,
-                              "JSON nested deeper than " + std::to_string(max_depth) + " levels",
-                              "invalid_request_error", "", "json_too_deep"}};
-      }
-      return true;
-    };
-    return json::parse(body.begin(), body.end(), depth_guard);
-  } catch (const Reject& r) {
-    return r.error;
+    return json::parse(body.begin(), body.end());
   } catch (const json::parse_error& e) {
     std::string what = e.what();
     const bool utf8 = what.find("UTF-8") != std::string::npos;

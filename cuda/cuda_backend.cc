@@ -3,9 +3,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <optional>
+#include <string_view>
 #include <vector>
 
 #include "common/cuda_check.h"
@@ -52,6 +54,12 @@ class CudaBackend final : public Backend {
     ASSIGN_OR_RETURN(gemm_, kernels::Gemm::Create(stream_));
     ASSIGN_OR_RETURN(pinned_, PinnedStaging::Create(size_t{64} << 20));
     graphs_ = std::make_unique<GraphRunner>(stream_);
+    const size_t arrival_bytes = kernels::kSkinnyFp8MaxSplitGroups * sizeof(unsigned);
+    ASSIGN_OR_RETURN(skinny_arrivals_, DeviceAlloc(arrival_bytes));
+    RETURN_IF_CUDA_ERROR(cudaMemset(skinny_arrivals_.get(), 0, arrival_bytes));
+    // GEMMA2_FP8_SKINNY=0 sends 9..16-token FP8 products to cuBLASLt (for A/B measurements).
+    const char* skinny = std::getenv("GEMMA2_FP8_SKINNY");
+    skinny_fp8_ = !skinny || std::string_view(skinny) != "0";
     return OkStatus();
   }
 
@@ -519,13 +527,26 @@ class CudaBackend final : public Backend {
     }
   }
 
-  // FP8 weights: few tokens read them in the GEMV (dequantized in registers); more are quantized
-  // per token and multiplied on the FP8 tensor cores (cuBLASLt, row and column scale vectors).
+  // FP8 weights: up to 16 tokens read them dequantized in registers (the GEMV up to 8, the bf16
+  // tensor cores past it); more are quantized per token and multiplied on the FP8 tensor cores
+  // (cuBLASLt, row and column scale vectors).
   void LinearFp8(const Tensor& x, const Tensor& w, Tensor& out, bool f32) {
     if (kernels::GemvFp8Supports(x.data, w.data, x.rows, x.cols)) {
       Launch("GemvFp8", [&] {
         return kernels::GemvFp8(x.as<bf16>(), w.as<uint8_t>(), w.row_scales, out.data, f32,
                                 x.rows, w.rows, x.cols, stream_);
+      });
+      return;
+    }
+    if (skinny_fp8_ && kernels::SkinnyFp8Supports(x.data, w.data, x.rows, w.rows, x.cols)) {
+      const int splits = kernels::SkinnyFp8Splits(w.rows, x.cols);
+      Tensor partial;
+      if (splits > 1) partial = Scratch(splits * x.rows, w.rows, DType::kF32);
+      if (!errors_.ok()) return;
+      Launch("SkinnyFp8", [&] {
+        return kernels::SkinnyFp8(x.as<bf16>(), w.as<uint8_t>(), w.row_scales, out.data, f32,
+                                  x.rows, w.rows, x.cols, splits, partial.as<float>(),
+                                  static_cast<unsigned*>(skinny_arrivals_.get()), stream_);
       });
       return;
     }
@@ -671,6 +692,8 @@ class CudaBackend final : public Backend {
   std::shared_ptr<void> attn_ws_;
   size_t attn_ws_bytes_ = 0;
   Tensor attn_partial_;  // decode attention's split partials, this step
+  std::shared_ptr<void> skinny_arrivals_;  // SkinnyFp8's counters (zero between products)
+  bool skinny_fp8_ = true;
 };
 
 }  // namespace

@@ -9,6 +9,31 @@ namespace gemma2::kernels {
 __device__ __forceinline__ float ToF(bf16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ bf16 ToB(float x) { return __float2bfloat16_rn(x); }
 
+// d += a * b on the tensor cores (m16n8k16, bf16 in, fp32 accumulate). Fragments as the PTX ISA
+// gives them: lane 4g + t holds a = {A[g][2t..2t+1], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..]},
+// b = {B[2t..2t+1][g], B[2t+8..][g]}, d = {D[g][2t..2t+1], D[g+8][2t..2t+1]}.
+__device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 16 bytes global -> shared without registers (cp.async, cached in L2 only); with `bytes` < 16
+// the rest of the 16 is zero-filled (0: all zeros, src unread but a valid address).
+__device__ __forceinline__ void CopyAsync16(void* dst, const void* src, int bytes = 16) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void CommitAsync() { asm volatile("cp.async.commit_group;\n"); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void WaitAsync() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

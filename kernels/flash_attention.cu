@@ -11,15 +11,6 @@ constexpr int kKeys = 64;              // per tile
 constexpr int kStride = kHd + 8;       // shared row pitch in elements: ldmatrix rows hit 8 banks
 constexpr float kLog2e = 1.4426950408889634f;
 
-__device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                    uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Four 8x8 bf16 matrices; lane l gives the address of row l % 8 of matrix l / 8. Without .trans
 // lane 4r + w receives elements (r, 2w..2w+1) of each; with .trans, (2w..2w+1, r).
 __device__ __forceinline__ void LdMatrix(uint32_t (&r)[4], const bf16* row) {
@@ -33,16 +24,6 @@ __device__ __forceinline__ void LdMatrixTrans(uint32_t (&r)[4], const bf16* row)
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(a));
-}
-
-__device__ __forceinline__ void CopyAsync16(bf16* dst, const bf16* src) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(src));
-}
-__device__ __forceinline__ void CommitAsync() { asm volatile("cp.async.commit_group;\n"); }
-template <int N>
-__device__ __forceinline__ void WaitAsync() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
@@ -122,8 +103,8 @@ __global__ void __launch_bounds__(32 * kWarps)
       for (int j = 0; j < kKeys / 8; j += 2) {
         uint32_t b[4];
         LdMatrix(b, &ks[j * 8 + mr + 8 * (mi >> 1)][kk * 16 + 8 * (mi & 1)]);
-        Mma(sc[j], qa[kk], b[0], b[1]);
-        Mma(sc[j + 1], qa[kk], b[2], b[3]);
+        MmaBf16(sc[j], qa[kk], b[0], b[1]);
+        MmaBf16(sc[j + 1], qa[kk], b[2], b[3]);
       }
     }
     // Scale, softcap, mask; the rows' maxima across the quad that shares them.
@@ -178,8 +159,8 @@ __global__ void __launch_bounds__(32 * kWarps)
       for (int d = 0; d < kHd / 8; d += 2) {
         uint32_t b[4];
         LdMatrixTrans(b, &vs[kv * 16 + mr + 8 * (mi & 1)][d * 8 + 8 * (mi >> 1)]);
-        Mma(o[d], pa[kv], b[0], b[1]);
-        Mma(o[d + 1], pa[kv], b[2], b[3]);
+        MmaBf16(o[d], pa[kv], b[0], b[1]);
+        MmaBf16(o[d + 1], pa[kv], b[2], b[3]);
       }
     }
   }

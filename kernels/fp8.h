@@ -1,7 +1,7 @@
 // FP8 E4M3 projections (model/quantization.h): per-row quantization of bf16 matrices (weights at
-// load, activations per token before an FP8 GEMM), and the decode-time product with FP8 weights,
-// dequantized in registers. Twins of QuantizeRowsFp8 and CpuBackend::Linear on dequantized
-// weights.
+// load, activations per token before an FP8 GEMM), and the decode-time products with FP8
+// weights, dequantized in registers (GemvFp8 up to 8 tokens, SkinnyFp8 up to 16). Twins of
+// QuantizeRowsFp8 and CpuBackend::Linear on dequantized weights.
 #pragma once
 
 #include "kernels/types.h"
@@ -31,5 +31,24 @@ bool GemvFp8Supports(const void* x, const void* w, int64_t tokens, int64_t k);
 // fp32 out. Memory-bound like Gemv, on half the weight bytes.
 cudaError_t GemvFp8(const bf16* x, const fp8* w, const float* scale, void* out, bool out_f32,
                     int64_t tokens, int64_t n, int64_t k, cudaStream_t stream);
+
+inline constexpr int64_t kSkinnyFp8MaxTokens = 16;
+// Row groups (32 weight rows each) a split product can count arrivals for.
+inline constexpr int64_t kSkinnyFp8MaxSplitGroups = 1024;
+
+// True when SkinnyFp8 can run this shape: 1 <= tokens <= kSkinnyFp8MaxTokens, n % 32 == 0,
+// k % 64 == 0, x and w 16-byte aligned.
+bool SkinnyFp8Supports(const void* x, const void* w, int64_t tokens, int64_t n, int64_t k);
+
+// How many K ranges SkinnyFp8 should split an n x k weight into (enough blocks for this GPU).
+int SkinnyFp8Splits(int64_t n, int64_t k);
+
+// GemvFp8's product for more tokens (the decode steps of 9..16 sequences): the same arithmetic on
+// the bf16 tensor cores, weights dequantized in registers (exact), fp32 accumulation. With
+// splits > 1: `partial` holds splits x tokens x n floats, `arrivals` n / 32 counters that start at
+// 0 (and are left at 0).
+cudaError_t SkinnyFp8(const bf16* x, const fp8* w, const float* scale, void* out, bool out_f32,
+                      int64_t tokens, int64_t n, int64_t k, int splits, float* partial,
+                      unsigned* arrivals, cudaStream_t stream);
 
 }  // namespace gemma2::kernels

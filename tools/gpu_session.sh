@@ -32,6 +32,9 @@
 #               transformers, then gemma2-bench 27B with --quantization fp8 and bf16, same shapes
 #   fp8kv       issue 16: the FP8 KV cache (kernels against the cpu, memcheck, the engine against
 #               transformers), then gemma2-bench 27B with --quantization fp8 --kv-cache-dtype fp8
+#   fp8skinny   issue 16: memcheck over the FP8 products (GEMV, skinny tensor-core kernel,
+#               cuBLASLt), then gemma2-bench 27B FP8 at batches 16 and 64 with the skinny kernel
+#               off (GEMMA2_FP8_SKINNY=0: cuBLASLt), the A/B for fp8kv's rows
 # Issue 6, on a host with several GPUs (each uses every GPU the host shows):
 #   mgcorrect   tools/multi_gpu_correctness.sh (TP 2/4/8 against TP 1, 4 layers, and a classifier)
 #   allreduce   gemma2-allreduce-bench, eager and in CUDA graphs, 1..2048 tokens x 4608
@@ -120,6 +123,12 @@ for s in "$@"; do
       step fp8kvbench 420 $bench --preset 27b --random-weights 1 --quantization fp8 \
         --kv-cache-dtype fp8 --batches 1,16,64 --prompts 128,2048 --prefills 2048 \
         --out "$OUT/bench_fp8_kvfp8.json" ;;
+    fp8skinny)
+      step fp8skinnymemcheck 200 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        .gpu/bin/tests/cuda_ops_test --gtest_filter='*LinearFp8*'
+      step fp8skinnyoff 300 env GEMMA2_FP8_SKINNY=0 $bench --preset 27b --random-weights 1 \
+        --quantization fp8 --kv-cache-dtype fp8 --batches 16,64 --prompts 128,2048 \
+        --prefills 2048 --out "$OUT/bench_fp8_kvfp8_skinnyoff.json" ;;
     serve)
       step serve 420 bash -c 'serve_with serve 18500 "--trace $OUT/serve_trace.json" \
         c64 "$C64" c1 "$C1" r4 "$R4"' ;;

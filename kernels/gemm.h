@@ -43,8 +43,10 @@ class Gemm {
 
   // Projections: out[t][n] = sum_k x[t][k] * w[n][k] (x: [tokens, k], w: [n, k] as Hugging Face
   // stores weights, out: [tokens, n]). The algorithm is the fastest of the heuristic's candidates,
-  // timed on the first call of each shape; with GEMMA2_GEMM_LOG=1 in the environment every timed
-  // shape's candidates and pick are printed to stderr (to compare picks between runs).
+  // timed on the first call of each shape's bucket (up to 64 tokens: counts up to 8, then 16, 32,
+  // 64 for the counts below each; powers of two past it; other counts take the heuristic's first
+  // choice untimed); with GEMMA2_GEMM_LOG=1 in the environment every timed shape's candidates and
+  // pick are printed to stderr (to compare picks between runs).
   Status Run(const void* x, const void* w, void* out, bool out_f32, int64_t tokens, int64_t n,
              int64_t k);
   // Run's product on FP8 operands: out[t][n] = x_scale[t] * w_scale[n] * sum_k x[t][k] * w[n][k]
@@ -64,6 +66,7 @@ class Gemm {
   using Key = std::array<int64_t, 14>;
   Gemm() = default;
   Result<Plan*> PlanFor(const MatmulSpec& s, bool autotune);
+  static int64_t TuningBucket(int64_t tokens);
   Status Launch(const Plan& p, const MatmulSpec& s);
 
   bool ProbeFp8OuterVec();
@@ -73,6 +76,8 @@ class Gemm {
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
   std::map<Key, std::unique_ptr<Plan>> plans_;
+  // Timed picks by shape with the token count replaced by its TuningBucket.
+  std::map<Key, cublasLtMatmulAlgo_t> tuned_;
 };
 
 }  // namespace gemma2::kernels

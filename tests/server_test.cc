@@ -1422,6 +1422,9 @@ TEST_F(ServerTest, TraceRecordsEveryStepsPhases) {
   ASSERT_TRUE(traced.ok()) << traced.ready_line();
   traced.Post("/v1/completions", {{"prompt", {5, 6, 7, 8, 9, 10, 11}}, {"max_tokens", 5},
                                   {"ignore_eos", true}});
+  // A second prompt of the same length: its prefill repeats the first one's shape.
+  traced.Post("/v1/completions",
+              {{"prompt", {12, 13, 14, 15, 16, 17, 18}}, {"max_tokens", 5}, {"ignore_eos", true}});
   std::stringstream text;
   text << std::ifstream(path).rdbuf();
   const json events = json::parse(text.str() + "{}]");  // still open: close it as a viewer does
@@ -1444,7 +1447,7 @@ TEST_F(ServerTest, TraceRecordsEveryStepsPhases) {
     }
   }
   for (const char* n : {"schedule", "submit", "step", "ranks", "apply"}) EXPECT_GE(names[n], 5) << n;
-  EXPECT_GE(step_tokens, 7 + 4);  // the prompt, then 4 decode steps (and the readiness probe)
+  EXPECT_GE(step_tokens, 2 * (7 + 4));  // each prompt, then 4 decode steps (and the probe)
   // The ranks' own time is inside the submit and the step (a rank may start before the plan has
   // reached the last rank; the rest is plan encoding and the control plane).
   for (const auto& [step, us] : ranks_us) {
@@ -1452,6 +1455,30 @@ TEST_F(ServerTest, TraceRecordsEveryStepsPhases) {
     EXPECT_GT(us, 0) << step;
     EXPECT_LE(us, submit_us[step] + step_us[step] + 1) << step;
   }
+  // tools/trace_summary.py reads the still-open trace: every step counted once, in one of its
+  // three groups (the first of a shape, decode and mixed repeats), none of them empty here.
+  int has_python = 1;
+  Shell("command -v python3 >/dev/null", &has_python);
+  if (has_python != 0) {
+    std::printf("[ skipped ] tools/trace_summary.py: no python3 here\n");
+    return;
+  }
+  int code = -1;
+  const std::string summary = Shell("python3 " + std::string(GEMMA2_SOURCE_DIR) +
+                                        "/tools/trace_summary.py " + path.string() + " 2>&1",
+                                    &code);
+  ASSERT_EQ(code, 0) << summary;
+  EXPECT_EQ(summary.rfind(std::to_string(step_us.size()) + " steps over ", 0), 0u) << summary;
+  int64_t grouped = 0;
+  for (const char* group : {"first of its shape", "decode repeat", "mixed repeat"}) {
+    const size_t at = summary.find(group);
+    ASSERT_NE(at, std::string::npos) << group << "\n" << summary;
+    const int64_t count = std::stoll(summary.substr(at + std::string(group).size()));
+    EXPECT_GT(count, 0) << group << "\n" << summary;
+    grouped += count;
+  }
+  EXPECT_EQ(grouped, static_cast<int64_t>(step_us.size())) << summary;
+  EXPECT_NE(summary.find("host submit: "), std::string::npos) << summary;
 }
 
 TEST_F(ServerTest, FullQueueIs429AndTheClientRetries) {

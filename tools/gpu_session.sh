@@ -18,7 +18,8 @@
 #   load        tools/load_speed.sh 9b: loading a 9B checkpoint from a cold page cache against dd
 #   serve       issue 17: gemma2-serve-bench against gemma2-launch --backend cuda (27B shapes,
 #               random weights): 256 requests of 512 prompt + 128 generated tokens at concurrency
-#               64, a single stream, and 4 requests/s
+#               64, a single stream, and 4 requests/s; the step trace summed by
+#               tools/trace_summary.py (first steps of a shape against repeats)
 #   servesweep  issue 17: that c64 workload at --max-step-tokens 256, 512, 1024, 2048, and with
 #               --quantization fp8 at 512
 #   servelocal  issue 17: the c64 and single-stream runs through gemma2-launch --in-process (no
@@ -131,7 +132,9 @@ for s in "$@"; do
         --prefills 2048 --out "$OUT/bench_fp8_kvfp8_skinnyoff.json" ;;
     serve)
       step serve 420 bash -c 'serve_with serve 18500 "--trace $OUT/serve_trace.json" \
-        c64 "$C64" c1 "$C1" r4 "$R4"' ;;
+        c64 "$C64" c1 "$C1" r4 "$R4"'
+      python3 tools/trace_summary.py "$OUT/serve_trace.json" --flop-per-token 54.4e9 \
+        > "$OUT/serve_trace_summary.txt" 2>&1 ;;
     structured)  # issue 15: masks on the GPU against none, same launcher, same workload
       step structured 590 bash -c 'serve_with structured 18503 "--tokenizer .gpu/gemma2-tokenizer.model" \
         plain "$C64" plain2 "$C64" json "$C64 --extra-body $JSON_MODE" \

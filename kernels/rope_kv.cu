@@ -22,7 +22,8 @@ __device__ void RoundHeadIntoCache(const float* h, bf16* x, int32_t head_dim, ui
   amax = BlockMax(amax);
   const float s = Fp8RowScale(amax);
   for (int32_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    const __nv_fp8_storage_t q = __nv_cvt_float_to_fp8(__fdiv_rn(h[d], s), __NV_SATFINITE, __NV_E4M3);
+    const __nv_fp8_storage_t q =
+        __nv_cvt_float_to_fp8(__fdiv_rn(h[d], s), __NV_SATFINITE, __NV_E4M3);
     dst[d] = q;
     x[d] = ToB(__half2float(__half(__nv_cvt_fp8_to_halfraw(q, __NV_E4M3))) * s);
   }

@@ -7,6 +7,9 @@
 // fails any formula error (those reach 3e-2 and beyond, see reference_test.cc).
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <filesystem>
+
 #include "engine/engine.h"
 #include "engine/generate.h"
 #include "tests/gpu_util.h"
@@ -15,11 +18,18 @@
 namespace gemma2 {
 namespace {
 
+// A CASE_fp8 directory of tools/make_references.py (an FP8 checkpoint and its anchors' worst rows).
+bool IsFp8AnchorCase(const std::filesystem::path& dir) {
+  return std::filesystem::exists(dir / "reference.safetensors") &&
+         testing::LoadReference(dir).metadata.count("fp8_anchor_worst") > 0;
+}
+
 // Every reference case with a head size the kernels take, through the cuda engine.
 void CheckCudaCases(Quantization quantization, double tol, double token_margin,
                     KvCacheDtype kv_cache_dtype = KvCacheDtype::kAuto) {
   int ran = 0;
   for (const auto& dir : testing::ReferenceCaseDirs()) {
+    if (IsFp8AnchorCase(dir)) continue;  // Fp8CheckpointsWithinTheirTransformersAnchors
     auto ck = Checkpoint::Open(dir);
     ASSERT_TRUE(ck.ok()) << ck.status().ToString();
     const int64_t hd = (*ck)->config().head_dim;
@@ -56,6 +66,44 @@ TEST(ReferenceCudaTest, Fp8KvCacheStaysNearTransformersFp32) {
   GEMMA2_REQUIRE_GPU();
   CheckCudaCases(Quantization::kNone, 0.12, /*token_margin=*/0.1, KvCacheDtype::kFp8);
   CheckCudaCases(Quantization::kFp8, 0.12, /*token_margin=*/0.1, KvCacheDtype::kFp8);
+}
+
+// Issue 16's numerics on its two shapes (tools/make_references.py --only 27b_widths_3layers,
+// hd256_window64, made on the GPU host: gigabytes, not committed; skipped without them). The
+// anchor is transformers running the same FP8 weights dequantized, in bf16, against the fp32
+// logits. The FP8 checkpoint as transformers saved it: worst row within 1.1x of the anchor; the
+// bf16 checkpoint quantized at load (--quantization fp8, our per-row scales): within 1.25x; the
+// FP8 KV cache on top: within 1.25x of that. Greedy tokens equal wherever the fp32 top-2 margin
+// exceeds 0.05, over 48 decoded tokens.
+TEST(ReferenceCudaTest, Fp8CheckpointsWithinTheirTransformersAnchors) {
+  GEMMA2_REQUIRE_GPU();
+  int ran = 0;
+  for (const auto& dir : testing::ReferenceCaseDirs()) {
+    if (!IsFp8AnchorCase(dir)) continue;
+    const auto meta = testing::LoadReference(dir).metadata;
+    const double anchor = std::stod(meta.at("fp8_anchor_worst"));
+    const std::filesystem::path base = dir.parent_path() / meta.at("base_case");
+    EngineOptions o;
+    o.backend.name = "cuda";
+    o.backend.kv_cache_bytes = int64_t{4} << 30;
+    o.quantization = Quantization::kFp8;
+    double saved = -1, online = -1, with_kv = -1;
+    testing::CheckReferenceCase(dir, o, 0.5, /*token_margin=*/0.05, &saved);
+    testing::CheckReferenceCase(base, o, 0.5, /*token_margin=*/0.05, &online);
+    o.kv_cache_dtype = KvCacheDtype::kFp8;
+    testing::CheckReferenceCase(base, o, 0.5, /*token_margin=*/0.05, &with_kv);
+    std::printf("[ fp8 anchor ] %s: transformers bf16 on the FP8 weights %.4f (bf16 weights %s); "
+                "ours: FP8 checkpoint %.4f (%.2fx), --quantization fp8 %.4f (%.2fx), + FP8 KV "
+                "cache %.4f (%.2fx of that)\n",
+                dir.filename().c_str(), anchor, meta.at("bf16_anchor_worst").c_str(), saved,
+                saved / anchor, online, online / anchor, with_kv, with_kv / online);
+    EXPECT_GE(saved, 0);
+    EXPECT_LE(saved, 1.1 * anchor);
+    EXPECT_LE(online, 1.25 * anchor);
+    EXPECT_LE(with_kv, 1.25 * online);
+    ++ran;
+  }
+  if (ran == 0) GTEST_SKIP() << "no FP8 anchor case (tools/make_references.py --only 27b_widths_3layers,hd256_window64)";
 }
 
 TEST(ReferenceCudaTest, RefusesOtherHeadSizesClearly) {

@@ -78,7 +78,7 @@ static double TopTwoMargin(const float* row, int64_t n) {
 }
 
 void CheckReferenceCase(const fs::path& dir, const EngineOptions& opts, double tol,
-                        double token_margin) {
+                        double token_margin, double* worst_out) {
   SCOPED_TRACE(dir.filename().string() + " " + opts.backend.name + " tp=" + std::to_string(opts.tp));
   const auto ref = LoadReference(dir);
   auto ck = Checkpoint::Open(dir);
@@ -129,6 +129,7 @@ void CheckReferenceCase(const fs::path& dir, const EngineOptions& opts, double t
   std::cout << "[ reference ] " << dir.filename().string() << " " << opts.backend.name
             << " tp=" << opts.tp << ": " << comparable << " rows, worst relative L2 " << worst
             << "\n";
+  if (worst_out) *worst_out = worst;
 }
 
 }  // namespace gemma2::testing

@@ -44,9 +44,10 @@ namespace testing {
 
 // Runs the engine with `opts` on one reference case and compares every logits row (relative L2
 // <= tol). Greedy tokens must be identical wherever the reference's top-2 margin exceeds
-// `token_margin` (0: always); rows after an allowed divergence are not compared.
+// `token_margin` (0: always); rows after an allowed divergence are not compared. The worst row's
+// relative L2 goes to *worst when given (left alone when the case could not run).
 void CheckReferenceCase(const std::filesystem::path& dir, const EngineOptions& opts, double tol,
-                        double token_margin);
+                        double token_margin, double* worst_out = nullptr);
 
 }  // namespace testing
 }  // namespace gemma2

@@ -33,6 +33,10 @@
 #               transformers, then gemma2-bench 27B with --quantization fp8 and bf16, same shapes
 #   fp8kv       issue 16: the FP8 KV cache (kernels against the cpu, memcheck, the engine against
 #               transformers), then gemma2-bench 27B with --quantization fp8 --kv-cache-dtype fp8
+#   fp8large    issue 16's numerics: tools/make_references.py's two FP8 shapes (27B widths, 3
+#               layers, prompt 300; head_dim 256 with a 64-token window, 447 tokens; 48 decoded;
+#               each with a transformers-format FP8 twin and the bf16 anchors), then
+#               reference_cuda_test's Fp8CheckpointsWithinTheirTransformersAnchors on them
 #   fp8skinny   issue 16: memcheck over the FP8 products (GEMV, skinny tensor-core kernel,
 #               cuBLASLt), then gemma2-bench 27B FP8 at batches 16 and 64 with the skinny kernel
 #               off (GEMMA2_FP8_SKINNY=0: cuBLASLt), the A/B for fp8kv's rows
@@ -124,6 +128,9 @@ for s in "$@"; do
       step fp8kvbench 420 $bench --preset 27b --random-weights 1 --quantization fp8 \
         --kv-cache-dtype fp8 --batches 1,16,64 --prompts 128,2048 --prefills 2048 \
         --out "$OUT/bench_fp8_kvfp8.json" ;;
+    fp8large) step fp8large 590 bash -c "python3 tools/make_references.py --out /tmp/gemma2-fp8large \
+      --only 27b_widths_3layers,hd256_window64 && GEMMA2_REFERENCE_DIRS=/tmp/gemma2-fp8large \
+      .gpu/bin/tests/reference_cuda_test --gtest_filter='*Fp8CheckpointsWithin*'" ;;
     fp8skinny)
       step fp8skinnymemcheck 200 compute-sanitizer --tool memcheck --error-exitcode 9 \
         .gpu/bin/tests/cuda_ops_test --gtest_filter='*LinearFp8*'

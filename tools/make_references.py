@@ -11,11 +11,20 @@ buffers stay fp32: casting the whole module to bf16 and back would also round Ro
 
   python3 tools/make_references.py --out tests/data/references          # the committed cases
   python3 tools/make_references.py --random 12 --seed 7 --out /tmp/extra  # fresh random family members
+  python3 tools/make_references.py --only 27b_widths_3layers,hd256_window64 --out /tmp/fp8large
+
+The last two (issue 16's FP8 numerics, on a CUDA host: fp32 on the GPU with TF32 off) also write
+CASE_fp8: the projections block-quantized as transformers' FineGrainedFP8 saves them (E4M3 and a
+weight_scale_inv per 128x128 block = the block's max |w| / 448), and in its reference's metadata
+the anchor: the worst row of those dequantized weights run by transformers in bf16 (parameters
+rounded to bf16, RoPE's buffers fp32) against the same fp32 logits, plus plain bf16's.
 """
 import argparse
+import copy
 import json
 import os
 import random
+import re
 import shutil
 import sys
 
@@ -69,7 +78,20 @@ LARGE_CASES = {
                               head_dim=128, inter=36864, window=4096, qpas=144, prompt=64, new=2,
                               dialect="published", shards=4, dtype="bf16", seed=27, std=0.02,
                               embed_std=1.0, last_only=True),
+    # Issue 16's two FP8 shapes, 48 tokens decoded past the prompt, each with a CASE_fp8 twin.
+    "27b_widths_3layers": dict(arch="causal", vocab=256000, hidden=4608, layers=3, heads=32, kv=16,
+                               head_dim=128, inter=36864, window=4096, qpas=144, prompt=300,
+                               new=48, dialect="published", shards=4, dtype="bf16", seed=28,
+                               std=0.02, embed_std=1.0, last_only=True, fp8=True, device="cuda"),
+    "hd256_window64": dict(arch="causal", vocab=256000, hidden=2304, layers=3, heads=8, kv=4,
+                           head_dim=256, inter=9216, window=64, qpas=256, prompt=399, new=48,
+                           dialect="published", shards=2, dtype="bf16", seed=29, std=0.02,
+                           embed_std=1.0, last_only=True, fp8=True, device="cuda"),
 }
+
+# The projections transformers' FineGrainedFP8 quantizes (embeddings and norms stay bf16).
+PROJECTION = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+FP8_BLOCK = 128
 
 STATS = {"attn_score_max": 0.0}
 
@@ -211,6 +233,11 @@ def make_case(name, c, root):
     init_params(model, c)
     save_checkpoint(model, c, cfg, layer_types, out_dir)
     ref = load_reference_model(c, out_dir, model)
+    dev = torch.device("cuda" if c.get("device") == "cuda" and torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
+        torch.backends.cudnn.allow_tf32 = False
+        ref = ref.to(dev)
 
     rng = random.Random(c["seed"] * 1000 + 17)
     prompt = [2] + [rng.randrange(4, c["vocab"]) for _ in range(c["prompt"] - 1)]
@@ -224,13 +251,14 @@ def make_case(name, c, root):
             ids = list(prompt)
             margins = []
             for _ in range(c["new"]):
-                logits = ref(torch.tensor([ids])).logits[0, -1]
+                logits = ref(torch.tensor([ids], device=dev)).logits[0, -1]
                 top2 = torch.topk(logits, 2).values
                 margins.append(float(top2[0] - top2[1]))
                 ids.append(int(torch.argmax(logits)))
             generated = ids[len(prompt):]
-            full = ref(torch.tensor([prompt + generated[:-1]])).logits[0]
-            hidden = ref.model(torch.tensor([prompt + generated[:-1]])).last_hidden_state[0]
+            tokens = torch.tensor([prompt + generated[:-1]], device=dev)
+            full = ref(tokens).logits[0]
+            hidden = ref.model(tokens).last_hidden_state[0]
             if c.get("last_only"):  # large vocabularies: keep the rows that choose each token
                 full = full[len(prompt) - 1:]
                 hidden = hidden[len(prompt) - 1:]
@@ -239,16 +267,90 @@ def make_case(name, c, root):
             meta["logit_max_before_softcap"] = f"{raw.abs().max().item():.3f}"
             meta["min_top2_margin"] = f"{min(margins):.4f}"
             out["generated_ids"] = torch.tensor(generated, dtype=torch.int64)
-            out["logits"] = full.float().contiguous()
+            out["logits"] = full.float().cpu().contiguous()
         else:
-            logits = ref(torch.tensor([prompt])).logits
-            out["logits"] = (logits[0] if c["arch"] == "tokcls" else logits).float().contiguous()
+            logits = ref(torch.tensor([prompt], device=dev)).logits
+            out["logits"] = (logits[0] if c["arch"] == "tokcls" else logits).float().cpu().contiguous()
             out["generated_ids"] = torch.zeros(0, dtype=torch.int64)
     meta["attn_score_max_before_softcap"] = f"{STATS['attn_score_max']:.3f}"
     save_file(out, os.path.join(out_dir, "reference.safetensors"), metadata=meta)
     print(f"{name}: logits {tuple(out['logits'].shape)}, " +
           ", ".join(f"{k}={v}" for k, v in meta.items() if k not in ("config", "case")))
+    if c.get("fp8"):
+        make_fp8_twin(name, c, root, cfg, layer_types, ref, tokens, out, meta)
     return meta
+
+
+def fp8_block_quantize(w):
+    """E4M3 and one scale per 128x128 block (scale = max |w| / 448, 1 for a zero block): the
+    weight and weight_scale_inv transformers' FineGrainedFP8 saves."""
+    rows, cols = w.shape
+    padded = torch.nn.functional.pad(w.float(), (0, (-cols) % FP8_BLOCK, 0, (-rows) % FP8_BLOCK))
+    br, bc = padded.shape[0] // FP8_BLOCK, padded.shape[1] // FP8_BLOCK
+    blocks = padded.view(br, FP8_BLOCK, bc, FP8_BLOCK)
+    amax = blocks.abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    q = (blocks / scale[:, None, :, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q.view(padded.shape)[:rows, :cols].contiguous(), scale.float().contiguous()
+
+
+def fp8_block_dequantize(q, scale):
+    s = scale.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)
+    return q.float() * s[:q.shape[0], :q.shape[1]].to(q.device)
+
+
+def worst_row(logits, ref_rows):
+    err = (logits.float() - ref_rows).norm(dim=1) / ref_rows.norm(dim=1).clamp_min(1e-30)
+    return float(err.max())
+
+
+def make_fp8_twin(name, c, root, cfg, layer_types, ref, tokens, out, meta):
+    """CASE_fp8: the FP8 checkpoint, the same fp32 reference, and the bf16 anchors' worst rows."""
+    twin = os.path.join(root, name + "_fp8")
+    shutil.rmtree(twin, ignore_errors=True)
+    os.makedirs(twin)
+    tensors, dequantized = {}, {}
+    for n, t in ref.state_dict().items():
+        if "inv_freq" in n or (n == "lm_head.weight" and cfg.tie_word_embeddings):
+            continue
+        if PROJECTION.match(n):
+            q, scale = fp8_block_quantize(t.detach().float().cpu())
+            tensors[n] = q
+            tensors[n[:-len("weight")] + "weight_scale_inv"] = scale
+            dequantized[n] = fp8_block_dequantize(q, scale)
+        else:
+            tensors[n] = t.detach().to(torch.bfloat16).cpu().contiguous()
+    save_file(tensors, os.path.join(twin, "model.safetensors"), metadata={"format": "pt"})
+    j = published_config_json(c, cfg, layer_types)
+    j["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+    with open(os.path.join(twin, "config.json"), "w") as f:
+        json.dump(j, f, indent=2)
+    first = int(meta.get("first_row", "0"))
+    dev = next(ref.parameters()).device
+    fp32_rows = out["logits"].to(dev)
+
+    def bf16_worst(weights):  # parameters rounded to bf16; buffers (RoPE) stay fp32
+        m = copy.deepcopy(ref)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if n in weights:
+                    p.copy_(weights[n].to(dev))
+                p.data = p.data.to(torch.bfloat16)
+        logits = m(tokens).logits[0][first:]
+        worst = worst_row(logits, fp32_rows)
+        del m
+        return worst
+
+    twin_meta = dict(meta)
+    twin_meta["case"] = name + "_fp8"
+    twin_meta["base_case"] = name
+    twin_meta["fp8_scheme"] = "E4M3, weight_scale_inv per 128x128 block = max|w| / 448"
+    twin_meta["fp8_anchor_worst"] = f"{bf16_worst(dequantized):.6f}"
+    twin_meta["bf16_anchor_worst"] = f"{bf16_worst({}):.6f}"
+    save_file(out, os.path.join(twin, "reference.safetensors"), metadata=twin_meta)
+    print(f"{name}_fp8: transformers bf16 on the dequantized FP8 weights, worst row "
+          f"{twin_meta['fp8_anchor_worst']}; on the bf16 weights {twin_meta['bf16_anchor_worst']}")
 
 
 def random_case(rng, i):

@@ -4,6 +4,10 @@
 #include <unistd.h>
 
 #include <array>
+#include <cstdlib>
+#include <sstream>
+#include <fstream>
+#include <algorithm>
 #include <cstdio>
 #include <nlohmann/json.hpp>
 #include <regex>
@@ -283,6 +287,66 @@ TEST_F(LayersTest, APlantedEdgeFailsTheCheck) {
     EXPECT_EQ(r.code, 1) << p.file << ": " << r.out << r.err;
     EXPECT_NE(r.out.find(p.expect), std::string::npos) << r.out;
   }
+}
+
+// tools/precision_table.py on two committed gemma2-bench files: each shape's row carries each
+// file's ms per step with its TB/s (decode) or TFLOP/s (prefill) and fraction of the ceiling, as
+// the files hold them, and the target; the SVG has a bar per value; a missing file is one
+// line and exit 1.
+TEST(ToolScriptsTest, PrecisionTableCarriesTheBenchFilesNumbers) {
+  if (std::system("command -v python3 >/dev/null 2>&1") != 0) {
+    GTEST_SKIP() << "no python3 here";
+  }
+  testing::TempDir dir;
+  const std::string src = GEMMA2_SOURCE_DIR, out = (dir.path() / "t").string();
+  const std::string bf16 = src + "/bench/results/2026-12-03-27b-h200-bf16.json",
+                    fp8 = src + "/bench/results/2026-12-03-27b-h200-fp8.json";
+  auto run = [&](const std::string& args, int* code) {
+    FILE* p = popen(("python3 " + src + "/tools/precision_table.py " + args + " 2>&1").c_str(), "r");
+    std::string text;
+    std::array<char, 4096> buf{};
+    size_t got;
+    while ((got = fread(buf.data(), 1, buf.size(), p)) > 0) text.append(buf.data(), got);
+    const int status = pclose(p);
+    *code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    return text;
+  };
+  int code = -1;
+  const std::string printed = run("--out " + out + " bf16=" + bf16 + " fp8=" + fp8, &code);
+  ASSERT_EQ(code, 0) << printed;
+  std::stringstream md;
+  md << std::ifstream(out + ".md").rdbuf();
+  EXPECT_EQ(md.str(), printed);
+  int cells = 0;
+  for (const std::string& file : {bf16, fp8}) {
+    const auto results = nlohmann::json::parse(std::ifstream(file))["results"];
+    for (const auto& r : results) {
+      char want[96];
+      if (r["kind"] == "decode") {
+        std::snprintf(want, sizeof(want), "%.2f (%.2f TB/s %.0f%%)", r["ms_per_step"].get<double>(),
+                      r["hbm_tb_per_s"].get<double>(),
+                      100 * r["hbm_ceiling_fraction"].get<double>());
+      } else {
+        std::snprintf(want, sizeof(want), "%.2f (%.0f TF/s %.0f%%)", r["ms"].get<double>(),
+                      r["tflops"].get<double>(), 100 * r["gemm_ceiling_fraction"].get<double>());
+      }
+      EXPECT_NE(md.str().find(want), std::string::npos) << want << "\n" << md.str();
+      ++cells;
+    }
+  }
+  EXPECT_NE(md.str().find("| decode b64 p2048 | "), std::string::npos);
+  EXPECT_NE(md.str().find("| <= 15 |"), std::string::npos) << md.str();
+  std::stringstream svg;
+  svg << std::ifstream(out + ".svg").rdbuf();
+  int rects = 0;
+  for (size_t at = svg.str().find("<rect"); at != std::string::npos;
+       at = svg.str().find("<rect", at + 1)) {
+    ++rects;
+  }
+  EXPECT_EQ(rects, cells + 2) << "a bar per value and a legend box per file";
+  const std::string missing = run("--out " + out + " x=/nonexistent.json", &code);
+  EXPECT_EQ(code, 1);
+  EXPECT_EQ(std::count(missing.begin(), missing.end(), '\n'), 1) << missing;
 }
 
 }  // namespace

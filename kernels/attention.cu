@@ -332,12 +332,7 @@ cudaError_t Launch(const bf16* q, int64_t row_stride, const StepTokens& tokens,
                    bf16* out, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(tokens.count), static_cast<unsigned>(shape.q_heads / R),
                   static_cast<unsigned>(splits));
-  static const int sms = [] {
-    int device = 0, n = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-    return n;
-  }();
+  const int sms = DeviceSmCount();
   const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
   auto launch = [&](auto prefetch) {
     if (kv.k8) {

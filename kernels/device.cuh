@@ -21,51 +21,34 @@ __device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4], u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// 16 bytes global -> shared without registers (cp.async, cached in L2 only); with `bytes` < 16
-// the rest of the 16 is zero-filled (0: all zeros, src unread but a valid address).
-__device__ __forceinline__ void CopyAsync16(void* dst, const void* src, int bytes = 16) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void CommitAsync() { asm volatile("cp.async.commit_group;\n"); }
-// Waits until at most N of this thread's committed groups are still in flight.
-template <int N>
-__device__ __forceinline__ void WaitAsync() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
 
-// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
-__device__ __forceinline__ float BlockSum(float v) {
+// op over the whole block (blockDim.x a multiple of 32, at most 1024), `identity` filling the
+// lanes past the block's warps; every thread gets the result.
+template <class Op>
+__device__ __forceinline__ float BlockReduce(float v, Op op, float identity) {
   __shared__ float partial[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = WarpSum(v);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   __syncthreads();  // partial[] may still be read by a previous call
   if (lane == 0) partial[warp] = v;
   __syncthreads();
-  const int warps = (blockDim.x + 31) >> 5;
-  const float total = lane < warps ? partial[lane] : 0.0f;
-  return WarpSum(total);
+  v = lane < static_cast<int>((blockDim.x + 31) >> 5) ? partial[lane] : identity;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
 }
 
-// Maximum over the whole block (as BlockSum); every thread gets it.
+__device__ __forceinline__ float BlockSum(float v) {
+  return BlockReduce(v, [](float a, float b) { return a + b; }, 0.0f);
+}
 __device__ __forceinline__ float BlockMax(float v) {
-  __shared__ float partial[32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  __syncthreads();
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  v = lane < static_cast<int>((blockDim.x + 31) >> 5) ? partial[lane] : 0.0f;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
+  return BlockReduce(v, [](float a, float b) { return fmaxf(a, b); }, -INFINITY);
 }
 
 // The FP8 E4M3 scale of a row whose largest magnitude is amax: amax / 448, 1 for a zero or

@@ -26,6 +26,16 @@ __device__ __forceinline__ void LdMatrixTrans(uint32_t (&r)[4], const bf16* row)
                : "r"(a));
 }
 
+__device__ __forceinline__ void CopyAsync16(bf16* dst, const bf16* src) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(src));
+}
+__device__ __forceinline__ void CommitAsync() { asm volatile("cp.async.commit_group;\n"); }
+template <int N>
+__device__ __forceinline__ void WaitAsync() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);

@@ -162,12 +162,7 @@ bool SkinnyFp8Supports(const void* x, const void* w, int64_t tokens, int64_t n, 
 }
 
 int SkinnyFp8Splits(int64_t n, int64_t k) {
-  static const int sms = [] {
-    int device = 0, count = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-    return count;
-  }();
+  const int sms = DeviceSmCount();
   const int64_t groups = n / kRows, chunks = k / kChunk;
   if (groups > kSkinnyFp8MaxSplitGroups) return 1;
   // Two blocks per SM, each warp at least one chunk.

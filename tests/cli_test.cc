@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <regex>
 
+#include "tests/cluster_util.h"
 #include "tests/reference_util.h"
 #include "tests/test_files.h"
 
@@ -294,22 +295,15 @@ TEST_F(LayersTest, APlantedEdgeFailsTheCheck) {
 // the files hold them, and the issue's target; the SVG has a bar per value; a missing file is one
 // line and exit 1.
 TEST(ToolScriptsTest, PrecisionTableCarriesTheBenchFilesNumbers) {
-  if (std::system("command -v python3 >/dev/null 2>&1") != 0) {
-    GTEST_SKIP() << "no python3 here";
-  }
+  int has_python = 1;
+  Shell("command -v python3 >/dev/null", &has_python);
+  if (has_python != 0) GTEST_SKIP() << "no python3 here";
   testing::TempDir dir;
   const std::string src = GEMMA2_SOURCE_DIR, out = (dir.path() / "t").string();
   const std::string bf16 = src + "/bench/results/2026-12-03-27b-h200-bf16.json",
                     fp8 = src + "/bench/results/2026-12-03-27b-h200-fp8.json";
   auto run = [&](const std::string& args, int* code) {
-    FILE* p = popen(("python3 " + src + "/tools/precision_table.py " + args + " 2>&1").c_str(), "r");
-    std::string text;
-    std::array<char, 4096> buf{};
-    size_t got;
-    while ((got = fread(buf.data(), 1, buf.size(), p)) > 0) text.append(buf.data(), got);
-    const int status = pclose(p);
-    *code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    return text;
+    return Shell("python3 " + src + "/tools/precision_table.py " + args + " 2>&1", code);
   };
   int code = -1;
   const std::string printed = run("--out " + out + " bf16=" + bf16 + " fp8=" + fp8, &code);
@@ -347,6 +341,41 @@ TEST(ToolScriptsTest, PrecisionTableCarriesTheBenchFilesNumbers) {
   const std::string missing = run("--out " + out + " x=/nonexistent.json", &code);
   EXPECT_EQ(code, 1);
   EXPECT_EQ(std::count(missing.begin(), missing.end(), '\n'), 1) << missing;
+}
+
+// tools/trace_summary.py on what a killed server leaves (the array open, the last event cut
+// mid-write): the whole events read; random bytes, JSON that is no trace and a missing file are
+// one line and exit 1.
+TEST(ToolScriptsTest, TraceSummaryReadsACutTraceAndRefusesOthers) {
+  int has_python = 1;
+  Shell("command -v python3 >/dev/null", &has_python);
+  if (has_python != 0) GTEST_SKIP() << "no python3 here";
+  testing::TempDir dir;
+  const std::string script = std::string(GEMMA2_SOURCE_DIR) + "/tools/trace_summary.py ";
+  auto write = [&](const std::string& name, const std::string& text) {
+    std::ofstream(dir.path() / name) << text;
+    return (dir.path() / name).string();
+  };
+  std::string cut = "[\n";
+  for (int i = 1; i <= 3; ++i) {
+    cut += R"({"name":"step","ph":"X","ts":)" + std::to_string(i * 100) +
+           R"(,"dur":50,"args":{"step":)" + std::to_string(i) +
+           R"(,"sequences":2,"tokens":2,"outputs":2}},)" + "\n";
+  }
+  cut += R"({"name":"step","ph":"X","ts":400,"du)";
+  int code = -1;
+  const std::string out = Shell("python3 " + script + write("cut.json", cut) + " 2>&1", &code);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_EQ(out.rfind("3 steps over ", 0), 0u) << out;
+  std::string noise(4096, '\0');
+  for (size_t i = 0; i < noise.size(); ++i) noise[i] = static_cast<char>((i * 2654435761u) >> 7);
+  for (const std::string& bad : {write("noise.bin", noise), write("list.json", "[1, 2, 3]"),
+                                 write("keys.json", R"([{"name": "step"}])"),
+                                 (dir.path() / "missing.json").string()}) {
+    const std::string said = Shell("python3 " + script + bad + " 2>&1", &code);
+    EXPECT_EQ(code, 1) << bad << ": " << said;
+    EXPECT_EQ(std::count(said.begin(), said.end(), '\n'), 1) << said;
+  }
 }
 
 }  // namespace

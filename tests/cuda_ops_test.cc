@@ -415,6 +415,23 @@ TEST_F(CudaOpsTest, ShardPickMatchesTheSpecification) {
 
 struct AttnCase {
   int64_t q_heads, kv_heads, head_dim, window;
+  // "fp8 q2 kv1 hd256 window5": the cache's dtype and the shape, for traces.
+  std::string Name(KvCacheDtype dtype) const {
+    return std::string(KvCacheDtypeName(dtype)) + " q" + std::to_string(q_heads) + " kv" +
+           std::to_string(kv_heads) + " hd" + std::to_string(head_dim) + " window" +
+           std::to_string(window);
+  }
+  // Its layer: scale 1/sqrt(144) (query_pre_attn_scalar apart from head_dim), RoPE theta 10000.
+  AttentionParams Params(float softcap) const {
+    AttentionParams p;
+    p.q_heads = q_heads;
+    p.kv_heads = kv_heads;
+    p.head_dim = head_dim;
+    p.scale = 1.0f / std::sqrt(144.0f);
+    p.softcap = softcap;
+    p.window = window;
+    return p;
+  }
 };
 
 // Both caches: bf16, and FP8 (E4M3 with a scale per position and kv head). Both sides round the
@@ -429,24 +446,14 @@ TEST_F(CudaOpsTest, RopeCacheAndAttentionOverRaggedStepsAndBlocks) {
   for (const KvCacheDtype dtype : {KvCacheDtype::kAuto, KvCacheDtype::kFp8})
     for (const auto& ac : cases) {
       const bool fp8 = dtype == KvCacheDtype::kFp8;
-      const std::string name = std::string(KvCacheDtypeName(dtype)) + " q" +
-                               std::to_string(ac.q_heads) + " kv" + std::to_string(ac.kv_heads) +
-                               " hd" + std::to_string(ac.head_dim) + " window" +
-                               std::to_string(ac.window);
+      const std::string name = ac.Name(dtype);
       SCOPED_TRACE(name);
       double worst = 0;
       auto gpu = NewGpu();
       CpuBackend cpu;  // a pool per case
       ASSERT_NE(gpu, nullptr);
       const int64_t layers = 2, layer = 1;
-      AttentionParams p;
-      p.q_heads = ac.q_heads;
-      p.kv_heads = ac.kv_heads;
-      p.head_dim = ac.head_dim;
-      p.scale = 1.0f / std::sqrt(144.0f);
-      p.softcap = 50.0f;
-      p.window = ac.window;
-      p.rope_theta = 10000.0;
+      const AttentionParams p = ac.Params(50.0f);
       const int64_t width = (ac.q_heads + 2 * ac.kv_heads) * ac.head_dim;
       // Three sequences; steps: ragged prefill, three decode steps, a second prefill chunk, and a
       // decode step whose 341-key context spreads over several attention splits (merged).
@@ -574,23 +581,15 @@ TEST_F(CudaOpsTest, FreshPrefillAttentionOnTensorCores) {
                                        {4, 1, 256, 0}};
   for (const KvCacheDtype dtype : {KvCacheDtype::kAuto, KvCacheDtype::kFp8})
     for (const auto& ac : cases) {
-      SCOPED_TRACE(std::string(KvCacheDtypeName(dtype)) + " q" + std::to_string(ac.q_heads) +
-                   " kv" + std::to_string(ac.kv_heads) + " hd" + std::to_string(ac.head_dim) +
-                   " window" + std::to_string(ac.window));
+      SCOPED_TRACE(ac.Name(dtype));
       auto gpu = NewGpu();
       CpuBackend cpu;  // a pool per case
       ASSERT_NE(gpu, nullptr);
-      AttentionParams p;
-      p.q_heads = ac.q_heads;
-      p.kv_heads = ac.kv_heads;
-      p.head_dim = ac.head_dim;
-      p.scale = 1.0f / std::sqrt(144.0f);
       // Scores here are O(1): a cap of 5 bends them visibly. (Large inputs would make the softmax
       // so peaked that the bf16 rounding of rotated q and k, which both sides do not share,
       // dominates the comparison; the whole-model references cover the real cap of 50 with real
       // scores.)
-      p.softcap = 5.0f;
-      p.window = ac.window;
+      const AttentionParams p = ac.Params(5.0f);
       const int64_t width = (ac.q_heads + 2 * ac.kv_heads) * ac.head_dim;
       SharedKv kv(*gpu, cpu, 1, ac.kv_heads, ac.head_dim, ac.window, dtype);
       // Two fresh prefills in one step, a decode step on both, then a fresh 300-token prefill.

@@ -20,8 +20,7 @@ namespace {
 
 // A CASE_fp8 directory of tools/make_references.py (an FP8 checkpoint and its anchors' worst rows).
 bool IsFp8AnchorCase(const std::filesystem::path& dir) {
-  return std::filesystem::exists(dir / "reference.safetensors") &&
-         testing::LoadReference(dir).metadata.count("fp8_anchor_worst") > 0;
+  return testing::ReferenceMetadata(dir).count("fp8_anchor_worst") > 0;
 }
 
 // Every reference case with a head size the kernels take, through the cuda engine.
@@ -80,7 +79,7 @@ TEST(ReferenceCudaTest, Fp8CheckpointsWithinTheirTransformersAnchors) {
   int ran = 0;
   for (const auto& dir : testing::ReferenceCaseDirs()) {
     if (!IsFp8AnchorCase(dir)) continue;
-    const auto meta = testing::LoadReference(dir).metadata;
+    const auto meta = testing::ReferenceMetadata(dir);
     const double anchor = std::stod(meta.at("fp8_anchor_worst"));
     const std::filesystem::path base = dir.parent_path() / meta.at("base_case");
     EngineOptions o;

@@ -45,6 +45,11 @@ Reference LoadReference(const fs::path& case_dir) {
   return r;
 }
 
+std::map<std::string, std::string> ReferenceMetadata(const fs::path& case_dir) {
+  auto f = SafetensorsFile::Open(case_dir / "reference.safetensors");
+  return f.ok() ? (*f)->header().metadata : std::map<std::string, std::string>{};
+}
+
 std::vector<fs::path> ReferenceCaseDirs() {
   std::vector<fs::path> roots = {fs::path(GEMMA2_SOURCE_DIR) / "tests/data/references"};
   if (const char* extra = std::getenv("GEMMA2_REFERENCE_DIRS")) {

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,8 @@ struct Reference {
 };
 
 Reference LoadReference(const std::filesystem::path& case_dir);  // aborts the test on failure
+// Only the reference file's metadata (its header; empty when the file does not open).
+std::map<std::string, std::string> ReferenceMetadata(const std::filesystem::path& case_dir);
 
 // Case directories under tests/data/references plus those under $GEMMA2_REFERENCE_DIRS
 // (':'-separated).

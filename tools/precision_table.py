@@ -25,17 +25,20 @@ def row_name(kind, batch, tokens):
 
 
 def load(spec):
-    label, _, path = spec.rpartition("=")
-    if not path:
+    label, sep, path = spec.rpartition("=")
+    if not sep or not path:
         raise ValueError(f"expected LABEL=FILE, got {spec!r}")
-    with open(path, encoding="utf-8") as f:
-        d = json.load(f)
-    cells = {}
-    for r in d.get("results", []):
-        if r.get("kind") == "decode":
-            cells[("decode", r["batch"], r["prompt"])] = r
-        elif r.get("kind") == "prefill":
-            cells[("prefill", r.get("batch", 1), r["tokens"])] = r
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        cells = {}
+        for r in d.get("results", []):
+            if r.get("kind") == "decode":
+                cells[("decode", r["batch"], r["prompt"])] = r
+            elif r.get("kind") == "prefill":
+                cells[("prefill", r.get("batch", 1), r["tokens"])] = r
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a gemma2-bench --out file ({type(e).__name__} {e})") from e
     return label, d, cells
 
 
@@ -100,7 +103,7 @@ def main():
     args = ap.parse_args()
     try:
         columns = [load(c) for c in args.columns]
-    except (OSError, ValueError) as e:
+    except ValueError as e:
         print(f"precision_table: {e}", file=sys.stderr)
         return 1
     lines = ["| | " + " | ".join(label for label, _, _ in columns) + " | target |",

@@ -21,7 +21,16 @@ def load_events(path):
     try:
         events = json.loads(text)
     except json.JSONDecodeError:
-        events = json.loads(text.rstrip(",") + "]")  # still open, as the server leaves it
+        # Still open, as a running or killed server leaves it; a kill mid-write may also have cut
+        # the last event short, so that line is dropped if the rest then reads.
+        lines = text.splitlines()
+        for keep in (len(lines), len(lines) - 1):
+            try:
+                events = json.loads("\n".join(lines[:keep]).rstrip().rstrip(",") + "]")
+                break
+            except json.JSONDecodeError:
+                if keep == len(lines) - 1:
+                    raise
     if isinstance(events, dict):
         events = events.get("traceEvents", [])
     return [e for e in events if isinstance(e, dict) and "name" in e]
@@ -44,10 +53,18 @@ def main():
     except (OSError, ValueError) as e:
         print(f"trace_summary: cannot read {args.trace}: {e}", file=sys.stderr)
         return 1
+    try:
+        return summarize(events, args)
+    except (KeyError, TypeError, ValueError) as e:
+        print(f"trace_summary: {args.trace} is not a step trace: {type(e).__name__} {e}",
+              file=sys.stderr)
+        return 1
+
+
+def summarize(events, args):
     steps = sorted((e for e in events if e["name"] == "step"), key=lambda e: e["ts"])
     if not steps:
-        print(f"trace_summary: {args.trace} has no steps", file=sys.stderr)
-        return 1
+        raise ValueError("no steps")
     seen = set()
     groups = {"first of its shape": [], "decode repeat": [], "mixed repeat": []}
     slow = slow_first = 0
